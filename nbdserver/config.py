@@ -1,0 +1,1062 @@
+"""The YAML configuration: parsed into frozen, validated dataclasses.
+
+A config names where to listen, a few server settings, the pools (files or
+block devices holding thin, forkable volumes) and the exports (what NBD clients
+can connect to)::
+
+    listen:
+      - unix: ../data/nbd.sock
+      - tcp: 127.0.0.1:10809          # IPv6: "[::1]:10809" (quoted); port 0 = any free port
+    server:                           # optional; every key optional
+      io: aio                         # aio (default) | threads
+      max-connections: 256
+      handshake-timeout: 10           # seconds (also 500ms, 2m)
+      log-level: info                 # debug | info | warning | error
+      cache-size: 64M                 # block-map metadata cache of the pools
+    pools:                            # optional
+      - name: main
+        path: ../data/pool.img
+        create: {size: 20G, blockmap: radix, chunk-size: 4K}   # optional
+    exports:
+      - name: disk
+        file: ../data/disk.img        # raw file or block device
+        size: 1G                      # create the file at this size if missing
+      - name: vm1
+        pool: main
+        volume: vm1
+        create: {size: 1G}            # or {fork: golden} or {snapshot: golden}
+
+**Relative paths** (``listen[].unix``, ``pools[].path``, ``exports[].file``)
+are resolved against the directory that contains the config file, not against
+the current directory, so a config works wherever the server is started from.
+``~`` is expanded. :func:`parse_config` resolves against `base_dir` (default:
+the directory of `source`, else the current directory).
+
+Sizes are binary (``64K``, ``512M``, ``1.5G``, ``20GiB``; see
+:mod:`nbdserver.sizes`); booleans must be real YAML booleans (``true`` or
+``false``; ``yes``/``no``/``on``/``off`` are refused as too easy to misread).
+
+Every mistake raises :class:`~nbdserver.errors.ConfigError` with one line that
+names the file, the line and the key path, for example::
+
+    config/x.yaml:7: exports[0].read-only: expected true or false, got 'yes'
+
+To get those line numbers the file is loaded with :func:`yaml.compose` and the
+node tree is walked here, rather than with :func:`yaml.safe_load`.
+
+Checks that look at the file system: an export whose ``file`` does not exist
+must give a ``size`` (to create it); a ``file`` or pool ``path`` must not be a
+directory; an export's ``file`` must not be a pool's ``path``. Whether a pool
+holds the volumes named is only known when the pool is opened.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import stat
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NoReturn
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from nbdserver.errors import ConfigError
+from nbdserver.sizes import format_duration, format_size, parse_duration, parse_size
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "IO_ENGINES",
+    "KNOWN_BLOCKMAPS",
+    "LOG_LEVELS",
+    "Config",
+    "ExportConfig",
+    "Listener",
+    "PoolConfig",
+    "PoolCreate",
+    "ServerSettings",
+    "VolumeCreate",
+    "config_to_json",
+    "config_warnings",
+    "describe",
+    "load_config",
+    "parse_config",
+]
+
+#: The config ``nbdserver serve`` uses without ``-c``: ``config/nbdserver.yaml`` in the source tree.
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "nbdserver.yaml"
+
+#: Block-map formats a pool can be created with (``pools[].create.blockmap``).
+KNOWN_BLOCKMAPS: tuple[str, ...] = ("radix", "extent", "linear")
+#: ``server.io`` values.
+IO_ENGINES: tuple[str, ...] = ("aio", "threads")
+#: ``server.log-level`` values.
+LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
+
+DEFAULT_IO = "aio"
+DEFAULT_MAX_CONNECTIONS = 256
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_LOG_LEVEL = "info"
+DEFAULT_CACHE_SIZE = 64 << 20
+DEFAULT_BLOCKMAP = "radix"
+DEFAULT_CHUNK_SIZE = 4 << 10
+MIN_CHUNK_SIZE = 4 << 10
+MAX_CHUNK_SIZE = 1 << 20
+DEFAULT_MIN_BLOCK_SIZE = 512
+MAX_MIN_BLOCK_SIZE = 65536
+MAX_EXPORT_NAME_BYTES = 4096  # the NBD protocol's limit on export names (and descriptions)
+MAX_SIZE = (1 << 63) - 1  # NBD sizes are 64-bit, and files are at most this large
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
+
+
+# ----------------------------------------------------------------------------------------
+# The dataclasses
+# ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """Where the server accepts connections: one item of ``listen``.
+
+    `kind` is ``"unix"`` (then `path` is the absolute socket path) or ``"tcp"``
+    (then `host` is a host name or IP address, without the brackets of an IPv6
+    address, and `port` is 0..65535, 0 meaning any free port). `key` is the
+    config path, such as ``"listen[1].tcp"``, for messages about this listener.
+    """
+
+    kind: Literal["unix", "tcp"]
+    path: Path | None
+    host: str | None
+    port: int | None
+    key: str
+
+    @property
+    def address(self) -> str:
+        """The socket path, or ``host:port`` (``[::1]:10809`` for IPv6)."""
+        if self.kind == "unix":
+            return str(self.path)
+        host = self.host or ""
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """The ``server`` section; every value has a default.
+
+    `io`: ``"aio"`` (Linux native AIO) or ``"threads"``. `max_connections`:
+    connections served at once. `handshake_timeout`: seconds a client may take
+    to finish the handshake. `log_level`: ``"debug"``, ``"info"``,
+    ``"warning"`` or ``"error"``. `cache_size`: bytes of block-map metadata the
+    pools may cache.
+    """
+
+    io: str = DEFAULT_IO
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    log_level: str = DEFAULT_LOG_LEVEL
+    cache_size: int = DEFAULT_CACHE_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class PoolCreate:
+    """How to create a pool that does not exist yet (``pools[].create``).
+
+    `size` in bytes, `blockmap` one of the known block-map formats, `chunk_size`
+    the allocation unit in bytes (a power of two from 4 KiB to 1 MiB).
+    """
+
+    size: int
+    blockmap: str = DEFAULT_BLOCKMAP
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    """A pool: a file or block device holding volumes (one item of ``pools``).
+
+    `path` is absolute. `create` is None when the pool must already exist.
+    `key` is the config path, such as ``"pools[0]"``.
+    """
+
+    name: str
+    path: Path
+    create: PoolCreate | None
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeCreate:
+    """How to create a pool volume that does not exist yet (``exports[].create``).
+
+    Exactly one field is set: `size` (a new, empty thin volume of that many
+    bytes), `fork` (a writable copy of the named volume, sharing its blocks) or
+    `snapshot` (a read-only copy of the named volume).
+    """
+
+    size: int | None = None
+    fork: str | None = None
+    snapshot: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExportConfig:
+    """An export: what a client gets when it asks for `name` (one item of ``exports``).
+
+    Either `file` is set (an absolute path to a raw file or block device; `size`
+    is the size to create it at when missing, or None) or `pool` and `volume`
+    are (a volume of the pool named `pool`; `create` says how to create it when
+    missing, or is None). `min_block_size` is the smallest block clients should
+    use (a power of two, 1 to 65536). `key` is the config path, such as
+    ``"exports[0]"``.
+    """
+
+    name: str
+    description: str
+    read_only: bool
+    min_block_size: int
+    file: Path | None
+    size: int | None
+    pool: str | None
+    volume: str | None
+    create: VolumeCreate | None
+    key: str
+
+    @property
+    def kind(self) -> Literal["file", "volume"]:
+        """``"file"`` for a raw file or block device, ``"volume"`` for a pool volume."""
+        return "file" if self.file is not None else "volume"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A whole, validated configuration.
+
+    `source` is the absolute path of the file it was read from (None when parsed
+    from a string without one). Everything is in configuration order.
+    """
+
+    source: Path | None
+    listen: tuple[Listener, ...]
+    server: ServerSettings
+    pools: tuple[PoolConfig, ...]
+    exports: tuple[ExportConfig, ...]
+
+    def pool_named(self, name: str) -> PoolConfig | None:
+        """The pool called `name`, or None."""
+        return next((p for p in self.pools if p.name == name), None)
+
+    def export_named(self, name: str) -> ExportConfig | None:
+        """The export called `name`, or None."""
+        return next((e for e in self.exports if e.name == name), None)
+
+
+# ----------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------
+
+
+def load_config(
+    path: str | Path,
+    *,
+    socket_activation: bool = False,
+    blockmaps: Sequence[str] = KNOWN_BLOCKMAPS,
+) -> Config:
+    """Read and validate the YAML config at `path`.
+
+    Relative paths inside are resolved against the directory of `path`. With
+    `socket_activation`, ``listen`` may be empty or missing (the sockets come
+    from systemd's ``LISTEN_FDS``). `blockmaps` lists the valid
+    ``pools[].create.blockmap`` values. Raises ConfigError.
+    """
+    shown = str(path)
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{shown}: no such config file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{shown}: is a directory, not a config file") from None
+    except OSError as e:
+        raise ConfigError(f"{shown}: cannot read: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{shown}: not UTF-8 text (byte {e.start})") from None
+    source = Path(os.path.abspath(p))
+    return _parse(text, source=source, shown=shown, base_dir=source.parent,
+                  socket_activation=socket_activation, blockmaps=blockmaps)
+
+
+def parse_config(
+    text: str,
+    *,
+    source: Path | None = None,
+    base_dir: Path | None = None,
+    socket_activation: bool = False,
+    blockmaps: Sequence[str] = KNOWN_BLOCKMAPS,
+) -> Config:
+    """Validate the YAML config in `text`.
+
+    `source` names the file in messages and in :attr:`Config.source`. Relative
+    paths are resolved against `base_dir`, else the directory of `source`, else
+    the current directory. See :func:`load_config` for the other arguments.
+    """
+    if source is not None:
+        source = Path(os.path.abspath(source))
+    if base_dir is None:
+        base_dir = source.parent if source is not None else Path.cwd()
+    return _parse(text, source=source, shown=str(source) if source else None,
+                  base_dir=Path(os.path.abspath(base_dir)),
+                  socket_activation=socket_activation, blockmaps=blockmaps)
+
+
+def _parse(text: str, *, source: Path | None, shown: str | None, base_dir: Path,
+           socket_activation: bool, blockmaps: Sequence[str]) -> Config:
+    where = shown or "<config>"
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        raise ConfigError(_yaml_error(where, text, e)) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: invalid YAML: {e}") from None
+    if root is None:
+        raise ConfigError(
+            f"{where}: the config is empty; it needs at least 'listen' and 'exports' "
+            f"(see {DEFAULT_CONFIG_PATH})")
+    return _Parser(where, base_dir, socket_activation, tuple(blockmaps)).config(root, source)
+
+
+def _yaml_error(where: str, text: str, e: yaml.MarkedYAMLError) -> str:
+    mark = e.problem_mark or e.context_mark
+    problem = e.problem or "syntax error"
+    if e.context and e.context_mark is not None:
+        problem += f" ({e.context} at line {e.context_mark.line + 1}, " \
+                   f"column {e.context_mark.column + 1})"
+    if mark is None:  # pragma: no cover - PyYAML always gives one of the marks
+        return f"{where}: invalid YAML: {problem}"
+    msg = f"{where}:{mark.line + 1}:{mark.column + 1}: invalid YAML: {problem}"
+    lines = text.splitlines()
+    line = lines[mark.line] if mark.line < len(lines) else ""
+    if re.search(r"\btcp:\s*\[", line):
+        msg += '; quote IPv6 addresses, as in tcp: "[::1]:10809"'
+    elif "\t" in line[: mark.column + 1]:
+        msg += "; YAML does not allow tabs for indentation, use spaces"
+    return msg
+
+
+_NULL = "tag:yaml.org,2002:null"
+_BOOL = "tag:yaml.org,2002:bool"
+_INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
+_STR = "tag:yaml.org,2002:str"
+_MERGE = "tag:yaml.org,2002:merge"
+_CONSTRUCTOR = yaml.constructor.SafeConstructor()  # for its construct_yaml_int/float
+
+_TOP_KEYS = ("listen", "server", "pools", "exports")
+_LISTEN_KEYS = ("unix", "tcp")
+_SERVER_KEYS = ("io", "max-connections", "handshake-timeout", "log-level", "cache-size")
+_POOL_KEYS = ("name", "path", "create")
+_POOL_CREATE_KEYS = ("size", "blockmap", "chunk-size")
+_EXPORT_KEYS = ("name", "description", "read-only", "min-block-size", "file", "size", "pool",
+                "volume", "create")
+_VOLUME_CREATE_KEYS = ("size", "fork", "snapshot")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _got(node: Node) -> str:
+    """How to show `node` in 'expected X, got Y'."""
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    if node.tag == _NULL:
+        return "nothing" if node.value in ("", "~") else repr(node.value)
+    if isinstance(node, ScalarNode) and node.style in ("'", '"'):
+        return f"{node.value!r} (a quoted string)"
+    return repr(node.value)
+
+
+def _suggest(word: str, valid: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, valid, n=1, cutoff=0.6)
+    if not close and "_" in word:  # read_only -> read-only
+        close = difflib.get_close_matches(word.replace("_", "-"), valid, n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def _one_of(valid: Sequence[str]) -> str:
+    return ", ".join(valid)
+
+
+class _Map:
+    """A YAML mapping being read: string keys, no duplicates, no unknown keys.
+
+    Merge keys (``<<: *anchor``) are supported; keys written in the mapping
+    itself win over merged ones.
+    """
+
+    def __init__(self, parser: _Parser, node: Node, path: str, valid: Sequence[str],
+                 what: str) -> None:
+        self.p = parser
+        self.path = path
+        if not isinstance(node, MappingNode):
+            parser.fail(node, path, f"expected {what}, got {_got(node)}")
+        self.node: MappingNode = node
+        self.items: dict[str, tuple[Node, Node]] = {}
+        for key_node, value_node in self._own(node):
+            key = key_node.value
+            if key not in valid:
+                kp = _join(path, key)
+                parser.fail(key_node, kp, f"unknown key; {_suggest(key, valid)}"
+                            f"valid keys here: {_one_of(valid)}")
+            self.items[key] = (key_node, value_node)
+        for merged in self._merged(node, set()):
+            for key_node, value_node in self._own(merged):
+                if key_node.value not in valid:
+                    parser.fail(key_node, _join(path, key_node.value),
+                                f"unknown key (merged with <<); {_suggest(key_node.value, valid)}"
+                                f"valid keys here: {_one_of(valid)}")
+                self.items.setdefault(key_node.value, (key_node, value_node))
+
+    def _own(self, node: MappingNode) -> Iterator[tuple[ScalarNode, Node]]:
+        seen: dict[str, Node] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE:
+                continue
+            if not isinstance(key_node, ScalarNode) or key_node.tag == _NULL:
+                self.p.fail(key_node, self.path or "(top level)",
+                            f"keys must be names, got {_got(key_node)}")
+            key = str(key_node.value)
+            if key in seen:
+                first = seen[key].start_mark.line + 1
+                self.p.fail(key_node, _join(self.path, key),
+                            f"key appears twice (first at line {first})")
+            seen[key] = key_node
+            yield key_node, value_node
+
+    def _merged(self, node: MappingNode, seen: set[int]) -> Iterator[MappingNode]:
+        """The mappings merged into `node` with ``<<``, highest precedence first."""
+        if id(node) in seen:
+            self.p.fail(node, _join(self.path, "<<"), "an alias merges into itself")
+        seen.add(id(node))
+        for key_node, value_node in node.value:
+            if key_node.tag != _MERGE:
+                continue
+            sources = value_node.value if isinstance(value_node, SequenceNode) else [value_node]
+            for src in sources:
+                if not isinstance(src, MappingNode):
+                    self.p.fail(src, _join(self.path, "<<"),
+                                f"can only merge mappings, got {_got(src)}")
+                yield src
+                yield from self._merged(src, seen)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.items
+
+    def get(self, key: str) -> Node | None:
+        """The value node of `key`, or None if absent (a YAML null counts as present)."""
+        item = self.items.get(key)
+        return item[1] if item else None
+
+    def key_node(self, key: str) -> Node:
+        return self.items[key][0]
+
+    def sub(self, key: str) -> str:
+        return _join(self.path, key)
+
+    def require(self, key: str, hint: str = "") -> Node:
+        node = self.get(key)
+        if node is None:
+            self.p.fail(self.node, self.path or "(top level)",
+                        f"missing required key {key!r}{hint}")
+        return node
+
+
+class _Parser:
+    def __init__(self, where: str, base_dir: Path, socket_activation: bool,
+                 blockmaps: tuple[str, ...]) -> None:
+        self.where = where
+        self.base_dir = base_dir
+        self.socket_activation = socket_activation
+        self.blockmaps = blockmaps
+
+    # -- errors -----------------------------------------------------------------------------
+
+    def fail(self, node: Node, key: str, message: str) -> NoReturn:
+        line = node.start_mark.line + 1
+        raise ConfigError(f"{self.where}:{line}: {key}: {message}")
+
+    # -- scalars ----------------------------------------------------------------------------
+
+    def text(self, node: Node, key: str, *, what: str = "a string",
+             allow_empty: bool = False) -> str:
+        """A string. A plain scalar is taken as written (``name: 2024`` is "2024")."""
+        if not isinstance(node, ScalarNode) or node.tag == _NULL:
+            self.fail(node, key, f"expected {what}, got {_got(node)}")
+        if node.tag not in (_STR, _INT, _FLOAT, _BOOL) and not node.tag.startswith(
+                "tag:yaml.org,2002:"):
+            self.fail(node, key, f"unsupported YAML tag {node.tag!r}")
+        value = str(node.value)
+        if not value and not allow_empty:
+            self.fail(node, key, f"expected {what}, got an empty string")
+        return value
+
+    def name(self, node: Node, key: str, what: str) -> str:
+        value = self.text(node, key, what=what)
+        if value != value.strip():
+            self.fail(node, key, f"{what} {value!r} has leading or trailing spaces")
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            self.fail(node, key, f"{what} {value!r} contains control characters")
+        return value
+
+    def boolean(self, node: Node, key: str) -> bool:
+        if (isinstance(node, ScalarNode) and node.tag == _BOOL
+                and node.value.lower() in ("true", "false")):
+            return str(node.value).lower() == "true"
+        self.fail(node, key, f"expected true or false, got {_got(node)}")
+
+    def integer(self, node: Node, key: str, what: str) -> int:
+        if isinstance(node, ScalarNode) and node.tag == _INT:
+            value = _CONSTRUCTOR.construct_yaml_int(node)
+            assert isinstance(value, int)
+            return value
+        self.fail(node, key, f"expected {what}, got {_got(node)}")
+
+    def size(self, node: Node, key: str) -> int:
+        raw: str | int
+        if isinstance(node, ScalarNode) and node.tag == _INT:
+            raw = _CONSTRUCTOR.construct_yaml_int(node)
+        elif isinstance(node, ScalarNode) and node.tag in (_STR, _FLOAT):
+            raw = str(node.value)
+        else:
+            self.fail(node, key, f"expected a size such as 4096, 64K, 512M or 1.5G, "
+                                 f"got {_got(node)}")
+        try:
+            value = parse_size(raw, what=key)
+        except ValueError as e:
+            self.fail(node, key, str(e).removeprefix(f"{key}: "))
+        if value > MAX_SIZE:
+            self.fail(node, key, f"{raw!r} is too large (at most {format_size(MAX_SIZE)})")
+        return value
+
+    def duration(self, node: Node, key: str) -> float:
+        raw: str | int | float
+        if isinstance(node, ScalarNode) and node.tag == _INT:
+            raw = _CONSTRUCTOR.construct_yaml_int(node)
+        elif isinstance(node, ScalarNode) and node.tag == _FLOAT:
+            raw = _CONSTRUCTOR.construct_yaml_float(node)
+        elif isinstance(node, ScalarNode) and node.tag == _STR:
+            raw = str(node.value)
+        else:
+            self.fail(node, key, f"expected seconds such as 10, 2.5, 500ms or 2m, "
+                                 f"got {_got(node)}")
+        try:
+            return parse_duration(raw, what=key)
+        except ValueError as e:
+            self.fail(node, key, str(e).removeprefix(f"{key}: "))
+
+    def choice(self, node: Node, key: str, valid: Sequence[str]) -> str:
+        value = self.text(node, key, what=f"one of {_one_of(valid)}").strip().lower()
+        if value not in valid:
+            hint = _suggest(value, valid).strip()
+            self.fail(node, key, f"expected one of {_one_of(valid)}, got {_got(node)}"
+                                 + (f"; {hint}" if hint else ""))
+        return value
+
+    def path(self, node: Node, key: str) -> Path:
+        text = self.text(node, key, what="a path")
+        if "\0" in text:
+            self.fail(node, key, "a path cannot contain a NUL character")
+        p = Path(os.path.expanduser(text))
+        if not p.is_absolute():
+            p = self.base_dir / p
+        return Path(os.path.normpath(p))
+
+    def sequence(self, node: Node | None, key: str, what: str) -> list[Node]:
+        if node is None or (isinstance(node, ScalarNode) and node.tag == _NULL):
+            return []
+        if not isinstance(node, SequenceNode):
+            self.fail(node, key, f"expected a list of {what} (lines starting with '- '), "
+                                 f"got {_got(node)}")
+        return list(node.value)
+
+    # -- sections ---------------------------------------------------------------------------
+
+    def config(self, root: Node, source: Path | None) -> Config:
+        if not isinstance(root, MappingNode):
+            self.fail(root, "(top level)", "expected a mapping with the keys "
+                                           f"{_one_of(_TOP_KEYS)}, got {_got(root)}")
+        top = _Map(self, root, "", _TOP_KEYS, "a mapping")
+        listen = self.listeners(top)
+        server = self.server(top.get("server"))
+        pools = self.pools(top.get("pools"))
+        exports = self.exports(top.get("exports"), pools)
+        return Config(source=source, listen=listen, server=server, pools=pools,
+                      exports=exports)
+
+    def listeners(self, top: _Map) -> tuple[Listener, ...]:
+        node = top.get("listen")
+        if node is None and not self.socket_activation:
+            top.require("listen", " (where to accept connections, for example "
+                                  "'listen: [{tcp: 127.0.0.1:10809}]')")
+        items = self.sequence(node, "listen", "listeners")
+        if not items and not self.socket_activation:
+            assert node is not None
+            self.fail(node, "listen", "at least one listener is required "
+                                      "(- unix: PATH or - tcp: HOST:PORT)")
+        out: list[Listener] = []
+        seen: dict[tuple[str, str, int | None], tuple[str, int]] = {}
+        for i, item in enumerate(items):
+            path = f"listen[{i}]"
+            m = _Map(self, item, path, _LISTEN_KEYS,
+                     "a mapping with one key, unix: PATH or tcp: HOST:PORT")
+            if len(m.items) != 1:
+                self.fail(item, path, "give exactly one of unix: PATH or tcp: HOST:PORT")
+            kind = next(iter(m.items))
+            value = m.items[kind][1]
+            key = m.sub(kind)
+            if kind == "unix":
+                sock = self.path(value, key)
+                out.append(Listener("unix", sock, None, None, key))
+                ident: tuple[str, str, int | None] = ("unix", str(sock), None)
+            else:
+                host, port = self.host_port(value, key)
+                out.append(Listener("tcp", None, host, port, key))
+                ident = ("tcp", host, port)
+            if ident in seen and ident[2] != 0:
+                other, line = seen[ident]
+                self.fail(value, key, f"the same address as {other} (line {line})")
+            seen[ident] = (key, value.start_mark.line + 1)
+        return tuple(out)
+
+    def host_port(self, node: Node, key: str) -> tuple[str, int]:
+        example = "HOST:PORT such as 127.0.0.1:10809, localhost:10809 or \"[::1]:10809\""
+        if isinstance(node, SequenceNode):
+            self.fail(node, key, f'expected {example}, got a list; quote IPv6 addresses, '
+                                 'as in tcp: "[::1]:10809"')
+        if not isinstance(node, ScalarNode) or node.tag == _NULL:
+            self.fail(node, key, f"expected {example}, got {_got(node)}")
+        text = str(node.value).strip()
+        m = re.fullmatch(r"\[([^\]]*)\]:([0-9]+)|([^:\[\]]*):([0-9]+)", text)
+        if m is None:
+            if text.count(":") > 1 and not text.startswith("["):
+                self.fail(node, key, f"put an IPv6 address in brackets, as in "
+                                     f"\"[::1]:10809\", got {text!r}")
+            if ":" not in text:
+                self.fail(node, key, f"expected {example}, got {text!r} (no port)")
+            self.fail(node, key, f"expected {example}, got {text!r}")
+        if m[1] is not None:
+            host, port_text = m[1], m[2]
+            try:
+                ipaddress.IPv6Address(host.split("%", 1)[0])
+            except ValueError:
+                self.fail(node, key, f"{host!r} in brackets is not an IPv6 address")
+        else:
+            host, port_text = m[3], m[4]
+            if not host:
+                self.fail(node, key, f"missing host in {text!r}; use 0.0.0.0:{port_text} "
+                                     f"for every IPv4 address or 127.0.0.1:{port_text} "
+                                     "for this machine only")
+            if not re.fullmatch(r"[A-Za-z0-9._-]+", host) or host.startswith((".", "-")):
+                self.fail(node, key, f"{host!r} is not a host name or IP address")
+        port = int(port_text)
+        if port > 65535:
+            self.fail(node, key, f"port {port} is out of range (0 to 65535; 0 picks a free "
+                                 "port)")
+        return host, port
+
+    def server(self, node: Node | None) -> ServerSettings:
+        if node is None or (isinstance(node, ScalarNode) and node.tag == _NULL):
+            return ServerSettings()
+        m = _Map(self, node, "server", _SERVER_KEYS, "a mapping of server settings")
+        io, maxc, timeout, level, cache = (DEFAULT_IO, DEFAULT_MAX_CONNECTIONS,
+                                           DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_LOG_LEVEL,
+                                           DEFAULT_CACHE_SIZE)
+        if (v := m.get("io")) is not None:
+            io = self.choice(v, m.sub("io"), IO_ENGINES)
+        if (v := m.get("max-connections")) is not None:
+            maxc = self.integer(v, m.sub("max-connections"), "a whole number of connections")
+            if maxc < 1:
+                self.fail(v, m.sub("max-connections"), f"must be at least 1, got {maxc}")
+        if (v := m.get("handshake-timeout")) is not None:
+            timeout = self.duration(v, m.sub("handshake-timeout"))
+        if (v := m.get("log-level")) is not None:
+            level = self.choice(v, m.sub("log-level"), LOG_LEVELS)
+        if (v := m.get("cache-size")) is not None:
+            cache = self.size(v, m.sub("cache-size"))
+        return ServerSettings(io=io, max_connections=maxc, handshake_timeout=timeout,
+                              log_level=level, cache_size=cache)
+
+    def pools(self, node: Node | None) -> tuple[PoolConfig, ...]:
+        out: list[PoolConfig] = []
+        names: dict[str, tuple[str, int]] = {}
+        for i, item in enumerate(self.sequence(node, "pools", "pools")):
+            path = f"pools[{i}]"
+            m = _Map(self, item, path, _POOL_KEYS, "a mapping with name, path and create")
+            name_node = m.require("name", " (the name exports use in 'pool:')")
+            name = self.name(name_node, m.sub("name"), "a pool name")
+            if name in names:
+                other, line = names[name]
+                self.fail(name_node, m.sub("name"),
+                          f"duplicate pool name {name!r} (also {other}.name at line {line})")
+            names[name] = (path, name_node.start_mark.line + 1)
+            path_node = m.require("path", " (the file or block device holding the pool)")
+            pool_path = self.path(path_node, m.sub("path"))
+            if pool_path.is_dir():
+                self.fail(path_node, m.sub("path"),
+                          f"{pool_path} is a directory; expected a file or block device")
+            create = None
+            if (c := m.get("create")) is not None:
+                create = self.pool_create(c, m.sub("create"))
+            out.append(PoolConfig(name=name, path=pool_path, create=create, key=path))
+        return tuple(out)
+
+    def pool_create(self, node: Node, path: str) -> PoolCreate:
+        m = _Map(self, node, path, _POOL_CREATE_KEYS,
+                 "a mapping such as {size: 20G, blockmap: radix, chunk-size: 4K}")
+        size = self.size(m.require("size", " (how large to create the pool)"), m.sub("size"))
+        blockmap = DEFAULT_BLOCKMAP
+        if (v := m.get("blockmap")) is not None:
+            blockmap = self.choice(v, m.sub("blockmap"), self.blockmaps)
+        chunk = DEFAULT_CHUNK_SIZE
+        if (v := m.get("chunk-size")) is not None:
+            chunk = self.size(v, m.sub("chunk-size"))
+            if not (MIN_CHUNK_SIZE <= chunk <= MAX_CHUNK_SIZE) or chunk & (chunk - 1):
+                self.fail(v, m.sub("chunk-size"),
+                          f"expected a power of two from 4K to 1M, got {_got(v)}")
+        if size < chunk:
+            self.fail(m.get("size") or node, m.sub("size"),
+                      f"the pool ({format_size(size)}) must be larger than one chunk "
+                      f"({format_size(chunk)})")
+        return PoolCreate(size=size, blockmap=blockmap, chunk_size=chunk)
+
+    def exports(self, node: Node | None,
+                pools: tuple[PoolConfig, ...]) -> tuple[ExportConfig, ...]:
+        out: list[ExportConfig] = []
+        names: dict[str, tuple[str, int]] = {}
+        pool_paths = {p.path: p for p in pools}
+        for i, item in enumerate(self.sequence(node, "exports", "exports")):
+            path = f"exports[{i}]"
+            m = _Map(self, item, path, _EXPORT_KEYS, "a mapping with name and file "
+                     "(or pool and volume)")
+            name_node = m.require("name", " (the name clients ask for)")
+            name = self.text(name_node, m.sub("name"), what="an export name")
+            try:
+                nbytes = len(name.encode("utf-8"))
+            except UnicodeEncodeError:
+                self.fail(name_node, m.sub("name"), "the export name is not valid UTF-8")
+            if nbytes > MAX_EXPORT_NAME_BYTES:
+                self.fail(name_node, m.sub("name"), f"export names are at most "
+                          f"{MAX_EXPORT_NAME_BYTES} bytes of UTF-8, got {nbytes}")
+            if name in names:
+                other, line = names[name]
+                self.fail(name_node, m.sub("name"),
+                          f"duplicate export name {name!r} (also {other}.name at line {line})")
+            names[name] = (path, name_node.start_mark.line + 1)
+
+            description = ""
+            if (v := m.get("description")) is not None:
+                if not (isinstance(v, ScalarNode) and v.tag == _NULL):
+                    description = self.text(v, m.sub("description"), allow_empty=True)
+                if len(description.encode("utf-8", "surrogatepass")) > MAX_EXPORT_NAME_BYTES:
+                    self.fail(v, m.sub("description"), f"at most {MAX_EXPORT_NAME_BYTES} "
+                              "bytes of UTF-8")
+            read_only = False
+            if (v := m.get("read-only")) is not None:
+                read_only = self.boolean(v, m.sub("read-only"))
+            min_block = DEFAULT_MIN_BLOCK_SIZE
+            if (v := m.get("min-block-size")) is not None:
+                min_block = self.size(v, m.sub("min-block-size"))
+                if min_block > MAX_MIN_BLOCK_SIZE or min_block & (min_block - 1):
+                    self.fail(v, m.sub("min-block-size"), "expected a power of two from 1 to "
+                              f"65536 (usually 512 or 4096), got {_got(v)}")
+
+            has_file = "file" in m
+            has_pool = "pool" in m or "volume" in m
+            if has_file and has_pool:
+                other = "pool" if "pool" in m else "volume"
+                self.fail(m.key_node(other), m.sub(other),
+                          "give either file, or pool and volume, not both")
+            if not has_file and not has_pool:
+                self.fail(item, path, "missing 'file' (a raw file or block device) or "
+                                      "'pool' and 'volume' (a volume of a pool)")
+            file = size = pool = volume = create = None
+            if has_file:
+                file_node = m.require("file")
+                file = self.path(file_node, m.sub("file"))
+                if (v := m.get("size")) is not None:
+                    size = self.size(v, m.sub("size"))
+                if "create" in m:
+                    self.fail(m.key_node("create"), m.sub("create"),
+                              "create is for pool volumes; a file export is created "
+                              "from 'size' when missing")
+                if file.is_dir():
+                    self.fail(file_node, m.sub("file"),
+                              f"{file} is a directory; expected a raw file or block device")
+                if not file.exists() and size is None:
+                    if file.parts[:2] == ("/", "dev"):
+                        self.fail(file_node, m.sub("file"), f"{file}: no such device")
+                    self.fail(file_node, m.sub("file"),
+                              f"{file} does not exist; add 'size' (for example size: 1G) "
+                              "to create it")
+                if file in pool_paths:
+                    self.fail(file_node, m.sub("file"),
+                              f"{file} is the file of pool {pool_paths[file].name!r} "
+                              f"({pool_paths[file].key}); export one of its volumes with "
+                              "pool: and volume: instead")
+            else:
+                if "size" in m:
+                    self.fail(m.key_node("size"), m.sub("size"),
+                              "size is only for file exports; to create a volume use "
+                              "create: {size: 1G}")
+                pool_node = m.require("pool", " (the pool that holds 'volume')")
+                volume_node = m.require("volume", " (the volume of the pool to export)")
+                pool = self.name(pool_node, m.sub("pool"), "a pool name")
+                volume = self.name(volume_node, m.sub("volume"), "a volume name")
+                if not any(p.name == pool for p in pools):
+                    known = [p.name for p in pools]
+                    hint = (f"{_suggest(pool, known)}pools: {_one_of(known)}" if known
+                            else "no pools are defined; add one under 'pools:'")
+                    self.fail(pool_node, m.sub("pool"), f"no pool named {pool!r}; {hint}")
+                if (v := m.get("create")) is not None:
+                    create = self.volume_create(v, m.sub("create"), volume)
+            out.append(ExportConfig(
+                name=name, description=description, read_only=read_only,
+                min_block_size=min_block, file=file, size=size, pool=pool, volume=volume,
+                create=create, key=path))
+        return tuple(out)
+
+    def volume_create(self, node: Node, path: str, volume: str) -> VolumeCreate:
+        m = _Map(self, node, path, _VOLUME_CREATE_KEYS,
+                 "a mapping such as {size: 1G}, {fork: golden} or {snapshot: golden}")
+        if len(m.items) != 1:
+            self.fail(node, path, "give exactly one of size (a new thin volume), fork "
+                                  "(a writable copy of a volume) or snapshot (a read-only "
+                                  "copy of a volume)")
+        kind, (_, v) = next(iter(m.items.items()))
+        if kind == "size":
+            return VolumeCreate(size=self.size(v, m.sub("size")))
+        origin = self.name(v, m.sub(kind), "a volume name")
+        if origin == volume:
+            self.fail(v, m.sub(kind), f"volume {volume!r} cannot be created from itself")
+        return VolumeCreate(fork=origin) if kind == "fork" else VolumeCreate(snapshot=origin)
+
+
+# ----------------------------------------------------------------------------------------
+# Explaining
+# ----------------------------------------------------------------------------------------
+
+
+def _stat(path: Path) -> tuple[str, int | None]:
+    """("missing"|"file"|"block"|"other"|"error: ...", size or None)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "missing", None
+    except OSError as e:
+        return f"error: {e.strerror}", None
+    if stat.S_ISREG(st.st_mode):
+        return "file", st.st_size
+    if stat.S_ISBLK(st.st_mode):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return "block", None
+        try:
+            return "block", os.lseek(fd, 0, os.SEEK_END)
+        except OSError:
+            return "block", None
+        finally:
+            os.close(fd)
+    return "other", None
+
+
+def _describe_file(kind: str, size: int | None) -> str:
+    if kind == "file":
+        return f"an existing file of {format_size(size or 0)}"
+    if kind == "block":
+        return ("a block device of " + format_size(size)) if size is not None else \
+            "a block device (size unknown: cannot open it)"
+    if kind == "other":
+        return "neither a regular file nor a block device"
+    return kind  # "error: ..."
+
+
+def config_warnings(config: Config) -> list[str]:
+    """Things that are valid but probably not what was meant, each naming its key."""
+    out: list[str] = []
+    for listener in config.listen:
+        if listener.path is not None:
+            n = len(os.fsencode(listener.path))
+            if n > UNIX_PATH_MAX:
+                out.append(f"{listener.key}: the socket path is {n} bytes; Unix sockets "
+                           f"allow at most {UNIX_PATH_MAX}, so listening will fail")
+    if not config.exports:
+        out.append("exports: no exports are configured; clients will find nothing to use")
+    for pool in config.pools:
+        kind, _ = _stat(pool.path)
+        if kind == "missing" and pool.create is None:
+            out.append(f"{pool.key}.path: {pool.path} does not exist and the pool has no "
+                       "'create'; create it with 'nbdserver pool create' or add "
+                       "create: {size: ...}")
+        elif kind in ("other",) or kind.startswith("error"):
+            out.append(f"{pool.key}.path: {pool.path}: {_describe_file(kind, None)}")
+    files: dict[Path, ExportConfig] = {}
+    for export in config.exports:
+        if export.file is None:
+            continue
+        kind, size = _stat(export.file)
+        if kind == "missing" and export.read_only:
+            out.append(f"{export.key}: read-only, but the file does not exist yet: it will "
+                       "be created full of zeros")
+        if kind in ("file", "block") and export.size is not None and size is not None \
+                and size != export.size:
+            out.append(f"{export.key}.size: ignored: {export.file} already exists "
+                       f"({format_size(size)}), so it is not created at "
+                       f"{format_size(export.size)}")
+        if kind == "file" and size == 0:
+            out.append(f"{export.key}.file: {export.file} is empty; serving it will fail")
+        if kind == "other" or kind.startswith("error"):
+            out.append(f"{export.key}.file: {export.file}: {_describe_file(kind, size)}")
+        other = files.get(export.file)
+        if other is not None and not (other.read_only and export.read_only):
+            out.append(f"{export.key}.file: {export.file} is also exported by {other.key} "
+                       f"({other.name!r}); writes through one show in the other")
+        files.setdefault(export.file, export)
+    return out
+
+
+def describe(config: Config) -> str:
+    """Explain `config` for people (``nbdserver check-config``): listeners, server
+    settings, pools and exports with resolved paths, sizes and what will be created,
+    then warnings."""
+    lines: list[str] = []
+    if config.source is not None:
+        lines.append(f"Config file {config.source}")
+        lines.append(f"  (relative paths are resolved against {config.source.parent})")
+    lines.append("Listeners:")
+    if not config.listen:
+        lines.append("  none: the sockets must come from systemd socket activation")
+    for listener in config.listen:
+        if listener.kind == "unix":
+            lines.append(f"  Unix socket {listener.path}  [{listener.key}]")
+        else:
+            free = " (any free port)" if listener.port == 0 else ""
+            lines.append(f"  TCP {listener.address}{free}  [{listener.key}]")
+    s = config.server
+    lines.append(f"Server: {s.io} I/O, up to {s.max_connections} connections, handshake "
+                 f"timeout {format_duration(s.handshake_timeout)}, log level {s.log_level}, "
+                 f"block-map cache {format_size(s.cache_size)}")
+    if config.pools:
+        lines.append("Pools:")
+    for pool in config.pools:
+        kind, size = _stat(pool.path)
+        lines.append(f"  {pool.name}: {pool.path}  [{pool.key}]")
+        if kind == "missing":
+            if pool.create is not None:
+                c = pool.create
+                lines.append(f"    does not exist yet; it will be created at "
+                             f"{format_size(c.size)} with a {c.blockmap} block map and "
+                             f"{format_size(c.chunk_size)} chunks")
+            else:
+                lines.append("    does not exist (and has no 'create')")
+        else:
+            lines.append(f"    {_describe_file(kind, size)}")
+            if pool.create is not None:
+                lines.append("    exists, so 'create' is not used")
+    lines.append("Exports:" if config.exports else "Exports: none")
+    for export in config.exports:
+        mode = "read-only" if export.read_only else "read-write"
+        lines.append(f"  {export.name!r}: {mode}, minimum block size "
+                     f"{export.min_block_size}  [{export.key}]")
+        if export.description:
+            lines.append(f"    description: {export.description}")
+        if export.file is not None:
+            kind, size = _stat(export.file)
+            lines.append(f"    file {export.file}")
+            if kind == "missing":
+                assert export.size is not None  # enforced when loading
+                lines.append(f"    file does not exist yet; it will be created at "
+                             f"{format_size(export.size)}")
+            else:
+                lines.append(f"    {_describe_file(kind, size)}")
+        else:
+            source = config.pool_named(export.pool or "")
+            where = f" ({source.path})" if source else ""
+            lines.append(f"    volume {export.volume!r} of pool {export.pool!r}{where}")
+            vc = export.create
+            if vc is None:
+                lines.append("    the volume must already exist")
+            elif vc.size is not None:
+                lines.append(f"    if missing, created as an empty thin volume of "
+                             f"{format_size(vc.size)}")
+            elif vc.fork is not None:
+                lines.append(f"    if missing, created as a fork of volume {vc.fork!r}")
+            else:
+                lines.append(f"    if missing, created as a snapshot of volume "
+                             f"{vc.snapshot!r}")
+    warnings = config_warnings(config)
+    if warnings:
+        lines.append("Warnings:")
+        lines.extend(f"  warning: {w}" for w in warnings)
+    return "\n".join(lines)
+
+
+def config_to_json(config: Config) -> dict[str, Any]:
+    """The configuration as JSON-ready data (``nbdserver check-config --json``).
+
+    The shape is stable; keys are added, never renamed. Keys use the YAML
+    spelling, every key is always present (null when unset), paths are
+    absolute strings, sizes are integers in bytes and durations are seconds::
+
+        {"source": "/abs/config.yaml" | null,
+         "listen": [{"kind": "unix" | "tcp", "path": str | null, "host": str | null,
+                     "port": int | null, "key": "listen[0].unix"}],
+         "server": {"io": str, "max-connections": int, "handshake-timeout": float,
+                    "log-level": str, "cache-size": int},
+         "pools": [{"name": str, "path": str, "key": "pools[0]",
+                    "create": {"size": int, "blockmap": str, "chunk-size": int} | null}],
+         "exports": [{"name": str, "description": str, "read-only": bool,
+                      "min-block-size": int, "kind": "file" | "volume",
+                      "file": str | null, "size": int | null,
+                      "pool": str | null, "volume": str | null,
+                      "create": {"size": int | null, "fork": str | null,
+                                 "snapshot": str | null} | null,
+                      "key": "exports[0]"}]}
+    """
+    s = config.server
+    return {
+        "source": str(config.source) if config.source is not None else None,
+        "listen": [
+            {"kind": li.kind, "path": str(li.path) if li.path is not None else None,
+             "host": li.host, "port": li.port, "key": li.key}
+            for li in config.listen
+        ],
+        "server": {"io": s.io, "max-connections": s.max_connections,
+                   "handshake-timeout": s.handshake_timeout, "log-level": s.log_level,
+                   "cache-size": s.cache_size},
+        "pools": [
+            {"name": p.name, "path": str(p.path), "key": p.key,
+             "create": None if p.create is None else {
+                 "size": p.create.size, "blockmap": p.create.blockmap,
+                 "chunk-size": p.create.chunk_size}}
+            for p in config.pools
+        ],
+        "exports": [
+            {"name": e.name, "description": e.description, "read-only": e.read_only,
+             "min-block-size": e.min_block_size, "kind": e.kind,
+             "file": str(e.file) if e.file is not None else None, "size": e.size,
+             "pool": e.pool, "volume": e.volume,
+             "create": None if e.create is None else {
+                 "size": e.create.size, "fork": e.create.fork,
+                 "snapshot": e.create.snapshot},
+             "key": e.key}
+            for e in config.exports
+        ],
+    }
