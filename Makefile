@@ -1,0 +1,54 @@
+# nbdserver: `make run` serves the default config, `make test` runs every test.
+# Both install what they need first (a virtualenv in .venv, and the Debian
+# packages of the real NBD clients the tests drive).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: all install deps run test test-fast lint typecheck bench study crash-test fuzz soak clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Debian packages for the interop, crash and VM tests (qemu-utils, libnbd-bin, fio, nbdkit, ...).
+deps:
+	scripts/install-deps
+
+run: install
+	$(BIN)/nbdserver serve
+
+lint: install
+	$(BIN)/ruff check nbdserver tests scripts
+
+typecheck: install
+	$(BIN)/mypy
+
+test: install deps lint typecheck
+	$(BIN)/pytest -q
+
+test-fast: install
+	$(BIN)/pytest -q -m "not slow and not vm"
+
+bench: install deps
+	$(BIN)/python scripts/bench.py
+
+study: install deps
+	$(BIN)/python scripts/study.py
+
+crash-test: install deps
+	$(BIN)/python scripts/crash-test --iterations 200
+
+fuzz: install
+	$(BIN)/python scripts/fuzz.py --minutes 10
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache data build *.egg-info

@@ -1,0 +1,5 @@
+"""Allow ``python -m nbdserver``."""
+
+from nbdserver.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,207 @@
+"""The block-map interface: how a volume's logical chunks map to the pool's chunks.
+
+A block map owns the layout of its volumes' maps (a radix tree, extent lists,
+an LVM-style origin with exception stores) and nothing else: the pool hands it
+the page cache and the space maps, the volume layer does every data transfer.
+That keeps a design to one file plus one registry line.
+
+Every method is synchronous and runs inside a mini-transaction
+(:meth:`nbdserver.pool.pages.PageCache.mtr`): it reads pages with
+``cache.get`` and changes them with ``cache.modify``, and may raise
+``PageMiss`` (the caller loads the page and calls again) or ``NbdError``
+(ENOSPC, EINVAL...; all its changes are rolled back). So a method must be
+safe to run again from the start, and must not keep in-memory state that a
+rollback would not undo (use ``cache.add_undo``).
+
+Units: ``lc`` is a logical chunk of a volume, ``pc`` a physical chunk of the
+pool's data area, ``owner`` the id of the volume that wrote a chunk (the
+volume layer turns it into an allocation depth for ``qemu:allocation-depth``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from nbdserver.pool.format import VolumeRecord
+    from nbdserver.pool.pool import Pool
+
+HOLE = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """Logical chunks [lc, lc+count) map to [pc, pc+count) (or are a hole, pc == HOLE)."""
+
+    lc: int
+    count: int
+    pc: int
+    owner: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class InPlace:
+    """Write straight into `pc`: the volume alone references it."""
+
+    pc: int
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Nothing else references `pc` any more, but the map still marks it shared.
+
+    Call :meth:`BlockMap.claim` (cheap, metadata only), then write in place.
+    """
+
+    pc: int
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    """Write to a fresh chunk, then :meth:`BlockMap.map` it. `old` is the current
+    chunk (HOLE if none) whose bytes fill a partial write."""
+
+    old: int
+
+
+@dataclass(frozen=True, slots=True)
+class CopyOut:
+    """LVM-style: first preserve chunk `pc` for each volume in `preserve` (copy it to
+    a fresh chunk and :meth:`BlockMap.map` that into the volume, then commit), then
+    write in place into `pc`."""
+
+    pc: int
+    preserve: tuple[int, ...]
+
+
+WriteTarget = InPlace | Claim | Redirect | CopyOut
+
+
+@dataclass
+class MapStats:
+    """What `volume info` reports about one volume's map."""
+
+    mapped_chunks: int = 0
+    exclusive_chunks: int = 0  # chunks whose only reference is this volume's
+    extents: int = 0  # maximal runs of logically and physically contiguous chunks
+    metadata_pages: int = 0  # map pages reachable from this volume
+
+
+class BlockMap(ABC):
+    """One design; see the module note. Subclasses set `name` and register themselves."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    supports_clone_of_clone: ClassVar[bool] = True
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.cache = pool.cache
+        self.data = pool.data  # RefTable of data chunks
+        self.meta = pool.meta  # RefTable of metadata pages
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @classmethod
+    def default_params(cls) -> tuple[int, int, int, int]:
+        """Design parameters stored in the superblock (e.g. the radix fan-out)."""
+        return (0, 0, 0, 0)
+
+    @abstractmethod
+    def init_volume(self, vol: VolumeRecord) -> None:
+        """Give a new, empty volume its map (sets ``vol.map_state``)."""
+
+    @abstractmethod
+    def clone(self, src: VolumeRecord, dst: VolumeRecord) -> None:
+        """Make `dst` read exactly what `src` reads now (snapshot and fork)."""
+
+    def clone_refused(self, src: VolumeRecord) -> str | None:
+        """Why `src` cannot be snapshotted or forked in this design, or None."""
+        return None
+
+    def delete_refused(self, vol: VolumeRecord) -> str | None:
+        """Why `vol` cannot be deleted in this design, or None."""
+        return None
+
+    @abstractmethod
+    def release(self, vol: VolumeRecord, budget: int) -> bool:
+        """Drop up to about `budget` chunks of the volume's map; True once nothing is left."""
+
+    # -- data path ------------------------------------------------------------------------
+
+    @abstractmethod
+    def lookup(self, vol: VolumeRecord, lc: int, count: int) -> list[Run]:
+        """Runs covering [lc, lc+count) in order, merged where contiguous. O(path + runs)."""
+
+    @abstractmethod
+    def write_target(self, vol: VolumeRecord, lc: int) -> WriteTarget:
+        """What a write to chunk `lc` must do (a pure query)."""
+
+    def claim(self, vol: VolumeRecord, lc: int) -> None:
+        """Mark the path to `lc` exclusively owned (after write_target said Claim)."""
+        raise NotImplementedError
+
+    @abstractmethod
+    def map(self, vol: VolumeRecord, lc: int, pc: int) -> None:
+        """Point `lc` at the freshly written chunk `pc` (counting a reference to it) and
+        drop the reference to what it pointed at before."""
+
+    @abstractmethod
+    def unmap(self, vol: VolumeRecord, lc: int, count: int) -> tuple[int, list[tuple[int, int]]]:
+        """Make up to `count` chunks from `lc` read as zeros, within a bounded amount of
+        work. Returns how many chunks it got through, and ranges (lc, count) that the
+        design cannot unmap, which the caller must overwrite with zeros instead."""
+
+    def alloc_hint(self, vol: VolumeRecord, lc: int) -> int | None:
+        """Where a new chunk for `lc` would best go (the extent design keeps locality)."""
+        return None
+
+    # -- inspection -----------------------------------------------------------------------
+
+    @abstractmethod
+    def references(self, vol: VolumeRecord, seen: set[int],
+                   ref_page: Callable[[int], None], ref_chunk: Callable[[int], None],
+                   problem: Callable[[str], None]) -> None:
+        """Report every reference the volume's map holds (for `pool check`), visiting a
+        page shared by several volumes only once (`seen`). Reads pages via the cache."""
+
+    @abstractmethod
+    def stats(self, vol: VolumeRecord) -> MapStats: ...
+
+    def owner_chain_needed(self) -> bool:
+        return True
+
+
+_REGISTRY: dict[str, type[BlockMap]] = {}
+
+
+def register(cls: type[BlockMap]) -> type[BlockMap]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def designs() -> dict[str, type[BlockMap]]:
+    """Every registered design by name (importing the built-in ones)."""
+    from nbdserver.blockmap import radix  # noqa: F401  (registers itself)
+
+    for mod in ("extent", "linear"):
+        with contextlib.suppress(ImportError):
+            __import__(f"nbdserver.blockmap.{mod}")
+    return dict(_REGISTRY)
+
+
+def design(name: str) -> type[BlockMap]:
+    """The design called `name`; ValueError listing the valid names otherwise."""
+    found = designs()
+    if name not in found:
+        raise ValueError(f"unknown block map {name!r}; valid: {', '.join(sorted(found))}")
+    return found[name]
+
+
+def walk_runs(runs: list[Run]) -> Iterator[tuple[int, int, int]]:
+    for run in runs:
+        yield run.lc, run.count, run.pc

@@ -1,0 +1,428 @@
+"""``radix``: the Parallax design. A fixed-height radix tree per volume, shared by forks.
+
+Each volume's map is a tree of metadata pages. A node holds ``fanout`` 8-byte
+entries (510 in a 4 KiB page after its 16-byte header; tests shrink it to force
+deep trees). A leaf entry points at a data chunk, an interior entry at a node::
+
+    bits 0..39   target + 1 (0 = nothing mapped below)
+    bit  40      writable: the path down to here is this volume's alone
+    bits 41..63  owner: id of the volume that wrote the chunk (leaves only)
+
+The height is fixed per volume (the smallest with fanout^height >= chunks), so
+a lookup reads exactly `height` pages, cached.
+
+**Snapshot and fork are O(1)**: the new volume gets a reference to the same
+root page, and both root entries lose their writable bit. **The first write
+below a shared node copies the path**: walking down, an entry without the
+writable bit leads to a node that may be shared. If its reference count is 1
+(the others have gone) it is *claimed*: its entries' writable bits are
+cleared (they are stale) and the entry becomes writable. Otherwise it is
+*copied*: a new page with the same entries, none writable, each child gaining
+a reference; the old node loses one. The writable bit is trusted only along a
+path that is writable from the root: an entry reached through a read-only one
+says nothing, which is why claiming clears the bits below it.
+
+A data chunk reached through a writable path is written in place. One reached
+through a read-only path is copied (``Redirect``) unless it and every node on
+the read-only part of the path have a reference count of 1 (``Claim``).
+
+Unmapping (trim, delete) drops a shared subtree that the range covers whole by
+one reference, without visiting it, and walks exclusive subtrees to free
+their chunks, in bounded steps.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import ClassVar
+
+from nbdserver.blockmap.base import (
+    HOLE,
+    BlockMap,
+    Claim,
+    InPlace,
+    MapStats,
+    Redirect,
+    Run,
+    WriteTarget,
+    register,
+)
+from nbdserver.pool.format import PAGE_HEADER_SIZE, PAGE_SIZE, PT_RADIX, VolumeRecord
+
+MAX_FANOUT = (PAGE_SIZE - PAGE_HEADER_SIZE) // 8  # 510
+TARGET_MASK = (1 << 40) - 1
+WRITABLE = 1 << 40
+OWNER_SHIFT = 41
+MAX_OWNER = (1 << 23) - 1
+_Q = struct.Struct("<Q")
+_STATE = struct.Struct("<QB")  # root entry, height
+
+
+def _entry(target: int, writable: bool, owner: int = 0) -> int:
+    return (target + 1) | (WRITABLE if writable else 0) | (owner << OWNER_SHIFT)
+
+
+def _target(entry: int) -> int:
+    return (entry & TARGET_MASK) - 1
+
+
+@register
+class RadixMap(BlockMap):
+    """Parallax-style radix tree; see the module note."""
+
+    name: ClassVar[str] = "radix"
+    description: ClassVar[str] = "Parallax-style radix tree: O(1) forks, path copy on write"
+
+    def __init__(self, pool: object) -> None:
+        super().__init__(pool)  # type: ignore[arg-type]
+        fanout = self.pool.sb.map_params[0] or MAX_FANOUT
+        if not 2 <= fanout <= MAX_FANOUT:
+            raise ValueError(f"radix fan-out {fanout} out of range 2..{MAX_FANOUT}")
+        self.fanout = fanout
+        self.meta_start = self.pool.layout.meta_start
+        self.chunk_size = self.pool.sb.chunk_size
+        self._work = 0
+
+    @classmethod
+    def default_params(cls) -> tuple[int, int, int, int]:
+        return (MAX_FANOUT, 0, 0, 0)
+
+    # -- map state ------------------------------------------------------------------------
+
+    def _height(self, vol: VolumeRecord) -> int:
+        chunks = max(1, -(-vol.size // self.chunk_size))
+        height, cap = 1, self.fanout
+        while cap < chunks:
+            height += 1
+            cap *= self.fanout
+        return height
+
+    def _root(self, vol: VolumeRecord) -> tuple[int, int]:
+        root, height = _STATE.unpack_from(vol.map_state)
+        return root, height
+
+    def _set_root(self, vol: VolumeRecord, root: int) -> None:
+        _, height = self._root(vol)
+        state = bytearray(vol.map_state)
+        _STATE.pack_into(state, 0, root, height)
+        self.pool.update_volume(vol, map_state=bytes(state))
+
+    def _page(self, meta_index: int) -> int:
+        return self.meta_start + meta_index
+
+    def init_volume(self, vol: VolumeRecord) -> None:
+        state = bytearray(vol.map_state)
+        _STATE.pack_into(state, 0, 0, self._height(vol))
+        vol.map_state = bytes(state)
+
+    def clone(self, src: VolumeRecord, dst: VolumeRecord) -> None:
+        root, height = self._root(src)
+        state = bytearray(dst.map_state)
+        if root:
+            self.meta.incref(_target(root))
+            shared = root & ~WRITABLE
+            self._set_root(src, shared)
+            _STATE.pack_into(state, 0, shared, height)
+        else:
+            _STATE.pack_into(state, 0, 0, height)
+        dst.map_state = bytes(state)
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    def lookup(self, vol: VolumeRecord, lc: int, count: int) -> list[Run]:
+        root, height = self._root(vol)
+        out: list[Run] = []
+        if not root:
+            return [Run(lc, count, HOLE)]
+        if count == 1:  # the hot path: one chunk, one walk
+            e = root
+            get = self.cache.get
+            fanout = self.fanout
+            unpack = _Q.unpack_from
+            for level in range(height - 1, -1, -1):
+                node = get(self.meta_start + (e & TARGET_MASK) - 1)
+                e = unpack(node, PAGE_HEADER_SIZE + 8 * ((lc // fanout ** level) % fanout))[0]
+                if not e & TARGET_MASK:
+                    return [Run(lc, 1, HOLE)]
+            return [Run(lc, 1, (e & TARGET_MASK) - 1, e >> OWNER_SHIFT)]
+        self._collect(root, height - 1, 0, lc, lc + count, out)
+        return out
+
+    @staticmethod
+    def _emit(out: list[Run], lc: int, count: int, pc: int, owner: int) -> None:
+        if out:
+            last = out[-1]
+            if last.lc + last.count == lc and last.owner == owner and (
+                (pc == HOLE and last.pc == HOLE)
+                or (pc != HOLE and last.pc != HOLE and last.pc + last.count == pc)
+            ):
+                out[-1] = Run(last.lc, last.count + count, last.pc, owner)
+                return
+        out.append(Run(lc, count, pc, owner))
+
+    def _collect(self, e: int, level: int, base: int, lo: int, hi: int, out: list[Run]) -> None:
+        if not e & TARGET_MASK:
+            self._emit(out, lo, hi - lo, HOLE, 0)
+            return
+        node = self.cache.get(self._page(_target(e)))
+        span = self.fanout ** level
+        first = (lo - base) // span
+        last = (hi - 1 - base) // span
+        for i in range(first, last + 1):
+            child = _Q.unpack_from(node, PAGE_HEADER_SIZE + 8 * i)[0]
+            start = max(lo, base + i * span)
+            end = min(hi, base + (i + 1) * span)
+            if level == 0:
+                if child & TARGET_MASK:
+                    self._emit(out, start, 1, _target(child), child >> OWNER_SHIFT)
+                else:
+                    self._emit(out, start, 1, HOLE, 0)
+            elif not child & TARGET_MASK:
+                self._emit(out, start, end - start, HOLE, 0)
+            else:
+                self._collect(child, level - 1, base + i * span, start, end, out)
+
+    def write_target(self, vol: VolumeRecord, lc: int) -> WriteTarget:
+        e, height = self._root(vol)
+        if not e:
+            return Redirect(HOLE)
+        writable = bool(e & WRITABLE)
+        sole = True  # every node on the read-only part of the path has one reference
+        fanout = self.fanout
+        for level in range(height - 1, -1, -1):
+            target = _target(e)
+            if not writable and sole and self.meta.get(target) != 1:
+                sole = False
+            node = self.cache.get(self._page(target))
+            e = _Q.unpack_from(node, PAGE_HEADER_SIZE + 8 * ((lc // fanout ** level) % fanout))[0]
+            if not e & TARGET_MASK:
+                return Redirect(HOLE)
+            writable = writable and bool(e & WRITABLE)
+        pc = _target(e)
+        if writable:
+            return InPlace(pc)
+        if sole and self.data.get(pc) == 1:
+            return Claim(pc)
+        return Redirect(pc)
+
+    # -- changes ---------------------------------------------------------------------------
+
+    def _own_node(self, e: int, level: int) -> int:
+        """Make the node `e` points at (a node of `level`) this path's alone: claim or copy.
+
+        Returns the writable entry to store in its parent.
+        """
+        if e & WRITABLE:
+            return e
+        target = _target(e)
+        if self.meta.get(target) == 1:  # claim: clear the stale writable bits below
+            node = self.cache.modify(self._page(target), PT_RADIX)
+            for i in range(self.fanout):
+                off = PAGE_HEADER_SIZE + 8 * i
+                child = _Q.unpack_from(node, off)[0]
+                if child & WRITABLE:
+                    _Q.pack_into(node, off, child & ~WRITABLE)
+            return e | WRITABLE
+        # copy: the new node shares every child, so each gains a reference
+        old = self.cache.get(self._page(target))
+        new_target = self.meta.allocate()
+        new = self.cache.create(self._page(new_target), PT_RADIX)
+        children = self.data if level == 0 else self.meta
+        for i in range(self.fanout):
+            off = PAGE_HEADER_SIZE + 8 * i
+            child = _Q.unpack_from(old, off)[0]
+            if child & TARGET_MASK:
+                _Q.pack_into(new, off, child & ~WRITABLE)
+                children.incref(_target(child))
+        self.meta.decref(target)
+        return _entry(new_target, True, e >> OWNER_SHIFT)
+
+    def _new_node(self) -> int:
+        target = self.meta.allocate()
+        self.cache.create(self._page(target), PT_RADIX)
+        return _entry(target, True)
+
+    def _writable_leaf(self, vol: VolumeRecord, lc: int) -> bytearray:
+        """The leaf page holding `lc`, made this volume's alone (creating the path)."""
+        root, height = self._root(vol)
+        new_root = self._new_node() if not root else self._own_node(root, height - 1)
+        if new_root != root:
+            self._set_root(vol, new_root)
+        e = new_root
+        fanout = self.fanout
+        for level in range(height - 1, 0, -1):
+            node = self.cache.modify(self._page(_target(e)), PT_RADIX)
+            off = PAGE_HEADER_SIZE + 8 * ((lc // fanout ** level) % fanout)
+            child = _Q.unpack_from(node, off)[0]
+            new_child = self._new_node() if not child & TARGET_MASK else self._own_node(
+                child, level - 1)
+            if new_child != child:
+                node = self.cache.modify(self._page(_target(e)), PT_RADIX)
+                _Q.pack_into(node, off, new_child)
+            e = new_child
+        return self.cache.modify(self._page(_target(e)), PT_RADIX)
+
+    def claim(self, vol: VolumeRecord, lc: int) -> None:
+        leaf = self._writable_leaf(vol, lc)
+        off = PAGE_HEADER_SIZE + 8 * (lc % self.fanout)
+        e = _Q.unpack_from(leaf, off)[0]
+        if not e & TARGET_MASK or self.data.get(_target(e)) != 1:
+            raise AssertionError(f"claim of chunk {lc} that is not solely referenced")
+        _Q.pack_into(leaf, off, e | WRITABLE)
+
+    def map(self, vol: VolumeRecord, lc: int, pc: int) -> None:
+        if vol.id > MAX_OWNER:
+            raise ValueError(f"volume id {vol.id} too large for the radix design")
+        leaf = self._writable_leaf(vol, lc)
+        off = PAGE_HEADER_SIZE + 8 * (lc % self.fanout)
+        old = _Q.unpack_from(leaf, off)[0]
+        _Q.pack_into(leaf, off, _entry(pc, True, vol.id))
+        self.data.incref(pc)
+        if old & TARGET_MASK:
+            self.data.decref(_target(old))
+
+    def unmap(self, vol: VolumeRecord, lc: int, count: int) -> tuple[int, list[tuple[int, int]]]:
+        root, height = self._root(vol)
+        if not root:
+            return count, []
+        self._work = 0
+        budget = 4 * self.fanout
+        new_root, stop = self._unmap(root, height - 1, 0, lc, lc + count, budget)
+        if new_root != root:
+            self._set_root(vol, new_root)
+        return (stop - lc if stop is not None else count), []
+
+    def _unmap(self, e: int, level: int, base: int, lo: int, hi: int,
+               budget: int) -> tuple[int, int | None]:
+        """Unmap [lo, hi) below entry `e` (a node of `level` covering from `base`).
+
+        Returns the entry's new value and, if the budget ran out, the first chunk
+        not yet unmapped.
+        """
+        if not e & TARGET_MASK:
+            return e, None
+        span = self.fanout ** level
+        cover = span * self.fanout
+        target = _target(e)
+        whole = lo <= base and hi >= base + cover
+        if whole and (not e & WRITABLE) and self.meta.get(target) > 1:
+            self.meta.decref(target)  # drop a shared subtree without visiting it
+            self._work += 1
+            return 0, None
+        e = self._own_node(e, level)
+        target = _target(e)
+        page = self._page(target)
+        first = (lo - base) // span
+        last = (hi - 1 - base) // span
+        children = self.data if level == 0 else self.meta
+        stop: int | None = None
+        for i in range(first, last + 1):
+            off = PAGE_HEADER_SIZE + 8 * i
+            child = _Q.unpack_from(self.cache.get(page), off)[0]
+            if not child & TARGET_MASK:
+                continue
+            if self._work >= budget:
+                stop = max(lo, base + i * span)
+                break
+            if level == 0:
+                children.decref(_target(child))
+                _Q.pack_into(self.cache.modify(page, PT_RADIX), off, 0)
+                self._work += 1
+                continue
+            start = max(lo, base + i * span)
+            end = min(hi, base + (i + 1) * span)
+            new_child, child_stop = self._unmap(child, level - 1, base + i * span, start, end,
+                                                budget)
+            if new_child != child:
+                _Q.pack_into(self.cache.modify(page, PT_RADIX), off, new_child)
+            if child_stop is not None:
+                stop = child_stop
+                break
+        node = self.cache.get(page)
+        if not any(memoryview(node)[PAGE_HEADER_SIZE:PAGE_HEADER_SIZE + 8 * self.fanout]):
+            self.meta.decref(target)
+            return 0, stop
+        return e, stop
+
+    def release(self, vol: VolumeRecord, budget: int) -> bool:
+        root, height = self._root(vol)
+        if not root:
+            return True
+        self._work = 0
+        chunks = self.fanout ** height
+        new_root, _ = self._unmap(root, height - 1, 0, 0, chunks, budget)
+        if new_root != root:
+            self._set_root(vol, new_root)
+        return not new_root
+
+    # -- inspection ------------------------------------------------------------------------
+
+    def references(self, vol: VolumeRecord, seen: set[int], ref_page: Callable[[int], None],
+                   ref_chunk: Callable[[int], None], problem: Callable[[str], None]) -> None:
+        root, height = self._root(vol)
+        if height != self._height(vol):
+            problem(f"volume {vol.name!r}: radix height {height}, expected {self._height(vol)}")
+        if not root:
+            return
+        ref_page(_target(root))
+        limit = -(-vol.size // self.chunk_size)
+        self._refs(root, height - 1, 0, limit, seen, ref_page, ref_chunk, problem, vol.name)
+
+    def _refs(self, e: int, level: int, base: int, limit: int, seen: set[int],
+              ref_page: Callable[[int], None], ref_chunk: Callable[[int], None],
+              problem: Callable[[str], None], name: str) -> None:
+        target = _target(e)
+        if target in seen:
+            return
+        seen.add(target)
+        if not 0 <= target < self.meta.count:
+            problem(f"volume {name!r}: radix node {target} outside the metadata area")
+            return
+        node = self.cache.get(self._page(target))
+        span = self.fanout ** level
+        for i in range(self.fanout):
+            child = _Q.unpack_from(node, PAGE_HEADER_SIZE + 8 * i)[0]
+            if not child & TARGET_MASK:
+                continue
+            if base + i * span >= limit:
+                problem(f"volume {name!r}: radix entry beyond the end of the volume "
+                        f"(chunk {base + i * span})")
+            if level == 0:
+                pc = _target(child)
+                if not 0 <= pc < self.data.count:
+                    problem(f"volume {name!r}: chunk {pc} outside the data area")
+                else:
+                    ref_chunk(pc)
+            else:
+                ref_page(_target(child))
+                self._refs(child, level - 1, base + i * span, limit, seen, ref_page, ref_chunk,
+                           problem, name)
+
+    def stats(self, vol: VolumeRecord) -> MapStats:
+        stats = MapStats()
+        root, height = self._root(vol)
+        if not root:
+            return stats
+        runs = self.lookup(vol, 0, max(1, -(-vol.size // self.chunk_size)))
+        for run in runs:
+            if run.pc != HOLE:
+                stats.mapped_chunks += run.count
+        stats.extents = sum(1 for run in runs if run.pc != HOLE)
+        self._exclusive(root, height - 1, stats, True)
+        return stats
+
+    def _exclusive(self, e: int, level: int, stats: MapStats, sole: bool) -> None:
+        target = _target(e)
+        sole = sole and self.meta.get(target) == 1
+        stats.metadata_pages += 1
+        node = self.cache.get(self._page(target))
+        for i in range(self.fanout):
+            child = _Q.unpack_from(node, PAGE_HEADER_SIZE + 8 * i)[0]
+            if not child & TARGET_MASK:
+                continue
+            if level == 0:
+                if sole and self.data.get(_target(child)) == 1:
+                    stats.exclusive_chunks += 1
+            else:
+                self._exclusive(child, level - 1, stats, sole)

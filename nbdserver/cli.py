@@ -1,0 +1,143 @@
+"""Command line: ``nbdserver serve``, ``check-config``, and the pool and volume commands.
+
+Every expected failure (bad config, bad argument, missing file, pool errors) is
+a :class:`~nbdserver.errors.UserError`: printed as one line,
+``nbdserver: error: ...``, exit status 2 for usage and config errors, 1 for
+operations that failed. Tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from nbdserver import __version__
+from nbdserver.errors import ConfigError, UserError
+
+log = logging.getLogger("nbdserver")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="nbdserver: %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    import uvloop
+
+    from nbdserver.config import DEFAULT_CONFIG_PATH, load_config
+    from nbdserver.server.app import serve
+
+    path = args.config or DEFAULT_CONFIG_PATH
+    activated = os.environ.get("LISTEN_PID") == str(os.getpid())
+    config = load_config(path, socket_activation=activated)
+    if args.io:
+        import dataclasses
+        config = dataclasses.replace(
+            config, server=dataclasses.replace(config.server, io=args.io))
+    _setup_logging(args.log_level or config.server.log_level)
+    log.info("configuration %s", path)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve(config))
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from nbdserver.config import config_to_json, describe, load_config
+
+    config = load_config(args.file)
+    if args.json:
+        print(json.dumps(config_to_json(config), indent=2))
+    else:
+        print(describe(config))
+        print(f"{args.file}: configuration is valid")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nbdserver",
+        description="An NBD server that exports forkable volumes for virtual machines.",
+        epilog=(
+            "Examples:\n"
+            "  nbdserver serve                      serve the default config\n"
+            "  nbdserver serve -c my.yaml           serve another config\n"
+            "  nbdserver check-config my.yaml       validate a config and explain what it serves\n"
+            "  nbdserver pool create pool.img --size 20G\n"
+            "  nbdserver volume create pool.img golden --size 4G\n"
+            "  nbdserver volume fork pool.img golden vm1\n"
+            "\nRun 'nbdserver COMMAND --help' for the options of each command."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"nbdserver {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "serve", help="serve the exports of a config file",
+        description="Serve the exports of a YAML config over NBD until SIGTERM or SIGINT, "
+                    "then finish in-flight requests, flush and exit 0. Prints the NBD URIs "
+                    "clients can use. Systemd socket activation (LISTEN_FDS) is honoured.",
+    )
+    p.add_argument("-c", "--config", metavar="FILE",
+                   help="YAML config (default: config/nbdserver.yaml in the source tree)")
+    p.add_argument("--io", choices=("aio", "threads"),
+                   help="I/O engine, overriding server.io in the config")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                   help="override server.log-level")
+    p.set_defaults(handler=cmd_serve)
+
+    p = sub.add_parser(
+        "check-config", help="validate a config file and explain it",
+        description="Validate a YAML config: exit 0 and explain what it would serve, or exit 2 "
+                    "with a message naming the file, line and key at fault.",
+    )
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--json", action="store_true", help="print the parsed config as JSON")
+    p.set_defaults(handler=cmd_check_config)
+
+    try:
+        from nbdserver import admin  # type: ignore[attr-defined, unused-ignore]
+    except ImportError:  # the pool commands are optional in a partial install
+        pass
+    else:
+        admin.add_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return handler(args)
+    except ConfigError as e:
+        print(f"nbdserver: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except UserError as e:
+        print(f"nbdserver: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,31 @@
+"""Errors shared by every layer.
+
+`NbdError` carries a POSIX errno value (from :mod:`errno`). The only place that
+turns errno values into NBD wire error numbers is
+:func:`nbdserver.protocol.constants.nbd_error_code`; deeper layers never deal
+with wire numbers.
+
+`ConfigError` and `UserError` are for people, not for the wire: their message is
+printed as is, without a traceback, and names the key, file or argument at fault.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class NbdError(Exception):
+    """A request failed with `errno_value` (for example ``errno.ENOSPC``)."""
+
+    def __init__(self, errno_value: int, message: str = "") -> None:
+        super().__init__(message or errno.errorcode.get(errno_value, str(errno_value)))
+        self.errno = errno_value
+        self.message = message
+
+
+class UserError(Exception):
+    """A mistake in a command, argument or file that a person should fix."""
+
+
+class ConfigError(UserError):
+    """The YAML configuration is invalid; the message names the key (and line)."""

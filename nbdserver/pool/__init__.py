@@ -1,0 +1,1 @@
+"""The on-disk pool: superblock, journal, page cache, space maps, volume catalog."""

@@ -1,0 +1,274 @@
+"""The metadata page cache, with mini-transactions.
+
+Every metadata page the block maps and space maps touch goes through this
+cache. It is bounded (``capacity`` pages, the ``cache-size`` knob), whatever
+the pool size: clean pages are evicted in LRU order.
+
+**Mini-transactions.** Block-map code is synchronous: it runs between two
+awaits, so nothing else can interleave. It reads pages with :meth:`get` and
+changes them with :meth:`modify`, inside ``with cache.mtr():``. A page that
+is not in memory raises :class:`PageMiss`; the mini-transaction then rolls
+back every page it changed (each page's before-image was saved on its first
+:meth:`modify`), the caller awaits :meth:`load` for the missing page and runs
+the operation again from the start. The same rollback undoes a half-done
+operation that fails (ENOSPC while allocating, say). So an operation is
+all-or-nothing in memory, and the code that implements it has no awaits and
+no partial-failure paths. Pages loaded for a retry are pinned until the
+operation succeeds, so a small cache cannot evict them between attempts.
+
+**Dirty pages and commits.** A changed page stays in memory, marked dirty,
+until :meth:`take_dirty` hands its image to a commit (journal write). After
+the commit its image is written home; until that write completes the page
+cannot be evicted (re-reading it from home would see the old contents).
+
+Cost: :meth:`get` is a dict lookup plus an LRU bump; :meth:`modify` copies
+the 4 KiB page once per mini-transaction.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+from nbdserver.pool.format import PAGE_SIZE, seal_page, verify_page
+
+T = TypeVar("T")
+
+
+class PageMiss(Exception):
+    """The page is not in memory; load it and retry the operation."""
+
+    def __init__(self, page_no: int) -> None:
+        super().__init__(page_no)
+        self.page_no = page_no
+
+
+class Page:
+    __slots__ = ("data", "dirty", "home_pending", "no", "pins", "ptype")
+
+    def __init__(self, no: int, data: bytearray, ptype: int) -> None:
+        self.no = no
+        self.data = data
+        self.ptype = ptype
+        self.dirty = False
+        self.home_pending = 0
+        self.pins = 0
+
+
+class PageCache:
+    """Bounded LRU page cache with mini-transactions; see the module note."""
+
+    def __init__(self, capacity: int,
+                 read_page: Callable[[int], Awaitable[bytes]]) -> None:
+        self.capacity = max(16, capacity)
+        self._read_page = read_page
+        self._pages: OrderedDict[int, Page] = OrderedDict()
+        self._dirty: dict[int, Page] = {}
+        self._undo: dict[int, tuple[bytearray, bool, int, bool]] | None = None
+        self._undo_hooks: list[Callable[[], None]] = []
+        self.loads = 0
+        self.evictions = 0
+        # Offline tools and `check` read missing pages synchronously instead of PageMiss.
+        self.sync_reader: Callable[[int], bytes] | None = None
+
+    # -- reading -----------------------------------------------------------------------
+
+    def get(self, page_no: int) -> bytearray:
+        """The page's bytes (do not change them; use modify). Raises PageMiss."""
+        page = self._pages.get(page_no)
+        if page is None:
+            page = self._miss(page_no)
+        self._pages.move_to_end(page_no)
+        return page.data
+
+    def _miss(self, page_no: int) -> Page:
+        if self.sync_reader is None:
+            raise PageMiss(page_no)
+        raw = self.sync_reader(page_no)
+        page = Page(page_no, bytearray(raw), verify_page(page_no, raw))
+        self._pages[page_no] = page
+        self.loads += 1
+        return page
+
+    def pin(self, page_no: int) -> None:
+        """Keep a page in memory for good (the state and catalog pages)."""
+        self._pages[page_no].pins += 1
+
+    def peek(self, page_no: int) -> bytearray | None:
+        page = self._pages.get(page_no)
+        return page.data if page is not None else None
+
+    def __contains__(self, page_no: int) -> bool:
+        return page_no in self._pages
+
+    async def load(self, page_no: int, *, pin: bool = False) -> Page:
+        """Read a page into the cache (verifying its checksum); pin it if asked."""
+        page = self._pages.get(page_no)
+        if page is None:
+            raw = await self._read_page(page_no)
+            page = self._pages.get(page_no)  # someone else may have loaded it meanwhile
+            if page is None:
+                ptype = verify_page(page_no, raw)
+                page = Page(page_no, bytearray(raw), ptype)
+                self._pages[page_no] = page
+                self.loads += 1
+                self._evict()
+        if pin:
+            page.pins += 1
+        return page
+
+    def insert_clean(self, page_no: int, data: bytes, ptype: int) -> None:
+        """Put a page known to match its home copy into the cache (open, recovery)."""
+        if page_no not in self._pages:
+            self._pages[page_no] = Page(page_no, bytearray(data), ptype)
+            self._evict()
+
+    # -- mini-transactions -------------------------------------------------------------------
+
+    @contextmanager
+    def mtr(self) -> Iterator[None]:
+        """Run the body as one all-or-nothing change; see the module note."""
+        if self._undo is not None:
+            yield  # nested: the outer one owns rollback
+            return
+        self._undo = {}
+        try:
+            yield
+        except BaseException:
+            self._rollback()
+            raise
+        else:
+            self._undo = None
+            self._undo_hooks.clear()
+            self._evict()
+
+    @property
+    def in_mtr(self) -> bool:
+        return self._undo is not None
+
+    def add_undo(self, hook: Callable[[], None]) -> None:
+        """Run `hook` if the current mini-transaction rolls back (for in-memory state)."""
+        if self._undo is None:
+            raise RuntimeError("add_undo() outside a mini-transaction")
+        self._undo_hooks.append(hook)
+
+    def _rollback(self) -> None:
+        undo = self._undo
+        self._undo = None
+        assert undo is not None
+        hooks = self._undo_hooks
+        self._undo_hooks = []
+        for hook in reversed(hooks):
+            hook()
+        for page_no, (before, was_dirty, ptype, existed) in undo.items():
+            page = self._pages[page_no]
+            if existed:
+                page.data[:] = before
+                page.ptype = ptype
+                page.dirty = was_dirty
+                if not was_dirty:
+                    self._dirty.pop(page_no, None)
+            else:
+                del self._pages[page_no]
+                self._dirty.pop(page_no, None)
+
+    def modify(self, page_no: int, ptype: int | None = None) -> bytearray:
+        """The page's bytes, to change in place within the current mini-transaction."""
+        undo = self._undo
+        if undo is None:
+            raise RuntimeError("modify() outside a mini-transaction")
+        page = self._pages.get(page_no)
+        if page is None:
+            page = self._miss(page_no)
+        if page_no not in undo:
+            undo[page_no] = (bytearray(page.data), page.dirty, page.ptype, True)
+        if ptype is not None:
+            page.ptype = ptype
+        if not page.dirty:
+            page.dirty = True
+            self._dirty[page_no] = page
+        self._pages.move_to_end(page_no)
+        return page.data
+
+    def create(self, page_no: int, ptype: int) -> bytearray:
+        """A newly allocated page: zero-filled, no read needed."""
+        undo = self._undo
+        if undo is None:
+            raise RuntimeError("create() outside a mini-transaction")
+        page = self._pages.get(page_no)
+        if page is not None:
+            data = self.modify(page_no, ptype)
+            data[:] = bytes(PAGE_SIZE)
+            return data
+        page = Page(page_no, bytearray(PAGE_SIZE), ptype)
+        page.dirty = True
+        self._pages[page_no] = page
+        self._dirty[page_no] = page
+        undo[page_no] = (bytearray(), False, ptype, False)
+        return page.data
+
+    async def run(self, op: Callable[[], T]) -> T:
+        """Run a synchronous operation as a mini-transaction, loading pages until it succeeds."""
+        pinned: list[Page] = []
+        try:
+            while True:
+                try:
+                    with self.mtr():
+                        return op()
+                except PageMiss as miss:
+                    pinned.append(await self.load(miss.page_no, pin=True))
+        finally:
+            for page in pinned:
+                page.pins -= 1
+            if pinned:
+                self._evict()
+
+    # -- commits and eviction -----------------------------------------------------------------
+
+    @property
+    def dirty_count(self) -> int:
+        return len(self._dirty)
+
+    def take_dirty(self, seq: int) -> list[tuple[int, bytearray]]:
+        """Seal and copy every dirty page for a commit; they become clean, home-pending."""
+        assert self._undo is None, "commit inside a mini-transaction"
+        images = []
+        for page_no, page in self._dirty.items():
+            image = bytearray(page.data)
+            seal_page(page_no, image, page.ptype, seq)
+            page.data[:16] = image[:16]
+            page.dirty = False
+            page.home_pending += 1
+            images.append((page_no, image))
+        self._dirty.clear()
+        images.sort()
+        return images
+
+    def home_written(self, page_no: int) -> None:
+        page = self._pages.get(page_no)
+        if page is not None and page.home_pending:
+            page.home_pending -= 1
+        self._evict()
+
+    def _evict(self) -> None:
+        excess = len(self._pages) - self.capacity
+        if excess <= 0:
+            return
+        for page_no in list(self._pages):
+            page = self._pages[page_no]
+            if page.dirty or page.home_pending or page.pins:
+                continue
+            del self._pages[page_no]
+            self.evictions += 1
+            excess -= 1
+            if excess <= 0:
+                break
+
+    def over_capacity(self) -> bool:
+        return len(self._pages) > self.capacity
+
+    def drop_all(self) -> None:
+        self._pages.clear()
+        self._dirty.clear()

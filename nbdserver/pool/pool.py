@@ -1,0 +1,833 @@
+"""A pool: one file or block device holding many thin, forkable volumes.
+
+This module ties the format together: opening (locking, choosing a superblock,
+replaying the journal), the volume catalog, commits, and the volume operations
+(create, snapshot, fork, delete) that change the catalog and ask the block map
+to do its part. Data transfers are the volume layer's job
+(:mod:`nbdserver.volume`).
+
+**Commits** (FLUSH, FUA, volume operations, and whenever enough metadata is
+dirty) follow one order, so that a map never points at data that is not on
+disk and a crash at any instant recovers the last commit:
+
+1. snapshot the dirty metadata pages (synchronously: a consistent state);
+2. ``fdatasync``: every data write whose chunk those pages map has completed
+   before it was mapped, so now it is durable;
+3. write the journal record with ``RWF_DSYNC``; now the commit is durable;
+4. release the chunks freed before the snapshot (quarantine), and write the
+   page images home in the background.
+
+The pool is locked (``flock``) while open; a second process gets a clear error.
+Offline tools (the CLI) open the pool with a synchronous page reader, so that
+block-map code never has to wait for a page there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import re
+import time
+import uuid as uuidlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from nbdserver.blockmap.base import BlockMap, MapStats, design
+from nbdserver.errors import NbdError, UserError
+from nbdserver.pool import journal
+from nbdserver.pool.format import (
+    CATALOG_RECORD_SIZE,
+    DEFAULT_CHUNK,
+    MAX_VOLUME_NAME,
+    PAGE_HEADER_SIZE,
+    PAGE_SIZE,
+    PT_CATALOG,
+    PT_STATE,
+    RECORDS_PER_CATALOG_PAGE,
+    SUPERBLOCK_COPIES,
+    VF_DELETED,
+    VF_DELETING,
+    VF_GUARANTEE,
+    VF_IN_USE,
+    VF_READ_ONLY,
+    VF_SNAPSHOT,
+    FormatError,
+    Layout,
+    PoolState,
+    Superblock,
+    VolumeRecord,
+    plan_layout,
+    verify_page,
+)
+from nbdserver.pool.pages import PageCache
+from nbdserver.pool.space import RefTable
+from nbdserver.storage.buffers import AlignedBuffer, BufferPool
+from nbdserver.storage.device import BlockDevice, open_device
+from nbdserver.storage.engine import IoEngine
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_CACHE_BYTES = 64 << 20
+RELEASE_BUDGET = 2048  # map entries released per mini-transaction when deleting
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+def check_volume_name(name: str) -> None:
+    if not NAME_RE.match(name) or len(name.encode()) > MAX_VOLUME_NAME:
+        raise UserError(
+            f"invalid volume name {name!r}: use 1 to {MAX_VOLUME_NAME} letters, digits, '.', '_', "
+            "'+' or '-', starting with a letter or digit")
+
+
+@dataclass
+class CheckReport:
+    """What `pool check` found. ``ok`` when there is no problem."""
+
+    problems: list[str] = field(default_factory=list)
+    volumes: int = 0
+    data_chunks_referenced: int = 0
+    metadata_pages_referenced: int = 0
+    leaked_chunks: int = 0
+    leaked_pages: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class Pool:
+    """An open pool. Create one with :meth:`create`, open it with :meth:`open`."""
+
+    def __init__(self, device: BlockDevice, sb: Superblock, engine: IoEngine,
+                 buffers: BufferPool, cache_bytes: int, offline: bool) -> None:
+        self.device = device
+        self.path = device.path
+        self.sb = sb
+        self.layout: Layout = sb.layout
+        self.chunk_size = sb.chunk_size
+        self.engine = engine
+        self.buffers = buffers
+        self.offline = offline
+        self.cache = PageCache(cache_bytes // PAGE_SIZE, self._read_page)
+        if offline:
+            self.cache.sync_reader = self._read_page_sync
+        self.data = RefTable(self.cache, self.layout.data_ref_start, self.layout.data_chunks,
+                             "data chunk")
+        self.meta = RefTable(self.cache, self.layout.meta_ref_start, self.layout.meta_pages,
+                             "metadata page")
+        self.state = PoolState()
+        self.volumes: dict[int, VolumeRecord] = {}
+        self.map: BlockMap = design(sb.blockmap)(self)
+        self.ring = journal.JournalRing(self.layout.journal_pages, sb.journal_tail,
+                                        sb.journal_tail, sb.journal_seq)
+        self._commit_lock = asyncio.Lock()
+        self._home_writes = 0
+        self._home_done = asyncio.Event()
+        self._home_done.set()
+        self._background: set[asyncio.Task[Any]] = set()
+        self.in_use: dict[int, str] = {}  # volume id -> what uses it (an export)
+        self.quiesce: dict[int, Callable[[], Awaitable[Callable[[], None]]]] = {}
+        self.closed = False
+        self.commits = 0
+
+    # -- creating and opening -----------------------------------------------------------------
+
+    @staticmethod
+    def create(path: str | Path, size: int | None, *, blockmap: str = "radix",
+               chunk_size: int = DEFAULT_CHUNK, map_params: tuple[int, int, int, int] | None = None,
+               max_volumes: int = 4096, journal_bytes: int | None = None) -> Superblock:
+        """Write a new, empty pool to `path` (a new file, or a block device). Blocking."""
+        path = Path(path)
+        try:
+            cls = design(blockmap)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        if path.exists() and not path.is_block_device() and path.stat().st_size:
+            raise UserError(f"{path} already exists; refusing to overwrite it "
+                            "(delete it first to create a new pool)")
+        if path.exists() and path.is_block_device():
+            device = open_device(path)
+            size = device.size
+        else:
+            if size is None:
+                raise UserError("--size is required to create a pool in a file")
+            device = open_device(path, create_size=size)
+        try:
+            _lock(device)
+            try:
+                layout = plan_layout(device.size, chunk_size, max_volumes=max_volumes,
+                                     journal_bytes=journal_bytes)
+            except ValueError as e:
+                raise UserError(f"{path}: {e}") from None
+            head = layout.meta_start * PAGE_SIZE
+            if device.is_block_device:
+                device.write_zeroes(0, head, may_deallocate=False)
+            params = map_params or cls.default_params()
+            sb = Superblock(uuid=uuidlib.uuid4().bytes, seq=1, page_size=PAGE_SIZE,
+                            chunk_size=chunk_size, blockmap=blockmap, size=device.size,
+                            layout=layout, journal_tail=0, journal_seq=1,
+                            map_params=params, created_ns=time.time_ns())
+            state = PoolState()
+            page = bytearray(PAGE_SIZE)
+            state.pack_into(page)
+            from nbdserver.pool.format import seal_page
+            seal_page(layout.state_page, page, PT_STATE, 0)
+            _write_page_sync(device, layout.state_page, page)
+            # Clear the first journal page so that no stale record can follow the tail.
+            _write_page_sync(device, layout.journal_start, bytes(PAGE_SIZE))
+            device.flush()
+            for copy in range(SUPERBLOCK_COPIES):
+                _write_page_sync(device, copy, replace(sb, seq=copy + 1).pack())
+            device.flush()
+            return replace(sb, seq=2)
+        finally:
+            device.close()
+
+    @classmethod
+    async def open(cls, path: str | Path, engine: IoEngine, buffers: BufferPool, *,
+                   cache_bytes: int = DEFAULT_CACHE_BYTES, offline: bool = False) -> Pool:
+        """Open (and if needed recover) the pool at `path`. Raises UserError."""
+        device = open_device(path)
+        try:
+            _lock(device)
+            sb = _read_superblock(device)
+            sb = _recover(device, sb)
+            pool = cls(device, sb, engine, buffers, cache_bytes, offline)
+            pool._load()
+        except FormatError as e:
+            device.close()
+            raise UserError(f"{path}: {e}") from e
+        except BaseException:
+            device.close()
+            raise
+        await pool._finish_deletions()
+        return pool
+
+    def _load(self) -> None:
+        layout = self.layout
+        raw = _read_pages_sync(self.device, layout.state_page, 1)
+        verify_page(layout.state_page, raw)
+        self.state = PoolState.unpack(raw)
+        self.cache.insert_clean(layout.state_page, raw, PT_STATE)
+        self.cache.pin(layout.state_page)
+        cat = _read_pages_sync(self.device, layout.catalog_start, layout.catalog_pages)
+        for i in range(layout.catalog_pages):
+            page_no = layout.catalog_start + i
+            page = cat[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+            verify_page(page_no, page)
+            self.cache.insert_clean(page_no, page, PT_CATALOG)
+            self.cache.pin(page_no)
+            for j in range(RECORDS_PER_CATALOG_PAGE):
+                off = PAGE_HEADER_SIZE + j * CATALOG_RECORD_SIZE
+                rec = VolumeRecord.unpack(page[off:off + CATALOG_RECORD_SIZE],
+                                          i * RECORDS_PER_CATALOG_PAGE + j)
+                if rec is not None:
+                    self.volumes[rec.id] = rec
+        for table in (self.meta, self.data):
+            step = 256
+            for first in range(0, table.pages, step):
+                n = min(step, table.pages - first)
+                raw = _read_pages_sync(self.device, table.first_page + first, n)
+                for k in range(n):
+                    page = raw[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]
+                    verify_page(table.first_page + first + k, page)
+                    table.index_page(first + k, page)
+        self.data.cursor = self.state.data_next
+        self.meta.cursor = self.state.meta_next
+
+    # -- page I/O -----------------------------------------------------------------------------
+
+    async def _read_page(self, page_no: int) -> bytes:
+        buf = self.buffers.get(PAGE_SIZE)
+        try:
+            n = await self.engine.aread(self.device.fd, buf, 0, PAGE_SIZE, page_no * PAGE_SIZE)
+            if n != PAGE_SIZE:
+                raise NbdError(errno.EIO, f"short read of metadata page {page_no}")
+            return bytes(buf.view[:PAGE_SIZE])
+        finally:
+            self.buffers.put(buf)
+
+    def _read_page_sync(self, page_no: int) -> bytes:
+        return _read_pages_sync(self.device, page_no, 1)
+
+    # -- catalog and state ----------------------------------------------------------------------
+
+    def _write_record(self, vol: VolumeRecord) -> None:
+        page_no = self.layout.catalog_start + vol.slot // RECORDS_PER_CATALOG_PAGE
+        off = PAGE_HEADER_SIZE + (vol.slot % RECORDS_PER_CATALOG_PAGE) * CATALOG_RECORD_SIZE
+        page = self.cache.modify(page_no, PT_CATALOG)
+        page[off:off + CATALOG_RECORD_SIZE] = vol.pack() if vol.flags else bytes(
+            CATALOG_RECORD_SIZE)
+
+    def update_volume(self, vol: VolumeRecord, **changes: Any) -> None:
+        """Change fields of a volume record inside the current mini-transaction."""
+        old = {k: getattr(vol, k) for k in changes}
+        for k, v in changes.items():
+            setattr(vol, k, v)
+
+        def undo() -> None:
+            for k, v in old.items():
+                setattr(vol, k, v)
+
+        self.cache.add_undo(undo)
+        self._write_record(vol)
+
+    def update_state(self, **changes: int) -> None:
+        """Change counters of the state page inside the current mini-transaction."""
+        old = {k: getattr(self.state, k) for k in changes}
+        for k, v in changes.items():
+            setattr(self.state, k, v)
+
+        def undo() -> None:
+            for k, v in old.items():
+                setattr(self.state, k, v)
+
+        self.cache.add_undo(undo)
+        self.state.pack_into(self.cache.modify(self.layout.state_page, PT_STATE))
+
+    def live_volumes(self) -> list[VolumeRecord]:
+        return sorted((v for v in self.volumes.values() if not v.deleted), key=lambda v: v.id)
+
+    def volume(self, name: str) -> VolumeRecord:
+        for vol in self.volumes.values():
+            if vol.name == name and not vol.deleted:
+                return vol
+        names = ", ".join(v.name for v in self.live_volumes()) or "none"
+        raise UserError(f"no volume {name!r} in pool {self.path} (volumes: {names})")
+
+    def ancestry(self, vol: VolumeRecord) -> list[int]:
+        """Ids from `vol` up through its parents (deleted ones included)."""
+        chain = [vol.id]
+        seen = {vol.id}
+        parent = vol.parent
+        while parent and parent not in seen and parent in self.volumes:
+            chain.append(parent)
+            seen.add(parent)
+            parent = self.volumes[parent].parent
+        return chain
+
+    def depth(self, vol: VolumeRecord) -> int:
+        return len(self.ancestry(vol)) - 1
+
+    def _free_slot(self) -> int:
+        used = {v.slot for v in self.volumes.values()}
+        for slot in range(self.layout.max_volumes):
+            if slot not in used:
+                return slot
+        raise UserError(f"the pool's catalog is full ({self.layout.max_volumes} volumes)")
+
+    # -- space accounting -------------------------------------------------------------------------
+
+    @property
+    def free_chunks(self) -> int:
+        """Chunks not referenced by any volume (quarantined ones included)."""
+        return self.data.free
+
+    def available_chunks(self) -> int:
+        """Chunks a thin volume may still take: free, not in flight, not promised."""
+        return (self.data.free - len(self.data.claimed) - len(self.data.quarantine)
+                - self.state.data_reserved)
+
+    def claim_chunk(self, vol: VolumeRecord, hint: int | None = None) -> int:
+        """A free chunk for a write of `vol` now in flight (ENOSPC if none may be taken)."""
+        own = vol.guaranteed and vol.reserved > 0
+        if own:
+            if self.data.free - len(self.data.claimed) - len(self.data.quarantine) <= 0:
+                raise NbdError(errno.ENOSPC, "pool is full")
+        elif self.available_chunks() <= 0:
+            raise NbdError(errno.ENOSPC, f"pool {self.path.name} has no free space")
+        return self.data.claim(hint)
+
+    def charge(self, vol: VolumeRecord) -> None:
+        """A chunk was mapped into `vol`: consume its guarantee (inside the mini-transaction)."""
+        if vol.guaranteed and vol.reserved > 0:
+            self.update_volume(vol, reserved=vol.reserved - 1)
+            self.update_state(data_reserved=self.state.data_reserved - 1)
+
+    def _chunks_for(self, size: int) -> int:
+        return -(-size // self.chunk_size)
+
+    def _reserve(self, vol: VolumeRecord, chunks: int) -> None:
+        """Promise `chunks` more to `vol` (inside a mini-transaction); UserError if impossible."""
+        extra = chunks - vol.reserved
+        if extra <= 0:
+            return
+        if self.available_chunks() < extra:
+            raise UserError(
+                f"cannot guarantee {vol.name!r}: it needs {extra * self.chunk_size} more bytes "
+                f"but only {max(0, self.available_chunks()) * self.chunk_size} bytes are free "
+                "and not promised to other guaranteed volumes")
+        self.update_volume(vol, reserved=chunks)
+        self.update_state(data_reserved=self.state.data_reserved + extra)
+
+    # -- mini-transactions and commits ----------------------------------------
+
+    async def run(self, op: Callable[[], T]) -> T:
+        """Run a synchronous metadata operation (see PageCache.run), then maybe commit."""
+        result = await self.cache.run(op)
+        self.maybe_commit()
+        return result
+
+    def commit_threshold(self) -> int:
+        return max(16, min(self.cache.capacity // 2, (self.ring.ring_pages - 8) // 4))
+
+    def maybe_commit(self) -> None:
+        """Start a background commit when enough metadata is dirty."""
+        if self.cache.dirty_count >= self.commit_threshold() and not self._commit_lock.locked():
+            self._spawn(self.commit())
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def commit(self) -> None:
+        """Make every completed write and metadata change durable (FLUSH); see the module note."""
+        async with self._commit_lock:
+            await self._commit_locked()
+
+    async def _commit_locked(self) -> None:
+        self.state.data_next = self.data.cursor
+        self.state.meta_next = self.meta.cursor
+        if not self.cache.dirty_count:
+            await self.engine.call_blocking(self.device.flush)
+            return
+        while True:
+            total = journal.record_pages(self.cache.dirty_count + 1)
+            placement = self.ring.place(total)
+            if placement is not None:
+                break
+            await self._checkpoint()
+        # The cursors are hints; record them with the commit (state page).
+        with self.cache.mtr():
+            self.update_state(data_next=self.data.cursor, meta_next=self.meta.cursor)
+        position, padded = placement
+        seq = self.ring.seq + (1 if padded else 0)
+        images = self.cache.take_dirty(seq)
+        total = journal.record_pages(len(images))
+        self.data.snapshot_freed(seq, quarantine=True)
+        self.meta.snapshot_freed(seq, quarantine=False)
+        await self.engine.call_blocking(self.device.flush)  # 2. data durable
+        buf = self.buffers.get(total * PAGE_SIZE)
+        try:
+            journal.encode_record(seq, images, buf.view)
+            if padded:
+                pad = self.buffers.get(PAGE_SIZE)
+                try:
+                    pad.view[:PAGE_SIZE] = journal.encode_pad(self.ring.seq)
+                    await self.engine.awrite(self.device.fd, pad, 0, PAGE_SIZE,
+                                             (self.layout.journal_start + self.ring.head)
+                                             * PAGE_SIZE, dsync=True)
+                finally:
+                    self.buffers.put(pad)
+            await self.engine.awrite(self.device.fd, buf, 0, total * PAGE_SIZE,
+                                     (self.layout.journal_start + position) * PAGE_SIZE,
+                                     dsync=True)  # 3. commit durable
+        finally:
+            self.buffers.put(buf)
+        self.ring.advance(position, total, padded)
+        self.data.commit_durable(seq)
+        self.commits += 1
+        await self._home_done.wait()  # keep home writes of one page in commit order
+        self._write_home(images)
+
+    def _write_home(self, images: list[tuple[int, bytearray]]) -> None:
+        if not images:
+            return
+        self._home_writes += len(images)
+        self._home_done.clear()
+        for page_no, image in images:
+            buf = self.buffers.get(PAGE_SIZE)
+            buf.view[:PAGE_SIZE] = image
+
+            def written(res: int, page_no: int = page_no, buf: AlignedBuffer = buf) -> None:
+                self.buffers.put(buf)
+                if res != PAGE_SIZE:
+                    log.error("%s: writing metadata page %d home failed (%s); the journal "
+                              "still holds it", self.path, page_no,
+                              os.strerror(-res) if res < 0 else "short write")
+                    self._home_failed = True
+                self.cache.home_written(page_no)
+                self._home_writes -= 1
+                if not self._home_writes:
+                    self._home_done.set()
+
+            self.engine.write(self.device.fd, buf, 0, PAGE_SIZE, page_no * PAGE_SIZE, written)
+        self.engine.kick()
+
+    _home_failed = False
+
+    async def _checkpoint(self) -> None:
+        """Move the journal tail up to the head: every record is home and synced."""
+        await self._home_done.wait()
+        if self._home_failed:
+            raise NbdError(errno.EIO, "metadata could not be written home; keeping the journal")
+        await self.engine.call_blocking(self.device.flush)
+        sb = self.sb.next(journal_tail=self.ring.head, journal_seq=self.ring.seq)
+        await self.engine.call_blocking(_write_superblock, self.device, sb)
+        self.sb = sb
+        self.ring.checkpointed()
+
+    async def close(self) -> None:
+        """Commit, checkpoint and unlock."""
+        if self.closed:
+            return
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        try:
+            await self.commit()
+            async with self._commit_lock:
+                await self._checkpoint()
+        finally:
+            self.closed = True
+            self.device.close()
+
+    def abandon(self) -> None:
+        """Close without committing (tests simulating a crash use kill -9 instead)."""
+        self.closed = True
+        self.device.close()
+
+    # -- volume operations ------------------------------------------------------------------------
+
+    def _new_record(self, name: str, size: int, *, parent: int = 0, flags: int = 0) -> VolumeRecord:
+        return VolumeRecord(id=self.state.next_volume_id, name=name, size=size, parent=parent,
+                            flags=VF_IN_USE | flags, created_ns=time.time_ns(),
+                            slot=self._free_slot())
+
+    def _add_record(self, vol: VolumeRecord) -> None:
+        self.volumes[vol.id] = vol
+        self.cache.add_undo(lambda: self._forget(vol.id))
+        self.update_state(next_volume_id=vol.id + 1)
+        self._write_record(vol)
+
+    def _forget(self, vol_id: int) -> None:
+        self.volumes.pop(vol_id, None)
+
+    def _check_new_name(self, name: str) -> None:
+        check_volume_name(name)
+        if any(v.name == name and not v.deleted for v in self.volumes.values()):
+            raise UserError(f"a volume named {name!r} already exists in pool {self.path}")
+
+    async def create_volume(self, name: str, size: int, *, guarantee: bool = False,
+                            read_only: bool = False) -> VolumeRecord:
+        """A new, empty (all zeros) thin volume; with `guarantee`, every chunk is promised."""
+        self._check_new_name(name)
+        if size <= 0:
+            raise UserError("a volume's size must be positive")
+        if size % 512:
+            raise UserError(f"a volume's size must be a multiple of 512 bytes (got {size})")
+        flags = (VF_GUARANTEE if guarantee else 0) | (VF_READ_ONLY if read_only else 0)
+
+        def op() -> VolumeRecord:
+            vol = self._new_record(name, size, flags=flags)
+            self.map.init_volume(vol)
+            self._add_record(vol)
+            if guarantee:
+                self._reserve(vol, self._chunks_for(size))
+            return vol
+
+        vol = await self.cache.run(op)
+        await self.commit()
+        return vol
+
+    async def clone_volume(self, source: str, name: str, *, snapshot: bool,
+                           guarantee: bool = False) -> VolumeRecord:
+        """A snapshot (read-only) or fork (writable) of `source` as it is now. O(1) for radix."""
+        src = self.volume(source)
+        self._check_new_name(name)
+        why = self.map.clone_refused(src)
+        if why:
+            raise UserError(why)
+        resume: Callable[[], None] | None = None
+        if src.id in self.quiesce:
+            resume = await self.quiesce[src.id]()  # wait for the source's in-flight writes
+        try:
+            flags = (VF_SNAPSHOT | VF_READ_ONLY) if snapshot else 0
+            if guarantee:
+                flags |= VF_GUARANTEE
+
+            def op() -> VolumeRecord:
+                vol = self._new_record(name, src.size, parent=src.id, flags=flags)
+                self.map.clone(src, vol)
+                self._add_record(vol)
+                if src.guaranteed:  # its chunks are shared now: rewriting them needs new ones
+                    self._reserve(src, self._chunks_for(src.size))
+                if guarantee:
+                    self._reserve(vol, self._chunks_for(vol.size))
+                return vol
+
+            vol = await self.cache.run(op)
+            await self.commit()
+            return vol
+        finally:
+            if resume is not None:
+                resume()
+
+    async def delete_volume(self, name: str) -> None:
+        """Delete a volume, freeing every chunk and page no other volume references."""
+        vol = self.volume(name)
+        if vol.id in self.in_use:
+            raise UserError(f"volume {name!r} is in use ({self.in_use[vol.id]}); "
+                            "stop exporting it first")
+        why = self.map.delete_refused(vol)
+        if why:
+            raise UserError(why)
+
+        def mark() -> None:
+            self.update_volume(vol, flags=vol.flags | VF_DELETING)
+            if vol.reserved:
+                self.update_state(data_reserved=self.state.data_reserved - vol.reserved)
+                self.update_volume(vol, reserved=0)
+
+        await self.cache.run(mark)
+        await self.commit()
+        await self._release(vol)
+        await self.commit()
+
+    async def _release(self, vol: VolumeRecord) -> None:
+        while not await self.run(lambda: self.map.release(vol, RELEASE_BUDGET)):
+            pass
+        await self.cache.run(lambda: self._bury(vol))
+
+    def _bury(self, vol: VolumeRecord) -> None:
+        """Drop a released volume's record, or keep a tombstone while others descend from it."""
+        children = [v for v in self.volumes.values() if v.parent == vol.id and v.id != vol.id]
+        if children:
+            self.update_volume(vol, flags=(vol.flags & ~VF_DELETING) | VF_DELETED)
+            return
+        self.update_volume(vol, flags=0)
+        self.volumes.pop(vol.id)
+        self.cache.add_undo(lambda: self.volumes.__setitem__(vol.id, vol))
+        parent = self.volumes.get(vol.parent)
+        if parent is not None and parent.flags & VF_DELETED:
+            self._bury(parent)  # a tombstone with no descendants left
+
+    async def _finish_deletions(self) -> None:
+        for vol in list(self.volumes.values()):
+            if vol.flags & VF_DELETING:
+                log.info("%s: finishing the deletion of volume %r", self.path, vol.name)
+                await self._release(vol)
+        await self.commit()
+
+    async def set_read_only(self, name: str, read_only: bool) -> None:
+        vol = self.volume(name)
+        flags = (vol.flags | VF_READ_ONLY) if read_only else (vol.flags & ~VF_READ_ONLY)
+        await self.cache.run(lambda: self.update_volume(vol, flags=flags))
+        await self.commit()
+
+    # -- inspection -----------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        chunk = self.chunk_size
+        live = self.live_volumes()
+        return {
+            "path": str(self.path),
+            "uuid": self.sb.uuid_str,
+            "blockmap": self.sb.blockmap,
+            "size_bytes": self.sb.size,
+            "chunk_size": chunk,
+            "data_bytes": self.layout.data_chunks * chunk,
+            "free_bytes": self.data.free * chunk,
+            "used_bytes": self.data.used * chunk,
+            "reserved_bytes": self.state.data_reserved * chunk,
+            "available_bytes": max(0, self.available_chunks()) * chunk,
+            "metadata_bytes": self.layout.meta_pages * PAGE_SIZE,
+            "metadata_used_bytes": self.meta.used * PAGE_SIZE,
+            "journal_bytes": self.layout.journal_pages * PAGE_SIZE,
+            "volumes": len(live),
+            "max_volumes": self.layout.max_volumes,
+            "map_params": list(self.sb.map_params),
+            "created": _iso(self.sb.created_ns),
+        }
+
+    async def volume_stats(self, vol: VolumeRecord) -> MapStats:
+        return await self.cache.run(lambda: self.map.stats(vol))
+
+    async def volume_info(self, vol: VolumeRecord) -> dict[str, Any]:
+        stats = await self.volume_stats(vol)
+        chunk = self.chunk_size
+        parent = self.volumes.get(vol.parent)
+        mapped = stats.mapped_chunks * chunk
+        gib = vol.size / (1 << 30)
+        return {
+            "name": vol.name,
+            "id": vol.id,
+            "size": vol.size,
+            "parent": parent.name if parent is not None and not parent.deleted else (
+                None if parent is None else f"(deleted #{parent.id})"),
+            "read_only": vol.read_only,
+            "snapshot": vol.is_snapshot,
+            "guarantee": vol.guaranteed,
+            "reserved_bytes": vol.reserved * chunk,
+            "depth": self.depth(vol),
+            "created": _iso(vol.created_ns),
+            "mapped_bytes": mapped,
+            "exclusive_bytes": stats.exclusive_chunks * chunk,
+            "shared_bytes": mapped - stats.exclusive_chunks * chunk,
+            "extents": stats.extents,
+            "extents_per_gib": round(stats.extents / gib, 3) if gib else 0.0,
+            "mean_extent_bytes": (mapped // stats.extents) if stats.extents else 0,
+            "metadata_pages": stats.metadata_pages,
+            "in_use": self.in_use.get(vol.id),
+        }
+
+    async def check(self) -> CheckReport:
+        """Recount every reference and compare with the space maps; name each problem."""
+        report = CheckReport()
+        page_refs: dict[int, int] = {}
+        chunk_refs: dict[int, int] = {}
+
+        def ref_page(p: int) -> None:
+            page_refs[p] = page_refs.get(p, 0) + 1
+
+        def ref_chunk(c: int) -> None:
+            chunk_refs[c] = chunk_refs.get(c, 0) + 1
+
+        names: dict[str, int] = {}
+        seen: set[int] = set()
+        old_reader = self.cache.sync_reader
+        self.cache.sync_reader = self._read_page_sync
+        try:
+            for vol in sorted(self.volumes.values(), key=lambda v: v.id):
+                if vol.parent and vol.parent not in self.volumes:
+                    report.problems.append(f"volume {vol.name!r}: parent #{vol.parent} is missing")
+                if vol.flags & VF_DELETED:
+                    continue
+                report.volumes += 1
+                if vol.name in names:
+                    report.problems.append(f"two live volumes are named {vol.name!r}")
+                names[vol.name] = vol.id
+                try:
+                    self.map.references(vol, seen, ref_page, ref_chunk, report.problems.append)
+                except FormatError as e:
+                    report.problems.append(f"volume {vol.name!r}: {e}")
+            self._check_table(self.meta, page_refs, "metadata page", report)
+            self._check_table(self.data, chunk_refs, "data chunk", report)
+        finally:
+            self.cache.sync_reader = old_reader
+        report.data_chunks_referenced = len(chunk_refs)
+        report.metadata_pages_referenced = len(page_refs)
+        reserved = sum(v.reserved for v in self.volumes.values())
+        if reserved != self.state.data_reserved:
+            report.problems.append(f"reserved chunks: volumes hold {reserved}, the pool counts "
+                                   f"{self.state.data_reserved}")
+        return report
+
+    def _check_table(self, table: RefTable, refs: dict[int, int], what: str,
+                     report: CheckReport) -> None:
+        used = 0
+        for unit, count in table.iter_counts(self.cache.get):
+            used += 1
+            want = refs.get(unit, 0)
+            if want == 0:
+                if what == "data chunk":
+                    report.leaked_chunks += 1
+                else:
+                    report.leaked_pages += 1
+                report.problems.append(f"{what} {unit}: leaked (reference count {count}, "
+                                       "nothing references it)")
+            elif want != count:
+                report.problems.append(f"{what} {unit}: reference count {count}, but "
+                                       f"{want} reference(s) found")
+        for unit, want in refs.items():
+            if table.get(unit) == 0:
+                report.problems.append(f"{what} {unit}: referenced {want} time(s) but free")
+        if used != table.used:
+            report.problems.append(f"{what}s: {used} in use on disk, {table.used} counted in "
+                                   "memory")
+
+
+# -- helpers ------------------------------------------------------------
+
+
+def _iso(ns: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ns / 1e9)) if ns else ""
+
+
+def _lock(device: BlockDevice) -> None:
+    try:
+        fcntl.flock(device.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UserError(f"{device.path}: the pool is in use by another process "
+                        "(a running nbdserver?)") from None
+
+
+def _read_pages_sync(device: BlockDevice, first: int, count: int) -> bytes:
+    buf = AlignedBuffer(count * PAGE_SIZE, 0)
+    try:
+        n = os.preadv(device.fd, [buf.view[:count * PAGE_SIZE]], first * PAGE_SIZE)
+        if n != count * PAGE_SIZE:
+            raise FormatError(f"short read of pages {first}..{first + count - 1}: the pool "
+                              "is smaller than its layout says")
+        return bytes(buf.view[:count * PAGE_SIZE])
+    finally:
+        buf.close()
+
+
+def _write_page_sync(device: BlockDevice, page_no: int, data: bytes | bytearray) -> None:
+    buf = AlignedBuffer(PAGE_SIZE, 12)
+    try:
+        buf.view[:PAGE_SIZE] = data
+        device.pwrite(buf, PAGE_SIZE, page_no * PAGE_SIZE)
+    finally:
+        buf.close()
+
+
+def _write_superblock(device: BlockDevice, sb: Superblock) -> None:
+    """Write `sb` over the older copy (the other one stays valid if this write tears)."""
+    _write_page_sync(device, sb.seq % SUPERBLOCK_COPIES, sb.pack())
+    device.flush()
+
+
+def _read_superblock(device: BlockDevice) -> Superblock:
+    found: list[Superblock] = []
+    errors: list[str] = []
+    for copy in range(SUPERBLOCK_COPIES):
+        try:
+            found.append(Superblock.unpack(_read_pages_sync(device, copy, 1)))
+        except FormatError as e:
+            errors.append(f"copy {copy}: {e}")
+    if not found:
+        if all("bad magic" in e for e in errors):
+            raise FormatError("not an nbdserver pool (no superblock); create one with "
+                              "'nbdserver pool create'")
+        raise FormatError("no valid superblock (" + "; ".join(errors) + ")")
+    if len({sb.uuid for sb in found}) > 1:
+        raise FormatError("the two superblock copies belong to different pools")
+    return max(found, key=lambda sb: sb.seq)
+
+
+def _recover(device: BlockDevice, sb: Superblock) -> Superblock:
+    """Replay committed journal records home; returns the superblock to continue with."""
+    layout = sb.layout
+
+    def read(ring_page: int, count: int) -> bytes:
+        return _read_pages_sync(device, layout.journal_start + ring_page, count)
+
+    images: dict[int, bytes] = {}
+    end: tuple[int, int] = (sb.journal_tail, sb.journal_seq)
+    records = 0
+    for item in journal.read_records(read, layout.journal_pages, sb.journal_tail,
+                                     sb.journal_seq):
+        if isinstance(item, tuple):
+            end = item
+        else:
+            images.update(item.images)
+            records += 1
+    if not records:
+        return sb
+    log.info("%s: replaying %d journal record(s), %d page(s)", device.path, records, len(images))
+    for page_no, image in sorted(images.items()):
+        _write_page_sync(device, page_no, image)
+    device.flush()
+    position, seq = end
+    new = sb.next(journal_tail=position % layout.journal_pages, journal_seq=seq)
+    _write_superblock(device, new)
+    return new
+

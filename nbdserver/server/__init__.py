@@ -1,0 +1,1 @@
+"""The asyncio (uvloop) transport: listeners, connections, lifecycle. It only moves bytes."""

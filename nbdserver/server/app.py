@@ -1,0 +1,227 @@
+"""The server: opens the exports, listens, and stops cleanly.
+
+Listeners come from the configuration, or from systemd socket activation
+(``LISTEN_PID``/``LISTEN_FDS``, as libnbd's ``nbdinfo -- CMD`` and systemd
+provide): when sockets are passed in, only those are used, like nbdkit and
+qemu-nbd do.
+
+Stop (SIGTERM or SIGINT): close the listeners, let every connection finish the
+requests it has in flight (reading no more), flush every export, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+from pathlib import Path
+
+from nbdserver.backend.base import Backend
+from nbdserver.backend.file import FileBackend
+from nbdserver.config import Config, ExportConfig, Listener
+from nbdserver.errors import UserError
+from nbdserver.exports import Export, ExportTable, export_info
+from nbdserver.protocol import ConnectionLimits
+from nbdserver.server.connection import NbdConnection
+from nbdserver.sizes import format_size
+from nbdserver.storage.buffers import BufferPool
+from nbdserver.storage.device import open_device
+from nbdserver.storage.engine import make_engine
+
+log = logging.getLogger(__name__)
+
+SD_LISTEN_FDS_START = 3
+STOP_GRACE_SECONDS = 30.0
+
+
+def activation_sockets() -> list[socket.socket]:
+    """Sockets passed by systemd-style socket activation, or [] (and clears the variables)."""
+    pid = os.environ.get("LISTEN_PID")
+    fds = os.environ.get("LISTEN_FDS")
+    if not fds or pid is None or pid != str(os.getpid()):
+        return []
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    socks = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(fds)):
+        os.set_inheritable(fd, False)
+        socks.append(socket.socket(fileno=fd))
+    return socks
+
+
+class NbdServer:
+    """A running server: exports, listeners and connections."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.loop = asyncio.get_running_loop()
+        self.engine = make_engine(self.loop, config.server.io)
+        self.buffers = BufferPool()
+        self.exports = ExportTable()
+        self.catalog = self.exports
+        self.limits = ConnectionLimits()
+        self.handshake_timeout = float(config.server.handshake_timeout)
+        self.max_connections = config.server.max_connections
+        self.connections: set[NbdConnection] = set()
+        self._listeners: list[asyncio.AbstractServer] = []
+        self._unix_paths: list[Path] = []
+        self.uris: list[tuple[str, str]] = []  # (export name, URI)
+
+    # -- exports ----------------------------------------------------------------------
+
+    def backend_for(self, name: str) -> Backend:
+        export = self.exports.get(name)
+        if export is None:  # the core only lets known names through
+            raise KeyError(name)
+        return export.backend
+
+    def _open_export(self, ec: ExportConfig) -> Backend:
+        if ec.file is not None:
+            try:
+                device = open_device(ec.file, read_only=ec.read_only, create_size=ec.size)
+            except UserError as e:
+                raise UserError(f"{ec.key}: {e}") from e
+            return FileBackend(device, self.engine, self.buffers, description=ec.description,
+                               read_only=ec.read_only)
+        raise UserError(f"{ec.key}: exports from pools are not supported by this build")
+
+    def open_exports(self) -> None:
+        for ec in self.config.exports:
+            backend = self._open_export(ec)
+            info = export_info(ec.name, backend, min_block=ec.min_block_size)
+            self.exports.add(Export(info, backend))
+
+    # -- listeners ----------------------------------------------------------------------
+
+    def _new_connection(self) -> asyncio.Protocol:
+        return NbdConnection(self)
+
+    async def _listen_unix(self, listener: Listener) -> None:
+        assert listener.path is not None
+        path = listener.path
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise UserError(f"{listener.key}: {path} exists and is not a socket")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                path.unlink()  # a stale socket left by a server that died
+            else:
+                raise UserError(f"{listener.key}: {path} is in use by another server")
+            finally:
+                probe.close()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            srv = await self.loop.create_unix_server(self._new_connection, str(path), backlog=128)
+        except OSError as e:
+            raise UserError(f"{listener.key}: cannot listen on {path}: {e.strerror}") from e
+        self._unix_paths.append(path)
+        self._listeners.append(srv)
+        self._add_uris(f"nbd+unix:///{{}}?socket={path}")
+
+    async def _listen_tcp(self, listener: Listener) -> None:
+        host, port = listener.host, listener.port or 0
+        try:
+            srv = await self.loop.create_server(self._new_connection, host, port, backlog=128,
+                                                reuse_address=True)
+        except OSError as e:
+            why = "address already in use" if e.errno == errno.EADDRINUSE else e.strerror
+            raise UserError(f"{listener.key}: cannot listen on {host}:{port}: {why}") from e
+        self._listeners.append(srv)
+        for sock in srv.sockets:
+            addr = sock.getsockname()
+            shown = f"[{addr[0]}]" if sock.family == socket.AF_INET6 else addr[0]
+            self._add_uris(f"nbd://{shown}:{addr[1]}/{{}}")
+
+    def _add_uris(self, template: str) -> None:
+        for export in self.exports:
+            self.uris.append((export.info.name, template.format(export.info.name)))
+
+    async def _listen_activated(self, socks: list[socket.socket]) -> None:
+        for sock in socks:
+            if sock.family == socket.AF_UNIX:
+                srv = await self.loop.create_unix_server(self._new_connection, sock=sock)
+                self._add_uris(f"nbd+unix:///{{}}?socket={sock.getsockname() or '(activated)'}")
+            else:
+                srv = await self.loop.create_server(self._new_connection, sock=sock)
+                host, port = sock.getsockname()[:2]
+                self._add_uris(f"nbd://{host}:{port}/{{}}")
+            self._listeners.append(srv)
+
+    async def start(self) -> None:
+        """Open every export and start listening. Raises UserError naming the key at fault."""
+        socks = activation_sockets()
+        self.open_exports()
+        if socks:
+            log.info("socket activation: serving on %d passed socket(s)", len(socks))
+            await self._listen_activated(socks)
+            return
+        if not self.config.listen:
+            raise UserError("listen: no listener configured and no socket passed by activation")
+        for listener in self.config.listen:
+            if listener.kind == "unix":
+                await self._listen_unix(listener)
+            else:
+                await self._listen_tcp(listener)
+
+    def describe(self) -> str:
+        lines = [f"nbdserver serving {len(self.exports)} export(s) with the {self.engine.name} "
+                 "I/O engine; connect with:"]
+        for export in self.exports:
+            info = export.info
+            ro = ", read-only" if info.read_only else ""
+            lines.append(f"  {info.name} ({format_size(info.size)}{ro})")
+            lines.extend(f"    {uri}" for name, uri in self.uris if name == info.name)
+        return "\n".join(lines)
+
+    async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Stop accepting, finish in-flight requests, flush and close every export."""
+        for srv in self._listeners:
+            srv.close()
+        for conn in list(self.connections):
+            conn.shutdown()
+        waits = [conn.idle.wait() for conn in list(self.connections)]
+        if waits:
+            try:
+                await asyncio.wait_for(asyncio.gather(*waits), grace)
+            except TimeoutError:
+                log.warning("stop: requests still in flight after %.0fs; closing anyway", grace)
+        await asyncio.sleep(0)  # let the last replies' close callbacks run
+        for export in self.exports:
+            try:
+                await export.backend.close()
+            except Exception as e:
+                log.error("closing export %r: %s", export.info.name, e)
+        for path in self._unix_paths:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        self.engine.close()
+        self.buffers.clear()
+
+
+async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
+    """Run a server for `config` until SIGTERM or SIGINT."""
+    import signal
+
+    server = NbdServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+    except BaseException:
+        await server.stop(grace=0)
+        raise
+    print(server.describe(), flush=True)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    log.info("stopping: finishing in-flight requests")
+    await server.stop()
+    log.info("stopped")

@@ -1,0 +1,308 @@
+"""One client connection: moves bytes between the socket and the sans-IO core.
+
+All protocol decisions are in :mod:`nbdserver.protocol`; this class feeds it the
+bytes it receives, hands the validated requests to the export's backend, and
+writes the replies the core encodes. Requests are pipelined: each is dispatched
+as soon as it is parsed, and its reply goes out when its backend completes, so
+replies leave in completion order, not request order.
+
+Flow control, so that a client cannot make the server hold unbounded memory:
+reading pauses while ``MAX_IN_FLIGHT`` requests are outstanding or while the
+transport's write buffer is over its high-water mark (the client is not reading
+its replies), and resumes when both drain.
+
+Read replies are written straight from the backend's aligned buffers. uvloop
+keeps a reference to a buffer it could not send at once (it does not copy), so
+such buffers are only recycled once the transport's write buffer is empty.
+
+DISC (or EOF) stops reading; the connection closes once every in-flight request
+has been answered. A protocol violation closes it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, cast
+
+from nbdserver.backend.base import Backend, ReadResult
+from nbdserver.errors import NbdError
+from nbdserver.protocol import (
+    NEED_DATA,
+    Command,
+    Disconnect,
+    ProtocolViolation,
+    Request,
+    ServerConnection,
+    TransmissionStarted,
+)
+
+if TYPE_CHECKING:
+    from nbdserver.server.app import NbdServer
+
+log = logging.getLogger(__name__)
+
+MAX_IN_FLIGHT = 256
+
+
+class NbdConnection(asyncio.Protocol):
+    """asyncio protocol for one client; see the module note."""
+
+    def __init__(self, server: NbdServer) -> None:
+        self.server = server
+        self.engine = server.engine
+        self.core = ServerConnection(server.catalog, server.limits)
+        self.backend: Backend | None = None
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.in_flight = 0
+        self.closing = False  # DISC or EOF seen: finish in-flight requests, then close
+        self.closed = False
+        self._reading_paused = False
+        self._writing_paused = False
+        self._held: list[ReadResult] = []
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self.idle = asyncio.Event()  # set while no request is in flight
+        self.idle.set()
+        self._contexts: tuple[tuple[int, str], ...] = ()
+
+    # -- asyncio callbacks ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer) if peer else "unix"
+        if len(self.server.connections) >= self.server.max_connections:
+            log.warning("%s: refusing connection: %d connections already open (max-connections)",
+                        self.peer, len(self.server.connections))
+            self.closed = True
+            self.transport.abort()
+            return
+        self.server.connections.add(self)
+        timeout = self.server.handshake_timeout
+        if timeout > 0:
+            self._handshake_timer = asyncio.get_running_loop().call_later(
+                timeout, self._handshake_timed_out)
+        self._send_core_output()
+        log.debug("%s: connected", self.peer)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing or self.closed:
+            return
+        core = self.core
+        core.receive_data(data)
+        try:
+            self._process()
+        finally:
+            self.engine.kick()
+
+    def eof_received(self) -> bool | None:
+        if not self.closing and not self.closed:
+            self.core.receive_data(b"")
+            self._process()
+        self._begin_close()
+        return True  # keep the transport open until in-flight replies are sent
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.closing = True
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        self._held.clear()  # uvloop may still reference them: let them be garbage collected
+        self.server.connections.discard(self)
+        if exc is not None:
+            log.debug("%s: connection lost: %s", self.peer, exc)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._release_held()
+        self._update_reading()
+
+    # -- protocol events ------------------------------------------------------------------
+
+    def _process(self) -> None:
+        core = self.core
+        transport = self.transport
+        assert transport is not None
+        while True:
+            event = core.next_event()
+            if event is NEED_DATA:
+                break
+            out = core.data_to_send()
+            if out:
+                transport.write(out)
+            if type(event) is Request:
+                self._dispatch(event)
+            elif isinstance(event, TransmissionStarted):
+                self._start_transmission(event)
+            elif isinstance(event, Disconnect):
+                self._begin_close()
+                break
+            elif isinstance(event, ProtocolViolation):
+                log.warning("%s: closing connection: %s", self.peer, event.reason)
+                self._send_core_output()
+                self.closing = True
+                transport.close()
+                break
+        self._send_core_output()
+
+    def _send_core_output(self) -> None:
+        out = self.core.data_to_send()
+        if out and self.transport is not None and not self.closed:
+            self.transport.write(out)
+
+    def _start_transmission(self, event: TransmissionStarted) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        self.backend = self.server.backend_for(event.export.name)
+        self._contexts = tuple((c.id, c.name) for c in event.meta_contexts)
+        log.info("%s: export %r (structured replies: %s)", self.peer, event.export.name,
+                 event.structured_replies)
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_timer = None
+        if self.backend is None and self.transport is not None:
+            log.warning("%s: handshake not finished in %ss; closing", self.peer,
+                        self.server.handshake_timeout)
+            self.transport.close()
+
+    # -- requests -------------------------------------------------------------------------
+
+    def _dispatch(self, req: Request) -> None:
+        backend = self.backend
+        assert backend is not None
+        self.in_flight += 1
+        if self.in_flight == 1:
+            self.idle.clear()
+        if self.in_flight >= MAX_IN_FLIGHT:
+            self._update_reading()
+        cmd = req.command
+        if cmd == Command.READ:
+            backend.read(req.offset, req.length, lambda r: self._read_done(req, r))
+        elif cmd == Command.WRITE:
+            assert req.data is not None
+            backend.write(req.offset, req.data, req.fua, lambda e: self._done(req, e))
+        elif cmd == Command.FLUSH:
+            backend.flush(lambda e: self._done(req, e))
+        elif cmd == Command.TRIM:
+            backend.trim(req.offset, req.length, req.fua, lambda e: self._done(req, e))
+        elif cmd == Command.WRITE_ZEROES:
+            backend.zero(req.offset, req.length, may_trim=not req.no_hole,
+                         fast_only=req.fast_zero, fua=req.fua,
+                         done=lambda e: self._done(req, e))
+        elif cmd == Command.CACHE:
+            backend.cache(req.offset, req.length, lambda e: self._done(req, e))
+        elif cmd == Command.BLOCK_STATUS:
+            self._block_status(backend, req)
+        else:  # the core only emits the commands above
+            self._done(req, NbdError(22, f"unexpected command {cmd}"))
+
+    def _read_done(self, req: Request, result: ReadResult | NbdError) -> None:
+        if self.closed:
+            if isinstance(result, ReadResult):
+                result.release()
+            self._finished()
+            return
+        transport = self.transport
+        assert transport is not None
+        if isinstance(result, NbdError):
+            transport.write(self.core.reply_error(req, result.errno, result.message))
+        else:
+            transport.writelines(self.core.reply_read(req, result.chunks))
+            if transport.get_write_buffer_size():
+                self._held.append(result)
+            else:
+                result.release()
+                if self._held:
+                    self._release_held()
+        self._finished()
+
+    def _done(self, req: Request, error: NbdError | None) -> None:
+        if not self.closed:
+            assert self.transport is not None
+            if error is None:
+                self.transport.write(self.core.reply_ok(req))
+            else:
+                if error.errno not in (28, 1, 95):  # ENOSPC, EPERM, ENOTSUP are expected
+                    log.warning("%s: %s failed: %s", self.peer, req.command.name, error)
+                self.transport.write(self.core.reply_error(req, error.errno, error.message))
+        self._finished()
+
+    def _block_status(self, backend: Backend, req: Request) -> None:
+        contexts = self._contexts
+        answers: dict[int, list[tuple[int, int]]] = {}
+        remaining = [len(contexts)]
+        failed: list[NbdError] = []
+
+        def one(ctx_id: int) -> object:
+            def got(result: object) -> None:
+                if isinstance(result, NbdError):
+                    failed.append(result)
+                else:
+                    answers[ctx_id] = list(cast(list[tuple[int, int]], result))
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    self._status_done(req, answers, failed)
+            return got
+
+        for ctx_id, name in contexts:
+            backend.block_status(req.offset, req.length, name, one(ctx_id))  # type: ignore[arg-type]
+
+    def _status_done(self, req: Request, answers: dict[int, list[tuple[int, int]]],
+                     failed: list[NbdError]) -> None:
+        if not self.closed:
+            assert self.transport is not None
+            if failed:
+                err = failed[0]
+                self.transport.write(self.core.reply_error(req, err.errno, err.message))
+            else:
+                self.transport.write(self.core.reply_block_status(req, answers))
+        self._finished()
+
+    def _finished(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.idle.set()
+            if self.closing and not self.closed and self.transport is not None:
+                self.transport.close()
+                return
+        if self._reading_paused:
+            self._update_reading()
+
+    # -- flow control and shutdown ------------------------------------------------------
+
+    def _release_held(self) -> None:
+        if self.transport is not None and not self.transport.get_write_buffer_size():
+            for result in self._held:
+                result.release()
+            self._held.clear()
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        want_pause = self.closing or self._writing_paused or self.in_flight >= MAX_IN_FLIGHT
+        if want_pause and not self._reading_paused:
+            transport.pause_reading()
+            self._reading_paused = True
+        elif not want_pause and self._reading_paused:
+            transport.resume_reading()
+            self._reading_paused = False
+
+    def _begin_close(self) -> None:
+        self.closing = True
+        if self.transport is None or self.closed:
+            return
+        if self.in_flight == 0:
+            self.transport.close()
+        else:
+            self._update_reading()
+
+    def shutdown(self) -> None:
+        """Server stop: read no more requests; close once in-flight ones are answered."""
+        self._begin_close()

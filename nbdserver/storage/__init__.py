@@ -1,0 +1,1 @@
+"""Block storage: O_DIRECT devices, aligned buffers and the asynchronous I/O engines."""

@@ -1,0 +1,194 @@
+"""A file or block device opened with O_DIRECT, and its blocking helpers.
+
+Opening probes what the rest of the stack relies on, so that a problem is a
+clear message at start rather than a failed request later:
+
+- O_DIRECT must work: some filesystems refuse it at ``open`` (ramfs, some FUSE
+  filesystems, tmpfs before Linux 6.6) and some only at the first read.
+  ``open_device`` tries both and raises :class:`UserError` naming the path.
+- The direct-I/O alignment: the device's logical block size (``BLKSSZGET``) for
+  a block device; for a file, the smallest of 512 and 4096 that an aligned
+  O_DIRECT read accepts.
+- The size: ``st_size`` of a file, ``BLKGETSIZE64`` of a block device.
+
+Trimming and zeroing map to ``fallocate`` (punch hole / zero range) on files
+and to the ``BLKDISCARD`` / ``BLKZEROOUT`` ioctls on block devices. These block,
+so the server calls them through ``IoEngine.run_blocking``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from nbdserver.errors import UserError
+from nbdserver.storage.buffers import AlignedBuffer
+
+_BLKGETSIZE64 = 0x80081272
+_BLKSSZGET = 0x1268
+_BLKDISCARD = 0x1277
+_BLKZEROOUT = 0x127F
+_BLKROTATIONAL = 0x127E
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+_fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """``fallocate(2)`` with a mode (os.posix_fallocate has none). Raises OSError."""
+    if _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@dataclass
+class BlockDevice:
+    """An open O_DIRECT file descriptor and what was learnt about it."""
+
+    path: Path
+    fd: int
+    size: int
+    alignment: int  # direct-I/O alignment of offsets, lengths and buffers
+    is_block_device: bool
+    read_only: bool
+    rotational: bool = False
+
+    # -- blocking helpers (call from worker threads in the server) --------------------
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Deallocate a range; it then reads as zeros on a file, unspecified on a device."""
+        if self.is_block_device:
+            fcntl.ioctl(self.fd, _BLKDISCARD, struct.pack("QQ", offset, length))
+        else:
+            fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+
+    def write_zeroes(self, offset: int, length: int, *, may_deallocate: bool) -> None:
+        """Make a range read as zeros, deallocating it if allowed and possible."""
+        if self.is_block_device:
+            fcntl.ioctl(self.fd, _BLKZEROOUT, struct.pack("QQ", offset, length))
+            return
+        mode = (_FALLOC_FL_PUNCH_HOLE if may_deallocate else _FALLOC_FL_ZERO_RANGE)
+        try:
+            fallocate(self.fd, mode | _FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            self._write_zeroes_slowly(offset, length)
+
+    @property
+    def fast_zero(self) -> bool:
+        """Whether write_zeroes is cheap (a file's fallocate) rather than writing zeros."""
+        return not self.is_block_device
+
+    def _write_zeroes_slowly(self, offset: int, length: int) -> None:
+        chunk = 1 << 20
+        buf = AlignedBuffer(chunk, 20)
+        try:
+            end = offset + length
+            while offset < end:
+                n = min(chunk, end - offset)
+                os.pwritev(self.fd, [buf.view[:n]], offset)
+                offset += n
+        finally:
+            buf.close()
+
+    def pread(self, buf: AlignedBuffer, length: int, offset: int) -> int:
+        """Blocking aligned read into `buf`; returns bytes read (short at the end of the file)."""
+        return os.preadv(self.fd, [buf.view[:length]], offset)
+
+    def pwrite(self, buf: AlignedBuffer, length: int, offset: int) -> None:
+        """Blocking aligned write from `buf`. Raises OSError on failure or a short write."""
+        n = os.pwritev(self.fd, [buf.view[:length]], offset)
+        if n != length:
+            raise OSError(errno.EIO, f"short write at {offset}: {n} of {length}")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _probe_alignment(fd: int, path: Path) -> int:
+    """The smallest direct-I/O alignment (512 or 4096) that an aligned read accepts."""
+    buf = AlignedBuffer(4096, 12)
+    try:
+        last_error: OSError | None = None
+        for align in (512, 4096):
+            try:
+                os.preadv(fd, [buf.view[:align]], 0)
+                return align
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise UserError(f"{path}: cannot read with O_DIRECT: {e.strerror}") from e
+                last_error = e
+        raise UserError(
+            f"{path}: the filesystem accepts O_DIRECT at open but refuses direct reads "
+            f"({last_error.strerror if last_error else 'EINVAL'}); put the file on a filesystem "
+            "that supports direct I/O (ext4, xfs, btrfs) or use a block device"
+        )
+    finally:
+        buf.close()
+
+
+def open_device(path: str | Path, *, read_only: bool = False,
+                create_size: int | None = None) -> BlockDevice:
+    """Open `path` with O_DIRECT, creating a sparse file of `create_size` bytes if missing.
+
+    Raises UserError with a message that names the path for every expected failure
+    (missing, permission, not a file or device, O_DIRECT unsupported, empty).
+    """
+    path = Path(path)
+    if not path.exists():
+        if create_size is None:
+            raise UserError(f"{path}: no such file or device")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "xb") as f:
+                f.truncate(create_size)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise UserError(f"{path}: cannot create: {e.strerror}") from e
+    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_DIRECT | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            raise UserError(
+                f"{path}: this filesystem does not support O_DIRECT (direct I/O); put the "
+                "file on a filesystem that does (ext4, xfs, btrfs) or use a block device"
+            ) from e
+        raise UserError(f"{path}: cannot open: {e.strerror}") from e
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISBLK(st.st_mode):
+            size = struct.unpack("Q", fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8))[0]
+            alignment = struct.unpack("i", fcntl.ioctl(fd, _BLKSSZGET, b"\0" * 4))[0]
+            try:
+                rot = struct.unpack("H", fcntl.ioctl(fd, _BLKROTATIONAL, b"\0" * 2))[0]
+            except OSError:
+                rot = 0
+            return BlockDevice(path, fd, size, alignment, True, read_only, bool(rot))
+        if not stat.S_ISREG(st.st_mode):
+            raise UserError(f"{path}: not a regular file or block device")
+        if st.st_size == 0:
+            raise UserError(f"{path}: the file is empty (give a size to create or grow it)")
+        alignment = _probe_alignment(fd, path)
+        return BlockDevice(path, fd, st.st_size, alignment, False, read_only)
+    except BaseException:
+        os.close(fd)
+        raise
