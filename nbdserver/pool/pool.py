@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 from nbdserver.blockmap.base import BlockMap, MapStats, design
 from nbdserver.errors import NbdError, UserError
 from nbdserver.pool import journal
+from nbdserver.pool.epochs import IoEpochs
 from nbdserver.pool.format import (
     CATALOG_RECORD_SIZE,
     DEFAULT_CHUNK,
@@ -122,6 +123,7 @@ class Pool:
         self.meta = RefTable(self.cache, self.layout.meta_ref_start, self.layout.meta_pages,
                              "metadata page")
         self.state = PoolState()
+        self.epochs = IoEpochs()
         self.volumes: dict[int, VolumeRecord] = {}
         self.map: BlockMap = design(sb.blockmap)(self)
         self.ring = journal.JournalRing(self.layout.journal_pages, sb.journal_tail,
@@ -432,7 +434,8 @@ class Pool:
         finally:
             self.buffers.put(buf)
         self.ring.advance(position, total, padded)
-        self.data.commit_durable(seq)
+        # Freed chunks become reusable once no transfer begun before now can touch them.
+        self.epochs.defer(lambda: self.data.commit_durable(seq))
         self.commits += 1
         await self._home_done.wait()  # keep home writes of one page in commit order
         self._write_home(images)

@@ -25,6 +25,7 @@ from nbdserver.backend.file import FileBackend
 from nbdserver.config import Config, ExportConfig, Listener
 from nbdserver.errors import UserError
 from nbdserver.exports import Export, ExportTable, export_info
+from nbdserver.pools import OpenPools
 from nbdserver.protocol import ConnectionLimits
 from nbdserver.server.connection import NbdConnection
 from nbdserver.sizes import format_size
@@ -70,6 +71,7 @@ class NbdServer:
         self._listeners: list[asyncio.AbstractServer] = []
         self._unix_paths: list[Path] = []
         self.uris: list[tuple[str, str]] = []  # (export name, URI)
+        self.pools = OpenPools(config, self.engine, self.buffers)
 
     # -- exports ----------------------------------------------------------------------
 
@@ -79,7 +81,7 @@ class NbdServer:
             raise KeyError(name)
         return export.backend
 
-    def _open_export(self, ec: ExportConfig) -> Backend:
+    async def _open_export(self, ec: ExportConfig) -> Backend:
         if ec.file is not None:
             try:
                 device = open_device(ec.file, read_only=ec.read_only, create_size=ec.size)
@@ -87,11 +89,12 @@ class NbdServer:
                 raise UserError(f"{ec.key}: {e}") from e
             return FileBackend(device, self.engine, self.buffers, description=ec.description,
                                read_only=ec.read_only)
-        raise UserError(f"{ec.key}: exports from pools are not supported by this build")
+        return await self.pools.backend(ec)
 
-    def open_exports(self) -> None:
+    async def open_exports(self) -> None:
+        await self.pools.open_all()
         for ec in self.config.exports:
-            backend = self._open_export(ec)
+            backend = await self._open_export(ec)
             info = export_info(ec.name, backend, min_block=ec.min_block_size)
             self.exports.add(Export(info, backend))
 
@@ -156,7 +159,7 @@ class NbdServer:
     async def start(self) -> None:
         """Open every export and start listening. Raises UserError naming the key at fault."""
         socks = activation_sockets()
-        self.open_exports()
+        await self.open_exports()
         if socks:
             log.info("socket activation: serving on %d passed socket(s)", len(socks))
             await self._listen_activated(socks)
@@ -197,6 +200,7 @@ class NbdServer:
                 await export.backend.close()
             except Exception as e:
                 log.error("closing export %r: %s", export.info.name, e)
+        await self.pools.close_all()
         for path in self._unix_paths:
             with contextlib.suppress(OSError):
                 path.unlink()

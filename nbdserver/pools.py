@@ -1,0 +1,83 @@
+"""The pools a server has open, and the volume exports made from them.
+
+Pools named in the config are opened (created first when ``create`` says how
+and the path does not exist) when the server starts, and closed (committed and
+checkpointed) when it stops. An export of a pool volume may create its volume
+on first start: empty, or as a fork or snapshot of another volume.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from nbdserver.config import Config, ExportConfig, PoolConfig
+from nbdserver.errors import UserError
+from nbdserver.pool.pool import Pool
+from nbdserver.storage.buffers import BufferPool
+from nbdserver.storage.engine import IoEngine
+from nbdserver.volume import VolumeBackend
+
+log = logging.getLogger(__name__)
+
+
+class OpenPools:
+    """Pools by config name."""
+
+    def __init__(self, config: Config, engine: IoEngine, buffers: BufferPool) -> None:
+        self.config = config
+        self.engine = engine
+        self.buffers = buffers
+        self.pools: dict[str, Pool] = {}
+
+    async def open_all(self) -> None:
+        for pc in self.config.pools:
+            self.pools[pc.name] = await self._open(pc)
+
+    async def _open(self, pc: PoolConfig) -> Pool:
+        if not pc.path.exists() and pc.create is not None:
+            log.info("creating pool %s at %s (%s, %d bytes)", pc.name, pc.path,
+                     pc.create.blockmap, pc.create.size)
+            try:
+                Pool.create(pc.path, pc.create.size, blockmap=pc.create.blockmap,
+                            chunk_size=pc.create.chunk_size)
+            except UserError as e:
+                raise UserError(f"{pc.key}.create: {e}") from e
+        try:
+            return await Pool.open(pc.path, self.engine, self.buffers,
+                                   cache_bytes=self.config.server.cache_size)
+        except UserError as e:
+            raise UserError(f"{pc.key}: {e}") from e
+
+    async def backend(self, ec: ExportConfig) -> VolumeBackend:
+        assert ec.pool is not None and ec.volume is not None
+        pool = self.pools[ec.pool]
+        name = ec.volume
+        if not any(v.name == name for v in pool.live_volumes()):
+            create = ec.create
+            if create is None:
+                raise UserError(f"{ec.key}.volume: no volume {name!r} in pool {ec.pool!r} "
+                                "(create it with 'nbdserver volume create', or give "
+                                "'create: {size: ...}' in the export)")
+            try:
+                if create.size is not None:
+                    await pool.create_volume(name, create.size)
+                elif create.fork is not None:
+                    await pool.clone_volume(create.fork, name, snapshot=False)
+                elif create.snapshot is not None:
+                    await pool.clone_volume(create.snapshot, name, snapshot=True)
+            except UserError as e:
+                raise UserError(f"{ec.key}.create: {e}") from e
+            log.info("created volume %r in pool %r for export %r", name, ec.pool, ec.name)
+        vol = pool.volume(name)
+        if vol.id in pool.in_use:
+            raise UserError(f"{ec.key}: volume {name!r} is already exported "
+                            f"({pool.in_use[vol.id]})")
+        return VolumeBackend(pool, vol, read_only=ec.read_only, description=ec.description,
+                             user=f"export {ec.name!r}")
+
+    async def close_all(self) -> None:
+        for name, pool in self.pools.items():
+            try:
+                await pool.close()
+            except Exception as e:
+                log.error("closing pool %s: %s", name, e)

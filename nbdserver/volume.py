@@ -1,0 +1,619 @@
+"""A pool volume served as an NBD backend: byte ranges over a block map.
+
+A request is cut at chunk boundaries and each chunk asks the block map where
+its bytes live (:meth:`BlockMap.lookup` for reads, :meth:`BlockMap.write_target`
+for writes). Two paths:
+
+- **Fast path** (callbacks, no task): every page the map needs is cached, the
+  request is aligned to the device, and, for a write, every chunk can be
+  written in place. Reads become one AIO read per physically contiguous run,
+  holes become hole chunks of the reply; in-place writes become one AIO write
+  per run (``RWF_DSYNC`` for FUA: no metadata changes).
+- **Slow path** (a coroutine): anything else. Copy-on-write (``Redirect``)
+  writes the new chunk in full (old bytes or zeros around the new ones) and
+  maps it only once the data is written, so a read racing with it sees the old
+  chunk, and a crash before the next commit loses nothing already flushed.
+  Chunk-level locks serialise copy-on-writes of one logical chunk, so two
+  partial writes to one chunk cannot each copy the old chunk and lose the
+  other's bytes. LVM-style ``CopyOut`` first preserves the chunk for each
+  snapshot and commits that before overwriting it.
+
+Every data transfer runs inside an I/O epoch (:mod:`nbdserver.pool.epochs`):
+a chunk freed meanwhile is not reused until the transfer has ended.
+
+Snapshots and forks of an exported volume first *quiesce* it: new writes wait
+and in-flight ones finish, so the copy is a point in time and no write can
+land in a chunk after it became shared.
+
+TRIM and WRITE_ZEROES unmap whole chunks (the freed chunks go back to the
+pool) and write zeros over partial ones; with NO_HOLE they write zeros.
+FLUSH and FUA commit the pool (:meth:`nbdserver.pool.pool.Pool.commit`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import Callable, Coroutine
+from functools import partial
+from typing import Any
+
+from nbdserver.backend.base import (
+    ALLOCATION_DEPTH,
+    BASE_ALLOCATION,
+    STATE_HOLE,
+    STATE_ZERO,
+    Done,
+    ReadChunk,
+    ReadDone,
+    ReadResult,
+    StatusDone,
+    StatusExtent,
+)
+from nbdserver.backend.ranges import RangeLocks
+from nbdserver.blockmap.base import HOLE, Claim, CopyOut, InPlace, Redirect, Run
+from nbdserver.errors import NbdError
+from nbdserver.pool.format import VolumeRecord
+from nbdserver.pool.pages import PageMiss
+from nbdserver.pool.pool import Pool
+from nbdserver.storage.buffers import AlignedBuffer, zero_fill
+
+log = logging.getLogger(__name__)
+
+STATUS_LIMIT = 1 << 30  # bytes one block-status reply describes at most
+ZERO_STEP = 1 << 20  # bytes of zeros written per step for NO_HOLE
+
+
+class VolumeBackend:
+    """NBD backend over one volume of an open pool; see the module note."""
+
+    def __init__(self, pool: Pool, vol: VolumeRecord, *, read_only: bool = False,
+                 description: str = "", user: str = "") -> None:
+        self.pool = pool
+        self.vol = vol
+        self.map = pool.map
+        self.engine = pool.engine
+        self.buffers = pool.buffers
+        self.epochs = pool.epochs
+        self.size = vol.size
+        self.read_only = read_only or vol.read_only
+        self.description = description
+        self.can_trim = True
+        self.can_zero = True
+        self.can_fast_zero = True
+        self.rotational = False
+        self.chunk = pool.chunk_size
+        self.preferred_block = max(4096, self.chunk if self.chunk <= 65536 else 4096)
+        self.meta_contexts: tuple[str, ...] = (BASE_ALLOCATION, ALLOCATION_DEPTH)
+        self._shift = self.chunk.bit_length() - 1
+        self._fd = pool.device.fd
+        self._data_start = pool.layout.data_start
+        self._align_mask = pool.device.alignment - 1
+        self._locks = RangeLocks()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._writes = 0  # writes in flight (for quiescing)
+        self._quiesced: asyncio.Event | None = None  # set while new writes must wait
+        self._drained: asyncio.Event | None = None
+        pool.quiesce[vol.id] = self._quiesce
+        pool.in_use[vol.id] = user or "exported"
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def read(self, offset: int, length: int, done: ReadDone) -> None:
+        if not (offset | length) & self._align_mask:
+            shift = self._shift
+            lc = offset >> shift
+            try:
+                runs = self.map.lookup(self.vol, lc, ((offset + length - 1) >> shift) - lc + 1)
+            except PageMiss:
+                pass
+            else:
+                self._read_runs(offset, length, runs, done)
+                return
+        self._spawn_read(self._read_slow(offset, length), done)
+
+    def _read_runs(self, offset: int, length: int, runs: list[Run], done: ReadDone) -> None:
+        """Issue the AIO reads for `runs` (aligned request); completes `done`."""
+        chunk = self.chunk
+        end = offset + length
+        buf = self.buffers.get(length)
+        chunks: list[ReadChunk] = []
+        pending = [1]  # the extra count is dropped after submitting
+        failed: list[int] = []
+        epoch = self.epochs.begin()
+        buffers = self.buffers
+
+        def complete(res: int, want: int = 0) -> None:
+            if res != want and not failed:
+                failed.append(-res if res < 0 else errno.EIO)
+            pending[0] -= 1
+            if pending[0]:
+                return
+            self.epochs.end(epoch)
+            if failed:
+                buffers.put(buf)
+                done(NbdError(failed[0], f"read at {offset}: error {failed[0]}"))
+            else:
+                done(ReadResult(chunks, lambda: buffers.put(buf)))
+
+        view = buf.view
+        data_start = self._data_start
+        fd = self._fd
+        for run in runs:
+            s = max(offset, run.lc * chunk)
+            e = min(end, (run.lc + run.count) * chunk)
+            if run.pc == HOLE:
+                chunks.append((s, e - s, None))
+                continue
+            if chunks and chunks[-1][2] is not None and chunks[-1][0] + chunks[-1][1] == s:
+                prev = chunks.pop()
+                chunks.append((prev[0], prev[1] + e - s, view[prev[0] - offset:e - offset]))
+            else:
+                chunks.append((s, e - s, view[s - offset:e - offset]))
+            pending[0] += 1
+            n = e - s
+            dev = data_start + run.pc * chunk + s - run.lc * chunk
+            self.engine.read(fd, buf, s - offset, n, dev, partial(complete, want=n))
+        complete(0, 0)
+
+    async def _read_slow(self, offset: int, length: int) -> ReadResult:
+        """Any alignment; loads the map pages it needs."""
+        shift = self._shift
+        lc = offset >> shift
+        count = ((offset + length - 1) >> shift) - lc + 1
+        epoch = self.epochs.begin()
+        try:
+            runs = await self.pool.cache.run(lambda: self.map.lookup(self.vol, lc, count))
+            buf = self.buffers.get(length)
+            try:
+                end = offset + length
+                chunks: list[ReadChunk] = []
+                for run in runs:
+                    s = max(offset, run.lc * self.chunk)
+                    e = min(end, (run.lc + run.count) * self.chunk)
+                    if run.pc == HOLE:
+                        chunks.append((s, e - s, None))
+                        continue
+                    await self._read_device(buf, s - offset,
+                                            self._data_start + run.pc * self.chunk
+                                            + s - run.lc * self.chunk, e - s)
+                    chunks.append((s, e - s, buf.view[s - offset:e - offset]))
+            except BaseException:
+                self.buffers.put(buf)
+                raise
+            return ReadResult(chunks, lambda: self.buffers.put(buf))
+        finally:
+            self.epochs.end(epoch)
+
+    async def _read_device(self, dest: AlignedBuffer, at: int, device_offset: int,
+                           length: int) -> None:
+        """Read `length` bytes at any device offset into `dest` at `at`."""
+        mask = self._align_mask
+        start = device_offset & ~mask
+        end = (device_offset + length + mask) & ~mask
+        if start == device_offset and end == device_offset + length and not at & mask:
+            n = await self.engine.aread(self._fd, dest, at, length, device_offset)
+            if n != length:
+                raise NbdError(errno.EIO, f"short read at {device_offset}")
+            return
+        tmp = self.buffers.get(end - start)
+        try:
+            n = await self.engine.aread(self._fd, tmp, 0, end - start, start)
+            if n != end - start:
+                raise NbdError(errno.EIO, f"short read at {start}")
+            skip = device_offset - start
+            dest.view[at:at + length] = tmp.view[skip:skip + length]
+        finally:
+            self.buffers.put(tmp)
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def write(self, offset: int, data: memoryview, fua: bool, done: Done) -> None:
+        length = len(data)
+        if self._quiesced is None and not (offset | length) & self._align_mask:
+            runs = self._in_place_runs(offset, length)
+            if runs is not None:
+                self._write_in_place(offset, data, runs, fua, done)
+                return
+        self._spawn(self._write_slow(offset, bytes(data), fua), done)
+
+    def _in_place_runs(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
+        """(request offset, length, device offset) runs if every chunk is written in place."""
+        shift = self._shift
+        chunk = self.chunk
+        end = offset + length
+        out: list[tuple[int, int, int]] = []
+        lc = offset >> shift
+        pos = offset
+        try:
+            while pos < end:
+                target = self.map.write_target(self.vol, lc)
+                if type(target) is not InPlace:
+                    return None
+                if self._locks and self._locks.overlapping(lc, lc + 1):
+                    return None
+                e = min(end, (lc + 1) * chunk)
+                dev = self._data_start + target.pc * chunk + pos - lc * chunk
+                if out and out[-1][2] + out[-1][1] == dev:
+                    last = out.pop()
+                    out.append((last[0], last[1] + e - pos, last[2]))
+                else:
+                    out.append((pos, e - pos, dev))
+                pos = e
+                lc += 1
+        except PageMiss:
+            return None
+        return out
+
+    def _write_in_place(self, offset: int, data: memoryview, runs: list[tuple[int, int, int]],
+                        fua: bool, done: Done) -> None:
+        length = len(data)
+        buf = self.buffers.get(length)
+        buf.view[:length] = data
+        pending = [len(runs)]
+        failed: list[int] = []
+        epoch = self.epochs.begin()
+        self._writes += 1
+
+        def complete(res: int, want: int) -> None:
+            if res != want and not failed:
+                failed.append(-res if res < 0 else errno.EIO)
+            pending[0] -= 1
+            if pending[0]:
+                return
+            self.epochs.end(epoch)
+            self.buffers.put(buf)
+            self._write_ended()
+            done(NbdError(failed[0], f"write at {offset}: error {failed[0]}") if failed else None)
+
+        for pos, n, dev in runs:
+            self.engine.write(self._fd, buf, pos - offset, n, dev, partial(complete, want=n), fua)
+
+    async def _write_slow(self, offset: int, data: bytes, fua: bool) -> None:
+        await self._wait_unquiesced()
+        self._writes += 1
+        epoch = self.epochs.begin()
+        try:
+            committed = await self._write_chunks(offset, data, fua)
+            if fua and committed:
+                await self.pool.commit()
+        finally:
+            self.epochs.end(epoch)
+            self._write_ended()
+
+    async def _write_chunks(self, offset: int, data: bytes | None, fua: bool,
+                            length: int = 0) -> bool:
+        """Write `data` (or `length` zeros) at `offset`, any alignment, any mapping state.
+
+        The chunks of the request are resolved together, new chunks for the
+        copy-on-write ones are claimed next to each other, the data goes out in as
+        few writes as possible, and the new chunks are mapped in one
+        mini-transaction once written. Returns True if the map changed (a commit
+        makes it durable).
+        """
+        pool = self.pool
+        shift = self._shift
+        end = offset + (len(data) if data is not None else length)
+        lc0 = offset >> shift
+        lc1 = ((end - 1) >> shift) + 1
+        changed = False
+        async with self._locks.hold(lc0, lc1):
+            targets = await pool.cache.run(lambda: [self._resolve(lc) for lc in range(lc0, lc1)])
+            if any(isinstance(t, CopyOut) for t in targets):
+                for lc, t in zip(range(lc0, lc1), targets, strict=True):
+                    if isinstance(t, CopyOut):
+                        for vid in t.preserve:
+                            await self._preserve(pool.volumes[vid], lc, t.pc)
+                await pool.commit()  # the copies are durable before the origin chunks change
+                changed = True
+                targets = [InPlace(t.pc) if isinstance(t, CopyOut) else t for t in targets]
+            fresh = await pool.cache.run(lambda: self._claim_for(lc0, targets))
+            try:
+                await self._write_planned(offset, end, lc0, targets, fresh, data, fua)
+                if fresh:
+                    def install() -> None:
+                        for lc, pc in fresh.items():
+                            self.map.map(self.vol, lc, pc)
+                            pool.charge(self.vol)
+
+                    await pool.run(install)
+                    changed = True
+            except BaseException:
+                for pc in fresh.values():
+                    pool.data.unclaim(pc)
+                raise
+        return changed
+
+    def _resolve(self, lc: int) -> InPlace | Redirect | CopyOut:
+        target = self.map.write_target(self.vol, lc)
+        if isinstance(target, Claim):
+            self.map.claim(self.vol, lc)
+            return InPlace(target.pc)
+        return target
+
+    def _claim_for(self, lc0: int, targets: list[InPlace | Redirect | CopyOut]) -> dict[int, int]:
+        """Claim a new chunk for every Redirect target, contiguous where possible."""
+        fresh: dict[int, int] = {}
+        prev: int | None = None
+        for i, t in enumerate(targets):
+            if isinstance(t, Redirect):
+                lc = lc0 + i
+                hint = prev + 1 if prev is not None else self.map.alloc_hint(self.vol, lc)
+                prev = fresh[lc] = self.pool.claim_chunk(self.vol, hint)
+            else:
+                prev = None
+        return fresh
+
+    async def _write_planned(self, offset: int, end: int, lc0: int,
+                             targets: list[InPlace | Redirect | CopyOut], fresh: dict[int, int],
+                             data: bytes | None, fua: bool) -> None:
+        """Lay the affected chunks out in one buffer and write them where they belong."""
+        chunk = self.chunk
+        mask = self._align_mask
+        buf = self.buffers.get(len(targets) * chunk)
+        try:
+            writes: list[tuple[int, int, int]] = []  # (buffer offset, length, device offset)
+            for i, t in enumerate(targets):
+                lc = lc0 + i
+                base = lc * chunk
+                s = max(offset, base)
+                e = min(end, base + chunk)
+                at = i * chunk
+                if isinstance(t, Redirect):
+                    if e - s < chunk:
+                        if t.old == HOLE:
+                            zero_fill(buf, at, chunk)
+                        else:
+                            await self._read_device(buf, at, self._data_start + t.old * chunk,
+                                                    chunk)
+                    dev, n, boff = self._data_start + fresh[lc] * chunk, chunk, at
+                else:
+                    assert isinstance(t, InPlace)
+                    dev = self._data_start + t.pc * chunk + (s - base)
+                    n, boff = e - s, at + (s - base)
+                    if (dev | n) & mask:  # partial device block: read-modify-write around it
+                        ds = dev & ~mask
+                        de = (dev + n + mask) & ~mask
+                        await self._read_device(buf, boff - (dev - ds), ds, de - ds)
+                        dev, boff, n = ds, boff - (dev - ds), de - ds
+                if data is not None:
+                    buf.view[at + s - base:at + e - base] = data[s - offset:e - offset]
+                else:
+                    zero_fill(buf, at + s - base, e - s)
+                if writes and writes[-1][0] + writes[-1][1] == boff and \
+                        writes[-1][2] + writes[-1][1] == dev:
+                    last = writes.pop()
+                    writes.append((last[0], last[1] + n, last[2]))
+                else:
+                    writes.append((boff, n, dev))
+            await self._write_all(buf, writes, fua)
+        finally:
+            self.buffers.put(buf)
+
+    async def _write_all(self, buf: AlignedBuffer, writes: list[tuple[int, int, int]],
+                         fua: bool) -> None:
+        """Issue every write at once and wait for all of them."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        pending = [len(writes)]
+        failed: list[int] = []
+
+        def complete(res: int, want: int) -> None:
+            if res != want and not failed:
+                failed.append(-res if res < 0 else errno.EIO)
+            pending[0] -= 1
+            if not pending[0] and not fut.done():
+                fut.set_result(None)
+
+        for boff, n, dev in writes:
+            self.engine.write(self._fd, buf, boff, n, dev, partial(complete, want=n), fua)
+        self.engine.kick()
+        await fut
+        if failed:
+            raise NbdError(failed[0], f"write failed: {failed[0]}")
+
+    async def _preserve(self, snap: VolumeRecord, lc: int, pc: int) -> None:
+        """LVM copy-out: give `snap` its own copy of chunk `pc` as logical chunk `lc`."""
+        pool = self.pool
+        chunk = self.chunk
+        new = await pool.cache.run(lambda: pool.claim_chunk(snap))
+        try:
+            buf = self.buffers.get(chunk)
+            try:
+                await self._read_device(buf, 0, self._data_start + pc * chunk, chunk)
+                await self.engine.awrite(self._fd, buf, 0, chunk, self._data_start + new * chunk)
+            finally:
+                self.buffers.put(buf)
+
+            def install() -> None:
+                self.map.map(snap, lc, new)
+                pool.charge(snap)
+
+            await pool.run(install)
+        except BaseException:
+            pool.data.unclaim(new)
+            raise
+
+    # -- trim and zero ---------------------------------------------------------------------------
+
+    def trim(self, offset: int, length: int, fua: bool, done: Done) -> None:
+        self._spawn(self._zero(offset, length, True, fua), done)
+
+    def zero(self, offset: int, length: int, *, may_trim: bool, fast_only: bool, fua: bool,
+             done: Done) -> None:
+        if fast_only and not may_trim:
+            done(NbdError(errno.ENOTSUP, "writing zeros without unmapping is not fast"))
+            return
+        self._spawn(self._zero(offset, length, may_trim, fua), done)
+
+    async def _zero(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
+        await self._wait_unquiesced()
+        self._writes += 1
+        epoch = self.epochs.begin()
+        try:
+            end = offset + length
+            if not may_trim:
+                pos = offset
+                while pos < end:
+                    n = min(ZERO_STEP, end - pos)
+                    await self._write_chunks(pos, None, False, n)
+                    pos += n
+            else:
+                chunk = self.chunk
+                first = -(-offset // chunk)
+                last = end // chunk  # exclusive
+                if last > first:
+                    await self._unmap(first, last - first)
+                    head_end, tail_start = first * chunk, last * chunk
+                else:
+                    head_end = tail_start = end
+                if head_end > offset:
+                    await self._write_chunks(offset, None, False, head_end - offset)
+                if end > tail_start and tail_start >= head_end:
+                    await self._write_chunks(tail_start, None, False, end - tail_start)
+            if fua:
+                await self.pool.commit()
+        finally:
+            self.epochs.end(epoch)
+            self._write_ended()
+
+    async def _unmap(self, lc: int, count: int) -> None:
+        while count > 0:
+            done, fill = await self.pool.run(partial(self.map.unmap, self.vol, lc, count))
+            for flc, fcount in fill:
+                await self._write_chunks(flc * self.chunk, None, False, fcount * self.chunk)
+            lc += done
+            count -= done
+
+    # -- flush, cache, block status ----
+
+    def flush(self, done: Done) -> None:
+        self._spawn(self.pool.commit(), done)
+
+    def cache(self, offset: int, length: int, done: Done) -> None:
+        done(None)
+
+    def block_status(self, offset: int, length: int, context: str, done: StatusDone) -> None:
+        length = min(length, STATUS_LIMIT)
+        shift = self._shift
+        lc = offset >> shift
+        count = ((offset + length - 1) >> shift) - lc + 1
+
+        def answer(runs: list[Run]) -> None:
+            try:
+                done(self._status(offset, length, runs, context))
+            except NbdError as e:
+                done(e)
+
+        try:
+            runs = self.map.lookup(self.vol, lc, count)
+        except PageMiss:
+            task = asyncio.ensure_future(
+                self.pool.cache.run(lambda: self.map.lookup(self.vol, lc, count)))
+            self._tasks.add(task)
+
+            def finished(t: asyncio.Task[list[Run]]) -> None:
+                self._tasks.discard(t)
+                exc = t.exception()
+                if exc is not None:
+                    done(NbdError(getattr(exc, "errno", errno.EIO) or errno.EIO, str(exc)))
+                else:
+                    answer(t.result())
+
+            task.add_done_callback(finished)
+            return
+        answer(runs)
+
+    def _status(self, offset: int, length: int, runs: list[Run],
+                context: str) -> list[StatusExtent]:
+        chunk = self.chunk
+        end = offset + length
+        out: list[StatusExtent] = []
+        if context == BASE_ALLOCATION:
+            def flags(run: Run) -> int:
+                return STATE_HOLE | STATE_ZERO if run.pc == HOLE else 0
+        elif context == ALLOCATION_DEPTH:
+            chain = self.pool.ancestry(self.vol)
+
+            def flags(run: Run) -> int:
+                if run.pc == HOLE:
+                    return 0
+                return chain.index(run.owner) + 1 if run.owner in chain else 1
+        else:
+            raise NbdError(errno.EINVAL, f"unknown metadata context {context}")
+        for run in runs:
+            s = max(offset, run.lc * chunk)
+            e = min(end, (run.lc + run.count) * chunk)
+            f = flags(run)
+            if out and out[-1][1] == f:
+                out[-1] = (out[-1][0] + e - s, f)
+            else:
+                out.append((e - s, f))
+        return out
+
+    # -- quiescing (snapshots of an exported volume) ----
+
+    async def _quiesce(self) -> Callable[[], None]:
+        """Hold new writes and wait for those in flight; returns the function that resumes."""
+        while self._quiesced is not None:
+            await self._quiesced.wait()
+        self._quiesced = asyncio.Event()
+        if self._writes:
+            self._drained = asyncio.Event()
+            await self._drained.wait()
+        event = self._quiesced
+
+        def resume() -> None:
+            self._quiesced = None
+            event.set()
+
+        return resume
+
+    async def _wait_unquiesced(self) -> None:
+        while self._quiesced is not None:
+            await self._quiesced.wait()
+
+    def _write_ended(self) -> None:
+        self._writes -= 1
+        if not self._writes and self._drained is not None:
+            self._drained.set()
+            self._drained = None
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], done: Done) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+
+        def finished(t: asyncio.Task[Any]) -> None:
+            self._tasks.discard(t)
+            exc = t.exception()
+            done(None if exc is None else _as_nbd_error(exc))
+
+        task.add_done_callback(finished)
+
+    def _spawn_read(self, coro: Coroutine[Any, Any, ReadResult], done: ReadDone) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+
+        def finished(t: asyncio.Task[ReadResult]) -> None:
+            self._tasks.discard(t)
+            exc = t.exception()
+            done(t.result() if exc is None else _as_nbd_error(exc))
+
+        task.add_done_callback(finished)
+
+    async def close(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        self.pool.in_use.pop(self.vol.id, None)
+        self.pool.quiesce.pop(self.vol.id, None)
+
+
+def _as_nbd_error(exc: BaseException) -> NbdError:
+    if isinstance(exc, NbdError):
+        return exc
+    if isinstance(exc, OSError):
+        return NbdError(exc.errno or errno.EIO, str(exc))
+    log.error("unexpected error in a volume request", exc_info=exc)
+    return NbdError(errno.EIO, f"internal error: {exc}")
