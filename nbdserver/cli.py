@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_check_config)
 
     try:
-        from nbdserver import admin  # type: ignore[attr-defined, unused-ignore]
+        from nbdserver import admin
     except ImportError:  # the pool commands are optional in a partial install
         pass
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from nbdserver.config import Config, ExportConfig, PoolConfig
+from nbdserver.control.socket import ControlServer
 from nbdserver.errors import UserError
 from nbdserver.pool.pool import Pool
 from nbdserver.storage.buffers import BufferPool
@@ -28,10 +29,16 @@ class OpenPools:
         self.engine = engine
         self.buffers = buffers
         self.pools: dict[str, Pool] = {}
+        self.controls: list[ControlServer] = []
 
     async def open_all(self) -> None:
         for pc in self.config.pools:
-            self.pools[pc.name] = await self._open(pc)
+            pool = await self._open(pc)
+            self.pools[pc.name] = pool
+            control = ControlServer(pool)
+            await control.start()
+            self.controls.append(control)
+            log.info("pool %s: control socket %s", pc.name, control.path)
 
     async def _open(self, pc: PoolConfig) -> Pool:
         if not pc.path.exists() and pc.create is not None:
@@ -76,6 +83,8 @@ class OpenPools:
                              user=f"export {ec.name!r}")
 
     async def close_all(self) -> None:
+        for control in self.controls:
+            await control.stop()
         for name, pool in self.pools.items():
             try:
                 await pool.close()

@@ -86,6 +86,10 @@ def check_volume_name(name: str) -> None:
             "'+' or '-', starting with a letter or digit")
 
 
+class PoolBusy(UserError):
+    """The pool is locked by another process (a running server, usually)."""
+
+
 @dataclass
 class CheckReport:
     """What `pool check` found. ``ok`` when there is no problem."""
@@ -757,8 +761,8 @@ def _lock(device: BlockDevice) -> None:
     try:
         fcntl.flock(device.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise UserError(f"{device.path}: the pool is in use by another process "
-                        "(a running nbdserver?)") from None
+        raise PoolBusy(f"{device.path}: the pool is in use by another process "
+                       "(a running nbdserver?)") from None
 
 
 def _read_pages_sync(device: BlockDevice, first: int, count: int) -> bytes:
@@ -786,6 +790,17 @@ def _write_superblock(device: BlockDevice, sb: Superblock) -> None:
     """Write `sb` over the older copy (the other one stays valid if this write tears)."""
     _write_page_sync(device, sb.seq % SUPERBLOCK_COPIES, sb.pack())
     device.flush()
+
+
+def read_superblock(path: str | Path) -> Superblock:
+    """The current superblock of the pool at `path` (no lock needed). Raises UserError."""
+    device = open_device(path, read_only=True)
+    try:
+        return _read_superblock(device)
+    except FormatError as e:
+        raise UserError(f"{path}: {e}") from None
+    finally:
+        device.close()
 
 
 def _read_superblock(device: BlockDevice) -> Superblock:

@@ -1,0 +1,302 @@
+"""The ``pool`` and ``volume`` commands of the CLI.
+
+Each command opens the pool, runs one operation from
+:mod:`nbdserver.control.ops` and closes it. When a running server holds the
+pool, the command is sent to that server's control socket instead, so volumes
+can be snapshotted and forked while they are exported. ``--json`` prints the
+operation's result as JSON (stable field names, documented in docs/cli.md);
+otherwise a table or a short summary is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+from nbdserver.errors import UserError
+from nbdserver.sizes import format_size, parse_size
+
+EXIT_OK = 0
+EXIT_PROBLEMS = 1
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text, what="size")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def run_pool_op(pool_path: str, op: str, args: dict[str, Any]) -> Any:
+    """Run `op` on the pool at `pool_path`: directly, or through its server if it is open."""
+    import uvloop
+
+    from nbdserver.pool.pool import PoolBusy
+
+    async def offline() -> Any:
+        from nbdserver.control.ops import run_op
+        from nbdserver.pool.pool import Pool
+        from nbdserver.storage.buffers import BufferPool
+        from nbdserver.storage.engine import make_engine
+
+        engine = make_engine(asyncio.get_running_loop())
+        buffers = BufferPool()
+        try:
+            pool = await Pool.open(pool_path, engine, buffers, offline=True)
+            try:
+                return await run_op(pool, op, args)
+            finally:
+                await pool.close()
+        finally:
+            engine.close()
+
+    try:
+        return uvloop.run(offline())
+    except PoolBusy:
+        from nbdserver.control.socket import call, socket_path
+        from nbdserver.pool.pool import read_superblock
+
+        sb = read_superblock(pool_path)
+        return call(socket_path(sb.uuid_str), op, args)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+def _show_volume(info: dict[str, Any]) -> None:
+    rows = [
+        ("name", info["name"]),
+        ("size", format_size(info["size"])),
+        ("parent", info["parent"] or "-"),
+        ("depth", str(info["depth"])),
+        ("read-only", "yes" if info["read_only"] else "no"),
+        ("snapshot", "yes" if info["snapshot"] else "no"),
+        ("guarantee", f"yes ({format_size(info['reserved_bytes'])} still reserved)"
+         if info["guarantee"] else "no"),
+        ("mapped", format_size(info["mapped_bytes"])),
+        ("exclusive", format_size(info["exclusive_bytes"])),
+        ("shared", format_size(info["shared_bytes"])),
+        ("extents", f"{info['extents']} ({info['extents_per_gib']} per GiB, mean "
+                    f"{format_size(info['mean_extent_bytes'])})"),
+        ("created", info["created"]),
+        ("in use", info["in_use"] or "no"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k.ljust(width)}  {v}")
+
+
+# -- commands ---------------------------------------------------------------------------
+
+
+def cmd_pool_create(args: argparse.Namespace) -> int:
+    from nbdserver.pool.pool import Pool
+
+    try:
+        params = None
+        if args.fanout:
+            params = (args.fanout, 0, 0, 0)
+        sb = Pool.create(args.pool, args.size, blockmap=args.blockmap,
+                         chunk_size=args.chunk_size, max_volumes=args.max_volumes,
+                         map_params=params)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    info = run_pool_op(args.pool, "pool.info", {})
+    if args.json:
+        _print_json(info)
+    else:
+        print(f"created pool {args.pool}: {format_size(sb.size)}, block map {sb.blockmap}, "
+              f"chunk {format_size(sb.chunk_size)}, {format_size(info['free_bytes'])} for data")
+    return EXIT_OK
+
+
+def cmd_pool_info(args: argparse.Namespace) -> int:
+    info = run_pool_op(args.pool, "pool.info", {})
+    if args.json:
+        _print_json(info)
+        return EXIT_OK
+    for key in ("path", "uuid", "blockmap", "created"):
+        print(f"{key:<16}{info[key]}")
+    for key in ("size_bytes", "data_bytes", "used_bytes", "free_bytes", "reserved_bytes",
+                "available_bytes", "metadata_bytes", "metadata_used_bytes", "journal_bytes"):
+        print(f"{key.replace('_bytes', '').replace('_', ' '):<16}{format_size(info[key])}")
+    print(f"{'chunk size':<16}{format_size(info['chunk_size'])}")
+    print(f"{'volumes':<16}{info['volumes']} (at most {info['max_volumes']})")
+    return EXIT_OK
+
+
+def cmd_pool_check(args: argparse.Namespace) -> int:
+    report = run_pool_op(args.pool, "pool.check", {})
+    if args.json:
+        _print_json(report)
+    else:
+        for problem in report["problems"]:
+            print(f"problem: {problem}")
+        verdict = "clean" if report["ok"] else f"{len(report['problems'])} problem(s)"
+        print(f"{args.pool}: {verdict}; {report['volumes']} volume(s), "
+              f"{report['data_chunks_referenced']} chunk(s) and "
+              f"{report['metadata_pages_referenced']} metadata page(s) referenced, "
+              f"{format_size(report['free_bytes'])} free")
+    return EXIT_OK if report["ok"] else EXIT_PROBLEMS
+
+
+def _volume_result(args: argparse.Namespace, info: dict[str, Any], verb: str) -> int:
+    if args.json:
+        _print_json(info)
+    else:
+        print(f"{verb} volume {info['name']!r} ({format_size(info['size'])})")
+    return EXIT_OK
+
+
+def cmd_volume_create(args: argparse.Namespace) -> int:
+    info = run_pool_op(args.pool, "volume.create",
+                       {"name": args.name, "size": args.size, "guarantee": args.guarantee})
+    return _volume_result(args, info, "created")
+
+
+def cmd_volume_snapshot(args: argparse.Namespace) -> int:
+    info = run_pool_op(args.pool, "volume.snapshot", {"source": args.source, "name": args.name})
+    return _volume_result(args, info, f"snapshotted {args.source!r} as")
+
+
+def cmd_volume_fork(args: argparse.Namespace) -> int:
+    info = run_pool_op(args.pool, "volume.fork",
+                       {"source": args.source, "name": args.name, "guarantee": args.guarantee})
+    return _volume_result(args, info, f"forked {args.source!r} as")
+
+
+def cmd_volume_delete(args: argparse.Namespace) -> int:
+    result = run_pool_op(args.pool, "volume.delete", {"name": args.name})
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"deleted volume {args.name!r}; {format_size(result['freed_bytes'])} freed")
+    return EXIT_OK
+
+
+def cmd_volume_list(args: argparse.Namespace) -> int:
+    vols = run_pool_op(args.pool, "volume.list", {})
+    if args.json:
+        _print_json(vols)
+        return EXIT_OK
+    if not vols:
+        print("no volumes")
+        return EXIT_OK
+    rows = [["NAME", "SIZE", "PARENT", "DEPTH", "RO", "EXCLUSIVE", "SHARED"]]
+    for v in vols:
+        rows.append([v["name"], format_size(v["size"]), v["parent"] or "-", str(v["depth"]),
+                     "yes" if v["read_only"] else "no", format_size(v["exclusive_bytes"]),
+                     format_size(v["shared_bytes"])])
+    print(_table(rows))
+    return EXIT_OK
+
+
+def cmd_volume_info(args: argparse.Namespace) -> int:
+    info = run_pool_op(args.pool, "volume.info", {"name": args.name})
+    if args.json:
+        _print_json(info)
+    else:
+        _show_volume(info)
+    return EXIT_OK
+
+
+# -- argument parsing -------------------------------------------------------------------------
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the ``pool`` and ``volume`` command groups to the top-level parser."""
+    from nbdserver.blockmap.base import designs
+    from nbdserver.pool.format import DEFAULT_CHUNK
+
+    def common(p: argparse.ArgumentParser, json_help: str = "print JSON") -> None:
+        p.add_argument("pool", metavar="POOL", help="the pool's file or block device")
+        p.add_argument("--json", action="store_true", help=json_help)
+
+    pool = sub.add_parser("pool", help="create, inspect and check pools",
+                          description="A pool is one file or block device holding thin, "
+                                      "forkable volumes.")
+    psub = pool.add_subparsers(dest="pool_command", metavar="COMMAND", required=True)
+
+    p = psub.add_parser("create", help="create a pool",
+                        description="Create a new, empty pool in a file (of --size bytes) or "
+                                    "on a block device (its whole size).")
+    common(p)
+    p.add_argument("--size", type=_size, help="pool size for a file, e.g. 20G")
+    names = sorted(designs())
+    p.add_argument("--blockmap", default="radix", choices=names,
+                   help="block-map design: radix (Parallax tree, O(1) forks), extent (extent "
+                        "lists that keep data contiguous), linear (LVM classic snapshots); "
+                        "default radix")
+    p.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK,
+                   help="allocation unit, a power of two from 4K to 1M (default 4K)")
+    p.add_argument("--max-volumes", type=int, default=4096, help="catalog size (default 4096)")
+    p.add_argument("--fanout", type=int, default=0, help=argparse.SUPPRESS)
+    p.set_defaults(handler=cmd_pool_create)
+
+    p = psub.add_parser("info", help="show a pool's size, free space and layout")
+    common(p, "print a JSON object (size_bytes, free_bytes, blockmap, ...)")
+    p.set_defaults(handler=cmd_pool_info)
+
+    p = psub.add_parser("check", help="verify every reference count and checksum",
+                        description="Recount every reference from every volume's map and "
+                                    "compare with the space maps. Exit 0 when clean, 1 when "
+                                    "a problem is found (each one is named).")
+    common(p)
+    p.set_defaults(handler=cmd_pool_check)
+
+    vol = sub.add_parser("volume", help="create, fork, snapshot, delete and list volumes",
+                         description="Volumes live in a pool. Works on a pool a running server "
+                                     "has open too (through its control socket).")
+    vsub = vol.add_subparsers(dest="volume_command", metavar="COMMAND", required=True)
+
+    p = vsub.add_parser("create", help="create an empty (all zeros) thin volume")
+    common(p)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--size", type=_size, required=True, help="e.g. 10G")
+    p.add_argument("--guarantee", action="store_true",
+                   help="reserve every chunk the volume could need, so that its writes never "
+                        "fail for lack of space (fails now if the pool cannot promise it)")
+    p.set_defaults(handler=cmd_volume_create)
+
+    p = vsub.add_parser("snapshot", help="a read-only point-in-time copy (instant)")
+    common(p)
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(handler=cmd_volume_snapshot)
+
+    p = vsub.add_parser("fork", help="a writable copy that shares unchanged data (instant)")
+    common(p)
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--guarantee", action="store_true", help="reserve space for the fork")
+    p.set_defaults(handler=cmd_volume_fork)
+
+    p = vsub.add_parser("delete", help="delete a volume and free what only it used",
+                        description="Refused while the volume is exported.")
+    common(p)
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(handler=cmd_volume_delete)
+
+    p = vsub.add_parser("list", help="list volumes with their sharing")
+    common(p, "print a JSON array of objects (name, size, parent, read_only, depth, "
+              "exclusive_bytes, shared_bytes, ...)")
+    p.set_defaults(handler=cmd_volume_list)
+
+    p = vsub.add_parser("info", help="details of one volume, fragmentation included")
+    common(p)
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(handler=cmd_volume_info)
+
+
+if __name__ == "__main__":
+    sys.exit("use: nbdserver pool|volume ...")

@@ -1,0 +1,117 @@
+"""The control socket: JSON lines over a Unix socket, one per open pool.
+
+Request: ``{"op": "volume.fork", "args": {"source": "golden", "name": "vm7"}}``
+Reply:   ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": "message"}``
+
+The socket lives at ``$XDG_RUNTIME_DIR/nbdserver/pool-<uuid>.sock`` (or under
+``/tmp/nbdserver-<uid>/`` without XDG_RUNTIME_DIR), so a CLI that only knows
+the pool's path finds it by reading the pool's UUID. Only the user who runs
+the server may connect (the directory is mode 0700).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from nbdserver.control.ops import run_op
+from nbdserver.errors import UserError
+from nbdserver.pool.pool import Pool
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 1 << 20
+CLIENT_TIMEOUT = 3600.0  # deleting a big volume can take a while
+
+
+def runtime_dir() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    path = Path(base) / "nbdserver" if base else Path(f"/tmp/nbdserver-{os.getuid()}")
+    return path
+
+
+def socket_path(pool_uuid: str) -> Path:
+    return runtime_dir() / f"pool-{pool_uuid}.sock"
+
+
+class ControlServer:
+    """Serves the control socket of one open pool."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.path = socket_path(pool.sb.uuid_str)
+        self._server: asyncio.AbstractServer | None = None
+        self._lock = asyncio.Lock()  # one operation at a time per pool
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # the pool lock is ours, so any old socket is stale
+        self._server = await asyncio.start_unix_server(self._client, str(self.path),
+                                                       limit=MAX_REQUEST)
+        os.chmod(self.path, 0o600)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                reply = await self._handle(line)
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.LimitOverrunError, ValueError) as e:
+            log.warning("control socket: %s", e)
+        finally:
+            writer.close()
+
+    async def _handle(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+            op = request["op"]
+            args = request.get("args") or {}
+            if not isinstance(op, str) or not isinstance(args, dict):
+                raise ValueError("op must be a string and args an object")
+        except (ValueError, KeyError, TypeError) as e:
+            return {"ok": False, "error": f"bad request: {e}"}
+        log.info("control: %s %s", op, args)
+        try:
+            async with self._lock:
+                return {"ok": True, "result": await run_op(self.pool, op, args)}
+        except UserError as e:
+            return {"ok": False, "error": str(e)}
+        except Exception as e:
+            log.exception("control operation %s failed", op)
+            return {"ok": False, "error": f"internal error: {e}"}
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def call(path: Path, op: str, args: dict[str, Any], timeout: float = CLIENT_TIMEOUT) -> Any:
+    """Send one operation to a running server's control socket (blocking)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except OSError as e:
+            raise UserError(f"the pool is open in a running server, but its control socket "
+                            f"{path} does not answer ({e.strerror})") from e
+        sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            part = sock.recv(1 << 16)
+            if not part:
+                raise UserError("the server closed the control connection without an answer")
+            data += part
+    reply = json.loads(data)
+    if not reply.get("ok"):
+        raise UserError(str(reply.get("error")))
+    return reply.get("result")
