@@ -7,16 +7,21 @@ as soon as it is parsed, and its reply goes out when its backend completes, so
 replies leave in completion order, not request order.
 
 Flow control, so that a client cannot make the server hold unbounded memory:
-reading pauses while ``MAX_IN_FLIGHT`` requests are outstanding or while the
-transport's write buffer is over its high-water mark (the client is not reading
-its replies), and resumes when both drain.
+no new request is taken while ``MAX_IN_FLIGHT`` requests or
+``MAX_BYTES_IN_FLIGHT`` bytes of READ/WRITE payload are outstanding, or while
+the transport's write buffer is over its high-water mark (the client is not
+reading its replies). Then the requests already received stay unparsed in the
+core's input buffer (one received chunk at most: pausing the transport alone
+would not stop a chunk holding thousands of 28-byte READ headers from being
+dispatched), reading from the socket pauses, and both resume as requests
+complete and the write buffer drains.
 
 Read replies are written straight from the backend's aligned buffers. uvloop
 keeps a reference to a buffer it could not send at once (it does not copy), so
 such buffers are only recycled once the transport's write buffer is empty.
 
-DISC (or EOF) stops reading; the connection closes once every in-flight request
-has been answered. A protocol violation closes it at once.
+DISC (or EOF) stops reading; the connection closes once every request received
+before it has been answered. A protocol violation closes it at once.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 256
+MAX_BYTES_IN_FLIGHT = 64 << 20  # READ/WRITE payload bytes; one request may go over
 
 
 class NbdConnection(asyncio.Protocol):
@@ -56,10 +62,13 @@ class NbdConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.in_flight = 0
+        self.bytes_in_flight = 0
         self.closing = False  # DISC or EOF seen: finish in-flight requests, then close
         self.closed = False
         self._reading_paused = False
         self._writing_paused = False
+        self._backlog = False  # requests may be waiting, unparsed, in the core
+        self._processing = False
         self._held: list[ReadResult] = []
         self._handshake_timer: asyncio.TimerHandle | None = None
         self.idle = asyncio.Event()  # set while no request is in flight
@@ -98,9 +107,11 @@ class NbdConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         if not self.closing and not self.closed:
-            self.core.receive_data(b"")
+            self.core.receive_data(b"")  # the core ends with Disconnect once drained
             self._process()
-        self._begin_close()
+            self.engine.kick()
+        if not self._backlog:
+            self._begin_close()
         return True  # keep the transport open until in-flight replies are sent
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -120,17 +131,34 @@ class NbdConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._writing_paused = False
         self._release_held()
-        self._update_reading()
+        self._resume()
 
     # -- protocol events ------------------------------------------------------------------
+
+    def _can_take_request(self) -> bool:
+        return (self.in_flight < MAX_IN_FLIGHT and self.bytes_in_flight < MAX_BYTES_IN_FLIGHT
+                and not self._writing_paused)
 
     def _process(self) -> None:
         core = self.core
         transport = self.transport
         assert transport is not None
+        self._processing = True
+        try:
+            self._process_events(core, transport)
+        finally:
+            self._processing = False
+        self._send_core_output()
+        self._update_reading()
+
+    def _process_events(self, core: ServerConnection, transport: asyncio.Transport) -> None:
         while True:
+            if self.backend is not None and not self._can_take_request():
+                self._backlog = True  # leave the rest in the core; see _resume
+                break
             event = core.next_event()
             if event is NEED_DATA:
+                self._backlog = False
                 break
             out = core.data_to_send()
             if out:
@@ -148,7 +176,6 @@ class NbdConnection(asyncio.Protocol):
                 self.closing = True
                 transport.close()
                 break
-        self._send_core_output()
 
     def _send_core_output(self) -> None:
         out = self.core.data_to_send()
@@ -179,9 +206,9 @@ class NbdConnection(asyncio.Protocol):
         self.in_flight += 1
         if self.in_flight == 1:
             self.idle.clear()
-        if self.in_flight >= MAX_IN_FLIGHT:
-            self._update_reading()
         cmd = req.command
+        if cmd == Command.READ or cmd == Command.WRITE:
+            self.bytes_in_flight += req.length
         if cmd == Command.READ:
             backend.read(req.offset, req.length, lambda r: self._read_done(req, r))
         elif cmd == Command.WRITE:
@@ -206,7 +233,7 @@ class NbdConnection(asyncio.Protocol):
         if self.closed:
             if isinstance(result, ReadResult):
                 result.release()
-            self._finished()
+            self._finished(req)
             return
         transport = self.transport
         assert transport is not None
@@ -220,7 +247,7 @@ class NbdConnection(asyncio.Protocol):
                 result.release()
                 if self._held:
                     self._release_held()
-        self._finished()
+        self._finished(req)
 
     def _done(self, req: Request, error: NbdError | None) -> None:
         if not self.closed:
@@ -231,7 +258,7 @@ class NbdConnection(asyncio.Protocol):
                 if error.errno not in (28, 1, 95):  # ENOSPC, EPERM, ENOTSUP are expected
                     log.warning("%s: %s failed: %s", self.peer, req.command.name, error)
                 self.transport.write(self.core.reply_error(req, error.errno, error.message))
-        self._finished()
+        self._finished(req)
 
     def _block_status(self, backend: Backend, req: Request) -> None:
         contexts = self._contexts
@@ -262,16 +289,27 @@ class NbdConnection(asyncio.Protocol):
                 self.transport.write(self.core.reply_error(req, err.errno, err.message))
             else:
                 self.transport.write(self.core.reply_block_status(req, answers))
-        self._finished()
+        self._finished(req)
 
-    def _finished(self) -> None:
+    def _finished(self, req: Request) -> None:
         self.in_flight -= 1
+        if req.command == Command.READ or req.command == Command.WRITE:
+            self.bytes_in_flight -= req.length
         if self.in_flight == 0:
             self.idle.set()
             if self.closing and not self.closed and self.transport is not None:
                 self.transport.close()
                 return
-        if self._reading_paused:
+        self._resume()
+
+    def _resume(self) -> None:
+        """Take the requests left in the core (if now allowed), then resume reading."""
+        if self.closing or self.closed or self._processing:
+            return  # a running _process loop checks the limits itself
+        if self._backlog and self._can_take_request():
+            self._process()
+            self.engine.kick()
+        elif self._reading_paused:
             self._update_reading()
 
     # -- flow control and shutdown ------------------------------------------------------
@@ -286,7 +324,7 @@ class NbdConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closed:
             return
-        want_pause = self.closing or self._writing_paused or self.in_flight >= MAX_IN_FLIGHT
+        want_pause = self.closing or self._backlog or not self._can_take_request()
         if want_pause and not self._reading_paused:
             transport.pause_reading()
             self._reading_paused = True
@@ -296,6 +334,7 @@ class NbdConnection(asyncio.Protocol):
 
     def _begin_close(self) -> None:
         self.closing = True
+        self._backlog = False  # requests not yet taken are dropped unanswered
         if self.transport is None or self.closed:
             return
         if self.in_flight == 0:
