@@ -8,7 +8,9 @@ for writes). Two paths:
   request is aligned to the device, and, for a write, every chunk can be
   written in place. Reads become one AIO read per physically contiguous run,
   holes become hole chunks of the reply; in-place writes become one AIO write
-  per run (``RWF_DSYNC`` for FUA: no metadata changes).
+  per run (``RWF_DSYNC`` for FUA, taken only when no metadata change is
+  pending: FUA promises that the mapping is durable too, so otherwise the slow
+  path commits after the write).
 - **Slow path** (a coroutine): anything else. Copy-on-write (``Redirect``)
   writes the new chunk in full (old bytes or zeros around the new ones) and
   maps it only once the data is written, so a read racing with it sees the old
@@ -16,7 +18,10 @@ for writes). Two paths:
   Chunk-level locks serialise copy-on-writes of one logical chunk, so two
   partial writes to one chunk cannot each copy the old chunk and lose the
   other's bytes. LVM-style ``CopyOut`` first preserves the chunk for each
-  snapshot and commits that before overwriting it.
+  snapshot and commits that before overwriting it. A ``Claim`` (the chunk is
+  no longer shared) commits first if metadata is pending: the reference that
+  another volume just dropped may still be on disk, and a write in place
+  would change what that volume reads after a crash.
 
 Every data transfer runs inside an I/O epoch (:mod:`nbdserver.pool.epochs`):
 a chunk freed meanwhile is not reused until the transfer has ended.
@@ -211,7 +216,8 @@ class VolumeBackend:
 
     def write(self, offset: int, data: memoryview, fua: bool, done: Done) -> None:
         length = len(data)
-        if self._quiesced is None and not (offset | length) & self._align_mask:
+        if self._quiesced is None and not (offset | length) & self._align_mask and not (
+                fua and self.pool.metadata_pending()):
             runs = self._in_place_runs(offset, length)
             if runs is not None:
                 self._write_in_place(offset, data, runs, fua, done)
@@ -276,8 +282,8 @@ class VolumeBackend:
         epoch = self.epochs.begin()
         try:
             committed = await self._write_chunks(offset, data, fua)
-            if fua and committed:
-                await self.pool.commit()
+            if fua and (committed or self.pool.metadata_pending()):
+                await self.pool.commit()  # the map of these chunks may not be durable yet
         finally:
             self.epochs.end(epoch)
             self._write_ended()
@@ -299,7 +305,11 @@ class VolumeBackend:
         lc1 = ((end - 1) >> shift) + 1
         changed = False
         async with self._locks.hold(lc0, lc1):
-            targets = await pool.cache.run(lambda: [self._resolve(lc) for lc in range(lc0, lc1)])
+            targets, unshared = await pool.cache.run(lambda: self._resolve(lc0, lc1))
+            if unshared:
+                # A claimed chunk stopped being shared by a change not durable yet: on disk
+                # another volume still maps it, so commit before writing it in place.
+                await pool.commit()
             if any(isinstance(t, CopyOut) for t in targets):
                 for lc, t in zip(range(lc0, lc1), targets, strict=True):
                     if isinstance(t, CopyOut):
@@ -325,12 +335,19 @@ class VolumeBackend:
                 raise
         return changed
 
-    def _resolve(self, lc: int) -> InPlace | Redirect | CopyOut:
-        target = self.map.write_target(self.vol, lc)
-        if isinstance(target, Claim):
-            self.map.claim(self.vol, lc)
-            return InPlace(target.pc)
-        return target
+    def _resolve(self, lc0: int, lc1: int) -> tuple[list[InPlace | Redirect | CopyOut], bool]:
+        """The write targets of chunks [lc0, lc1), claims made; and whether a claim relies
+        on metadata not durable yet."""
+        pending = self.pool.metadata_pending()  # before this operation changes anything
+        claimed = False
+        targets: list[InPlace | Redirect | CopyOut] = []
+        for lc in range(lc0, lc1):
+            target = self.map.write_target(self.vol, lc)
+            if isinstance(target, Claim):
+                self.map.claim(self.vol, lc)
+                target, claimed = InPlace(target.pc), True
+            targets.append(target)
+        return targets, claimed and pending
 
     def _claim_for(self, lc0: int, targets: list[InPlace | Redirect | CopyOut]) -> dict[int, int]:
         """Claim a new chunk for every Redirect target, contiguous where possible."""

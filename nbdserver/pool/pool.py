@@ -383,6 +383,10 @@ class Pool:
     def commit_threshold(self) -> int:
         return max(16, min(self.cache.capacity // 2, (self.ring.ring_pages - 8) // 4))
 
+    def metadata_pending(self) -> bool:
+        """Whether a metadata change is not durable yet (dirty pages, or a commit under way)."""
+        return bool(self.cache.dirty_count) or self._commit_lock.locked()
+
     def maybe_commit(self) -> None:
         """Start a background commit when enough metadata is dirty."""
         if self.cache.dirty_count >= self.commit_threshold() and not self._commit_lock.locked():
