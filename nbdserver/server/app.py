@@ -6,7 +6,8 @@ provide): when sockets are passed in, only those are used, like nbdkit and
 qemu-nbd do.
 
 Stop (SIGTERM or SIGINT): close the listeners, let every connection finish the
-requests it has in flight (reading no more), flush every export, exit 0.
+requests it has in flight (reading no more), flush every export, wait for the
+connections to deliver their last replies and close, exit 0.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from nbdserver.errors import UserError
 from nbdserver.exports import Export, ExportTable, export_info
 from nbdserver.pools import OpenPools
 from nbdserver.protocol import ConnectionLimits
-from nbdserver.server.connection import NbdConnection
+from nbdserver.server.connection import LINGER_SECONDS, NbdConnection
 from nbdserver.sizes import format_size
 from nbdserver.storage.buffers import BufferPool
 from nbdserver.storage.device import open_device
@@ -201,6 +202,14 @@ class NbdServer:
             except Exception as e:
                 log.error("closing export %r: %s", export.info.name, e)
         await self.pools.close_all()
+        # Exiting with replies still queued in a transport would lose them.
+        lost = [conn.lost.wait() for conn in list(self.connections)]
+        if lost:
+            try:
+                await asyncio.wait_for(asyncio.gather(*lost), LINGER_SECONDS + 1)
+            except TimeoutError:
+                log.warning("stop: %d connection(s) still open; exiting anyway",
+                            len(self.connections))
         for path in self._unix_paths:
             with contextlib.suppress(OSError):
                 path.unlink()

@@ -20,8 +20,15 @@ Read replies are written straight from the backend's aligned buffers. uvloop
 keeps a reference to a buffer it could not send at once (it does not copy), so
 such buffers are only recycled once the transport's write buffer is empty.
 
-DISC (or EOF) stops reading; the connection closes once every request received
-before it has been answered. A protocol violation closes it at once.
+DISC (or EOF, or server stop) stops taking requests; the connection closes once
+every request taken has been answered. Closing is graceful: the write side is
+shut (the client reads its last replies, then EOF), and whatever the client
+still sends is read and dropped until it closes its side or ``LINGER_SECONDS``
+pass. Closing a socket with unread input would make the kernel reset the
+connection, and a reset throws away replies still in the socket's send buffer.
+``lost`` is set once the socket is closed; the server waits for it before
+exiting, so that queued replies are not lost with the process. A protocol
+violation or handshake timeout closes at once.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 256
 MAX_BYTES_IN_FLIGHT = 64 << 20  # READ/WRITE payload bytes; one request may go over
+LINGER_SECONDS = 5.0  # how long a closing connection waits for the client to close
 
 
 class NbdConnection(asyncio.Protocol):
@@ -69,6 +77,10 @@ class NbdConnection(asyncio.Protocol):
         self._writing_paused = False
         self._backlog = False  # requests may be waiting, unparsed, in the core
         self._processing = False
+        self._peer_eof = False
+        self._lingering = False  # write side shut, waiting for the client to close
+        self._linger_timer: asyncio.TimerHandle | None = None
+        self.lost = asyncio.Event()  # set once the socket is closed
         self._held: list[ReadResult] = []
         self._handshake_timer: asyncio.TimerHandle | None = None
         self.idle = asyncio.Event()  # set while no request is in flight
@@ -106,6 +118,11 @@ class NbdConnection(asyncio.Protocol):
             self.engine.kick()
 
     def eof_received(self) -> bool | None:
+        self._peer_eof = True
+        if self._lingering:
+            assert self.transport is not None
+            self.transport.close()
+            return True
         if not self.closing and not self.closed:
             self.core.receive_data(b"")  # the core ends with Disconnect once drained
             self._process()
@@ -119,6 +136,9 @@ class NbdConnection(asyncio.Protocol):
         self.closing = True
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+        self.lost.set()
         self._held.clear()  # uvloop may still reference them: let them be garbage collected
         self.server.connections.discard(self)
         if exc is not None:
@@ -297,8 +317,8 @@ class NbdConnection(asyncio.Protocol):
             self.bytes_in_flight -= req.length
         if self.in_flight == 0:
             self.idle.set()
-            if self.closing and not self.closed and self.transport is not None:
-                self.transport.close()
+            if self.closing:
+                self._close()
                 return
         self._resume()
 
@@ -324,7 +344,10 @@ class NbdConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closed:
             return
-        want_pause = self.closing or self._backlog or not self._can_take_request()
+        if self._lingering:
+            want_pause = False  # read and drop until the client closes; see _close
+        else:
+            want_pause = self.closing or self._backlog or not self._can_take_request()
         if want_pause and not self._reading_paused:
             transport.pause_reading()
             self._reading_paused = True
@@ -338,9 +361,23 @@ class NbdConnection(asyncio.Protocol):
         if self.transport is None or self.closed:
             return
         if self.in_flight == 0:
-            self.transport.close()
+            self._close()
         else:
             self._update_reading()
+
+    def _close(self) -> None:
+        """Close gracefully once every reply is queued; see the module note."""
+        transport = self.transport
+        if transport is None or self.closed or self._lingering:
+            return
+        if self._peer_eof or not transport.can_write_eof():
+            transport.close()  # sends what is queued, then closes
+            return
+        self._lingering = True
+        transport.write_eof()  # after the queued replies
+        self._update_reading()
+        self._linger_timer = asyncio.get_running_loop().call_later(
+            LINGER_SECONDS, transport.abort)
 
     def shutdown(self) -> None:
         """Server stop: read no more requests; close once in-flight ones are answered."""
