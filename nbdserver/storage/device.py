@@ -163,6 +163,12 @@ def open_device(path: str | Path, *, read_only: bool = False,
             pass
         except OSError as e:
             raise UserError(f"{path}: cannot create: {e.strerror}") from e
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise UserError(f"{path}: cannot open: {e.strerror}") from e
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):  # opening a FIFO would block
+        raise UserError(f"{path}: not a regular file or block device")
     flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_DIRECT | os.O_CLOEXEC
     try:
         fd = os.open(path, flags)
