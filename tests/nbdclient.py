@@ -154,6 +154,13 @@ class NbdClient:
             asyncio.open_unix_connection(str(path), limit=limit), timeout)
         return cls(reader, writer)
 
+    @classmethod
+    async def connect_tcp(cls, host: str, port: int, *, timeout: float = 10.0,
+                          limit: int = 1 << 26) -> NbdClient:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, limit=limit), timeout)
+        return cls(reader, writer)
+
     # -- raw I/O ------------------------------------------------------------------------
 
     async def recv_exact(self, n: int, timeout: float = 10.0) -> bytes:

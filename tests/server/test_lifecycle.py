@@ -1,0 +1,447 @@
+"""The server process: limits, timeouts, signals, start-up errors, socket activation.
+
+Every start-up failure must be one line naming the config key at fault and a
+non-zero exit, never a traceback (``nbdserver.cli``: tracebacks are for bugs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import struct
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import (
+    SERVER_CMD,
+    NbdServerProcess,
+    ServerFactory,
+    file_export,
+    pattern,
+    run,
+    serve_once,
+)
+from nbdclient import (
+    NbdClient,
+    ServerClosed,
+    connect,
+    raw_handshake,
+    raw_socket,
+    recv_exact,
+    request,
+    wait_closed,
+)
+
+from nbdserver.protocol import constants as c
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def write_config(path: Path, config: dict[str, object]) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def assert_clean_error(proc: object, *needles: str, status: int | None = None) -> str:
+    """A start-up failure: non-zero exit, the needles on stderr, no traceback."""
+    import subprocess
+    assert isinstance(proc, subprocess.CompletedProcess)
+    err = proc.stderr
+    assert proc.returncode != 0, f"expected failure, got exit 0\n{err}"
+    if status is not None:
+        assert proc.returncode == status, err
+    assert "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in stderr:\n{err}"
+    errors = [line for line in err.splitlines() if line.startswith("nbdserver: error:")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+# -- limits and timeouts ----------------------------------------------------------------------
+
+
+def test_handshake_timeout_closes_idle_client(nbd_server_factory: ServerFactory,
+                                               tmp_path: Path) -> None:
+    srv = nbd_server_factory([file_export("disk", tmp_path / "d.img", "1M")],
+                             server={"handshake-timeout": "500ms"})
+    idle = raw_socket(srv.socket_path)
+    start = time.monotonic()
+    recv_exact(idle, 18)
+    wait_closed(idle, timeout=10)
+    elapsed = time.monotonic() - start
+    assert 0.4 < elapsed < 5, elapsed
+    idle.close()
+    # Stalled in the middle of an option: same.
+    stalled = raw_socket(srv.socket_path)
+    recv_exact(stalled, 18)
+    stalled.sendall(struct.pack(">I", 3) + struct.pack(">Q", c.IHAVEOPT))  # half a header
+    start = time.monotonic()
+    wait_closed(stalled, timeout=10)
+    assert time.monotonic() - start < 5
+    stalled.close()
+    # A client that finishes the handshake in time is not cut off later.
+    ok = raw_socket(srv.socket_path)
+    raw_handshake(ok, "disk")
+    time.sleep(1.0)
+    ok.sendall(request(c.CMD_READ, 1, 0, 512))
+    assert struct.unpack(">IIQ", recv_exact(ok, 16)) == (c.SIMPLE_REPLY_MAGIC, 0, 1)
+    recv_exact(ok, 512)
+    ok.close()
+    assert "handshake not finished" in srv.stderr
+
+
+def test_max_connections(nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
+    srv = nbd_server_factory([file_export("disk", tmp_path / "d.img", "1M")],
+                             server={"max-connections": 2})
+    first = raw_socket(srv.socket_path)
+    raw_handshake(first, "disk")
+    second = raw_socket(srv.socket_path)
+    recv_exact(second, 18)  # still in the handshake: counts too
+    third = raw_socket(srv.socket_path)
+    assert wait_closed(third, timeout=10) == b"", "the third connection got a greeting"
+    third.close()
+    assert "max-connections" in srv.stderr
+    first.close()
+    # Once one is gone, a new one is served (the server notices the close soon).
+    deadline = time.monotonic() + 10
+    while True:
+        s = raw_socket(srv.socket_path)
+        try:
+            raw_handshake(s, "disk")
+            break
+        except (ServerClosed, ConnectionResetError):
+            s.close()
+            assert time.monotonic() < deadline, "no connection accepted after one closed"
+            time.sleep(0.05)
+    s.sendall(request(c.CMD_READ, 1, 0, 512))
+    assert struct.unpack(">IIQ", recv_exact(s, 16)) == (c.SIMPLE_REPLY_MAGIC, 0, 1)
+    s.close()
+    second.close()
+
+
+# -- stopping ---------------------------------------------------------------------------------
+
+
+async def test_sigterm_finishes_requests_in_flight(nbd_server_factory: ServerFactory,
+                                                   tmp_path: Path) -> None:
+    """SIGTERM with writes in flight: every request the server took is answered with
+    success, the rest get EOF, acknowledged data is in the file, exit status 0."""
+    image = tmp_path / "d.img"
+    srv = nbd_server_factory([file_export("disk", image, "128M")])
+    client = await connect(srv.socket_path, "disk")
+    n, size = 400, 256 * KiB
+    futs = [client.submit(c.CMD_WRITE, i * size, data=pattern(size, seed=i),
+                          flags=c.CMD_FLAG_FUA if i % 2 else 0) for i in range(n)]
+    # Not drained: the transport sends in the background while we wait for a reply.
+    deadline = time.monotonic() + 20
+    while not client.completion_order:
+        assert time.monotonic() < deadline, "no reply at all"
+        await asyncio.sleep(0.001)
+    answered_before = len(client.completion_order)
+    srv.signal(signal.SIGTERM)
+    results = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 60)
+    await asyncio.wait_for(client.eof.wait(), 30)
+    await client.close()
+    assert client.reader_error is None, client.reader_error  # no torn reply
+    acked = [i for i, r in enumerate(results) if r is None]
+    others = [r for r in results if r is not None]
+    assert all(isinstance(r, ServerClosed) for r in others), others[:3]
+    assert len(acked) > answered_before, \
+        "no request was answered after SIGTERM (were any in flight?)"
+    err = srv.stop()
+    assert "stopped" in err
+    with open(image, "rb") as f:
+        for i in acked:
+            f.seek(i * size)
+            assert f.read(size) == pattern(size, seed=i), f"acknowledged write {i} lost"
+    assert not srv.socket_path.exists(), "the Unix socket was not removed"
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+async def test_sigterm_delivers_replies_to_a_slow_reader(nbd_server_factory: ServerFactory,
+                                                         tmp_path: Path, transport: str) -> None:
+    """Large READ replies still queued in the server when SIGTERM arrives (the client
+    is not reading yet) are delivered whole before the server exits, not cut off."""
+    image = tmp_path / "d.img"
+    data = pattern(32 * MiB, seed=4)
+    image.write_bytes(data)
+    srv = nbd_server_factory([file_export("disk", image, None)])
+    if transport == "tcp":
+        client = await NbdClient.connect_tcp("127.0.0.1", srv.tcp_port)
+    else:
+        client = await NbdClient.connect(srv.socket_path)
+    await client.handshake("disk", start_reader=False)
+    futs = [client.submit(c.CMD_READ, 0, 32 * MiB) for _ in range(4)]
+    await client.drain()
+    await asyncio.sleep(0.5)  # the server reads the disk; its replies wait for us
+    srv.signal(signal.SIGTERM)
+    await asyncio.sleep(1.0)
+    # Tens of MiB of replies cannot fit in the socket buffers: they are still queued
+    # in the server, which must wait for us rather than exit and lose them.
+    assert srv.alive(), "the server exited with replies still queued"
+    client.start_reader()
+    results = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 60)
+    await asyncio.wait_for(client.eof.wait(), 30)
+    await client.close()
+    assert client.reader_error is None, f"torn reply: {client.reader_error!r}"
+    answered = [r for r in results if isinstance(r, bytes)]
+    assert answered, results
+    assert all(r == data for r in answered)
+    assert all(isinstance(r, (bytes, ServerClosed)) for r in results), results
+    srv.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_idle_server_cleanly(nbd_server_factory: ServerFactory, tmp_path: Path,
+                                          sig: int) -> None:
+    srv = nbd_server_factory([file_export("disk", tmp_path / "d.img", "1M")])
+    s = raw_socket(srv.socket_path)
+    raw_handshake(s, "disk")  # an idle client, in transmission
+    srv.signal(sig)
+    assert wait_closed(s, 5) == b""  # the server closes its side...
+    s.close()  # ...and once the client closes too, it exits at once
+    start = time.monotonic()
+    assert srv.wait(15) == 0, srv.stderr
+    assert time.monotonic() - start < 3
+    assert "Traceback" not in srv.stderr
+    assert not srv.socket_path.exists()
+
+
+@pytest.mark.slow
+def test_client_that_ignores_shutdown_does_not_hold_the_server(
+        nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
+    """A client that never reads nor closes: the server waits a bounded time for it."""
+    srv = nbd_server_factory([file_export("disk", tmp_path / "d.img", "1M")])
+    s = raw_socket(srv.socket_path)
+    raw_handshake(s, "disk")
+    half = raw_socket(srv.socket_path)  # and one stuck in the handshake
+    recv_exact(half, 18)
+    start = time.monotonic()
+    srv.signal(signal.SIGTERM)
+    assert srv.wait(30) == 0, srv.stderr
+    assert time.monotonic() - start < 15
+    assert wait_closed(s, 5) == b""
+    s.close()
+    half.close()
+
+
+def test_restart_after_sigkill_reuses_stale_socket(nbd_server_factory: ServerFactory,
+                                                   tmp_path: Path) -> None:
+    image = tmp_path / "d.img"
+    srv = nbd_server_factory([file_export("disk", image, "1M")])
+    s = raw_socket(srv.socket_path)
+    raw_handshake(s, "disk")
+    s.sendall(request(c.CMD_WRITE, 1, 0, 4096, flags=c.CMD_FLAG_FUA, data=b"\xee" * 4096))
+    assert struct.unpack(">IIQ", recv_exact(s, 16)) == (c.SIMPLE_REPLY_MAGIC, 0, 1)
+    s.close()
+    srv.kill()
+    assert srv.socket_path.exists()  # left behind
+    again = nbd_server_factory([file_export("disk", image, "1M")], name=srv.name)
+    s = raw_socket(again.socket_path)
+    raw_handshake(s, "disk")
+    s.sendall(request(c.CMD_READ, 2, 0, 4096))
+    assert struct.unpack(">IIQ", recv_exact(s, 16)) == (c.SIMPLE_REPLY_MAGIC, 0, 2)
+    assert recv_exact(s, 4096) == b"\xee" * 4096
+    s.close()
+    again.stop()
+
+
+def test_socket_in_use_by_another_server(nbd_server_factory: ServerFactory,
+                                         tmp_path: Path) -> None:
+    first = nbd_server_factory([file_export("disk", tmp_path / "a.img", "1M")], tcp=False)
+    second = NbdServerProcess(tmp_path / "second",
+                              [file_export("disk", tmp_path / "b.img", "1M")],
+                              listen=[{"unix": first.socket_path}])
+    proc = serve_once(second.config_path)
+    assert_clean_error(proc, "listen[0].unix", "in use")
+    first.assert_alive()
+    s = raw_socket(first.socket_path)  # the first server's socket was left alone
+    raw_handshake(s, "disk")
+    s.close()
+
+
+# -- start-up errors ------------------------------------------------------------------------
+
+
+def test_tcp_port_in_use_names_the_listener(tmp_path: Path) -> None:
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    try:
+        sock = tmp_path / "s.sock"
+        cfg = write_config(tmp_path / "c.yaml", {
+            "listen": [{"unix": str(sock)}, {"tcp": f"127.0.0.1:{port}"}],
+            "exports": [{"name": "disk", "file": str(tmp_path / "d.img"), "size": "1M"}],
+        })
+        proc = serve_once(cfg)
+        line = assert_clean_error(proc, "listen[1].tcp", "address already in use",
+                                  f"127.0.0.1:{port}")
+        assert line.startswith("nbdserver: error: listen[1].tcp")
+        assert not sock.exists(), "the Unix socket opened first was left behind"
+    finally:
+        holder.close()
+
+
+def test_missing_file_without_size_names_the_key(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.yaml", {
+        "listen": [{"unix": str(tmp_path / "s.sock")}],
+        "exports": [{"name": "a", "file": str(tmp_path / "a.img"), "size": "1M"},
+                    {"name": "b", "file": str(tmp_path / "missing.img")}],
+    })
+    proc = serve_once(cfg)
+    assert_clean_error(proc, "exports[1].file", "missing.img", "does not exist", "size",
+                       status=2)
+    assert not (tmp_path / "missing.img").exists()
+
+
+def test_unknown_key_names_it(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""\
+listen:
+  - unix: {tmp_path}/s.sock
+server:
+  max-conections: 3
+exports:
+  - name: disk
+    file: {tmp_path}/d.img
+    size: 1M
+""")
+    proc = serve_once(cfg)
+    line = assert_clean_error(proc, "server.max-conections", "unknown key",
+                              "max-connections", status=2)
+    assert f"{cfg}:4:" in line  # file and line
+
+
+def test_empty_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "empty.img").touch()
+    cfg = write_config(tmp_path / "c.yaml", {
+        "listen": [{"unix": str(tmp_path / "s.sock")}],
+        "exports": [{"name": "e", "file": str(tmp_path / "empty.img")}],
+    })
+    assert_clean_error(serve_once(cfg), "exports[0]", "empty")
+
+
+def test_unreadable_file_is_a_clear_error(tmp_path: Path) -> None:
+    """A path that is not a regular file or block device (a FIFO)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    cfg = write_config(tmp_path / "c.yaml", {
+        "listen": [{"unix": str(tmp_path / "s.sock")}],
+        "exports": [{"name": "f", "file": str(fifo), "read-only": True}],
+    })
+    assert_clean_error(serve_once(cfg), "exports[0]", str(fifo))
+
+
+def test_o_direct_refused_is_a_clear_error(tmp_path: Path) -> None:
+    """ramfs refuses O_DIRECT at open (tmpfs accepts it on current kernels): the server
+    must say so, naming the export and file, and exit non-zero without a traceback."""
+    if os.geteuid() != 0:
+        pytest.fail("this test mounts a ramfs in a private mount namespace: run it as root "
+                    "(or in a container with CAP_SYS_ADMIN)")
+    mnt = tmp_path / "ramfs"
+    mnt.mkdir()
+    image = mnt / "disk.img"
+    cfg = write_config(tmp_path / "c.yaml", {
+        "listen": [{"unix": str(tmp_path / "s.sock")}],
+        "exports": [{"name": "disk", "file": str(image), "size": "1M"}],
+    })
+    server = " ".join(f"'{a}'" for a in (*SERVER_CMD, "serve", "-c", str(cfg)))
+    probe = run(["unshare", "-m", "sh", "-c", f"mount -t ramfs ramfs '{mnt}' && "
+                 f"stat -f -c %T '{mnt}'"], check=False)
+    if probe.returncode != 0:
+        pytest.fail(f"cannot mount a ramfs with unshare -m (needed for this test):\n"
+                    f"{probe.stderr}")
+    assert probe.stdout.strip() == "ramfs", probe.stdout
+    proc = run(["unshare", "-m", "sh", "-c",
+                f"mount -t ramfs ramfs '{mnt}' && exec {server}"], check=False, timeout=30)
+    line = assert_clean_error(proc, "exports[0]", str(image), "O_DIRECT", status=1)
+    assert "Traceback" not in proc.stdout
+    assert line.startswith("nbdserver: error: exports[0]")
+    assert not image.exists()  # it was on the ramfs, gone with the namespace
+
+
+# -- socket activation ------------------------------------------------------------------------
+
+
+def _nbdinfo_json(stdout: str) -> dict[str, object]:
+    """nbdinfo's JSON; the server it started shares its stdout and prints its URIs first."""
+    start = stdout.index("\n{\n") + 1 if not stdout.startswith("{") else 0
+    data = json.loads(stdout[start:])
+    assert isinstance(data, dict)
+    return data
+
+
+def test_socket_activation_with_nbdinfo(tmp_path: Path) -> None:
+    """``nbdinfo -- [ nbdserver serve ]`` passes a listening socket with LISTEN_FDS; the
+    config's own listeners are then not opened."""
+    configured = tmp_path / "configured.sock"
+    image = tmp_path / "d.img"
+    image.write_bytes(pattern(2 * MiB, seed=3))
+    cfg = write_config(tmp_path / "c.yaml", {
+        "listen": [{"unix": str(configured)}],
+        "exports": [{"name": "disk", "file": str(image), "description": "activated"}],
+    })
+    proc = run(["nbdinfo", "--json", "--", "[", *SERVER_CMD, "serve", "-c", cfg, "]"],
+               timeout=60)
+    info = _nbdinfo_json(proc.stdout)
+    exports = info["exports"]
+    assert isinstance(exports, list) and len(exports) == 1
+    assert exports[0]["export-size"] == 2 * MiB
+    assert exports[0]["description"] == "activated"
+    assert not configured.exists(), "a configured listener was opened under activation"
+    assert "socket activation" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "stopped" in proc.stderr  # libnbd stopped it with a signal: clean exit
+
+
+def test_socket_activation_without_listen_and_data_round_trip(tmp_path: Path) -> None:
+    image = tmp_path / "d.img"
+    cfg = write_config(tmp_path / "c.yaml", {
+        "exports": [{"name": "disk", "file": str(image), "size": "4M"}],
+    })
+    src = tmp_path / "src.bin"
+    src.write_bytes(pattern(4 * MiB, seed=11))
+    run(["nbdcopy", "--", src, "[", *SERVER_CMD, "serve", "-c", cfg, "]"], timeout=60)
+    assert image.read_bytes() == src.read_bytes()
+
+
+def test_check_config_refuses_empty_listen_without_activation(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.yaml", {
+        "exports": [{"name": "disk", "file": str(tmp_path / "d.img"), "size": "4M"}],
+    })
+    assert_clean_error(serve_once(cfg), "listen", status=2)
+
+
+def test_unix_socket_path_too_long(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    cfg = write_config(tmp_path / "c.yaml", {
+        "listen": [{"unix": str(deep / "s.sock")}],
+        "exports": [{"name": "disk", "file": str(tmp_path / "d.img"), "size": "1M"}],
+    })
+    assert_clean_error(serve_once(cfg), "listen[0].unix")
+
+
+async def test_export_name_with_spaces_and_unicode(nbd_server_factory: ServerFactory,
+                                                  tmp_path: Path) -> None:
+    name = "my disk é"
+    srv = nbd_server_factory([file_export(name, tmp_path / "d.img", "1M")])
+    client = await NbdClient.connect(srv.socket_path)
+    try:
+        details = await client.handshake(name)
+        assert details.size == 1 * MiB
+        await client.write(0, b"\x01" * 512)
+        assert await client.read(0, 512) == b"\x01" * 512
+    finally:
+        await client.close()
+    # The empty name means the first export, as with qemu-nbd and nbdkit.
+    s = raw_socket(srv.socket_path)
+    assert raw_handshake(s, "").size == 1 * MiB
+    s.close()
