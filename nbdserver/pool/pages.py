@@ -104,7 +104,12 @@ class PageCache:
         return page_no in self._pages
 
     async def load(self, page_no: int, *, pin: bool = False) -> Page:
-        """Read a page into the cache (verifying its checksum); pin it if asked."""
+        """Read a page into the cache (verifying its checksum); pin it if asked.
+
+        The pin is taken before anything is evicted: when every other page is pinned
+        or dirty, evicting first would drop the page just loaded (and a retrying
+        operation would load it again forever).
+        """
         page = self._pages.get(page_no)
         if page is None:
             raw = await self._read_page(page_no)
@@ -114,16 +119,23 @@ class PageCache:
                 page = Page(page_no, bytearray(raw), ptype)
                 self._pages[page_no] = page
                 self.loads += 1
+                if pin:
+                    page.pins += 1
                 self._evict()
+                return page
         if pin:
             page.pins += 1
         return page
 
-    def insert_clean(self, page_no: int, data: bytes, ptype: int) -> None:
-        """Put a page known to match its home copy into the cache (open, recovery)."""
-        if page_no not in self._pages:
-            self._pages[page_no] = Page(page_no, bytearray(data), ptype)
-            self._evict()
+    def insert_clean(self, page_no: int, data: bytes, ptype: int, *, pin: bool = False) -> None:
+        """Put a page known to match its home copy into the cache (open, recovery);
+        `pin` keeps it for good (pinned before anything is evicted, see load)."""
+        page = self._pages.get(page_no)
+        if page is None:
+            page = self._pages[page_no] = Page(page_no, bytearray(data), ptype)
+        if pin:
+            page.pins += 1
+        self._evict()
 
     # -- mini-transactions -------------------------------------------------------------------
 

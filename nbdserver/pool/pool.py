@@ -220,15 +220,13 @@ class Pool:
         raw = _read_pages_sync(self.device, layout.state_page, 1)
         verify_page(layout.state_page, raw)
         self.state = PoolState.unpack(raw)
-        self.cache.insert_clean(layout.state_page, raw, PT_STATE)
-        self.cache.pin(layout.state_page)
+        self.cache.insert_clean(layout.state_page, raw, PT_STATE, pin=True)
         cat = _read_pages_sync(self.device, layout.catalog_start, layout.catalog_pages)
         for i in range(layout.catalog_pages):
             page_no = layout.catalog_start + i
             page = cat[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
             verify_page(page_no, page)
-            self.cache.insert_clean(page_no, page, PT_CATALOG)
-            self.cache.pin(page_no)
+            self.cache.insert_clean(page_no, page, PT_CATALOG, pin=True)
             for j in range(RECORDS_PER_CATALOG_PAGE):
                 off = PAGE_HEADER_SIZE + j * CATALOG_RECORD_SIZE
                 rec = VolumeRecord.unpack(page[off:off + CATALOG_RECORD_SIZE],

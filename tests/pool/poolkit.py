@@ -1,0 +1,331 @@
+"""Helpers for the pool and block-map tests: a pool on a real O_DIRECT file, and volumes.
+
+:class:`PoolEnv` creates a pool of one design in a file (on the test's tmp_path,
+ext4, never tmpfs), opens it with a real AIO engine, and reopens it on demand.
+It opens the pool either ``offline`` (missing metadata pages are read
+synchronously) or online with a tiny page cache (``TINY_CACHE``: 16 pages), so
+that block-map code keeps hitting PageMiss, rolls back and retries, and clean
+pages are evicted all the time.
+
+:class:`Vol` drives a :class:`~nbdserver.volume.VolumeBackend` through its real
+callback API (the NBD data path) and turns each ``done(result)`` into an
+awaitable: ``await vol.write(off, data)``, ``await vol.read(off, n)`` (bytes,
+holes filled with zeros), ``trim``, ``zero``, ``flush``, ``block_status``.
+Errors come back as raised :class:`~nbdserver.errors.NbdError`.
+
+Designs: every test that takes a design iterates over :func:`design_names`,
+which asks the registry (:func:`nbdserver.blockmap.base.designs`), so a new
+design is tested as soon as it registers itself. :func:`small_params` gives the
+map parameters that force deep structures (radix fan-out 4); a design may
+offer its own by defining a ``small_params()`` classmethod, and otherwise runs
+with its defaults.
+
+This module is loaded under the name ``poolkit`` by the conftest files of
+``tests/pool`` and ``tests/blockmap`` (and by ``scripts/soak-model.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nbdserver.backend.base import BASE_ALLOCATION, ReadResult, StatusExtent
+from nbdserver.blockmap.base import designs
+from nbdserver.errors import NbdError
+from nbdserver.pool.pool import CheckReport, Pool
+from nbdserver.storage.buffers import BufferPool
+from nbdserver.storage.engine import IoEngine, make_engine
+from nbdserver.volume import VolumeBackend
+
+PoolFactory = Callable[..., Awaitable["PoolEnv"]]
+
+KiB = 1024
+MiB = 1024 * KiB
+TINY_CACHE = 64 * KiB  # 16 pages: the smallest cache the pool allows
+POOL_SIZE = 16 * MiB
+JOURNAL_BYTES = 256 * KiB  # 64 pages: commits wrap the ring and checkpoint often
+MAX_VOLUMES = 64
+
+# Parameters that make each design build deep structures from few chunks.
+_SMALL_PARAMS: dict[str, tuple[int, int, int, int]] = {"radix": (4, 0, 0, 0)}
+
+
+def design_names() -> list[str]:
+    """Every registered block-map design, sorted (what the parametrised tests run over)."""
+    return sorted(designs())
+
+
+def small_params(design: str) -> tuple[int, int, int, int] | None:
+    """Map parameters forcing small nodes for `design`, or None for its defaults."""
+    if design in _SMALL_PARAMS:
+        return _SMALL_PARAMS[design]
+    cls: Any = designs()[design]
+    fn = getattr(cls, "small_params", None)
+    return tuple(fn()) if callable(fn) else None  # type: ignore[return-value]
+
+
+def pattern(seed: int, length: int, offset: int = 0) -> bytes:
+    """Recognisable, mostly nonzero bytes: byte i is a function of (seed, offset + i)."""
+    seed &= 0xFFFF
+    step = 2 * (seed % 61) + 1
+    base = (seed * 7919) & 0xFF
+    return bytes(((base + (offset + i) * step) & 0xFF) | 1 for i in range(length))
+
+
+class Vol:
+    """One volume served by a VolumeBackend, with awaitable operations (see module note)."""
+
+    def __init__(self, env: PoolEnv, name: str, backend: VolumeBackend) -> None:
+        self.env = env
+        self.name = name
+        self.backend = backend
+
+    @property
+    def size(self) -> int:
+        return self.backend.size
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    def _future(self) -> asyncio.Future[Any]:
+        return self.loop.create_future()
+
+    @staticmethod
+    def _settle(fut: asyncio.Future[Any], result: object) -> None:
+        if fut.done():
+            raise AssertionError("a backend completed one request twice")
+        fut.set_result(result)
+
+    async def _done(self, start: Any, *args: Any, **kwargs: Any) -> None:
+        fut = self._future()
+        start(*args, done=lambda r: self._settle(fut, r), **kwargs)
+        result = await fut
+        if isinstance(result, NbdError):
+            raise result
+        assert result is None, result
+
+    async def read(self, offset: int, length: int) -> bytes:
+        fut = self._future()
+        self.backend.read(offset, length, lambda r: self._settle(fut, r))
+        result = await fut
+        if isinstance(result, NbdError):
+            raise result
+        assert isinstance(result, ReadResult)
+        out = bytearray(length)
+        pos = offset
+        try:
+            for off, n, data in result.chunks:
+                assert off == pos, f"read chunks out of order: {off} after {pos}"
+                assert n > 0
+                if data is not None:
+                    assert len(data) == n
+                    out[off - offset:off - offset + n] = data
+                pos = off + n
+        finally:
+            result.release()
+        assert pos == offset + length, f"read chunks cover {pos - offset} of {length} bytes"
+        return bytes(out)
+
+    async def read_all(self) -> bytes:
+        return await self.read(0, self.size)
+
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        fut = self._future()
+        self.backend.write(offset, memoryview(data), fua, lambda r: self._settle(fut, r))
+        result = await fut
+        if isinstance(result, NbdError):
+            raise result
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        await self._done(self.backend.trim, offset, length, fua)
+
+    async def zero(self, offset: int, length: int, *, may_trim: bool = True,
+                   fast_only: bool = False, fua: bool = False) -> None:
+        await self._done(self.backend.zero, offset, length, may_trim=may_trim,
+                         fast_only=fast_only, fua=fua)
+
+    async def flush(self) -> None:
+        await self._done(self.backend.flush)
+
+    async def block_status(self, offset: int, length: int,
+                           context: str = BASE_ALLOCATION) -> list[StatusExtent]:
+        """Extents covering exactly [offset, offset+length) (asking again where a reply
+        stops short)."""
+        out: list[StatusExtent] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            fut = self._future()
+            self.backend.block_status(pos, end - pos, context,
+                                      lambda r, fut=fut: self._settle(fut, r))
+            result = await fut
+            if isinstance(result, NbdError):
+                raise result
+            assert result, "empty block-status reply"
+            for n, flags in result:
+                assert n > 0
+                n = min(n, end - pos)
+                if n <= 0:
+                    break
+                out.append((n, flags))
+                pos += n
+        return out
+
+
+class PoolEnv:
+    """A pool of one design in a file, opened and reopened by the test (see module note)."""
+
+    def __init__(self, path: Path, design: str, *, chunk_size: int = 4096,
+                 size: int = POOL_SIZE, offline: bool = True, cache_bytes: int = TINY_CACHE,
+                 map_params: tuple[int, int, int, int] | None = None,
+                 small: bool = True, journal_bytes: int | None = JOURNAL_BYTES,
+                 max_volumes: int = MAX_VOLUMES) -> None:
+        self.path = path
+        self.design = design
+        self.chunk_size = chunk_size
+        self.offline = offline
+        self.cache_bytes = cache_bytes
+        if map_params is None and small:
+            map_params = small_params(design)
+        Pool.create(path, size, blockmap=design, chunk_size=chunk_size, map_params=map_params,
+                    max_volumes=max_volumes, journal_bytes=journal_bytes)
+        self._engine: IoEngine | None = None
+        self._pool: Pool | None = None
+        self.buffers = BufferPool()
+        self.vols: dict[str, Vol] = {}
+
+    @property
+    def pool(self) -> Pool:
+        assert self._pool is not None, "the pool is not open"
+        return self._pool
+
+    @property
+    def engine(self) -> IoEngine:
+        assert self._engine is not None, "the pool is not open"
+        return self._engine
+
+    async def open(self) -> PoolEnv:
+        if self._engine is None:
+            self._engine = make_engine(asyncio.get_running_loop())
+        self._pool = await Pool.open(self.path, self._engine, self.buffers,
+                                     cache_bytes=self.cache_bytes, offline=self.offline)
+        return self
+
+    async def close(self) -> None:
+        """Close every backend, then the pool (commit and checkpoint)."""
+        for name in list(self.vols):
+            await self.release(name)
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def shutdown(self) -> None:
+        """Close the pool and the engine (teardown)."""
+        try:
+            await self.close()
+        finally:
+            if self._engine is not None:
+                self._engine.close()
+                self._engine = None
+            self.buffers.clear()
+
+    async def reopen(self) -> None:
+        await self.close()
+        await self.open()
+
+    # -- volumes ------------------------------------------------------------------------
+
+    def vol(self, name: str) -> Vol:
+        """The volume `name`, with a backend (kept open until release/close/delete)."""
+        vol = self.vols.get(name)
+        if vol is None:
+            record = self.pool.volume(name)
+            vol = self.vols[name] = Vol(self, name, VolumeBackend(self.pool, record,
+                                                                 user="test"))
+        return vol
+
+    async def release(self, name: str) -> None:
+        vol = self.vols.pop(name, None)
+        if vol is not None:
+            await vol.backend.close()
+
+    async def create(self, name: str, size: int, *, guarantee: bool = False) -> Vol:
+        await self.pool.create_volume(name, size, guarantee=guarantee)
+        return self.vol(name)
+
+    async def snapshot(self, source: str, name: str) -> Vol:
+        await self.pool.clone_volume(source, name, snapshot=True)
+        return self.vol(name)
+
+    async def fork(self, source: str, name: str, *, guarantee: bool = False) -> Vol:
+        await self.pool.clone_volume(source, name, snapshot=False, guarantee=guarantee)
+        return self.vol(name)
+
+    async def delete(self, name: str) -> None:
+        await self.release(name)
+        await self.pool.delete_volume(name)
+
+    def names(self) -> list[str]:
+        return [v.name for v in self.pool.live_volumes()]
+
+    # -- checking -----------------------------------------------------------------------
+
+    async def check(self) -> CheckReport:
+        return await self.pool.check()
+
+    async def assert_clean(self) -> CheckReport:
+        report = await self.pool.check()
+        assert report.ok, "pool check found problems:\n" + "\n".join(report.problems)
+        assert report.leaked_chunks == 0 and report.leaked_pages == 0
+        return report
+
+
+def describe_diff(want: bytes | bytearray, got: bytes | bytearray, chunk: int,
+                  limit: int = 4) -> str:
+    """Where two equal-length byte strings differ, by chunk (for assertion messages)."""
+    assert len(want) == len(got)
+    out: list[str] = []
+    for start in range(0, len(want), chunk):
+        a, b = want[start:start + chunk], got[start:start + chunk]
+        if a != b:
+            first = next(i for i in range(len(a)) if a[i] != b[i])
+            out.append(f"chunk {start // chunk} (byte {start + first}): want "
+                       f"{bytes(a[first:first + 8]).hex()} got {bytes(b[first:first + 8]).hex()}")
+            if len(out) >= limit:
+                out.append("...")
+                break
+    return "; ".join(out)
+
+
+def zero_runs(flags_extents: Sequence[StatusExtent], mask: int) -> list[tuple[int, int]]:
+    """(offset, length) of the extents whose flags have any bit of `mask`."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    for n, flags in flags_extents:
+        if flags & mask:
+            out.append((pos, n))
+        pos += n
+    return out
+
+
+# -- the pytest fixture (imported by the conftest files) ----------------------------------
+
+
+@pytest.fixture
+async def make_pool(tmp_path: Path) -> AsyncIterator[PoolFactory]:
+    """``env = await make_pool("radix", chunk_size=16384, offline=False)``: a pool of that
+    design in a new file under tmp_path, open; every one is shut down at teardown."""
+    envs: list[PoolEnv] = []
+
+    async def make(design: str, **kwargs: Any) -> PoolEnv:
+        env = PoolEnv(tmp_path / f"pool{len(envs)}.img", design, **kwargs)
+        envs.append(env)
+        return await env.open()
+
+    yield make
+    for env in envs:
+        await env.shutdown()

@@ -1,0 +1,324 @@
+"""The metadata journal: record encoding, the ring with PAD and wrap-around, replay.
+
+The ring is simulated in a bytearray here (the journal module is pure: it
+encodes into a buffer and reads through a callback); the last tests run it
+through a real pool whose journal is small enough to wrap many times.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import pytest
+from poolkit import KiB, PoolFactory, pattern
+
+from nbdserver.pool.format import PAGE_SIZE
+from nbdserver.pool.journal import (
+    FLAG_PAD,
+    HDR_IDS,
+    IDS_PER_INDEX,
+    JOURNAL_MAGIC,
+    JournalRing,
+    ReplayedRecord,
+    encode_pad,
+    encode_record,
+    read_records,
+    record_pages,
+)
+
+_HDR = struct.Struct("<8sQIIIII")
+
+
+def image(tag: int) -> bytes:
+    return pattern(tag, PAGE_SIZE)
+
+
+class Ring:
+    """A journal ring in memory, written the way Pool._commit_locked writes it."""
+
+    def __init__(self, pages: int) -> None:
+        self.pages = pages
+        self.data = bytearray(pages * PAGE_SIZE)
+        self.state = JournalRing(pages, 0, 0, 1)
+
+    def read(self, pos: int, count: int) -> bytes:
+        assert pos >= 0 and pos + count <= self.pages, (pos, count)
+        return bytes(self.data[pos * PAGE_SIZE:(pos + count) * PAGE_SIZE])
+
+    def put(self, pos: int, raw: bytes | bytearray | memoryview) -> None:
+        self.data[pos * PAGE_SIZE:pos * PAGE_SIZE + len(raw)] = raw
+
+    def commit(self, images: list[tuple[int, bytes]]) -> tuple[int, int, bool]:
+        """Append a record (PAD first if needed); returns (position, seq, padded)."""
+        total = record_pages(len(images))
+        placement = self.state.place(total)
+        assert placement is not None, "ring full"
+        position, padded = placement
+        seq = self.state.seq + (1 if padded else 0)
+        if padded:
+            self.put(self.state.head, encode_pad(self.state.seq))
+        buf = bytearray(total * PAGE_SIZE)
+        assert encode_record(seq, images, memoryview(buf)) == total
+        self.put(position, buf)
+        self.state.advance(position, total, padded)
+        return position, seq, padded
+
+    def replay(self, tail: int | None = None, seq: int | None = None
+               ) -> tuple[list[ReplayedRecord], tuple[int, int]]:
+        records: list[ReplayedRecord] = []
+        end: tuple[int, int] | None = None
+        for item in read_records(self.read, self.pages,
+                                 self.state.tail if tail is None else tail,
+                                 1 if seq is None else seq):
+            if isinstance(item, tuple):
+                end = item
+            else:
+                records.append(item)
+        assert end is not None, "read_records must end with (position, seq)"
+        return records, end
+
+
+def test_record_pages() -> None:
+    assert record_pages(1) == 2
+    assert record_pages(HDR_IDS) == 1 + HDR_IDS
+    assert record_pages(HDR_IDS + 1) == 1 + 1 + HDR_IDS + 1
+    assert record_pages(HDR_IDS + IDS_PER_INDEX) == 1 + 1 + HDR_IDS + IDS_PER_INDEX
+    assert record_pages(HDR_IDS + IDS_PER_INDEX + 1) == 1 + 2 + HDR_IDS + IDS_PER_INDEX + 1
+
+
+@pytest.mark.parametrize("npages", [0, 1, 3, HDR_IDS, HDR_IDS + 1, HDR_IDS + IDS_PER_INDEX + 5])
+def test_encode_and_read_back(npages: int) -> None:
+    images = [(1000 + 7 * i, image(i)) for i in range(npages)]
+    ring = Ring(record_pages(npages) + 8)
+    position, seq, padded = ring.commit(images)
+    assert (position, seq, padded) == (0, 1, False)
+    records, end = ring.replay()
+    assert len(records) == 1
+    rec = records[0]
+    assert (rec.seq, rec.position, rec.total_pages) == (1, 0, record_pages(npages))
+    assert rec.images == dict(images)
+    assert end == (record_pages(npages), 2)
+
+
+def test_header_fields_and_crc() -> None:
+    buf = bytearray(3 * PAGE_SIZE)
+    total = encode_record(42, [(5, image(1)), (9, image(2))], memoryview(buf))
+    magic, seq, npages, index_pages, tot, flags, crc = _HDR.unpack_from(buf)
+    assert (magic, seq, npages, index_pages, tot, flags) == (JOURNAL_MAGIC, 42, 2, 0, 3, 0)
+    assert total == 3
+    check = bytearray(buf)
+    struct.pack_into("<I", check, _HDR.size - 4, 0)
+    assert zlib.crc32(check) == crc
+    assert struct.unpack_from("<2Q", buf, _HDR.size) == (5, 9)
+    assert buf[PAGE_SIZE:2 * PAGE_SIZE] == image(1)
+
+
+def test_pad_record() -> None:
+    pad = encode_pad(7)
+    magic, seq, npages, index_pages, total, flags, crc = _HDR.unpack_from(pad)
+    assert (magic, seq, npages, index_pages, total, flags) == (JOURNAL_MAGIC, 7, 0, 0, 1,
+                                                                FLAG_PAD)
+    check = bytearray(pad)
+    struct.pack_into("<I", check, _HDR.size - 4, 0)
+    assert zlib.crc32(check) == crc
+
+
+def test_replay_in_order_with_sequence_numbers() -> None:
+    ring = Ring(64)
+    for i in range(5):
+        ring.commit([(i, image(i)), (100 + i, image(100 + i))])
+    records, end = ring.replay()
+    assert [r.seq for r in records] == [1, 2, 3, 4, 5]
+    assert [r.position for r in records] == [0, 3, 6, 9, 12]
+    assert end == (15, 6)
+    assert records[3].images == {3: image(3), 103: image(103)}
+
+
+def test_replay_from_a_later_tail() -> None:
+    ring = Ring(64)
+    for i in range(4):
+        ring.commit([(i, image(i))])
+    records, end = ring.replay(tail=4, seq=3)
+    assert [r.seq for r in records] == [3, 4]
+    assert end == (8, 5)
+
+
+def test_wrong_expected_seq_replays_nothing() -> None:
+    ring = Ring(64)
+    ring.commit([(1, image(1))])
+    records, end = ring.replay(tail=0, seq=2)
+    assert records == [] and end == (0, 2)
+
+
+def test_pad_and_wrap_around() -> None:
+    """Records of varying sizes through a small ring, checkpointing when it is full (as the
+    pool does): after every commit, replay from the checkpoint finds exactly the records
+    written since, in order, across PADs and the end of the ring."""
+    ring = Ring(23)
+    tail, tail_seq = 0, 1
+    since: list[tuple[int, dict[int, bytes]]] = []
+    pads = wraps = 0
+    for i in range(60):
+        n = 1 + (i * 5) % 7
+        images = [(1000 * i + k, image(1000 * i + k)) for k in range(n)]
+        if ring.state.place(record_pages(n)) is None:
+            ring.state.checkpointed()
+            tail, tail_seq = ring.state.tail, ring.state.seq
+            since = []
+        head = ring.state.head
+        pos, seq, padded = ring.commit(images)
+        pads += padded
+        wraps += ring.state.head < head or padded
+        assert pos == (0 if padded else head)
+        since.append((seq, dict(images)))
+        records, end = ring.replay(tail=tail, seq=tail_seq)
+        assert [(r.seq, r.images) for r in records] == since
+        assert end == (ring.state.head, ring.state.seq)
+    assert pads >= 3 and wraps >= 5
+
+
+def test_torn_record_stops_replay() -> None:
+    ring = Ring(64)
+    for i in range(4):
+        ring.commit([(i, image(i)), (i + 100, image(i + 100))])
+    # Tear the third record: one byte of its second image never reached the disk.
+    ring.data[(6 + 2) * PAGE_SIZE + 100] ^= 0xFF
+    records, end = ring.replay()
+    assert [r.seq for r in records] == [1, 2]
+    assert end == (6, 3)
+
+
+def test_torn_header_stops_replay() -> None:
+    ring = Ring(64)
+    for i in range(3):
+        ring.commit([(i, image(i))])
+    ring.data[2 * PAGE_SIZE + 40] ^= 1  # a page number in the second header
+    records, end = ring.replay()
+    assert [r.seq for r in records] == [1]
+    assert end == (2, 2)
+
+
+def test_torn_pad_stops_replay() -> None:
+    ring = Ring(12)
+    ring.commit([(k, image(k)) for k in range(4)])  # 0..5
+    ring.commit([(k, image(k)) for k in range(3)])  # 5..9
+    ring.state.checkpointed()
+    pos, seq, padded = ring.commit([(k, image(k)) for k in range(3)])  # pad at 9, then 0..4
+    assert padded and pos == 0
+    ring.data[9 * PAGE_SIZE + 20] ^= 1
+    records, end = ring.replay(tail=9, seq=seq - 1)
+    assert records == [] and end == (9, seq - 1)
+
+
+def test_stale_record_from_an_earlier_lap_stops_replay() -> None:
+    ring = Ring(16)
+    for i in range(5):  # 5 records of 3 pages: 0..15
+        ring.commit([(i, image(i)), (50 + i, image(50 + i))])
+    ring.state.checkpointed()
+    assert ring.state.head == 15
+    ring.commit([(7, image(7))])  # 2 pages: PAD at 15, record at 0..2 with seq 7
+    records, end = ring.replay(tail=15, seq=6)
+    # After the new record comes the old one at 2? No: the old ones start at 0, 3, 6...;
+    # the page at 2 is inside old record 1 (an image), not a header: replay stops there.
+    assert [r.seq for r in records] == [7]
+    assert end == (2, 8)
+    # Make the position after the new record hold an old header (seq 2, stale).
+    ring2 = Ring(16)
+    for i in range(5):
+        ring2.commit([(i, image(i)), (50 + i, image(50 + i))])
+    ring2.state.checkpointed()
+    ring2.commit([(8, image(8)), (9, image(9))])  # 3 pages: PAD at 15, record 0..3
+    records, end = ring2.replay(tail=15, seq=6)
+    assert [r.seq for r in records] == [7]
+    old_header = _HDR.unpack_from(ring2.data, 3 * PAGE_SIZE)
+    assert old_header[0] == JOURNAL_MAGIC and old_header[1] == 2  # the stale one is there
+    assert end == (3, 8)
+
+
+def test_record_running_past_the_end_is_ignored() -> None:
+    ring = Ring(8)
+    buf = bytearray(4 * PAGE_SIZE)
+    encode_record(1, [(1, image(1)), (2, image(2)), (3, image(3))], memoryview(buf))
+    ring.put(6, buf[:2 * PAGE_SIZE])  # claims 4 pages from 6 in an 8-page ring
+    records, end = ring.replay(tail=6, seq=1)
+    assert records == [] and end == (6, 1)
+
+
+def test_ring_accounting() -> None:
+    ring = JournalRing(10, 0, 0, 1)
+    assert ring.free_pages() == 9
+    assert ring.place(4) == (0, False)
+    ring.advance(0, 4, False)
+    assert (ring.head, ring.seq, ring.used) == (4, 2, 4)
+    assert ring.place(5) == (4, False)
+    ring.advance(4, 5, False)
+    assert ring.free_pages() == 0
+    assert ring.place(1) is None  # one page always stays free
+    ring.checkpointed()
+    assert (ring.tail, ring.used) == (9, 0)
+    assert ring.place(2) == (0, True)  # 9 + 2 > 10: PAD at 9
+    ring.advance(0, 2, True)
+    assert (ring.head, ring.seq, ring.used) == (2, 5, 3)
+    with pytest.raises(ValueError, match="exceeds the ring"):
+        ring.place(10)
+    assert JournalRing(10, 3, 7, 1).used == 4
+    assert JournalRing(10, 7, 3, 1).used == 6
+
+
+# -- through a real pool -----------------------------------------------------------------
+
+
+async def test_pool_journal_wraps_and_recovers(make_pool: PoolFactory) -> None:
+    """Many commits through a 64-page ring (PADs, checkpoints), then a crash: every
+    flushed write survives the replay and the pool checks clean."""
+    env = await make_pool("radix", journal_bytes=256 * KiB)
+    pool = env.pool
+    vol = await env.create("v", 256 * KiB)
+    model = bytearray(256 * KiB)
+    start_seq, sb_seq = pool.ring.seq, pool.sb.seq
+    wraps = 0
+    for i in range(120):
+        off = (i * 37 % 60) * 4096 + (i % 3) * 512
+        data = pattern(i, 4096 + 512 * (i % 5))
+        data = data[:256 * KiB - off]
+        await vol.write(off, data)
+        model[off:off + len(data)] = data
+        gone = (i * 11 % 64) * 4096  # a trim every time: each flush commits metadata
+        await vol.trim(gone, 4096)
+        model[gone:gone + 4096] = bytes(4096)
+        head = pool.ring.head
+        await vol.flush()
+        wraps += pool.ring.head < head
+    assert pool.ring.seq - start_seq >= 120
+    assert wraps >= 3, "the ring never wrapped"
+    assert pool.sb.seq > sb_seq, "never checkpointed"
+    await pool._home_done.wait()
+    await env.release("v")
+    pool.abandon()  # a crash: no final commit, no checkpoint
+    await env.open()
+    assert await env.vol("v").read_all() == model
+    await env.assert_clean()
+
+
+async def test_recovery_replays_unwritten_home_pages(make_pool: PoolFactory) -> None:
+    """Crash right after the journal write, before any home write: replay restores."""
+    env = await make_pool("radix", journal_bytes=1024 * KiB)
+    vol = await env.create("v", 128 * KiB)
+    await env.pool.close()  # checkpointed: a clean start
+    await env.release("v")
+    await env.open()
+    vol = env.vol("v")
+    data = pattern(5, 64 * KiB)
+    await vol.write(4096, data)
+    pool = env.pool
+    written: list[int] = []
+    pool._write_home = lambda images: written.extend(p for p, _ in images)  # type: ignore[method-assign]
+    await vol.flush()
+    assert written, "the commit had metadata to write home"
+    await env.release("v")
+    pool.abandon()
+    await env.open()
+    got = await env.vol("v").read_all()
+    assert got[4096:4096 + len(data)] == data and not any(got[:4096])
+    await env.assert_clean()

@@ -1,0 +1,69 @@
+"""Opening pools: page-cache sizes, locking, and what open reads."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from poolkit import TINY_CACHE, KiB, PoolEnv, PoolFactory, pattern
+
+from nbdserver.errors import UserError
+from nbdserver.pool.pool import Pool, PoolBusy
+from nbdserver.storage.buffers import BufferPool
+from nbdserver.storage.engine import make_engine
+
+
+async def test_tiny_cache_with_a_large_catalog(make_pool: PoolFactory) -> None:
+    """The catalog and state pages are pinned for good; a cache smaller than them must
+    still open (they are kept, the cache runs over its capacity) and work."""
+    env = await make_pool("radix", offline=False, cache_bytes=TINY_CACHE, max_volumes=4096)
+    assert env.pool.layout.catalog_pages == 256 > env.pool.cache.capacity
+    vol = await env.create("v", 256 * KiB)
+    await vol.write(8192, pattern(3, 100 * KiB))
+    await env.reopen()
+    assert (await env.vol("v").read(8192, 100 * KiB)) == pattern(3, 100 * KiB)
+    await env.assert_clean()
+
+
+async def test_second_open_is_refused(make_pool: PoolFactory) -> None:
+    env = await make_pool("radix")
+    engine = make_engine(asyncio.get_running_loop())
+    try:
+        with pytest.raises(PoolBusy, match="in use"):
+            await Pool.open(env.path, engine, BufferPool())
+    finally:
+        engine.close()
+
+
+def test_create_refuses_an_existing_file(tmp_path: Path) -> None:
+    path = tmp_path / "p.img"
+    path.write_bytes(b"x" * 4096)
+    with pytest.raises(UserError, match="already exists"):
+        Pool.create(path, 16 << 20)
+    with pytest.raises(UserError, match="unknown block map"):
+        Pool.create(tmp_path / "q.img", 16 << 20, blockmap="nope")
+    with pytest.raises(UserError, match="too small"):
+        Pool.create(tmp_path / "r.img", 1 << 20)
+
+
+async def test_open_a_file_that_is_not_a_pool(tmp_path: Path) -> None:
+    path = tmp_path / "junk.img"
+    path.write_bytes(bytes(1 << 20))
+    engine = make_engine(asyncio.get_running_loop())
+    try:
+        with pytest.raises(UserError, match="not an nbdserver pool"):
+            await Pool.open(path, engine, BufferPool())
+    finally:
+        engine.close()
+
+
+async def test_pool_env_reopen_keeps_everything(make_pool: PoolFactory) -> None:
+    env: PoolEnv = await make_pool("radix", offline=False)
+    a = await env.create("a", 64 * KiB)
+    await a.write(0, pattern(1, 64 * KiB))
+    await env.snapshot("a", "s")
+    await env.reopen()
+    assert env.names() == ["a", "s"]
+    assert await env.vol("s").read_all() == pattern(1, 64 * KiB)
+    assert env.pool.volume("s").read_only
