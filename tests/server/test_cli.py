@@ -1,0 +1,165 @@
+"""The command line as a user meets it: ``--help``, ``check-config``, exit codes.
+
+Run as subprocesses (``python -m nbdserver``), as people and scripts run it.
+Config parsing itself is unit-tested in tests/test_config.py; these check what
+the commands print and return.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import SERVER_CMD, run
+
+from nbdserver.cli import build_parser
+
+
+def nbdserver(*args: str | Path, check: bool = False) -> tuple[int, str, str]:
+    proc = run([*SERVER_CMD, *args], check=check, timeout=30)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def subcommands() -> list[str]:
+    parser = build_parser()
+    actions = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+    assert len(actions) == 1
+    names = list(actions[0].choices)  # type: ignore[attr-defined]
+    assert {"serve", "check-config"} <= set(names)
+    return names
+
+
+def test_help_mentions_every_subcommand() -> None:
+    status, out, _ = nbdserver("--help")
+    assert status == 0
+    for name in subcommands():
+        assert re.search(rf"^\s+{re.escape(name)}\b", out, re.M), f"{name} not in --help"
+
+
+@pytest.mark.parametrize("name", subcommands())
+def test_each_subcommand_has_help(name: str) -> None:
+    status, out, _ = nbdserver(name, "--help")
+    assert status == 0
+    assert out.startswith("usage: nbdserver " + name)
+
+
+def test_no_command_prints_usage_and_fails() -> None:
+    status, out, err = nbdserver()
+    assert status == 2
+    assert "usage: nbdserver" in out + err
+
+
+def test_version() -> None:
+    status, out, _ = nbdserver("--version")
+    assert status == 0
+    assert re.fullmatch(r"nbdserver \d+\.\d+\.\d+\S*\n", out), out
+
+
+def test_unknown_option_is_a_usage_error() -> None:
+    status, _, err = nbdserver("serve", "--no-such-option")
+    assert status == 2
+    assert "--no-such-option" in err
+
+
+def good_config(tmp_path: Path) -> Path:
+    cfg = tmp_path / "good.yaml"
+    (tmp_path / "exists.img").write_bytes(b"\0" * 8192)
+    cfg.write_text("""\
+listen:
+  - unix: run/nbd.sock
+  - tcp: 127.0.0.1:0
+server:
+  max-connections: 8
+exports:
+  - name: new
+    file: data/new.img
+    size: 16M
+    description: created on first start
+  - name: old
+    file: exists.img
+    read-only: true
+""")
+    return cfg
+
+
+def test_check_config_good(tmp_path: Path) -> None:
+    cfg = good_config(tmp_path)
+    status, out, err = nbdserver("check-config", cfg)
+    assert status == 0, err
+    assert out.rstrip().endswith(f"{cfg}: configuration is valid")
+    # Relative paths are explained resolved against the config's directory.
+    assert str(tmp_path / "run" / "nbd.sock") in out
+    assert str(tmp_path / "data" / "new.img") in out
+    assert "will be created at 16 MiB" in out
+    assert "'old': read-only" in out
+    assert "up to 8 connections" in out
+    # Checking changes nothing on disk.
+    assert not (tmp_path / "data").exists()
+    assert not (tmp_path / "run").exists()
+
+
+def test_check_config_json(tmp_path: Path) -> None:
+    cfg = good_config(tmp_path)
+    status, out, _ = nbdserver("check-config", "--json", cfg)
+    assert status == 0
+    data = json.loads(out)
+    assert data["source"] == str(cfg)
+    assert [e["name"] for e in data["exports"]] == ["new", "old"]
+    assert data["exports"][0]["size"] == 16 << 20
+    assert data["exports"][0]["file"] == str(tmp_path / "data" / "new.img")
+    assert data["exports"][1]["read-only"] is True
+    assert data["listen"][1] == {"kind": "tcp", "path": None, "host": "127.0.0.1", "port": 0,
+                                 "key": "listen[1].tcp"}
+    assert data["server"]["max-connections"] == 8
+
+
+@pytest.mark.parametrize("text, needles", [
+    pytest.param("listen: [{unix: s.sock}]\nexports:\n  - name: d\n    file: nope.img\n",
+                 [":4:", "exports[0].file", "does not exist", "size"], id="missing-file"),
+    pytest.param("listen: [{unix: s.sock}]\nexports:\n  - name: d\n    file: x.img\n"
+                 "    sise: 1G\n", [":5:", "exports[0].sise", "unknown key", "'size'"],
+                 id="unknown-key"),
+    pytest.param("listen: [{tcp: 127.0.0.1:99999}]\nexports: []\n",
+                 ["listen[0].tcp", "out of range"], id="bad-port"),
+    pytest.param("listen: [{unix: s.sock}]\nexports:\n  - name: d\n    file: x.img\n"
+                 "    size: 1G\n    read-only: yes\n", ["exports[0].read-only", "'yes'"],
+                 id="yes-is-not-a-boolean"),
+    pytest.param("listen:\n\t- unix: s.sock\n", ["tabs"], id="tab"),
+    pytest.param("", ["empty"], id="empty"),
+])
+def test_check_config_bad(tmp_path: Path, text: str, needles: list[str]) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    status, out, err = nbdserver("check-config", cfg)
+    assert status == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err  # one line, no traceback
+    assert lines[0].startswith(f"nbdserver: error: {cfg}")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_check_config_missing_file(tmp_path: Path) -> None:
+    status, _, err = nbdserver("check-config", tmp_path / "nope.yaml")
+    assert status == 2
+    assert "no such config file" in err
+
+
+def test_check_config_warns_but_succeeds(tmp_path: Path) -> None:
+    (tmp_path / "empty.img").touch()
+    cfg = tmp_path / "warn.yaml"
+    cfg.write_text("listen: [{unix: s.sock}]\nexports:\n  - name: e\n    file: empty.img\n")
+    status, out, _ = nbdserver("check-config", cfg)
+    assert status == 0
+    assert "warning: exports[0].file" in out and "empty" in out
+
+
+def test_serve_missing_config_file(tmp_path: Path) -> None:
+    status, _, err = nbdserver("serve", "-c", tmp_path / "nope.yaml")
+    assert status == 2
+    assert err.strip().splitlines()[-1] == \
+        f"nbdserver: error: {tmp_path / 'nope.yaml'}: no such config file"
