@@ -1,0 +1,207 @@
+"""Real VMs booting from forks of a golden volume served by nbdserver.
+
+For every registered block-map design (radix at least; extent and linear run
+too once they register themselves), in a pool with 64 KiB chunks:
+
+1. ``pool create`` and ``volume create golden`` (offline CLI), then a server
+   exporting golden read-write; the root image built by ``scripts/vmimage.py``
+   is written into it with ``qemu-img convert`` over NBD.
+2. ``volume fork golden vm1`` with no server running (the offline path).
+3. A server exporting vm1 (and golden, read-only): qemu boots vm1 with Debian's
+   own initrd (``root=/dev/vda``) and its disk on ``-drive
+   file=nbd+unix://...,if=virtio,cache=none``. While it boots,
+   ``volume fork golden vm3`` goes through the server's control socket; after
+   it powers off, so does ``volume fork vm1 vm2`` (vm1 still exported). A
+   design that cannot fork a fork (linear) must refuse vm2 instead.
+4. A server exporting vm2 and vm3 boots both VMs at once (``-blockdev``, and the
+   ``fast`` boot of scripts/vmimage.py: the same kernel, half the time).
+5. Each VM's console (see the init script in scripts/vmimage.py) shows golden's
+   content, only the files its ancestors and itself wrote (vm2 sees vm1's, vm3
+   does not), golden's /scratch.bin unless an ancestor deleted it, and its own
+   writes, zero writes (WRITE_ZEROES) and fstrim (TRIM) read back intact after
+   dropping the guest's page cache.
+6. With the last server still up: golden compares byte for byte with the image
+   (``qemu-img compare``), though every fork trimmed and zeroed chunks it
+   shares with golden; every volume's filesystem is copied out over NBD and
+   passes ``e2fsck -fn`` and holds exactly the /data files expected (vm1 does
+   not see vm2's writes); ``pool check`` is clean through the control socket,
+   then again offline.
+
+The seconds from starting qemu to the init script's final line are printed
+(``-s`` shows them); ``scripts/vm-demo`` measures them properly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO, SERVER_CMD, NbdServerProcess, ServerFactory, run
+
+from nbdserver.blockmap.base import designs
+
+sys.path.insert(0, str(REPO / "scripts"))
+import vmimage
+from vmimage import Boot, BootFiles, RootImage, Vm
+
+DESIGNS = sorted(designs())
+assert "radix" in DESIGNS, DESIGNS
+IMAGE_SIZE = 64 * 1024 * 1024
+CHUNK = "64K"  # larger than ext4's 4 KiB blocks: the guest's writes are partial-chunk CoWs
+BOOT_TIMEOUT = 240.0
+
+pytestmark = [pytest.mark.slow, pytest.mark.vm]
+
+
+@pytest.fixture(scope="module")
+def boot_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, BootFiles]:
+    """Both boot profiles of scripts/vmimage.py for the newest kernel in /boot."""
+    for tool in ("qemu-system-x86_64", "qemu-img", "mkfs.ext4", "debugfs", "e2fsck", "busybox"):
+        assert shutil.which(tool) or Path("/usr/sbin", tool).exists(), \
+            f"{tool} is missing: run scripts/install-deps"
+    fast = vmimage.fast_boot(tmp_path_factory.mktemp("kernel"))
+    assert fast.kernel.name.startswith("vmlinux-"), "the kernel did not unpack for a PVH boot"
+    return {"debian": vmimage.debian_boot(), "fast": fast}
+
+
+@pytest.fixture(scope="module")
+def root_image(tmp_path_factory: pytest.TempPathFactory) -> RootImage:
+    return vmimage.build_rootfs(tmp_path_factory.mktemp("rootfs") / "root.img", size=IMAGE_SIZE)
+
+
+def cli(*args: str | Path, check: bool = True) -> Any:
+    """Run ``nbdserver ARGS --json`` and return the parsed output."""
+    proc = run([*SERVER_CMD, *args, "--json"], timeout=120, check=check)
+    return json.loads(proc.stdout) if proc.returncode == 0 else proc
+
+
+def serve(factory: ServerFactory, pool: Path, name: str, exports: list[tuple[str, bool]],
+          ) -> NbdServerProcess:
+    """A server holding `pool`, exporting volumes (name, read_only)."""
+    return factory(
+        [{"name": vol, "pool": "p", "volume": vol, **({"read-only": True} if ro else {})}
+         for vol, ro in exports],
+        pools=[{"name": "p", "path": pool}], tcp=False, name=name)
+
+
+def check_boot(boot: Boot, root: RootImage, expect_saw: dict[str, str], *,
+               scratch: bool = True) -> None:
+    """See :func:`vmimage.boot_problems`."""
+    problems = vmimage.boot_problems(boot, root, expect_saw, scratch=scratch)
+    assert not problems, "\n".join([f"{boot.name}:", *problems,
+                                     f"--- console of {boot.name}", boot.console])
+
+
+def data_files(srv: NbdServerProcess, vol: str, workdir: Path) -> dict[str, str]:
+    """Copy volume `vol` out over NBD, fsck it, and return /data's files: the text of
+    the .txt files and the size of the others."""
+    copy = workdir / f"{vol}.copy"
+    run(["qemu-img", "convert", "-f", "raw", "-O", "raw", srv.unix_uri(vol), copy], timeout=120)
+    fsck = run(["e2fsck", "-fn", copy], check=False, timeout=60)
+    assert fsck.returncode == 0, f"e2fsck of {vol}:\n{fsck.stdout}{fsck.stderr}"
+    listing = run(["debugfs", "-R", "ls -p /data", copy], timeout=60).stdout
+    out = {}
+    for line in listing.splitlines():
+        fields = line.strip("/").split("/")  # /inode/mode/uid/gid/name/size/
+        if len(fields) >= 6 and fields[4] not in (".", "..", "lost+found"):
+            name = fields[4]
+            if name.endswith(".txt"):
+                out[name] = run(["debugfs", "-R", f"cat /data/{name}", copy],
+                                timeout=60).stdout.strip()
+            else:
+                out[name] = fields[5]
+    copy.unlink()
+    return out
+
+
+@pytest.fixture
+def vms() -> Iterator[list[Vm]]:
+    started: list[Vm] = []
+    yield started
+    for vm in started:
+        vm.kill()
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_vms_boot_from_forks_of_golden(design: str, boot_files: dict[str, BootFiles],
+                                        root_image: RootImage, tmp_path: Path,
+                                        nbd_server_factory: ServerFactory,
+                                        vms: list[Vm]) -> None:
+    pool = tmp_path / "pool.img"
+    chain = designs()[design].supports_clone_of_clone
+    cli("pool", "create", pool, "--size", "512M", "--blockmap", design, "--chunk-size", CHUNK)
+    cli("volume", "create", pool, "golden", "--size", str(IMAGE_SIZE))
+
+    def start_vm(srv: NbdServerProcess, name: str, profile: str, blockdev: bool = False) -> Vm:
+        vm = Vm(srv.unix_uri(name), name, boot_files=boot_files[profile],
+                log=tmp_path / f"{name}.console", blockdev=blockdev)
+        vms.append(vm)
+        return vm.start()
+
+    # 1. Load the root image into golden through the server.
+    srv = serve(nbd_server_factory, pool, "load", [("golden", False)])
+    run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", root_image.path,
+         srv.unix_uri("golden")], timeout=120)
+    srv.stop()
+
+    # 2. Offline fork.
+    assert cli("volume", "fork", pool, "golden", "vm1")["parent"] == "golden"
+
+    # 3. Boot vm1; fork through the control socket while it runs and after it stops.
+    srv = serve(nbd_server_factory, pool, "vm1", [("vm1", False), ("golden", True)])
+    vm = start_vm(srv, "vm1", "debian")
+    vm3 = cli("volume", "fork", pool, "golden", "vm3")
+    assert vm3["parent"] == "golden" and vm3["depth"] == 1
+    listed = {v["name"]: v for v in cli("volume", "list", pool)}
+    assert listed["vm1"]["in_use"], listed  # only the server knows: the CLI went through it
+    vm1 = vm.wait(BOOT_TIMEOUT)
+    check_boot(vm1, root_image, {})
+    srv.assert_alive()
+    if chain:
+        vm2 = cli("volume", "fork", pool, "vm1", "vm2")
+        assert vm2["parent"] == "vm1" and vm2["depth"] == 2
+    else:
+        refused = cli("volume", "fork", pool, "vm1", "vm2", check=False)
+        assert refused.returncode == 1 and "error" in refused.stderr, refused.stderr
+    srv.stop()
+
+    # 4. Boot vm2 and vm3 at once.
+    children = ["vm2", "vm3"] if chain else ["vm3"]
+    srv = serve(nbd_server_factory, pool, "children",
+                [*((c, False) for c in children), ("golden", True), ("vm1", True)])
+    started = [start_vm(srv, c, "fast", blockdev=True) for c in children]
+    boots = {v.boot.name: v.wait(BOOT_TIMEOUT) for v in started}
+    vm1_files = {"vm1.txt": "hello from vm1", "vm1.bin": vm1.wrote_md5 or "?"}
+    if chain:
+        check_boot(boots["vm2"], root_image, vm1_files, scratch=False)
+    check_boot(boots["vm3"], root_image, {})
+    times = {b.name: round(b.end_seconds or 0, 1) for b in [vm1, *boots.values()]}
+    print(f"\n{design}: seconds from qemu start to the final marker: {times}")
+
+    # 5. Golden is unchanged, and each volume holds only its own and its ancestors' files.
+    run(["qemu-img", "compare", "-f", "raw", "-F", "raw", root_image.path,
+         srv.unix_uri("golden")], timeout=120)
+    size = str(2 * 1024 * 1024)
+    expect = {"vm1": {"vm1.txt": "hello from vm1", "vm1.bin": size},
+              "vm2": {"vm1.txt": "hello from vm1", "vm1.bin": size,
+                      "vm2.txt": "hello from vm2", "vm2.bin": size},
+              "vm3": {"vm3.txt": "hello from vm3", "vm3.bin": size}}
+    for vol in ["vm1", *children]:
+        assert data_files(srv, vol, tmp_path) == expect[vol], vol
+    assert data_files(srv, "golden", tmp_path) == {}
+    report = cli("pool", "check", pool)
+    assert report["ok"] and not report["problems"], report
+    srv.stop()
+
+    # 6. The same offline, and the family tree.
+    report = cli("pool", "check", pool)
+    assert report["ok"] and not report["problems"], report
+    assert report["volumes"] == 2 + len(children), report
+    parents = {v["name"]: v["parent"] for v in cli("volume", "list", pool)}
+    assert parents == {"golden": None, "vm1": "golden", "vm3": "golden",
+                       **({"vm2": "vm1"} if chain else {})}
