@@ -123,7 +123,7 @@ class Pool:
         if offline:
             self.cache.sync_reader = self._read_page_sync
         self.data = RefTable(self.cache, self.layout.data_ref_start, self.layout.data_chunks,
-                             "data chunk")
+                             "data chunk", quarantine_frees=True)
         self.meta = RefTable(self.cache, self.layout.meta_ref_start, self.layout.meta_pages,
                              "metadata page")
         self.state = PoolState()

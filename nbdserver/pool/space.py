@@ -16,10 +16,13 @@ Two in-memory exclusions keep freed and claimed units safe:
 - *claimed*: a chunk handed out for a write still in flight. Its count is set
   when the write completes and the map points at it (so a crash never leaves a
   counted chunk that nothing references); meanwhile no one else may take it.
-- *quarantine*: a chunk freed since the last durable commit. Until that commit
-  is durable the on-disk state still references it, so writing new data into
-  it could leak that data into the old owner after a crash. It is released
-  when the commit that recorded the free has reached the disk.
+- *quarantine*: a chunk freed since the last durable commit, from the moment
+  its count reaches zero (tables made with ``quarantine_frees``). Until that
+  commit is durable the on-disk state still references it, so writing new data
+  into it could leak that data into the old owner after a crash; and a read
+  that looked it up before the free may still be in flight. It is released
+  when the commit that recorded the free has reached the disk and every
+  transfer begun before then has ended.
 
 Metadata pages need no quarantine: nothing writes a metadata page home before
 the commit that gives it its new contents is durable.
@@ -43,8 +46,10 @@ _ZERO4 = b"\0\0\0\0"
 class RefTable:
     """u32 reference counts for `count` units, stored in pages from `first_page`."""
 
-    def __init__(self, cache: PageCache, first_page: int, count: int, what: str) -> None:
+    def __init__(self, cache: PageCache, first_page: int, count: int, what: str, *,
+                 quarantine_frees: bool = False) -> None:
         self.cache = cache
+        self.quarantine_frees = quarantine_frees
         self.first_page = first_page
         self.count = count
         self.what = what
@@ -112,14 +117,23 @@ class RefTable:
             raise AssertionError(f"{self.what} {unit}: reference count already zero")
         self._set(unit, old - 1, old)
         if old == 1:
-            freed = self._freed_since_snapshot
-            freed.append(unit)
-            self.cache.add_undo(lambda: self._unfree(freed))
+            self._note_freed([unit])
         return old - 1
 
-    @staticmethod
-    def _unfree(freed: list[int]) -> None:
-        freed.pop()
+    def _note_freed(self, units: list[int]) -> None:
+        """`units` reached a count of zero (in a mini-transaction): remember them for the
+        next commit and, with ``quarantine_frees``, keep them from reuse until it is durable."""
+        freed = self._freed_since_snapshot
+        freed += units
+        held = units if self.quarantine_frees else []
+        self.quarantine.update(held)
+        n = len(units)
+
+        def undo() -> None:
+            del freed[-n:]
+            self.quarantine.difference_update(held)
+
+        self.cache.add_undo(undo)
 
     # -- allocation ------------------------------------------------------------------------
 
