@@ -188,10 +188,12 @@ class Pool:
             # Clear the first journal page so that no stale record can follow the tail.
             _write_page_sync(device, layout.journal_start, bytes(PAGE_SIZE))
             device.flush()
+            # Copy `seq % 2` holds each seq (see _write_superblock): seq 2 in copy 0 is
+            # the newest, and the first checkpoint (seq 3) goes over copy 1.
             for copy in range(SUPERBLOCK_COPIES):
-                _write_page_sync(device, copy, replace(sb, seq=copy + 1).pack())
+                _write_page_sync(device, copy, replace(sb, seq=SUPERBLOCK_COPIES - copy).pack())
             device.flush()
-            return replace(sb, seq=2)
+            return replace(sb, seq=SUPERBLOCK_COPIES)
         finally:
             device.close()
 
