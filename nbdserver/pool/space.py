@@ -31,9 +31,11 @@ the commit that gives it its new contents is durable.
 from __future__ import annotations
 
 import errno
+import re
 import struct
 from array import array
 from collections.abc import Callable, Iterable
+from functools import partial
 
 from nbdserver.errors import NbdError
 from nbdserver.pool.format import PAGE_HEADER_SIZE, PT_REFCOUNT, REFS_PER_PAGE
@@ -41,6 +43,7 @@ from nbdserver.pool.pages import PageCache
 
 _U32 = struct.Struct("<I")
 _ZERO4 = b"\0\0\0\0"
+_FREE_RUNS = re.compile(rb"\x00+")
 
 
 class RefTable:
@@ -134,6 +137,138 @@ class RefTable:
             self.quarantine.difference_update(held)
 
         self.cache.add_undo(undo)
+
+    # -- runs of consecutive units (block maps that map ranges: extents) -----------------------
+
+    def _pieces(self, unit: int, count: int) -> Iterable[tuple[int, int, int]]:
+        """(refcount page index, first entry, entries) for the units [unit, unit+count)."""
+        if unit < 0 or count < 0 or unit + count > self.count:
+            raise AssertionError(f"{self.what}s {unit}..{unit + count - 1} out of range")
+        while count > 0:
+            pi, first = divmod(unit, REFS_PER_PAGE)
+            n = min(count, REFS_PER_PAGE - first)
+            yield pi, first, n
+            unit += n
+            count -= n
+
+    def get_run(self, unit: int, count: int) -> list[int]:
+        """The reference counts of `count` consecutive units from `unit`."""
+        out: list[int] = []
+        for pi, first, n in self._pieces(unit, count):
+            page = self.cache.get(self.first_page + pi)
+            off = PAGE_HEADER_SIZE + 4 * first
+            out += memoryview(page)[off:off + 4 * n].cast("I").tolist()
+        return out
+
+    def incref_run(self, unit: int, count: int) -> None:
+        """:meth:`incref` each of `count` consecutive units, one page at a time."""
+        for pi, first, n in self._pieces(unit, count):
+            off = PAGE_HEADER_SIZE + 4 * first
+            page = self.cache.get(self.first_page + pi)
+            old = memoryview(page)[off:off + 4 * n].cast("I").tolist()
+            page = self.cache.modify(self.first_page + pi, PT_REFCOUNT)
+            memoryview(page)[off:off + 4 * n].cast("I")[:] = array("I", [c + 1 for c in old])
+            born = old.count(0)
+            if born:
+                base = pi * REFS_PER_PAGE + first
+                for i, c in enumerate(old):
+                    if not c:
+                        self._count_change(pi, 1)
+                        if base + i in self.claimed:
+                            self.claimed.discard(base + i)
+                            self.cache.add_undo(partial(self.claimed.add, base + i))
+
+    def decref_run(self, unit: int, count: int) -> None:
+        """:meth:`decref` each of `count` consecutive units, one page at a time."""
+        for pi, first, n in self._pieces(unit, count):
+            off = PAGE_HEADER_SIZE + 4 * first
+            page = self.cache.get(self.first_page + pi)
+            old = memoryview(page)[off:off + 4 * n].cast("I").tolist()
+            if 0 in old:
+                bad = pi * REFS_PER_PAGE + first + old.index(0)
+                raise AssertionError(f"{self.what} {bad}: reference count already zero")
+            page = self.cache.modify(self.first_page + pi, PT_REFCOUNT)
+            memoryview(page)[off:off + 4 * n].cast("I")[:] = array("I", [c - 1 for c in old])
+            if 1 in old:
+                base = pi * REFS_PER_PAGE + first
+                gone = [base + i for i, c in enumerate(old) if c == 1]
+                for _ in gone:
+                    self._count_change(pi, -1)
+                self._note_freed(gone)
+
+    def _count_change(self, pi: int, delta: int) -> None:
+        """A unit of refcount page `pi` became used (+1) or free (-1)."""
+        self.free_in_page[pi] -= delta
+        self.used += delta
+
+        def undo() -> None:
+            self.free_in_page[pi] += delta
+            self.used -= delta
+
+        self.cache.add_undo(undo)
+
+    def _taken_map(self, pi: int, excluded: dict[int, list[int]]) -> bytes:
+        """One byte per entry of refcount page `pi`: 0 if the unit is free and usable."""
+        n = self.entries_in_page(pi)
+        if self.free_in_page[pi] == n and pi not in excluded:
+            return bytes(n)
+        page = self.cache.get(self.first_page + pi)
+        raw = memoryview(page)[PAGE_HEADER_SIZE:PAGE_HEADER_SIZE + 4 * n]
+        acc = 0
+        for b in range(4):  # a count is zero when all four of its bytes are
+            acc |= int.from_bytes(raw[b::4], "little")
+        taken = bytearray(acc.to_bytes(n, "little"))
+        for unit in excluded.get(pi, ()):
+            taken[unit - pi * REFS_PER_PAGE] = 1
+        return bytes(taken)
+
+    def find_free_run(self, near: int, want: int, pages: int | None = None, *,
+                      claimed_free: bool = False) -> tuple[int, int] | None:
+        """A run of consecutive free, usable units near `near`.
+
+        Scans refcount pages forward from the one holding `near` (at most `pages`
+        of them, wrapping round at the end of the table; runs do not wrap) and
+        returns ``(start, length)`` of the first run of at least `want` units
+        (`length` may then be a lower bound), else of the longest run seen, else
+        None. With `claimed_free`, units claimed for writes in flight count as
+        free, so that the chunks of one stream written concurrently all get the
+        same answer. Cost: a few microseconds per refcount page scanned, full
+        pages skipped without reading them.
+        """
+        if self.count == 0 or want <= 0:
+            return None
+        excluded: dict[int, list[int]] = {}
+        for unit in self.quarantine if claimed_free else (*self.claimed, *self.quarantine):
+            excluded.setdefault(unit // REFS_PER_PAGE, []).append(unit)
+        first_pi = min(max(near, 0), self.count - 1) // REFS_PER_PAGE
+        limit = self.pages if pages is None else min(pages, self.pages)
+        best: tuple[int, int] | None = None
+        run_start, run_len = 0, 0  # the run reaching the end of the previous page
+        for k in range(limit):
+            pi = (first_pi + k) % self.pages
+            if pi == 0 and k:
+                run_len = 0  # runs do not wrap round
+            base = pi * REFS_PER_PAGE
+            n = self.entries_in_page(pi)
+            if not self.free_in_page[pi]:
+                run_len = 0
+                continue
+            taken = self._taken_map(pi, excluded)
+            for m in _FREE_RUNS.finditer(taken):
+                s, e = m.span()
+                if s == 0 and run_len:
+                    start, length = run_start, run_len + e
+                else:
+                    start, length = base + s, e - s
+                if length >= want:
+                    return start, length
+                if best is None or length > best[1]:
+                    best = start, length
+                if e == n:
+                    run_start, run_len = start, length
+            if not taken or taken[-1]:
+                run_len = 0
+        return best
 
     # -- allocation ------------------------------------------------------------------------
 
