@@ -38,8 +38,10 @@ FLUSH and FUA commit the pool (:meth:`nbdserver.pool.pool.Pool.commit`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
+import weakref
 from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import Any
@@ -65,6 +67,10 @@ from nbdserver.pool.pool import Pool
 from nbdserver.storage.buffers import AlignedBuffer, zero_fill
 
 log = logging.getLogger(__name__)
+
+# The chunk locks of every volume exported from a pool (volume id -> locks), so that an
+# LVM-style copy-out into another volume serialises with that volume's own writes.
+_CHUNK_LOCKS: weakref.WeakKeyDictionary[Pool, dict[int, RangeLocks]] = weakref.WeakKeyDictionary()
 
 STATUS_LIMIT = 1 << 30  # bytes one block-status reply describes at most
 ZERO_STEP = 1 << 20  # bytes of zeros written per step for NO_HOLE
@@ -101,6 +107,7 @@ class VolumeBackend:
         self._quiesced: asyncio.Event | None = None  # set while new writes must wait
         self._drained: asyncio.Event | None = None
         pool.quiesce[vol.id] = self._quiesce
+        _CHUNK_LOCKS.setdefault(pool, {})[vol.id] = self._locks
         pool.in_use[vol.id] = user or "exported"
 
     # -- reads -----------------------------------------------------------------------------
@@ -314,18 +321,21 @@ class VolumeBackend:
                 for lc, t in zip(range(lc0, lc1), targets, strict=True):
                     if isinstance(t, CopyOut):
                         for vid in t.preserve:
-                            await self._preserve(pool.volumes[vid], lc, t.pc)
+                            await self._preserve(vid, lc)
                 await pool.commit()  # the copies are durable before the origin chunks change
                 changed = True
                 targets = [InPlace(t.pc) if isinstance(t, CopyOut) else t for t in targets]
             fresh = await pool.cache.run(lambda: self._claim_for(lc0, targets))
+            owned = {lc0 + i for i, t in enumerate(targets)
+                     if isinstance(t, Redirect) and t.into != HOLE}
             try:
                 await self._write_planned(offset, end, lc0, targets, fresh, data, fua)
                 if fresh:
                     def install() -> None:
                         for lc, pc in fresh.items():
                             self.map.map(self.vol, lc, pc)
-                            pool.charge(self.vol)
+                            if lc not in owned:
+                                pool.charge(self.vol)
 
                     await pool.run(install)
                     changed = True
@@ -350,12 +360,16 @@ class VolumeBackend:
         return targets, claimed and pending
 
     def _claim_for(self, lc0: int, targets: list[InPlace | Redirect | CopyOut]) -> dict[int, int]:
-        """Claim a new chunk for every Redirect target, contiguous where possible."""
+        """Claim a new chunk for every Redirect target, contiguous where possible (a
+        Redirect `into` a chunk the volume owns unwritten uses that chunk)."""
         fresh: dict[int, int] = {}
         prev: int | None = None
         for i, t in enumerate(targets):
             if isinstance(t, Redirect):
                 lc = lc0 + i
+                if t.into != HOLE:
+                    prev = fresh[lc] = t.into
+                    continue
                 hint = prev + 1 if prev is not None else self.map.alloc_hint(self.vol, lc)
                 prev = fresh[lc] = self.pool.claim_chunk(self.vol, hint)
             else:
@@ -429,8 +443,23 @@ class VolumeBackend:
         if failed:
             raise NbdError(failed[0], f"write failed: {failed[0]}")
 
-    async def _preserve(self, snap: VolumeRecord, lc: int, pc: int) -> None:
-        """LVM copy-out: give `snap` its own copy of chunk `pc` as logical chunk `lc`."""
+    async def _preserve(self, vid: int, lc: int) -> None:
+        """LVM copy-out: give volume `vid` its own copy of this volume's chunk `lc`.
+
+        Holds that volume's chunk lock if it is exported here, so that its own write of
+        the chunk cannot interleave with the copy; skipped if, by then, it no longer needs
+        the copy (it wrote the chunk meanwhile, or it is being deleted).
+        """
+        pool = self.pool
+        locks = _CHUNK_LOCKS.get(pool, {}).get(vid)
+        async with locks.hold(lc, lc + 1) if locks is not None else contextlib.nullcontext():
+            target = await pool.cache.run(lambda: self.map.write_target(self.vol, lc))
+            snap = pool.volumes.get(vid)
+            if not isinstance(target, CopyOut) or vid not in target.preserve or snap is None:
+                return
+            await self._copy_out(snap, lc, target.pc)
+
+    async def _copy_out(self, snap: VolumeRecord, lc: int, pc: int) -> None:
         pool = self.pool
         chunk = self.chunk
         new = await pool.cache.run(lambda: pool.claim_chunk(snap))
@@ -625,6 +654,7 @@ class VolumeBackend:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         self.pool.in_use.pop(self.vol.id, None)
         self.pool.quiesce.pop(self.vol.id, None)
+        _CHUNK_LOCKS.get(self.pool, {}).pop(self.vol.id, None)
 
 
 def _as_nbd_error(exc: BaseException) -> NbdError:

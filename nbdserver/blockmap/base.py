@@ -63,9 +63,15 @@ class Claim:
 @dataclass(frozen=True, slots=True)
 class Redirect:
     """Write to a fresh chunk, then :meth:`BlockMap.map` it. `old` is the current
-    chunk (HOLE if none) whose bytes fill a partial write."""
+    chunk (HOLE if none) whose bytes fill a partial write.
+
+    `into`, when set, is a chunk the volume already owns but has never written (thick
+    provisioning, like an unwritten extent): the whole chunk is written there instead
+    of a fresh one (`old`'s bytes or zeros around the new ones), then mapped as usual;
+    the design does not count a second reference to it."""
 
     old: int
+    into: int = HOLE
 
 
 @dataclass(frozen=True, slots=True)
