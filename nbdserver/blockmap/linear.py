@@ -1,0 +1,1072 @@
+"""``linear``: LVM2 classic snapshots (dm-snapshot), the baseline the other designs beat.
+
+**Origins are thick.** Creating a volume allocates every chunk of it at once,
+as one physically contiguous run when the pool has one (LVM allocates extents
+contiguously), else as the fewest, largest free runs (at most ``max_segments``,
+recorded in a segment page). An origin's map is therefore arithmetic, never a
+lookup: chunk ``lc`` lives at ``segment.pc + lc - segment.lc``. Creation fails
+with a UserError when the pool has not that many chunks free and unpromised.
+
+**Never-written chunks read as zeros.** A chunk handed to a new origin may
+still hold an old volume's bytes, and zeroing a whole volume at creation would
+cost its full size in writes. So each origin keeps a *written* bitmap (a
+tree of bitmap pages, allocated as bits get set; no page at all for a fresh
+origin): an unwritten chunk reads, and reports in block status, as a hole.
+The first write to it is ``Redirect(HOLE, into=pc)``: the volume layer writes
+the whole chunk in place (zeros around the new bytes), and only then does
+``map`` set the bit, so neither a racing read nor a crash can show the old
+bytes. TRIM of an origin chunk that no snapshot still reads clears the bit
+again (the chunk stays allocated: the volume is thick).
+
+**Snapshots (``snapshot``: read-only, ``fork``: writable) are dm-snapshot
+exception stores**: an empty, sparse radix tree per snapshot (``exc_fanout``
+8-byte entries per page), created in O(1) with no copying. A leaf entry is
+*none* (read the origin), *zero* (reads as zeros: the chunk was unwritten in
+the origin, or trimmed in the snapshot), or the snapshot's own chunk (its
+exception). An interior entry may also be *zero* for a whole subtree, so a
+TRIM of a large range costs O(pages), not O(chunks). Pages are never shared,
+so every reference count here is 1.
+
+The origin keeps the list of its snapshots (one page of volume ids), as LVM
+does. **A write to a written origin chunk** first preserves it for every
+snapshot that has no exception for it: ``CopyOut(pc, preserve)``. The volume
+layer copies the chunk into a fresh chunk for each, maps it into that
+snapshot, commits (durably: dm-snapshot's persistent exception store), and
+only then overwrites the origin in place. **The cost grows with the number of
+snapshots**: with k snapshots lacking the chunk, the first write costs k chunk
+reads and writes, k exception inserts and one durable commit before the write
+itself; later writes to the chunk are plain in-place writes, but every origin
+write still checks k exception stores (O(k x tree height) cached page reads).
+The first write to an *unwritten* origin chunk copies nothing: the snapshots
+lacking it get a *zero* exception in the same mini-transaction (metadata only).
+
+**A snapshot read** takes its exception if there is one (owner: the snapshot),
+else the origin's chunk (owner: the origin, so ``qemu:allocation-depth`` says
+2). **A snapshot write** goes in place into its exception, else is redirected
+to a fresh chunk (filled from the origin's chunk) that ``map`` records as the
+exception.
+
+**What LVM refuses, this refuses**: a snapshot or fork of a snapshot (dm-
+snapshot cannot stack snapshots; see :meth:`LinearMap.clone_refused`), and
+deleting an origin that still has snapshots. Deleting a snapshot unlinks it
+from its origin first, then frees its exceptions and tree pages in bounded
+steps. Unlike LVM, a snapshot's exception store is not a fixed-size COW
+volume that becomes invalid when full: exceptions come from the pool, and an
+origin write fails with ENOSPC when the pool cannot hold its copies.
+
+**TRIM / WRITE_ZEROES**: on a snapshot, the range becomes *zero* exceptions
+(its exception chunks are freed); dropping them would expose the origin's
+bytes instead. On an origin, a chunk every snapshot holds an exception for
+(or that no snapshot exists for) becomes unwritten again; a chunk some
+snapshot still reads from the origin cannot (the snapshot needs the old
+bytes), so it is returned for the caller to overwrite with zeros, which goes
+through ``CopyOut``.
+
+Metadata and memory stay bounded: every structure lives in pages read through
+the page cache; no Python structure holds per-chunk state between calls.
+
+``map_params`` (superblock): exception-tree fan-out (2..510), bits per bitmap
+leaf (a multiple of 8, up to 32640), bitmap-node fan-out (2..1020), and the
+segment limit (1..255); 0 means the default. Tests shrink them.
+"""
+
+from __future__ import annotations
+
+import heapq
+import struct
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+from typing import ClassVar, NamedTuple
+
+from nbdserver.blockmap.base import (
+    HOLE,
+    BlockMap,
+    CopyOut,
+    InPlace,
+    MapStats,
+    Redirect,
+    Run,
+    WriteTarget,
+    register,
+)
+from nbdserver.errors import UserError
+from nbdserver.pool.format import (
+    MAP_STATE_SIZE,
+    PAGE_HEADER_SIZE,
+    PAGE_PAYLOAD,
+    PT_LINEAR,
+    REFS_PER_PAGE,
+    VolumeRecord,
+)
+
+ORIGIN = 1
+SNAPSHOT = 2
+
+MAX_EXC_FANOUT = PAGE_PAYLOAD // 8  # 510 exception entries per page
+MAX_LEAF_BITS = PAGE_PAYLOAD * 8  # 32640 written bits per bitmap leaf
+MAX_BM_FANOUT = PAGE_PAYLOAD // 4  # 1020 child pointers per bitmap node
+MAX_SEGMENTS = PAGE_PAYLOAD // 16  # 255 segments in the segment page
+MAX_SNAPSHOTS = PAGE_PAYLOAD // 4  # 1020 snapshot ids in the snapshot list page
+
+# Exception entries (leaf and interior): nothing, zeros, or target + 2.
+NONE = 0
+ZERO = 1
+
+WORK_BUDGET = 2048  # entries and pages one unmap call may change
+JOURNAL_SHARE = 2  # a volume creation may dirty at most 1/JOURNAL_SHARE of the journal ring
+
+_Q = struct.Struct("<Q")
+_I = struct.Struct("<I")
+_SEG = struct.Struct("<QQ")  # first logical chunk, first physical chunk
+# kind, bitmap height, snapshots, segments, segment (pc, or page when several),
+# bitmap root (page + 1), snapshot list (page + 1), chunks released (delete)
+_ORIGIN = struct.Struct("<BBHIQQQQ")
+_SNAP = struct.Struct("<BBHIQ")  # kind, tree height, 0, origin id, root entry
+
+LIMITATION = ("the linear block map models LVM2 classic snapshots (dm-snapshot), which "
+              "cannot snapshot or fork a snapshot")
+
+
+class _Origin(NamedTuple):
+    bm_height: int
+    nsnap: int
+    nsegs: int
+    seg: int
+    bm_root: int
+    snaplist: int
+    released: int
+
+
+class _Snap(NamedTuple):
+    height: int
+    origin: int
+    root: int
+
+
+def _u64(page: bytes | bytearray, i: int) -> int:
+    return int(_Q.unpack_from(page, PAGE_HEADER_SIZE + 8 * i)[0])
+
+
+def _u32(page: bytes | bytearray, i: int) -> int:
+    return int(_I.unpack_from(page, PAGE_HEADER_SIZE + 4 * i)[0])
+
+
+@register
+class LinearMap(BlockMap):
+    """LVM2 classic snapshots: thick origins, per-snapshot exception stores."""
+
+    name: ClassVar[str] = "linear"
+    description: ClassVar[str] = ("LVM2 classic snapshots: thick contiguous origins; an origin "
+                                  "write copies the old chunk into every snapshot")
+    supports_clone_of_clone: ClassVar[bool] = False
+
+    def __init__(self, pool: object) -> None:
+        super().__init__(pool)  # type: ignore[arg-type]
+        p = self.pool.sb.map_params
+        self.exc_fanout = p[0] or MAX_EXC_FANOUT
+        self.leaf_bits = p[1] or MAX_LEAF_BITS
+        self.bm_fanout = p[2] or MAX_BM_FANOUT
+        self.max_segments = p[3] or MAX_SEGMENTS
+        if not 2 <= self.exc_fanout <= MAX_EXC_FANOUT:
+            raise ValueError(f"linear exception fan-out {self.exc_fanout} out of range "
+                             f"2..{MAX_EXC_FANOUT}")
+        if self.leaf_bits % 8 or not 8 <= self.leaf_bits <= MAX_LEAF_BITS:
+            raise ValueError(f"linear bitmap leaf of {self.leaf_bits} bits: must be a multiple "
+                             f"of 8 from 8 to {MAX_LEAF_BITS}")
+        if not 2 <= self.bm_fanout <= MAX_BM_FANOUT:
+            raise ValueError(f"linear bitmap fan-out {self.bm_fanout} out of range "
+                             f"2..{MAX_BM_FANOUT}")
+        if not 1 <= self.max_segments <= MAX_SEGMENTS:
+            raise ValueError(f"linear segment limit {self.max_segments} out of range "
+                             f"1..{MAX_SEGMENTS}")
+        self.meta_start = self.pool.layout.meta_start
+        self.chunk_size = self.pool.sb.chunk_size
+        self._zero_node = _Q.pack(ZERO) * self.exc_fanout
+        self._work = 0
+
+    @classmethod
+    def default_params(cls) -> tuple[int, int, int, int]:
+        return (MAX_EXC_FANOUT, MAX_LEAF_BITS, MAX_BM_FANOUT, MAX_SEGMENTS)
+
+    @classmethod
+    def small_params(cls) -> tuple[int, int, int, int]:
+        """Tiny pages for tests: deep exception trees and bitmaps from few chunks."""
+        return (4, 128, 3, 16)
+
+    # -- map state ------------------------------------------------------------------------
+
+    def _chunks(self, vol: VolumeRecord) -> int:
+        return max(1, -(-vol.size // self.chunk_size))
+
+    def _page(self, index: int) -> int:
+        return self.meta_start + index
+
+    @staticmethod
+    def _kind(vol: VolumeRecord) -> int:
+        return vol.map_state[0]
+
+    @staticmethod
+    def _origin(vol: VolumeRecord) -> _Origin:
+        f = _ORIGIN.unpack_from(vol.map_state)
+        if f[0] != ORIGIN:
+            raise AssertionError(f"volume {vol.name!r} is not a linear origin")
+        return _Origin(*f[1:])
+
+    @staticmethod
+    def _snap(vol: VolumeRecord) -> _Snap:
+        f = _SNAP.unpack_from(vol.map_state)
+        if f[0] != SNAPSHOT:
+            raise AssertionError(f"volume {vol.name!r} is not a linear snapshot")
+        return _Snap(f[1], f[3], f[4])
+
+    @staticmethod
+    def _origin_bytes(st: _Origin) -> bytes:
+        return _ORIGIN.pack(ORIGIN, *st).ljust(MAP_STATE_SIZE, b"\0")
+
+    @staticmethod
+    def _snap_bytes(st: _Snap) -> bytes:
+        packed = _SNAP.pack(SNAPSHOT, st.height, 0, st.origin, st.root)
+        return packed.ljust(MAP_STATE_SIZE, b"\0")
+
+    def _set_origin(self, vol: VolumeRecord, st: _Origin) -> None:
+        self.pool.update_volume(vol, map_state=self._origin_bytes(st))
+
+    def _set_snap(self, vol: VolumeRecord, st: _Snap) -> None:
+        self.pool.update_volume(vol, map_state=self._snap_bytes(st))
+
+    def _new_page(self) -> int:
+        """A fresh zero-filled metadata page; returns its index."""
+        index = self.meta.allocate()
+        self.cache.create(self._page(index), PT_LINEAR)
+        return index
+
+    def _bm_spans(self, height: int) -> list[int]:
+        """spans[l]: chunks one bitmap node of level l covers (level 0: a leaf)."""
+        spans = [self.leaf_bits]
+        for _ in range(1, height):
+            spans.append(spans[-1] * self.bm_fanout)
+        return spans
+
+    def _bm_height(self, chunks: int) -> int:
+        height, cap = 1, self.leaf_bits
+        while cap < chunks:
+            height += 1
+            cap *= self.bm_fanout
+        return height
+
+    def _exc_height(self, chunks: int) -> int:
+        height, cap = 1, self.exc_fanout
+        while cap < chunks:
+            height += 1
+            cap *= self.exc_fanout
+        return height
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def init_volume(self, vol: VolumeRecord) -> None:
+        """Allocate the origin thick: one contiguous run if the pool has one. O(chunks)."""
+        n = self._chunks(vol)
+        available = self.pool.available_chunks()
+        if available < n:
+            raise UserError(
+                f"cannot create {vol.name!r}: the linear block map allocates volumes thick "
+                f"(LVM), and it needs {n * self.chunk_size} bytes but only "
+                f"{max(0, available) * self.chunk_size} bytes are free and not promised")
+        limit = self.pool.ring.ring_pages // JOURNAL_SHARE * REFS_PER_PAGE
+        if n > limit:
+            raise UserError(
+                f"cannot create {vol.name!r}: a thick volume of {n} chunks would change more "
+                f"reference-count pages than this pool's journal holds in one transaction "
+                f"(at most {limit} chunks); use a larger --chunk-size")
+        runs = self._find_runs(n)
+        if runs is None:
+            raise UserError(
+                f"cannot create {vol.name!r}: the pool's free space is too fragmented for a "
+                f"thick volume of {n * self.chunk_size} bytes (it would take more than "
+                f"{self.max_segments} separate runs)")
+        incref = self.data.incref
+        for pc, count in runs:
+            for unit in range(pc, pc + count):
+                incref(unit)
+        if len(runs) == 1:
+            seg = runs[0][0]
+        else:
+            seg = self._new_page()
+            page = self.cache.modify(self._page(seg), PT_LINEAR)
+            lc = 0
+            for i, (pc, count) in enumerate(runs):
+                _SEG.pack_into(page, PAGE_HEADER_SIZE + 16 * i, lc, pc)
+                lc += count
+        vol.map_state = self._origin_bytes(
+            _Origin(self._bm_height(n), 0, len(runs), seg, 0, 0, 0))
+
+    def _free_runs(self, excluded: list[int]) -> Iterator[tuple[int, int]]:
+        """Maximal runs (first, count) of free, usable chunks, in order. Skips full pages
+        without reading them; reads only partly used refcount pages."""
+        table = self.data
+        start = -1
+        for pi in range(table.pages):
+            free = table.free_in_page[pi]
+            n = table.entries_in_page(pi)
+            base = pi * REFS_PER_PAGE
+            if free == n:
+                # wholly free: one stretch, cut by the excluded units inside it
+                lo = bisect_left(excluded, base)
+                hi = bisect_left(excluded, base + n)
+                if start < 0:
+                    start = base
+                for unit in excluded[lo:hi]:
+                    if unit > start:
+                        yield start, unit - start
+                    start = unit + 1
+                if start >= base + n:
+                    start = -1
+                continue
+            if not free:
+                if start >= 0:
+                    yield start, base - start
+                    start = -1
+                continue
+            raw = self.cache.get(table.first_page + pi)
+            counts = memoryview(raw)[PAGE_HEADER_SIZE:PAGE_HEADER_SIZE + 4 * n].cast("I")
+            lo = bisect_left(excluded, base)
+            hi = bisect_left(excluded, base + n)
+            skip = set(excluded[lo:hi])
+            for i, c in enumerate(counts):
+                unit = base + i
+                if c or unit in skip:
+                    if start >= 0:
+                        yield start, unit - start
+                        start = -1
+                elif start < 0:
+                    start = unit
+        if start >= 0:
+            yield start, table.count - start
+
+    def _find_runs(self, n: int) -> list[tuple[int, int]] | None:
+        """Free runs covering `n` chunks: the first single run that fits (first fit), else
+        the fewest largest ones, in physical order; None if more than max_segments needed."""
+        table = self.data
+        excluded = sorted(table.claimed | table.quarantine)
+        largest: list[tuple[int, int]] = []  # min-heap of (count, first), max_segments long
+        for first, count in self._free_runs(excluded):
+            if count >= n:
+                return [(first, n)]
+            if len(largest) < self.max_segments:
+                heapq.heappush(largest, (count, first))
+            elif count > largest[0][0]:
+                heapq.heapreplace(largest, (count, first))
+        chosen: list[tuple[int, int]] = []
+        need = n
+        for count, first in sorted(largest, reverse=True):
+            take = min(count, need)
+            chosen.append((first, take))
+            need -= take
+            if not need:
+                return sorted(chosen)
+        return None
+
+    def clone_refused(self, src: VolumeRecord) -> str | None:
+        if self._kind(src) == SNAPSHOT:
+            origin = self.pool.volumes.get(self._snap(src).origin)
+            where = f"snapshot or fork the origin {origin.name!r} instead" if origin else (
+                "snapshot or fork its origin instead")
+            return (f"volume {src.name!r} is a snapshot: {LIMITATION} (no snapshot of a "
+                    f"snapshot); {where}, or use a pool with the radix or extent block map")
+        if self._kind(src) == ORIGIN and self._origin(src).nsnap >= MAX_SNAPSHOTS:
+            return (f"volume {src.name!r} already has {MAX_SNAPSHOTS} snapshots, the most "
+                    "the linear block map keeps per origin")
+        return None
+
+    def delete_refused(self, vol: VolumeRecord) -> str | None:
+        if self._kind(vol) != ORIGIN:
+            return None
+        st = self._origin(vol)
+        if not st.nsnap:
+            return None
+        names = sorted(v.name for v in self.pool.volumes.values()
+                       if v.parent == vol.id and not v.deleted and self._kind(v) == SNAPSHOT)
+        listed = ", ".join(repr(n) for n in names) or f"{st.nsnap} being deleted"
+        return (f"volume {vol.name!r} is the origin of {st.nsnap} snapshot(s) ({listed}): "
+                "the linear block map (LVM2 classic snapshots) cannot delete an origin while "
+                "snapshots depend on it; delete the snapshots first")
+
+    def clone(self, src: VolumeRecord, dst: VolumeRecord) -> None:
+        """A new, empty exception store, linked into the origin's snapshot list. O(1)."""
+        why = self.clone_refused(src)
+        if why:
+            raise UserError(why)
+        st = self._origin(src)
+        listed = st.snaplist or self._new_page() + 1
+        page = self.cache.modify(self._page(listed - 1), PT_LINEAR)
+        _I.pack_into(page, PAGE_HEADER_SIZE + 4 * st.nsnap, dst.id)
+        self._set_origin(src, st._replace(nsnap=st.nsnap + 1, snaplist=listed))
+        dst.map_state = self._snap_bytes(_Snap(self._exc_height(self._chunks(dst)), src.id, 0))
+
+    def _snapshot_ids(self, st: _Origin) -> list[int]:
+        if not st.nsnap:
+            return []
+        page = self.cache.get(self._page(st.snaplist - 1))
+        return [_u32(page, i) for i in range(st.nsnap)]
+
+    def _live_snapshots(self, st: _Origin) -> list[VolumeRecord]:
+        """The origin's snapshots that still need preserving (not being deleted)."""
+        out = []
+        for sid in self._snapshot_ids(st):
+            snap = self.pool.volumes.get(sid)
+            if snap is not None and not snap.deleted:
+                out.append(snap)
+        return out
+
+    def _unlink(self, snap: VolumeRecord, origin_id: int) -> None:
+        origin = self.pool.volumes.get(origin_id)
+        if origin is None or self._kind(origin) != ORIGIN:
+            return
+        st = self._origin(origin)
+        ids = self._snapshot_ids(st)
+        if snap.id not in ids:
+            return
+        i = ids.index(snap.id)
+        if st.nsnap == 1:
+            self.meta.decref(st.snaplist - 1)
+            self._set_origin(origin, st._replace(nsnap=0, snaplist=0))
+            return
+        page = self.cache.modify(self._page(st.snaplist - 1), PT_LINEAR)
+        _I.pack_into(page, PAGE_HEADER_SIZE + 4 * i, ids[-1])
+        _I.pack_into(page, PAGE_HEADER_SIZE + 4 * (st.nsnap - 1), 0)
+        self._set_origin(origin, st._replace(nsnap=st.nsnap - 1))
+
+    def release(self, vol: VolumeRecord, budget: int) -> bool:
+        if self._kind(vol) == SNAPSHOT:
+            sst = self._snap(vol)
+            self._unlink(vol, sst.origin)  # first, so that no copy-out targets it any more
+            if sst.root == NONE:
+                return True
+            self._work = 0
+            n = self.exc_fanout ** sst.height
+            root, _ = self._exc_fill(sst.root, sst.height - 1, 0, 0, n, NONE, budget)
+            if root != sst.root:
+                self._set_snap(vol, sst._replace(root=root))
+            return root == NONE
+        if self._kind(vol) != ORIGIN:
+            return True  # never initialised
+        st = self._origin(vol)
+        if st.nsnap:
+            raise AssertionError(f"release of origin {vol.name!r} with snapshots")
+        n = self._chunks(vol)
+        if st.released < n:
+            stop = min(n, st.released + budget)
+            decref = self.data.decref
+            for _, count, pc in self._pieces(vol, st, st.released, stop - st.released):
+                for unit in range(pc, pc + count):
+                    decref(unit)
+            self._set_origin(vol, st._replace(released=stop))
+            return False
+        if st.bm_root:
+            self._work = 0
+            root = self._bm_clear(st.bm_root, st.bm_height - 1, 0, 0,
+                                  self._bm_spans(st.bm_height)[-1], budget)
+            self._set_origin(vol, st._replace(bm_root=root))
+            return False
+        if st.nsegs > 1:
+            self.meta.decref(st.seg)
+        if st.nsegs:
+            self._set_origin(vol, st._replace(nsegs=0, seg=0))
+        return True
+
+    # -- origin geometry ----------------------------------------------------------------------
+
+    def _segment(self, vol: VolumeRecord, st: _Origin, lc: int) -> tuple[int, int, int]:
+        """(first lc, first pc, end lc) of the segment holding `lc`. O(log segments)."""
+        if st.nsegs == 1:
+            return 0, st.seg, self._chunks(vol)
+        page = self.cache.get(self._page(st.seg))
+        lo, hi = 0, st.nsegs - 1
+        while lo < hi:  # the last segment starting at or before lc
+            mid = (lo + hi + 1) // 2
+            if _SEG.unpack_from(page, PAGE_HEADER_SIZE + 16 * mid)[0] <= lc:
+                lo = mid
+            else:
+                hi = mid - 1
+        first, pc = _SEG.unpack_from(page, PAGE_HEADER_SIZE + 16 * lo)
+        end = (_SEG.unpack_from(page, PAGE_HEADER_SIZE + 16 * (lo + 1))[0]
+               if lo + 1 < st.nsegs else self._chunks(vol))
+        return int(first), int(pc), int(end)
+
+    def _pc(self, vol: VolumeRecord, st: _Origin, lc: int) -> int:
+        first, pc, _ = self._segment(vol, st, lc)
+        return pc + lc - first
+
+    def _pieces(self, vol: VolumeRecord, st: _Origin, lc: int,
+                count: int) -> Iterator[tuple[int, int, int]]:
+        """(lc, count, pc) pieces of [lc, lc+count) that are physically contiguous."""
+        end = lc + count
+        while lc < end:
+            first, pc, seg_end = self._segment(vol, st, lc)
+            n = min(end, seg_end) - lc
+            yield lc, n, pc + lc - first
+            lc += n
+
+    # -- the written bitmap -------------------------------------------------------------------
+
+    def _written(self, st: _Origin, lc: int) -> bool:
+        e = st.bm_root
+        if not e:
+            return False
+        spans = self._bm_spans(st.bm_height)
+        get = self.cache.get
+        for level in range(st.bm_height - 1, 0, -1):
+            e = _u32(get(self._page(e - 1)), (lc // spans[level - 1]) % self.bm_fanout)
+            if not e:
+                return False
+        bit = lc % self.leaf_bits
+        return bool(get(self._page(e - 1))[PAGE_HEADER_SIZE + bit // 8] >> (bit % 8) & 1)
+
+    def _bits(self, st: _Origin, lo: int, hi: int) -> Iterator[tuple[int, int, bool]]:
+        """(first, count, written) runs covering [lo, hi), merged."""
+        spans = self._bm_spans(st.bm_height)
+        cur: list[int] = []  # [first, count, written]
+        for first, count, written in self._bm_walk(st.bm_root, st.bm_height - 1, 0, lo, hi,
+                                                   spans):
+            if cur and cur[2] == written:
+                cur[1] += count
+                continue
+            if cur:
+                yield cur[0], cur[1], bool(cur[2])
+            cur = [first, count, written]
+        if cur:
+            yield cur[0], cur[1], bool(cur[2])
+
+    def _bm_walk(self, e: int, level: int, base: int, lo: int, hi: int,
+                 spans: list[int]) -> Iterator[tuple[int, int, int]]:
+        if not e:
+            yield lo, hi - lo, 0
+            return
+        node = self.cache.get(self._page(e - 1))
+        if level == 0:
+            a, b = lo - base, hi - base
+            x = int.from_bytes(node[PAGE_HEADER_SIZE + a // 8:PAGE_HEADER_SIZE + (b + 7) // 8],
+                               "little") >> (a % 8)
+            n = b - a
+            x &= (1 << n) - 1
+            pos = 0
+            while pos < n:
+                if not x:
+                    yield lo + pos, n - pos, 0
+                    return
+                if x & 1:
+                    t = (~x & (x + 1)).bit_length() - 1  # trailing ones
+                    yield lo + pos, t, 1
+                else:
+                    t = (x & -x).bit_length() - 1  # trailing zeros
+                    yield lo + pos, t, 0
+                x >>= t
+                pos += t
+            return
+        span = spans[level - 1]
+        for i in range((lo - base) // span, (hi - 1 - base) // span + 1):
+            child = _u32(node, i)
+            s = max(lo, base + i * span)
+            t = min(hi, base + (i + 1) * span)
+            yield from self._bm_walk(child, level - 1, base + i * span, s, t, spans)
+
+    def _bm_set(self, vol: VolumeRecord, st: _Origin, lc: int) -> None:
+        if not st.bm_root:
+            st = st._replace(bm_root=self._new_page() + 1)
+            self._set_origin(vol, st)
+        spans = self._bm_spans(st.bm_height)
+        e = st.bm_root
+        for level in range(st.bm_height - 1, 0, -1):
+            page_no = self._page(e - 1)
+            i = (lc // spans[level - 1]) % self.bm_fanout
+            child = _u32(self.cache.get(page_no), i)
+            if not child:
+                child = self._new_page() + 1
+                _I.pack_into(self.cache.modify(page_no, PT_LINEAR), PAGE_HEADER_SIZE + 4 * i,
+                             child)
+            e = child
+        leaf = self.cache.modify(self._page(e - 1), PT_LINEAR)
+        bit = lc % self.leaf_bits
+        leaf[PAGE_HEADER_SIZE + bit // 8] |= 1 << (bit % 8)
+
+    def _bm_clear(self, e: int, level: int, base: int, lo: int, hi: int, budget: int) -> int:
+        """Clear the bits of [lo, hi) below entry `e`, freeing pages left empty, in at most
+        about `budget` page visits (self._work). Returns the entry's new value."""
+        if not e:
+            return 0
+        page_no = self._page(e - 1)
+        spans = self._bm_spans(level + 1)
+        whole = lo <= base and hi >= base + spans[level]
+        self._work += 1
+        if level == 0:
+            if not whole:
+                node = self.cache.modify(page_no, PT_LINEAR)
+                a, b = lo - base, hi - base
+                fb, lb = a // 8, (b + 7) // 8
+                view = node[PAGE_HEADER_SIZE + fb:PAGE_HEADER_SIZE + lb]
+                x = int.from_bytes(view, "little")
+                x &= ~(((1 << (b - a)) - 1) << (a - 8 * fb))
+                node[PAGE_HEADER_SIZE + fb:PAGE_HEADER_SIZE + lb] = x.to_bytes(lb - fb, "little")
+                if any(memoryview(node)[PAGE_HEADER_SIZE:PAGE_HEADER_SIZE + self.leaf_bits // 8]):
+                    return e
+            self.meta.decref(e - 1)
+            return 0
+        span = spans[level - 1]
+        for i in range((lo - base) // span, (hi - 1 - base) // span + 1):
+            child = _u32(self.cache.get(page_no), i)
+            if not child:
+                continue
+            if self._work >= budget:
+                break
+            s = max(lo, base + i * span)
+            t = min(hi, base + (i + 1) * span)
+            new = self._bm_clear(child, level - 1, base + i * span, s, t, budget)
+            if new != child:
+                _I.pack_into(self.cache.modify(page_no, PT_LINEAR), PAGE_HEADER_SIZE + 4 * i,
+                             new)
+        node = self.cache.get(page_no)
+        if any(memoryview(node)[PAGE_HEADER_SIZE:PAGE_HEADER_SIZE + 4 * self.bm_fanout]):
+            return e
+        self.meta.decref(e - 1)
+        return 0
+
+    def _origin_runs(self, vol: VolumeRecord, st: _Origin, lc: int, count: int,
+                     out: list[Run]) -> None:
+        for first, n, written in self._bits(st, lc, lc + count):
+            if not written:
+                self._emit(out, first, n, HOLE, 0)
+                continue
+            for plc, pn, pc in self._pieces(vol, st, first, n):
+                self._emit(out, plc, pn, pc, vol.id)
+
+    # -- exception stores ---------------------------------------------------------------------
+
+    def _exc_get(self, st: _Snap, lc: int) -> int:
+        """The leaf entry for `lc`: NONE, ZERO or chunk + 2. O(height)."""
+        e = st.root
+        fanout = self.exc_fanout
+        get = self.cache.get
+        for level in range(st.height - 1, -1, -1):
+            if e <= ZERO:
+                return e
+            e = _u64(get(self._page(e - 2)), (lc // fanout ** level) % fanout)
+        return e
+
+    def _exc_node(self, fill: int) -> int:
+        """A new exception-tree page whose entries are all `fill`; returns its entry."""
+        index = self._new_page()
+        if fill == ZERO:
+            page = self.cache.modify(self._page(index), PT_LINEAR)
+            page[PAGE_HEADER_SIZE:PAGE_HEADER_SIZE + 8 * self.exc_fanout] = self._zero_node
+        return index + 2
+
+    def _exc_set(self, snap: VolumeRecord, lc: int, value: int) -> int:
+        """Set the leaf entry of `lc` (creating or splitting the path); returns the old one."""
+        st = self._snap(snap)
+        fanout = self.exc_fanout
+        e = st.root
+        if e <= ZERO:
+            e = self._exc_node(e)
+            self._set_snap(snap, st._replace(root=e))
+        for level in range(st.height - 1, 0, -1):
+            page_no = self._page(e - 2)
+            off = PAGE_HEADER_SIZE + 8 * ((lc // fanout ** level) % fanout)
+            child = int(_Q.unpack_from(self.cache.get(page_no), off)[0])
+            if child <= ZERO:
+                child = self._exc_node(child)
+                _Q.pack_into(self.cache.modify(page_no, PT_LINEAR), off, child)
+            e = child
+        page_no = self._page(e - 2)
+        off = PAGE_HEADER_SIZE + 8 * (lc % fanout)
+        old = int(_Q.unpack_from(self.cache.get(page_no), off)[0])
+        if old != value:
+            _Q.pack_into(self.cache.modify(page_no, PT_LINEAR), off, value)
+        return old
+
+    def _exc_fill(self, e: int, level: int, base: int, lo: int, hi: int, value: int,
+                  budget: int) -> tuple[int, int | None]:
+        """Set every entry of [lo, hi) below `e` (a node of `level` covering from `base`) to
+        `value` (NONE or ZERO), freeing the chunks and pages this drops, within `budget`
+        work (self._work). Returns the entry's new value and, if the budget ran out, the
+        first chunk not done."""
+        if e == value:
+            return e, None
+        fanout = self.exc_fanout
+        span = fanout ** level
+        if e <= ZERO:
+            if lo <= base and hi >= base + span * fanout:
+                return value, None
+            e = self._exc_node(e)
+            self._work += 1
+        page_no = self._page(e - 2)
+        stop: int | None = None
+        for i in range((lo - base) // span, (hi - 1 - base) // span + 1):
+            off = PAGE_HEADER_SIZE + 8 * i
+            child = int(_Q.unpack_from(self.cache.get(page_no), off)[0])
+            if child == value:
+                continue
+            if self._work >= budget:
+                stop = max(lo, base + i * span)
+                break
+            if level == 0:
+                if child > ZERO:
+                    self.data.decref(child - 2)
+                self._work += 1
+                _Q.pack_into(self.cache.modify(page_no, PT_LINEAR), off, value)
+                continue
+            s = max(lo, base + i * span)
+            t = min(hi, base + (i + 1) * span)
+            new, child_stop = self._exc_fill(child, level - 1, base + i * span, s, t, value,
+                                             budget)
+            if new != child:
+                _Q.pack_into(self.cache.modify(page_no, PT_LINEAR), off, new)
+            if child_stop is not None:
+                stop = child_stop
+                break
+        node = memoryview(self.cache.get(page_no))[PAGE_HEADER_SIZE:
+                                                   PAGE_HEADER_SIZE + 8 * fanout]
+        if (value == NONE and not any(node)) or (value == ZERO and node == self._zero_node):
+            self.meta.decref(e - 2)
+            return value, stop
+        return e, stop
+
+    def _snap_runs(self, snap: VolumeRecord, st: _Snap, lc: int, count: int,
+                   out: list[Run]) -> None:
+        origin = self.pool.volumes.get(st.origin)
+        ost = self._origin(origin) if origin is not None else None
+
+        def leaf(start: int, n: int, e: int) -> None:
+            if e == ZERO or (e == NONE and (ost is None or origin is None)):
+                self._emit(out, start, n, HOLE, 0)
+            elif e == NONE:
+                assert origin is not None and ost is not None
+                self._origin_runs(origin, ost, start, n, out)
+            else:
+                self._emit(out, start, n, e - 2, snap.id)
+
+        self._exc_walk(st.root, st.height - 1, 0, lc, lc + count, leaf)
+
+    def _exc_walk(self, e: int, level: int, base: int, lo: int, hi: int,
+                  leaf: Callable[[int, int, int], None]) -> None:
+        if e <= ZERO:
+            leaf(lo, hi - lo, e)
+            return
+        node = self.cache.get(self._page(e - 2))
+        span = self.exc_fanout ** level
+        for i in range((lo - base) // span, (hi - 1 - base) // span + 1):
+            child = _u64(node, i)
+            s = max(lo, base + i * span)
+            t = min(hi, base + (i + 1) * span)
+            if level == 0:
+                leaf(s, 1, child)
+            else:
+                self._exc_walk(child, level - 1, base + i * span, s, t, leaf)
+
+    # -- data path ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _emit(out: list[Run], lc: int, count: int, pc: int, owner: int) -> None:
+        if out:
+            last = out[-1]
+            if last.lc + last.count == lc and last.owner == owner and (
+                (pc == HOLE and last.pc == HOLE)
+                or (pc != HOLE and last.pc != HOLE and last.pc + last.count == pc)
+            ):
+                out[-1] = Run(last.lc, last.count + count, last.pc, owner)
+                return
+        out.append(Run(lc, count, pc, owner))
+
+    def lookup(self, vol: VolumeRecord, lc: int, count: int) -> list[Run]:
+        out: list[Run] = []
+        if self._kind(vol) == ORIGIN:
+            st = self._origin(vol)
+            if count == 1:  # the hot path
+                if not self._written(st, lc):
+                    return [Run(lc, 1, HOLE)]
+                return [Run(lc, 1, self._pc(vol, st, lc), vol.id)]
+            self._origin_runs(vol, st, lc, count, out)
+            return out
+        sst = self._snap(vol)
+        if count == 1:
+            e = self._exc_get(sst, lc)
+            if e > ZERO:
+                return [Run(lc, 1, e - 2, vol.id)]
+            origin = self.pool.volumes.get(sst.origin)
+            if e == ZERO or origin is None:
+                return [Run(lc, 1, HOLE)]
+            return self.lookup(origin, lc, 1)
+        self._snap_runs(vol, sst, lc, count, out)
+        return out
+
+    def write_target(self, vol: VolumeRecord, lc: int) -> WriteTarget:
+        if self._kind(vol) == ORIGIN:
+            st = self._origin(vol)
+            pc = self._pc(vol, st, lc)
+            if not self._written(st, lc):
+                return Redirect(HOLE, into=pc)
+            preserve = tuple(snap.id for snap in self._live_snapshots(st)
+                             if self._exc_get(self._snap(snap), lc) == NONE)
+            return CopyOut(pc, preserve) if preserve else InPlace(pc)
+        st_s = self._snap(vol)
+        e = self._exc_get(st_s, lc)
+        if e > ZERO:
+            return InPlace(e - 2)
+        if e == ZERO:
+            return Redirect(HOLE)
+        origin = self.pool.volumes[st_s.origin]
+        ost = self._origin(origin)
+        if not self._written(ost, lc):
+            return Redirect(HOLE)
+        return Redirect(self._pc(origin, ost, lc))
+
+    def map(self, vol: VolumeRecord, lc: int, pc: int) -> None:
+        if self._kind(vol) == ORIGIN:
+            # Only the first write to an unwritten chunk maps (Redirect into the own chunk).
+            st = self._origin(vol)
+            own = self._pc(vol, st, lc)
+            if pc != own:
+                raise AssertionError(f"linear origin {vol.name!r}: chunk {lc} is {own}, "
+                                     f"not {pc}")
+            if self._written(st, lc):
+                return
+            for snap in self._live_snapshots(st):  # they read zeros there: keep it so
+                if self._exc_get(self._snap(snap), lc) == NONE:
+                    self._exc_set(snap, lc, ZERO)
+            self._bm_set(vol, self._origin(vol), lc)
+            return
+        st_s = self._snap(vol)
+        origin = self.pool.volumes.get(st_s.origin)
+        if vol.deleted or origin is None or vol.id not in self._snapshot_ids(
+                self._origin(origin)):
+            # A copy-out for a snapshot being deleted: drop the copy.
+            self.data.unclaim(pc)
+            self.cache.add_undo(lambda: self.data.claimed.add(pc))
+            return
+        self.data.incref(pc)
+        old = self._exc_set(vol, lc, pc + 2)
+        if old > ZERO:
+            self.data.decref(old - 2)
+
+    def unmap(self, vol: VolumeRecord, lc: int, count: int) -> tuple[int, list[tuple[int, int]]]:
+        self._work = 0
+        if self._kind(vol) == SNAPSHOT:
+            st_s = self._snap(vol)
+            root, stop = self._exc_fill(st_s.root, st_s.height - 1, 0, lc, lc + count, ZERO,
+                                        WORK_BUDGET)
+            if root != st_s.root:
+                self._set_snap(vol, st_s._replace(root=root))
+            return (stop - lc if stop is not None else count), []
+        st = self._origin(vol)
+        snaps = [self._snap(s) for s in self._live_snapshots(st)]
+        end = lc + count
+        pos = lc
+        work = 0
+        clear: list[list[int]] = []
+        fill: list[list[int]] = []
+        for first, n, written in self._bits(st, lc, end):
+            if not written:
+                pos = first + n
+                work += 1
+                continue
+            for c in range(first, first + n):
+                if work >= WORK_BUDGET and c > lc:
+                    break
+                work += 1 + len(snaps)
+                needed = any(self._exc_get(s, c) == NONE for s in snaps)
+                runs = fill if needed else clear
+                if runs and runs[-1][0] + runs[-1][1] == c:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([c, 1])
+                pos = c + 1
+            if pos < first + n:
+                break
+            if work >= WORK_BUDGET:
+                break
+        for first, n in clear:
+            st = self._origin(vol)
+            root = self._bm_clear(st.bm_root, st.bm_height - 1, 0, first, first + n, 1 << 62)
+            if root != st.bm_root:
+                self._set_origin(vol, st._replace(bm_root=root))
+        return pos - lc, [(first, n) for first, n in fill]
+
+    # -- inspection ---------------------------------------------------------------------------
+
+    def references(self, vol: VolumeRecord, seen: set[int], ref_page: Callable[[int], None],
+                   ref_chunk: Callable[[int], None], problem: Callable[[str], None]) -> None:
+        kind = self._kind(vol)
+        n = self._chunks(vol)
+        name = vol.name
+
+        def page(index: int, what: str) -> bool:
+            if not 0 <= index < self.meta.count:
+                problem(f"volume {name!r}: {what} page {index} outside the metadata area")
+                return False
+            ref_page(index)
+            seen.add(index)
+            return True
+
+        if kind == ORIGIN:
+            st = self._origin(vol)
+            if st.bm_height != self._bm_height(n):
+                problem(f"volume {name!r}: bitmap height {st.bm_height}, expected "
+                        f"{self._bm_height(n)}")
+                return
+            if not 1 <= st.nsegs <= MAX_SEGMENTS and not (vol.deleted and st.nsegs == 0):
+                problem(f"volume {name!r}: {st.nsegs} segments")
+                return
+            if st.nsegs > 1:
+                if not page(st.seg, "segment"):
+                    return
+                self._check_segments(vol, st, problem)
+            if st.nsegs:
+                for _, count, pc in self._pieces(vol, st, st.released, n - st.released):
+                    if not 0 <= pc <= pc + count <= self.data.count:
+                        problem(f"volume {name!r}: chunks {pc}..{pc + count - 1} outside the "
+                                "data area")
+                        continue
+                    for unit in range(pc, pc + count):
+                        ref_chunk(unit)
+            if st.bm_root:
+                self._bm_refs(st.bm_root, st.bm_height - 1, 0, n, page, problem, name)
+            if st.nsnap:
+                if st.nsnap > MAX_SNAPSHOTS or not page(st.snaplist - 1, "snapshot list"):
+                    problem(f"volume {name!r}: bad snapshot list ({st.nsnap} snapshots)")
+                    return
+                ids = self._snapshot_ids(st)
+                if len(set(ids)) != len(ids):
+                    problem(f"volume {name!r}: a snapshot is listed twice")
+                for sid in ids:
+                    snap = self.pool.volumes.get(sid)
+                    if snap is None or self._kind(snap) != SNAPSHOT or \
+                            self._snap(snap).origin != vol.id:
+                        problem(f"volume {name!r}: lists #{sid} as a snapshot, which it is not")
+            elif st.snaplist:
+                problem(f"volume {name!r}: a snapshot list page but no snapshots")
+            return
+        if kind != SNAPSHOT:
+            if not vol.deleted:
+                problem(f"volume {name!r}: no linear map state (kind {kind})")
+            return
+        sst = self._snap(vol)
+        if sst.height != self._exc_height(n):
+            problem(f"volume {name!r}: exception tree height {sst.height}, expected "
+                    f"{self._exc_height(n)}")
+            return
+        origin = self.pool.volumes.get(sst.origin)
+        if origin is None or self._kind(origin) != ORIGIN:
+            if not vol.deleted:
+                problem(f"volume {name!r}: its origin #{sst.origin} is missing")
+        elif vol.id not in self._snapshot_ids(self._origin(origin)) and not vol.deleted:
+            problem(f"volume {name!r}: not in the snapshot list of its origin {origin.name!r}")
+        elif origin.size != vol.size:
+            problem(f"volume {name!r}: size {vol.size}, its origin's {origin.size}")
+        if sst.root > ZERO:
+            self._exc_refs(sst.root, sst.height - 1, 0, n, page, ref_chunk, problem, name)
+
+    def _check_segments(self, vol: VolumeRecord, st: _Origin,
+                        problem: Callable[[str], None]) -> None:
+        raw = self.cache.get(self._page(st.seg))
+        prev = -1
+        for i in range(st.nsegs):
+            first = _SEG.unpack_from(raw, PAGE_HEADER_SIZE + 16 * i)[0]
+            if first <= prev or (i == 0 and first != 0) or first >= self._chunks(vol):
+                problem(f"volume {vol.name!r}: segment {i} starts at chunk {first}, out of "
+                        "order")
+            prev = first
+
+    def _bm_refs(self, e: int, level: int, base: int, limit: int,
+                 page: Callable[[int, str], bool], problem: Callable[[str], None],
+                 name: str) -> None:
+        if not page(e - 1, "bitmap"):
+            return
+        node = self.cache.get(self._page(e - 1))
+        if level == 0:
+            if base + self.leaf_bits > limit:
+                a = limit - base
+                x = int.from_bytes(node[PAGE_HEADER_SIZE:PAGE_HEADER_SIZE + self.leaf_bits // 8],
+                                   "little")
+                if x >> a:
+                    problem(f"volume {name!r}: written bits beyond the end of the volume")
+            return
+        span = self._bm_spans(level)[level - 1]
+        for i in range(self.bm_fanout):
+            child = _u32(node, i)
+            if not child:
+                continue
+            if base + i * span >= limit:
+                problem(f"volume {name!r}: bitmap entry beyond the end of the volume")
+                continue
+            self._bm_refs(child, level - 1, base + i * span, limit, page, problem, name)
+
+    def _exc_refs(self, e: int, level: int, base: int, limit: int,
+                  page: Callable[[int, str], bool], ref_chunk: Callable[[int], None],
+                  problem: Callable[[str], None], name: str) -> None:
+        if not page(e - 2, "exception"):
+            return
+        node = self.cache.get(self._page(e - 2))
+        span = self.exc_fanout ** level
+        for i in range(self.exc_fanout):
+            child = _u64(node, i)
+            if child <= ZERO:
+                continue
+            if base + i * span >= limit:
+                problem(f"volume {name!r}: exception beyond the end of the volume "
+                        f"(chunk {base + i * span})")
+            if level == 0:
+                pc = child - 2
+                if not 0 <= pc < self.data.count:
+                    problem(f"volume {name!r}: exception chunk {pc} outside the data area")
+                else:
+                    ref_chunk(pc)
+            else:
+                self._exc_refs(child, level - 1, base + i * span, limit, page, ref_chunk,
+                               problem, name)
+
+    def stats(self, vol: VolumeRecord) -> MapStats:
+        stats = MapStats()
+        n = self._chunks(vol)
+        runs = self.lookup(vol, 0, n)
+        for run in runs:
+            if run.pc != HOLE:
+                stats.mapped_chunks += run.count
+                stats.extents += 1
+        counted: set[int] = set()
+
+        def page(index: int, what: str) -> bool:
+            counted.add(index)
+            return True
+
+        if self._kind(vol) == ORIGIN:
+            st = self._origin(vol)
+            # exclusive: written chunks no snapshot reads from the origin any more
+            shared: list[tuple[int, int]] = []
+            for snap in self._live_snapshots(st):
+                shared.extend((r.lc, r.lc + r.count) for r in self.lookup(snap, 0, n)
+                              if r.owner == vol.id and r.pc != HOLE)
+            stats.exclusive_chunks = stats.mapped_chunks - _union_length(shared)
+            if st.bm_root:
+                self._bm_refs(st.bm_root, st.bm_height - 1, 0, n, page, lambda _: None, "")
+            stats.metadata_pages = len(counted) + (st.nsegs > 1) + bool(st.nsnap)
+            return stats
+        stats.exclusive_chunks = sum(r.count for r in runs if r.owner == vol.id)
+        sst = self._snap(vol)
+        if sst.root > ZERO:
+            self._exc_refs(sst.root, sst.height - 1, 0, n, page, lambda _: None,
+                           lambda _: None, "")
+        stats.metadata_pages = len(counted)
+        return stats
+
+
+def _union_length(intervals: list[tuple[int, int]]) -> int:
+    """Total length of the union of half-open intervals."""
+    total = 0
+    end = -1
+    for s, e in sorted(intervals):
+        if s > end:
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total
