@@ -1,0 +1,381 @@
+"""The ``linear`` design (LVM2 classic snapshots): what is particular to it.
+
+Thick, contiguous origins; copy-out into every snapshot lacking the chunk on an
+origin write (counted in chunks); no snapshot of a snapshot (API and CLI); no
+deletion of an origin with snapshots; exact reclamation of a snapshot's
+exceptions; never-written chunks of a recycled origin read as zeros; snapshots
+stay point-in-time exact. Every test ends with a clean ``pool check``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from poolkit import PoolEnv, PoolFactory, pattern
+
+from nbdserver.backend.base import ALLOCATION_DEPTH, BASE_ALLOCATION, STATE_HOLE, STATE_ZERO
+from nbdserver.blockmap.base import HOLE, CopyOut, InPlace, Redirect
+from nbdserver.blockmap.linear import LinearMap
+from nbdserver.errors import UserError
+
+CHUNK = 4096
+KiB = 1024
+MiB = 1024 * KiB
+
+
+async def linear_pool(make_pool: PoolFactory, **kwargs: object) -> PoolEnv:
+    env = await make_pool("linear", **kwargs)
+    assert isinstance(env.pool.map, LinearMap)
+    return env
+
+
+def used(env: PoolEnv) -> int:
+    return env.pool.data.used
+
+
+async def test_origin_is_thick_and_contiguous(make_pool: PoolFactory) -> None:
+    env = await linear_pool(make_pool)
+    before = used(env)
+    vol = await env.create("o", 64 * CHUNK)
+    assert used(env) - before == 64, "an origin allocates every chunk at creation"
+    assert await vol.block_status(0, vol.size) == [(vol.size, STATE_HOLE | STATE_ZERO)]
+    await vol.write(0, pattern(1, vol.size))
+    assert used(env) - before == 64, "writing a thick origin allocates nothing"
+    runs = await env.pool.cache.run(
+        lambda: env.pool.map.lookup(env.pool.volume("o"), 0, 64))
+    assert len(runs) == 1 and runs[0].count == 64 and runs[0].pc != HOLE
+    assert await vol.read_all() == pattern(1, vol.size)
+    with pytest.raises(UserError, match="thick"):
+        await env.create("huge", env.pool.layout.data_chunks * CHUNK)
+    await env.assert_clean()
+
+
+@pytest.mark.parametrize("offline", [True, False])
+async def test_origin_write_copies_into_every_snapshot(make_pool: PoolFactory,
+                                                       offline: bool) -> None:
+    env = await linear_pool(make_pool, offline=offline)
+    origin = await env.create("o", 32 * CHUNK)
+    old = pattern(1, origin.size)
+    await origin.write(0, old)
+    await env.snapshot("o", "s1")
+    await env.snapshot("o", "s2")
+    fork = await env.fork("o", "f1")
+    rec = env.pool.volume("o")
+    target = await env.pool.cache.run(lambda: env.pool.map.write_target(rec, 3))
+    assert isinstance(target, CopyOut) and len(target.preserve) == 3
+
+    base = used(env)
+    await origin.write(3 * CHUNK, pattern(2, CHUNK))
+    assert used(env) - base == 3, "one copy per snapshot lacking the chunk"
+    await origin.write(3 * CHUNK + 100, pattern(3, 50))
+    assert used(env) - base == 3, "a second write to the chunk copies nothing"
+    target = await env.pool.cache.run(lambda: env.pool.map.write_target(rec, 3))
+    assert target == InPlace(target.pc)
+
+    # the fork writes chunk 5 itself: only the two snapshots need copies then
+    await fork.write(5 * CHUNK + 10, b"fork")
+    assert used(env) - base == 4
+    await origin.write(5 * CHUNK, pattern(4, 2 * CHUNK))  # chunks 5 and 6
+    assert used(env) - base == 4 + 2 + 3
+
+    for name in ("s1", "s2"):
+        assert await env.vol(name).read_all() == old, name
+    want = bytearray(old)
+    want[5 * CHUNK + 10:5 * CHUNK + 14] = b"fork"
+    assert await fork.read_all() == want
+    await env.reopen()
+    for name in ("s1", "s2"):
+        assert await env.vol(name).read_all() == old, name
+    assert await env.vol("f1").read_all() == want
+    await env.assert_clean()
+
+
+async def test_unwritten_origin_chunk_copies_nothing(make_pool: PoolFactory) -> None:
+    env = await linear_pool(make_pool)
+    origin = await env.create("o", 16 * CHUNK)
+    await origin.write(0, pattern(1, CHUNK))
+    snap = await env.snapshot("o", "s")
+    base = used(env)
+    await origin.write(8 * CHUNK + 7, b"late")  # chunk 8 was never written
+    assert used(env) == base, "the snapshot gets a zero exception, not a copy"
+    assert await snap.read_all() == pattern(1, CHUNK) + bytes(15 * CHUNK)
+    got = await origin.read(8 * CHUNK, CHUNK)
+    assert got == bytes(7) + b"late" + bytes(CHUNK - 11)
+    depth = await snap.block_status(0, snap.size, ALLOCATION_DEPTH)
+    assert depth == [(CHUNK, 2), (15 * CHUNK, 0)], "origin data shows as depth 2"
+    await snap.flush()
+    await env.assert_clean()
+
+
+async def test_snapshot_of_snapshot_refused(make_pool: PoolFactory) -> None:
+    env = await linear_pool(make_pool)
+    await env.create("o", 8 * CHUNK)
+    await env.snapshot("o", "s")
+    await env.fork("o", "f")
+    for src in ("s", "f"):
+        for snapshot in (True, False):
+            with pytest.raises(UserError, match=r"LVM2 classic snapshots.*cannot snapshot or "
+                                                r"fork a snapshot.*origin 'o'"):
+                await env.pool.clone_volume(src, "x", snapshot=snapshot)
+    assert sorted(env.names()) == ["f", "o", "s"]
+    await env.assert_clean()
+
+
+def _cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "nbdserver", *map(str, args)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_cli_refuses_snapshot_of_snapshot(tmp_path: Path) -> None:
+    pool = tmp_path / "p.img"
+    for args in (("pool", "create", pool, "--size", "16M", "--blockmap", "linear"),
+                 ("volume", "create", pool, "o", "--size", "1M"),
+                 ("volume", "snapshot", pool, "o", "s"),
+                 ("volume", "fork", pool, "o", "f")):
+        proc = _cli(*args)
+        assert proc.returncode == 0, proc.stderr
+    for cmd in ("fork", "snapshot"):
+        for src in ("s", "f"):
+            proc = _cli("volume", cmd, pool, src, "x")
+            assert proc.returncode == 1, (cmd, src, proc.stdout, proc.stderr)
+            assert "cannot snapshot or fork a snapshot" in proc.stderr
+            assert "LVM2 classic snapshots" in proc.stderr
+            assert "Traceback" not in proc.stderr
+    proc = _cli("volume", "delete", pool, "o")
+    assert proc.returncode == 1 and "delete the snapshots first" in proc.stderr
+    proc = _cli("pool", "check", pool)
+    assert proc.returncode == 0 and "clean" in proc.stdout, proc.stdout + proc.stderr
+
+
+async def test_delete_origin_with_snapshots_refused(make_pool: PoolFactory) -> None:
+    env = await linear_pool(make_pool)
+    empty = used(env)
+    origin = await env.create("o", 16 * CHUNK)
+    await origin.write(0, pattern(1, origin.size))
+    await env.snapshot("o", "s1")
+    await env.fork("o", "f1")
+    await origin.write(0, pattern(2, 4 * CHUNK))
+    with pytest.raises(UserError, match=r"origin of 2 snapshot\(s\).*'f1', 's1'.*delete the "
+                                        r"snapshots first"):
+        await env.delete("o")
+    assert env.pool.volume("o") is not None
+    await env.delete("s1")
+    with pytest.raises(UserError, match="origin of 1 snapshot"):
+        await env.delete("o")
+    await env.delete("f1")
+    await env.delete("o")
+    assert used(env) == empty, "deleting the origin frees all of it"
+    assert env.pool.meta.used == 0
+    await env.assert_clean()
+
+
+@pytest.mark.parametrize("offline", [True, False])
+async def test_delete_snapshot_frees_exactly_its_exceptions(make_pool: PoolFactory,
+                                                            offline: bool) -> None:
+    env = await linear_pool(make_pool, offline=offline)
+    origin = await env.create("o", 64 * CHUNK)
+    await origin.write(0, pattern(1, origin.size))
+    await env.snapshot("o", "s1")
+    fork = await env.fork("o", "f1")
+    await origin.write(0, pattern(2, 10 * CHUNK))  # 10 exceptions in each
+    await env.snapshot("o", "s2")
+    await origin.write(20 * CHUNK, pattern(3, 5 * CHUNK))  # 5 more in each of the three
+    await fork.write(40 * CHUNK, pattern(4, 3 * CHUNK))  # 3 of the fork's own
+    pool = env.pool
+    stats = {n: await pool.volume_stats(pool.volume(n)) for n in ("s1", "s2", "f1")}
+    assert stats["s1"].exclusive_chunks == 15 and stats["s2"].exclusive_chunks == 5
+    assert stats["f1"].exclusive_chunks == 18
+    s2_reads = await env.vol("s2").read_all()
+    for name in ("f1", "s1"):
+        chunks, pages = used(env), pool.meta.used
+        await env.delete(name)
+        assert chunks - used(env) == stats[name].exclusive_chunks, name
+        assert pages - pool.meta.used == stats[name].metadata_pages, name
+        await env.assert_clean()
+    assert await env.vol("s2").read_all() == s2_reads
+    await env.delete("s2")
+    ostats = await pool.volume_stats(pool.volume("o"))
+    assert used(env) == 64 and pool.meta.used == ostats.metadata_pages
+    await env.assert_clean()
+
+
+async def test_fresh_origin_on_reused_pool_reads_zeros(make_pool: PoolFactory) -> None:
+    env = await linear_pool(make_pool)
+    size = 48 * CHUNK
+    vol = await env.create("secret", size)
+    secret = pattern(77, size)
+    await vol.write(0, secret)
+    await vol.flush()
+    rec = env.pool.volume("secret")
+    runs = await env.pool.cache.run(lambda: env.pool.map.lookup(rec, 0, 48))
+    old_pcs = {r.pc + i for r in runs for i in range(r.count)}
+    await env.delete("secret")
+    await env.reopen()
+
+    vol = await env.create("fresh", size)
+    rec = env.pool.volume("fresh")
+    targets = await env.pool.cache.run(
+        lambda: [env.pool.map.write_target(rec, lc) for lc in range(48)])
+    assert all(isinstance(t, Redirect) and t.into != HOLE for t in targets)
+    new_pcs = {t.into for t in targets if isinstance(t, Redirect)}
+    assert new_pcs == old_pcs, "the test needs the fresh origin on the secret's chunks"
+    assert await vol.read_all() == bytes(size)
+    assert await vol.block_status(0, size) == [(size, STATE_HOLE | STATE_ZERO)]
+    await vol.write(5 * CHUNK + 1000, b"new")  # a partial write: zeros around it
+    await vol.write(9 * CHUNK, b"x" * 512)
+    want = bytearray(size)
+    want[5 * CHUNK + 1000:5 * CHUNK + 1003] = b"new"
+    want[9 * CHUNK:9 * CHUNK + 512] = b"x" * 512
+    assert await vol.read_all() == want
+    await env.reopen()
+    assert await env.vol("fresh").read_all() == want
+    status = await env.vol("fresh").block_status(0, size, BASE_ALLOCATION)
+    assert status[0] == (5 * CHUNK, STATE_HOLE | STATE_ZERO) and status[1] == (CHUNK, 0)
+    await env.assert_clean()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_snapshots_are_point_in_time_exact(make_pool: PoolFactory, seed: int) -> None:
+    env = await linear_pool(make_pool, offline=seed == 2)
+    rng = random.Random(seed)
+    size = 40 * CHUNK
+    await env.create("o", size)
+    model = {"o": bytearray(size)}
+    forks: list[str] = []
+    for step in range(120):
+        op = rng.random()
+        if step % 25 == 10 and len(model) < 7:
+            name = f"s{step}"
+            if rng.random() < 0.5:
+                await env.snapshot("o", name)
+            else:
+                await env.fork("o", name)
+                forks.append(name)
+            model[name] = bytearray(model["o"])
+            continue
+        name = rng.choice(["o", "o", "o", *forks]) if forks else "o"
+        off = rng.randrange(size)
+        n = min(size - off, rng.choice([1, 100, CHUNK, 3 * CHUNK + 17]))
+        if op < 0.8:
+            data = pattern(rng.randrange(1 << 16), n)
+            await env.vol(name).write(off, data)
+            model[name][off:off + n] = data
+        elif op < 0.9:
+            await env.vol(name).trim(off, n)
+            model[name][off:off + n] = bytes(n)
+        else:
+            await env.vol(name).zero(off, n, may_trim=rng.random() < 0.5)
+            model[name][off:off + n] = bytes(n)
+    for name, want in model.items():
+        assert await env.vol(name).read_all() == want, name
+    await env.assert_clean()
+    await env.reopen()
+    for name, want in model.items():
+        assert await env.vol(name).read_all() == want, name
+    await env.assert_clean()
+
+
+async def test_trim(make_pool: PoolFactory) -> None:
+    env = await linear_pool(make_pool)
+    origin = await env.create("o", 32 * CHUNK)
+    old = pattern(1, origin.size)
+    await origin.write(0, old)
+    snap = await env.snapshot("o", "s")
+    fork = await env.fork("o", "f")
+    await origin.write(0, pattern(2, 8 * CHUNK))  # both get exceptions for chunks 0..7
+    base = used(env)
+
+    # a snapshot trim drops its exceptions (zero exceptions remain) and reads zeros
+    await fork.trim(0, 16 * CHUNK)
+    assert base - used(env) == 8
+    assert await fork.read(0, 16 * CHUNK) == bytes(16 * CHUNK)
+    assert await fork.read(16 * CHUNK, 16 * CHUNK) == old[16 * CHUNK:]
+
+    # the origin's chunks 0..7: both snapshots hold exceptions, so they become unwritten
+    await origin.trim(0, 8 * CHUNK)
+    status = await origin.block_status(0, 8 * CHUNK)
+    assert status == [(8 * CHUNK, STATE_HOLE | STATE_ZERO)]
+    # chunks 8..11: the snapshot still reads them from the origin: copied out, then zeroed
+    before = used(env)
+    await origin.trim(8 * CHUNK, 4 * CHUNK)
+    assert used(env) - before == 4, "the snapshot gets copies of the old chunks"
+    assert await origin.read(0, 12 * CHUNK) == bytes(12 * CHUNK)
+    assert await snap.read_all() == old
+    assert used(env) - base == 4 - 8
+    await env.assert_clean()
+
+
+async def test_fragmented_origin_uses_segments(make_pool: PoolFactory) -> None:
+    env = await linear_pool(make_pool)
+    free = env.pool.available_chunks()
+    pieces = 6
+    n = free // (2 * pieces)
+    for i in range(2 * pieces):
+        await env.create(f"v{i}", n * CHUNK)
+    await env.create("rest", (env.pool.available_chunks() - 1) * CHUNK)
+    for i in range(0, 2 * pieces, 2):
+        await env.delete(f"v{i}")  # holes of n chunks, none bigger
+    before_big = used(env)
+    size = (pieces * n - 3) * CHUNK
+    vol = await env.create("big", size)
+    rec = env.pool.volume("big")
+    data = pattern(5, size)
+    await vol.write(0, data)
+    runs = await env.pool.cache.run(lambda: env.pool.map.lookup(rec, 0, size // CHUNK))
+    assert len(runs) == pieces and all(r.owner == rec.id for r in runs)
+    assert await vol.read_all() == data
+    stats = await env.pool.volume_stats(rec)
+    assert stats.extents == pieces and stats.metadata_pages >= 2  # a segment page
+    await env.reopen()
+    assert await env.vol("big").read_all() == data
+    await env.assert_clean()
+    await env.delete("big")
+    assert used(env) == before_big
+    await env.assert_clean()
+
+
+async def test_too_fragmented_refused(make_pool: PoolFactory) -> None:
+    env = await linear_pool(make_pool)  # small parameters: at most 16 segments
+    for i in range(34):
+        await env.create(f"v{i}", CHUNK)
+    await env.create("rest", env.pool.available_chunks() * CHUNK)
+    for i in range(0, 34, 2):
+        await env.delete(f"v{i}")  # 17 holes of one chunk
+    with pytest.raises(UserError, match="too fragmented"):
+        await env.create("scattered", 17 * CHUNK)
+    vol = await env.create("sixteen", 16 * CHUNK)
+    await vol.write(0, pattern(9, vol.size))
+    assert await vol.read_all() == pattern(9, vol.size)
+    assert env.pool.available_chunks() == 1
+    with pytest.raises(UserError, match="needs 8192 bytes but only 4096"):
+        await env.create("two", 2 * CHUNK)
+    await env.assert_clean()
+
+
+async def test_copy_out_races_with_snapshot_writes(make_pool: PoolFactory) -> None:
+    env = await linear_pool(make_pool, offline=False)
+    origin = await env.create("o", 16 * CHUNK)
+    old = pattern(1, origin.size)
+    await origin.write(0, old)
+    fork = await env.fork("o", "f")
+    want_o = bytearray(old)
+    want_f = bytearray(old)
+    writes = []
+    for lc in range(16):
+        a = pattern(100 + lc, 300)
+        b = pattern(200 + lc, 200)
+        writes.append(origin.write(lc * CHUNK + 1000, a))
+        writes.append(fork.write(lc * CHUNK + 2000, b))
+        want_o[lc * CHUNK + 1000:lc * CHUNK + 1300] = a
+        want_f[lc * CHUNK + 2000:lc * CHUNK + 2200] = b
+    rng = random.Random(3)
+    rng.shuffle(writes)
+    await asyncio.gather(*writes)
+    assert await origin.read_all() == want_o
+    assert await fork.read_all() == want_f
+    await env.assert_clean()
