@@ -25,6 +25,7 @@ def _load(name: str, path: Path) -> None:
 
 
 _load("poolkit", HERE.parent / "pool" / "poolkit.py")
+_load("blockmap_model", HERE / "blockmap_model.py")
 
 from poolkit import make_pool  # noqa: E402
 

@@ -16,9 +16,9 @@ Errors come back as raised :class:`~nbdserver.errors.NbdError`.
 Designs: every test that takes a design iterates over :func:`design_names`,
 which asks the registry (:func:`nbdserver.blockmap.base.designs`), so a new
 design is tested as soon as it registers itself. :func:`small_params` gives the
-map parameters that force deep structures (radix fan-out 4); a design may
-offer its own by defining a ``small_params()`` classmethod, and otherwise runs
-with its defaults.
+map parameters that force deep structures (radix fan-out 4, tiny extent
+nodes); a design may offer its own by defining a ``small_params()``
+classmethod (which wins), and otherwise runs with its defaults.
 
 This module is loaded under the name ``poolkit`` by the conftest files of
 ``tests/pool`` and ``tests/blockmap`` (and by ``scripts/soak-model.py``).
@@ -50,8 +50,12 @@ POOL_SIZE = 16 * MiB
 JOURNAL_BYTES = 256 * KiB  # 64 pages: commits wrap the ring and checkpoint often
 MAX_VOLUMES = 64
 
-# Parameters that make each design build deep structures from few chunks.
-_SMALL_PARAMS: dict[str, tuple[int, int, int, int]] = {"radix": (4, 0, 0, 0)}
+# Parameters that make each design build deep structures from few chunks, for designs
+# that do not say themselves (with a ``small_params()`` classmethod).
+_SMALL_PARAMS: dict[str, tuple[int, int, int, int]] = {
+    "radix": (4, 0, 0, 0),  # fan-out 4
+    "extent": (4, 4, 8, 0),  # 4 records per leaf, 4 children per node, extents of 8 chunks
+}
 
 
 def design_names() -> list[str]:
@@ -61,11 +65,11 @@ def design_names() -> list[str]:
 
 def small_params(design: str) -> tuple[int, int, int, int] | None:
     """Map parameters forcing small nodes for `design`, or None for its defaults."""
-    if design in _SMALL_PARAMS:
-        return _SMALL_PARAMS[design]
     cls: Any = designs()[design]
     fn = getattr(cls, "small_params", None)
-    return tuple(fn()) if callable(fn) else None  # type: ignore[return-value]
+    if callable(fn):
+        return tuple(fn())  # type: ignore[return-value]
+    return _SMALL_PARAMS.get(design)
 
 
 def pattern(seed: int, length: int, offset: int = 0) -> bytes:

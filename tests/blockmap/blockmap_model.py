@@ -1,0 +1,404 @@
+"""The block-map contract as a hypothesis state machine, checked against a plain model.
+
+:class:`PoolModel` runs random sequences of volume operations on a real pool
+(one design, one chunk size, offline or with a 16-page cache) through the real
+data path (:class:`~nbdserver.volume.VolumeBackend`), and keeps a model: one
+``bytearray`` per live volume. Operations: create, write (any offset and
+length: aligned, unaligned, several chunks, random bytes, FUA or not), trim,
+write-zeroes (with and without NO_HOLE, and FAST_ZERO), snapshot, fork, delete,
+flush, bursts of concurrent writes and trims, close and reopen, and a crash
+after a flush (journal replay).
+
+After every step (:meth:`PoolModel.check_everything`):
+
+- every live volume reads back exactly as the model says, all of it
+  (isolation: nothing unwritten, trimmed or deleted shows through;
+  independence: a write to one volume changed no other);
+- ``base:allocation`` never calls a range a hole or zero where the model has
+  a nonzero byte, and ``qemu:allocation-depth`` 0 means the model reads zeros;
+- ``pool.check()`` is clean: no problem, no leaked chunk or page;
+- with no volume left at all, every data chunk is free again (reclamation).
+
+Designs with documented limits refuse operations with ``UserError`` exactly
+when their ``clone_refused``/``delete_refused`` say so, and then nothing
+changes; a design without clones of clones (``supports_clone_of_clone``
+False, linear) must refuse to clone a clone and to delete a volume with live
+clones, and nothing else is refused.
+
+The pytest entry point is ``test_blockmap_contract.py``; ``scripts/soak-model.py``
+runs the same machine for many more examples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import shutil
+import tempfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import uvloop
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from poolkit import TINY_CACHE, KiB, PoolEnv, describe_diff
+
+from nbdserver.backend.base import ALLOCATION_DEPTH, BASE_ALLOCATION, STATE_HOLE, STATE_ZERO
+from nbdserver.blockmap.base import designs
+from nbdserver.errors import NbdError, UserError
+
+T = TypeVar("T")
+
+MAX_LIVE = 8
+VOLUME_SIZES = (64 * KiB, 100 * KiB + 512, 192 * KiB, 256 * KiB)
+
+settings.register_profile(
+    "model-ci", max_examples=6, stateful_step_count=30, deadline=None, derandomize=False,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                           HealthCheck.filter_too_much], print_blob=True)
+settings.register_profile(
+    "model-soak", max_examples=2000, stateful_step_count=80, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                           HealthCheck.filter_too_much], print_blob=True)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which pool a machine runs on."""
+
+    design: str
+    chunk_size: int = 4096
+    offline: bool = True
+    base_dir: Path = Path(".")
+
+    @property
+    def label(self) -> str:
+        return (f"{self.design}-{self.chunk_size // KiB}k-"
+                f"{'offline' if self.offline else 'tiny-cache'}")
+
+
+def machine_for(config: ModelConfig) -> type[PoolModel]:
+    """A PoolModel subclass bound to `config` (hypothesis instantiates it per example)."""
+    return type(f"PoolModel_{config.label.replace('-', '_')}", (PoolModel,), {"config": config})
+
+
+def data_bytes(seed: int, length: int) -> bytes:
+    """Random-looking bytes, most of them nonzero, some runs of zeros (seed 0: all zeros)."""
+    if seed == 0:
+        return bytes(length)
+    x = seed * 2654435761 & 0xFFFFFFFF
+    out = bytearray(length)
+    for i in range(length):
+        x = (x * 1103515245 + 12345) & 0x7FFFFFFF
+        out[i] = (x >> 16) & 0xFF
+    return bytes(out)
+
+
+class PoolModel(RuleBasedStateMachine):
+    """See the module note."""
+
+    config: ClassVar[ModelConfig]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = uvloop.new_event_loop()
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{self.config.label}-",
+                                         dir=self.config.base_dir))
+        self.env = PoolEnv(self.dir / "pool.img", self.config.design,
+                           chunk_size=self.config.chunk_size, offline=self.config.offline,
+                           cache_bytes=TINY_CACHE)
+        self.run(self.env.open())
+        self.free0 = self.env.pool.data.free
+        self.model: dict[str, bytearray] = {}
+        self.read_only: set[str] = set()
+        self.parent: dict[str, str | None] = {}
+        self.clones: dict[str, set[str]] = {}  # live volumes cloned from a volume
+        self.counter = 0
+        self.design_cls = designs()[self.config.design]
+        self.chunk = self.config.chunk_size
+
+    def run(self, aw: Awaitable[T]) -> T:
+        return self.loop.run_until_complete(aw)
+
+    def teardown(self) -> None:
+        try:
+            self.run(self.env.shutdown())
+        finally:
+            self.loop.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _new_name(self) -> str:
+        self.counter += 1
+        return f"v{self.counter}"
+
+    def _writable(self) -> list[str]:
+        return sorted(n for n in self.model if n not in self.read_only)
+
+    def _draw_range(self, data: st.DataObject, size: int, label: str) -> tuple[int, int]:
+        chunk = self.chunk
+        kind = data.draw(st.sampled_from(["chunk", "sector", "byte"]), label=f"{label} kind")
+        if kind == "chunk":
+            off = data.draw(st.integers(0, (size - 1) // chunk), label=f"{label} chunk") * chunk
+            length = data.draw(st.integers(1, 3), label=f"{label} chunks") * chunk
+        elif kind == "sector":
+            off = data.draw(st.integers(0, (size - 1) // 512), label=f"{label} sector") * 512
+            length = data.draw(st.integers(1, 3 * chunk // 512 + 2), label=f"{label} sectors") * 512
+        else:
+            off = data.draw(st.integers(0, size - 1), label=f"{label} offset")
+            length = data.draw(st.integers(1, 3 * chunk + 100), label=f"{label} length")
+        return off, min(length, size - off)
+
+    def _snapshot_state(self) -> tuple[dict[str, bytes], frozenset[str]]:
+        return ({n: bytes(b) for n, b in self.model.items()}, frozenset(self.env.names()))
+
+    # -- rules -----------------------------------------------------------------------------
+
+    @precondition(lambda self: len(self.model) < MAX_LIVE)
+    @rule(size=st.sampled_from(VOLUME_SIZES))
+    def create(self, size: int) -> None:
+        name = self._new_name()
+        self.run(self.env.create(name, size))
+        self.model[name] = bytearray(size)
+        self.parent[name] = None
+        self.clones[name] = set()
+
+    @precondition(lambda self: any(n not in self.read_only for n in self.model))
+    @rule(data=st.data())
+    def write(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(self._writable()), label="volume")
+        vol = self.env.vol(name)
+        off, length = self._draw_range(data, vol.size, "write")
+        seed = data.draw(st.integers(0, 1 << 16), label="seed")
+        fua = data.draw(st.booleans(), label="fua")
+        payload = data_bytes(seed, length)
+        self.run(vol.write(off, payload, fua))
+        self.model[name][off:off + length] = payload
+
+    @precondition(lambda self: any(n not in self.read_only for n in self.model))
+    @rule(data=st.data())
+    def trim(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(self._writable()), label="volume")
+        vol = self.env.vol(name)
+        off, length = self._draw_range(data, vol.size, "trim")
+        self.run(vol.trim(off, length, data.draw(st.booleans(), label="fua")))
+        self.model[name][off:off + length] = bytes(length)
+
+    @precondition(lambda self: any(n not in self.read_only for n in self.model))
+    @rule(data=st.data())
+    def write_zeroes(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(self._writable()), label="volume")
+        vol = self.env.vol(name)
+        off, length = self._draw_range(data, vol.size, "zero")
+        no_hole = data.draw(st.booleans(), label="no_hole")
+        fast = data.draw(st.booleans(), label="fast_zero")
+        if fast and no_hole:
+            with_error = None
+            try:
+                self.run(vol.zero(off, length, may_trim=False, fast_only=True))
+            except NbdError as e:
+                with_error = e
+            # Writing zeros without unmapping is not fast: ENOTSUP, and nothing changes.
+            assert with_error is not None and with_error.errno == errno.ENOTSUP, with_error
+            return
+        self.run(vol.zero(off, length, may_trim=not no_hole, fast_only=fast))
+        self.model[name][off:off + length] = bytes(length)
+
+    @precondition(lambda self: bool(self.model))
+    @rule(data=st.data())
+    def read_range(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(sorted(self.model)), label="volume")
+        vol = self.env.vol(name)
+        off, length = self._draw_range(data, vol.size, "read")
+        got = self.run(vol.read(off, length))
+        assert got == self.model[name][off:off + length], (
+            f"{name}: read {off}+{length}: "
+            + describe_diff(self.model[name][off:off + length], got, self.chunk))
+
+    def _clone(self, data: st.DataObject, snapshot: bool) -> None:
+        src = data.draw(st.sampled_from(sorted(self.model)), label="source")
+        name = self._new_name()
+        pool = self.env.pool
+        why = pool.map.clone_refused(pool.volume(src))
+        if not self.design_cls.supports_clone_of_clone and self.parent[src] is not None:
+            assert why, f"{self.config.design}: cloning the clone {src!r} must be refused"
+        if self.design_cls.supports_clone_of_clone:
+            assert why is None, f"{self.config.design} refused to clone {src!r}: {why}"
+        if why:
+            before = self._snapshot_state()
+            refused: UserError | None = None
+            try:
+                self.run(self.env.fork(src, name) if not snapshot
+                         else self.env.snapshot(src, name))
+            except UserError as e:
+                refused = e
+            assert refused is not None, f"clone of {src!r} succeeded although refused: {why}"
+            assert self._snapshot_state() == before
+            assert name not in self.env.names()
+            return
+        if snapshot:
+            self.run(self.env.snapshot(src, name))
+            self.read_only.add(name)
+        else:
+            self.run(self.env.fork(src, name))
+        self.model[name] = bytearray(self.model[src])
+        self.parent[name] = src
+        self.clones[name] = set()
+        self.clones[src].add(name)
+
+    @precondition(lambda self: 0 < len(self.model) < MAX_LIVE)
+    @rule(data=st.data())
+    def snapshot(self, data: st.DataObject) -> None:
+        self._clone(data, snapshot=True)
+
+    @precondition(lambda self: 0 < len(self.model) < MAX_LIVE)
+    @rule(data=st.data())
+    def fork(self, data: st.DataObject) -> None:
+        self._clone(data, snapshot=False)
+
+    @precondition(lambda self: bool(self.model))
+    @rule(data=st.data())
+    def delete(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(sorted(self.model)), label="volume")
+        pool = self.env.pool
+        why = pool.map.delete_refused(pool.volume(name))
+        if not self.design_cls.supports_clone_of_clone:
+            assert bool(why) == bool(self.clones[name]), (
+                f"{self.config.design}: delete of {name!r} (live clones "
+                f"{sorted(self.clones[name])}): refused={why!r}")
+        else:
+            assert why is None, f"{self.config.design} refused to delete {name!r}: {why}"
+        if why:
+            before = self._snapshot_state()
+            refused: UserError | None = None
+            try:
+                self.run(self.env.delete(name))
+            except UserError as e:
+                refused = e
+            assert refused is not None, f"delete of {name!r} succeeded although refused: {why}"
+            assert self._snapshot_state() == before
+            assert name in self.env.names()
+            return
+        self.run(self.env.delete(name))
+        del self.model[name]
+        self.read_only.discard(name)
+        parent = self.parent.pop(name)
+        if parent is not None and parent in self.clones:
+            self.clones[parent].discard(name)
+        for child in self.clones.pop(name):
+            self.parent[child] = None if self.parent.get(child) == name else self.parent[child]
+
+    @rule(data=st.data())
+    def flush(self, data: st.DataObject) -> None:
+        if self.model:
+            name = data.draw(st.sampled_from(sorted(self.model)), label="volume")
+            self.run(self.env.vol(name).flush())
+        else:
+            self.run(self.env.pool.commit())
+
+    @precondition(lambda self: any(n not in self.read_only for n in self.model))
+    @rule(data=st.data())
+    def burst(self, data: st.DataObject) -> None:
+        """Concurrent writes and trims (to disjoint bytes within one volume)."""
+        n = data.draw(st.integers(2, 8), label="burst size")
+        taken: dict[str, list[tuple[int, int]]] = {}
+        ops: list[Callable[[], Awaitable[None]]] = []
+        effects: list[tuple[str, int, bytes]] = []
+        names = self._writable()
+        for _ in range(n):
+            name = data.draw(st.sampled_from(names), label="volume")
+            vol = self.env.vol(name)
+            if data.draw(st.booleans(), label="same chunk"):  # pile onto one chunk
+                lc = data.draw(st.integers(0, min(2, (vol.size - 1) // self.chunk)),
+                               label="chunk")
+                off = lc * self.chunk + data.draw(st.integers(0, self.chunk - 1),
+                                                  label="offset")
+                off = min(off, vol.size - 1)
+                length = min(data.draw(st.integers(1, 1500), label="length"), vol.size - off)
+            else:
+                off, length = self._draw_range(data, vol.size, "burst")
+            if any(off < e and s < off + length for s, e in taken.get(name, [])):
+                continue
+            taken.setdefault(name, []).append((off, off + length))
+            if data.draw(st.integers(0, 3), label="kind") == 0:
+                ops.append(lambda vol=vol, off=off, length=length: vol.trim(off, length))
+                effects.append((name, off, bytes(length)))
+            else:
+                payload = data_bytes(data.draw(st.integers(1, 1 << 16), label="seed"), length)
+                ops.append(lambda vol=vol, off=off, payload=payload: vol.write(off, payload))
+                effects.append((name, off, payload))
+
+        async def go() -> None:
+            await asyncio.gather(*(op() for op in ops))
+
+        self.run(go())
+        for name, off, payload in effects:
+            self.model[name][off:off + len(payload)] = payload
+
+    @rule()
+    def reopen(self) -> None:
+        self.run(self.env.reopen())
+
+    @rule()
+    def crash_after_flush(self) -> None:
+        """Everything is flushed, then the process dies: replay must restore it all."""
+        async def crash() -> None:
+            pool = self.env.pool
+            await pool.commit()
+            for name in list(self.env.vols):
+                await self.env.release(name)
+            # The home writes of the commit hold the file (and its lock) while in flight.
+            await pool._home_done.wait()
+            pool.abandon()
+            await self.env.open()
+
+        self.run(crash())
+
+    # -- the invariants --------------------------------------------------------------------
+
+    @invariant()
+    def check_everything(self) -> None:
+        self.run(self._check())
+
+    async def _check(self) -> None:
+        env = self.env
+        assert sorted(env.names()) == sorted(self.model), "live volumes differ from the model"
+        for name, want in self.model.items():
+            vol = env.vol(name)
+            assert vol.size == len(want)
+            got = await vol.read_all()
+            if got != want:
+                raise AssertionError(f"{name} reads wrong: " + describe_diff(want, got,
+                                                                             self.chunk))
+            pos = 0
+            for n, flags in await vol.block_status(0, vol.size, BASE_ALLOCATION):
+                if flags & (STATE_HOLE | STATE_ZERO):
+                    assert not any(want[pos:pos + n]), (
+                        f"{name}: block status says hole/zero at {pos}+{n} over data")
+                pos += n
+            pos = 0
+            for n, depth in await vol.block_status(0, vol.size, ALLOCATION_DEPTH):
+                if depth == 0:
+                    assert not any(want[pos:pos + n]), (
+                        f"{name}: allocation depth 0 at {pos}+{n} over data")
+                pos += n
+        report = await env.check()
+        assert report.ok, "pool check:\n" + "\n".join(report.problems)
+        assert report.leaked_chunks == 0 and report.leaked_pages == 0
+        pool = env.pool
+        if not pool.volumes:
+            assert pool.data.free == self.free0, (
+                f"no volume left but {self.free0 - pool.data.free} chunk(s) still used")
+            assert pool.state.data_reserved == 0
+
+
+def run_model(config: ModelConfig, profile: str, **overrides: Any) -> None:
+    """Run the machine for `config` with a registered settings profile."""
+    from hypothesis.stateful import run_state_machine_as_test
+
+    chosen = settings(settings.get_profile(profile), **overrides)
+    run_state_machine_as_test(machine_for(config), settings=chosen)
