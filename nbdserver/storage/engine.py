@@ -44,6 +44,7 @@ T = TypeVar("T")
 Completion = Callable[[int], None]
 
 AIO_SLOTS = 512  # iocbs in flight per engine
+EAGAIN_RETRY_SECONDS = 0.001  # io_submit said EAGAIN and no completion will come to retry
 BLOCKING_WORKERS = 4
 IO_WORKERS = 16
 
@@ -208,8 +209,12 @@ class LinuxAioEngine(IoEngine):
             if err == errno.EINTR:
                 continue
             if err == errno.EAGAIN and done < count:
-                # The kernel ring is full; the rest goes in on the next completion.
+                # The kernel ring is full; the rest goes in on the next completion,
+                # or after a short wait when none is in flight to trigger it.
                 self._pending = pending[done:] + self._pending
+                if self.in_flight == len(self._pending) and not self._scheduled:
+                    self._scheduled = True
+                    self.loop.call_later(EAGAIN_RETRY_SECONDS, self.kick)
                 return
             # The first remaining iocb is bad (e.g. EINVAL): fail it, go on with the rest.
             slot = pending[done]
