@@ -7,8 +7,13 @@ clear message at start rather than a failed request later:
   filesystems, tmpfs before Linux 6.6) and some only at the first read.
   ``open_device`` tries both and raises :class:`UserError` naming the path.
 - The direct-I/O alignment: the device's logical block size (``BLKSSZGET``) for
-  a block device; for a file, the smallest of 512 and 4096 that an aligned
-  O_DIRECT read accepts.
+  a block device; for a file, what the kernel reports (``statx`` with
+  ``STATX_DIOALIGN``, Linux 6.1+; 0 there means no direct I/O). Where it does
+  not say, the smallest of 512 and 4096 that an O_DIRECT read accepts, read
+  where the file has data: a read of a hole does no device I/O and so accepts
+  any alignment (a new sparse file on a 4 KiB-sector disk would pass at 512,
+  and 512-byte writes then fail), and with no data at all, 4096, which every
+  device accepts.
 - The size: ``st_size`` of a file, ``BLKGETSIZE64`` of a block device.
 
 Trimming and zeroing map to ``fallocate`` (punch hole / zero range) on files
@@ -39,7 +44,13 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
 
+_STATX_DIOALIGN = 0x2000
+_AT_EMPTY_PATH = 0x1000
+_STATX_SIZE = 256
+_STATX_DIO_MEM_ALIGN = 152  # offset of stx_dio_mem_align, then stx_dio_offset_align
+
 _libc = ctypes.CDLL(None, use_errno=True)
+_statx = getattr(_libc, "statx", None)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 _fallocate.restype = ctypes.c_int
@@ -122,15 +133,41 @@ class BlockDevice:
             self.fd = -1
 
 
+def _statx_dio_alignment(fd: int) -> int | None:
+    """The direct-I/O alignment the kernel reports for `fd` (offsets and memory), 0 if
+    it says the file cannot do direct I/O, None if it does not say."""
+    if _statx is None:
+        return None
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    if _statx(fd, b"", _AT_EMPTY_PATH, _STATX_DIOALIGN, buf) != 0:
+        return None
+    (mask,) = struct.unpack_from("=I", buf, 0)
+    if not mask & _STATX_DIOALIGN:
+        return None
+    mem_align, offset_align = struct.unpack_from("=II", buf, _STATX_DIO_MEM_ALIGN)
+    return max(mem_align, offset_align) if offset_align else 0
+
+
 def _probe_alignment(fd: int, path: Path) -> int:
-    """The smallest direct-I/O alignment (512 or 4096) that an aligned read accepts."""
+    """The direct-I/O alignment of a file; see the module note."""
+    reported = _statx_dio_alignment(fd)
+    if reported == 0:
+        raise UserError(
+            f"{path}: this filesystem does not support O_DIRECT (direct I/O) for this file; "
+            "put the file on a filesystem that does (ext4, xfs, btrfs) or use a block device")
+    if reported is not None:
+        return reported
+    try:
+        at: int | None = os.lseek(fd, 0, os.SEEK_DATA) & ~4095
+    except OSError:  # ENXIO: no data at all (or SEEK_DATA unsupported)
+        at = None
     buf = AlignedBuffer(4096, 12)
     try:
         last_error: OSError | None = None
         for align in (512, 4096):
             try:
-                os.preadv(fd, [buf.view[:align]], 0)
-                return align
+                os.preadv(fd, [buf.view[:align]], at or 0)
+                return align if at is not None else 4096
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise UserError(f"{path}: cannot read with O_DIRECT: {e.strerror}") from e
