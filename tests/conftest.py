@@ -23,6 +23,8 @@ system Python, which has libnbd's ``nbd`` module (``python3-libnbd``).
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import re
 import shutil
@@ -32,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -364,6 +366,44 @@ def nbd_server(nbd_server_factory: ServerFactory, tmp_path: Path,
         file_export("disk", disk_image, "64M", description="test disk"),
         file_export("ro", ro, None, read_only=True),
     ])
+
+
+def require_root(why: str) -> None:
+    """Fail (not skip) with a clear message when a test needs root and does not have it."""
+    if os.geteuid() != 0:
+        pytest.fail(f"this test needs root ({why}); run the suite as root, as CI does "
+                    "(or in a container with CAP_SYS_ADMIN)", pytrace=False)
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """``make(size="64M", sector_size=512)`` -> a new loop block device over a sparse file
+    in tmp_path (root only); detached at teardown."""
+    created: list[str] = []
+
+    def make(size: str = "64M", sector_size: int = 512) -> Path:
+        require_root("it attaches loop block devices")
+        backing = tmp_path / f"loop{len(created)}.img"
+        run(["truncate", "-s", size, backing])
+        dev = run(["losetup", "--find", "--show", f"--sector-size={sector_size}",
+                   backing]).stdout.strip()
+        created.append(dev)
+        return Path(dev)
+
+    yield make
+    for dev in created:
+        run(["losetup", "-d", dev], check=False)
+
+
+def on_uvloop(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Run an ``async def`` test on uvloop, the loop the server uses, instead of
+    pytest-asyncio's default loop (fixtures are passed through)."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        import uvloop
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(fn(*args, **kwargs))
+    return wrapper
 
 
 def pattern(length: int, seed: int = 0) -> bytes:
