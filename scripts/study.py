@@ -1,0 +1,1444 @@
+#!/usr/bin/env python3
+"""The block-map study: radix, extent and linear head to head, qcow2 as the outside anchor.
+
+``make study`` (or ``.venv/bin/python scripts/study.py --help``) runs every
+experiment in one run, the designs interleaved point by point (the order
+rotating) so that a noisy neighbour hits every design alike, and writes
+``docs/study.md`` with the tables and PNG plots in ``docs/study/``:
+
+1. **Snapshots vs origin writes.** For each snapshot count N, a fresh pool and
+   volume, prefilled with 1 MiB sequential writes, N snapshots taken (through
+   the control socket of the running server), then fio randwrite 4k QD16 for
+   ``--seconds`` over the whole volume. fio's random map makes each write hit a
+   chunk not written before in that run, so every write is a first write after
+   the snapshots (a copy); the table says how many new data chunks the pool
+   allocated and how many writes hit chunks already copied.
+2. **Fork depth vs reads.** A chain of forks (each fork rewrites a few random
+   chunks, then is forked again); randread 4k QD16 of the deepest at each
+   measured depth: IOPS, mean and p99 completion latency. The same chain of
+   qcow2 files (``qemu-img create -b parent``) served by ``qemu-nbd -f qcow2
+   --cache=none --aio=native`` is the anchor. linear cannot fork a fork.
+3. **Locality.** A fork of a sequentially written volume, rewritten with random
+   4 KiB writes until 1%, 10%, 50% of its chunks are its own; sequential 1 MiB
+   read throughput (QD4) and the extents per GiB (``volume info``) at each step.
+4. **Snapshot and fork creation time vs volume size** (thin volumes with some
+   data spread over them): the CLI round trip, and the control-socket call alone
+   (the time inside the server plus a local socket round trip).
+5. **Metadata and reclamation.** Pool metadata bytes per GiB written
+   (sequential fill; random rewrites in a fork), and the space returned by
+   deleting the fork against its exclusive bytes (and ``pool check``).
+6. **VM boot from a fork**, per design, from ``scripts/vm-demo`` when present.
+
+``--quick`` runs small sizes and few points (about 2-3 minutes) to check that
+everything works; its output goes to ``study-work/quick/`` unless ``--out`` is
+given. Pools and qcow2 files go under ``--dir`` (default ``study-work/`` at the
+top of the repository; tmpfs is refused) and are deleted as soon as they are
+measured (``--keep`` keeps them). Every process started is stopped on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # helpers shared with scripts/bench.py
+
+REPO = Path(__file__).resolve().parent.parent
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+CHUNK = 4 * KiB  # the pools' chunk size (the default)
+SERVER_TIMEOUT = 120.0  # seconds a server may take to open its pool and listen
+QCOW2 = "qcow2"  # the anchor's name in the tables
+FLAT_TOLERANCE = 0.10
+
+
+class StudyError(Exception):
+    """An expected failure: printed as one line."""
+
+
+_T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    t = time.monotonic() - _T0
+    print(f"[{int(t) // 60:3d}:{int(t) % 60:02d}] {msg}", file=sys.stderr, flush=True)
+
+
+def human(n: float) -> str:
+    for unit, size in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n >= size:
+            v = n / size
+            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def size_arg(n: int) -> str:
+    return f"{n // MiB}M" if n % GiB else f"{n // GiB}G"
+
+
+def rotate(items: list[str], k: int) -> list[str]:
+    if not items:
+        return items
+    k %= len(items)
+    return items[k:] + items[:k]
+
+
+# -- parameters --------------------------------------------------------------------------
+
+
+@dataclass
+class Params:
+    region: int  # volume size of experiments 1-3 (written in full)
+    seconds: int
+    snapshot_counts: list[int]
+    depths: list[int]
+    rewrite_chunks: int  # random chunks each fork of the chain rewrites
+    fractions: list[int]  # percent of the fork rewritten (experiment 3)
+    sizes: list[int]  # volume sizes of experiment 4
+    spread_data: int  # data written over each volume of experiment 4
+    creation_repeats: int
+    linear_max_size: int  # largest thick linear origin experiment 4 creates
+    pool_size: int  # pools of experiments 1-3, 5
+
+
+FULL = Params(region=1 * GiB, seconds=10, snapshot_counts=[0, 1, 2, 4, 8, 16, 32, 64],
+              depths=[0, 1, 4, 16, 64], rewrite_chunks=256, fractions=[0, 1, 10, 50],
+              sizes=[1 * GiB, 16 * GiB, 256 * GiB, 1 * TiB], spread_data=64 * MiB,
+              creation_repeats=3, linear_max_size=16 * GiB, pool_size=16 * GiB)
+QUICK = Params(region=128 * MiB, seconds=2, snapshot_counts=[0, 1, 8], depths=[0, 1, 4],
+               rewrite_chunks=32, fractions=[0, 1, 10], sizes=[1 * GiB, 16 * GiB],
+               spread_data=8 * MiB, creation_repeats=2, linear_max_size=1 * GiB,
+               pool_size=4 * GiB)
+
+
+# -- processes ---------------------------------------------------------------------------
+
+
+def run(argv: list[str], what: str, timeout: float = 3600) -> subprocess.CompletedProcess[str]:
+    proc = bench.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        bench.stop_process(proc, signal.SIGKILL)
+        raise StudyError(f"{what}: no answer within {timeout:.0f}s") from None
+    finally:
+        with contextlib.suppress(ValueError):
+            bench._children.remove(proc)
+    res = subprocess.CompletedProcess(argv, proc.returncode, out.decode(errors="replace"),
+                                      err.decode(errors="replace"))
+    if res.returncode != 0:
+        msg = (res.stderr.strip() or res.stdout.strip()).splitlines()
+        raise StudyError(f"{what} failed (status {res.returncode}): "
+                         f"{msg[-1] if msg else '(no output)'}")
+    return res
+
+
+def nbdserver_cli(*args: str, what: str | None = None) -> Any:
+    """Run ``nbdserver ARGS --json`` and return the parsed JSON."""
+    argv = [sys.executable, "-m", "nbdserver", *args, "--json"]
+    res = run(argv, what or f"nbdserver {' '.join(args[:2])}")
+    return json.loads(res.stdout)
+
+
+def timed_cli(*args: str) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    out = nbdserver_cli(*args)
+    return out, time.perf_counter() - t0
+
+
+@dataclass
+class Server:
+    """A running nbdserver (one pool) or qemu-nbd (one qcow2 file)."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    sock: Path
+    log_path: Path
+    pool: Path | None = None
+    control_path: Path | None = None
+
+    def uri(self, export: str = "") -> str:
+        return f"nbd+unix:///{export}?socket={self.sock}"
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise StudyError(f"{self.name} exited with status {self.proc.returncode}"
+                             f"{bench.log_tail(self.log_path)}")
+
+    def control(self, op: str, **args: Any) -> tuple[Any, float]:
+        """Call `op` on the server's control socket: (result, seconds)."""
+        from nbdserver.control.socket import call
+        from nbdserver.errors import UserError
+
+        assert self.control_path is not None
+        self.check_alive()
+        t0 = time.perf_counter()
+        try:
+            out = call(self.control_path, op, args)
+        except UserError as e:
+            raise Refused(str(e)) from None
+        return out, time.perf_counter() - t0
+
+    def stop(self) -> None:
+        bench.stop_process(self.proc)
+        if self.proc.returncode not in (0, -signal.SIGTERM):
+            log(f"warning: {self.name} exited with status {self.proc.returncode}"
+                f"{bench.log_tail(self.log_path)}")
+        with contextlib.suppress(FileNotFoundError):
+            self.sock.unlink()
+
+
+class Refused(StudyError):
+    """The server refused an operation (its message says why)."""
+
+
+def wait_listening(server: Server, timeout: float = SERVER_TIMEOUT) -> None:
+    target = bench.Target(server.name, server.uri(), server.proc, server.log_path)
+    try:
+        bench.wait_for_socket(target, server.sock, timeout)
+    except bench.BenchError as e:
+        raise StudyError(str(e)) from None
+
+
+class Workspace:
+    """Where a run keeps its files: pools on the study dir, sockets in a short temp dir."""
+
+    def __init__(self, root: Path, keep: bool) -> None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.dir = root.resolve() / f"run-{stamp}"
+        self.dir.mkdir(parents=True)
+        self.sockets = Path(tempfile.mkdtemp(prefix="nbd-study-"))
+        self.keep = keep
+        self.servers: list[Server] = []
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+    def remove(self, *paths: Path) -> None:
+        if self.keep:
+            return
+        for p in paths:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+    def close(self) -> None:
+        for s in list(self.servers):
+            s.stop()
+        shutil.rmtree(self.sockets, ignore_errors=True)
+        if not self.keep:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def create_pool(self, name: str, design: str, size: int) -> Path:
+        pool = self.path(f"{name}.pool")
+        self.remove(pool)
+        nbdserver_cli("pool", "create", str(pool), "--size", size_arg(size),
+                      "--blockmap", design)
+        return pool
+
+    def serve(self, tag: str, pool: Path, exports: list[tuple[str, dict[str, Any] | None]]
+              ) -> Server:
+        """Serve `exports` (volume name, create spec or None) of `pool` (export = volume)."""
+        from nbdserver.control.socket import socket_path
+        from nbdserver.pool.pool import read_superblock
+
+        sock = self.sockets / f"{tag}.sock"
+        cfg_path = self.path(f"{tag}.yaml")
+        log_path = self.path(f"{tag}.log")
+        cfg = {
+            "listen": [{"unix": str(sock)}],
+            "server": {"log-level": "warning"},
+            "pools": [{"name": "p", "path": str(pool)}],
+            "exports": [{"name": v, "pool": "p", "volume": v, **({"create": c} if c else {})}
+                        for v, c in exports],
+        }
+        cfg_path.write_text(json.dumps(cfg, indent=1) + "\n")  # JSON is YAML
+        with open(log_path, "wb") as out:
+            proc = bench.spawn([sys.executable, "-m", "nbdserver", "serve", "-c", str(cfg_path)],
+                               stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                               cwd=str(REPO))
+        server = Server(f"nbdserver[{tag}]", proc, sock, log_path, pool,
+                        socket_path(read_superblock(pool).uuid_str))
+        self.servers.append(server)
+        wait_listening(server)
+        return server
+
+    def serve_qcow2(self, tag: str, image: Path) -> Server:
+        sock = self.sockets / f"{tag}.sock"
+        log_path = self.path(f"{tag}.log")
+        argv = ["qemu-nbd", "-f", "qcow2", "--cache=none", "--aio=native", "-t", "-e", "8",
+                "-k", str(sock), str(image)]
+        with open(log_path, "wb") as out:
+            proc = bench.spawn(argv, stdin=subprocess.DEVNULL, stdout=out,
+                               stderr=subprocess.STDOUT)
+        server = Server(f"qemu-nbd[{tag}]", proc, sock, log_path)
+        self.servers.append(server)
+        wait_listening(server)
+        return server
+
+    def stop(self, server: Server) -> None:
+        server.stop()
+        with contextlib.suppress(ValueError):
+            self.servers.remove(server)
+
+
+# -- fio ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Fio:
+    iops: float
+    mibps: float
+    ios: int
+    lat_mean_us: float
+    lat_p99_us: float
+    runtime_s: float
+    host_busy_pct: float
+    host_steal_pct: float
+
+    def brief(self) -> dict[str, float]:
+        return {"iops": round(self.iops, 1), "mibps": round(self.mibps, 2), "ios": self.ios,
+                "lat_mean_us": round(self.lat_mean_us, 1),
+                "lat_p99_us": round(self.lat_p99_us, 1), "runtime_s": round(self.runtime_s, 2),
+                "host_busy_pct": round(self.host_busy_pct, 1),
+                "host_steal_pct": round(self.host_steal_pct, 1)}
+
+
+def fio(server: Server, export: str, rw: str, bs: str, qd: int, size: int, *,
+        seconds: int | None = None, number_ios: int | None = None, seed: int | None = None,
+        norandommap: bool = False) -> Fio:
+    server.check_alive()
+    argv = ["fio", f"--name={rw}", "--ioengine=nbd", f"--uri={server.uri(export)}",
+            f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", f"--size={size}",
+            "--output-format=json"]
+    if seconds is not None:
+        argv += [f"--runtime={seconds}", "--time_based"]
+    if number_ios is not None:
+        argv.append(f"--number_ios={number_ios}")
+    if seed is not None:
+        argv.append(f"--randseed={seed}")
+    if norandommap:
+        argv.append("--norandommap")
+    h0 = bench.host_cpu()
+    res = run(argv, f"fio {rw} {bs} on {server.name}/{export}",
+              timeout=(seconds or 0) + 1800)
+    h1 = bench.host_cpu()
+    try:
+        job = json.loads(res.stdout[res.stdout.index("{"):])["jobs"][0]
+    except (ValueError, KeyError, IndexError):
+        raise StudyError(f"fio on {server.name}: unreadable output: {res.stderr[-300:]}"
+                         f"{bench.log_tail(server.log_path)}") from None
+    if job.get("error"):
+        raise StudyError(f"fio on {server.name}: error {job['error']}"
+                         f"{bench.log_tail(server.log_path)}")
+    side = job["write" if "write" in rw else "read"]
+    clat = side.get("clat_ns", {})
+    dt, dbusy, dsteal = (b - a for a, b in zip(h0, h1, strict=True))
+    return Fio(iops=side["iops"], mibps=side["bw"] / 1024, ios=int(side["total_ios"]),
+               lat_mean_us=clat.get("mean", 0) / 1000,
+               lat_p99_us=clat.get("percentile", {}).get("99.000000", 0) / 1000,
+               runtime_s=side.get("runtime", 0) / 1000,
+               host_busy_pct=100 * dbusy / dt if dt else 0.0,
+               host_steal_pct=100 * dsteal / dt if dt else 0.0)
+
+
+def prefill(server: Server, export: str, size: int) -> Fio:
+    return fio(server, export, "write", "1m", 4, size)
+
+
+# -- the study ---------------------------------------------------------------------------
+
+
+@dataclass
+class Study:
+    args: argparse.Namespace
+    p: Params
+    ws: Workspace
+    designs: list[str]
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def point(self, what: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run one measurement; an error is recorded (and printed), not fatal."""
+        try:
+            return fn()
+        except Refused as e:
+            log(f"  {what}: refused: {e}")
+            return {"refused": str(e)}
+        except StudyError as e:
+            log(f"  {what}: ERROR: {e}")
+            for s in list(self.ws.servers):
+                if s.proc.poll() is not None:
+                    self.ws.stop(s)
+            return {"error": str(e)}
+
+    # 1 -----------------------------------------------------------------------------------
+
+    def snapshots(self) -> None:
+        p = self.p
+        out: dict[str, dict[str, Any]] = {d: {} for d in self.designs}
+        self.results["snapshots"] = out
+        log(f"== 1. origin 4k random writes vs snapshot count {p.snapshot_counts} "
+            f"({human(p.region)} volume, {p.seconds}s each)")
+        for k, n in enumerate(p.snapshot_counts):
+            for design in rotate(self.designs, k):
+                out[design][str(n)] = r = self.point(
+                    f"{design} N={n}", lambda d=design, n=n: self._snapshot_point(d, n))
+                if "iops" in r:
+                    log(f"  {design:7} N={n:3}: {r['iops']:9,.0f} IOPS  p99 {r['lat_p99_us']:8,.0f}"
+                        f" us  ({r['first_writes']:,} first writes, "
+                        f"{r['hits_on_copied']:,} on copied chunks)")
+
+    def _snapshot_point(self, design: str, n: int) -> dict[str, Any]:
+        p, ws = self.p, self.ws
+        pool = ws.create_pool(f"snap-{design}-{n}", design, p.pool_size)
+        srv = ws.serve(f"snap-{design}-{n}", pool, [("o", {"size": p.region})])
+        try:
+            prefill(srv, "o", p.region)
+            snap_s = []
+            for i in range(1, n + 1):
+                _, dt = srv.control("volume.snapshot", source="o", name=f"s{i}")
+                snap_s.append(dt)
+            used0 = srv.control("pool.info")[0]["used_bytes"]
+            f = fio(srv, "o", "randwrite", "4k", 16, p.region, seconds=p.seconds)
+            used1 = srv.control("pool.info")[0]["used_bytes"]
+        finally:
+            ws.stop(srv)
+            ws.remove(pool)
+        new_chunks = (used1 - used0) // CHUNK
+        # each first write after the snapshots allocates: linear one copy per snapshot,
+        # radix and extent one redirected chunk; with no snapshot nothing is allocated
+        per_first = 0 if n == 0 else (n if design == "linear" else 1)
+        first = new_chunks // per_first if per_first else 0
+        return {**f.brief(), "snapshots": n, "new_chunks": new_chunks, "first_writes": first,
+                "hits_on_copied": max(0, f.ios - first) if n else 0,
+                "snapshot_s_median": statistics.median(snap_s) if snap_s else None}
+
+    # 2 -----------------------------------------------------------------------------------
+
+    def depth(self) -> None:
+        p, ws = self.p, self.ws
+        chains = [*self.designs, *([] if self.args.no_qcow2 else [QCOW2])]
+        out: dict[str, dict[str, Any]] = {d: {} for d in chains}
+        self.results["depth"] = out
+        top = max(p.depths)
+        log(f"== 2. 4k random reads vs fork depth {p.depths} ({human(p.region)} volume, "
+            f"{p.rewrite_chunks} random chunks rewritten per fork, {p.seconds}s reads)")
+        state: dict[str, dict[str, Any]] = {}
+        for design in chains:
+            r = self.point(f"{design} chain base", lambda d=design: self._chain_base(d))
+            if "error" in r:
+                out[design]["0"] = r
+                continue
+            state[design] = r
+        if 0 in p.depths:
+            for design in rotate(list(state), 0):
+                out[design]["0"] = self.point(f"{design} depth 0",
+                                              lambda d=design: self._chain_read(state[d], 0))
+                self._log_read(design, 0, out[design]["0"])
+        for level in range(1, top + 1):
+            if level in p.depths or level % 8 == 0:
+                log(f"  building level {level}/{top}")
+            for design in rotate(list(state), level):
+                st = state[design]
+                if st.get("refused"):
+                    if level in p.depths:
+                        out[design][str(level)] = {"refused": st["refused"]}
+                    continue
+                r = self.point(f"{design} level {level}",
+                               lambda st=st, lv=level: self._chain_level(st, lv))
+                if level in p.depths or "refused" in r or "error" in r:
+                    out[design][str(level)] = r
+                    if "refused" in r:
+                        st["refused"] = r["refused"]
+                    elif "error" in r:
+                        st["refused"] = f"error: {r['error']}"
+                    else:
+                        self._log_read(design, level, r)
+        for st in state.values():
+            ws.remove(*st["files"])
+
+    def _log_read(self, design: str, depth: int, r: dict[str, Any]) -> None:
+        if "iops" in r:
+            log(f"  {design:7} depth {depth:3}: {r['iops']:9,.0f} IOPS  mean "
+                f"{r['lat_mean_us']:7,.0f} us  p99 {r['lat_p99_us']:8,.0f} us")
+
+    def _chain_base(self, design: str) -> dict[str, Any]:
+        p, ws = self.p, self.ws
+        if design == QCOW2:
+            img = ws.path("chain-0.qcow2")
+            run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), str(p.region)],
+                "qemu-img create")
+            srv = ws.serve_qcow2("chain-qcow2", img)
+            try:
+                prefill(srv, "", p.region)
+            finally:
+                ws.stop(srv)
+            return {"design": design, "files": [img]}
+        pool = ws.create_pool(f"chain-{design}", design, p.pool_size)
+        srv = ws.serve(f"chain-{design}", pool, [("d0", {"size": p.region})])
+        try:
+            prefill(srv, "d0", p.region)
+        finally:
+            ws.stop(srv)
+        return {"design": design, "pool": pool, "files": [pool]}
+
+    def _serve_level(self, st: dict[str, Any], level: int) -> tuple[Server, str]:
+        if st["design"] == QCOW2:
+            return self.ws.serve_qcow2("chain-qcow2", self.ws.path(f"chain-{level}.qcow2")), ""
+        return self.ws.serve(f"chain-{st['design']}", st["pool"], [(f"d{level}", None)]), \
+            f"d{level}"
+
+    def _chain_read(self, st: dict[str, Any], level: int) -> dict[str, Any]:
+        srv, export = self._serve_level(st, level)
+        try:
+            f = fio(srv, export, "randread", "4k", 16, self.p.region, seconds=self.p.seconds)
+        finally:
+            self.ws.stop(srv)
+        return {**f.brief(), "depth": level}
+
+    def _chain_level(self, st: dict[str, Any], level: int) -> dict[str, Any]:
+        """Fork level-1 into level, rewrite a few random chunks, read if it is measured."""
+        p, ws = self.p, self.ws
+        if st["design"] == QCOW2:
+            img = ws.path(f"chain-{level}.qcow2")
+            run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", f"chain-{level - 1}.qcow2",
+                 "-F", "qcow2", str(img)], "qemu-img create (backing)")
+            st["files"].append(img)
+        else:
+            _, dt = nbdserver_timed_fork(st["pool"], f"d{level - 1}", f"d{level}")
+            st.setdefault("fork_s", []).append(dt)
+        srv, export = self._serve_level(st, level)
+        try:
+            fio(srv, export, "randwrite", "4k", 16, p.region, number_ios=p.rewrite_chunks,
+                seed=1000 + level)
+            if level not in p.depths:
+                return {}
+            f = fio(srv, export, "randread", "4k", 16, p.region, seconds=p.seconds)
+            info = (srv.control("volume.info", name=export)[0]
+                    if st["design"] != QCOW2 else {})
+        finally:
+            ws.stop(srv)
+        r = {**f.brief(), "depth": level}
+        if info:
+            r["extents_per_gib"] = info["extents_per_gib"]
+            r["metadata_pages"] = info["metadata_pages"]
+        return r
+
+    # 3 and 5 -----------------------------------------------------------------------------
+
+    def locality(self) -> None:
+        p = self.p
+        loc: dict[str, dict[str, Any]] = {d: {} for d in self.designs}
+        meta: dict[str, dict[str, Any]] = {d: {} for d in self.designs}
+        self.results["locality"] = loc
+        self.results["metadata"] = meta
+        log(f"== 3. sequential 1M reads of a fork after random 4k rewrites of "
+            f"{p.fractions}% ({human(p.region)} volume, {p.seconds}s reads); "
+            "5. metadata and reclamation")
+        servers: dict[str, Server] = {}
+        state: dict[str, dict[str, Any]] = {}
+        for design in self.designs:
+            r = self.point(f"{design} setup", lambda d=design: self._locality_setup(d))
+            if "error" in r:
+                loc[design]["0"] = meta[design] = r
+                continue
+            servers[design] = r.pop("server")
+            state[design] = r
+            meta[design].update(r["meta"])
+        for k, pct in enumerate(p.fractions):
+            for design in rotate(list(servers), k):
+                loc[design][str(pct)] = r = self.point(
+                    f"{design} {pct}%",
+                    lambda d=design, pct=pct: self._locality_step(servers[d], state[d], pct))
+                if "mibps" in r:
+                    log(f"  {design:7} {r['rewritten_pct']:5.1f}% rewritten: {r['mibps']:8,.1f}"
+                        f" MiB/s  {r['extents_per_gib']:10,.0f} extents/GiB")
+        for design, srv in servers.items():
+            meta[design].update(self.point(
+                f"{design} metadata", lambda d=design, s=srv: self._reclaim(d, s, state[d])))
+            m = meta[design]
+            if "freed_bytes" in m:
+                log(f"  {design:7} metadata {human(m['meta_per_gib_seq'])}/GiB sequential, "
+                    f"{human(m['meta_per_gib_random'])}/GiB random; delete freed "
+                    f"{human(m['freed_bytes'])} of {human(m['fork_exclusive_bytes'])} exclusive")
+
+    def _locality_setup(self, design: str) -> dict[str, Any]:
+        p, ws = self.p, self.ws
+        pool = ws.create_pool(f"loc-{design}", design, p.pool_size)
+        srv = ws.serve(f"loc-{design}", pool, [("base", {"size": p.region})])
+        try:
+            m0 = srv.control("pool.info")[0]["metadata_used_bytes"]
+            prefill(srv, "base", p.region)
+            m1 = srv.control("pool.info")[0]["metadata_used_bytes"]
+            srv.control("volume.fork", source="base", name="fork")
+            m2 = srv.control("pool.info")[0]["metadata_used_bytes"]
+            base = srv.control("volume.info", name="base")[0]
+        finally:
+            ws.stop(srv)
+        srv = ws.serve(f"loc-{design}", pool, [("fork", None)])
+        return {"server": srv, "pool": pool, "written": 0, "meta_fork": m2, "step": 0,
+                "meta": {"meta_seq_bytes": m1 - m0, "seq_written": p.region,
+                         "meta_per_gib_seq": (m1 - m0) / (p.region / GiB),
+                         "fork_meta_bytes": m2 - m1,
+                         "base_extents_per_gib": base["extents_per_gib"]}}
+
+    def _locality_step(self, srv: Server, st: dict[str, Any], pct: int) -> dict[str, Any]:
+        p = self.p
+        chunks = p.region // CHUNK
+        info = srv.control("volume.info", name="fork")[0]
+        have = info["exclusive_bytes"] / p.region
+        want = pct / 100
+        if want > have:
+            # uniform random writes, distinct within one fio run: n of them raise the
+            # rewritten share from `have` to about have + n/chunks * (1 - have)
+            n = max(1, round((want - have) * chunks / (1 - have)))
+            st["step"] += 1
+            fio(srv, "fork", "randwrite", "4k", 16, p.region, number_ios=n,
+                seed=7000 + st["step"])
+            st["written"] += n * CHUNK
+            info = srv.control("volume.info", name="fork")[0]
+        f = fio(srv, "fork", "read", "1m", 4, p.region, seconds=p.seconds)
+        return {**f.brief(), "target_pct": pct,
+                "rewritten_pct": round(100 * info["exclusive_bytes"] / p.region, 2),
+                "extents": info["extents"], "extents_per_gib": info["extents_per_gib"],
+                "mean_extent_bytes": info["mean_extent_bytes"]}
+
+    def _reclaim(self, design: str, srv: Server, st: dict[str, Any]) -> dict[str, Any]:
+        m3 = srv.control("pool.info")[0]["metadata_used_bytes"]
+        self.ws.stop(srv)
+        pool = str(st["pool"])
+        fork = nbdserver_cli("volume", "info", pool, "fork")
+        before = nbdserver_cli("pool", "info", pool)
+        deleted = nbdserver_cli("volume", "delete", pool, "fork")
+        after = nbdserver_cli("pool", "info", pool)
+        check = nbdserver_cli("pool", "check", pool, what="nbdserver pool check")
+        self.ws.remove(st["pool"])
+        written = st["written"]
+        return {"meta_random_bytes": m3 - st["meta_fork"], "random_written": written,
+                "meta_per_gib_random": (m3 - st["meta_fork"]) / (written / GiB) if written
+                else 0.0,
+                "fork_exclusive_bytes": fork["exclusive_bytes"],
+                "fork_metadata_pages": fork["metadata_pages"],
+                "freed_bytes": after["free_bytes"] - before["free_bytes"],
+                "delete_reported_bytes": deleted.get("freed_bytes"),
+                "meta_freed_bytes": before["metadata_used_bytes"] - after["metadata_used_bytes"],
+                "check_ok": check.get("ok"), "check_problems": check.get("problems", [])[:5],
+                "leaked_chunks": check.get("leaked_chunks"),
+                "leaked_pages": check.get("leaked_pages")}
+
+    # 4 -----------------------------------------------------------------------------------
+
+    def creation(self) -> None:
+        p, ws = self.p, self.ws
+        out: dict[str, dict[str, Any]] = {d: {} for d in self.designs}
+        self.results["creation"] = out
+        log(f"== 4. snapshot and fork creation time vs volume size "
+            f"({', '.join(human(s) for s in p.sizes)}; {human(p.spread_data)} written over "
+            f"each, {p.creation_repeats} of each)")
+        servers: dict[str, Server] = {}
+        fits: dict[str, list[int]] = {}
+        for design in self.designs:
+            sizes = [s for s in p.sizes if design != "linear" or s <= p.linear_max_size]
+            fits[design] = sizes
+            for s in p.sizes:
+                if s not in sizes:
+                    out[design][str(s)] = {"skipped": (
+                        f"thick linear origin of {human(s)} left out (creation allocates "
+                        f"every chunk; the largest tried is {human(p.linear_max_size)})")}
+            r = self.point(f"{design} setup",
+                           lambda d=design, sz=sizes: self._creation_setup(d, sz))
+            if "error" in r:
+                for s in sizes:
+                    out[design][str(s)] = r
+                continue
+            servers[design] = r.pop("server")
+            for s in sizes:
+                out[design][str(s)] = {"create_cli_s": r["create_s"][s], "cli_s": {},
+                                       "server_s": {}}
+        for k, size in enumerate(p.sizes):
+            for design in rotate(list(servers), k):
+                if size not in fits[design] or "error" in out[design][str(size)]:
+                    continue
+                r = self.point(f"{design} {human(size)}",
+                               lambda d=design, sz=size: self._creation_point(servers[d], sz))
+                if "error" in r:
+                    out[design][str(size)] = r
+                    continue
+                out[design][str(size)].update(r)
+                log(f"  {design:7} {human(size):>8}: snapshot {r['snapshot_server_ms']:7.1f} ms"
+                    f" in server, {r['snapshot_cli_ms']:7.1f} ms CLI; fork "
+                    f"{r['fork_server_ms']:7.1f} / {r['fork_cli_ms']:7.1f} ms")
+        for srv in servers.values():
+            ws.stop(srv)
+            if srv.pool is not None:
+                ws.remove(srv.pool)
+
+    def _creation_setup(self, design: str, sizes: list[int]) -> dict[str, Any]:
+        p, ws = self.p, self.ws
+        if design == "linear":  # thick origins, plus room for the copies of the spread data
+            pool_size = sum(sizes) + 8 * GiB
+        else:
+            pool_size = max(sizes) + max(sizes) // 16 + 8 * GiB
+        pool_size = -(-pool_size // GiB) * GiB
+        pool = ws.create_pool(f"create-{design}", design, pool_size)
+        create_s: dict[int, float] = {}
+        for s in sizes:
+            _, create_s[s] = timed_cli("volume", "create", str(pool), f"v{size_arg(s)}",
+                                       "--size", size_arg(s))
+            log(f"  {design:7} created a {human(s)} volume in {create_s[s]:.1f}s (CLI)")
+        srv = ws.serve(f"create-{design}", pool, [(f"v{size_arg(s)}", None) for s in sizes])
+        for s in sizes:
+            n = max(1, p.spread_data // (64 * KiB))
+            fio(srv, f"v{size_arg(s)}", "randwrite", "64k", 16, s, number_ios=n,
+                norandommap=True, seed=4242)
+        return {"server": srv, "create_s": create_s}
+
+    def _creation_point(self, srv: Server, size: int) -> dict[str, Any]:
+        assert srv.pool is not None
+        vol = f"v{size_arg(size)}"
+        res: dict[str, list[float]] = {f"{k}_{w}": [] for k in ("snapshot", "fork")
+                                       for w in ("cli", "server", "info", "clone")}
+        for i in range(self.p.creation_repeats):
+            for kind in ("snapshot", "fork"):
+                _, dt = timed_cli("volume", kind, str(srv.pool), vol, f"{vol}-{kind}-c{i}")
+                res[f"{kind}_cli"].append(dt)
+                _, dt = srv.control(f"volume.{kind}", source=vol, name=f"{vol}-{kind}-s{i}")
+                res[f"{kind}_server"].append(dt)
+                # the operation answers with `volume info` of the new volume; time that
+                # alone to see what the clone itself costs
+                _, di = srv.control("volume.info", name=f"{vol}-{kind}-s{i}")
+                res[f"{kind}_info"].append(di)
+                res[f"{kind}_clone"].append(max(0.0, dt - di))
+        return {f"{k}_ms": round(1000 * statistics.median(v), 2) for k, v in res.items()} | {
+            "samples_ms": {k: [round(1000 * x, 2) for x in v] for k, v in res.items()}}
+
+    # 6 -----------------------------------------------------------------------------------
+
+    def vm_boot(self) -> None:
+        demo = REPO / "scripts" / "vm-demo"
+        out: dict[str, Any] = {}
+        self.results["vm"] = out
+        rounds = self.args.vm_rounds or (1 if self.args.quick else 3)
+        # --quick only checks that vm-demo runs: one design, no reference boot
+        designs = self.designs[:1] if self.args.quick else self.designs
+        log(f"== 6. VM boot from forks (scripts/vm-demo, {', '.join(designs)}, "
+            f"{rounds} round(s))")
+        if not demo.exists():
+            out["skipped"] = "scripts/vm-demo is not there yet"
+            log(f"  skipped: {out['skipped']}")
+            return
+        workdir = self.ws.path("vm")
+        workdir.mkdir(exist_ok=True)
+        argv = [sys.executable, str(demo), "--designs", ",".join(designs),
+                "--chunk-size", "4K", "--rounds", str(rounds), "--workdir", str(workdir)]
+        if self.args.quick:
+            argv.append("--no-baseline")
+        try:
+            res = run(argv, "scripts/vm-demo", timeout=3600)
+        except StudyError as e:
+            out["error"] = str(e)
+            log(f"  ERROR: {e}")
+            return
+        boots = []
+        for line in res.stdout.splitlines():
+            with contextlib.suppress(ValueError):
+                doc = json.loads(line)
+                if isinstance(doc, dict) and "boot_seconds" in doc:
+                    boots.append(doc)
+        out["boots"] = boots
+        for d in ["file", *self.designs]:
+            mine = [b for b in boots if b.get("design") == d]
+            if not mine:
+                continue
+            secs = [float(b["boot_seconds"]) for b in mine if b.get("boot_seconds")]
+            out[d] = {"boot_s": statistics.median(secs) if secs else None,
+                      "boot_s_min": min(secs, default=None),
+                      "boot_s_max": max(secs, default=None), "boots": len(mine),
+                      "ok": all(b.get("ok") for b in mine),
+                      "vms": sorted({f"{b.get('vm')}<-{b.get('parent')}" for b in mine})}
+            if secs:
+                log(f"  {d:7}: median {out[d]['boot_s']:.1f}s over {len(secs)} boot(s), "
+                    f"all ok: {out[d]['ok']}")
+
+
+def nbdserver_timed_fork(pool: Path, src: str, dst: str) -> tuple[Any, float]:
+    """Fork offline with the CLI; a refusal (linear: no fork of a fork) raises Refused."""
+    try:
+        return timed_cli("volume", "fork", str(pool), src, dst)
+    except StudyError as e:
+        msg = str(e)
+        if "status 1" in msg:
+            raise Refused(msg.split(": ", 1)[-1].removeprefix("nbdserver: error: ")) from None
+        raise
+
+
+# -- judging ---------------------------------------------------------------------------
+
+
+def series(res: dict[str, Any], key: str) -> list[tuple[int, float]]:
+    return sorted((int(x), float(r[key])) for x, r in res.items()
+                  if isinstance(r, dict) and key in r)
+
+
+def flatness(points: list[tuple[int, float]]) -> dict[str, Any] | None:
+    """The largest deviation from the series' median, and last / first."""
+    vals = [v for _, v in points]
+    if len(vals) < 2:
+        return None
+    med = statistics.median(vals)
+    dev = max(abs(v - med) / med for v in vals) if med else math.inf
+    return {"max_dev": dev, "last_over_first": vals[-1] / vals[0] if vals[0] else None,
+            "points": len(vals), "flat": dev <= FLAT_TOLERANCE}
+
+
+def judge(results: dict[str, Any], designs: list[str]) -> list[dict[str, Any]]:
+    targets: list[dict[str, Any]] = []
+    for design in designs:
+        if design == "linear":
+            continue
+        for exp, key, what in (("snapshots", "iops", "origin write IOPS vs snapshot count"),
+                               ("depth", "iops", "read IOPS vs fork depth"),
+                               ("depth", "lat_p99_us", "read p99 latency vs fork depth")):
+            s = series(results.get(exp, {}).get(design, {}), key)
+            fl = flatness(s)
+            if fl is None:
+                continue
+            targets.append({"target": f"{design}: {what} flat within 10%",
+                            "met": fl["flat"],
+                            "detail": f"largest deviation from the median {fl['max_dev']:.0%} "
+                                      f"over {fl['points']} points; last/first "
+                                      f"{fl['last_over_first']:.2f}"})
+            if exp == "snapshots":
+                s1 = [pt for pt in s if pt[0] >= 1]
+                fl1 = flatness(s1)
+                if fl1 is not None:
+                    targets.append({
+                        "target": f"{design}: {what} flat within 10% (N >= 1 only)",
+                        "met": fl1["flat"],
+                        "detail": f"largest deviation {fl1['max_dev']:.0%} over "
+                                  f"{fl1['points']} points; N={s1[-1][0]} / N=1 "
+                                  f"{fl1['last_over_first']:.2f}"})
+    loc = results.get("locality", {}).get("extent", {})
+    if "0" in loc and "10" in loc and "mibps" in loc["0"] and "mibps" in loc["10"]:
+        ratio = loc["10"]["mibps"] / loc["0"]["mibps"]
+        targets.append({"target": "extent: sequential read after 10% random rewrites >= 0.8x "
+                                  "pristine", "met": ratio >= 0.8,
+                        "detail": f"{loc['10']['mibps']:.0f} / {loc['0']['mibps']:.0f} MiB/s "
+                                  f"= {ratio:.2f}x"})
+    for design in designs:
+        if design == "linear":
+            continue
+        cr = results.get("creation", {}).get(design, {})
+        pts = [(int(s), r["snapshot_server_ms"], r["fork_server_ms"]) for s, r in cr.items()
+               if isinstance(r, dict) and "snapshot_server_ms" in r]
+        if len(pts) >= 2:
+            pts.sort()
+            small, big = pts[0], pts[-1]
+            worst = max(big[1] / small[1], big[2] / small[2])
+            targets.append({"target": f"{design}: snapshot/fork of a {human(big[0])} volume "
+                                      f"costs the same as of {human(small[0])} (within 2x)",
+                            "met": worst <= 2.0,
+                            "detail": f"in-server snapshot {small[1]:.1f} -> {big[1]:.1f} ms, "
+                                      f"fork {small[2]:.1f} -> {big[2]:.1f} ms"})
+    for design in designs:
+        m = results.get("metadata", {}).get(design, {})
+        if "freed_bytes" in m:
+            ok = m["freed_bytes"] == m["fork_exclusive_bytes"] and m.get("check_ok") is True
+            targets.append({"target": f"{design}: deleting the fork returns exactly its "
+                                      "exclusive bytes, pool check clean",
+                            "met": ok,
+                            "detail": f"freed {m['freed_bytes']:,} B, exclusive "
+                                      f"{m['fork_exclusive_bytes']:,} B, check "
+                                      f"{'ok' if m.get('check_ok') else m.get('check_problems')}"})
+    return targets
+
+
+# -- the report --------------------------------------------------------------------------
+
+DESIGN_COLORS = {"radix": "C0", "extent": "C2", "linear": "C3", QCOW2: "C7"}
+
+
+def machine_caption(info: dict[str, Any]) -> str:
+    return (f"{info['nproc']} CPUs ({info['cpu']}), Linux {info['kernel']}, pools on "
+            f"{info['fs']}, nbdserver {info['nbdserver_rev']}, {info['date']}. Absolute "
+            "numbers are noisy (a shared machine); the comparison between designs in the "
+            "same run is the result.")
+
+
+def md_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def cell(r: dict[str, Any] | None, fmt: Callable[[dict[str, Any]], str]) -> str:
+    if not r:
+        return "-"
+    if "refused" in r:
+        return "n/a (refused)"
+    if "skipped" in r:
+        return "n/a (does not fit)"
+    if "error" in r:
+        return "error"
+    try:
+        return fmt(r)
+    except (KeyError, TypeError, ZeroDivisionError):
+        return "-"
+
+
+def notes_of(res: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per distinct refusal, error or skip in an experiment's results."""
+    seen: dict[str, list[str]] = {}
+    for design, points in res.items():
+        for x, r in points.items():
+            if not isinstance(r, dict):
+                continue
+            for kind in ("refused", "error", "skipped"):
+                if kind in r:
+                    seen.setdefault(f"{kind}: {r[kind]}", []).append(f"{design} {x}")
+    return [f"- {design_points[0].split()[0]}: {msg}" for msg, design_points in seen.items()]
+
+
+def plot_all(results: dict[str, Any], designs: list[str], info: dict[str, Any],
+             figdir: Path) -> dict[str, Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figdir.mkdir(parents=True, exist_ok=True)
+    caption = machine_caption(info)
+    made: dict[str, Path] = {}
+
+    def finish(fig: Any, name: str) -> None:
+        fig.text(0.01, 0.01, caption, fontsize=6.5, wrap=True, va="bottom", color="0.3")
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
+        path = figdir / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made[name] = path
+
+    def line(ax: Any, res: dict[str, Any], names: list[str], key: str) -> bool:
+        drew = False
+        for d in names:
+            pts = series(res.get(d, {}), key)
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, marker="o", label=d, color=DESIGN_COLORS.get(d))
+                drew = True
+        return drew
+
+    snap = results.get("snapshots")
+    if snap:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        if line(ax, snap, designs, "iops"):
+            ax.set_xscale("symlog", base=2, linthresh=1)
+            ax.set_xlabel("snapshots of the origin")
+            ax.set_ylabel("origin 4 KiB random write IOPS (QD16)")
+            ax.set_ylim(bottom=0)
+            ax.set_title("Origin writes vs snapshot count")
+            ax.legend()
+            ax.grid(alpha=0.3)
+            finish(fig, "snapshots")
+        else:
+            plt.close(fig)
+
+    depth = results.get("depth")
+    if depth:
+        names = [d for d in [*designs, QCOW2] if d in depth]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.4))
+        if line(a1, depth, names, "iops"):
+            line(a2, depth, names, "lat_p99_us")
+            for ax, lab in ((a1, "4 KiB random read IOPS (QD16)"), (a2, "p99 latency (us)")):
+                ax.set_xscale("symlog", base=2, linthresh=1)
+                ax.set_xlabel("fork depth of the volume read")
+                ax.set_ylabel(lab)
+                ax.set_ylim(bottom=0)
+                ax.grid(alpha=0.3)
+            a1.legend()
+            a1.set_title("Reads of the deepest fork")
+            a2.set_title("p99 read latency")
+            finish(fig, "depth")
+        else:
+            plt.close(fig)
+
+    loc = results.get("locality")
+    if loc:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.4))
+        drew = False
+        for d in designs:
+            pts = sorted((r["rewritten_pct"], r["mibps"], r["extents_per_gib"])
+                         for r in loc.get(d, {}).values() if isinstance(r, dict) and "mibps" in r)
+            if pts:
+                xs, ys, es = zip(*pts, strict=True)
+                a1.plot(xs, ys, marker="o", label=d, color=DESIGN_COLORS.get(d))
+                a2.plot(xs, [max(e, 1) for e in es], marker="o", label=d,
+                        color=DESIGN_COLORS.get(d))
+                drew = True
+        if drew:
+            a1.set_ylabel("sequential 1 MiB read MiB/s (QD4)")
+            a1.set_ylim(bottom=0)
+            a2.set_ylabel("extents per GiB")
+            a2.set_yscale("log")
+            for ax in (a1, a2):
+                ax.set_xlabel("% of the fork rewritten by random 4 KiB writes")
+                ax.grid(alpha=0.3)
+            a1.legend()
+            a1.set_title("Sequential read after random rewrites")
+            a2.set_title("Fragmentation")
+            finish(fig, "locality")
+        else:
+            plt.close(fig)
+
+    cr = results.get("creation")
+    if cr:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.4))
+        drew = False
+        for d in designs:
+            pts = sorted((int(s), r) for s, r in cr.get(d, {}).items()
+                         if isinstance(r, dict) and "snapshot_server_ms" in r)
+            if not pts:
+                continue
+            xs = [s / GiB for s, _ in pts]
+            for ax, where in ((a1, "server"), (a2, "cli")):
+                ax.plot(xs, [r[f"snapshot_{where}_ms"] for _, r in pts], marker="o",
+                        color=DESIGN_COLORS.get(d), label=f"{d} snapshot")
+                ax.plot(xs, [r[f"fork_{where}_ms"] for _, r in pts], marker="s", ls="--",
+                        color=DESIGN_COLORS.get(d), label=f"{d} fork")
+            drew = True
+        if drew:
+            for ax, title in ((a1, "Control-socket call (in the server)"),
+                              (a2, "CLI round trip")):
+                ax.set_xscale("log", base=2)
+                ax.set_xlabel("volume size (GiB)")
+                ax.set_ylabel("ms")
+                ax.set_ylim(bottom=0)
+                ax.set_title(title)
+                ax.grid(alpha=0.3)
+            a1.legend(fontsize=7)
+            finish(fig, "creation")
+        else:
+            plt.close(fig)
+    return made
+
+
+def readme_sentences(results: dict[str, Any], designs: list[str]) -> list[str]:
+    """Two sentences on which design to pick, built from this run's numbers."""
+    def get(exp: str, d: str, x: str, key: str) -> float | None:
+        r = results.get(exp, {}).get(d, {}).get(x)
+        return float(r[key]) if isinstance(r, dict) and key in r else None
+
+    fr = results.get("locality", {})
+    frac = max((int(x) for d in fr for x in fr[d]), default=0)
+    mid = "10" if any("10" in fr.get(d, {}) for d in fr) else str(frac)
+    seq = {d: get("locality", d, mid, "mibps") for d in designs}
+    seq0 = {d: get("locality", d, "0", "mibps") for d in designs}
+    snaps = results.get("snapshots", {})
+    nmax = str(max((int(x) for d in snaps for x in snaps[d]), default=0))
+    lin0, linn = get("snapshots", "linear", "0", "iops"), get("snapshots", "linear", nmax, "iops")
+    parts = []
+    if "extent" in designs and "radix" in designs and seq.get("extent") and seq.get("radix"):
+        better = "extent" if seq["extent"] >= seq["radix"] else "radix"
+        other = "radix" if better == "extent" else "extent"
+        keep = (f" ({seq[better]:.0f} MiB/s sequential after {mid}% random rewrites, "
+                f"{seq[other]:.0f} for {other}")
+        if seq0.get(better):
+            keep += f"; {seq0[better]:.0f} pristine"
+        keep += ")"
+        parts.append(
+            f"Pick **{better}** for long-lived VM disks that are forked and then read "
+            f"sequentially: forks cost the same at any size and depth, and it keeps the "
+            f"locality better{keep}; **{other}** forks just as cheaply and suits short-lived, "
+            f"randomly written clones, where its simpler write path matters more than "
+            f"sequential reads.")
+    if "linear" in designs and lin0 and linn:
+        parts.append(
+            f"Use **linear** only for a few short-lived snapshots of a thick volume (LVM "
+            f"style): origin writes fall from {lin0:,.0f} to {linn:,.0f} IOPS with {nmax} "
+            f"snapshots, and it cannot fork a fork.")
+    return parts
+
+
+def render(results: dict[str, Any], designs: list[str], info: dict[str, Any], p: Params,
+           args: argparse.Namespace, figs: dict[str, Path], out: Path,
+           targets: list[dict[str, Any]]) -> str:
+    rel = {k: os.path.relpath(v, out.parent) for k, v in figs.items()}
+    caption = machine_caption(info)
+    chains = [*designs, *([] if args.no_qcow2 else [QCOW2])]
+    cmd = "make study" if not args.quick else "scripts/study.py --quick"
+    L: list[str] = [
+        "# Block-map study: radix, extent, linear (and qcow2)",
+        "",
+        f"Generated by `scripts/study.py` (`{cmd}`) in one run of "
+        f"{info['elapsed_min']:.0f} minutes; designs interleaved point by point. Do not edit "
+        "by hand: re-run the script.",
+        "",
+        f"**Machine:** {caption}",
+        "",
+        "## Targets",
+        "",
+    ]
+    if targets:
+        L.append(md_table(["target", "met", "measured"],
+                          [[t["target"], "yes" if t["met"] else "**no**", t["detail"]]
+                           for t in targets]))
+    else:
+        L.append("(no target could be evaluated in this run)")
+    sentences = readme_sentences(results, designs)
+    if sentences:
+        L += ["", "## For the README", "", " ".join(sentences)]
+    L += [
+        "",
+        "## Method",
+        "",
+        f"Each pool is a sparse file on {info['fs']} (O_DIRECT, Linux AIO, 4 KiB chunks, "
+        "the default 64 MiB metadata cache); every server and fio talk over Unix sockets "
+        f"(fio {info['fio']}, its nbd engine). Volumes of experiments 1-3 are "
+        f"{human(p.region)}, written in full with 1 MiB sequential writes before anything "
+        f"else; timed fio runs last {p.seconds} s. Each measurement is a single run (no "
+        "repetition), so read the curves for trends; the designs of one point ran back to "
+        "back, in an order that rotates from point to point. Snapshots and forks are made "
+        "through the control socket of the server that has the pool open, or with the CLI "
+        "when no server runs. `flat within 10%` means no point of the series deviates by "
+        "more than 10% from the series' median.",
+        "",
+    ]
+
+    # 1
+    snap = results.get("snapshots")
+    if snap:
+        counts = p.snapshot_counts
+        L += ["## 1. Origin random writes vs number of snapshots", "",
+              f"A fresh pool and {human(p.region)} volume per point, prefilled, N snapshots "
+              f"taken, then fio `randwrite` 4 KiB QD16 for {p.seconds} s over the whole "
+              "volume. fio's random map sends each write to a chunk not yet written in the "
+              "run, so (until it wraps) every write is the first write to its chunk since the "
+              "snapshots: linear copies the old chunk into each of the N exception stores "
+              "(and commits) before writing in place, radix and extent redirect it to a new "
+              "chunk. *First writes* is the pool's new data chunks (divided by N for linear), "
+              "*on copied* the writes that hit a chunk already copied in the run.", ""]
+        head = ["snapshots"] + [f"{d} IOPS (p99 ms)" for d in designs]
+        rows = [[str(n)] + [cell(snap[d].get(str(n)),
+                                 lambda r: f"{r['iops']:,.0f} ({r['lat_p99_us'] / 1000:.1f})")
+                            for d in designs] for n in counts]
+        L += [md_table(head, rows), ""]
+        head = ["snapshots"] + [f"{d} writes: first / on copied" for d in designs]
+        rows = [[str(n)] + [cell(snap[d].get(str(n)),
+                                 lambda r: f"{r['first_writes']:,} / {r['hits_on_copied']:,}")
+                            for d in designs] for n in counts]
+        L += [md_table(head, rows), ""]
+        L += notes_of(snap)
+        if "snapshots" in rel:
+            L += ["", f"![origin writes vs snapshots]({rel['snapshots']})", "",
+                  f"*Figure 1. Origin 4 KiB random write IOPS against the snapshot count. "
+                  f"{caption}*", ""]
+
+    # 2
+    depth = results.get("depth")
+    if depth:
+        L += ["## 2. Random reads vs fork depth", "",
+              f"A chain of forks of a prefilled {human(p.region)} volume: each fork rewrites "
+              f"{p.rewrite_chunks} random 4 KiB chunks, then is forked again. At each depth "
+              f"the deepest fork is served alone and read with fio `randread` 4 KiB QD16 "
+              f"for {p.seconds} s over the whole volume. The anchor is the same chain of "
+              "qcow2 files (`qemu-img create -f qcow2 -b parent.qcow2 -F qcow2`, each child "
+              f"rewriting {p.rewrite_chunks} random chunks through qemu-nbd), read through "
+              "`qemu-nbd -f qcow2 --cache=none --aio=native`.", ""]
+        head = ["depth"] + [f"{d} IOPS (mean / p99 us)" for d in chains]
+        rows = [[str(x)] + [cell(depth.get(d, {}).get(str(x)),
+                                 lambda r: f"{r['iops']:,.0f} ({r['lat_mean_us']:,.0f} / "
+                                           f"{r['lat_p99_us']:,.0f})")
+                            for d in chains] for x in p.depths]
+        L += [md_table(head, rows), ""]
+        L += notes_of(depth)
+        if "depth" in rel:
+            L += ["", f"![reads vs fork depth]({rel['depth']})", "",
+                  f"*Figure 2. 4 KiB random reads of the deepest fork against fork depth, "
+                  f"qcow2 backing chain as the anchor. {caption}*", ""]
+
+    # 3
+    loc = results.get("locality")
+    if loc:
+        L += ["## 3. Locality: sequential reads after random rewrites", "",
+              f"A fork of a sequentially written {human(p.region)} volume is rewritten with "
+              "uniform random 4 KiB writes until the given share of its chunks is its own "
+              "(*rewritten*, measured from the fork's exclusive bytes); after each step it is "
+              f"read with fio `read` 1 MiB QD4 for {p.seconds} s. Extents per GiB come from "
+              "`volume info` (maximal runs of logically and physically contiguous chunks; "
+              "the pristine fork shares the base's layout).", ""]
+        head = ["target"] + [f"{d} MiB/s (rewritten %, extents/GiB)" for d in designs]
+        rows = [[f"{pct}%"] + [cell(loc[d].get(str(pct)),
+                                    lambda r: f"{r['mibps']:,.0f} ({r['rewritten_pct']:.1f}%, "
+                                              f"{r['extents_per_gib']:,.0f})")
+                               for d in designs] for pct in p.fractions]
+        L += [md_table(head, rows), ""]
+        L += notes_of(loc)
+        if "locality" in rel:
+            L += ["", f"![locality]({rel['locality']})", "",
+                  f"*Figure 3. Sequential 1 MiB reads and extents per GiB of a fork against "
+                  f"the share of it rewritten at random. {caption}*", ""]
+
+    # 4
+    cr = results.get("creation")
+    if cr:
+        L += ["## 4. Snapshot and fork creation time vs volume size", "",
+              f"One pool per design holds a thin volume of each size, with "
+              f"{human(p.spread_data)} written over it in random 64 KiB writes; the server "
+              f"has the pool open. Each of snapshot and fork is made {p.creation_repeats} "
+              "times with the CLI (`nbdserver volume snapshot|fork`: the round trip, "
+              "including Python start-up) and as many times by a direct call on the "
+              "control socket (the time in the server, including its commit, plus a local "
+              "socket round trip). The operation answers with `volume info` of the new volume; "
+              "*clone alone* subtracts a separate `volume info` call on it. Medians in ms. "
+              "*volume create* is the CLI time of `volume create` (offline, so it includes "
+              "opening the pool); linear origins are thick, so it allocates every chunk.", ""]
+        head = ["size"] + [f"{d} snapshot / fork: in server (clone alone)" for d in designs]
+        rows = [[human(s)] + [cell(cr.get(d, {}).get(str(s)),
+                                   lambda r: f"{r['snapshot_server_ms']:.1f} "
+                                             f"({r['snapshot_clone_ms']:.1f}) / "
+                                             f"{r['fork_server_ms']:.1f} "
+                                             f"({r['fork_clone_ms']:.1f})")
+                              for d in designs] for s in p.sizes]
+        L += [md_table(head, rows), ""]
+        head = ["size"] + [f"{d} snapshot / fork: CLI" for d in designs] + \
+            [f"{d} volume create s" for d in designs]
+        rows = [[human(s)]
+                + [cell(cr.get(d, {}).get(str(s)),
+                        lambda r: f"{r['snapshot_cli_ms']:.0f} / {r['fork_cli_ms']:.0f}")
+                   for d in designs]
+                + [cell(cr.get(d, {}).get(str(s)), lambda r: f"{r['create_cli_s']:.1f}")
+                   for d in designs] for s in p.sizes]
+        L += [md_table(head, rows), ""]
+        L += notes_of(cr)
+        if "creation" in rel:
+            L += ["", f"![creation time]({rel['creation']})", "",
+                  f"*Figure 4. Snapshot and fork creation time against volume size. "
+                  f"{caption}*", ""]
+
+    # 5
+    meta = results.get("metadata")
+    if meta:
+        L += ["## 5. Metadata per GiB written, and space returned by deleting a fork", "",
+              "From experiment 3's pools: `metadata_used_bytes` of `pool info` before and "
+              f"after the sequential fill of the base ({human(p.region)}), and from the fork's "
+              "creation to the end of its random rewrites, per GiB written. Then, with the "
+              "server stopped, the fork is deleted: *freed* is the change of `free_bytes`, "
+              "against the fork's `exclusive_bytes` just before; `pool check` afterwards.", ""]
+        head = ["design", "metadata / GiB sequential", "metadata / GiB random 4k",
+                "fork exclusive", "freed by delete", "metadata freed", "pool check"]
+        rows = []
+        for d in designs:
+            m = meta.get(d, {})
+            if "error" in m:
+                rows.append([d, "error", "", "", "", "", ""])
+                continue
+            rows.append([d, human(m.get("meta_per_gib_seq", 0)),
+                         human(m.get("meta_per_gib_random", 0)),
+                         f"{m.get('fork_exclusive_bytes', 0):,} B",
+                         f"{m.get('freed_bytes', 0):,} B",
+                         human(m.get("meta_freed_bytes", 0)),
+                         "ok" if m.get("check_ok") else f"**{m.get('check_problems')}**"])
+        L += [md_table(head, rows), ""]
+
+    # 6
+    vm = results.get("vm")
+    if vm is not None:
+        L += ["## 6. VM boot from a fork", ""]
+        if "skipped" in vm:
+            L += [f"Not measured: {vm['skipped']}.", ""]
+        else:
+            L += ["Seconds from starting qemu to the end of the test VM's init, booted from "
+                  "a fork of the golden image (`scripts/vm-demo`).", ""]
+            def fmt(r: dict[str, Any]) -> str:
+                return (f"{r['boot_s']:.1f} ({r['boot_s_min']:.1f}-{r['boot_s_max']:.1f}, "
+                        f"{r['boots']} boots{'' if r['ok'] else ', CHECKS FAILED'})")
+
+            L += [md_table(["design", "boot s: median (min-max)", "VMs (fork <- parent)"],
+                           [[d if d != "file" else "plain file, no NBD (reference)",
+                             cell(vm.get(d), fmt), ", ".join(vm.get(d, {}).get("vms", []))]
+                            for d in ["file", *designs] if d in vm]), ""]
+            if "error" in vm:
+                L += [f"vm-demo failed: {vm['error']}", ""]
+    L += ["## Raw data", "",
+          "Every number above, with fio's runtimes, host busy and steal time per run, is in "
+          "the JSON the script writes with `--json FILE`.", ""]
+    return "\n".join(L)
+
+
+# -- main --------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from nbdserver.blockmap.base import designs as registered
+
+    known = sorted(registered())
+    p = argparse.ArgumentParser(
+        description="Compare the block-map designs (and a qcow2 chain under qemu-nbd) with "
+                    "numbers and plots; see the module docstring.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes and few points (a few minutes): checks that it works")
+    p.add_argument("--seconds", type=int, help="seconds per timed fio run (default 10, quick 2)")
+    p.add_argument("--designs", default=",".join(d for d in ("radix", "extent", "linear")
+                                                 if d in known) or ",".join(known),
+                   help=f"comma-separated block maps, from {', '.join(known)}")
+    p.add_argument("--experiments", default="1,2,3,4,6",
+                   help="which experiments to run (5 comes with 3)")
+    p.add_argument("--no-qcow2", action="store_true", help="leave the qcow2 anchor out")
+    p.add_argument("--region", help="volume size of experiments 1-3 (default 1G, quick 128M)")
+    p.add_argument("--snapshot-counts", help="experiment 1's points, e.g. 0,1,8,64")
+    p.add_argument("--depths", help="experiment 2's points, e.g. 0,1,16")
+    p.add_argument("--vm-rounds", type=int, help="rounds of scripts/vm-demo (default 3, quick 1)")
+    p.add_argument("--out", type=Path,
+                   help="the Markdown report; PNGs go to a directory named after it "
+                        "(default docs/study.md, with --quick study-work/quick/study.md)")
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                   help="also write every result as JSON to FILE (no FILE: stdout)")
+    p.add_argument("--dir", type=Path, default=REPO / "study-work",
+                   help="where pools and images go (a real disk, not tmpfs)")
+    p.add_argument("--keep", action="store_true", help="keep the pools, images and logs")
+    args = p.parse_args(argv)
+    args.design_list = [d.strip() for d in args.designs.split(",") if d.strip()]
+    bad = [d for d in args.design_list if d not in known]
+    if bad or not args.design_list:
+        p.error(f"--designs: unknown {', '.join(bad) or '(none)'}; registered: "
+                f"{', '.join(known)}")
+    try:
+        args.exp = {int(x) for x in args.experiments.split(",") if x.strip()}
+    except ValueError:
+        p.error("--experiments: numbers from 1 to 6, e.g. 1,3")
+    if not args.exp or not args.exp <= {1, 2, 3, 4, 5, 6}:
+        p.error("--experiments: numbers from 1 to 6, e.g. 1,3")
+    if 5 in args.exp:
+        args.exp.add(3)
+    if args.out is None:
+        args.out = (REPO / "study-work" / "quick" / "study.md") if args.quick else (
+            REPO / "docs" / "study.md")
+    if args.seconds is not None and args.seconds < 1:
+        p.error("--seconds must be at least 1")
+    params = replace(QUICK if args.quick else FULL)
+    if args.seconds:
+        params.seconds = args.seconds
+    try:
+        if args.region:
+            params.region = bench.parse_size(args.region)
+        if args.snapshot_counts:
+            params.snapshot_counts = sorted({int(x) for x in args.snapshot_counts.split(",")})
+        if args.depths:
+            params.depths = sorted({int(x) for x in args.depths.split(",")})
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        p.error(str(e))
+    if min(params.snapshot_counts + params.depths) < 0:
+        p.error("--snapshot-counts and --depths take numbers from 0")
+    args.params = params
+    return args
+
+
+def check_tools(args: argparse.Namespace) -> None:
+    need = {"fio": "fio"}
+    if not args.no_qcow2 and 2 in args.exp:
+        need |= {"qemu-nbd": "qemu-utils", "qemu-img": "qemu-utils"}
+    missing = [f"{t} (Debian package {pkg})" for t, pkg in need.items() if not shutil.which(t)]
+    if missing:
+        raise StudyError(f"missing: {', '.join(missing)}; `make deps` installs them")
+    if "uri" not in subprocess.run(["fio", "--enghelp=nbd"], capture_output=True,
+                                   text=True).stdout:
+        raise StudyError("this fio has no nbd engine (Debian's fio package has it)")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise StudyError("the plots need matplotlib: .venv/bin/pip install matplotlib "
+                         "(or pip install -e '.[bench]')") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_tools(args)
+    params: Params = args.params
+    args.dir.mkdir(parents=True, exist_ok=True)
+    kind = bench.fs_type(args.dir)
+    if kind in ("tmpfs", "ramfs"):
+        raise StudyError(f"--dir {args.dir} is on {kind}; O_DIRECT figures need a real disk")
+    free = shutil.disk_usage(args.dir).free
+    need = 2 * GiB if args.quick else 12 * GiB
+    if free < need:
+        raise StudyError(f"--dir {args.dir} has {human(free)} free; the study needs about "
+                         f"{human(need)}")
+    info: dict[str, Any] = {
+        "nproc": len(os.sched_getaffinity(0)), "cpu": bench.cpu_model(),
+        "kernel": os.uname().release, "fs": kind, "fio": bench.first_line(["fio", "--version"]),
+        "qemu-nbd": bench.first_line(["qemu-nbd", "--version"]),
+        "nbdserver_rev": bench.first_line(["git", "-C", str(REPO), "describe", "--always",
+                                           "--dirty"]),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "quick": args.quick,
+    }
+    log(f"study: designs {', '.join(args.design_list)}, experiments "
+        f"{','.join(map(str, sorted(args.exp)))}, {'quick' if args.quick else 'full'} "
+        f"({human(params.region)} volumes, {params.seconds}s runs) in {args.dir}")
+    ws = Workspace(args.dir, args.keep)
+    study = Study(args, params, ws, args.design_list)
+    try:
+        if 1 in args.exp:
+            study.snapshots()
+        if 2 in args.exp:
+            study.depth()
+        if 3 in args.exp:
+            study.locality()
+        if 4 in args.exp:
+            study.creation()
+        if 6 in args.exp:
+            study.vm_boot()
+    finally:
+        bench.kill_all()
+        ws.close()
+        if args.keep:
+            log(f"study: kept the pools and logs in {ws.dir}")
+    info["elapsed_min"] = (time.monotonic() - _T0) / 60
+    results = study.results
+    targets = judge(results, args.design_list)
+    out: Path = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figs = plot_all(results, args.design_list, info, out.parent / out.stem)
+    out.write_text(render(results, args.design_list, info, params, args, figs, out, targets))
+    log(f"study: wrote {out} and {len(figs)} plot(s) in {out.parent / out.stem}")
+    for t in targets:
+        log(f"  {'MET    ' if t['met'] else 'NOT MET'} {t['target']}: {t['detail']}")
+    if args.json:
+        doc = {"machine": info, "params": params.__dict__, "designs": args.design_list,
+               "results": results, "targets": targets}
+        blob = json.dumps(doc, indent=1, default=str)
+        if args.json == "-":
+            print(blob)
+        else:
+            Path(args.json).write_text(blob + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, bench._on_signal)
+    signal.signal(signal.SIGHUP, bench._on_signal)
+    try:
+        sys.exit(main())
+    except StudyError as e:
+        bench.kill_all()
+        print(f"study: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        bench.kill_all()
+        sys.exit(130)
