@@ -560,6 +560,16 @@ class Vm:
             if logf:
                 logf.close()
 
+    def wait_for(self, kind: str, timeout: float = 180.0) -> bool:
+        """Wait until the console has shown an ``NBDVM-<kind>`` line (True), or qemu
+        exited or `timeout` passed without one (False)."""
+        deadline = time.monotonic() + timeout
+        while not self.boot.markers(kind):
+            if self.proc is None or self.proc.poll() is not None or time.monotonic() > deadline:
+                return bool(self.boot.markers(kind))
+            time.sleep(0.02)
+        return True
+
     def wait(self, timeout: float = 180.0) -> Boot:
         assert self.proc is not None and self._reader is not None, "not started"
         try:

@@ -9,10 +9,11 @@ too once they register themselves), in a pool with 64 KiB chunks:
 2. ``volume fork golden vm1`` with no server running (the offline path).
 3. A server exporting vm1 (and golden, read-only): qemu boots vm1 with Debian's
    own initrd (``root=/dev/vda``) and its disk on ``-drive
-   file=nbd+unix://...,if=virtio,cache=none``. While it boots,
-   ``volume fork golden vm3`` goes through the server's control socket; after
-   it powers off, so does ``volume fork vm1 vm2`` (vm1 still exported). A
-   design that cannot fork a fork (linear) must refuse vm2 instead.
+   file=nbd+unix://...,if=virtio,cache=none``. While it boots, ``volume fork
+   golden vm3`` and, while its init writes, ``volume snapshot vm1 vm1-live`` go
+   through the server's control socket; after it powers off, so does ``volume
+   fork vm1 vm2`` (vm1 still exported). A design that cannot fork a fork
+   (linear) must refuse vm2 instead (and gets no vm1-live).
 4. A server exporting vm2 and vm3 boots both VMs at once (``-blockdev``, and the
    ``fast`` boot of scripts/vmimage.py: the same kernel, half the time).
 5. Each VM's console (see the init script in scripts/vmimage.py) shows golden's
@@ -24,7 +25,8 @@ too once they register themselves), in a pool with 64 KiB chunks:
    (``qemu-img compare``), though every fork trimmed and zeroed chunks it
    shares with golden; every volume's filesystem is copied out over NBD and
    passes ``e2fsck -fn`` and holds exactly the /data files expected (vm1 does
-   not see vm2's writes); ``pool check`` is clean through the control socket,
+   not see vm2's writes); vm1-live is crash-consistent (clean once e2fsck has
+   replayed its journal); ``pool check`` is clean through the control socket,
    then again offline.
 
 The seconds from starting qemu to the init script's final line are printed
@@ -97,11 +99,18 @@ def check_boot(boot: Boot, root: RootImage, expect_saw: dict[str, str], *,
                                      f"--- console of {boot.name}", boot.console])
 
 
-def data_files(srv: NbdServerProcess, vol: str, workdir: Path) -> dict[str, str]:
+def data_files(srv: NbdServerProcess, vol: str, workdir: Path, *,
+               replay: bool = False) -> dict[str, str]:
     """Copy volume `vol` out over NBD, fsck it, and return /data's files: the text of
-    the .txt files and the size of the others."""
+    the .txt files and the size of the others. With `replay` (a volume snapshotted while
+    its VM was writing: crash-consistent, not clean) e2fsck may first replay the journal,
+    but must find nothing else to fix."""
     copy = workdir / f"{vol}.copy"
     run(["qemu-img", "convert", "-f", "raw", "-O", "raw", srv.unix_uri(vol), copy], timeout=120)
+    if replay:
+        fsck = run(["e2fsck", "-fy", copy], check=False, timeout=60)
+        assert fsck.returncode in (0, 1), f"e2fsck -fy of {vol}:\n{fsck.stdout}{fsck.stderr}"
+        assert "FIXED" not in fsck.stdout and "Fix?" not in fsck.stdout, fsck.stdout
     fsck = run(["e2fsck", "-fn", copy], check=False, timeout=60)
     assert fsck.returncode == 0, f"e2fsck of {vol}:\n{fsck.stdout}{fsck.stderr}"
     listing = run(["debugfs", "-R", "ls -p /data", copy], timeout=60).stdout
@@ -159,6 +168,10 @@ def test_vms_boot_from_forks_of_golden(design: str, boot_files: dict[str, BootFi
     assert vm3["parent"] == "golden" and vm3["depth"] == 1
     listed = {v["name"]: v for v in cli("volume", "list", pool)}
     assert listed["vm1"]["in_use"], listed  # only the server knows: the CLI went through it
+    if chain:  # a snapshot of vm1 while its VM writes (checked for consistency in step 5)
+        assert vm.wait_for("SCRATCH", BOOT_TIMEOUT), vm.boot.console
+        live = cli("volume", "snapshot", pool, "vm1", "vm1-live")
+        assert live["parent"] == "vm1" and live["read_only"], live
     vm1 = vm.wait(BOOT_TIMEOUT)
     check_boot(vm1, root_image, {})
     srv.assert_alive()
@@ -172,8 +185,10 @@ def test_vms_boot_from_forks_of_golden(design: str, boot_files: dict[str, BootFi
 
     # 4. Boot vm2 and vm3 at once.
     children = ["vm2", "vm3"] if chain else ["vm3"]
+    live_export = [("vm1-live", True)] if chain else []
     srv = serve(nbd_server_factory, pool, "children",
-                [*((c, False) for c in children), ("golden", True), ("vm1", True)])
+                [*((c, False) for c in children), ("golden", True), ("vm1", True),
+                 *live_export])
     started = [start_vm(srv, c, "fast", blockdev=True) for c in children]
     boots = {v.boot.name: v.wait(BOOT_TIMEOUT) for v in started}
     vm1_files = {"vm1.txt": "hello from vm1", "vm1.bin": vm1.wrote_md5 or "?"}
@@ -194,6 +209,8 @@ def test_vms_boot_from_forks_of_golden(design: str, boot_files: dict[str, BootFi
     for vol in ["vm1", *children]:
         assert data_files(srv, vol, tmp_path) == expect[vol], vol
     assert data_files(srv, "golden", tmp_path) == {}
+    if chain:
+        assert set(data_files(srv, "vm1-live", tmp_path, replay=True)) <= set(expect["vm1"])
     report = cli("pool", "check", pool)
     assert report["ok"] and not report["problems"], report
     srv.stop()
@@ -201,7 +218,7 @@ def test_vms_boot_from_forks_of_golden(design: str, boot_files: dict[str, BootFi
     # 6. The same offline, and the family tree.
     report = cli("pool", "check", pool)
     assert report["ok"] and not report["problems"], report
-    assert report["volumes"] == 2 + len(children), report
+    assert report["volumes"] == 2 + len(children) + len(live_export), report
     parents = {v["name"]: v["parent"] for v in cli("volume", "list", pool)}
     assert parents == {"golden": None, "vm1": "golden", "vm3": "golden",
-                       **({"vm2": "vm1"} if chain else {})}
+                       **({"vm2": "vm1", "vm1-live": "vm1"} if chain else {})}
