@@ -484,26 +484,32 @@ class Boot:
                 and self.returncode == 0)
 
 
-def disk_args(drive: str, *, blockdev: bool = False) -> list[str]:
+def disk_args(drive: str, *, blockdev: bool = False,
+              reconnect_delay: int | None = None) -> list[str]:
     """qemu arguments attaching `drive` as a virtio disk (TRIM passed through, zero writes
     sent as WRITE_ZEROES). `drive` is a file or an NBD URI; with `blockdev`, which needs
     an ``nbd+unix:///EXPORT?socket=PATH`` URI, qemu's NBD driver is configured through
-    ``-blockdev`` instead of ``-drive file=URI``."""
+    ``-blockdev`` instead of ``-drive file=URI``, and `reconnect_delay` (seconds) lets it
+    reconnect to a restarted server, holding the guest's requests meanwhile."""
     if not blockdev:
         return ["-drive", f"file={drive},format=raw,if=virtio,cache=none,discard=unmap,"
                           "detect-zeroes=unmap"]
     m = re.fullmatch(r"nbd\+unix:///([^?]*)\?socket=(.+)", drive)
     if m is None:
         raise ValueError(f"blockdev wants nbd+unix:///EXPORT?socket=PATH, not {drive!r}")
-    node = {"driver": "raw", "node-name": "vda", "discard": "unmap", "detect-zeroes": "unmap",
-            "cache": {"direct": True},
-            "file": {"driver": "nbd", "export": m.group(1),
-                     "server": {"type": "unix", "path": m.group(2)}}}
+    node: dict[str, Any] = {
+        "driver": "raw", "node-name": "vda", "discard": "unmap", "detect-zeroes": "unmap",
+        "cache": {"direct": True},
+        "file": {"driver": "nbd", "export": m.group(1),
+                 "server": {"type": "unix", "path": m.group(2)}}}
+    if reconnect_delay is not None:
+        node["file"]["reconnect-delay"] = reconnect_delay
     return ["-blockdev", json.dumps(node), "-device", "virtio-blk-pci,drive=vda"]
 
 
 def qemu_command(drive: str, name: str, *, boot_files: BootFiles, memory: str = "512M",
-                 blockdev: bool = False, extra_append: str = "") -> list[str]:
+                 blockdev: bool = False, reconnect_delay: int | None = None,
+                 extra_append: str = "") -> list[str]:
     """The qemu command line booting `drive` (an NBD URI or a file) as /dev/vda."""
     append = (f"console=ttyS0 root=/dev/vda rootfstype=ext4 rw fsck.mode=skip panic=-1 "
               f"quiet loglevel=3 init=/sbin/init vmname={name} {extra_append}").strip()
@@ -513,7 +519,7 @@ def qemu_command(drive: str, name: str, *, boot_files: BootFiles, memory: str = 
         "-serial", "stdio", "-monitor", "none",
         "-kernel", str(boot_files.kernel), "-initrd", str(boot_files.initrd),
         "-append", append,
-        *disk_args(drive, blockdev=blockdev),
+        *disk_args(drive, blockdev=blockdev, reconnect_delay=reconnect_delay),
     ]
 
 
@@ -522,10 +528,10 @@ class Vm:
 
     def __init__(self, drive: str, name: str, *, boot_files: BootFiles | None = None,
                  log: Path | None = None, echo: bool = False, blockdev: bool = False,
-                 extra_args: Sequence[str] = ()) -> None:
+                 reconnect_delay: int | None = None, extra_args: Sequence[str] = ()) -> None:
         self.boot_files = boot_files or debian_boot()
-        self.cmd = [*qemu_command(drive, name, boot_files=self.boot_files, blockdev=blockdev),
-                    *extra_args]
+        self.cmd = [*qemu_command(drive, name, boot_files=self.boot_files, blockdev=blockdev,
+                                  reconnect_delay=reconnect_delay), *extra_args]
         self.boot = Boot(name)
         self.log = log
         self.echo = echo
@@ -559,6 +565,10 @@ class Vm:
         finally:
             if logf:
                 logf.close()
+
+    def elapsed(self) -> float:
+        """Seconds since qemu started (the clock of the console timestamps)."""
+        return time.monotonic() - self._start
 
     def wait_for(self, kind: str, timeout: float = 180.0) -> bool:
         """Wait until the console has shown an ``NBDVM-<kind>`` line (True), or qemu

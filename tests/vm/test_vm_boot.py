@@ -7,15 +7,19 @@ too once they register themselves), in a pool with 64 KiB chunks:
    exporting golden read-write; the root image built by ``scripts/vmimage.py``
    is written into it with ``qemu-img convert`` over NBD.
 2. ``volume fork golden vm1`` with no server running (the offline path).
-3. A server exporting vm1 (and golden, read-only): qemu boots vm1 with Debian's
-   own initrd (``root=/dev/vda``) and its disk on ``-drive
-   file=nbd+unix://...,if=virtio,cache=none``. While it boots, ``volume fork
-   golden vm3`` and, while its init writes, ``volume snapshot vm1 vm1-live`` go
-   through the server's control socket; after it powers off, so does ``volume
-   fork vm1 vm2`` (vm1 still exported). A design that cannot fork a fork
-   (linear) must refuse vm2 instead (and gets no vm1-live).
-4. A server exporting vm2 and vm3 boots both VMs at once (``-blockdev``, and the
-   ``fast`` boot of scripts/vmimage.py: the same kernel, half the time).
+3. A server exporting vm1 (and golden, read-only): qemu boots vm1 with its disk
+   on ``-drive file=nbd+unix://...,if=virtio,cache=none`` (for radix, with
+   Debian's own kernel and initrd, ``root=/dev/vda``; the guest's I/O is the
+   same either way, so the other designs save the time and boot ``fast``).
+   While it boots, ``volume fork golden vm3`` and, while its init writes,
+   ``volume snapshot vm1 vm1-live`` go through the server's control socket;
+   after it powers off, so does ``volume fork vm1 vm2`` (vm1 still exported).
+   A design that cannot fork a fork (linear) must refuse vm2 instead (and gets
+   no vm1-live).
+4. A server exporting vm2 and vm3 boots both VMs at once (``-blockdev`` with
+   ``reconnect-delay``, and the ``fast`` boot of scripts/vmimage.py: the same
+   kernel unpacked, a minimal initramfs, half the time), and is restarted
+   (SIGTERM, start) while they write: qemu reconnects and the guests carry on.
 5. Each VM's console (see the init script in scripts/vmimage.py) shows golden's
    content, only the files its ancestors and itself wrote (vm2 sees vm1's, vm3
    does not), golden's /scratch.bin unless an ancestor deleted it, and its own
@@ -25,9 +29,9 @@ too once they register themselves), in a pool with 64 KiB chunks:
    (``qemu-img compare``), though every fork trimmed and zeroed chunks it
    shares with golden; every volume's filesystem is copied out over NBD and
    passes ``e2fsck -fn`` and holds exactly the /data files expected (vm1 does
-   not see vm2's writes); vm1-live is crash-consistent (clean once e2fsck has
-   replayed its journal); ``pool check`` is clean through the control socket,
-   then again offline.
+   not see vm2's writes); vm1-live is crash-consistent (once e2fsck has replayed
+   its journal, only the superblock's free counts may be stale); ``pool check``
+   is clean through the control socket, then again offline.
 
 The seconds from starting qemu to the init script's final line are printed
 (``-s`` shows them); ``scripts/vm-demo`` measures them properly.
@@ -36,6 +40,7 @@ The seconds from starting qemu to the init script's final line are printed
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -56,6 +61,10 @@ assert "radix" in DESIGNS, DESIGNS
 IMAGE_SIZE = 64 * 1024 * 1024
 CHUNK = "64K"  # larger than ext4's 4 KiB blocks: the guest's writes are partial-chunk CoWs
 BOOT_TIMEOUT = 240.0
+DEBIAN_BOOT_DESIGN = "radix"  # its vm1 boots Debian's own initrd; the rest boot "fast"
+#: What e2fsck may still find in a crash-consistent ext4 once its journal is replayed.
+STALE_SUPER_COUNT = re.compile(r"Free (blocks|inodes) count wrong \(\d+, counted=\d+\)\.")
+RECONNECT_DELAY = 60  # seconds qemu holds requests while the server restarts
 
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
 
@@ -103,16 +112,21 @@ def data_files(srv: NbdServerProcess, vol: str, workdir: Path, *,
                replay: bool = False) -> dict[str, str]:
     """Copy volume `vol` out over NBD, fsck it, and return /data's files: the text of
     the .txt files and the size of the others. With `replay` (a volume snapshotted while
-    its VM was writing: crash-consistent, not clean) e2fsck may first replay the journal,
-    but must find nothing else to fix."""
+    its VM was writing: crash-consistent, not clean) e2fsck first replays the journal,
+    and then may find the superblock's total free counts wrong (ext4 keeps them up to
+    date in memory only) but nothing else."""
     copy = workdir / f"{vol}.copy"
     run(["qemu-img", "convert", "-f", "raw", "-O", "raw", srv.unix_uri(vol), copy], timeout=120)
     if replay:
-        fsck = run(["e2fsck", "-fy", copy], check=False, timeout=60)
-        assert fsck.returncode in (0, 1), f"e2fsck -fy of {vol}:\n{fsck.stdout}{fsck.stderr}"
-        assert "FIXED" not in fsck.stdout and "Fix?" not in fsck.stdout, fsck.stdout
+        fsck = run(["e2fsck", "-E", "journal_only", "-p", copy], check=False, timeout=60)
+        assert fsck.returncode in (0, 1), f"journal replay of {vol}:\n{fsck.stdout}{fsck.stderr}"
     fsck = run(["e2fsck", "-fn", copy], check=False, timeout=60)
-    assert fsck.returncode == 0, f"e2fsck of {vol}:\n{fsck.stdout}{fsck.stderr}"
+    lines = fsck.stdout.splitlines()
+    problems = [lines[i - 1] for i, line in enumerate(lines) if line.startswith("Fix? no")]
+    if replay:
+        problems = [p for p in problems if not STALE_SUPER_COUNT.fullmatch(p)]
+    assert not problems and fsck.returncode in ((0, 4) if replay else (0,)), \
+        f"e2fsck of {vol}:\n{fsck.stdout}{fsck.stderr}"
     listing = run(["debugfs", "-R", "ls -p /data", copy], timeout=60).stdout
     out = {}
     for line in listing.splitlines():
@@ -148,7 +162,8 @@ def test_vms_boot_from_forks_of_golden(design: str, boot_files: dict[str, BootFi
 
     def start_vm(srv: NbdServerProcess, name: str, profile: str, blockdev: bool = False) -> Vm:
         vm = Vm(srv.unix_uri(name), name, boot_files=boot_files[profile],
-                log=tmp_path / f"{name}.console", blockdev=blockdev)
+                log=tmp_path / f"{name}.console", blockdev=blockdev,
+                reconnect_delay=RECONNECT_DELAY if blockdev else None)
         vms.append(vm)
         return vm.start()
 
@@ -163,7 +178,7 @@ def test_vms_boot_from_forks_of_golden(design: str, boot_files: dict[str, BootFi
 
     # 3. Boot vm1; fork through the control socket while it runs and after it stops.
     srv = serve(nbd_server_factory, pool, "vm1", [("vm1", False), ("golden", True)])
-    vm = start_vm(srv, "vm1", "debian")
+    vm = start_vm(srv, "vm1", "debian" if design == DEBIAN_BOOT_DESIGN else "fast")
     vm3 = cli("volume", "fork", pool, "golden", "vm3")
     assert vm3["parent"] == "golden" and vm3["depth"] == 1
     listed = {v["name"]: v for v in cli("volume", "list", pool)}
@@ -190,11 +205,19 @@ def test_vms_boot_from_forks_of_golden(design: str, boot_files: dict[str, BootFi
                 [*((c, False) for c in children), ("golden", True), ("vm1", True),
                  *live_export])
     started = [start_vm(srv, c, "fast", blockdev=True) for c in children]
+    # Restart the server under the running VMs once the first is writing: qemu reconnects.
+    assert started[0].wait_for("SCRATCH", BOOT_TIMEOUT), started[0].boot.console
+    srv.stop()
+    srv.start()
+    restarted = {v.boot.name: v.elapsed() for v in started}
     boots = {v.boot.name: v.wait(BOOT_TIMEOUT) for v in started}
     vm1_files = {"vm1.txt": "hello from vm1", "vm1.bin": vm1.wrote_md5 or "?"}
     if chain:
         check_boot(boots["vm2"], root_image, vm1_files, scratch=False)
     check_boot(boots["vm3"], root_image, {})
+    # At least the first VM still had writing to do (its remount read-only flushes).
+    first = boots[children[0]]
+    assert (first.end_seconds or 0) > restarted[first.name], first.console
     times = {b.name: round(b.end_seconds or 0, 1) for b in [vm1, *boots.values()]}
     print(f"\n{design}: seconds from qemu start to the final marker: {times}")
 
