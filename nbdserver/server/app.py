@@ -206,7 +206,7 @@ class NbdServer:
         lost = [conn.lost.wait() for conn in list(self.connections)]
         if lost:
             try:
-                await asyncio.wait_for(asyncio.gather(*lost), LINGER_SECONDS + 1)
+                await asyncio.wait_for(asyncio.gather(*lost), max(grace, LINGER_SECONDS + 1))
             except TimeoutError:
                 log.warning("stop: %d connection(s) still open; exiting anyway",
                             len(self.connections))

@@ -23,12 +23,13 @@ such buffers are only recycled once the transport's write buffer is empty.
 DISC (or EOF, or server stop) stops taking requests; the connection closes once
 every request taken has been answered. Closing is graceful: the write side is
 shut (the client reads its last replies, then EOF), and whatever the client
-still sends is read and dropped until it closes its side or ``LINGER_SECONDS``
-pass. Closing a socket with unread input would make the kernel reset the
-connection, and a reset throws away replies still in the socket's send buffer.
-``lost`` is set once the socket is closed; the server waits for it before
-exiting, so that queued replies are not lost with the process. A protocol
-violation or handshake timeout closes at once.
+still sends is read and dropped until it closes its side, or until
+``LINGER_SECONDS`` pass without it taking any of the replies still queued.
+Closing a socket with unread input would make the kernel reset the connection,
+and a reset throws away replies still in the socket's send buffer. ``lost`` is
+set once the socket is closed; the server waits for it before exiting, so that
+queued replies are not lost with the process. A protocol violation or
+handshake timeout closes at once.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 256
 MAX_BYTES_IN_FLIGHT = 64 << 20  # READ/WRITE payload bytes; one request may go over
-LINGER_SECONDS = 5.0  # how long a closing connection waits for the client to close
+LINGER_SECONDS = 5.0  # how long a closing connection waits for a client making no progress
 
 
 class NbdConnection(asyncio.Protocol):
@@ -80,6 +81,7 @@ class NbdConnection(asyncio.Protocol):
         self._peer_eof = False
         self._lingering = False  # write side shut, waiting for the client to close
         self._linger_timer: asyncio.TimerHandle | None = None
+        self._linger_queued = 0  # bytes of replies still queued at the last linger check
         self.lost = asyncio.Event()  # set once the socket is closed
         self._held: list[ReadResult] = []
         self._handshake_timer: asyncio.TimerHandle | None = None
@@ -376,8 +378,21 @@ class NbdConnection(asyncio.Protocol):
         self._lingering = True
         transport.write_eof()  # after the queued replies
         self._update_reading()
+        self._linger_queued = transport.get_write_buffer_size()
         self._linger_timer = asyncio.get_running_loop().call_later(
-            LINGER_SECONDS, transport.abort)
+            LINGER_SECONDS, self._linger_expired)
+
+    def _linger_expired(self) -> None:
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        queued = transport.get_write_buffer_size()
+        if queued and queued < self._linger_queued:  # slow, but reading: wait on
+            self._linger_queued = queued
+            self._linger_timer = asyncio.get_running_loop().call_later(
+                LINGER_SECONDS, self._linger_expired)
+            return
+        transport.abort()
 
     def shutdown(self) -> None:
         """Server stop: read no more requests; close once in-flight ones are answered."""
