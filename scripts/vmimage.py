@@ -364,6 +364,15 @@ class RootImage:
     scratch_zeroed_md5: str  # after the init script zeroes SCRATCH_ZEROED of it
 
 
+def tool(name: str) -> str:
+    """The path of command `name`, also looking in /usr/sbin and /sbin (not on a normal
+    user's PATH on Debian, where mkfs.ext4, e2fsck and debugfs live)."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if found is None:
+        raise FileNotFoundError(f"no {name} (run scripts/install-deps)")
+    return found
+
+
 def find_busybox() -> Path:
     """A statically linked busybox (``busybox-static``)."""
     path = shutil.which("busybox")
@@ -387,7 +396,7 @@ def build_rootfs(image: Path, *, size: int = 64 * 1024 * 1024, golden_text: str 
     if not re.fullmatch(r"[A-Za-z0-9._-]+", golden_text):
         raise ValueError(f"golden text must be one word of [A-Za-z0-9._-]: {golden_text!r}")
     busybox = find_busybox()
-    mkfs = shutil.which("mkfs.ext4") or "/usr/sbin/mkfs.ext4"
+    mkfs = tool("mkfs.ext4")
     root = image.parent / f"{image.name}.root"
     if root.exists():
         shutil.rmtree(root)

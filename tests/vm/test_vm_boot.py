@@ -41,10 +41,10 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from subprocess import CompletedProcess
 from typing import Any
 
 import pytest
@@ -72,9 +72,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.vm]
 @pytest.fixture(scope="module")
 def boot_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, BootFiles]:
     """Both boot profiles of scripts/vmimage.py for the newest kernel in /boot."""
-    for tool in ("qemu-system-x86_64", "qemu-img", "mkfs.ext4", "debugfs", "e2fsck", "busybox"):
-        assert shutil.which(tool) or Path("/usr/sbin", tool).exists(), \
-            f"{tool} is missing: run scripts/install-deps"
+    for name in ("qemu-system-x86_64", "qemu-img", "mkfs.ext4", "debugfs", "e2fsck",
+                 "busybox"):
+        vmimage.tool(name)  # FileNotFoundError naming scripts/install-deps
     fast = vmimage.fast_boot(tmp_path_factory.mktemp("kernel"))
     assert fast.kernel.name.startswith("vmlinux-"), "the kernel did not unpack for a PVH boot"
     return {"debian": vmimage.debian_boot(), "fast": fast}
@@ -108,6 +108,14 @@ def check_boot(boot: Boot, root: RootImage, expect_saw: dict[str, str], *,
                                      f"--- console of {boot.name}", boot.console])
 
 
+def e2fsck(*args: str | Path) -> CompletedProcess[str]:
+    return run([vmimage.tool("e2fsck"), *args], check=False, timeout=60)
+
+
+def debugfs(request: str, image: Path) -> str:
+    return run([vmimage.tool("debugfs"), "-R", request, image], timeout=60).stdout
+
+
 def data_files(srv: NbdServerProcess, vol: str, workdir: Path, *,
                replay: bool = False) -> dict[str, str]:
     """Copy volume `vol` out over NBD, fsck it, and return /data's files: the text of
@@ -118,24 +126,23 @@ def data_files(srv: NbdServerProcess, vol: str, workdir: Path, *,
     copy = workdir / f"{vol}.copy"
     run(["qemu-img", "convert", "-f", "raw", "-O", "raw", srv.unix_uri(vol), copy], timeout=120)
     if replay:
-        fsck = run(["e2fsck", "-E", "journal_only", "-p", copy], check=False, timeout=60)
+        fsck = e2fsck("-E", "journal_only", "-p", copy)
         assert fsck.returncode in (0, 1), f"journal replay of {vol}:\n{fsck.stdout}{fsck.stderr}"
-    fsck = run(["e2fsck", "-fn", copy], check=False, timeout=60)
+    fsck = e2fsck("-fn", copy)
     lines = fsck.stdout.splitlines()
     problems = [lines[i - 1] for i, line in enumerate(lines) if line.startswith("Fix? no")]
     if replay:
         problems = [p for p in problems if not STALE_SUPER_COUNT.fullmatch(p)]
     assert not problems and fsck.returncode in ((0, 4) if replay else (0,)), \
         f"e2fsck of {vol}:\n{fsck.stdout}{fsck.stderr}"
-    listing = run(["debugfs", "-R", "ls -p /data", copy], timeout=60).stdout
+    listing = debugfs("ls -p /data", copy)
     out = {}
     for line in listing.splitlines():
         fields = line.strip("/").split("/")  # /inode/mode/uid/gid/name/size/
         if len(fields) >= 6 and fields[4] not in (".", "..", "lost+found"):
             name = fields[4]
             if name.endswith(".txt"):
-                out[name] = run(["debugfs", "-R", f"cat /data/{name}", copy],
-                                timeout=60).stdout.strip()
+                out[name] = debugfs(f"cat /data/{name}", copy).strip()
             else:
                 out[name] = fields[5]
     copy.unlink()
@@ -198,7 +205,7 @@ def test_vms_boot_from_forks_of_golden(design: str, boot_files: dict[str, BootFi
         assert refused.returncode == 1 and "error" in refused.stderr, refused.stderr
     srv.stop()
 
-    # 4. Boot vm2 and vm3 at once.
+    # 4. Boot vm2 and vm3 at once, restarting the server under them.
     children = ["vm2", "vm3"] if chain else ["vm3"]
     live_export = [("vm1-live", True)] if chain else []
     srv = serve(nbd_server_factory, pool, "children",
@@ -211,6 +218,7 @@ def test_vms_boot_from_forks_of_golden(design: str, boot_files: dict[str, BootFi
     srv.start()
     restarted = {v.boot.name: v.elapsed() for v in started}
     boots = {v.boot.name: v.wait(BOOT_TIMEOUT) for v in started}
+    # 5. What each VM saw.
     vm1_files = {"vm1.txt": "hello from vm1", "vm1.bin": vm1.wrote_md5 or "?"}
     if chain:
         check_boot(boots["vm2"], root_image, vm1_files, scratch=False)
@@ -221,7 +229,7 @@ def test_vms_boot_from_forks_of_golden(design: str, boot_files: dict[str, BootFi
     times = {b.name: round(b.end_seconds or 0, 1) for b in [vm1, *boots.values()]}
     print(f"\n{design}: seconds from qemu start to the final marker: {times}")
 
-    # 5. Golden is unchanged, and each volume holds only its own and its ancestors' files.
+    # 6. Golden is unchanged, and each volume holds only its own and its ancestors' files.
     run(["qemu-img", "compare", "-f", "raw", "-F", "raw", root_image.path,
          srv.unix_uri("golden")], timeout=120)
     size = str(2 * 1024 * 1024)
@@ -238,7 +246,7 @@ def test_vms_boot_from_forks_of_golden(design: str, boot_files: dict[str, BootFi
     assert report["ok"] and not report["problems"], report
     srv.stop()
 
-    # 6. The same offline, and the family tree.
+    # ... and the pool is clean offline too, with the expected family tree.
     report = cli("pool", "check", pool)
     assert report["ok"] and not report["problems"], report
     assert report["volumes"] == 2 + len(children) + len(live_export), report

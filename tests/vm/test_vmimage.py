@@ -73,22 +73,26 @@ def test_boot_problems_catches_a_crash_and_a_fork_that_sees_a_sibling() -> None:
     assert any("/scratch.bin" in p for p in problems), problems
 
 
+def debugfs(request: str, image: Path) -> str:
+    return run([vmimage.tool("debugfs"), "-R", request, image]).stdout
+
+
 def test_root_image_holds_busybox_init_and_golden(tmp_path: Path) -> None:
     root = vmimage.build_rootfs(tmp_path / "root.img", size=32 * 1024 * 1024,
                                 golden_text="golden-test")
     assert root.size == 32 * 1024 * 1024 and root.golden_text == "golden-test"
     assert root.scratch_md5 != root.scratch_zeroed_md5
-    run(["e2fsck", "-fn", root.path])
-    ls = run(["debugfs", "-R", "ls -p /", root.path]).stdout
+    run([vmimage.tool("e2fsck"), "-fn", root.path])
+    ls = debugfs("ls -p /", root.path)
     for name in ("bin", "sbin", "proc", "sys", "dev", "data", "golden.txt", "golden.bin",
                  "scratch.bin"):
         assert f"/{name}/" in ls, ls
-    assert run(["debugfs", "-R", "cat /golden.txt", root.path]).stdout == "golden-test\n"
-    init = run(["debugfs", "-R", "cat /sbin/init", root.path]).stdout
+    assert debugfs("cat /golden.txt", root.path) == "golden-test\n"
+    init = debugfs("cat /sbin/init", root.path)
     assert init == vmimage.INIT
-    stat = run(["debugfs", "-R", "stat /sbin/init", root.path]).stdout
+    stat = debugfs("stat /sbin/init", root.path)
     assert "Mode:  0755" in stat, stat
-    assert "/busybox/" in run(["debugfs", "-R", "ls -p /bin", root.path]).stdout
+    assert "/busybox/" in debugfs("ls -p /bin", root.path)
 
 
 def test_initramfs_is_a_cpio_with_init_console_and_modules(tmp_path: Path) -> None:
