@@ -483,3 +483,12 @@ async def test_export_name_with_spaces_and_unicode(nbd_server_factory: ServerFac
     s = raw_socket(srv.socket_path)
     assert raw_handshake(s, "").size == 1 * MiB
     s.close()
+
+
+def test_ipv6_tcp_listener(nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
+    srv = nbd_server_factory([file_export("disk", tmp_path / "d.img", "8M")],
+                             listen=[{"tcp": "[::1]:0"}])
+    uris = [line.strip() for line in srv.stdout.splitlines() if "nbd://" in line]
+    assert len(uris) == 1 and uris[0].startswith("nbd://[::1]:"), srv.stdout
+    assert run(["nbdinfo", "--size", uris[0]]).stdout.strip() == str(8 * MiB)
+    srv.stop()
