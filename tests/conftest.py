@@ -19,6 +19,12 @@ tracebacks are for bugs only (see :mod:`nbdserver.cli`).
 :func:`run` runs a command with a timeout and fails the test, showing the
 command's output, when it fails. :func:`nbd_python` runs a script under the
 system Python, which has libnbd's ``nbd`` module (``python3-libnbd``).
+
+``from conftest import X`` in any test module means this file. Test
+directories have no ``__init__.py``, so pytest imports every ``conftest.py``
+as the module ``conftest``, and ``sys.modules["conftest"]`` is whichever was
+imported last (say tests/protocol/conftest.py); :func:`pytest_collectstart`
+puts this module back there just before each test module is imported.
 """
 
 from __future__ import annotations
@@ -322,6 +328,15 @@ def serve_once(config_path: Path, *args: str, timeout: float = 20.0,
 
 
 # -- fixtures -------------------------------------------------------------------------------
+
+_THIS_MODULE = sys.modules[__name__]
+
+
+def pytest_collectstart(collector: pytest.Collector) -> None:
+    """Make ``from conftest import X`` in the module about to be imported mean this file."""
+    if isinstance(collector, pytest.Module):
+        sys.modules["conftest"] = _THIS_MODULE
+
 
 ServerFactory = Callable[..., NbdServerProcess]
 
