@@ -21,10 +21,15 @@ for writes). Two paths:
   snapshot and commits that before overwriting it. A ``Claim`` (the chunk is
   no longer shared) commits first if metadata is pending: the reference that
   another volume just dropped may still be on disk, and a write in place
-  would change what that volume reads after a crash.
+  would change what that volume reads after a crash. It then waits for every
+  read begun before the claim (``Pool.reads_drained``): one of the volumes
+  that shared the chunk may still be reading it.
 
 Every data transfer runs inside an I/O epoch (:mod:`nbdserver.pool.epochs`):
-a chunk freed meanwhile is not reused until the transfer has ended.
+a chunk freed meanwhile is not reused until the transfer has ended. Reads
+also run inside a read epoch (``Pool.read_epochs``), which claims wait for.
+TRIM and WRITE_ZEROES hold the chunk locks of the range while they unmap it,
+so a write never loses the chunk it resolved (and reads) to a racing trim.
 
 Snapshots and forks of an exported volume first *quiesce* it: new writes wait
 and in-flight ones finish, so the copy is a point in time and no write can
@@ -87,6 +92,7 @@ class VolumeBackend:
         self.engine = pool.engine
         self.buffers = pool.buffers
         self.epochs = pool.epochs
+        self.read_epochs = pool.read_epochs
         self.size = vol.size
         self.read_only = read_only or vol.read_only
         self.description = description
@@ -134,6 +140,7 @@ class VolumeBackend:
         pending = [1]  # the extra count is dropped after submitting
         failed: list[int] = []
         epoch = self.epochs.begin()
+        read_epoch = self.read_epochs.begin()
         buffers = self.buffers
 
         def complete(res: int, want: int = 0) -> None:
@@ -143,6 +150,7 @@ class VolumeBackend:
             if pending[0]:
                 return
             self.epochs.end(epoch)
+            self.read_epochs.end(read_epoch)
             if failed:
                 buffers.put(buf)
                 done(NbdError(failed[0], f"read at {offset}: error {failed[0]}"))
@@ -175,6 +183,7 @@ class VolumeBackend:
         lc = offset >> shift
         count = ((offset + length - 1) >> shift) - lc + 1
         epoch = self.epochs.begin()
+        read_epoch = self.read_epochs.begin()
         try:
             runs = await self.pool.cache.run(lambda: self.map.lookup(self.vol, lc, count))
             buf = self.buffers.get(length)
@@ -197,6 +206,7 @@ class VolumeBackend:
             return ReadResult(chunks, lambda: self.buffers.put(buf))
         finally:
             self.epochs.end(epoch)
+            self.read_epochs.end(read_epoch)
 
     async def _read_device(self, dest: AlignedBuffer, at: int, device_offset: int,
                            length: int) -> None:
@@ -312,11 +322,14 @@ class VolumeBackend:
         lc1 = ((end - 1) >> shift) + 1
         changed = False
         async with self._locks.hold(lc0, lc1):
-            targets, unshared = await pool.cache.run(lambda: self._resolve(lc0, lc1))
-            if unshared:
-                # A claimed chunk stopped being shared by a change not durable yet: on disk
-                # another volume still maps it, so commit before writing it in place.
-                await pool.commit()
+            targets, claimed, pending = await pool.cache.run(lambda: self._resolve(lc0, lc1))
+            if claimed:
+                if pending:
+                    # A claimed chunk stopped being shared by a change not durable yet: on
+                    # disk another volume still maps it, so commit before writing in place.
+                    await pool.commit()
+                # A volume that shared it may still be reading it (looked up before).
+                await pool.reads_drained()
             if any(isinstance(t, CopyOut) for t in targets):
                 for lc, t in zip(range(lc0, lc1), targets, strict=True):
                     if isinstance(t, CopyOut):
@@ -345,9 +358,10 @@ class VolumeBackend:
                 raise
         return changed
 
-    def _resolve(self, lc0: int, lc1: int) -> tuple[list[InPlace | Redirect | CopyOut], bool]:
-        """The write targets of chunks [lc0, lc1), claims made; and whether a claim relies
-        on metadata not durable yet."""
+    def _resolve(self, lc0: int,
+                 lc1: int) -> tuple[list[InPlace | Redirect | CopyOut], bool, bool]:
+        """The write targets of chunks [lc0, lc1), claims made; whether a chunk was
+        claimed, and whether metadata was pending before (the claim may rely on it)."""
         pending = self.pool.metadata_pending()  # before this operation changes anything
         claimed = False
         targets: list[InPlace | Redirect | CopyOut] = []
@@ -357,7 +371,7 @@ class VolumeBackend:
                 self.map.claim(self.vol, lc)
                 target, claimed = InPlace(target.pc), True
             targets.append(target)
-        return targets, claimed and pending
+        return targets, claimed, pending
 
     def _claim_for(self, lc0: int, targets: list[InPlace | Redirect | CopyOut]) -> dict[int, int]:
         """Claim a new chunk for every Redirect target, contiguous where possible (a
@@ -525,7 +539,8 @@ class VolumeBackend:
 
     async def _unmap(self, lc: int, count: int) -> None:
         while count > 0:
-            done, fill = await self.pool.run(partial(self.map.unmap, self.vol, lc, count))
+            async with self._locks.hold(lc, lc + count):  # no write of these chunks meanwhile
+                done, fill = await self.pool.run(partial(self.map.unmap, self.vol, lc, count))
             for flc, fcount in fill:
                 await self._write_chunks(flc * self.chunk, None, False, fcount * self.chunk)
             lc += done

@@ -128,6 +128,7 @@ class Pool:
                              "metadata page")
         self.state = PoolState()
         self.epochs = IoEpochs()
+        self.read_epochs = IoEpochs()  # reads only: what a claim of a shared chunk waits for
         self.volumes: dict[int, VolumeRecord] = {}
         self.map: BlockMap = design(sb.blockmap)(self)
         self.ring = journal.JournalRing(self.layout.journal_pages, sb.journal_tail,
@@ -382,6 +383,18 @@ class Pool:
 
     def commit_threshold(self) -> int:
         return max(16, min(self.cache.capacity // 2, (self.ring.ring_pages - 8) // 4))
+
+    async def reads_drained(self) -> None:
+        """Wait until every read begun before now has ended (reads never wait for writes,
+        so a write may wait for this while it holds its own chunk locks and epoch)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def drained() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        self.read_epochs.defer(drained)
+        await fut
 
     def metadata_pending(self) -> bool:
         """Whether a metadata change is not durable yet (dirty pages, or a commit under way)."""

@@ -24,6 +24,16 @@ def _load(name: str, path: Path) -> None:
 
 _load("poolkit", Path(__file__).with_name("poolkit.py"))
 
+import poolkit  # noqa: E402
 from poolkit import make_pool  # noqa: E402
 
 __all__ = ["make_pool"]
+
+
+def pytest_configure(config: object) -> None:
+    poolkit.remember_config(config)
+
+
+def __getattr__(name: str) -> object:
+    """`from conftest import X` elsewhere means tests/conftest.py: see poolkit's note."""
+    return poolkit.root_conftest_attr(name)

@@ -333,3 +333,79 @@ async def make_pool(tmp_path: Path) -> AsyncIterator[PoolFactory]:
     yield make
     for env in envs:
         await env.shutdown()
+
+
+class HoldingEngine:
+    """An I/O engine wrapper that can hold back reads of a device range (timing faults).
+
+    ``hold(start, end)`` makes every later read overlapping [start, end) wait, not
+    issued to the device, until ``release()``: the read then really happens, late,
+    as a slow device (or the kernel's reordering) may do. Everything else goes
+    straight to the real engine. Install with ``pool.engine = HoldingEngine(...)``
+    before making the backends (they keep the pool's engine).
+    """
+
+    def __init__(self, engine: IoEngine) -> None:
+        self._engine = engine
+        self._range: tuple[int, int] | None = None
+        self.held: list[tuple[Any, ...]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def hold(self, start: int, end: int) -> None:
+        self._range = (start, end)
+
+    def read(self, fd: int, buf: Any, buf_offset: int, length: int, offset: int,
+             callback: Callable[[int], None]) -> None:
+        rng = self._range
+        if rng is not None and offset < rng[1] and rng[0] < offset + length:
+            self.held.append((fd, buf, buf_offset, length, offset, callback))
+            return
+        self._engine.read(fd, buf, buf_offset, length, offset, callback)
+
+    async def aread(self, fd: int, buf: Any, buf_offset: int, length: int, offset: int) -> int:
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.read(fd, buf, buf_offset, length, offset,
+                  lambda res: fut.done() or fut.set_result(res))  # type: ignore[func-returns-value]
+        self._engine.kick()
+        res = await fut
+        if res < 0:
+            raise OSError(-res, f"read at {offset}")
+        return res
+
+    def release(self) -> None:
+        self._range = None
+        held, self.held = self.held, []
+        for args in held:
+            self._engine.read(*args)
+        self._engine.kick()
+
+
+# -- living with `from conftest import ...` -------------------------------------------------
+#
+# Test directories have no __init__.py, so pytest imports every conftest.py as the module
+# "conftest", and a test elsewhere that does `from conftest import X` (meaning
+# tests/conftest.py) gets whichever conftest was imported last. The conftest files of
+# tests/pool and tests/blockmap hand such lookups on to tests/conftest.py (PEP 562
+# module __getattr__), so that they break no other directory's tests.
+
+ROOT_CONFTEST = Path(__file__).resolve().parent.parent / "conftest.py"
+_config: Any = None
+
+
+def remember_config(config: Any) -> None:
+    global _config
+    _config = config
+
+
+def root_conftest_attr(name: str) -> Any:
+    """`name` from tests/conftest.py (the module pytest loaded), for a sub-conftest's
+    module ``__getattr__``."""
+    if name.startswith(("pytest_", "__")) or _config is None:
+        raise AttributeError(name)
+    for plugin in _config.pluginmanager.get_plugins():
+        path = getattr(plugin, "__file__", None)
+        if isinstance(path, str) and Path(path).resolve() == ROOT_CONFTEST:
+            return getattr(plugin, name)
+    raise AttributeError(name)
