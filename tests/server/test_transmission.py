@@ -284,15 +284,13 @@ def test_client_that_never_reads_replies_keeps_memory_bounded(
     srv.assert_alive()
 
 
-async def test_slow_reader_gets_every_reply(nbd_server: NbdServerProcess) -> None:
-    """Flow control pauses and resumes: a client that reads its replies slowly still
-    gets all of them, correct, for far more data than the server will buffer."""
+async def test_pipeline_larger_than_the_in_flight_limits(nbd_server: NbdServerProcess) -> None:
+    """Flow control pauses and resumes: 80 pipelined reads of 4 MiB (320 MiB of replies,
+    five times what the server takes in flight at once) are all answered, correctly."""
     client = await connect(nbd_server.socket_path, "disk")
     try:
         data = pattern(4 * MiB, seed=5)
         await client.write(0, data)
-        # 80 reads of 4 MiB = 320 MiB of replies; the client's reader is throttled by
-        # reading in small pieces through a transport with a small limit.
         futs = [client.submit(c.CMD_READ, 0, 4 * MiB) for _ in range(80)]
         await client.drain()
         for fut in asyncio.as_completed(futs, timeout=120):
