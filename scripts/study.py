@@ -252,6 +252,11 @@ class Workspace:
         Pool.create(pool, size, blockmap=design)  # what `nbdserver pool create` does
         return pool
 
+    def create_volume(self, pool: Path, name: str, size: int) -> float:
+        """`nbdserver volume create` (offline: creating a thick linear volume in a running
+        server is much slower, see the report); returns the seconds it took."""
+        return timed_cli("volume", "create", str(pool), name, "--size", size_arg(size))[1]
+
     def serve(self, tag: str, pool: Path, exports: list[tuple[str, dict[str, Any] | None]]
               ) -> Server:
         """Serve `exports` (volume name, create spec or None) of `pool` (export = volume)."""
@@ -415,7 +420,8 @@ class Study:
     def _snapshot_point(self, design: str, n: int) -> dict[str, Any]:
         p, ws = self.p, self.ws
         pool = ws.create_pool(f"snap-{design}-{n}", design, p.pool_size)
-        srv = ws.serve(f"snap-{design}-{n}", pool, [("o", {"size": p.region})])
+        ws.create_volume(pool, "o", p.region)
+        srv = ws.serve(f"snap-{design}-{n}", pool, [("o", None)])
         try:
             prefill(srv, "o", p.region)
             snap_s = []
@@ -501,7 +507,8 @@ class Study:
                 ws.stop(srv)
             return {"design": design, "files": [img]}
         pool = ws.create_pool(f"chain-{design}", design, p.pool_size)
-        srv = ws.serve(f"chain-{design}", pool, [("d0", {"size": p.region})])
+        ws.create_volume(pool, "d0", p.region)
+        srv = ws.serve(f"chain-{design}", pool, [("d0", None)])
         st = {"design": design, "pool": pool, "files": [pool]}
         try:
             prefill(srv, "d0", p.region)
@@ -619,7 +626,8 @@ class Study:
     def _locality_setup(self, design: str) -> dict[str, Any]:
         p, ws = self.p, self.ws
         pool = ws.create_pool(f"loc-{design}", design, p.pool_size)
-        srv = ws.serve(f"loc-{design}", pool, [("base", {"size": p.region})])
+        ws.create_volume(pool, "base", p.region)
+        srv = ws.serve(f"loc-{design}", pool, [("base", None)])
         try:
             m0 = srv.control("pool.info")[0]["metadata_used_bytes"]
             prefill(srv, "base", p.region)
@@ -737,8 +745,7 @@ class Study:
         pool = ws.create_pool(f"create-{design}", design, pool_size)
         create_s: dict[int, float] = {}
         for s in sizes:
-            _, create_s[s] = timed_cli("volume", "create", str(pool), f"v{size_arg(s)}",
-                                       "--size", size_arg(s))
+            create_s[s] = ws.create_volume(pool, f"v{size_arg(s)}", s)
             log(f"  {design:7} created a {human(s)} volume in {create_s[s]:.1f}s (CLI)")
         srv = ws.serve(f"create-{design}", pool, [(f"v{size_arg(s)}", None) for s in sizes])
         for s in sizes:
