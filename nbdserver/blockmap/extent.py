@@ -351,9 +351,12 @@ class ExtentMap(BlockMap):
 
     def _ideal(self, root: int, height: int, lc: int,
                vol_id: int) -> tuple[int | None, int, bool]:
-        """Where `lc` belongs next to its logical neighbours (None if it has none near); how
-        many chunks lie between it and the end of the extent before it; and whether that
-        neighbour was written by this volume (a stream it is extending)."""
+        """Where `lc` belongs next to the nearer of its logical neighbours within reach
+        (None if none is): the chunk that keeps the logical distance to it; how many chunks
+        lie between `lc` and the end of the extent before it (0 when following the one
+        after); and whether that neighbour was written by this volume (a stream)."""
+        best: tuple[int | None, int, bool] = (None, 0, False)
+        distance = self.reach
         if lc > 0:
             node, _, _ = self._leaf_for(root, height, lc - 1)
             q = _leaf_view(node)
@@ -361,16 +364,18 @@ class ExtentMap(BlockMap):
             if i >= 0:
                 start, pc, w = q[3 * i:3 * i + 3]
                 end = start + (w & LEN_MASK)
-                if lc - end < self.reach:
-                    return int(pc + lc - start), max(0, lc - end), w >> 32 == vol_id
-        node, _, _ = self._leaf_for(root, height, lc + 1)
-        q = _leaf_view(node)
-        i = bisect_right(q[0::3], lc)
-        if i < len(q) // 3:
-            start, pc, w = q[3 * i:3 * i + 3]
-            if start - lc <= self.reach and pc >= start - lc:
-                return int(pc - (start - lc)), 0, w >> 32 == vol_id
-        return None, 0, False
+                if lc - end < distance:
+                    best = int(pc + lc - start), max(0, lc - end), w >> 32 == vol_id
+                    distance = lc - end
+        if distance:
+            node, _, _ = self._leaf_for(root, height, lc + 1)
+            q = _leaf_view(node)
+            i = bisect_right(q[0::3], lc)
+            if i < len(q) // 3:
+                start, pc, w = q[3 * i:3 * i + 3]
+                if start - lc - 1 < distance and pc >= start - lc:
+                    best = int(pc - (start - lc)), 0, w >> 32 == vol_id
+        return best
 
     # -- changing the tree -------------------------------------------------------------------
 
@@ -547,8 +552,7 @@ class ExtentMap(BlockMap):
             return None
         self._work = 0
         entries, stop = self._unmap(root, height - 1, 0, INF, lo, hi, budget)
-        if entries != [(0, root)]:
-            self._set_root(vol, entries, height)
+        self._set_root(vol, entries, height)  # also when the root lost all but one child
         return stop
 
     def _unmap(self, idx: int, level: int, lo: int, hi: int, ulo: int, uhi: int,
