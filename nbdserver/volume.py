@@ -336,6 +336,12 @@ class VolumeBackend:
                         for vid in t.preserve:
                             await self._preserve(vid, lc)
                 await pool.commit()  # the copies are durable before the origin chunks change
+                # The snapshots no longer read these chunks: claim them, and wait for their
+                # reads of them begun before, as after a Claim.
+                copied = [lc for lc, t in zip(range(lc0, lc1), targets, strict=True)
+                          if isinstance(t, CopyOut)]
+                await pool.cache.run(lambda: [self.map.claim(self.vol, lc) for lc in copied])
+                await pool.reads_drained()
                 changed = True
                 targets = [InPlace(t.pc) if isinstance(t, CopyOut) else t for t in targets]
             fresh = await pool.cache.run(lambda: self._claim_for(lc0, targets))

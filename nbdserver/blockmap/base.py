@@ -77,8 +77,9 @@ class Redirect:
 @dataclass(frozen=True, slots=True)
 class CopyOut:
     """LVM-style: first preserve chunk `pc` for each volume in `preserve` (copy it to
-    a fresh chunk and :meth:`BlockMap.map` that into the volume, then commit), then
-    write in place into `pc`."""
+    a fresh chunk and :meth:`BlockMap.map` that into the volume), commit, then
+    :meth:`BlockMap.claim` `pc` and wait for the reads begun before (those volumes may
+    still be reading it), then write in place into `pc`."""
 
     pc: int
     preserve: tuple[int, ...]
@@ -148,7 +149,8 @@ class BlockMap(ABC):
         """What a write to chunk `lc` must do (a pure query)."""
 
     def claim(self, vol: VolumeRecord, lc: int) -> None:
-        """Mark the path to `lc` exclusively owned (after write_target said Claim)."""
+        """Mark the path to `lc` exclusively owned (after write_target said Claim, or once
+        the copies of a CopyOut are durable)."""
         raise NotImplementedError
 
     @abstractmethod
