@@ -139,8 +139,6 @@ async def test_reads_racing_copy_on_write(make_pool: PoolFactory, design: str, c
 # answering Claim (so the volume layer cannot wait for the reads begun before): reported.
 UNSHARE_RACE = {
     "extent": "extent answers InPlace (not Claim) for a chunk whose sharing just ended",
-    "linear": "linear writes an origin chunk in place once every snapshot has an exception, "
-              "while a snapshot read of the origin chunk may still be in flight",
 }
 
 

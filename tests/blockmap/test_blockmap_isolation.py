@@ -256,8 +256,6 @@ async def test_never_written_chunks_of_a_recycled_pool_read_zero(make_pool: Pool
 CRASH_UNSHARE = {
     "extent": "extent writes in place a chunk whose sharing ended by a change not yet "
               "durable (no Claim step to commit first)",
-    "linear": "linear overwrites an origin chunk in place once the fork's exception exists, "
-              "before that exception is durable",
 }
 
 

@@ -19,7 +19,7 @@ import pytest
 from poolkit import PoolEnv, PoolFactory, pattern
 
 from nbdserver.backend.base import ALLOCATION_DEPTH, BASE_ALLOCATION, STATE_HOLE, STATE_ZERO
-from nbdserver.blockmap.base import HOLE, CopyOut, InPlace, Redirect
+from nbdserver.blockmap.base import HOLE, Claim, CopyOut, InPlace, Redirect
 from nbdserver.blockmap.linear import LinearMap
 from nbdserver.errors import UserError
 
@@ -95,20 +95,41 @@ async def test_origin_write_copies_into_every_snapshot(make_pool: PoolFactory,
     await env.assert_clean()
 
 
-async def test_unwritten_origin_chunk_copies_nothing(make_pool: PoolFactory) -> None:
-    env = await linear_pool(make_pool)
+@pytest.mark.parametrize("offline", [True, False])
+async def test_unwritten_origin_chunk_copies_nothing(make_pool: PoolFactory,
+                                                     offline: bool) -> None:
+    env = await linear_pool(make_pool, offline=offline)
     origin = await env.create("o", 16 * CHUNK)
     await origin.write(0, pattern(1, CHUNK))
-    snap = await env.snapshot("o", "s")
-    base = used(env)
+    snaps = [await env.snapshot("o", f"s{i}") for i in range(4)]
+    base, pages = used(env), env.pool.meta.used
     await origin.write(8 * CHUNK + 7, b"late")  # chunk 8 was never written
-    assert used(env) == base, "the snapshot gets a zero exception, not a copy"
-    assert await snap.read_all() == pattern(1, CHUNK) + bytes(15 * CHUNK)
+    await origin.write(10 * CHUNK, pattern(2, 3 * CHUNK))  # nor 10..12
+    assert used(env) == base, "a first write copies nothing"
+    for i in range(4):
+        stats = await env.pool.volume_stats(env.pool.volume(f"s{i}"))
+        assert stats.metadata_pages == 0, "and touches no snapshot"
+    assert env.pool.meta.used == pages  # the origin's one write-epoch leaf holds it all
+    for snap in snaps:
+        assert await snap.read_all() == pattern(1, CHUNK) + bytes(15 * CHUNK)
     got = await origin.read(8 * CHUNK, CHUNK)
     assert got == bytes(7) + b"late" + bytes(CHUNK - 11)
-    depth = await snap.block_status(0, snap.size, ALLOCATION_DEPTH)
+    depth = await snaps[0].block_status(0, snaps[0].size, ALLOCATION_DEPTH)
     assert depth == [(CHUNK, 2), (15 * CHUNK, 0)], "origin data shows as depth 2"
-    await snap.flush()
+
+    # a snapshot taken after the first write of chunk 8 needs the copy; older ones do not
+    late = await env.snapshot("o", "late")
+    rec = env.pool.volume("o")
+    target = await env.pool.cache.run(lambda: env.pool.map.write_target(rec, 8))
+    assert target == CopyOut(target.pc, (env.pool.volume("late").id,))
+    await origin.write(8 * CHUNK, pattern(3, CHUNK))
+    assert used(env) == base + 1
+    assert await late.read(8 * CHUNK, CHUNK) == got
+    for snap in snaps:
+        assert await snap.read(8 * CHUNK, CHUNK) == bytes(CHUNK)
+    await env.reopen()
+    assert await env.vol("late").read(8 * CHUNK, CHUNK) == got
+    assert await env.vol("s0").read_all() == pattern(1, CHUNK) + bytes(15 * CHUNK)
     await env.assert_clean()
 
 
@@ -311,7 +332,7 @@ async def test_trim(make_pool: PoolFactory) -> None:
 
 
 async def test_fragmented_origin_uses_segments(make_pool: PoolFactory) -> None:
-    env = await linear_pool(make_pool)
+    env = await linear_pool(make_pool, map_params=(0, 0, 0, 16))  # the volume fills the pool
     free = env.pool.available_chunks()
     pieces = 6
     n = free // (2 * pieces)
@@ -340,7 +361,7 @@ async def test_fragmented_origin_uses_segments(make_pool: PoolFactory) -> None:
 
 
 async def test_too_fragmented_refused(make_pool: PoolFactory) -> None:
-    env = await linear_pool(make_pool)  # small parameters: at most 16 segments
+    env = await linear_pool(make_pool, map_params=(0, 0, 0, 16))  # at most 16 segments
     for i in range(34):
         await env.create(f"v{i}", CHUNK)
     await env.create("rest", env.pool.available_chunks() * CHUNK)
@@ -378,4 +399,38 @@ async def test_copy_out_races_with_snapshot_writes(make_pool: PoolFactory) -> No
     await asyncio.gather(*writes)
     assert await origin.read_all() == want_o
     assert await fork.read_all() == want_f
+    await env.assert_clean()
+
+
+@pytest.mark.parametrize("how", ["trim", "write"])
+async def test_crash_after_unflushed_unshare_by_the_fork(make_pool: PoolFactory,
+                                                         how: str) -> None:
+    """The fork stops reading origin chunk 0 (a trim or its own write), not flushed; the
+    origin then rewrites the chunk. After a crash the fork may have lost its change, so
+    the origin must have made it durable (Claim) before writing in place."""
+    env = await linear_pool(make_pool)
+    origin = await env.create("o", 8 * CHUNK)
+    await origin.write(0, pattern(1, 8 * CHUNK))
+    fork = await env.fork("o", "f")
+    await env.pool.commit()
+    if how == "trim":
+        await fork.trim(0, CHUNK)
+    else:
+        await fork.write(100, b"mine")
+    rec = env.pool.volume("o")
+    target = await env.pool.cache.run(lambda: env.pool.map.write_target(rec, 0))
+    assert isinstance(target, Claim)
+    await origin.write(0, pattern(3, CHUNK))
+    target = await env.pool.cache.run(lambda: env.pool.map.write_target(rec, 0))
+    assert isinstance(target, InPlace), "claimed once, then in place"
+    for name in list(env.vols):
+        await env.release(name)
+    await env.pool._home_done.wait()
+    env.pool.abandon()  # kill -9
+    await env.open()
+    got = await env.vol("f").read(0, CHUNK)
+    mine = bytearray(pattern(1, CHUNK))
+    mine[100:104] = b"mine"
+    assert got in (bytes(CHUNK) if how == "trim" else bytes(mine), pattern(1, CHUNK))
+    assert await env.vol("o").read(0, CHUNK) in (pattern(3, CHUNK), pattern(1, CHUNK))
     await env.assert_clean()
