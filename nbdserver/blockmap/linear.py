@@ -311,6 +311,11 @@ class LinearMap(BlockMap):
                 f"cannot create {vol.name!r}: the pool's free space is too fragmented for a "
                 f"thick volume of {n * self.chunk_size} bytes (it would take more than "
                 f"{self.max_segments} separate runs)")
+        # Load every refcount page first: a page missing half way through would roll back
+        # (and redo) all the counting before it, once per page (quadratic online).
+        for pc, count in runs:
+            for pi in range(pc // REFS_PER_PAGE, (pc + count - 1) // REFS_PER_PAGE + 1):
+                self.cache.get(self.data.first_page + pi)
         for pc, count in runs:
             self.data.incref_run(pc, count)
         if len(runs) == 1:
