@@ -546,7 +546,7 @@ class VolumeBackend:
     async def _unmap(self, lc: int, count: int) -> None:
         while count > 0:
             async with self._locks.hold(lc, lc + count):  # no write of these chunks meanwhile
-                done, fill = await self.pool.run(partial(self.map.unmap, self.vol, lc, count))
+                done, fill = await self.pool.run(partial(self.pool.unmap, self.vol, lc, count))
             for flc, fcount in fill:
                 await self._write_chunks(flc * self.chunk, None, False, fcount * self.chunk)
             lc += done

@@ -357,6 +357,21 @@ class Pool:
             self.update_volume(vol, reserved=vol.reserved - 1)
             self.update_state(data_reserved=self.state.data_reserved - 1)
 
+    def unmap(self, vol: VolumeRecord, lc: int,
+              count: int) -> tuple[int, list[tuple[int, int]]]:
+        """:meth:`BlockMap.unmap` (inside the mini-transaction), keeping a guarantee whole:
+        each chunk the volume alone held and now frees must be promised to it again, or a
+        thin volume could take it and the next write there would fail for lack of space."""
+        used = self.data.used
+        result = self.map.unmap(vol, lc, count)
+        freed = used - self.data.used
+        if vol.guaranteed and freed > 0:
+            again = min(freed, self._chunks_for(vol.size) - vol.reserved)
+            if again > 0:
+                self.update_volume(vol, reserved=vol.reserved + again)
+                self.update_state(data_reserved=self.state.data_reserved + again)
+        return result
+
     def _chunks_for(self, size: int) -> int:
         return -(-size // self.chunk_size)
 

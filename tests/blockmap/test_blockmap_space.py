@@ -1,0 +1,151 @@
+"""Thin provisioning and guarantees, for every design.
+
+- A thin volume that fills the pool gets ENOSPC (errno 28) on the write that
+  finds no chunk, and nothing else suffers: its earlier data, other volumes'
+  data and the pool check stay fine; freeing space makes writes work again.
+  (Thick designs have no thin origins: there a fork's copies fill the pool.)
+- ``guarantee`` creation fails with a clear UserError when the pool cannot
+  promise the space, and changes nothing.
+- A guaranteed volume keeps writing, also after trimming and rewriting, while a
+  thin volume exhausts the rest of the pool.
+"""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+
+import pytest
+from poolkit import MiB, PoolEnv, PoolFactory, Vol, design_names, pattern
+
+from nbdserver.errors import NbdError, UserError
+
+
+async def thin_hog(env: PoolEnv, name: str, chunks: int) -> Vol:
+    """A writable volume whose writes take new chunks from the pool, `chunks` of them at
+    most: a thin volume, or (thick designs) a fork of an origin that takes a copy."""
+    size = chunks * env.chunk_size
+    try:
+        return await env.create(name, size)
+    except UserError:
+        origin = min(chunks, env.pool.available_chunks() * 2 // 3) * env.chunk_size
+        await env.create(f"{name}-origin", origin)
+        return await env.fork(f"{name}-origin", name)
+
+
+async def fill(vol: Vol, chunk: int, start: int = 0) -> int:
+    """Write whole chunks from `start` until ENOSPC; returns the chunk that failed."""
+    lc = start
+    while True:
+        try:
+            await vol.write(lc * chunk, pattern(lc, chunk))
+        except NbdError as e:
+            assert e.errno == errno.ENOSPC, e
+            return lc
+        lc += 1
+        assert lc * chunk < vol.size, "the volume ended before the pool filled"
+
+
+@pytest.mark.parametrize("design", design_names())
+async def test_thin_volume_fills_the_pool(make_pool: PoolFactory, design: str) -> None:
+    env = await make_pool(design, size=6 * MiB, small=False)
+    pool = env.pool
+    chunk = env.chunk_size
+    other = await env.create("other", 16 * chunk)
+    await other.write(0, pattern(7, 16 * chunk))
+    hog = await thin_hog(env, "hog", 4 * pool.layout.data_chunks)
+    failed = await fill(hog, chunk)
+    assert failed > 0
+    with pytest.raises(NbdError) as e:
+        await hog.write(failed * chunk + 100, b"x" * 100)  # a partial write needs a copy too
+    assert e.value.errno == errno.ENOSPC
+    before = await hog.read(0, failed * chunk)
+    # Nothing of the failed writes is visible; everything before is intact.
+    assert await hog.read(failed * chunk, chunk) == bytes(chunk)
+    for lc in range(failed):
+        if before[lc * chunk:(lc + 1) * chunk] != pattern(lc, chunk):
+            pytest.fail(f"chunk {lc} of the thin volume changed")
+    assert await other.read_all() == pattern(7, 16 * chunk)
+    await env.assert_clean()
+    # Free some space: writes work again once the free is durable.
+    await hog.trim(0, 8 * chunk)
+    await hog.flush()
+    await hog.write(failed * chunk, pattern(failed, chunk))
+    assert await hog.read(failed * chunk, chunk) == pattern(failed, chunk)
+    await env.reopen()
+    assert await env.vol("other").read_all() == pattern(7, 16 * chunk)
+    await env.assert_clean()
+
+
+@pytest.mark.parametrize("design", design_names())
+async def test_guarantee_refused_when_the_pool_cannot_promise(make_pool: PoolFactory,
+                                                              design: str) -> None:
+    env = await make_pool(design, size=6 * MiB, small=False)
+    pool = env.pool
+    chunk = env.chunk_size
+    avail = pool.available_chunks()
+    reserved = pool.state.data_reserved
+    with pytest.raises(UserError) as e:
+        await env.create("big", (avail + 1) * chunk, guarantee=True)
+    assert "big" in str(e.value) and ("guarantee" in str(e.value) or "free" in str(e.value))
+    assert "big" not in env.names()
+    assert pool.state.data_reserved == reserved and pool.available_chunks() == avail
+    g = await env.create("g", (avail // 2) * chunk, guarantee=True)
+    assert pool.available_chunks() <= avail - avail // 2
+    with pytest.raises(UserError):
+        await env.create("g2", (avail // 2 + 2) * chunk, guarantee=True)
+    await g.write(0, pattern(1, chunk))
+    await env.assert_clean()
+    # The same through the CLI: a message for people, no traceback, a failing exit status.
+    await env.close()
+    proc = subprocess.run([sys.executable, "-m", "nbdserver", "volume", "create", str(env.path),
+                           "huge", "--size", str(avail * chunk), "--guarantee"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "huge" in proc.stderr and "Traceback" not in proc.stderr
+    await env.open()
+    assert "huge" not in env.names()
+
+
+@pytest.mark.parametrize("design", design_names())
+async def test_guaranteed_volume_keeps_writing_while_thin_one_fills_pool(
+        make_pool: PoolFactory, design: str) -> None:
+    env = await make_pool(design, size=6 * MiB, small=False)
+    pool = env.pool
+    chunk = env.chunk_size
+    n = 48
+    g = await env.create("g", n * chunk, guarantee=True)
+    model = bytearray(n * chunk)
+    await g.write(0, pattern(1, (n // 2) * chunk))
+    model[:(n // 2) * chunk] = pattern(1, (n // 2) * chunk)
+    hog = await thin_hog(env, "hog", 4 * pool.layout.data_chunks)
+    await fill(hog, chunk)
+    # The rest of the guaranteed volume, and a rewrite of all of it (partial and whole).
+    await g.write((n // 2) * chunk, pattern(2, (n // 2) * chunk))
+    model[(n // 2) * chunk:] = pattern(2, (n // 2) * chunk)
+    for lc in range(0, n, 3):
+        await g.write(lc * chunk + 10, b"\x42" * 20)
+        model[lc * chunk + 10:lc * chunk + 30] = b"\x42" * 20
+    assert await g.read_all() == model
+    # Trim part of it, let the thin volume take what it can, and write it again.
+    await g.trim(0, 16 * chunk)
+    model[:16 * chunk] = bytes(16 * chunk)
+    await g.flush()
+    await fill(hog, chunk, start=(await _first_hole(hog, chunk)))
+    await g.write(0, pattern(3, 16 * chunk))
+    model[:16 * chunk] = pattern(3, 16 * chunk)
+    await g.write(5 * chunk + 7, b"\x99" * 9)
+    model[5 * chunk + 7:5 * chunk + 16] = b"\x99" * 9
+    assert await g.read_all() == model
+    await env.reopen()
+    assert await env.vol("g").read_all() == model
+    await env.assert_clean()
+
+
+async def _first_hole(vol: Vol, chunk: int) -> int:
+    data = await vol.read_all()
+    for lc in range(vol.size // chunk):
+        if not any(data[lc * chunk:(lc + 1) * chunk]):
+            return lc
+    return vol.size // chunk
