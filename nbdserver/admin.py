@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from typing import Any
 
 from nbdserver.errors import UserError
@@ -30,8 +31,11 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def run_pool_op(pool_path: str, op: str, args: dict[str, Any]) -> Any:
-    """Run `op` on the pool at `pool_path`: directly, or through its server if it is open."""
+def run_pool_op(pool_path: str, op: str, args: dict[str, Any],
+                local: dict[str, Any] | None = None) -> Any:
+    """Run `op` on the pool at `pool_path`: directly, or through its server if it is open.
+    `local` arguments override `args` when the pool is opened here (a progress callback,
+    say), and are not sent to a server."""
     import uvloop
 
     from nbdserver.pool.pool import PoolBusy
@@ -47,7 +51,7 @@ def run_pool_op(pool_path: str, op: str, args: dict[str, Any]) -> Any:
         try:
             pool = await Pool.open(pool_path, engine, buffers, offline=True)
             try:
-                return await run_op(pool, op, args)
+                return await run_op(pool, op, {**args, **(local or {})})
             finally:
                 await pool.close()
         finally:
@@ -210,6 +214,79 @@ def cmd_volume_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _Progress:
+    """Progress of a long operation on stderr: after the first second, once a second."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.began = time.monotonic()
+        self.last = self.began
+        self.shown = False
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int, moved: int) -> None:
+        now = time.monotonic()
+        if now - self.last < 1.0 or (not self.shown and done >= total):
+            return
+        self.last = now
+        self.shown = True
+        pct = 100.0 * done / total if total else 100.0
+        line = (f"{self.what}: {pct:5.1f}% ({format_size(done)} of {format_size(total)} "
+                f"scanned, {format_size(moved)} moved)")
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n",
+              file=sys.stderr, flush=True)
+
+    def finish(self) -> None:
+        if self.shown and self.tty:
+            print(file=sys.stderr)
+
+
+DEFRAG_SLICE = 1 << 30  # bytes per call to a running server (progress between calls)
+
+
+def cmd_volume_defrag(args: argparse.Namespace) -> int:
+    """Offline: one call, with progress. Online: slices of DEFRAG_SLICE, progress between."""
+    progress = _Progress(f"defrag {args.name}")
+    start = moved = 0
+    total: dict[str, Any] = {}
+    try:
+        while True:
+            result = run_pool_op(
+                args.pool, "volume.defrag",
+                {"name": args.name, "start": start, "limit": DEFRAG_SLICE},
+                local={"limit": None,
+                       "progress": lambda done, size, now, base=moved: progress(done, size,
+                                                                                 base + now)})
+            moved += result["moved_bytes"]
+            if not total:
+                total = dict(result)
+            else:
+                for key in ("scanned_bytes", "moved_bytes", "shared_bytes", "no_space_bytes"):
+                    total[key] += result[key]
+                total["seconds"] = round(total["seconds"] + result["seconds"], 3)
+                total.update({k: v for k, v in result.items() if k in ("done", "after")})
+            if result["done"]:
+                break
+            start = result["next"]
+            progress(start, result["size"], moved)
+    finally:
+        progress.finish()
+    total.pop("next", None)
+    if args.json:
+        _print_json(total)
+        return EXIT_OK
+    before, after = total.get("before", {}), total.get("after", {})
+    print(f"defragmented volume {args.name!r}: {before.get('extents', '?')} -> "
+          f"{after.get('extents', '?')} extents ({before.get('extents_per_gib', '?')} -> "
+          f"{after.get('extents_per_gib', '?')} per GiB); moved "
+          f"{format_size(total['moved_bytes'])}, left {format_size(total['shared_bytes'])} "
+          "shared in place")
+    if total["no_space_bytes"]:
+        print(f"warning: {format_size(total['no_space_bytes'])} could not be moved for lack "
+              "of free space", file=sys.stderr)
+    return EXIT_OK
+
+
 # -- argument parsing -------------------------------------------------------------------------
 
 
@@ -296,6 +373,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     common(p)
     p.add_argument("name", metavar="NAME")
     p.set_defaults(handler=cmd_volume_info)
+
+    p = vsub.add_parser("defrag", help="make a volume's own data physically contiguous",
+                        description="Rewrite the chunks only this volume references so that "
+                                    "each logical run of them is physically contiguous "
+                                    "(shared chunks stay where they are). Safe while the "
+                                    "volume is exported: concurrent writes are held for the "
+                                    "moment each batch is switched over. Reports extents per "
+                                    "GiB before and after; progress goes to stderr.")
+    common(p, "print a JSON object (before, after, moved_bytes, shared_bytes, ...)")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(handler=cmd_volume_defrag)
 
 
 if __name__ == "__main__":

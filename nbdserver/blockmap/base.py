@@ -168,6 +168,12 @@ class BlockMap(ABC):
         """Where a new chunk for `lc` would best go (the extent design keeps locality)."""
         return None
 
+    def can_relocate(self, vol: VolumeRecord) -> bool:
+        """Whether :meth:`map` may point a chunk the volume owns (``InPlace``) at a fresh
+        copy, freeing the old one (``volume defrag`` does). False where the layout is
+        fixed (an arithmetic map, like a thick LVM origin)."""
+        return True
+
     # -- inspection -----------------------------------------------------------------------
 
     @abstractmethod

@@ -65,6 +65,18 @@ async def volume_info(pool: Pool, args: dict[str, Any]) -> Any:
     return await pool.volume_info(pool.volume(args["name"]))
 
 
+async def volume_defrag(pool: Pool, args: dict[str, Any]) -> Any:
+    """Make the volume's own chunks contiguous; `start`/`limit` (logical chunks) run a slice.
+    An in-process caller may pass a `progress` callable (never over the socket: JSON)."""
+    from nbdserver.defrag import defrag_volume
+
+    progress = args.get("progress")
+    limit = args.get("limit")
+    return await defrag_volume(pool, args["name"], start=int(args.get("start") or 0),
+                               limit=None if limit is None else int(limit),
+                               progress=progress if callable(progress) else None)
+
+
 OPS: dict[str, Op] = {
     "pool.info": pool_info,
     "pool.check": pool_check,
@@ -74,6 +86,7 @@ OPS: dict[str, Op] = {
     "volume.delete": volume_delete,
     "volume.list": volume_list,
     "volume.info": volume_info,
+    "volume.defrag": volume_defrag,
 }
 
 

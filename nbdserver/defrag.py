@@ -1,0 +1,319 @@
+"""``volume defrag``: make each logical run of a volume's own chunks physically contiguous.
+
+Works for every block-map design, through the interface only: ``lookup`` finds
+where the chunks are, ``write_target`` tells the volume's own chunks (``InPlace``
+or ``Claim``: nothing else references them) from shared ones, the space map
+hands out exact free chunks (``RefTable.claim``, ``find_free_run``), the data
+is copied with O_DIRECT AIO, and ``map`` points the logical chunks at their new
+places in a mini-transaction, dropping the old ones. **Shared chunks stay where
+they are**: moving one would un-share it, costing a copy's worth of space for
+every volume that shares it.
+
+The volume is walked in windows of ``WINDOW_BYTES`` of logical space (holes are
+skipped whole). In each window, every maximal logical run of own chunks (a
+*segment*) gets a target placement, the first that works of:
+
+1. right after the chunk before the segment (the previous window's last chunk,
+   or a shared neighbour), so that runs continue across windows;
+2. the placement of its longest physically contiguous piece, if every other
+   chunk's target there is free: only the misplaced chunks move (a fork whose
+   parent was deleted: its rewritten chunks go back into the holes the
+   parent's copies left);
+3. a fresh free run (:meth:`RefTable.find_free_run`) long enough for the
+   segment and the next window, else the longest one, and on from there.
+
+A segment already in place costs nothing. Per window with something to move:
+plan and claim the targets (one mini-transaction), **quiesce** the volume if a
+server exports it (``pool.quiesce``: new writes wait, those in flight finish;
+reads go on), copy, install (one mini-transaction that re-checks that each
+chunk is still mapped where it was and still the volume's own, and skips it
+otherwise), resume, commit. So a concurrent write is never lost: it happens
+either before the copy (and is copied) or after the install (and lands in the
+new chunk). Old chunks are freed by ``map`` and stay quarantined until the
+commit is durable and every read begun before it has ended.
+
+Costs: one lookup per window plus one ``write_target`` per mapped chunk; the
+copy moves each misplaced chunk once; it needs as much free space as one
+window. ``start`` and ``limit`` let a caller (the CLI, through a running
+server's control socket) run it in slices and show progress between them.
+
+A design whose layout is fixed (:meth:`BlockMap.can_relocate` False: a thick
+LVM origin) is left alone. Moved chunks take the volume as their owner (``map``
+records the writer), so ``qemu:allocation-depth`` reports them at depth 1
+afterwards: they were the volume's own already, but may have been written by a
+since-deleted ancestor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from nbdserver.blockmap.base import HOLE, Claim, InPlace
+from nbdserver.errors import NbdError, UserError
+from nbdserver.pool.format import VolumeRecord
+from nbdserver.pool.pool import Pool
+
+WINDOW_BYTES = 8 << 20  # logical bytes planned, copied and installed per step
+SCAN_CHUNKS = 1 << 16  # logical chunks looked at at once when skipping holes
+CANDIDATES = 3  # placements of existing pieces tried per segment
+GIB = 1 << 30
+
+Progress = Callable[[int, int, int], None]  # (bytes scanned, bytes in all, bytes moved)
+
+
+@dataclass
+class _Plan:
+    moves: list[tuple[int, int, int]] = field(default_factory=list)  # (lc, from, to)
+    shared: int = 0  # mapped chunks left alone because others reference them
+    no_space: int = 0  # own chunks that could not be placed for lack of free space
+
+
+def _summary(pool: Pool, vol: VolumeRecord, extents: int, mapped: int,
+             exclusive: int) -> dict[str, Any]:
+    gib = vol.size / GIB
+    return {
+        "extents": extents,
+        "extents_per_gib": round(extents / gib, 3) if gib else 0.0,
+        "mapped_bytes": mapped * pool.chunk_size,
+        "exclusive_bytes": exclusive * pool.chunk_size,
+    }
+
+
+async def volume_summary(pool: Pool, vol: VolumeRecord) -> dict[str, Any]:
+    stats = await pool.volume_stats(vol)
+    return _summary(pool, vol, stats.extents, stats.mapped_chunks, stats.exclusive_chunks)
+
+
+async def defrag_volume(pool: Pool, name: str, *, start: int = 0, limit: int | None = None,
+                        progress: Progress | None = None) -> dict[str, Any]:
+    """Defragment volume `name` from byte `start` (rounded down to a chunk) over at least
+    `limit` bytes (all by default). See the module note; returns a JSON-able report, with
+    ``before`` when `start` is 0, ``after`` when the end was reached, and ``next``, the
+    byte offset to resume from (None when done)."""
+    vol = pool.volume(name)
+    chunk = pool.chunk_size
+    return await Defrag(pool, vol, progress).run(
+        start // chunk, None if limit is None else max(1, -(-limit // chunk)))
+
+
+class Defrag:
+    """One defragmentation of one volume; see the module note."""
+
+    def __init__(self, pool: Pool, vol: VolumeRecord, progress: Progress | None = None) -> None:
+        self.pool = pool
+        self.vol = vol
+        self.map = pool.map
+        self.data = pool.data
+        self.chunk = pool.chunk_size
+        self.chunks = -(-vol.size // self.chunk)
+        self.window = max(1, WINDOW_BYTES // self.chunk)
+        self.progress = progress
+        self.moved = 0
+        self.shared = 0
+        self.no_space = 0
+
+    async def run(self, start: int, limit: int | None) -> dict[str, Any]:
+        """Defragment logical chunks [start, start + limit)."""
+        if not 0 <= start <= self.chunks:
+            raise UserError(f"defrag start {start * self.chunk} is outside volume "
+                            f"{self.vol.name!r} ({self.vol.size} bytes)")
+        began = time.monotonic()
+        end = self.chunks if limit is None else min(self.chunks, start + limit)
+        report: dict[str, Any] = {"name": self.vol.name, "size": self.vol.size}
+        if start == 0:
+            report["before"] = await volume_summary(self.pool, self.vol)
+        pos = start if self.map.can_relocate(self.vol) else end  # a fixed layout: nothing to do
+        while pos < end:
+            pos = await self._skip_holes(pos, end)
+            if pos >= end:
+                break
+            stop = min(end, pos + self.window)
+            await self._window(pos, stop)
+            pos = stop
+            self._report(pos)
+        finished = end >= self.chunks
+        self._report(end)
+        report.update({
+            "next": None if finished else end * self.chunk,
+            "done": finished,
+            "scanned_bytes": min(self.vol.size, end * self.chunk) - start * self.chunk,
+            "moved_bytes": self.moved * self.chunk,
+            "shared_bytes": self.shared * self.chunk,
+            "no_space_bytes": self.no_space * self.chunk,
+            "seconds": round(time.monotonic() - began, 3),
+        })
+        if finished:
+            report["after"] = await volume_summary(self.pool, self.vol)
+        return report
+
+    def _report(self, pos: int) -> None:
+        if self.progress is not None:
+            self.progress(min(pos * self.chunk, self.vol.size), self.vol.size,
+                          self.moved * self.chunk)
+
+    async def _skip_holes(self, pos: int, end: int) -> int:
+        """The first mapped chunk at or after `pos` (or `end`)."""
+        while pos < end:
+            n = min(SCAN_CHUNKS, end - pos)
+            runs = await self.pool.cache.run(partial(self.map.lookup, self.vol, pos, n))
+            for run in runs:
+                if run.pc != HOLE:
+                    return max(pos, run.lc)
+            pos += n
+            self._report(pos)
+        return end
+
+    # -- one window ---------------------------------------------------------------------------
+
+    async def _window(self, lo: int, hi: int) -> None:
+        pool = self.pool
+        plan = await pool.cache.run(lambda: self._plan(lo, hi))
+        self.shared += plan.shared
+        self.no_space += plan.no_space
+        if not plan.moves:
+            return
+        installed: set[int] = set()
+        try:
+            quiesce = pool.quiesce.get(self.vol.id)
+            resume = await quiesce() if quiesce is not None else None
+            try:
+                epoch = pool.epochs.begin()
+                try:
+                    await self._copy(plan.moves)
+                    installed = await pool.run(lambda: self._install(plan.moves))
+                finally:
+                    pool.epochs.end(epoch)
+            finally:
+                if resume is not None:
+                    resume()
+        finally:
+            for _, _, dst in plan.moves:
+                if dst not in installed:
+                    self.data.unclaim(dst)
+        self.moved += len(installed)
+        await pool.commit()  # frees the old chunks for the next windows to fill
+
+    def _plan(self, lo: int, hi: int) -> _Plan:
+        """Choose targets for the window's own chunks and claim them (a mini-transaction)."""
+        plan = _Plan()
+        where: dict[int, int] = {}  # lc -> pc of every own mapped chunk
+        for run in self.map.lookup(self.vol, lo, hi - lo):
+            if run.pc == HOLE:
+                continue
+            for k in range(run.count):
+                lc = run.lc + k
+                if isinstance(self.map.write_target(self.vol, lc), InPlace | Claim):
+                    where[lc] = run.pc + k
+                else:
+                    plan.shared += 1
+        lc = lo
+        while lc < hi:
+            if lc not in where:
+                lc += 1
+                continue
+            first = lc
+            while lc < hi and lc in where:
+                lc += 1
+            self._place(first, lc, where, hi, plan)
+        return plan
+
+    def _place(self, a: int, b: int, where: dict[int, int], hi: int, plan: _Plan) -> None:
+        """Choose where the segment [a, b) goes, and claim the targets of what moves."""
+        pcs = [where[lc] for lc in range(a, b)]
+        candidates: list[int] = []
+        if a > 0:
+            before = self.map.lookup(self.vol, a - 1, 1)[0]
+            if before.pc != HOLE:
+                candidates.append(before.pc + 1)
+        in_place: dict[int, int] = {}
+        for i, pc in enumerate(pcs):
+            in_place[pc - i] = in_place.get(pc - i, 0) + 1
+        candidates += sorted(in_place, key=lambda base: -in_place[base])[:CANDIDATES]
+        for base in candidates:
+            if self._fits(base, pcs):
+                self._claim(a, base, pcs, plan)
+                return
+        # A fresh free run: room for this segment and for the next window to go on in it.
+        want = len(pcs) + (self.window if b == hi else 0)
+        near = candidates[0] if candidates else pcs[0]
+        run = self.data.find_free_run(min(max(near, 0), self.data.count - 1), want)
+        if run is None:
+            plan.no_space += len(pcs)
+            return
+        start, length = run
+        take = min(length, len(pcs))
+        if take < len(pcs) and take < 2:  # nothing better than what is there
+            plan.no_space += len(pcs)
+            return
+        self._claim(a, start, pcs[:take], plan)
+        if take < len(pcs):
+            self._place(a + take, b, where, hi, plan)
+
+    def _fits(self, base: int, pcs: list[int]) -> bool:
+        """Whether chunk i of the segment can be at base + i for all i: each is there
+        already or that chunk is free."""
+        if base < 0 or base + len(pcs) > self.data.count:
+            return False
+        counts = self.data.get_run(base, len(pcs))
+        for i, pc in enumerate(pcs):
+            if pc != base + i and (counts[i] or not self.data.run_length_free(base + i, 1)):
+                return False
+        return True
+
+    def _claim(self, a: int, base: int, pcs: list[int], plan: _Plan) -> None:
+        moves = [(a + i, pc, base + i) for i, pc in enumerate(pcs) if pc != base + i]
+        if self.pool.available_chunks() < len(moves):
+            plan.no_space += len(moves)
+            return
+        for lc, src, dst in moves:
+            got = self.data.claim(dst)
+            if got != dst:  # cannot happen: _fits and find_free_run saw it free
+                raise NbdError(errno.EIO, f"defrag: chunk {dst} was not free ({got})")
+            plan.moves.append((lc, src, dst))
+
+    async def _copy(self, moves: list[tuple[int, int, int]]) -> None:
+        """Copy each moved chunk, in runs contiguous at both ends."""
+        groups: list[tuple[int, int, int]] = []  # (from, to, chunks)
+        for _, src, dst in sorted(moves, key=lambda m: m[2]):
+            if groups and groups[-1][0] + groups[-1][2] == src and \
+                    groups[-1][1] + groups[-1][2] == dst:
+                groups[-1] = (groups[-1][0], groups[-1][1], groups[-1][2] + 1)
+            else:
+                groups.append((src, dst, 1))
+        await asyncio.gather(*(self._copy_run(src, dst, n) for src, dst, n in groups))
+
+    async def _copy_run(self, src: int, dst: int, n: int) -> None:
+        pool = self.pool
+        size = n * self.chunk
+        base = pool.layout.data_start
+        buf = pool.buffers.get(size)
+        try:
+            got = await pool.engine.aread(pool.device.fd, buf, 0, size, base + src * self.chunk)
+            if got != size:
+                raise NbdError(errno.EIO, f"defrag: short read of chunks {src}+{n}")
+            got = await pool.engine.awrite(pool.device.fd, buf, 0, size,
+                                           base + dst * self.chunk)
+            if got != size:
+                raise NbdError(errno.EIO, f"defrag: short write of chunks {dst}+{n}")
+        finally:
+            pool.buffers.put(buf)
+
+    def _install(self, moves: list[tuple[int, int, int]]) -> set[int]:
+        """Point each logical chunk at its copy, if it still maps the chunk copied and is
+        still the volume's own (a mini-transaction). Returns the chunks installed."""
+        installed: set[int] = set()
+        for lc, src, dst in moves:
+            run = self.map.lookup(self.vol, lc, 1)[0]
+            if run.pc != src:
+                continue
+            if not isinstance(self.map.write_target(self.vol, lc), InPlace | Claim):
+                continue
+            self.map.map(self.vol, lc, dst)
+            installed.add(dst)
+        return installed
