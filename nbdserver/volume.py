@@ -340,7 +340,12 @@ class VolumeBackend:
                 # reads of them begun before, as after a Claim.
                 copied = [lc for lc, t in zip(range(lc0, lc1), targets, strict=True)
                           if isinstance(t, CopyOut)]
-                await pool.cache.run(lambda: [self.map.claim(self.vol, lc) for lc in copied])
+
+                def claim_copied() -> None:
+                    for lc in copied:
+                        self.map.claim(self.vol, lc)
+
+                await pool.cache.run(claim_copied)
                 await pool.reads_drained()
                 changed = True
                 targets = [InPlace(t.pc) if isinstance(t, CopyOut) else t for t in targets]
