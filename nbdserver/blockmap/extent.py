@@ -35,20 +35,31 @@ rollback). Costs, with n records in the volume:
 - ``clone`` (snapshot, fork): **O(1)**: the clone shares the root page, which
   gains a reference; nothing else is read or written, whatever the size.
 
-**Sharing and ownership.** There are no writable bits: a node is the
-volume's own when its reference count (``pool.meta``) is 1 and so is every
-node above it; a data chunk is when additionally its own count (``pool.data``,
-which counts references from leaf records) is 1. So ``write_target`` answers
-``InPlace`` or ``Redirect`` and never ``Claim``: reference counts cannot go
-stale the way radix's writable bits do, so there is nothing to claim. The
-first change below a shared node copies the path: a node reached from an
-owned path with count > 1 is copied (the copy's children, or for a leaf the
-chunks of every record, gain a reference; the original loses one). A leaf
-copy costs one reference per chunk the leaf maps, so records are capped at
-``max_extent`` chunks (256 by default, at most 1 MiB per record with 4 KiB
-chunks) and a leaf copy at 169 * 256 = 43,264 increments, done a refcount
-page at a time (:meth:`RefTable.incref_run`). Per chunk mapped, that is the
-same total as radix's copies; it comes in fewer, larger steps.
+**Sharing and ownership.** Reference counts say who shares what: a node's
+in ``pool.meta``, a chunk's in ``pool.data`` (which counts references from leaf
+records). *Writable bits* say what may be written in place, as in radix: bit
+63 of the root in ``map_state``, of each interior entry, and of each record
+(the top bit of its owner field). They are trusted only along a path that is
+writable from the root. A chunk on such a path whose record is writable is the
+volume's alone: ``InPlace``, no reference count read. Otherwise, if every node
+on the path and the chunk have one reference, the answer is ``Claim``: the
+sharing ended by a change (the other volume rewrote or trimmed the chunk, or
+was deleted) that may not be durable yet, and a read of it may still be in
+flight, so the volume layer commits and waits for those reads before
+:meth:`claim` sets the bits; else ``Redirect``. A snapshot or fork clears the
+root bit of both volumes, so everything below becomes untrusted at once.
+
+The first change below a shared node copies the path: a node reached through
+an entry without the bit is *taken*: claimed if its count is 1 (every bit
+inside it is cleared first: bits there may be stale), else copied (the copy's
+children, or for a leaf the chunks of every record, gain a reference; the
+original loses one; the copy's bits are clear). A leaf copy costs one
+reference per chunk the leaf maps, so records are capped at ``max_extent``
+chunks (256 by default, at most 1 MiB per record with 4 KiB chunks) and a leaf
+copy at 169 * 256 = 43,264 increments, done a refcount page at a time
+(:meth:`RefTable.incref_run`). Per chunk mapped, that is the same total as
+radix's copies; it comes in fewer, larger steps. A new chunk mapped by
+:meth:`map` is writable from the start (nothing else can reference it).
 
 **Unmapping** (trim, delete) works top-down over the range: a subtree that
 the range covers and that is shared is dropped by one reference without
@@ -88,6 +99,7 @@ from typing import ClassVar
 from nbdserver.blockmap.base import (
     HOLE,
     BlockMap,
+    Claim,
     InPlace,
     MapStats,
     Redirect,
@@ -105,17 +117,20 @@ INNER_ENTRY = 16
 MAX_LEAF = (PAGE_SIZE - ENTRIES) // LEAF_ENTRY  # 169 records
 MAX_INNER = (PAGE_SIZE - ENTRIES) // INNER_ENTRY  # 254 children
 DEFAULT_MAX_EXTENT = 256  # chunks per record: bounds what a leaf copy costs
-MAX_OWNER = (1 << 32) - 1
+WRITABLE = 1 << 63  # in the root (map_state), interior entries and records: see the note
+IDX_MASK = WRITABLE - 1
+TAG_WRITABLE = 1 << 31  # the same bit in a record's tag (its top 32 bits)
+MAX_OWNER = TAG_WRITABLE - 1
 LEN_MASK = (1 << 32) - 1
 INF = 1 << 62  # upper bound of the root's range
 UNMAP_BUDGET = 8192  # nodes visited plus chunks freed per unmap call
 HINT_REACH_BYTES = 4 << 20  # a neighbouring extent this close still guides placement
 SPREAD_BYTES = 4 << 20  # how far into a free run a displaced chunk goes
 NEAR_PAGES = 4  # refcount pages searched for a nearby free run (4080 chunks)
-_STATE = struct.Struct("<QB")  # root (meta index + 1), height
+_STATE = struct.Struct("<QB")  # root (meta index + 1, | WRITABLE), height
 
-Rec = tuple[int, int, int, int]  # lc, count, pc, owner
-Entry = tuple[int, int]  # key, child meta index
+Rec = tuple[int, int, int, int]  # lc, count, pc, tag (owner | TAG_WRITABLE)
+Entry = tuple[int, int]  # key, child (meta index | WRITABLE)
 
 
 def _count(node: bytearray) -> int:
@@ -123,7 +138,7 @@ def _count(node: bytearray) -> int:
 
 
 def _leaf_view(node: bytearray) -> memoryview:
-    """The leaf's records as u64s: [lc, pc, n | owner << 32] * count."""
+    """The leaf's records as u64s: [lc, pc, n | tag << 32] * count."""
     return memoryview(node)[ENTRIES:ENTRIES + LEAF_ENTRY * _count(node)].cast("Q")
 
 
@@ -142,6 +157,16 @@ def _entries(node: bytearray) -> list[Entry]:
     return [(q[i], q[i + 1]) for i in range(0, len(q), 2)]
 
 
+def _clear_bits(node: bytearray, level: int) -> None:
+    """Clear every writable bit in the node (a copy, or a node being claimed)."""
+    if level:
+        q = _inner_view(node)
+        q[1::2] = array("Q", [c & IDX_MASK for c in q[1::2].tolist()])
+    else:
+        q = _leaf_view(node)
+        q[2::3] = array("Q", [w & IDX_MASK for w in q[2::3].tolist()])
+
+
 def _write_node(page: bytearray, level: int, flat: list[int]) -> None:
     """Fill `page` (header and entries) with `flat` u64s; the rest is zeroed."""
     width = INNER_ENTRY if level else LEAF_ENTRY
@@ -154,8 +179,8 @@ def _write_node(page: bytearray, level: int, flat: list[int]) -> None:
 
 def _flat_records(recs: list[Rec]) -> list[int]:
     flat: list[int] = []
-    for lc, n, pc, owner in recs:
-        flat += (lc, pc, n | owner << 32)
+    for lc, n, pc, tag in recs:
+        flat += (lc, pc, n | tag << 32)
     return flat
 
 
@@ -164,6 +189,13 @@ def _flat_entries(entries: list[Entry]) -> list[int]:
     for key, child in entries:
         flat += (key, child)
     return flat
+
+
+def _marked(entries: list[Entry], writable: bool) -> list[Entry]:
+    """`entries` with the writable bit set (or cleared) on every child."""
+    if writable:
+        return [(k, c | WRITABLE) for k, c in entries]
+    return [(k, c & IDX_MASK) for k, c in entries]
 
 
 def _split_sizes(n: int, cap: int, append: bool) -> list[int]:
@@ -210,17 +242,22 @@ class ExtentMap(BlockMap):
     # -- map state ------------------------------------------------------------------------
 
     def _state(self, vol: VolumeRecord) -> tuple[int, int]:
-        """(root meta index or -1, height)."""
-        root, height = _STATE.unpack_from(vol.map_state)
-        return root - 1, height
+        """(root: meta index | WRITABLE, or -1 when empty; height)."""
+        raw, height = _STATE.unpack_from(vol.map_state)
+        if not raw & IDX_MASK:
+            return -1, 0
+        return ((raw & IDX_MASK) - 1) | (raw & WRITABLE), height
 
     def _set_state(self, vol: VolumeRecord, root: int, height: int) -> None:
         state = bytearray(vol.map_state)
-        _STATE.pack_into(state, 0, root + 1, height if root >= 0 else 0)
+        if root < 0:
+            _STATE.pack_into(state, 0, 0, 0)
+        else:
+            _STATE.pack_into(state, 0, ((root & IDX_MASK) + 1) | (root & WRITABLE), height)
         self.pool.update_volume(vol, map_state=bytes(state))
 
     def _page(self, idx: int) -> int:
-        return self.meta_start + idx
+        return self.meta_start + (idx & IDX_MASK)
 
     def init_volume(self, vol: VolumeRecord) -> None:
         state = bytearray(vol.map_state)
@@ -229,10 +266,14 @@ class ExtentMap(BlockMap):
 
     def clone(self, src: VolumeRecord, dst: VolumeRecord) -> None:
         root, height = self._state(src)
-        if root >= 0:
-            self.meta.incref(root)
         state = bytearray(dst.map_state)
-        _STATE.pack_into(state, 0, root + 1, height)
+        if root >= 0:
+            self.meta.incref(root & IDX_MASK)
+            if root & WRITABLE:  # shared now: nothing below is writable in either volume
+                self._set_state(src, root & IDX_MASK, height)
+            _STATE.pack_into(state, 0, (root & IDX_MASK) + 1, height)
+        else:
+            _STATE.pack_into(state, 0, 0, 0)
         dst.map_state = bytes(state)
 
     # -- reading ---------------------------------------------------------------------------
@@ -240,7 +281,8 @@ class ExtentMap(BlockMap):
     def _leaf_for(self, root: int, height: int, lc: int) -> tuple[bytearray, int, int]:
         """The leaf whose range holds `lc`, and that range [lo, hi)."""
         get = self.cache.get
-        node = get(self.meta_start + root)
+        start = self.meta_start
+        node = get(start + (root & IDX_MASK))
         lo, hi = 0, INF
         for _ in range(height - 1):
             q = _inner_view(node)
@@ -252,7 +294,7 @@ class ExtentMap(BlockMap):
                 lo = keys[i]
             if i + 1 < len(keys):
                 hi = keys[i + 1]
-            node = get(self.meta_start + q[2 * i + 1])
+            node = get(start + (q[2 * i + 1] & IDX_MASK))
         return node, lo, hi
 
     def lookup(self, vol: VolumeRecord, lc: int, count: int) -> list[Run]:
@@ -266,7 +308,7 @@ class ExtentMap(BlockMap):
             if i >= 0:
                 start, pc, w = q[3 * i:3 * i + 3]
                 if lc < start + (w & LEN_MASK):
-                    return [Run(lc, 1, pc + lc - start, w >> 32)]
+                    return [Run(lc, 1, pc + lc - start, (w >> 32) & MAX_OWNER)]
             return [Run(lc, 1, HOLE)]
         out: list[Run] = []
         pos, end = lc, lc + count
@@ -288,7 +330,7 @@ class ExtentMap(BlockMap):
                     if pos >= end:
                         break
                 take = min(end, stop) - pos
-                _emit(out, pos, take, pc + pos - start, w >> 32)
+                _emit(out, pos, take, pc + pos - start, (w >> 32) & MAX_OWNER)
                 pos += take
             if pos < end:
                 gap = min(end, hi)
@@ -303,30 +345,61 @@ class ExtentMap(BlockMap):
             return Redirect(HOLE)
         get = self.cache.get
         meta = self.meta
-        sole = meta.get(root) == 1
-        node = get(self.meta_start + root)
+        start = self.meta_start
+        writable = bool(root & WRITABLE)
+        sole = writable or meta.get(root & IDX_MASK) == 1  # only read while untrusted
+        node = get(start + (root & IDX_MASK))
         for _ in range(height - 1):
             q = _inner_view(node)
-            i = max(0, bisect_right(q[0::2], lc) - 1)
-            child = q[2 * i + 1]
-            if sole and meta.get(child) != 1:
+            child = q[2 * max(0, bisect_right(q[0::2], lc) - 1) + 1]
+            if writable and not child & WRITABLE:
+                writable = False
+            if not writable and sole and meta.get(child & IDX_MASK) != 1:
                 sole = False
-            node = get(self.meta_start + child)
+            node = get(start + (child & IDX_MASK))
         q = _leaf_view(node)
         i = bisect_right(q[0::3], lc) - 1
         if i >= 0:
-            start, pc, w = q[3 * i:3 * i + 3]
-            if lc < start + (w & LEN_MASK):
-                pc += lc - start
-                if sole and self.data.get(pc) == 1:
+            first, pc, w = q[3 * i:3 * i + 3]
+            if lc < first + (w & LEN_MASK):
+                pc += lc - first
+                if writable and w & WRITABLE:
                     return InPlace(pc)
+                if sole and self.data.get(pc) == 1:
+                    return Claim(pc)
                 return Redirect(pc)
         return Redirect(HOLE)
 
     def claim(self, vol: VolumeRecord, lc: int) -> None:
-        """Nothing to claim: ownership is read from reference counts (see the module note)."""
-        if not isinstance(self.write_target(vol, lc), InPlace):
+        """Make the path to `lc` writable, and its record, over the run of chunks around
+        `lc` that have one reference (they all stopped being shared before now, so the
+        commit and the wait for reads that follow a claim cover them too)."""
+        path = self._own_path(vol, lc)
+        recs = _records(self.cache.get(self._page(path[-1][0])))
+        i = bisect_right([r[0] for r in recs], lc) - 1
+        if i < 0 or not recs[i][0] <= lc < recs[i][0] + recs[i][1]:
+            raise AssertionError(f"claim of chunk {lc}, which is not mapped")
+        start, n, pc, tag = recs[i]
+        if tag & TAG_WRITABLE:
+            return
+        counts = self.data.get_run(pc, n)
+        k = lc - start
+        if counts[k] != 1:
             raise AssertionError(f"claim of chunk {lc} that is not solely referenced")
+        a, b = k, k + 1
+        while a > 0 and counts[a - 1] == 1:
+            a -= 1
+        while b < n and counts[b] == 1:
+            b += 1
+        pieces = [(start + a, b - a, pc + a, tag | TAG_WRITABLE)]
+        if a:
+            pieces.insert(0, (start, a, pc, tag))
+        if b < n:
+            pieces.append((start + b, n - b, pc + b, tag))
+        recs[i:i + 1] = pieces
+        recs[max(0, i - 1):i + len(pieces) + 1] = self._merge(
+            recs[max(0, i - 1):i + len(pieces) + 1])
+        self._put_leaf(vol, path, recs, lc)
 
     def alloc_hint(self, vol: VolumeRecord, lc: int) -> int | None:
         root, height = self._state(vol)
@@ -365,7 +438,7 @@ class ExtentMap(BlockMap):
                 start, pc, w = q[3 * i:3 * i + 3]
                 end = start + (w & LEN_MASK)
                 if lc - end < distance:
-                    best = int(pc + lc - start), max(0, lc - end), w >> 32 == vol_id
+                    best = int(pc + lc - start), max(0, lc - end), (w >> 32) & MAX_OWNER == vol_id
                     distance = lc - end
         if distance:
             node, _, _ = self._leaf_for(root, height, lc + 1)
@@ -374,20 +447,23 @@ class ExtentMap(BlockMap):
             if i < len(q) // 3:
                 start, pc, w = q[3 * i:3 * i + 3]
                 if start - lc - 1 < distance and pc >= start - lc:
-                    best = int(pc - (start - lc)), 0, w >> 32 == vol_id
+                    best = int(pc - (start - lc)), 0, (w >> 32) & MAX_OWNER == vol_id
         return best
 
     # -- changing the tree -------------------------------------------------------------------
 
     def _new_page(self, near: int | None = None) -> tuple[int, bytearray]:
-        idx = self.meta.allocate(near)
+        idx = self.meta.allocate(None if near is None else near & IDX_MASK)
         return idx, self.cache.create(self._page(idx), PT_EXTENT)
 
     def _copy(self, idx: int, level: int) -> int:
-        """A private copy of the shared node `idx`: its children (or chunks) gain a reference."""
+        """A private copy of the shared node `idx`, with no writable bit: its children (or
+        chunks) gain a reference, the original loses one."""
+        idx &= IDX_MASK
         old = self.cache.get(self._page(idx))
         new_idx, new = self._new_page(idx)
         new[PAGE_HEADER_SIZE:] = old[PAGE_HEADER_SIZE:]
+        _clear_bits(new, level)
         if level:
             for child in _inner_view(new)[1::2].tolist():
                 self.meta.incref(child)
@@ -397,11 +473,21 @@ class ExtentMap(BlockMap):
         self.meta.decref(idx)
         return new_idx
 
+    def _take(self, idx: int, level: int) -> int:
+        """Make node `idx`, reached through an entry without the writable bit, this path's
+        own: claim it (one reference: clear the stale bits inside) or copy it."""
+        idx &= IDX_MASK
+        if self.meta.get(idx) == 1:
+            _clear_bits(self.cache.modify(self._page(idx), PT_EXTENT), level)
+            return idx
+        return self._copy(idx, level)
+
     def _store(self, idx: int, level: int, items: list[Rec] | list[Entry], lo: int,
                append: bool = False) -> list[Entry]:
         """Write `items` into the owned node `idx`, splitting it into as many nodes as its
-        capacity needs (new pages after the first). Returns the parent entries for them,
-        the first keyed `lo`. An empty list frees the node."""
+        capacity needs (new pages after the first). Returns the parent entries for them
+        (no writable bit), the first keyed `lo`. An empty list frees the node."""
+        idx &= IDX_MASK
         if not items:
             self.meta.decref(idx)
             return []
@@ -423,53 +509,56 @@ class ExtentMap(BlockMap):
         return out
 
     def _set_root(self, vol: VolumeRecord, entries: list[Entry], height: int) -> None:
-        """Make `entries` (nodes of level height-1) the volume's top level: grow the tree
-        while there are several, shrink it while an owned root has a single child."""
+        """Make `entries` (nodes of level height-1, with their writable bits) the volume's
+        top level: grow the tree while there are several, shrink it while a root with one
+        reference has a single child."""
         while len(entries) > 1:
             idx, _ = self._new_page(entries[0][1])
-            entries = self._store(idx, height, entries, 0)
+            entries = _marked(self._store(idx, height, entries, 0), True)  # new pages
             height += 1
         if not entries:
-            self._set_state(vol, -1, 0)
+            if self._state(vol)[0] >= 0:
+                self._set_state(vol, -1, 0)
             return
         root = entries[0][1]
-        while height > 1 and self.meta.get(root) == 1:
+        while height > 1 and self.meta.get(root & IDX_MASK) == 1:
             node = self.cache.get(self._page(root))
             if _count(node) != 1:
                 break
             child = _inner_view(node)[1]
-            self.meta.decref(root)  # the volume's reference moves down to the only child
-            root, height = child, height - 1
+            self.meta.decref(root & IDX_MASK)  # the volume's reference moves to the child
+            root = child if root & WRITABLE else child & IDX_MASK
+            height -= 1
         if (root, height) != self._state(vol):
             self._set_state(vol, root, height)
 
     def _own_path(self, vol: VolumeRecord, lc: int) -> list[tuple[int, int, int]]:
-        """The path from the root to the leaf for `lc`, made this volume's own (copying
-        shared nodes, creating the root). Items: (node, position of the child in it, lo)."""
+        """The path from the root to the leaf for `lc`, made writable (taking nodes,
+        creating the root). Items: (node, position of the child in it, its range's lo)."""
         root, height = self._state(vol)
         if root < 0:
-            root, page = self._new_page()
+            idx, page = self._new_page()
             _write_node(page, 0, [])
-            self._set_state(vol, root, 1)
-            return [(root, -1, 0)]
-        if self.meta.get(root) != 1:
-            root = self._copy(root, height - 1)
-            self._set_state(vol, root, height)
+            self._set_state(vol, idx | WRITABLE, 1)
+            return [(idx, -1, 0)]
+        if not root & WRITABLE:
+            root = self._take(root, height - 1)
+            self._set_state(vol, root | WRITABLE, height)
         path: list[tuple[int, int, int]] = []
-        idx, lo = root, 0
+        idx, lo = root & IDX_MASK, 0
         for level in range(height - 1, 0, -1):
             node = self.cache.get(self._page(idx))
             q = _inner_view(node)
             i = max(0, bisect_right(q[0::2], lc) - 1)
             child = q[2 * i + 1]
-            if self.meta.get(child) != 1:
-                child = self._copy(child, level - 1)
+            if not child & WRITABLE:
+                child = self._take(child, level - 1)
                 node = self.cache.modify(self._page(idx), PT_EXTENT)
-                struct.pack_into("<Q", node, ENTRIES + INNER_ENTRY * i + 8, child)
+                struct.pack_into("<Q", node, ENTRIES + INNER_ENTRY * i + 8, child | WRITABLE)
             path.append((idx, i, lo))
             if i:
                 lo = q[2 * i]
-            idx = child
+            idx = child & IDX_MASK
         path.append((idx, -1, lo))
         return path
 
@@ -477,40 +566,47 @@ class ExtentMap(BlockMap):
         if vol.id > MAX_OWNER:
             raise ValueError(f"volume id {vol.id} too large for the extent design")
         path = self._own_path(vol, lc)
-        leaf, _, lo = path[-1]
-        page = self.cache.modify(self._page(leaf), PT_EXTENT)
-        recs = _records(page)
+        leaf, _, _ = path[-1]
+        recs = _records(self.cache.get(self._page(leaf)))
         i = bisect_right([r[0] for r in recs], lc) - 1
         a, b = max(0, i - 1), min(len(recs), i + 2)
+        new = (lc, 1, pc, vol.id | TAG_WRITABLE)  # a fresh chunk: nobody else can see it
         window: list[Rec] = []
         old = HOLE
         for r in recs[a:b]:
-            start, n, rpc, owner = r
+            start, n, rpc, tag = r
             if start <= lc < start + n:
                 old = rpc + lc - start
                 if lc > start:
-                    window.append((start, lc - start, rpc, owner))
-                window.append((lc, 1, pc, vol.id))
+                    window.append((start, lc - start, rpc, tag))
+                window.append(new)
                 if lc + 1 < start + n:
-                    window.append((lc + 1, start + n - lc - 1, old + 1, owner))
+                    window.append((lc + 1, start + n - lc - 1, old + 1, tag))
             else:
                 window.append(r)
         if old == HOLE:
-            window.append((lc, 1, pc, vol.id))
+            window.append(new)
             window.sort()
         recs[a:b] = self._merge(window)
         self.data.incref(pc)
         if old != HOLE:
             self.data.decref(old)
+        self._put_leaf(vol, path, recs, lc)
+
+    def _put_leaf(self, vol: VolumeRecord, path: list[tuple[int, int, int]], recs: list[Rec],
+                  lc: int) -> None:
+        """Write the records of the writable path's leaf, splitting it if they overflow."""
+        leaf, _, lo = path[-1]
         if len(recs) <= self.leaf_cap:
-            _write_node(page, 0, _flat_records(recs))
+            _write_node(self.cache.modify(self._page(leaf), PT_EXTENT), 0, _flat_records(recs))
             return
         entries = self._store(leaf, 0, recs, lo, append=recs[-1][0] <= lc)
-        self._grow(vol, path, entries)
+        self._grow(vol, path, _marked(entries, True))
 
     def _grow(self, vol: VolumeRecord, path: list[tuple[int, int, int]],
               entries: list[Entry]) -> None:
-        """A node of `path` split into `entries`: put them into its parent, and so on up."""
+        """A node of the writable `path` split into `entries`: put them into its parent, and
+        so on up. The pieces hold what the writable node held: their entries are writable."""
         for level, k in enumerate(range(len(path) - 2, -1, -1), 1):
             parent, pos, lo = path[k]
             items = _entries(self.cache.get(self._page(parent)))
@@ -519,11 +615,12 @@ class ExtentMap(BlockMap):
                 _write_node(self.cache.modify(self._page(parent), PT_EXTENT), level,
                             _flat_entries(items))
                 return
-            entries = self._store(parent, level, items, lo, append=pos + len(entries) == len(items))
+            entries = _marked(self._store(parent, level, items, lo,
+                                          append=pos + len(entries) == len(items)), True)
         self._set_root(vol, entries, len(path))
 
     def _merge(self, recs: list[Rec]) -> list[Rec]:
-        """Join neighbours that are logically and physically contiguous, with one owner."""
+        """Join neighbours logically and physically contiguous, with one owner and bit."""
         out: list[Rec] = []
         for r in recs:
             if out:
@@ -555,26 +652,39 @@ class ExtentMap(BlockMap):
         self._set_root(vol, entries, height)  # also when the root lost all but one child
         return stop
 
-    def _unmap(self, idx: int, level: int, lo: int, hi: int, ulo: int, uhi: int,
+    def _unmap(self, child: int, level: int, lo: int, hi: int, ulo: int, uhi: int,
                budget: int) -> tuple[list[Entry], int | None]:
-        """Unmap [ulo, uhi) in the subtree `idx` (a node of `level` whose range is [lo, hi)).
+        """Unmap [ulo, uhi) in the subtree `child` (an entry: a node of `level` whose range
+        is [lo, hi), with its writable bit).
 
         Returns the entries that replace it in its parent (none if it is gone, several if
-        it split) and, if the budget ran out, the first chunk not yet unmapped.
+        it split) and, if the budget ran out, the first chunk not yet unmapped. A node
+        changed in place keeps the entry's bit (what it holds stays as trustworthy); a
+        copy's entries are writable (its bits are clear).
         """
         self._work += 1
+        idx = child & IDX_MASK
+        bit = child & WRITABLE
         if self.meta.get(idx) > 1:
             if ulo <= lo and hi <= uhi:
                 self.meta.decref(idx)  # a shared subtree covered whole: drop our reference
                 return [], None
             if not self._mapped_in(idx, level, lo, hi, ulo, uhi):
-                return [(lo, idx)], None  # nothing to drop: do not copy the path
+                return [(lo, child)], None  # nothing to drop: do not copy the path
             if level == 0:  # copy the leaf without what goes: nothing to count twice
-                return self._copy_leaf_without(idx, lo, ulo, uhi), None
-            idx = self._copy(idx, level)
+                return _marked(self._copy_leaf_without(idx, lo, ulo, uhi), True), None
+            idx, bit = self._copy(idx, level), WRITABLE
         node = self.cache.get(self._page(idx))
         if level == 0:
-            return self._unmap_leaf(idx, node, lo, ulo, uhi, budget)
+            entries, stop = self._unmap_leaf(idx, node, lo, ulo, uhi, budget)
+        else:
+            entries, stop = self._unmap_inner(idx, node, level, lo, hi, ulo, uhi, budget)
+        if entries is None:
+            return [(lo, idx | bit)], stop
+        return _marked(entries, bool(bit)), stop
+
+    def _unmap_inner(self, idx: int, node: bytearray, level: int, lo: int, hi: int, ulo: int,
+                     uhi: int, budget: int) -> tuple[list[Entry] | None, int | None]:
         items = _entries(node)
         out: list[Entry] = []
         stop: int | None = None
@@ -597,7 +707,7 @@ class ExtentMap(BlockMap):
                 changed = True
             out += [(key, c) if k == 0 else (ck, c) for k, (ck, c) in enumerate(repl)]
         if not changed:
-            return [(lo, idx)], stop
+            return None, stop
         if out and out[0][0] != lo:
             out[0] = (lo, out[0][1])  # the first child's range starts where ours does
         return self._store(idx, level, out, lo), stop
@@ -623,17 +733,17 @@ class ExtentMap(BlockMap):
                 break
             if ulo <= clo and chi <= uhi:
                 return True
-            if self._mapped_in(items[j][1], level - 1, clo, chi, ulo, uhi):
+            if self._mapped_in(items[j][1] & IDX_MASK, level - 1, clo, chi, ulo, uhi):
                 return True
         return False
 
     def _unmap_leaf(self, idx: int, node: bytearray, lo: int, ulo: int, uhi: int,
-                    budget: int) -> tuple[list[Entry], int | None]:
+                    budget: int) -> tuple[list[Entry] | None, int | None]:
         out: list[Rec] = []
         stop: int | None = None
         changed = False
         for r in _records(node):
-            start, n, pc, owner = r
+            start, n, pc, tag = r
             end = start + n
             if stop is not None or end <= ulo or start >= uhi:
                 out.append(r)
@@ -646,28 +756,30 @@ class ExtentMap(BlockMap):
                 continue
             take = min(e - s, room)
             if s > start:
-                out.append((start, s - start, pc, owner))
+                out.append((start, s - start, pc, tag))
             self.data.decref_run(pc + s - start, take)
             self._work += take
             changed = True
             if s + take < end:
-                out.append((s + take, end - s - take, pc + s + take - start, owner))
+                out.append((s + take, end - s - take, pc + s + take - start, tag))
             if s + take < e:
                 stop = s + take
         if not changed:
-            return [(lo, idx)], stop
+            return None, stop
         return self._store(idx, 0, out, lo), stop
 
     def _copy_leaf_without(self, idx: int, lo: int, ulo: int, uhi: int) -> list[Entry]:
-        """A private copy of the shared leaf `idx` holding only what lies outside [ulo, uhi)."""
+        """A private copy of the shared leaf `idx` holding only what lies outside [ulo, uhi)
+        (no writable bit)."""
         keep: list[Rec] = []
-        for start, n, pc, owner in _records(self.cache.get(self._page(idx))):
+        for start, n, pc, tag in _records(self.cache.get(self._page(idx))):
             end = start + n
+            tag &= MAX_OWNER
             if start < ulo:
-                keep.append((start, min(end, ulo) - start, pc, owner))
+                keep.append((start, min(end, ulo) - start, pc, tag))
             if end > uhi:
                 s = max(start, uhi)
-                keep.append((s, end - s, pc + s - start, owner))
+                keep.append((s, end - s, pc + s - start, tag))
         self.meta.decref(idx)
         if not keep:
             return []
@@ -682,27 +794,31 @@ class ExtentMap(BlockMap):
                    ref_chunk: Callable[[int], None], problem: Callable[[str], None]) -> None:
         root, height = self._state(vol)
         if root < 0:
-            if height:
-                problem(f"volume {vol.name!r}: empty extent map with height {height}")
             return
         if height < 1:
-            problem(f"volume {vol.name!r}: extent root {root} with height {height}")
+            problem(f"volume {vol.name!r}: extent root {root & IDX_MASK} with height {height}")
             return
         limit = -(-vol.size // self.chunk_size)
-        ref_page(root)
+        ref_page(root & IDX_MASK)
         self._refs(root, height - 1, 0, INF, limit, seen, ref_page, ref_chunk, problem,
                    vol.name)
 
-    def _refs(self, idx: int, level: int, lo: int, hi: int, limit: int, seen: set[int],
+    def _refs(self, child: int, level: int, lo: int, hi: int, limit: int, seen: set[int],
               ref_page: Callable[[int], None], ref_chunk: Callable[[int], None],
               problem: Callable[[str], None], name: str) -> None:
-        if idx in seen:
-            return
-        seen.add(idx)
+        """Check the subtree of entry `child`. Its writable bit claims the subtree is this
+        volume's alone: a shared node or chunk under a writable path is a problem."""
+        idx = child & IDX_MASK
+        trusted = bool(child & WRITABLE)
         where = f"volume {name!r}: extent node {idx}"
         if not 0 <= idx < self.meta.count:
             problem(f"{where} outside the metadata area")
             return
+        if trusted and self.meta.get(idx) != 1:
+            problem(f"{where}: writable path to a node with {self.meta.get(idx)} references")
+        if idx in seen:
+            return
+        seen.add(idx)
         node = self.cache.get(self._page(idx))
         magic, got_level, _, count, _ = _NODE.unpack_from(node, PAGE_HEADER_SIZE)
         if magic != MAGIC or got_level != level:
@@ -718,17 +834,17 @@ class ExtentMap(BlockMap):
             items = _entries(node)
             if items and items[0][0] < lo:  # ranges only grow: it may be above lo
                 problem(f"{where}: first key {items[0][0]} below the node's range from {lo}")
-            for j, (key, child) in enumerate(items):
+            for j, (key, grandchild) in enumerate(items):
                 if j and not items[j - 1][0] < key < hi:
                     problem(f"{where}: key {key} out of order or outside [{lo}, {hi})")
                     continue
                 chi = items[j + 1][0] if j + 1 < len(items) else hi
-                ref_page(child)
-                self._refs(child, level - 1, key if j else lo, chi, limit, seen, ref_page,
-                           ref_chunk, problem, name)
+                ref_page(grandchild & IDX_MASK)
+                self._refs(grandchild if trusted else grandchild & IDX_MASK, level - 1,
+                           key if j else lo, chi, limit, seen, ref_page, ref_chunk, problem, name)
             return
         prev_end = lo
-        for start, n, pc, _owner in _records(node):
+        for start, n, pc, tag in _records(node):
             if n < 1 or n > self.max_extent:
                 problem(f"{where}: extent at chunk {start} has length {n}")
             if start < prev_end:
@@ -743,6 +859,8 @@ class ExtentMap(BlockMap):
             if pc < 0 or pc + n > self.data.count:
                 problem(f"{where}: chunks {pc}..{pc + n - 1} outside the data area")
                 continue
+            if trusted and tag & TAG_WRITABLE and set(self.data.get_run(pc, n)) != {1}:
+                problem(f"{where}: writable extent at chunk {start} maps shared chunks")
             for c in range(pc, pc + n):
                 ref_chunk(c)
 
@@ -750,7 +868,8 @@ class ExtentMap(BlockMap):
         stats = MapStats()
         root, height = self._state(vol)
         if root >= 0:
-            self._stat(root, height - 1, self.meta.get(root) == 1, stats, [-1, -1])
+            idx = root & IDX_MASK
+            self._stat(idx, height - 1, self.meta.get(idx) == 1, stats, [-1, -1])
         return stats
 
     def _stat(self, idx: int, level: int, sole: bool, stats: MapStats, last: list[int]) -> None:
@@ -758,6 +877,7 @@ class ExtentMap(BlockMap):
         node = self.cache.get(self._page(idx))
         if level:
             for child in _inner_view(node)[1::2].tolist():
+                child &= IDX_MASK
                 self._stat(child, level - 1, sole and self.meta.get(child) == 1, stats, last)
             return
         for start, n, pc, _ in _records(node):

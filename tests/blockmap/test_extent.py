@@ -19,7 +19,7 @@ import pytest
 from poolkit import TINY_CACHE, MiB, PoolEnv, PoolFactory, pattern
 
 from nbdserver.blockmap import extent as ext
-from nbdserver.blockmap.base import HOLE, InPlace, Redirect
+from nbdserver.blockmap.base import HOLE, Claim, InPlace, Redirect
 from nbdserver.pool.format import PAGE_HEADER_SIZE, VolumeRecord
 from nbdserver.pool.pool import Pool
 
@@ -231,7 +231,7 @@ async def test_merges_splits_and_collapse(make_pool: PoolFactory) -> None:
     await put(pool, vol, 42, 302)
     await put(pool, vol, 41, 301)
     recs = [r for leaf in tree(pool, vol)[1] for r in leaf]
-    assert (40, 3, 300, vol.id) in recs
+    assert (40, 3, 300, vol.id | ext.TAG_WRITABLE) in recs  # fresh chunks: writable
     # splitting a record: a new chunk in the middle of [4, 8) cuts it in three
     await put(pool, vol, 5, 500)
     recs = [r for leaf in tree(pool, vol)[1] for r in leaf]
@@ -249,7 +249,7 @@ async def test_merges_splits_and_collapse(make_pool: PoolFactory) -> None:
     # unmapping all but the last chunk frees the emptied leaves and collapses the root
     await unmap_all(pool, vol, 0, 42)
     height, leaves = tree(pool, vol)
-    assert (height, leaves) == (1, [[(42, 1, 302, vol.id)]])
+    assert (height, leaves) == (1, [[(42, 1, 302, vol.id | ext.TAG_WRITABLE)]])
     assert pool.meta.used < pages
     assert pool.meta.used == 1 and pool.data.used == 1
     await unmap_all(pool, vol, 42, 1)
@@ -377,6 +377,49 @@ async def test_writes_after_a_fork_copy_the_path_once(make_pool: PoolFactory) ->
     await env.assert_clean()
 
 
+async def test_a_chunk_whose_sharing_ended_is_claimed_before_it_is_written_in_place(
+        make_pool: PoolFactory) -> None:
+    """When the other volume stops sharing a chunk (it rewrote it, or was deleted), the
+    answer is Claim (the volume layer commits and waits for reads begun before), then,
+    once claimed, InPlace; the claim covers the whole run of chunks that are no longer
+    shared, so the next writes beside it need no claim of their own."""
+    env = await make(make_pool, (6, 4, 16, 0))
+    pool = env.pool
+    bm = pool.map
+    vol = await pool.create_volume("v", 4 * MiB)
+    for lc in range(64):
+        await put(pool, vol, lc)
+    orig = await mapping(pool, vol)
+
+    def target(v: VolumeRecord, lc: int) -> Any:
+        return bm.write_target(v, lc)
+
+    assert await pool.cache.run(lambda: target(vol, 5)) == InPlace(orig[5])
+    fork = await pool.clone_volume("v", "f", snapshot=False)
+    assert await pool.cache.run(lambda: target(vol, 5)) == Redirect(orig[5])
+    assert await pool.cache.run(lambda: target(fork, 5)) == Redirect(orig[5])
+    await put(pool, fork, 5)  # the fork copies chunk 5 away: the original's is its alone
+    assert await pool.cache.run(lambda: target(vol, 5)) == Claim(orig[5])
+    assert await pool.cache.run(lambda: target(vol, 6)) == Redirect(orig[6])  # still shared
+    pages = pool.meta.used
+    await pool.run(lambda: bm.claim(vol, 5))
+    assert await pool.cache.run(lambda: target(vol, 5)) == InPlace(orig[5])
+    assert await pool.cache.run(lambda: target(vol, 6)) == Redirect(orig[6])
+    assert pool.meta.used == pages  # claimed in place (one reference left): nothing copied
+    await env.assert_clean()
+    # the fork goes: everything is the original's alone, but only after a claim
+    await pool.delete_volume("f")
+    assert await pool.cache.run(lambda: target(vol, 40)) == Claim(orig[40])
+    await pool.run(lambda: bm.claim(vol, 40))
+    for lc in range(32, 48):  # the record of chunk 40: [32, 48), claimed whole
+        assert await pool.cache.run(lambda lc=lc: target(vol, lc)) == InPlace(orig[lc])
+    assert await pool.cache.run(lambda: target(vol, 50)) == Claim(orig[50])
+    with pytest.raises(AssertionError, match="not mapped"):
+        await pool.run(lambda: bm.claim(vol, 100))
+    assert await mapping(pool, vol) == orig
+    await env.assert_clean()
+
+
 async def test_unmap_is_bounded_and_drops_shared_subtrees_whole(make_pool: PoolFactory) -> None:
     env = await make(make_pool, None, size=256 * MiB)
     pool = env.pool
@@ -452,6 +495,7 @@ async def test_alloc_hints(make_pool: PoolFactory) -> None:
     ("magic", "not an extent node"),
     ("length", "has length"),
     ("key", "out of order"),
+    ("writable-shared", "writable extent"),
 ])
 async def test_check_reports_structural_problems(make_pool: PoolFactory, damage: str,
                                                  message: str) -> None:
@@ -462,13 +506,17 @@ async def test_check_reports_structural_problems(make_pool: PoolFactory, damage:
     vol = await pool.create_volume("v", 64 * CHUNK)
     for lc in range(0, 64, 2):
         await put(pool, vol, lc)
+    if damage == "writable-shared":  # the first leaf: copied by the write, still sharing
+        await pool.clone_volume("v", "f", snapshot=False)
+        await put(pool, vol, 1)
     await env.assert_clean()
     root, height = bm._state(vol)
     assert height >= 2
+    edge = 0 if damage == "writable-shared" else -1
     node = pool.cache.get(bm._page(root))
-    leaf_idx = ext._entries(node)[-1][1]
-    while height > 2:  # down the right edge to the last leaf
-        leaf_idx = ext._entries(pool.cache.get(bm._page(leaf_idx)))[-1][1]
+    leaf_idx = ext._entries(node)[edge][1] & ext.IDX_MASK
+    while height > 2:  # down the right (or left) edge to the last (or first) leaf
+        leaf_idx = ext._entries(pool.cache.get(bm._page(leaf_idx)))[edge][1] & ext.IDX_MASK
         height -= 1
     saved = {no: bytes(pool.cache.get(no)) for no in (bm._page(leaf_idx), bm._page(root))}
     with pool.cache.mtr():
@@ -480,6 +528,9 @@ async def test_check_reports_structural_problems(make_pool: PoolFactory, damage:
             recs[-1] = (70, 1, recs[-1][2], recs[-1][3])
         elif damage == "length":
             recs[-1] = (recs[-1][0], 0, recs[-1][2], recs[-1][3])
+        elif damage == "writable-shared":
+            assert not recs[0][3] & ext.TAG_WRITABLE
+            recs[0] = (*recs[0][:3], recs[0][3] | ext.TAG_WRITABLE)
         ext._write_node(page, 0, ext._flat_records(recs))
         if damage == "magic":
             page[PAGE_HEADER_SIZE] ^= 0xFF
