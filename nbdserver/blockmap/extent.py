@@ -5,8 +5,9 @@
 [lc, lc+n) are physical chunks [pc, pc+n), written by volume `owner`"::
 
     node header (after the 16-byte page header, 8 bytes):  "XT", level, 0, count, 0
-    leaf record (level 0, 24 bytes):  lc u64, pc u64, n u32 | owner u32 << 32
-    interior entry (16 bytes):        key u64 (first logical chunk of the child), child u64
+    leaf record (level 0, 24 bytes):  lc u64, pc u64, n u32 | owner u31 << 32 | W << 63
+    interior entry (16 bytes):        key u64 (first logical chunk of the child),
+                                      child u63 | W << 63
 
 A leaf holds up to 169 records, an interior node up to 254 children (tests
 shrink both through ``map_params`` = (leaf capacity, interior capacity,
@@ -16,7 +17,7 @@ comes from its parent, and routing ignores key 0 (written as the node's lower
 bound; a shared node's range can grow when a sibling is removed from one
 volume's copy of the parent, so key 0 may then lie above it). A record never
 crosses a key. The volume record's ``map_state`` holds the root (meta index
-+ 1, 0 when empty) and the height.
++ 1, 0 when empty, | W << 63) and the height. W is the writable bit (below).
 
 Lookups binary-search each node in place (``bisect`` over a strided
 ``memoryview`` of the page: no decoding, no node cache to invalidate on
@@ -25,17 +26,19 @@ rollback). Costs, with n records in the volume:
 - ``lookup`` of one chunk: O(height * log fanout), height = O(log n), every
   page cached; of a range: one descent per leaf touched plus one step per
   record; returns runs merged where contiguous (one run per extent).
-- ``write_target``: one descent plus one reference count per level and one
-  for the chunk.
-- ``map`` (after a copy-on-write write): one descent, a splice of at most
-  three records in the leaf (split the covering extent into left, new and
+- ``write_target``: one descent; on a path that is not writable, also one
+  reference count per level and one for the chunk.
+- ``map`` (after a copy-on-write write): one descent, a rewrite of the leaf
+  with at most two more records (split the covering extent into left, new and
   right, merging the new chunk into a neighbour that is logically and
   physically contiguous and has the same owner: sequential writes grow one
   record), O(height) splits at worst.
 - ``clone`` (snapshot, fork): **O(1)**: the clone shares the root page, which
   gains a reference; nothing else is read or written, whatever the size.
 
-**Sharing and ownership.** Reference counts say who shares what: a node's
+**Sharing and ownership.** Extents are shared between volumes by sharing
+tree nodes: a record is never copied into another volume's tree except when
+a whole shared leaf is. Reference counts say who shares what: a node's
 in ``pool.meta``, a chunk's in ``pool.data`` (which counts references from leaf
 records). *Writable bits* say what may be written in place, as in radix: bit
 63 of the root in ``map_state``, of each interior entry, and of each record
