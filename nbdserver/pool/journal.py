@@ -23,7 +23,10 @@ record from a stale one left by an earlier lap of the ring.
 The superblock holds the tail: the ring position and sequence number of the
 oldest record recovery may need. It moves (a checkpoint) only after every page
 image written so far has been written home and synced, and only when the
-ring is full or the pool is closed, so a superblock write is rare.
+ring is full or the pool is closed, so a superblock write is rare. A
+checkpoint empties the ring, so it puts the tail back at the ring's first
+page: from anywhere else a large record could need a PAD that leaves it no
+room even in an empty ring. Stale records there have older sequence numbers.
 """
 
 from __future__ import annotations
@@ -166,8 +169,9 @@ class JournalRing:
             self.head = 0
 
     def checkpointed(self) -> None:
-        """Every record so far is home and synced: the tail catches up with the head."""
-        self.tail = self.head
+        """Every record so far is home and synced: the ring is empty, and starts again at
+        its first page (so that any record of up to ring-1 pages fits, with no PAD)."""
+        self.tail = self.head = 0
         self.used = 0
 
     def free_pages(self) -> int:

@@ -508,7 +508,7 @@ class Pool:
         if self._home_failed:
             raise NbdError(errno.EIO, "metadata could not be written home; keeping the journal")
         await self.engine.call_blocking(self.device.flush)
-        sb = self.sb.next(journal_tail=self.ring.head, journal_seq=self.ring.seq)
+        sb = self.sb.next(journal_tail=0, journal_seq=self.ring.seq)  # the ring is empty
         await self.engine.call_blocking(_write_superblock, self.device, sb)
         self.sb = sb
         self.ring.checkpointed()

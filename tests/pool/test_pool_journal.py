@@ -37,10 +37,12 @@ def image(tag: int) -> bytes:
 class Ring:
     """A journal ring in memory, written the way Pool._commit_locked writes it."""
 
-    def __init__(self, pages: int) -> None:
+    def __init__(self, pages: int, start: int = 0, seq: int = 1) -> None:
+        """An empty ring whose tail is at `start` (a fresh pool: 0; after a recovery, where
+        the replay ended)."""
         self.pages = pages
         self.data = bytearray(pages * PAGE_SIZE)
-        self.state = JournalRing(pages, 0, 0, 1)
+        self.state = JournalRing(pages, start, start, seq)
 
     def read(self, pos: int, count: int) -> bytes:
         assert pos >= 0 and pos + count <= self.pages, (pos, count)
@@ -152,29 +154,32 @@ def test_wrong_expected_seq_replays_nothing() -> None:
 
 
 def test_pad_and_wrap_around() -> None:
-    """Records of varying sizes through a small ring, checkpointing when it is full (as the
-    pool does): after every commit, replay from the checkpoint finds exactly the records
-    written since, in order, across PADs and the end of the ring."""
-    ring = Ring(23)
-    tail, tail_seq = 0, 1
-    since: list[tuple[int, dict[int, bytes]]] = []
+    """Records of varying sizes through a small ring whose tail starts anywhere (as after
+    a recovery), checkpointing when it is full (as the pool does): after every commit,
+    replay from the checkpoint finds exactly the records written since, in order, across
+    PADs and the end of the ring."""
     pads = wraps = 0
-    for i in range(60):
-        n = 1 + (i * 5) % 7
-        images = [(1000 * i + k, image(1000 * i + k)) for k in range(n)]
-        if ring.state.place(record_pages(n)) is None:
-            ring.state.checkpointed()
-            tail, tail_seq = ring.state.tail, ring.state.seq
-            since = []
-        head = ring.state.head
-        pos, seq, padded = ring.commit(images)
-        pads += padded
-        wraps += ring.state.head < head or padded
-        assert pos == (0 if padded else head)
-        since.append((seq, dict(images)))
-        records, end = ring.replay(tail=tail, seq=tail_seq)
-        assert [(r.seq, r.images) for r in records] == since
-        assert end == (ring.state.head, ring.state.seq)
+    for start in range(0, 23, 2):
+        ring = Ring(23, start)
+        tail, tail_seq = start, 1
+        since: list[tuple[int, dict[int, bytes]]] = []
+        for i in range(25):
+            n = 1 + (i * 5 + start) % 7
+            images = [(1000 * i + k, image(1000 * i + k)) for k in range(n)]
+            if ring.state.place(record_pages(n)) is None:
+                ring.state.checkpointed()
+                assert ring.state.place(record_pages(n)) is not None
+                tail, tail_seq = ring.state.tail, ring.state.seq
+                since = []
+            head = ring.state.head
+            pos, seq, padded = ring.commit(images)
+            pads += padded
+            wraps += ring.state.head < head or padded
+            assert pos == (0 if padded else head)
+            since.append((seq, dict(images)))
+            records, end = ring.replay(tail=tail, seq=tail_seq)
+            assert [(r.seq, r.images) for r in records] == since
+            assert end == (ring.state.head, ring.state.seq)
     assert pads >= 3 and wraps >= 5
 
 
@@ -200,10 +205,7 @@ def test_torn_header_stops_replay() -> None:
 
 
 def test_torn_pad_stops_replay() -> None:
-    ring = Ring(12)
-    ring.commit([(k, image(k)) for k in range(4)])  # 0..5
-    ring.commit([(k, image(k)) for k in range(3)])  # 5..9
-    ring.state.checkpointed()
+    ring = Ring(12, start=9, seq=3)  # after a recovery that ended at 9
     pos, seq, padded = ring.commit([(k, image(k)) for k in range(3)])  # pad at 9, then 0..4
     assert padded and pos == 0
     ring.data[9 * PAGE_SIZE + 20] ^= 1
@@ -215,8 +217,8 @@ def test_stale_record_from_an_earlier_lap_stops_replay() -> None:
     ring = Ring(16)
     for i in range(5):  # 5 records of 3 pages: 0..15
         ring.commit([(i, image(i)), (50 + i, image(50 + i))])
-    ring.state.checkpointed()
     assert ring.state.head == 15
+    ring.state = JournalRing(16, 15, 15, 6)  # reopened after a recovery that ended at 15
     ring.commit([(7, image(7))])  # 2 pages: PAD at 15, record at 0..2 with seq 7
     records, end = ring.replay(tail=15, seq=6)
     # After the new record comes the old one at 2? No: the old ones start at 0, 3, 6...;
@@ -227,7 +229,7 @@ def test_stale_record_from_an_earlier_lap_stops_replay() -> None:
     ring2 = Ring(16)
     for i in range(5):
         ring2.commit([(i, image(i)), (50 + i, image(50 + i))])
-    ring2.state.checkpointed()
+    ring2.state = JournalRing(16, 15, 15, 6)
     ring2.commit([(8, image(8)), (9, image(9))])  # 3 pages: PAD at 15, record 0..3
     records, end = ring2.replay(tail=15, seq=6)
     assert [r.seq for r in records] == [7]
@@ -256,10 +258,15 @@ def test_ring_accounting() -> None:
     assert ring.free_pages() == 0
     assert ring.place(1) is None  # one page always stays free
     ring.checkpointed()
-    assert (ring.tail, ring.used) == (9, 0)
+    assert (ring.tail, ring.head, ring.used) == (0, 0, 0), "empty: starts again at page 0"
+    assert ring.place(9) == (0, False)
+    ring = JournalRing(10, 9, 9, 3)  # after a recovery that ended at 9
     assert ring.place(2) == (0, True)  # 9 + 2 > 10: PAD at 9
     ring.advance(0, 2, True)
     assert (ring.head, ring.seq, ring.used) == (2, 5, 3)
+    assert ring.place(8) is None  # 3 + 8 > 9
+    ring.checkpointed()
+    assert ring.place(8) == (0, False)
     with pytest.raises(ValueError, match="exceeds the ring"):
         ring.place(10)
     assert JournalRing(10, 3, 7, 1).used == 4
@@ -321,4 +328,51 @@ async def test_recovery_replays_unwritten_home_pages(make_pool: PoolFactory) -> 
     await env.open()
     got = await env.vol("v").read_all()
     assert got[4096:4096 + len(data)] == data and not any(got[:4096])
+    await env.assert_clean()
+
+
+def test_a_checkpoint_makes_room_for_any_record_that_fits_the_ring() -> None:
+    """After a checkpoint the ring is empty: any record of up to ring-1 pages must then be
+    placeable, wherever the head was (else commit checkpoints forever)."""
+    for head in range(0, 64):
+        ring = JournalRing(64, 0, 0, 1)
+        if head:
+            ring.advance(0, head, False)
+        ring.checkpointed()
+        for total in (1, 30, 50, 63):
+            assert ring.place(total) is not None, (head, total)
+
+
+async def test_large_commit_when_the_head_is_near_the_end(make_pool: PoolFactory) -> None:
+    """A commit of most of the ring's size, when the head is far along: it does not fit
+    before the end, and with a PAD it would overrun the tail; after a checkpoint it must
+    fit (it used to checkpoint forever)."""
+    import asyncio
+
+    from nbdserver.pool.format import PT_RADIX
+
+    env = await make_pool("radix", journal_bytes=256 * KiB, cache_bytes=4 << 20)
+    pool = env.pool
+    assert pool.ring.ring_pages == 64
+    vol = await env.create("v", 1 << 40)  # fan-out 4: a 14-level tree
+    for i in range(5):
+        await vol.write(i * (200 << 30), pattern(i, 4096))
+        await vol.flush()
+    nodes = [pool.layout.meta_page(p) for p in range(pool.layout.meta_pages)
+             if pool.cache.peek(pool.layout.meta_page(p)) is not None
+             and pool.meta.get(p) > 0]
+    assert len(nodes) >= 45
+    while pool.ring.head < 30:
+        await vol.trim(0, 4096)
+        await vol.write(0, pattern(9, 4096))
+        await vol.flush()
+
+    def touch() -> None:
+        for page_no in nodes[:45]:
+            pool.cache.modify(page_no, PT_RADIX)  # dirty, unchanged
+
+    await pool.cache.run(touch)
+    await asyncio.wait_for(pool.commit(), timeout=30)
+    await env.reopen()
+    assert await env.vol("v").read(3 * (200 << 30), 4096) == pattern(3, 4096)
     await env.assert_clean()
