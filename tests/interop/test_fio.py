@@ -16,7 +16,8 @@ def fio(tmp_path: Path, uri: str, *args: str, check: bool = True,
         name: str = "job") -> tuple[int, dict[str, Any], str]:
     out = tmp_path / f"{name}.json"
     proc = run(["fio", f"--name={name}", "--ioengine=nbd", f"--uri={uri}",
-                "--output-format=json", f"--output={out}", *args], timeout=120, check=check)
+                "--output-format=json", f"--output={out}", *args], timeout=120, check=check,
+               cwd=tmp_path)  # fio saves verify state files in its working directory
     text = out.read_text() if out.exists() else ""
     data = json.loads(text[text.index("{"):]) if "{" in text else {}
     return proc.returncode, data, proc.stdout + proc.stderr + text
