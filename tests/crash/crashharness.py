@@ -410,7 +410,7 @@ class Campaign:
         # A small journal means frequent checkpoints (superblock writes) to crash in.
         journal = None if fanout else rng.choice((None, 1 * MiB, 2 * MiB))
         self.params = {"journal": journal or "default", "fanout": fanout or "default",
-                       "cache": rng.choice(("2M", "4M", "64M"))}
+                       "cache": rng.choice(("128K", "1M", "4M", "64M"))}
         Pool.create(self.pool_path, self.pool_size, blockmap=self.design,
                     map_params=(fanout, 0, 0, 0) if fanout else None, journal_bytes=journal)
         self.control = socket_path(read_superblock(self.pool_path).uuid_str)
