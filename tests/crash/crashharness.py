@@ -9,11 +9,13 @@ each iteration:
 2. starts ``nbdserver serve`` (the helper from ``tests/conftest.py``) on the
    same pool, exporting every volume known to exist except a few kept aside to
    be deleted; sometimes one export is a fork the server makes as it starts;
-3. reads the catalog (``volume list --json``) and checks it against every
-   acknowledged volume operation, reads every exported volume back in full
-   and checks it against the model (:mod:`crashmodel`), and runs
-   ``pool check --json`` through the control socket: no problem, no leaked
-   chunk or page;
+3. lists the volumes and checks the catalog against every answered volume
+   operation (and settles the ones a kill cut off), reads the exported
+   volumes back in full and checks them against the model (:mod:`crashmodel`;
+   a volume unchanged since its last check one time in two), and runs
+   ``pool check``: no problem, no leaked chunk or page. The list and the check
+   go through the CLI (``--json``) one time in three, otherwise straight to the
+   control socket, where the CLI would send them;
 4. runs the workload: per written volume a few pipelined "slots" sending
    writes (unaligned, sector-aligned, chunk-aligned, multi-chunk; some FUA),
    trims, write-zeroes, flushes and reads checked against the acknowledged
@@ -23,13 +25,17 @@ each iteration:
    random delay; right after the k-th FLUSH or FUA reply; in the middle of a
    snapshot, fork, create or delete sent on the control socket; or during a
    burst of copy-on-write writes after a fork (of an exported volume, or of
-   the fork the server made at start).
+   the fork the server made at start). CLI commands still running are killed
+   first: one that had not yet tried the pool would otherwise find it unlocked
+   and run offline on the crashed pool.
 
 Every request's fate is recorded where the client sees it: a reply is an
 acknowledgement, a request without a reply (the server died) may or may not
 have happened. The model turns that into the set of allowed values of every
-byte. After the last iteration the server is stopped cleanly (SIGTERM), and
-then every acknowledged write must read back exactly.
+byte. The seed also picks the pool's journal size (small ones checkpoint
+often), the radix fan-out and the server's metadata cache (tiny ones evict on
+every request). After the last iteration the server is stopped cleanly
+(SIGTERM), and then every acknowledged write must read back exactly.
 
 Any broken rule raises :class:`Violation`, whose message names the seed, the
 iteration, the volume, the byte range, what was allowed and what was read.
