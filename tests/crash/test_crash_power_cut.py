@@ -8,7 +8,8 @@ file. The workload is the kill -9 campaign's (:class:`crashharness.Run`: writes
 of every alignment, FUA, trims, zeroes, flushes, checked reads) on two volumes,
 while a snapshot, a fork (written at once: copy-on-write) and a delete run.
 
-A *cut* at a moment of the run builds the image a disk could hold if the
+A *cut* at a moment of the run (at least twelve, at most twenty-four, before,
+during and after the volume operations) builds the image a disk could hold if the
 power went off then: every write a completed ``fdatasync`` covered (or that had
 ``RWF_DSYNC`` itself), then a random subset of the other writes begun before
 the cut, one of them torn at a sector. Each image is opened (recovery),
@@ -307,7 +308,7 @@ async def workload(pool: Pool, campaign: Campaign, log: DiskLog,
 
     ops = asyncio.ensure_future(operations())
     try:
-        while len(cuts) < CUTS:
+        while not ops.done() or len(cuts) < CUTS:  # before, during and after the operations
             await asyncio.sleep(rng.uniform(0.0, 0.08))
             cuts.append(take_cut(campaign, log, pending))
         await ops
@@ -343,9 +344,11 @@ async def test_power_cut_at_random_moments_keeps_what_was_promised(
             pool.abandon()
         finally:
             engine.close()
-    assert len(cuts) == CUTS and log.syncs and campaign.stats.acked > 0
+    assert len(cuts) >= CUTS and log.syncs and campaign.stats.acked > 0
     assert campaign.stats.ops_ok == 3
     rng = random.Random(seed)
+    if len(cuts) > 2 * CUTS:  # keep the test short: a sample, in order
+        cuts = [cuts[i] for i in sorted(rng.sample(range(len(cuts)), 2 * CUTS))]
     image = tmp_path / "cut.img"
     for i, cut in enumerate(cuts):
         kept = log.image(initial, image, cut.at, rng)
