@@ -51,15 +51,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # helpers shared with scripts/bench.py
 
 REPO = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 CHUNK = 4 * KiB  # the pools' chunk size (the default)
 SERVER_TIMEOUT = 120.0  # seconds a server may take to open its pool and listen
@@ -147,6 +148,38 @@ def run(argv: list[str], what: str, timeout: float = 3600) -> subprocess.Complet
         raise StudyError(f"{what} failed (status {res.returncode}): "
                          f"{msg[-1] if msg else '(no output)'}")
     return res
+
+
+def in_pool(pool_path: Path, op: Callable[[Any], Awaitable[T]]) -> T:
+    """Open the pool in this process (as the offline CLI does), run `op(pool)`, close it.
+    A UserError of nbdserver (a refusal) becomes Refused; anything else a StudyError."""
+    import asyncio
+
+    import uvloop
+
+    from nbdserver.errors import UserError
+    from nbdserver.pool.pool import Pool
+    from nbdserver.storage.buffers import BufferPool
+    from nbdserver.storage.engine import make_engine
+
+    async def go() -> T:
+        engine = make_engine(asyncio.get_running_loop())
+        buffers = BufferPool()
+        try:
+            pool = await Pool.open(pool_path, engine, buffers, offline=True)
+            try:
+                return await op(pool)
+            finally:
+                await pool.close()
+        finally:
+            engine.close()
+
+    try:
+        return uvloop.run(go())
+    except UserError as e:
+        raise Refused(str(e)) from None
+    except Exception as e:
+        raise StudyError(f"{pool_path.name}: {e!r}") from e
 
 
 def nbdserver_cli(*args: str, what: str | None = None) -> Any:
@@ -284,11 +317,11 @@ class Workspace:
         wait_listening(server)
         return server
 
-    def serve_qcow2(self, tag: str, image: Path) -> Server:
+    def serve_qcow2(self, tag: str, image: Path, read_only: bool = False) -> Server:
         sock = self.sockets / f"{tag}.sock"
         log_path = self.path(f"{tag}.log")
         argv = ["qemu-nbd", "-f", "qcow2", "--cache=none", "--aio=native", "-t", "-e", "8",
-                "-k", str(sock), str(image)]
+                *(["-r"] if read_only else []), "-k", str(sock), str(image)]
         with open(log_path, "wb") as out:
             proc = bench.spawn(argv, stdin=subprocess.DEVNULL, stdout=out,
                                stderr=subprocess.STDOUT)
@@ -308,6 +341,10 @@ class Workspace:
 
 @dataclass
 class Fio:
+    """One fio job's result. `iops` is fio's mean over the run; `samples` are the IOPS of
+    each second (time-based runs), whose median the tables use: a neighbour's burst on a
+    shared machine spoils a few seconds, not the figure."""
+
     iops: float
     mibps: float
     ios: int
@@ -317,15 +354,42 @@ class Fio:
     host_busy_pct: float
     host_steal_pct: float
     server_cpu_us_per_io: float | None = None
+    bs: int = 4096
+    samples: list[float] = field(default_factory=list)
 
-    def brief(self) -> dict[str, float | None]:
-        return {"iops": round(self.iops, 1), "mibps": round(self.mibps, 2), "ios": self.ios,
-                "lat_mean_us": round(self.lat_mean_us, 1),
+    @property
+    def iops_median(self) -> float:
+        return statistics.median(self.samples) if self.samples else self.iops
+
+    def brief(self) -> dict[str, Any]:
+        med = self.iops_median
+        return {"iops": round(med, 1), "mibps": round(med * self.bs / MiB, 2),
+                "iops_mean": round(self.iops, 1), "mibps_mean": round(self.mibps, 2),
+                "iops_seconds": [round(x) for x in self.samples],
+                "ios": self.ios, "lat_mean_us": round(self.lat_mean_us, 1),
                 "lat_p99_us": round(self.lat_p99_us, 1), "runtime_s": round(self.runtime_s, 2),
                 "host_busy_pct": round(self.host_busy_pct, 1),
                 "host_steal_pct": round(self.host_steal_pct, 1),
                 "server_cpu_us_per_io": None if self.server_cpu_us_per_io is None
                 else round(self.server_cpu_us_per_io, 1)}
+
+
+def merge(runs: list[Fio]) -> Fio:
+    """Several slices of one measurement as one result (samples pooled)."""
+    ios = sum(r.ios for r in runs)
+    t = sum(r.runtime_s for r in runs) or 1.0
+    cpu = [r.server_cpu_us_per_io * r.ios for r in runs if r.server_cpu_us_per_io is not None]
+    return Fio(iops=ios / t, mibps=sum(r.mibps * r.runtime_s for r in runs) / t, ios=ios,
+               lat_mean_us=sum(r.lat_mean_us * r.ios for r in runs) / ios if ios else 0.0,
+               lat_p99_us=statistics.median(r.lat_p99_us for r in runs),
+               runtime_s=t, host_busy_pct=sum(r.host_busy_pct * r.runtime_s for r in runs) / t,
+               host_steal_pct=sum(r.host_steal_pct * r.runtime_s for r in runs) / t,
+               server_cpu_us_per_io=sum(cpu) / ios if cpu and ios else None, bs=runs[0].bs,
+               samples=[x for r in runs for x in r.samples])
+
+
+def parse_bs(bs: str) -> int:
+    return int(bs[:-1]) * {"k": KiB, "m": MiB}[bs[-1].lower()]
 
 
 def fio(server: Server, export: str, rw: str, bs: str, qd: int, size: int, *,
@@ -335,8 +399,10 @@ def fio(server: Server, export: str, rw: str, bs: str, qd: int, size: int, *,
     argv = ["fio", f"--name={rw}", "--ioengine=nbd", f"--uri={server.uri(export)}",
             f"--rw={rw}", f"--bs={bs}", f"--iodepth={qd}", f"--size={size}",
             "--output-format=json"]
+    logdir = Path(tempfile.mkdtemp(prefix="nbd-study-fio-"))
     if seconds is not None:
-        argv += [f"--runtime={seconds}", "--time_based"]
+        argv += [f"--runtime={seconds}", "--time_based",
+                 f"--write_iops_log={logdir / 'x'}", "--log_avg_msec=1000"]
     if number_ios is not None:
         argv.append(f"--number_ios={number_ios}")
     if seed is not None:
@@ -345,8 +411,17 @@ def fio(server: Server, export: str, rw: str, bs: str, qd: int, size: int, *,
         argv.append("--norandommap")
     h0 = bench.host_cpu()
     c0 = sum(bench.proc_cpu(server.proc.pid))
-    res = run(argv, f"fio {rw} {bs} on {server.name}/{export}",
-              timeout=(seconds or 0) + 1800)
+    try:
+        res = run(argv, f"fio {rw} {bs} on {server.name}/{export}",
+                  timeout=(seconds or 0) + 1800)
+        samples = []
+        for log_file in logdir.glob("x_iops*.log"):
+            for line in log_file.read_text().splitlines():
+                parts = [x.strip() for x in line.split(",")]
+                if len(parts) >= 2 and parts[1].isdigit():
+                    samples.append(float(parts[1]))
+    finally:
+        shutil.rmtree(logdir, ignore_errors=True)
     h1 = bench.host_cpu()
     c1 = sum(bench.proc_cpu(server.proc.pid)) if server.proc.poll() is None else c0
     try:
@@ -367,7 +442,8 @@ def fio(server: Server, export: str, rw: str, bs: str, qd: int, size: int, *,
                lat_p99_us=clat.get("percentile", {}).get("99.000000", 0) / 1000,
                runtime_s=side.get("runtime", 0) / 1000,
                host_busy_pct=100 * dbusy / dt if dt else 0.0,
-               host_steal_pct=100 * dsteal / dt if dt else 0.0)
+               host_steal_pct=100 * dsteal / dt if dt else 0.0,
+               bs=parse_bs(bs), samples=samples)
 
 
 def prefill(server: Server, export: str, size: int) -> Fio:
@@ -512,22 +588,23 @@ class Study:
         st = {"design": design, "pool": pool, "files": [pool]}
         try:
             prefill(srv, "d0", p.region)
-            self._fork_next(srv, st, 0)
         finally:
             ws.stop(srv)
+        self._fork_next(st, 0)
         return st
 
-    def _fork_next(self, srv: Server, st: dict[str, Any], level: int) -> None:
-        """Fork d{level} into d{level+1} (through the control socket) if the chain goes on."""
+    def _fork_next(self, st: dict[str, Any], level: int) -> None:
+        """Fork d{level} into d{level+1} if the chain goes on. Done in this process on the
+        closed pool: the control operation would also walk the new volume's map for its
+        `volume info` answer, which costs seconds per level for radix (experiment 4)."""
         if level >= max(self.p.depths):
             return
+        src, dst = f"d{level}", f"d{level + 1}"
         try:
-            _, dt = srv.control("volume.fork", source=f"d{level}", name=f"d{level + 1}")
+            in_pool(st["pool"], lambda pool: pool.clone_volume(src, dst, snapshot=False))
         except Refused as e:
             st["refused"] = str(e)
             log(f"  {st['design']:7} fork of d{level} refused: {e}")
-            return
-        st.setdefault("fork_s", []).append(dt)
 
     def _serve_level(self, st: dict[str, Any], level: int) -> tuple[Server, str]:
         if st["design"] == QCOW2:
@@ -543,6 +620,27 @@ class Study:
             self.ws.stop(srv)
         return {**f.brief(), "depth": level, "base_iops": round(f.iops, 1), "vs_base": 1.0}
 
+    def _paired(self, srv: Server, export: str, base_srv: Server, base_export: str,
+                level: int) -> tuple[Fio, Fio, list[float]]:
+        """Read the deep fork and the base in alternating slices (2 s each, --seconds in all
+        for each), so that a slow minute of the machine hits both; the ratio of each pair."""
+        p = self.p
+        rounds = max(1, p.seconds // 2)
+        sl = max(1, round(p.seconds / rounds))
+        deep: list[Fio] = []
+        base: list[Fio] = []
+        ratios = []
+        for i in range(rounds):
+            pair: dict[str, Fio] = {}
+            for which in (("deep", "base") if (i + level) % 2 else ("base", "deep")):
+                s_, e_ = (srv, export) if which == "deep" else (base_srv, base_export)
+                pair[which] = fio(s_, e_, "randread", "4k", 16, p.region, seconds=sl)
+            deep.append(pair["deep"])
+            base.append(pair["base"])
+            if pair["base"].iops_median:
+                ratios.append(pair["deep"].iops_median / pair["base"].iops_median)
+        return merge(deep), merge(base), ratios
+
     def _chain_level(self, st: dict[str, Any], level: int) -> dict[str, Any]:
         """Fork level-1 into level, rewrite a few random chunks, read if it is measured."""
         p, ws = self.p, self.ws
@@ -556,29 +654,28 @@ class Study:
             fio(srv, export, "randwrite", "4k", 16, p.region, number_ios=p.rewrite_chunks,
                 seed=1000 + level)
             if level not in p.depths:
+                ws.stop(srv)
                 if st["design"] != QCOW2:
-                    self._fork_next(srv, st, level)
+                    self._fork_next(st, level)
                 return {}
-            base = None
-            if st["design"] != QCOW2 and level % 2:  # the base first at every other depth
-                base = fio(srv, "d0", "randread", "4k", 16, p.region, seconds=p.seconds)
-            f = fio(srv, export, "randread", "4k", 16, p.region, seconds=p.seconds)
-            if st["design"] != QCOW2 and base is None:
-                base = fio(srv, "d0", "randread", "4k", 16, p.region, seconds=p.seconds)
             info = {}
-            if st["design"] != QCOW2:
+            if st["design"] == QCOW2:  # the base image, read-only, by a second qemu-nbd
+                base_srv = ws.serve_qcow2("chain-qcow2-base", ws.path("chain-0.qcow2"),
+                                          read_only=True)
+                try:
+                    f, base, ratios = self._paired(srv, export, base_srv, "", level)
+                finally:
+                    ws.stop(base_srv)
+            else:
+                f, base, ratios = self._paired(srv, export, srv, "d0", level)
                 info = srv.control("volume.info", name=export)[0]
-                self._fork_next(srv, st, level)
         finally:
             ws.stop(srv)
-        if base is None:  # qcow2: serve the base image alone, right after
-            srv = ws.serve_qcow2("chain-qcow2", ws.path("chain-0.qcow2"))
-            try:
-                base = fio(srv, "", "randread", "4k", 16, p.region, seconds=p.seconds)
-            finally:
-                ws.stop(srv)
-        r = {**f.brief(), "depth": level, "base_iops": round(base.iops, 1),
-             "vs_base": round(f.iops / base.iops, 3) if base.iops else None}
+        if st["design"] != QCOW2:
+            self._fork_next(st, level)
+        r = {**f.brief(), "depth": level, "base_iops": round(base.iops_median, 1),
+             "vs_base": round(statistics.median(ratios), 3) if ratios else None,
+             "vs_base_rounds": [round(x, 3) for x in ratios]}
         if info:
             r["extents_per_gib"] = info["extents_per_gib"]
             r["metadata_pages"] = info["metadata_pages"]
@@ -748,44 +845,24 @@ class Study:
     def _clone_inprocess(self, pool_path: Path, sizes: list[int]) -> dict[Any, Any]:
         """Open the pool in this process and time Pool.clone_volume alone (with its commit):
         the server's control operation also answers with `volume info`, which walks the map."""
-        import asyncio
-
-        import uvloop
-
-        from nbdserver.pool.pool import Pool
-        from nbdserver.storage.buffers import BufferPool
-        from nbdserver.storage.engine import make_engine
-
-        async def go() -> dict[int, dict[str, Any]]:
-            engine = make_engine(asyncio.get_running_loop())
-            buffers = BufferPool()
+        async def go(pool: Any) -> dict[int, dict[str, Any]]:
             samples: dict[int, dict[str, list[float]]] = {
                 s: {"snapshot": [], "fork": []} for s in sizes}
-            try:
-                pool = await Pool.open(pool_path, engine, buffers, offline=True)
-                try:
-                    for i in range(self.p.creation_repeats):
-                        for s in sizes:
-                            for kind in ("snapshot", "fork"):
-                                vol = f"v{size_arg(s)}"
-                                t0 = time.perf_counter()
-                                await pool.clone_volume(vol, f"{vol}-{kind}-p{i}",
-                                                        snapshot=kind == "snapshot")
-                                samples[s][kind].append(time.perf_counter() - t0)
-                finally:
-                    await pool.close()
-            finally:
-                engine.close()
+            for i in range(self.p.creation_repeats):
+                for s in sizes:
+                    for kind in ("snapshot", "fork"):
+                        vol = f"v{size_arg(s)}"
+                        t0 = time.perf_counter()
+                        await pool.clone_volume(vol, f"{vol}-{kind}-p{i}",
+                                                snapshot=kind == "snapshot")
+                        samples[s][kind].append(time.perf_counter() - t0)
             return {s: {f"{k}_pool_ms": round(1000 * statistics.median(v), 3)
                         for k, v in d.items()}
                     | {"pool_samples_ms": {k: [round(1000 * x, 3) for x in v]
                                            for k, v in d.items()}}
                     for s, d in samples.items()}
 
-        try:
-            return uvloop.run(go())
-        except Exception as e:  # nbdserver's own errors: report, go on
-            raise StudyError(f"timing clones in {pool_path.name}: {e!r}") from e
+        return in_pool(pool_path, go)
 
     def _creation_setup(self, design: str, sizes: list[int]) -> dict[str, Any]:
         p, ws = self.p, self.ws
@@ -908,7 +985,11 @@ def judge(results: dict[str, Any], designs: list[str]) -> list[dict[str, Any]]:
         if design == "linear":
             continue
         for exp, key, what in (("snapshots", "iops", "origin write IOPS vs snapshot count"),
+                               ("snapshots", "server_cpu_us_per_io",
+                                "server CPU per origin write vs snapshot count"),
                                ("depth", "iops", "read IOPS vs fork depth"),
+                               ("depth", "server_cpu_us_per_io",
+                                "server CPU per read vs fork depth"),
                                ("depth", "vs_base", "read IOPS vs fork depth, relative to "
                                                     "the base read alongside"),
                                ("depth", "lat_p99_us", "read p99 latency vs fork depth")):
@@ -916,11 +997,12 @@ def judge(results: dict[str, Any], designs: list[str]) -> list[dict[str, Any]]:
             fl = flatness(s)
             if fl is None:
                 continue
-            targets.append({"target": f"{design}: {what} flat within 10%",
-                            "met": fl["flat"],
-                            "detail": f"largest deviation from the median {fl['max_dev']:.0%} "
-                                      f"over {fl['points']} points; last/first "
-                                      f"{fl['last_over_first']:.2f}"})
+            if not (exp == "snapshots" and key != "iops"):  # CPU: N >= 1 only, below
+                targets.append({"target": f"{design}: {what} flat within 10%",
+                                "met": fl["flat"],
+                                "detail": f"largest deviation from the median "
+                                          f"{fl['max_dev']:.0%} over {fl['points']} points; "
+                                          f"last/first {fl['last_over_first']:.2f}"})
             if exp == "snapshots":
                 s1 = [pt for pt in s if pt[0] >= 1]
                 fl1 = flatness(s1)
@@ -1043,6 +1125,11 @@ def plot_all(results: dict[str, Any], designs: list[str], info: dict[str, Any],
         plt.close(fig)
         made[name] = path
 
+    def logscale(ax: Any) -> None:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _p: f"{v:,g}"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
     def line(ax: Any, res: dict[str, Any], names: list[str], key: str) -> bool:
         drew = False
         for d in names:
@@ -1055,17 +1142,22 @@ def plot_all(results: dict[str, Any], designs: list[str], info: dict[str, Any],
 
     snap = results.get("snapshots")
     if snap:
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        fig, (ax, a2) = plt.subplots(1, 2, figsize=(10, 4.4))
         if line(ax, snap, designs, "iops"):
-            ax.set_xscale("symlog", base=2, linthresh=1)
-            ax.set_xticks(sorted({int(x) for d in snap for x in snap[d]}))
-            ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-            ax.set_xlabel("snapshots of the origin")
+            line(a2, snap, designs, "server_cpu_us_per_io")
+            for a in (ax, a2):
+                a.set_xscale("symlog", base=2, linthresh=1)
+                a.set_xticks(sorted({int(x) for d in snap for x in snap[d]}))
+                a.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+                a.set_xlabel("snapshots of the origin")
+                a.grid(alpha=0.3)
             ax.set_ylabel("origin 4 KiB random write IOPS (QD16)")
             ax.set_ylim(bottom=0)
             ax.set_title("Origin writes vs snapshot count")
+            a2.set_ylabel("server CPU us per write")
+            logscale(a2)
+            a2.set_title("Server CPU time per write")
             ax.legend()
-            ax.grid(alpha=0.3)
             finish(fig, "snapshots")
         else:
             plt.close(fig)
@@ -1073,10 +1165,13 @@ def plot_all(results: dict[str, Any], designs: list[str], info: dict[str, Any],
     depth = results.get("depth")
     if depth:
         names = [d for d in [*designs, QCOW2] if d in depth]
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.4))
+        fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(13, 4.4))
         if line(a1, depth, names, "iops"):
             line(a2, depth, names, "lat_p99_us")
-            for ax, lab in ((a1, "4 KiB random read IOPS (QD16)"), (a2, "p99 latency (us)")):
+            line(a3, depth, names, "server_cpu_us_per_io")
+            a3.set_title("Server CPU time per read")
+            for ax, lab in ((a1, "4 KiB random read IOPS (QD16)"), (a2, "p99 latency (us)"),
+                            (a3, "server CPU us per read")):
                 ax.set_xscale("symlog", base=2, linthresh=1)
                 ax.set_xticks(sorted({int(x) for d in depth for x in depth[d]}))
                 ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -1093,23 +1188,28 @@ def plot_all(results: dict[str, Any], designs: list[str], info: dict[str, Any],
 
     loc = results.get("locality")
     if loc:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.4))
+        fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(13, 4.4))
         drew = False
         for d in designs:
-            pts = sorted((r["rewritten_pct"], r["mibps"], r["extents_per_gib"])
+            pts = sorted((r["rewritten_pct"], r["mibps"], r["extents_per_gib"],
+                          r.get("server_cpu_us_per_io") or 0)
                          for r in loc.get(d, {}).values() if isinstance(r, dict) and "mibps" in r)
             if pts:
-                xs, ys, es = zip(*pts, strict=True)
+                xs, ys, es, cs = zip(*pts, strict=True)
                 a1.plot(xs, ys, marker="o", label=d, color=DESIGN_COLORS.get(d))
                 a2.plot(xs, [max(e, 1) for e in es], marker="o", label=d,
                         color=DESIGN_COLORS.get(d))
+                a3.plot(xs, cs, marker="o", label=d, color=DESIGN_COLORS.get(d))
                 drew = True
         if drew:
             a1.set_ylabel("sequential 1 MiB read MiB/s (QD4)")
             a1.set_ylim(bottom=0)
             a2.set_ylabel("extents per GiB")
-            a2.set_yscale("log")
-            for ax in (a1, a2):
+            logscale(a2)
+            a3.set_ylabel("server CPU us per 1 MiB read")
+            a3.set_ylim(bottom=0)
+            a3.set_title("Server CPU time per 1 MiB read")
+            for ax in (a1, a2, a3):
                 ax.set_xlabel("% of the fork rewritten by random 4 KiB writes")
                 ax.grid(alpha=0.3)
             a1.legend()
@@ -1148,10 +1248,7 @@ def plot_all(results: dict[str, Any], designs: list[str], info: dict[str, Any],
                 ax.set_title(title)
                 ax.grid(alpha=0.3)
             for ax in axes[:2]:
-                ax.set_yscale("log")
-                ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(
-                    lambda v, _pos: f"{v:g}"))
-                ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+                logscale(ax)
             axes[2].set_ylim(bottom=0)
             axes[1].legend(fontsize=7)
             finish(fig, "creation")
@@ -1243,9 +1340,12 @@ def render(results: dict[str, Any], designs: list[str], info: dict[str, Any], p:
         "the default 64 MiB metadata cache); every server and fio talk over Unix sockets "
         f"(fio {info['fio']}, its nbd engine). Volumes of experiments 1-3 are "
         f"{human(p.region)}, written in full with 1 MiB sequential writes before anything "
-        f"else; timed fio runs last {p.seconds} s. Each measurement is a single run (no "
-        "repetition), so read the curves for trends; the designs of one point ran back to "
-        "back, in an order that rotates from point to point. Snapshots and forks are made "
+        f"else; timed fio runs last {p.seconds} s. IOPS and MiB/s are the median of the "
+        "per-second figures of the run (fio's IOPS log), latencies fio's completion "
+        "latency; *CPU* is the server process's user + system time per I/O. Each point is "
+        "measured once (no repetition), so read the curves for trends; the designs of a "
+        "point run back to back, in an order that rotates from point to point. Snapshots "
+        "and forks are made "
         "through the control socket of the server that has the pool open, or with the CLI "
         "when no server runs. `flat within 10%` means no point of the series deviates by "
         "more than 10% from the series' median.",
@@ -1288,21 +1388,23 @@ def render(results: dict[str, Any], designs: list[str], info: dict[str, Any], p:
         L += ["## 2. Random reads vs fork depth", "",
               f"A chain of forks of a prefilled {human(p.region)} volume: each fork rewrites "
               f"{p.rewrite_chunks} random 4 KiB chunks, then is forked again. At each depth "
-              f"the deepest fork is served alone and read with fio `randread` 4 KiB QD16 "
-              f"for {p.seconds} s over the whole volume. The anchor is the same chain of "
-              "qcow2 files (`qemu-img create -f qcow2 -b parent.qcow2 -F qcow2`, each child "
-              f"rewriting {p.rewrite_chunks} random chunks through qemu-nbd), read through "
-              "`qemu-nbd -f qcow2 --cache=none --aio=native`.", ""]
+              "the deepest fork is read with fio `randread` 4 KiB QD16 over the whole volume, "
+              f"{p.seconds} s in all, in slices of about 2 s that alternate with slices "
+              "reading the chain's base (depth 0) from the same server, so that each pair "
+              "sees the same machine. The anchor is the same chain of qcow2 files "
+              "(`qemu-img create -f qcow2 -b parent.qcow2 -F qcow2`, each child rewriting "
+              f"{p.rewrite_chunks} random chunks through qemu-nbd), read through `qemu-nbd "
+              "-f qcow2 --cache=none --aio=native` (its base by a second, read-only "
+              "qemu-nbd).", ""]
         head = ["depth"] + [f"{d} IOPS (mean / p99 us)" for d in chains]
         rows = [[str(x)] + [cell(depth.get(d, {}).get(str(x)),
                                  lambda r: f"{r['iops']:,.0f} ({r['lat_mean_us']:,.0f} / "
                                            f"{r['lat_p99_us']:,.0f})")
                             for d in chains] for x in p.depths]
         L += [md_table(head, rows), "",
-              "The same reads relative to a read of the chain's base (depth 0) made by the "
-              "same server right before or after (qcow2: the base image alone, right after), "
-              "which cancels most of the machine's drift over the run; and the server's CPU "
-              "time per read (user + system, whole process):", ""]
+              "The deepest fork's reads relative to the base's, the median of the ratios "
+              "of the alternating slices (this cancels most of the machine's drift), and the "
+              "server's CPU time per read:", ""]
         head = ["depth"] + [f"{d} vs base (CPU us/IO)" for d in chains]
         rows = [[str(x)] + [cell(depth.get(d, {}).get(str(x)),
                                  lambda r: f"{r['vs_base']:.2f} "
@@ -1440,6 +1542,10 @@ def render(results: dict[str, Any], designs: list[str], info: dict[str, Any], p:
 # -- main --------------------------------------------------------------------------------
 
 
+def default_out(quick: bool) -> Path:
+    return REPO / "study-work" / "quick" / "study.md" if quick else REPO / "docs" / "study.md"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from nbdserver.blockmap.base import designs as registered
 
@@ -1489,9 +1595,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--experiments: numbers from 1 to 6, e.g. 1,3")
     if 5 in args.exp:
         args.exp.add(3)
+    args.out_given = args.out is not None
     if args.out is None:
-        args.out = (REPO / "study-work" / "quick" / "study.md") if args.quick else (
-            REPO / "docs" / "study.md")
+        args.out = default_out(args.quick)
     if args.seconds is not None and args.seconds < 1:
         p.error("--seconds must be at least 1")
     params = replace(QUICK if args.quick else FULL)
@@ -1555,6 +1661,8 @@ def main(argv: list[str] | None = None) -> int:
         doc = json.loads(args.render.read_text())
         args.design_list, args.no_qcow2 = doc["designs"], doc.get("no_qcow2", False)
         args.quick = bool(doc["machine"].get("quick"))
+        if not args.out_given:
+            args.out = default_out(args.quick)
         write_report(args, doc["results"], doc["machine"], Params(**doc["params"]))
         return 0
     check_tools(args)
