@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import random
 import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -43,7 +44,13 @@ from typing import Any, ClassVar, TypeVar
 import uvloop
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 from poolkit import TINY_CACHE, KiB, PoolEnv, describe_diff
 
 from nbdserver.backend.base import ALLOCATION_DEPTH, BASE_ALLOCATION, STATE_HOLE, STATE_ZERO
@@ -53,10 +60,12 @@ from nbdserver.errors import NbdError, UserError
 T = TypeVar("T")
 
 MAX_LIVE = 8
+REOPEN_EVERY = 6  # steps between two reopens (or crashes) at least: they are slow
 VOLUME_SIZES = (64 * KiB, 100 * KiB + 512, 192 * KiB, 256 * KiB)
+ZEROS = bytes(max(VOLUME_SIZES))
 
 settings.register_profile(
-    "model-ci", max_examples=6, stateful_step_count=30, deadline=None, derandomize=False,
+    "model-ci", max_examples=20, stateful_step_count=40, deadline=None, derandomize=False,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                            HealthCheck.filter_too_much], print_blob=True)
 settings.register_profile(
@@ -86,14 +95,12 @@ def machine_for(config: ModelConfig) -> type[PoolModel]:
 
 
 def data_bytes(seed: int, length: int) -> bytes:
-    """Random-looking bytes, most of them nonzero, some runs of zeros (seed 0: all zeros)."""
+    """Random bytes; every fifth seed with a run of zeros inside (seed 0: all zeros)."""
     if seed == 0:
         return bytes(length)
-    x = seed * 2654435761 & 0xFFFFFFFF
-    out = bytearray(length)
-    for i in range(length):
-        x = (x * 1103515245 + 12345) & 0x7FFFFFFF
-        out[i] = (x >> 16) & 0xFF
+    out = bytearray(random.Random(seed).randbytes(length))
+    if seed % 5 == 0 and length > 2:
+        out[length // 3:2 * length // 3] = bytes(2 * length // 3 - length // 3)
     return bytes(out)
 
 
@@ -117,6 +124,7 @@ class PoolModel(RuleBasedStateMachine):
         self.parent: dict[str, str | None] = {}
         self.clones: dict[str, set[str]] = {}  # live volumes cloned from a volume
         self.counter = 0
+        self.since_reopen = 0
         self.design_cls = designs()[self.config.design]
         self.chunk = self.config.chunk_size
 
@@ -157,6 +165,20 @@ class PoolModel(RuleBasedStateMachine):
         return ({n: bytes(b) for n, b in self.model.items()}, frozenset(self.env.names()))
 
     # -- rules -----------------------------------------------------------------------------
+
+    @initialize(sizes=st.lists(st.sampled_from(VOLUME_SIZES), min_size=1, max_size=3),
+                seed=st.integers(1, 1 << 16))
+    def start(self, sizes: list[int], seed: int) -> None:
+        """Every run starts with a few volumes, some data in them."""
+        for i, size in enumerate(sizes):
+            name = self._new_name()
+            vol = self.run(self.env.create(name, size))
+            payload = data_bytes(seed + i, size // 2)
+            self.run(vol.write(size // 4, payload))
+            self.model[name] = bytearray(size)
+            self.model[name][size // 4:size // 4 + len(payload)] = payload
+            self.parent[name] = None
+            self.clones[name] = set()
 
     @precondition(lambda self: len(self.model) < MAX_LIVE)
     @rule(size=st.sampled_from(VOLUME_SIZES))
@@ -339,10 +361,13 @@ class PoolModel(RuleBasedStateMachine):
         for name, off, payload in effects:
             self.model[name][off:off + len(payload)] = payload
 
+    @precondition(lambda self: self.since_reopen >= REOPEN_EVERY)
     @rule()
     def reopen(self) -> None:
+        self.since_reopen = 0
         self.run(self.env.reopen())
 
+    @precondition(lambda self: self.since_reopen >= REOPEN_EVERY)
     @rule()
     def crash_after_flush(self) -> None:
         """Everything is flushed, then the process dies: replay must restore it all."""
@@ -356,6 +381,7 @@ class PoolModel(RuleBasedStateMachine):
             pool.abandon()
             await self.env.open()
 
+        self.since_reopen = 0
         self.run(crash())
 
     # -- the invariants --------------------------------------------------------------------
@@ -365,6 +391,7 @@ class PoolModel(RuleBasedStateMachine):
         self.run(self._check())
 
     async def _check(self) -> None:
+        self.since_reopen += 1
         env = self.env
         assert sorted(env.names()) == sorted(self.model), "live volumes differ from the model"
         for name, want in self.model.items():
@@ -377,13 +404,13 @@ class PoolModel(RuleBasedStateMachine):
             pos = 0
             for n, flags in await vol.block_status(0, vol.size, BASE_ALLOCATION):
                 if flags & (STATE_HOLE | STATE_ZERO):
-                    assert not any(want[pos:pos + n]), (
+                    assert want[pos:pos + n] == ZEROS[:n], (
                         f"{name}: block status says hole/zero at {pos}+{n} over data")
                 pos += n
             pos = 0
             for n, depth in await vol.block_status(0, vol.size, ALLOCATION_DEPTH):
                 if depth == 0:
-                    assert not any(want[pos:pos + n]), (
+                    assert want[pos:pos + n] == ZEROS[:n], (
                         f"{name}: allocation depth 0 at {pos}+{n} over data")
                 pos += n
         report = await env.check()

@@ -73,11 +73,16 @@ def small_params(design: str) -> tuple[int, int, int, int] | None:
 
 
 def pattern(seed: int, length: int, offset: int = 0) -> bytes:
-    """Recognisable, mostly nonzero bytes: byte i is a function of (seed, offset + i)."""
-    seed &= 0xFFFF
-    step = 2 * (seed % 61) + 1
-    base = (seed * 7919) & 0xFF
-    return bytes(((base + (offset + i) * step) & 0xFF) | 1 for i in range(length))
+    """Recognisable bytes, never all zero: bytes [offset, offset+length) of a stream of
+    16-byte blocks ``<seed:6 hex>:<block number:8 hex>|`` (the block number counts from
+    the stream's start). Every 16-byte block of every seed is different, so a chunk read
+    from the wrong place or the wrong volume never passes for the right one."""
+    seed &= 0xFFFFFF
+    first, last = offset // 16, (offset + length + 15) // 16
+    stream = b"".join(b"%06x:%08x|" % (seed, block & 0xFFFFFFFF)
+                      for block in range(first, last))
+    skip = offset - first * 16
+    return stream[skip:skip + length]
 
 
 class Vol:
