@@ -66,7 +66,7 @@ from nbdserver.backend.base import (
 from nbdserver.backend.ranges import RangeLocks
 from nbdserver.blockmap.base import HOLE, Claim, CopyOut, InPlace, Redirect, Run
 from nbdserver.errors import NbdError
-from nbdserver.pool.format import VolumeRecord
+from nbdserver.pool.format import FormatError, VolumeRecord
 from nbdserver.pool.pages import PageMiss
 from nbdserver.pool.pool import Pool
 from nbdserver.storage.buffers import AlignedBuffer, zero_fill
@@ -688,5 +688,8 @@ def _as_nbd_error(exc: BaseException) -> NbdError:
         return exc
     if isinstance(exc, OSError):
         return NbdError(exc.errno or errno.EIO, str(exc))
+    if isinstance(exc, FormatError):  # a damaged metadata page: said once, no traceback
+        log.error("%s", exc)
+        return NbdError(errno.EIO, str(exc))
     log.error("unexpected error in a volume request", exc_info=exc)
     return NbdError(errno.EIO, f"internal error: {exc}")

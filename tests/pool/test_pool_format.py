@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import struct
 from dataclasses import replace
@@ -218,7 +219,8 @@ def test_misdirected_page_is_detected() -> None:
             verify_page(wrong, page)
 
 
-async def test_misdirected_map_page_on_disk_is_reported(make_pool: PoolFactory) -> None:
+async def test_misdirected_map_page_on_disk_is_reported(make_pool: PoolFactory,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
     """Overwrite one block-map page on disk with another's image: reading the volume
     fails loudly (EIO, never the wrong data) and `check` names the problem."""
     env = await make_pool("radix", offline=False)
@@ -234,9 +236,11 @@ async def test_misdirected_map_page_on_disk_is_reported(make_pool: PoolFactory) 
     await env.close()
     _write_raw(env.path, page_a * PAGE_SIZE, _read_raw(env.path, page_b * PAGE_SIZE, PAGE_SIZE))
     await env.open()
-    with pytest.raises(NbdError) as e:
+    with caplog.at_level(logging.ERROR, logger="nbdserver.volume"), \
+            pytest.raises(NbdError) as e:
         await env.vol("a").read(0, 4096)
-    assert e.value.errno == errno.EIO
+    assert e.value.errno == errno.EIO and "checksum mismatch" in str(e.value)
+    assert not any(r.exc_info for r in caplog.records), "a damaged page is not a bug"
     assert await env.vol("b").read_all() == pattern(2, 256 * KiB)
     report = await env.check()
     assert not report.ok
