@@ -711,6 +711,17 @@ class Study:
                     log(f"  {design:7} {r['rewritten_pct']:5.1f}% rewritten: {r['mibps']:8,.1f}"
                         f" MiB/s  {r['extents_per_gib']:10,.0f} extents/GiB  (server "
                         f"{r['server_cpu_us_per_io'] or 0:,.0f} us CPU per 1 MiB read)")
+        for design in servers:
+            with contextlib.suppress(StudyError):
+                state[design]["meta_rewritten"] = servers[design].control(
+                    "pool.info")[0]["metadata_used_bytes"]
+        # then `volume defrag` (live, through the control socket) and the same read again
+        for design in rotate(list(servers), len(p.fractions)):
+            loc[design]["defrag"] = r = self.point(
+                f"{design} defrag", lambda d=design: self._defrag_step(servers[d]))
+            if "mibps" in r:
+                log(f"  {design:7} after defrag ({r['defrag_s']:.1f}s): {r['mibps']:8,.1f} "
+                    f"MiB/s  {r['extents_per_gib']:10,.0f} extents/GiB")
         for design, srv in servers.items():
             meta[design].update(self.point(
                 f"{design} metadata", lambda d=design, s=srv: self._reclaim(d, s, state[d])))
@@ -762,8 +773,17 @@ class Study:
                 "extents": info["extents"], "extents_per_gib": info["extents_per_gib"],
                 "mean_extent_bytes": info["mean_extent_bytes"]}
 
+    def _defrag_step(self, srv: Server) -> dict[str, Any]:
+        _, dt = srv.control("volume.defrag", name="fork")
+        info = srv.control("volume.info", name="fork")[0]
+        f = fio(srv, "fork", "read", "1m", 4, self.p.region, seconds=self.p.seconds)
+        return {**f.brief(), "defrag_s": round(dt, 2),
+                "rewritten_pct": round(100 * info["exclusive_bytes"] / self.p.region, 2),
+                "extents": info["extents"], "extents_per_gib": info["extents_per_gib"],
+                "mean_extent_bytes": info["mean_extent_bytes"]}
+
     def _reclaim(self, design: str, srv: Server, st: dict[str, Any]) -> dict[str, Any]:
-        m3 = srv.control("pool.info")[0]["metadata_used_bytes"]
+        m3 = st.get("meta_rewritten") or srv.control("pool.info")[0]["metadata_used_bytes"]
         self.ws.stop(srv)
         pool = str(st["pool"])
         fork = nbdserver_cli("volume", "info", pool, "fork")
@@ -1193,7 +1213,8 @@ def plot_all(results: dict[str, Any], designs: list[str], info: dict[str, Any],
         for d in designs:
             pts = sorted((r["rewritten_pct"], r["mibps"], r["extents_per_gib"],
                           r.get("server_cpu_us_per_io") or 0)
-                         for r in loc.get(d, {}).values() if isinstance(r, dict) and "mibps" in r)
+                         for x, r in loc.get(d, {}).items()
+                         if x.isdigit() and isinstance(r, dict) and "mibps" in r)
             if pts:
                 xs, ys, es, cs = zip(*pts, strict=True)
                 a1.plot(xs, ys, marker="o", label=d, color=DESIGN_COLORS.get(d))
@@ -1201,6 +1222,12 @@ def plot_all(results: dict[str, Any], designs: list[str], info: dict[str, Any],
                         color=DESIGN_COLORS.get(d))
                 a3.plot(xs, cs, marker="o", label=d, color=DESIGN_COLORS.get(d))
                 drew = True
+            r = loc.get(d, {}).get("defrag")
+            if isinstance(r, dict) and "mibps" in r:  # a star: after `volume defrag`
+                for ax, v in ((a1, r["mibps"]), (a2, max(r["extents_per_gib"], 1)),
+                              (a3, r.get("server_cpu_us_per_io") or 0)):
+                    ax.plot([r["rewritten_pct"]], [v], marker="*", ms=12, ls="none",
+                            color=DESIGN_COLORS.get(d))
         if drew:
             a1.set_ylabel("sequential 1 MiB read MiB/s (QD4)")
             a1.set_ylim(bottom=0)
@@ -1213,7 +1240,7 @@ def plot_all(results: dict[str, Any], designs: list[str], info: dict[str, Any],
                 ax.set_xlabel("% of the fork rewritten by random 4 KiB writes")
                 ax.grid(alpha=0.3)
             a1.legend()
-            a1.set_title("Sequential read after random rewrites")
+            a1.set_title("Sequential read after random rewrites (*: defragmented)")
             a2.set_title("Fragmentation")
             finish(fig, "locality")
         else:
@@ -1269,7 +1296,7 @@ def readme_sentences(results: dict[str, Any], designs: list[str],
         return statistics.median(pts) if pts else None
 
     fracs = sorted({int(x) for d in results.get("locality", {})
-                    for x in results["locality"][d]})
+                    for x in results["locality"][d] if x.isdigit()})
     mid = "10" if 10 in fracs else str(fracs[-1]) if fracs else "0"
     parts = []
     pair = [d for d in ("extent", "radix") if d in designs]
@@ -1426,14 +1453,24 @@ def render(results: dict[str, Any], designs: list[str], info: dict[str, Any], p:
               "(*rewritten*, measured from the fork's exclusive bytes); after each step it is "
               f"read with fio `read` 1 MiB QD4 for {p.seconds} s. Extents per GiB come from "
               "`volume info` (maximal runs of logically and physically contiguous chunks; "
-              "the pristine fork shares the base's layout).", ""]
+              "the pristine fork shares the base's layout). Last, the fork is defragmented "
+              "live (`volume defrag` through the control socket: it makes runs of the "
+              "volume's own chunks contiguous and leaves shared chunks where they are) and "
+              "read once more.", ""]
         head = ["target"] + [f"{d} MiB/s (rewritten %, extents/GiB, CPU us/MiB)"
                              for d in designs]
-        rows = [[f"{pct}%"] + [cell(loc[d].get(str(pct)),
-                                    lambda r: f"{r['mibps']:,.0f} ({r['rewritten_pct']:.1f}%, "
-                                              f"{r['extents_per_gib']:,.0f}, "
-                                              f"{r['server_cpu_us_per_io']:.0f})")
-                               for d in designs] for pct in p.fractions]
+        def fmt(r: dict[str, Any]) -> str:
+            return (f"{r['mibps']:,.0f} ({r['rewritten_pct']:.1f}%, "
+                    f"{r['extents_per_gib']:,.0f}, {r['server_cpu_us_per_io']:.0f})")
+
+        rows = [[f"{pct}%"] + [cell(loc[d].get(str(pct)), fmt) for d in designs]
+                for pct in p.fractions]
+        if any("defrag" in loc[d] for d in designs):
+            rows.append([f"{p.fractions[-1]}%, then `volume defrag`"]
+                        + [cell(loc[d].get("defrag"), fmt) for d in designs])
+            rows.append(["defrag time, s"] + [cell(loc[d].get("defrag"),
+                                                   lambda r: f"{r['defrag_s']:.1f}")
+                                              for d in designs])
         L += [md_table(head, rows), ""]
         L += notes_of(loc)
         if "locality" in rel:
