@@ -43,9 +43,10 @@ class ReadResult:
         self._release = release
 
     def release(self) -> None:
-        if self._release is not None:
-            self._release()
-            self._release = None
+        """Idempotent: the hook runs at most once, even if it raises."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
 
 ReadDone = Callable[[ReadResult | NbdError], None]

@@ -16,9 +16,17 @@ would not stop a chunk holding thousands of 28-byte READ headers from being
 dispatched), reading from the socket pauses, and both resume as requests
 complete and the write buffer drains.
 
-Read replies are written straight from the backend's aligned buffers. uvloop
-keeps a reference to a buffer it could not send at once (it does not copy), so
-such buffers are only recycled once the transport's write buffer is empty.
+Replies smaller than ``BATCH_LIMIT`` are queued and sent together once the
+I/O engine has delivered the batch of completions that produced them: one
+``writev`` for a dozen 4 KiB read replies instead of a dozen (measured: +10%
+4 KiB random-read IOPS on a disk, +34% on a fast device, 10-28% less CPU per
+I/O). Larger read replies are written at once, straight from the backend's
+aligned buffers. uvloop keeps a reference to what it could not send at once
+(it does not copy), so such a buffer is recycled only once the transport has
+sent every byte up to the end of its reply (counted in bytes written minus
+bytes still queued). That is what allows a deep write buffer
+(``WRITE_HIGH_WATER``) and socket send buffer (``SEND_BUFFER``), which keep
+the device busy with 1 MiB reads while earlier replies drain.
 
 DISC (or EOF, or server stop) stops taking requests; the connection closes once
 every request taken has been answered. Closing is graceful: the write side is
@@ -35,7 +43,10 @@ handshake timeout closes at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+from collections import deque
 from typing import TYPE_CHECKING, cast
 
 from nbdserver.backend.base import Backend, ReadResult
@@ -58,6 +69,9 @@ log = logging.getLogger(__name__)
 MAX_IN_FLIGHT = 256
 MAX_BYTES_IN_FLIGHT = 64 << 20  # READ/WRITE payload bytes; one request may go over
 LINGER_SECONDS = 5.0  # how long a closing connection waits for a client making no progress
+BATCH_LIMIT = 64 * 1024  # replies below this wait for the end of their completion batch
+WRITE_HIGH_WATER = 8 << 20  # queued reply bytes above which no new request is taken
+SEND_BUFFER = 4 << 20  # SO_SNDBUF asked for each connection
 
 
 class NbdConnection(asyncio.Protocol):
@@ -83,7 +97,10 @@ class NbdConnection(asyncio.Protocol):
         self._linger_timer: asyncio.TimerHandle | None = None
         self._linger_queued = 0  # bytes of replies still queued at the last linger check
         self.lost = asyncio.Event()  # set once the socket is closed
-        self._held: list[ReadResult] = []
+        self._held: deque[tuple[int, ReadResult]] = deque()  # (end offset, result)
+        self._out: list[bytes] = []  # small replies waiting for the end of the batch
+        self._out_scheduled = False
+        self._written = 0  # bytes handed to the transport so far
         self._handshake_timer: asyncio.TimerHandle | None = None
         self.idle = asyncio.Event()  # set while no request is in flight
         self.idle.set()
@@ -102,6 +119,11 @@ class NbdConnection(asyncio.Protocol):
             self.transport.abort()
             return
         self.server.connections.add(self)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         timeout = self.server.handshake_timeout
         if timeout > 0:
             self._handshake_timer = asyncio.get_running_loop().call_later(
@@ -184,7 +206,7 @@ class NbdConnection(asyncio.Protocol):
                 break
             out = core.data_to_send()
             if out:
-                transport.write(out)
+                self._write(out)
             if type(event) is Request:
                 self._dispatch(event)
             elif isinstance(event, TransmissionStarted):
@@ -202,7 +224,27 @@ class NbdConnection(asyncio.Protocol):
     def _send_core_output(self) -> None:
         out = self.core.data_to_send()
         if out and self.transport is not None and not self.closed:
-            self.transport.write(out)
+            self._write(out)
+
+    # -- output -----------------------------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self._written += len(data)
+        self.transport.write(data)
+
+    def _queue_reply(self, data: bytes) -> None:
+        """Send a small reply with the others of this completion batch."""
+        self._out.append(data)
+        if not self._out_scheduled:
+            self._out_scheduled = True
+            self.engine.after_completions(self._flush_out)
+
+    def _flush_out(self) -> None:
+        self._out_scheduled = False
+        out, self._out = self._out, []
+        if out and not self.closed and self.transport is not None:
+            self._write(out[0] if len(out) == 1 else b"".join(out))
 
     def _start_transmission(self, event: TransmissionStarted) -> None:
         if self._handshake_timer is not None:
@@ -260,26 +302,29 @@ class NbdConnection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         if isinstance(result, NbdError):
-            transport.write(self.core.reply_error(req, result.errno, result.message))
+            self._queue_reply(self.core.reply_error(req, result.errno, result.message))
         else:
-            transport.writelines(self.core.reply_read(req, result.chunks))
-            if transport.get_write_buffer_size():
-                self._held.append(result)
-            else:
+            parts = self.core.reply_read(req, result.chunks)
+            if req.length < BATCH_LIMIT:
+                self._queue_reply(b"".join(parts))  # a copy: the buffer is free at once
                 result.release()
-                if self._held:
-                    self._release_held()
+            else:
+                self._flush_out()
+                self._written += sum(len(p) for p in parts)
+                transport.writelines(parts)
+                self._held.append((self._written, result))
+                self._release_held()
         self._finished(req)
 
     def _done(self, req: Request, error: NbdError | None) -> None:
         if not self.closed:
             assert self.transport is not None
             if error is None:
-                self.transport.write(self.core.reply_ok(req))
+                self._queue_reply(self.core.reply_ok(req))
             else:
                 if error.errno not in (28, 1, 95):  # ENOSPC, EPERM, ENOTSUP are expected
                     log.warning("%s: %s failed: %s", self.peer, req.command.name, error)
-                self.transport.write(self.core.reply_error(req, error.errno, error.message))
+                self._queue_reply(self.core.reply_error(req, error.errno, error.message))
         self._finished(req)
 
     def _block_status(self, backend: Backend, req: Request) -> None:
@@ -308,9 +353,9 @@ class NbdConnection(asyncio.Protocol):
             assert self.transport is not None
             if failed:
                 err = failed[0]
-                self.transport.write(self.core.reply_error(req, err.errno, err.message))
+                self._queue_reply(self.core.reply_error(req, err.errno, err.message))
             else:
-                self.transport.write(self.core.reply_block_status(req, answers))
+                self._queue_reply(self.core.reply_block_status(req, answers))
         self._finished(req)
 
     def _finished(self, req: Request) -> None:
@@ -337,10 +382,13 @@ class NbdConnection(asyncio.Protocol):
     # -- flow control and shutdown ------------------------------------------------------
 
     def _release_held(self) -> None:
-        if self.transport is not None and not self.transport.get_write_buffer_size():
-            for result in self._held:
-                result.release()
-            self._held.clear()
+        """Recycle the buffers of read replies the transport has sent in full."""
+        held = self._held
+        if not held or self.transport is None:
+            return
+        sent = self._written - self.transport.get_write_buffer_size()
+        while held and held[0][0] <= sent:
+            held.popleft()[1].release()
 
     def _update_reading(self) -> None:
         transport = self.transport
@@ -372,6 +420,7 @@ class NbdConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closed or self._lingering:
             return
+        self._flush_out()
         if self._peer_eof or not transport.can_write_eof():
             transport.close()  # sends what is queued, then closes
             return

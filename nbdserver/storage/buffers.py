@@ -12,6 +12,7 @@ Cost: ``get`` and ``put`` are O(1) list operations on the hot path.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 
@@ -71,17 +72,23 @@ class BufferPool:
         return buf
 
     def put(self, buf: AlignedBuffer) -> None:
-        """Return `buf` for reuse; the caller must not touch it afterwards. O(1)."""
+        """Return `buf` for reuse; the caller must not touch it afterwards. O(1).
+
+        Beyond the cap the buffer is dropped, not unmapped: views of it may still
+        exist (a reply uvloop has not sent yet), and unmapping under them would
+        fail; the garbage collector frees it once the last view is gone.
+        """
         if self._pooled + buf.size > self._max_pooled:
-            buf.close()
             return
         self._pooled += buf.size
         self._free[buf.size_class].append(buf)
 
     def clear(self) -> None:
+        """Unmap every free buffer (one still viewed elsewhere is left to the GC)."""
         for free in self._free:
             for buf in free:
-                buf.close()
+                with contextlib.suppress(BufferError):
+                    buf.close()
             free.clear()
         self._pooled = 0
 

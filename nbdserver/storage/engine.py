@@ -84,6 +84,11 @@ class IoEngine:
     def kick(self) -> None:
         """Submit everything queued so far (the transport calls this after each parse)."""
 
+    def after_completions(self, fn: Callable[[], None]) -> None:
+        """Run `fn` once the completions being delivered now have all been delivered
+        (soon, if none are). The transport sends the replies of one batch together."""
+        self.loop.call_soon(fn)
+
     def run_blocking(
         self, fn: Callable[..., T], *args: Any, callback: Callable[[T | BaseException], None]
     ) -> None:
@@ -162,6 +167,8 @@ class LinuxAioEngine(IoEngine):
         self._waiting: list[tuple[int, int, int, int, int, int, Completion]] = []  # no free slot
         self._scheduled = False
         self._closed = False
+        self._reaping = False
+        self._batch_end: list[Callable[[], None]] = []
         loop.add_reader(self._efd, self._reap)
 
     def _queue(self, op: int, fd: int, address: int, length: int, offset: int,
@@ -231,11 +238,27 @@ class LinuxAioEngine(IoEngine):
             except Exception:
                 log.exception("I/O completion callback failed")
 
+    def after_completions(self, fn: Callable[[], None]) -> None:
+        if self._reaping:
+            self._batch_end.append(fn)
+        else:
+            self.loop.call_soon(fn)
+
     def _reap(self) -> None:
         try:
             os.read(self._efd, 8)
         except BlockingIOError:
             return
+        self._reaping = True
+        try:
+            self._reap_events()
+        finally:
+            self._reaping = False
+            hooks, self._batch_end = self._batch_end, []
+            for fn in hooks:
+                fn()
+
+    def _reap_events(self) -> None:
         events = self._events
         unpack = _EVENT.unpack_from
         while True:
