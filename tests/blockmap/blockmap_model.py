@@ -7,7 +7,7 @@ data path (:class:`~nbdserver.volume.VolumeBackend`), and keeps a model: one
 length: aligned, unaligned, several chunks, random bytes, FUA or not), trim,
 write-zeroes (with and without NO_HOLE, and FAST_ZERO), snapshot, fork, delete,
 flush, bursts of concurrent writes and trims, close and reopen, and a crash
-after a flush (journal replay).
+after a flush (journal replay). Volumes and forks are thin or guaranteed.
 
 After every step (:meth:`PoolModel.check_everything`):
 
@@ -16,7 +16,9 @@ After every step (:meth:`PoolModel.check_everything`):
   independence: a write to one volume changed no other);
 - ``base:allocation`` never calls a range a hole or zero where the model has
   a nonzero byte, and ``qemu:allocation-depth`` 0 means the model reads zeros;
-- ``pool.check()`` is clean: no problem, no leaked chunk or page;
+- ``pool.check()`` is clean: no problem, no leaked chunk or page, the
+  volumes' reservations add up to the pool's, and a guaranteed volume holds
+  at most its size in promises;
 - with no volume left at all, every data chunk is free again (reclamation).
 
 Designs with documented limits refuse operations with ``UserError`` exactly
@@ -181,10 +183,10 @@ class PoolModel(RuleBasedStateMachine):
             self.clones[name] = set()
 
     @precondition(lambda self: len(self.model) < MAX_LIVE)
-    @rule(size=st.sampled_from(VOLUME_SIZES))
-    def create(self, size: int) -> None:
+    @rule(size=st.sampled_from(VOLUME_SIZES), guarantee=st.booleans())
+    def create(self, size: int, guarantee: bool) -> None:
         name = self._new_name()
-        self.run(self.env.create(name, size))
+        self.run(self.env.create(name, size, guarantee=guarantee))
         self.model[name] = bytearray(size)
         self.parent[name] = None
         self.clones[name] = set()
@@ -243,6 +245,7 @@ class PoolModel(RuleBasedStateMachine):
 
     def _clone(self, data: st.DataObject, snapshot: bool) -> None:
         src = data.draw(st.sampled_from(sorted(self.model)), label="source")
+        guarantee = not snapshot and data.draw(st.booleans(), label="guarantee")
         name = self._new_name()
         pool = self.env.pool
         why = pool.map.clone_refused(pool.volume(src))
@@ -254,7 +257,7 @@ class PoolModel(RuleBasedStateMachine):
             before = self._snapshot_state()
             refused: UserError | None = None
             try:
-                self.run(self.env.fork(src, name) if not snapshot
+                self.run(self.env.fork(src, name, guarantee=guarantee) if not snapshot
                          else self.env.snapshot(src, name))
             except UserError as e:
                 refused = e
@@ -266,7 +269,7 @@ class PoolModel(RuleBasedStateMachine):
             self.run(self.env.snapshot(src, name))
             self.read_only.add(name)
         else:
-            self.run(self.env.fork(src, name))
+            self.run(self.env.fork(src, name, guarantee=guarantee))
         self.model[name] = bytearray(self.model[src])
         self.parent[name] = src
         self.clones[name] = set()
@@ -413,6 +416,9 @@ class PoolModel(RuleBasedStateMachine):
                     assert want[pos:pos + n] == ZEROS[:n], (
                         f"{name}: allocation depth 0 at {pos}+{n} over data")
                 pos += n
+        for vol in env.pool.live_volumes():
+            assert 0 <= vol.reserved <= -(-vol.size // self.chunk), vol
+            assert vol.guaranteed or vol.reserved == 0, vol
         report = await env.check()
         assert report.ok, "pool check:\n" + "\n".join(report.problems)
         assert report.leaked_chunks == 0 and report.leaked_pages == 0
