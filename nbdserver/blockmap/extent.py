@@ -80,15 +80,17 @@ a new chunk for `lc` goes right after the chunk of `lc - 1`; if `lc - 1` is
 a hole but an extent ends or starts within ``HINT_REACH`` chunks, at the
 position that keeps the logical distance (so pipelined and slightly
 out-of-order writes still land in sequence). When that chunk is taken and
-the neighbour is this volume's own writing (a stream), the chunk goes into
+the volume is streaming (the neighbour is its own writing, and its previous
+allocation was at most ``STREAM_STEP`` chunks before), the chunk goes into
 the largest free run nearby, ``SPREAD`` chunks (or half the run) past its
 start, so that two volumes written side by side alternate in long runs, not
 chunk by chunk: whoever owns the chunk before the run can keep growing into
-its start. When the neighbour was inherited (a fork rewriting its parent's
-data here and there), spreading would scatter random writes all over the
-free space and fragment it for everyone, so those chunks are packed densely
-by the pool's next-fit cursor instead (measured: spreading them left a
-sequential rewrite of the parent in 6,000 extents per 64 MiB).
+its start. Otherwise (a fork rewriting its parent's data here and there,
+random writes) spreading would scatter chunks all over the free space and
+fragment it for everyone, so they are packed densely by the pool's next-fit
+cursor instead (measured: spreading them left a sequential rewrite of the
+parent in 6,000 extents per 64 MiB, and cost 240 us per write in free-run
+searches).
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ import struct
 from array import array
 from bisect import bisect_right
 from collections.abc import Callable
+from functools import partial
 from typing import ClassVar
 
 from nbdserver.blockmap.base import (
@@ -130,6 +133,7 @@ UNMAP_BUDGET = 8192  # nodes visited plus chunks freed per unmap call
 HINT_REACH_BYTES = 4 << 20  # a neighbouring extent this close still guides placement
 SPREAD_BYTES = 4 << 20  # how far into a free run a displaced chunk goes
 NEAR_PAGES = 4  # refcount pages searched for a nearby free run (4080 chunks)
+STREAM_STEP = 64  # a volume allocating this close after its last allocation is streaming
 _STATE = struct.Struct("<QB")  # root (meta index + 1, | WRITABLE), height
 
 Rec = tuple[int, int, int, int]  # lc, count, pc, tag (owner | TAG_WRITABLE)
@@ -237,6 +241,9 @@ class ExtentMap(BlockMap):
         self.reach = max(1, HINT_REACH_BYTES // self.chunk_size)
         self.spread = max(1, SPREAD_BYTES // self.chunk_size)
         self._work = 0
+        # Volume id -> the logical chunk its last allocation hint was for: a hint of where
+        # streams are (an old value only costs placement, never correctness).
+        self._last_hint: dict[int, int] = {}
 
     @classmethod
     def default_params(cls) -> tuple[int, int, int, int]:
@@ -402,19 +409,22 @@ class ExtentMap(BlockMap):
         recs[i:i + 1] = pieces
         recs[max(0, i - 1):i + len(pieces) + 1] = self._merge(
             recs[max(0, i - 1):i + len(pieces) + 1])
-        self._put_leaf(vol, path, recs, lc)
+        self._put_leaf(vol, path, _flat_records(recs), lc)
 
     def alloc_hint(self, vol: VolumeRecord, lc: int) -> int | None:
         root, height = self._state(vol)
         if root < 0:
             return None
-        ideal, gap, stream = self._ideal(root, height, lc, vol.id)
+        ideal, gap, own = self._ideal(root, height, lc, vol.id)
+        last = self._last_hint.get(vol.id)
+        self._last_hint[vol.id] = lc
+        self.cache.add_undo(partial(self._set_last_hint, vol.id, last))
         if ideal is None:
             return None
         if 0 <= ideal < self.data.count and self.data.run_length_free(ideal, 1):
             return ideal
-        if not stream:  # a neighbour this volume did not write: pack densely (next fit)
-            return None
+        if not own or last is None or not 0 < lc - last <= STREAM_STEP:
+            return None  # not a stream this volume is writing: pack densely (next fit)
         # Displaced: pick a free run near where the stream's next chunk should have gone.
         # Chunks in flight count as free here, so the chunks of a pipelined stream (whose
         # predecessors are not mapped yet) agree on the run and follow each other in it.
@@ -424,6 +434,12 @@ class ExtentMap(BlockMap):
             return None
         start, length = run
         return min(start + min(length // 2, self.spread) + gap, self.data.count - 1)
+
+    def _set_last_hint(self, vol_id: int, lc: int | None) -> None:
+        if lc is None:
+            self._last_hint.pop(vol_id, None)
+        else:
+            self._last_hint[vol_id] = lc
 
     def _ideal(self, root: int, height: int, lc: int,
                vol_id: int) -> tuple[int | None, int, bool]:
@@ -569,15 +585,15 @@ class ExtentMap(BlockMap):
         if vol.id > MAX_OWNER:
             raise ValueError(f"volume id {vol.id} too large for the extent design")
         path = self._own_path(vol, lc)
-        leaf, _, _ = path[-1]
-        recs = _records(self.cache.get(self._page(leaf)))
-        i = bisect_right([r[0] for r in recs], lc) - 1
-        a, b = max(0, i - 1), min(len(recs), i + 2)
+        flat = _leaf_view(self.cache.get(self._page(path[-1][0]))).tolist()
+        i = bisect_right(flat[0::3], lc) - 1
+        a, b = max(0, i - 1), min(len(flat) // 3, i + 2)  # the record for lc, neighbours
         new = (lc, 1, pc, vol.id | TAG_WRITABLE)  # a fresh chunk: nobody else can see it
         window: list[Rec] = []
         old = HOLE
-        for r in recs[a:b]:
-            start, n, rpc, tag = r
+        for j in range(3 * a, 3 * b, 3):
+            start, rpc, w = flat[j:j + 3]
+            n, tag = w & LEN_MASK, w >> 32
             if start <= lc < start + n:
                 old = rpc + lc - start
                 if lc > start:
@@ -586,23 +602,26 @@ class ExtentMap(BlockMap):
                 if lc + 1 < start + n:
                     window.append((lc + 1, start + n - lc - 1, old + 1, tag))
             else:
-                window.append(r)
+                window.append((start, n, rpc, tag))
         if old == HOLE:
             window.append(new)
             window.sort()
-        recs[a:b] = self._merge(window)
+        flat[3 * a:3 * b] = _flat_records(self._merge(window))
         self.data.incref(pc)
         if old != HOLE:
             self.data.decref(old)
-        self._put_leaf(vol, path, recs, lc)
+        self._put_leaf(vol, path, flat, lc)
 
-    def _put_leaf(self, vol: VolumeRecord, path: list[tuple[int, int, int]], recs: list[Rec],
+    def _put_leaf(self, vol: VolumeRecord, path: list[tuple[int, int, int]], flat: list[int],
                   lc: int) -> None:
-        """Write the records of the writable path's leaf, splitting it if they overflow."""
+        """Write the records (`flat` u64s) of the writable path's leaf, splitting it if they
+        overflow."""
         leaf, _, lo = path[-1]
-        if len(recs) <= self.leaf_cap:
-            _write_node(self.cache.modify(self._page(leaf), PT_EXTENT), 0, _flat_records(recs))
+        if len(flat) <= 3 * self.leaf_cap:
+            _write_node(self.cache.modify(self._page(leaf), PT_EXTENT), 0, flat)
             return
+        recs = [(flat[j], flat[j + 2] & LEN_MASK, flat[j + 1], flat[j + 2] >> 32)
+                for j in range(0, len(flat), 3)]
         entries = self._store(leaf, 0, recs, lo, append=recs[-1][0] <= lc)
         self._grow(vol, path, _marked(entries, True))
 

@@ -207,10 +207,17 @@ class RefTable:
 
         self.cache.add_undo(undo)
 
-    def _taken_map(self, pi: int, excluded: dict[int, list[int]]) -> bytes:
+    def _taken_map(self, pi: int, claimed_free: bool) -> bytes:
         """One byte per entry of refcount page `pi`: 0 if the unit is free and usable."""
         n = self.entries_in_page(pi)
-        if self.free_in_page[pi] == n and pi not in excluded:
+        base = pi * REFS_PER_PAGE
+        excluded: list[int] = []
+        for units in (self.quarantine,) if claimed_free else (self.claimed, self.quarantine):
+            if len(units) <= n:
+                excluded += [u for u in units if base <= u < base + n]
+            else:  # a big set (a large delete's frees): look up this page's units in it
+                excluded += units.intersection(range(base, base + n))
+        if self.free_in_page[pi] == n and not excluded:
             return bytes(n)
         page = self.cache.get(self.first_page + pi)
         raw = memoryview(page)[PAGE_HEADER_SIZE:PAGE_HEADER_SIZE + 4 * n]
@@ -218,8 +225,8 @@ class RefTable:
         for b in range(4):  # a count is zero when all four of its bytes are
             acc |= int.from_bytes(raw[b::4], "little")
         taken = bytearray(acc.to_bytes(n, "little"))
-        for unit in excluded.get(pi, ()):
-            taken[unit - pi * REFS_PER_PAGE] = 1
+        for unit in excluded:
+            taken[unit - base] = 1
         return bytes(taken)
 
     def find_free_run(self, near: int, want: int, pages: int | None = None, *,
@@ -232,14 +239,12 @@ class RefTable:
         (`length` may then be a lower bound), else of the longest run seen, else
         None. With `claimed_free`, units claimed for writes in flight count as
         free, so that the chunks of one stream written concurrently all get the
-        same answer. Cost: a few microseconds per refcount page scanned, full
-        pages skipped without reading them.
+        same answer. Cost: a few microseconds per refcount page scanned (plus a
+        look-up of its units in the claimed and quarantined sets when those are
+        larger than a page), full pages skipped without reading them.
         """
         if self.count == 0 or want <= 0:
             return None
-        excluded: dict[int, list[int]] = {}
-        for unit in self.quarantine if claimed_free else (*self.claimed, *self.quarantine):
-            excluded.setdefault(unit // REFS_PER_PAGE, []).append(unit)
         first_pi = min(max(near, 0), self.count - 1) // REFS_PER_PAGE
         limit = self.pages if pages is None else min(pages, self.pages)
         best: tuple[int, int] | None = None
@@ -253,7 +258,7 @@ class RefTable:
             if not self.free_in_page[pi]:
                 run_len = 0
                 continue
-            taken = self._taken_map(pi, excluded)
+            taken = self._taken_map(pi, claimed_free)
             for m in _FREE_RUNS.finditer(taken):
                 s, e = m.span()
                 if s == 0 and run_len:
