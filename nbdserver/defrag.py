@@ -62,6 +62,8 @@ from nbdserver.pool.pool import Pool
 WINDOW_BYTES = 8 << 20  # logical bytes planned, copied and installed per step
 SCAN_CHUNKS = 1 << 16  # logical chunks looked at at once when skipping holes
 CANDIDATES = 3  # placements of existing pieces tried per segment
+SEARCH_PAGES = 1024  # refcount pages searched for a fresh free run (1020 chunks each)
+MIN_PIECE = 64  # chunks: a segment is split over free runs no shorter than this
 GIB = 1 << 30
 
 Progress = Callable[[int, int, int], None]  # (bytes scanned, bytes in all, bytes moved)
@@ -239,21 +241,22 @@ class Defrag:
             if self._fits(base, pcs):
                 self._claim(a, base, pcs, plan)
                 return
-        # A fresh free run: room for this segment and for the next window to go on in it.
-        want = len(pcs) + (self.window if b == hi else 0)
+        # Fresh free runs: room for the segment and for the next window to go on in it, else
+        # the longest ones nearby, as long as each piece is worth having.
         near = candidates[0] if candidates else pcs[0]
-        run = self.data.find_free_run(min(max(near, 0), self.data.count - 1), want)
-        if run is None:
-            plan.no_space += len(pcs)
-            return
-        start, length = run
-        take = min(length, len(pcs))
-        if take < len(pcs) and take < 2:  # nothing better than what is there
-            plan.no_space += len(pcs)
-            return
-        self._claim(a, start, pcs[:take], plan)
-        if take < len(pcs):
-            self._place(a + take, b, where, hi, plan)
+        pos = 0
+        while pos < len(pcs):
+            rest = len(pcs) - pos
+            want = rest + (self.window if b == hi else 0)
+            run = self.data.find_free_run(min(max(near, 0), self.data.count - 1), want,
+                                          SEARCH_PAGES)
+            take = 0 if run is None else min(run[1], rest)
+            if run is None or (take < rest and take < MIN_PIECE):
+                plan.no_space += rest  # nothing better than what is there
+                return
+            self._claim(a + pos, run[0], pcs[pos:pos + take], plan)
+            near = run[0] + take
+            pos += take
 
     def _fits(self, base: int, pcs: list[int]) -> bool:
         """Whether chunk i of the segment can be at base + i for all i: each is there

@@ -252,6 +252,32 @@ async def test_defrag_of_linear_origin_and_snapshot(make_pool: PoolFactory) -> N
     await env.assert_clean()
 
 
+async def test_defrag_without_free_space_moves_what_it_can_and_says_so(
+        make_pool: PoolFactory) -> None:
+    # radix: next fit interleaves two volumes written side by side (extent's allocator
+    # keeps them apart: 3 extents, nothing for defrag to do)
+    env = await make_pool("radix", size=16 * MiB, journal_bytes=None, cache_bytes=8 * MiB,
+                          small=False)
+    pool = env.pool
+    v, w = await env.create("v", 16 * MiB), await env.create("w", 16 * MiB)
+    want = bytearray()
+    off = 0
+    while pool.available_chunks() >= 2 * PIECE // CHUNK + 32:  # leave less than 32 chunks
+        piece = pattern(off // PIECE, PIECE)
+        await v.write(off, piece)
+        await w.write(off, piece)
+        want += piece
+        off += PIECE
+    before = await pool.volume_stats(pool.volume("v"))
+    assert before.extents > 8
+    result = await defrag_volume(pool, "v")
+    assert result["no_space_bytes"] > 0
+    assert result["after"]["extents"] <= before.extents
+    assert await v.read(0, len(want)) == want
+    assert await w.read(0, len(want)) == want
+    await env.assert_clean()
+
+
 # -- the command line -------------------------------------------------------------------------
 
 
