@@ -413,6 +413,13 @@ class Campaign:
         """A new pool; the seed picks its journal size, radix fan-out and server cache."""
         rng = self.rng
         fanout = rng.choice((None, 16, 32)) if self.design == "radix" else None
+        # A small fan-out means deep trees, and many pages: every volume may end up with a
+        # tree of its own (about chunks / (fan-out - 1) pages, half again for path copies);
+        # the pool's metadata area (1/64 of it) must hold them, or writes fail with ENOSPC.
+        meta_pages = self.pool_size // 4096 // 64
+        while fanout and self.max_volumes * 1.5 * (self.volume_size // 4096) / (fanout - 1) \
+                > meta_pages:
+            fanout *= 2
         # A small journal means frequent checkpoints (superblock writes) to crash in.
         journal = None if fanout else rng.choice((None, 1 * MiB, 2 * MiB))
         self.params = {"journal": journal or "default", "fanout": fanout or "default",
