@@ -182,6 +182,29 @@ def in_pool(pool_path: Path, op: Callable[[Any], Awaitable[T]]) -> T:
         raise StudyError(f"{pool_path.name}: {e!r}") from e
 
 
+def combine_rounds(rs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rounds of one point as one: the median of each number, lists joined; the rounds'
+    IOPS kept. A point that failed in every round keeps the first round's error."""
+    ok = [r for r in rs if "iops" in r]
+    if not ok:
+        return rs[0]
+    if len(ok) == 1:
+        return ok[0]
+    out: dict[str, Any] = {}
+    for key, v in ok[0].items():
+        vals = [r.get(key) for r in ok]
+        if isinstance(v, list):
+            out[key] = [x for val in vals if isinstance(val, list) for x in val]
+        elif isinstance(v, int | float) and not isinstance(v, bool) and all(
+                isinstance(x, int | float) for x in vals):
+            med = statistics.median(vals)
+            out[key] = round(med) if all(isinstance(x, int) for x in vals) else round(med, 3)
+        else:
+            out[key] = v
+    out["rounds_iops"] = [r["iops"] for r in ok]
+    return out
+
+
 def nbdserver_cli(*args: str, what: str | None = None) -> Any:
     """Run ``nbdserver ARGS --json`` and return the parsed JSON."""
     argv = [sys.executable, "-m", "nbdserver", *args, "--json"]
@@ -481,17 +504,23 @@ class Study:
         p = self.p
         out: dict[str, dict[str, Any]] = {d: {} for d in self.designs}
         self.results["snapshots"] = out
+        rounds = self.args.rounds
         log(f"== 1. origin 4k random writes vs snapshot count {p.snapshot_counts} "
-            f"({human(p.region)} volume, {p.seconds}s each)")
-        for k, n in enumerate(p.snapshot_counts):
-            for design in rotate(self.designs, k):
-                out[design][str(n)] = r = self.point(
-                    f"{design} N={n}", lambda d=design, n=n: self._snapshot_point(d, n))
-                if "iops" in r:
-                    log(f"  {design:7} N={n:3}: {r['iops']:9,.0f} IOPS  p99 {r['lat_p99_us']:8,.0f}"
-                        f" us  ({r['first_writes']:,} first writes, "
-                        f"{r['hits_on_copied']:,} on copied chunks; server "
-                        f"{r['server_cpu_us_per_io'] or 0:.0f} us CPU/IO)")
+            f"({human(p.region)} volume, {p.seconds}s each, {rounds} round(s))")
+        runs: dict[str, dict[int, list[dict[str, Any]]]] = {
+            d: {n: [] for n in p.snapshot_counts} for d in self.designs}
+        for rnd in range(rounds):
+            for k, n in enumerate(p.snapshot_counts):
+                for design in rotate(self.designs, k + rnd):
+                    r = self.point(f"{design} N={n}",
+                                   lambda d=design, n=n: self._snapshot_point(d, n))
+                    runs[design][n].append(r)
+                    out[design][str(n)] = combine_rounds(runs[design][n])
+                    if "iops" in r:
+                        log(f"  {design:7} N={n:3}: {r['iops']:9,.0f} IOPS  p99 "
+                            f"{r['lat_p99_us']:8,.0f} us  ({r['first_writes']:,} first writes, "
+                            f"{r['hits_on_copied']:,} on copied chunks; server "
+                            f"{r['server_cpu_us_per_io'] or 0:.0f} us CPU/IO)")
 
     def _snapshot_point(self, design: str, n: int) -> dict[str, Any]:
         p, ws = self.p, self.ws
@@ -1369,8 +1398,11 @@ def render(results: dict[str, Any], designs: list[str], info: dict[str, Any], p:
         f"{human(p.region)}, written in full with 1 MiB sequential writes before anything "
         f"else; timed fio runs last {p.seconds} s. IOPS and MiB/s are the median of the "
         "per-second figures of the run (fio's IOPS log), latencies fio's completion "
-        "latency; *CPU* is the server process's user + system time per I/O. Each point is "
-        "measured once (no repetition), so read the curves for trends; the designs of a "
+        "latency; *CPU* is the server process's user + system time per I/O. "
+        + (f"Experiment 1 ran {info.get('rounds', 1)} rounds (the median is shown); other "
+           "points are measured once, " if info.get("rounds", 1) > 1 else
+           "Each point is measured once (no repetition), ")
+        + "so read the curves for trends; the designs of a "
         "point run back to back, in an order that rotates from point to point. Snapshots "
         "and forks are made "
         "through the control socket of the server that has the pool open, or with the CLI "
@@ -1604,6 +1636,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--region", help="volume size of experiments 1-3 (default 1G, quick 128M)")
     p.add_argument("--snapshot-counts", help="experiment 1's points, e.g. 0,1,8,64")
     p.add_argument("--depths", help="experiment 2's points, e.g. 0,1,16")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat experiment 1 (fresh volumes each time, interleaved) and report "
+                        "the median of the rounds")
     p.add_argument("--vm-rounds", type=int, help="rounds of scripts/vm-demo (default 3, quick 1)")
     p.add_argument("--out", type=Path,
                    help="the Markdown report; PNGs go to a directory named after it "
@@ -1637,6 +1672,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.out = default_out(args.quick)
     if args.seconds is not None and args.seconds < 1:
         p.error("--seconds must be at least 1")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     params = replace(QUICK if args.quick else FULL)
     if args.seconds:
         params.seconds = args.seconds
@@ -1720,7 +1757,7 @@ def main(argv: list[str] | None = None) -> int:
         "nbdserver_rev": bench.first_line(["git", "-C", str(REPO), "describe", "--always",
                                            "--dirty"]),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "quick": args.quick,
+        "quick": args.quick, "rounds": args.rounds,
     }
     log(f"study: designs {', '.join(args.design_list)}, experiments "
         f"{','.join(map(str, sorted(args.exp)))}, {'quick' if args.quick else 'full'} "
