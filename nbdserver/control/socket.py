@@ -48,6 +48,7 @@ class ControlServer:
         self.path = socket_path(pool.sb.uuid_str)
         self._server: asyncio.AbstractServer | None = None
         self._lock = asyncio.Lock()  # one operation at a time per pool
+        self._clients: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -58,6 +59,9 @@ class ControlServer:
         os.chmod(self.path, 0o600)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._clients.add(task)
         try:
             while line := await reader.readline():
                 reply = await self._handle(line)
@@ -65,7 +69,11 @@ class ControlServer:
                 await writer.drain()
         except (ConnectionError, asyncio.LimitOverrunError, ValueError) as e:
             log.warning("control socket: %s", e)
+        except asyncio.CancelledError:
+            pass  # the server is stopping
         finally:
+            if task is not None:
+                self._clients.discard(task)
             writer.close()
 
     async def _handle(self, line: bytes) -> dict[str, Any]:
@@ -88,8 +96,16 @@ class ControlServer:
             return {"ok": False, "error": f"internal error: {e}"}
 
     async def stop(self) -> None:
+        """Stop listening and end the control connections (an operation under way finishes
+        first: it holds the lock)."""
         if self._server is not None:
             self._server.close()
+        async with self._lock:
+            for task in list(self._clients):
+                task.cancel()
+            if self._clients:
+                await asyncio.gather(*self._clients, return_exceptions=True)
+        if self._server is not None:
             await self._server.wait_closed()
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
@@ -104,13 +120,22 @@ def call(path: Path, op: str, args: dict[str, Any], timeout: float = CLIENT_TIME
         except OSError as e:
             raise UserError(f"the pool is open in a running server, but its control socket "
                             f"{path} does not answer ({e.strerror})") from e
-        sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
         data = b""
-        while not data.endswith(b"\n"):
-            part = sock.recv(1 << 16)
-            if not part:
-                raise UserError("the server closed the control connection without an answer")
-            data += part
+        try:
+            sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
+            while not data.endswith(b"\n"):
+                part = sock.recv(1 << 16)
+                if not part:
+                    break
+                data += part
+        except OSError as e:
+            raise UserError(f"lost the connection to the server during {op} ({e}); check "
+                            "what was done with 'nbdserver volume list' and "
+                            "'nbdserver pool check'") from None
+        if not data.endswith(b"\n"):
+            raise UserError(f"the server closed the control connection during {op} without "
+                            "an answer; check what was done with 'nbdserver volume list' "
+                            "and 'nbdserver pool check'")
     reply = json.loads(data)
     if not reply.get("ok"):
         raise UserError(str(reply.get("error")))
