@@ -44,6 +44,7 @@ import datetime
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -428,8 +429,8 @@ def fio(server: Server, export: str, rw: str, bs: str, qd: int, size: int, *,
                  f"--write_iops_log={logdir / 'x'}", "--log_avg_msec=1000"]
     if number_ios is not None:
         argv.append(f"--number_ios={number_ios}")
-    if seed is not None:
-        argv.append(f"--randseed={seed}")
+    if seed is not None:  # fio ignores randseed unless randrepeat is off
+        argv += ["--randrepeat=0", f"--randseed={seed}"]
     if norandommap:
         argv.append("--norandommap")
     h0 = bench.host_cpu()
@@ -1366,7 +1367,7 @@ def render(results: dict[str, Any], designs: list[str], info: dict[str, Any], p:
     rel = {k: os.path.relpath(v, out.parent) for k, v in figs.items()}
     caption = machine_caption(info)
     chains = [*designs, *([] if args.no_qcow2 else [QCOW2])]
-    cmd = "make study" if not args.quick else "scripts/study.py --quick"
+    cmd = info.get("command") or ("make study" if not args.quick else "scripts/study.py --quick")
     L: list[str] = [
         "# Block-map study: radix, extent, linear (and qcow2)",
         "",
@@ -1715,7 +1716,10 @@ def write_report(args: argparse.Namespace, results: dict[str, Any], info: dict[s
     out: Path = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     figs = plot_all(results, args.design_list, info, out.parent / out.stem)
-    out.write_text(render(results, args.design_list, info, params, args, figs, out, targets))
+    text = render(results, args.design_list, info, params, args, figs, out, targets)
+    # no path of this machine in the report (error messages may carry some)
+    text = re.sub(r"/tmp/nbd-study-[^/\s]+", "<tmp>", text.replace(str(REPO) + "/", ""))
+    out.write_text(text)
     log(f"study: wrote {out} and {len(figs)} plot(s) in {out.parent / out.stem}")
     for t in targets:
         log(f"  {'MET    ' if t['met'] else 'NOT MET'} {t['target']}: {t['detail']}")
@@ -1758,6 +1762,7 @@ def main(argv: list[str] | None = None) -> int:
                                            "--dirty"]),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "quick": args.quick, "rounds": args.rounds,
+        "command": " ".join(["scripts/study.py", *(sys.argv[1:] if argv is None else argv)]),
     }
     log(f"study: designs {', '.join(args.design_list)}, experiments "
         f"{','.join(map(str, sorted(args.exp)))}, {'quick' if args.quick else 'full'} "
