@@ -50,5 +50,9 @@ crash-test: install deps
 fuzz: install
 	$(BIN)/python scripts/fuzz.py --minutes 10
 
+# The block-map contract's model state machine, for much longer than in the tests.
+soak: install
+	$(BIN)/python scripts/soak-model.py --minutes 30
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache data build *.egg-info

@@ -322,7 +322,7 @@ class VolumeBackend:
         lc1 = ((end - 1) >> shift) + 1
         changed = False
         async with self._locks.hold(lc0, lc1):
-            targets, claimed, pending = await pool.cache.run(lambda: self._resolve(lc0, lc1))
+            targets, claimed, pending = await pool.run(lambda: self._resolve(lc0, lc1))
             if claimed:
                 if pending:
                     # A claimed chunk stopped being shared by a change not durable yet: on
@@ -345,7 +345,7 @@ class VolumeBackend:
                     for lc in copied:
                         self.map.claim(self.vol, lc)
 
-                await pool.cache.run(claim_copied)
+                await pool.run(claim_copied)
                 await pool.reads_drained()
                 changed = True
                 targets = [InPlace(t.pc) if isinstance(t, CopyOut) else t for t in targets]

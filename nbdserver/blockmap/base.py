@@ -130,6 +130,11 @@ class BlockMap(ABC):
         """Why `src` cannot be snapshotted or forked in this design, or None."""
         return None
 
+    def needs_reservation(self, vol: VolumeRecord) -> bool:
+        """Whether `vol` can still need new chunks (and so a guarantee must reserve them).
+        False for a volume allocated thick, whose every chunk is already its own."""
+        return True
+
     def delete_refused(self, vol: VolumeRecord) -> str | None:
         """Why `vol` cannot be deleted in this design, or None."""
         return None

@@ -893,6 +893,11 @@ class LinearMap(BlockMap):
         if entry & CLAIM:
             self._wm_put(st, lc, entry & EPOCH_MASK)
 
+    def needs_reservation(self, vol: VolumeRecord) -> bool:
+        """An origin is thick, its chunks allocated at creation: nothing to promise.
+        A snapshot's exception store may grow to the origin's size."""
+        return self._kind(vol) != ORIGIN
+
     def can_relocate(self, vol: VolumeRecord) -> bool:
         """A thick origin's map is arithmetic: its chunks never move. A snapshot's
         exceptions may (``map`` replaces one, freeing the old)."""

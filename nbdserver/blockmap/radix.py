@@ -408,7 +408,15 @@ class RadixMap(BlockMap):
         for run in runs:
             if run.pc != HOLE:
                 stats.mapped_chunks += run.count
-        stats.extents = sum(1 for run in runs if run.pc != HOLE)
+        # Extents are physical runs: runs that differ only in their writer are one extent.
+        end = None
+        for run in runs:
+            if run.pc == HOLE:
+                end = None
+                continue
+            if run.pc != end:
+                stats.extents += 1
+            end = run.pc + run.count
         self._exclusive(root, height - 1, stats, True)
         return stats
 

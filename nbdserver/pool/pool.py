@@ -377,6 +377,8 @@ class Pool:
 
     def _reserve(self, vol: VolumeRecord, chunks: int) -> None:
         """Promise `chunks` more to `vol` (inside a mini-transaction); UserError if impossible."""
+        if not self.map.needs_reservation(vol):
+            return
         extra = chunks - vol.reserved
         if extra <= 0:
             return
@@ -391,13 +393,25 @@ class Pool:
     # -- mini-transactions and commits ----------------------------------------
 
     async def run(self, op: Callable[[], T]) -> T:
-        """Run a synchronous metadata operation (see PageCache.run), then maybe commit."""
+        """Run a synchronous metadata operation (see PageCache.run), then maybe commit.
+
+        Back-pressure: while a commit is under way, operations go on dirtying pages for
+        the next one; past ``dirty_limit`` they wait for a commit of their own, so that
+        no journal record can outgrow the ring.
+        """
+        while self.cache.dirty_count >= self.dirty_limit():
+            await self.commit()
         result = await self.cache.run(op)
         self.maybe_commit()
         return result
 
     def commit_threshold(self) -> int:
+        """Dirty pages at which a background commit starts."""
         return max(16, min(self.cache.capacity // 2, (self.ring.ring_pages - 8) // 4))
+
+    def dirty_limit(self) -> int:
+        """Dirty pages at which metadata operations wait for a commit (see :meth:`run`)."""
+        return max(32, (self.ring.ring_pages - 8) // 2)
 
     async def reads_drained(self) -> None:
         """Wait until every read begun before now has ended (reads never wait for writes,
