@@ -434,3 +434,22 @@ async def test_crash_after_unflushed_unshare_by_the_fork(make_pool: PoolFactory,
     assert got in (bytes(CHUNK) if how == "trim" else bytes(mine), pattern(1, CHUNK))
     assert await env.vol("o").read(0, CHUNK) in (pattern(3, CHUNK), pattern(1, CHUNK))
     await env.assert_clean()
+
+
+async def test_guaranteed_origin_needs_its_size_once_and_snapshots_reserve(
+        make_pool: PoolFactory) -> None:
+    """A thick origin already owns every chunk: --guarantee must not reserve its size a
+    second time (a pool with room for it once must accept it), while a guaranteed
+    snapshot, whose exception store can grow to the origin's size, reserves."""
+    env = await linear_pool(make_pool)
+    pool = env.pool
+    size = (pool.layout.data_chunks * 6 // 10) * CHUNK  # fits once, not twice
+    await env.create("o", size, guarantee=True)
+    origin = pool.volume("o")
+    assert origin.guaranteed and origin.reserved == 0
+    assert pool.state.data_reserved == 0
+    with pytest.raises(UserError, match="cannot guarantee"):  # 60% more does not fit
+        await env.fork("o", "g", guarantee=True)
+    await env.fork("o", "thin")  # a thin snapshot reserves nothing
+    assert pool.state.data_reserved == 0
+    await env.assert_clean()
