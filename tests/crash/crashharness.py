@@ -689,7 +689,7 @@ class Campaign:
             self.stats.kills += 1
             self.stats.triggers[run.trigger] = self.stats.triggers.get(run.trigger, 0) + 1
             for m in self.models.values():
-                m.uncertain = m.uncertain or bool(m.events)
+                m.crashed()
         for m in self.models.values():
             m.drop_data()
         cut = f", cut off: {sorted(self.uncertain)}" if self.uncertain else ""

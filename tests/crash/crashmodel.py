@@ -152,8 +152,14 @@ class VolumeModel:
         self.unflushed = [ev for ev in self.unflushed if not ev.durable]
 
     def all_durable(self) -> None:
-        """A clean shutdown: every acknowledged event is on disk."""
+        """A clean shutdown: every event acknowledged since the last crash is on disk."""
         self.flush_acked(self.unflushed)
+
+    def crashed(self) -> None:
+        """The server was killed: events not durable by now may or may not be there, and
+        stay so (no later FLUSH or clean stop covers what a crash may have lost)."""
+        self.uncertain = self.uncertain or bool(self.events)
+        self.unflushed = []
 
     def clone(self, name: str, *, snapshot: bool, written: bool,
               maybe: list[Event]) -> VolumeModel:

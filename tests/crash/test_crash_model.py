@@ -33,7 +33,8 @@ def image(m: VolumeModel, *events: Event) -> bytearray:
 
 
 def crashed(m: VolumeModel) -> VolumeModel:
-    m.uncertain = True
+    m.crashed()
+    m.uncertain = True  # also for a model with no events yet
     return m
 
 
@@ -167,3 +168,18 @@ def test_resolve_makes_the_read_back_certain() -> None:
     m.resolve(bytes(SIZE))  # the write was lost in the crash, as it may be
     assert not m.uncertain and m.events == []
     assert m.check(bytes(image(m, a))) != []  # from now on it must stay lost
+
+
+def test_a_clean_stop_does_not_promise_what_an_earlier_crash_may_have_lost() -> None:
+    """A write acknowledged but not flushed before a kill may be lost; a clean stop in a
+    later run (which never touched the volume) cannot make it durable after the fact."""
+    m = VolumeModel("v", SIZE)
+    lost = write(m, 0, 4096)
+    m.crashed()
+    m.all_durable()  # the final, clean stop
+    assert m.check(bytes(SIZE)) == []  # lost in the crash: allowed
+    assert m.check(bytes(image(m, lost))) == []  # or it made it: allowed too
+    kept = write(m, 4096, 4096)  # acknowledged after the crash ...
+    m.all_durable()  # ... and covered by the clean stop
+    assert m.check(bytes(image(m, lost))) != []  # so it must be there
+    assert m.check(bytes(image(m, lost, kept))) == []
