@@ -5,12 +5,17 @@ its bytes live (:meth:`BlockMap.lookup` for reads, :meth:`BlockMap.write_target`
 for writes). Two paths:
 
 - **Fast path** (callbacks, no task): every page the map needs is cached, the
-  request is aligned to the device, and, for a write, every chunk can be
-  written in place. Reads become one AIO read per physically contiguous run,
-  holes become hole chunks of the reply; in-place writes become one AIO write
-  per run (``RWF_DSYNC`` for FUA, taken only when no metadata change is
-  pending: FUA promises that the mapping is durable too, so otherwise the slow
-  path commits after the write).
+  request is aligned to the device, and, for a write, every chunk is either
+  written in place or covered whole by the request, so that it can go into a
+  fresh chunk with no old bytes to copy (a first write, or a copy-on-write of a
+  whole chunk: the common case with 4 KiB chunks). Reads become one AIO read
+  per physically contiguous run, holes become hole chunks of the reply. Writes
+  become one AIO write per run, fresh chunks claimed next to each other; the
+  fresh chunks are mapped in one mini-transaction once every write has
+  completed, under the chunk locks. In-place writes with FUA use
+  ``RWF_DSYNC``, taken only when no metadata change is pending: FUA promises
+  that the mapping is durable too, so otherwise (and for FUA writes that map
+  fresh chunks) the slow path commits after the write.
 - **Slow path** (a coroutine): anything else. Copy-on-write (``Redirect``)
   writes the new chunk in full (old bytes or zeros around the new ones) and
   maps it only once the data is written, so a read racing with it sees the old
@@ -233,51 +238,113 @@ class VolumeBackend:
 
     def write(self, offset: int, data: memoryview, fua: bool, done: Done) -> None:
         length = len(data)
-        if self._quiesced is None and not (offset | length) & self._align_mask and not (
-                fua and self.pool.metadata_pending()):
-            runs = self._in_place_runs(offset, length)
-            if runs is not None:
-                self._write_in_place(offset, data, runs, fua, done)
+        if self._quiesced is None and not (offset | length) & self._align_mask:
+            plan = self._plan_fast(offset, length, fua)
+            if plan is not None:
+                self._write_fast(offset, data, plan, done, fua)
                 return
         self._spawn(self._write_slow(offset, bytes(data), fua), done)
 
-    def _in_place_runs(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
-        """(request offset, length, device offset) runs if every chunk is written in place."""
+    def _plan_fast(self, offset: int, length: int,
+                   fua: bool) -> tuple[list[tuple[int, int, int]], dict[int, int]] | None:
+        """The device writes of a request each chunk of which is written in place, or in
+        full into a fresh chunk (a new or copied-on-write chunk needs no old bytes then),
+        and the fresh chunks claimed for it; None when the slow path must do it.
+
+        Returns (request offset, length, device offset) runs, merged where contiguous.
+        """
+        pool = self.pool
         shift = self._shift
         chunk = self.chunk
         end = offset + length
-        out: list[tuple[int, int, int]] = []
-        lc = offset >> shift
-        pos = offset
+        lc0 = offset >> shift
+        lc1 = ((end - 1) >> shift) + 1
+        if self._locks and self._locks.overlapping(lc0, lc1):
+            return None
         try:
-            while pos < end:
-                target = self.map.write_target(self.vol, lc)
-                if type(target) is not InPlace:
-                    return None
-                if self._locks and self._locks.overlapping(lc, lc + 1):
-                    return None
-                e = min(end, (lc + 1) * chunk)
-                dev = self._data_start + target.pc * chunk + pos - lc * chunk
-                if out and out[-1][2] + out[-1][1] == dev:
-                    last = out.pop()
-                    out.append((last[0], last[1] + e - pos, last[2]))
-                else:
-                    out.append((pos, e - pos, dev))
-                pos = e
-                lc += 1
+            targets = [self.map.write_target(self.vol, lc) for lc in range(lc0, lc1)]
         except PageMiss:
             return None
-        return out
+        fresh: dict[int, int] = {}
+        redirects = False
+        for lc, t in zip(range(lc0, lc1), targets, strict=True):
+            if type(t) is InPlace:
+                continue
+            if (isinstance(t, Redirect) and t.into == HOLE
+                    and offset <= lc * chunk and (lc + 1) * chunk <= end):
+                redirects = True
+                continue
+            return None  # a claim, a copy-out, or a partial copy-on-write
+        if fua and (redirects or pool.metadata_pending()):
+            return None  # FUA must then commit: the slow path does
+        if redirects:
+            if pool.cache.dirty_count >= pool.dirty_limit():
+                return None  # back-pressure (see Pool.run)
+            try:
+                with pool.cache.mtr():  # a PageMiss or ENOSPC gives the claims back
+                    prev: int | None = None
+                    for lc, t in zip(range(lc0, lc1), targets, strict=True):
+                        if type(t) is Redirect:
+                            hint = prev + 1 if prev is not None else self.map.alloc_hint(
+                                self.vol, lc)
+                            prev = fresh[lc] = pool.claim_chunk(self.vol, hint)
+                        else:
+                            prev = None
+            except (PageMiss, NbdError):
+                return None
+        runs: list[tuple[int, int, int]] = []
+        data_start = self._data_start
+        for lc, t in zip(range(lc0, lc1), targets, strict=True):
+            s = max(offset, lc * chunk)
+            e = min(end, (lc + 1) * chunk)
+            if lc in fresh:
+                pc = fresh[lc]
+            else:
+                assert isinstance(t, InPlace)
+                pc = t.pc
+            dev = data_start + pc * chunk + s - lc * chunk
+            if runs and runs[-1][2] + runs[-1][1] == dev:
+                last = runs.pop()
+                runs.append((last[0], last[1] + e - s, last[2]))
+            else:
+                runs.append((s, e - s, dev))
+        return runs, fresh
 
-    def _write_in_place(self, offset: int, data: memoryview, runs: list[tuple[int, int, int]],
-                        fua: bool, done: Done) -> None:
+    def _write_fast(self, offset: int, data: memoryview,
+                    plan: tuple[list[tuple[int, int, int]], dict[int, int]], done: Done,
+                    fua: bool) -> None:
+        """Write a planned request with callbacks only; fresh chunks are mapped in one
+        mini-transaction once every write has completed (see the module note)."""
+        runs, fresh = plan
+        pool = self.pool
         length = len(data)
         buf = self.buffers.get(length)
         buf.view[:length] = data
+        lock = None
+        if fresh:
+            lc0 = offset >> self._shift
+            lock = self._locks.try_hold(lc0, ((offset + length - 1) >> self._shift) + 1)
+            assert lock is not None  # _plan_fast saw no overlapping lock, synchronously
         pending = [len(runs)]
         failed: list[int] = []
         epoch = self.epochs.begin()
         self._writes += 1
+
+        def finish(error: NbdError | None) -> None:
+            if error is not None:
+                for pc in fresh.values():
+                    pool.data.unclaim(pc)
+            if lock is not None:
+                self._locks.release(lock)
+            self.epochs.end(epoch)
+            self.buffers.put(buf)
+            self._write_ended()
+            done(error)
+
+        def installed(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            exc = task.exception()
+            finish(None if exc is None else _as_nbd_error(exc))
 
         def complete(res: int, want: int) -> None:
             if res != want and not failed:
@@ -285,13 +352,34 @@ class VolumeBackend:
             pending[0] -= 1
             if pending[0]:
                 return
-            self.epochs.end(epoch)
-            self.buffers.put(buf)
-            self._write_ended()
-            done(NbdError(failed[0], f"write at {offset}: error {failed[0]}") if failed else None)
+            if failed:
+                finish(NbdError(failed[0], f"write at {offset}: error {failed[0]}"))
+                return
+            if not fresh:
+                finish(None)
+                return
+            try:
+                with pool.cache.mtr():
+                    self._install(fresh)
+            except PageMiss:  # load what the map needs, then install
+                task = asyncio.ensure_future(pool.run(lambda: self._install(fresh)))
+                self._tasks.add(task)
+                task.add_done_callback(installed)
+                return
+            except NbdError as e:
+                finish(e)
+                return
+            pool.maybe_commit()
+            finish(None)
 
         for pos, n, dev in runs:
             self.engine.write(self._fd, buf, pos - offset, n, dev, partial(complete, want=n), fua)
+
+    def _install(self, fresh: dict[int, int]) -> None:
+        """Map freshly written chunks (inside a mini-transaction)."""
+        for lc, pc in fresh.items():
+            self.map.map(self.vol, lc, pc)
+            self.pool.charge(self.vol)
 
     async def _write_slow(self, offset: int, data: bytes, fua: bool) -> None:
         await self._wait_unquiesced()

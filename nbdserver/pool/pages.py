@@ -28,8 +28,7 @@ the 4 KiB page once per mini-transaction.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from nbdserver.pool.format import PAGE_SIZE, seal_page, verify_page
@@ -43,6 +42,24 @@ class PageMiss(Exception):
     def __init__(self, page_no: int) -> None:
         super().__init__(page_no)
         self.page_no = page_no
+
+
+class _MiniTransaction:
+    """The context manager of :meth:`PageCache.mtr` (a class: this is on the hot path)."""
+
+    __slots__ = ("_cache", "_outer")
+
+    def __init__(self, cache: PageCache) -> None:
+        self._cache = cache
+        self._outer = False
+
+    def __enter__(self) -> None:
+        self._outer = self._cache._begin()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        if self._outer:
+            self._cache._end(kind is None)
 
 
 class Page:
@@ -139,22 +156,24 @@ class PageCache:
 
     # -- mini-transactions -------------------------------------------------------------------
 
-    @contextmanager
-    def mtr(self) -> Iterator[None]:
-        """Run the body as one all-or-nothing change; see the module note."""
+    def mtr(self) -> _MiniTransaction:
+        """``with cache.mtr():`` runs the body as one all-or-nothing change (see the
+        module note). A nested one joins the outer one, which owns rollback."""
+        return _MiniTransaction(self)
+
+    def _begin(self) -> bool:
         if self._undo is not None:
-            yield  # nested: the outer one owns rollback
-            return
+            return False
         self._undo = {}
-        try:
-            yield
-        except BaseException:
-            self._rollback()
-            raise
-        else:
+        return True
+
+    def _end(self, ok: bool) -> None:
+        if ok:
             self._undo = None
             self._undo_hooks.clear()
             self._evict()
+        else:
+            self._rollback()
 
     @property
     def in_mtr(self) -> bool:
