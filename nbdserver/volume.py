@@ -9,7 +9,10 @@ for writes). Two paths:
   written in place or covered whole by the request, so that it can go into a
   fresh chunk with no old bytes to copy (a first write, or a copy-on-write of a
   whole chunk: the common case with 4 KiB chunks). Reads become one AIO read
-  per physically contiguous run, holes become hole chunks of the reply. Writes
+  per physically contiguous run (bridging short gaps: a run that continues
+  after a few chunks mapped elsewhere is read with the gap in one read, and
+  those chunks are read apart and copied over it), holes become hole chunks
+  of the reply. Writes
   become one AIO write per run, fresh chunks claimed next to each other; the
   fresh chunks are mapped in one mini-transaction once every write has
   completed, under the chunk locks. In-place writes with FUA use
@@ -84,6 +87,9 @@ _CHUNK_LOCKS: weakref.WeakKeyDictionary[Pool, dict[int, RangeLocks]] = weakref.W
 
 STATUS_LIMIT = 1 << 30  # bytes one block-status reply describes at most
 ZERO_STEP = 1 << 20  # bytes of zeros written per step for NO_HOLE
+# A read continues a physical run across at most this many bytes of other chunks (read
+# and then overwritten): one larger device read instead of two, plus the small ones.
+BRIDGE_BYTES = 64 << 10
 
 
 class VolumeBackend:
@@ -137,11 +143,20 @@ class VolumeBackend:
         self._spawn_read(self._read_slow(offset, length), done)
 
     def _read_runs(self, offset: int, length: int, runs: list[Run], done: ReadDone) -> None:
-        """Issue the AIO reads for `runs` (aligned request); completes `done`."""
+        """Issue the AIO reads for `runs` (aligned request); completes `done`.
+
+        Runs that continue one physical run across a short gap (a fork's rewritten chunks
+        inside its parent's extent) are read as one device read over the gap, and the
+        runs inside the gap (*patches*) are read into a side buffer and copied over it
+        once everything has completed: fewer, larger device reads. The bytes read over
+        the gap are never sent: each position there is a patch or a hole (sent as one).
+        """
         chunk = self.chunk
         end = offset + length
         buf = self.buffers.get(length)
         chunks: list[ReadChunk] = []
+        reads, patches = _plan_reads(runs, chunk, offset, end, BRIDGE_BYTES)
+        side = self.buffers.get(sum(p[1] for p in patches)) if patches else None
         pending = [1]  # the extra count is dropped after submitting
         failed: list[int] = []
         epoch = self.epochs.begin()
@@ -156,6 +171,13 @@ class VolumeBackend:
                 return
             self.epochs.end(epoch)
             self.read_epochs.end(read_epoch)
+            if side is not None:
+                if not failed:
+                    at = 0
+                    for s, n, _ in patches:
+                        buf.view[s - offset:s - offset + n] = side.view[at:at + n]
+                        at += n
+                buffers.put(side)
             if failed:
                 buffers.put(buf)
                 done(NbdError(failed[0], f"read at {offset}: error {failed[0]}"))
@@ -163,23 +185,28 @@ class VolumeBackend:
                 done(ReadResult(chunks, lambda: buffers.put(buf)))
 
         view = buf.view
-        data_start = self._data_start
-        fd = self._fd
-        for run in runs:
+        for run in runs:  # the reply: data where mapped, holes where not
             s = max(offset, run.lc * chunk)
             e = min(end, (run.lc + run.count) * chunk)
             if run.pc == HOLE:
                 chunks.append((s, e - s, None))
-                continue
-            if chunks and chunks[-1][2] is not None and chunks[-1][0] + chunks[-1][1] == s:
+            elif chunks and chunks[-1][2] is not None and chunks[-1][0] + chunks[-1][1] == s:
                 prev = chunks.pop()
                 chunks.append((prev[0], prev[1] + e - s, view[prev[0] - offset:e - offset]))
             else:
                 chunks.append((s, e - s, view[s - offset:e - offset]))
+        data_start = self._data_start
+        fd = self._fd
+        engine = self.engine
+        for s, n, dev in reads:
             pending[0] += 1
-            n = e - s
-            dev = data_start + run.pc * chunk + s - run.lc * chunk
-            self.engine.read(fd, buf, s - offset, n, dev, partial(complete, want=n))
+            engine.read(fd, buf, s - offset, n, data_start + dev, partial(complete, want=n))
+        at = 0
+        for _, n, dev in patches:
+            pending[0] += 1
+            assert side is not None
+            engine.read(fd, side, at, n, data_start + dev, partial(complete, want=n))
+            at += n
         complete(0, 0)
 
     async def _read_slow(self, offset: int, length: int) -> ReadResult:
@@ -769,6 +796,36 @@ class VolumeBackend:
         self.pool.in_use.pop(self.vol.id, None)
         self.pool.quiesce.pop(self.vol.id, None)
         _CHUNK_LOCKS.get(self.pool, {}).pop(self.vol.id, None)
+
+
+def _plan_reads(runs: list[Run], chunk: int, offset: int, end: int,
+                bridge: int) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+    """Device reads for the mapped `runs` of the byte range [offset, end), as (request
+    offset, length, data-area offset): *reads* into the request's buffer and *patches*
+    read apart and copied over it afterwards.
+
+    A run that continues the physical run of an earlier one (the same logical-to-physical
+    shift) after at most `bridge` bytes joins its read, which then also covers the gap;
+    the mapped runs inside the gap become patches. Holes need no read.
+    """
+    reads: list[tuple[int, int, int]] = []
+    patches: list[tuple[int, int, int]] = []
+    spans = [(max(offset, r.lc * chunk), min(end, (r.lc + r.count) * chunk),
+              (r.pc - r.lc) * chunk) for r in runs if r.pc != HOLE]
+    i, n = 0, len(spans)
+    while i < n:
+        s, e, shift = spans[i]
+        last = i
+        j = i + 1
+        while j < n and spans[j][0] - e <= bridge:
+            if spans[j][2] == shift:
+                last, e = j, spans[j][1]
+            j += 1
+        reads.append((s, e - s, s + shift))
+        patches += [(ps, pe - ps, ps + pshift) for ps, pe, pshift in spans[i + 1:last]
+                    if pshift != shift]
+        i = last + 1
+    return reads, patches
 
 
 def _as_nbd_error(exc: BaseException) -> NbdError:
