@@ -222,16 +222,18 @@ class VolumeBackend:
             try:
                 end = offset + length
                 chunks: list[ReadChunk] = []
-                for run in runs:
+                reads = []
+                for run in runs:  # every run's read at once, as the fast path does
                     s = max(offset, run.lc * self.chunk)
                     e = min(end, (run.lc + run.count) * self.chunk)
                     if run.pc == HOLE:
                         chunks.append((s, e - s, None))
                         continue
-                    await self._read_device(buf, s - offset,
-                                            self._data_start + run.pc * self.chunk
-                                            + s - run.lc * self.chunk, e - s)
+                    reads.append(self._read_device(buf, s - offset,
+                                                   self._data_start + run.pc * self.chunk
+                                                   + s - run.lc * self.chunk, e - s))
                     chunks.append((s, e - s, buf.view[s - offset:e - offset]))
+                await _gather_all(reads)
             except BaseException:
                 self.buffers.put(buf)
                 raise
@@ -796,6 +798,18 @@ class VolumeBackend:
         self.pool.in_use.pop(self.vol.id, None)
         self.pool.quiesce.pop(self.vol.id, None)
         _CHUNK_LOCKS.get(self.pool, {}).pop(self.vol.id, None)
+
+
+async def _gather_all(aws: list[Coroutine[Any, Any, None]]) -> None:
+    """Run `aws` together; wait for every one (they share a buffer that the caller may
+    release on error) and raise the first error."""
+    if len(aws) == 1:
+        await aws[0]
+        return
+    results = await asyncio.gather(*aws, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
 
 
 def _plan_reads(runs: list[Run], chunk: int, offset: int, end: int,
