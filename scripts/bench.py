@@ -31,6 +31,12 @@ Output: a table on stdout (with the ratio nbdserver / qemu-nbd per workload),
 table on stderr), ``--markdown FILE``, and ``--plot FILE.png`` (needs matplotlib).
 Every process started is killed on exit, also on Ctrl-C.
 
+``--volumes radix,extent,linear`` also serves, for each design, a pool volume of
+the same size (target ``vol-DESIGN``, a pool file beside the test file) filled
+with the test file's data before the first run (``--empty-volumes``: left
+empty, so writes allocate and reads find holes); the table gets a
+``vol-DESIGN/nbdserver`` column: the volume against the raw file export.
+
 To try a change to nbdserver, copy the package somewhere, edit it there, and add
 ``--candidate NAME=DIR``: it is served and measured like nbdserver, interleaved
 with it in the same run, and the table gets a ``NAME/nbdserver`` ratio column
@@ -90,6 +96,8 @@ WORKLOADS = {
     )
 }
 TARGETS = ("nbdserver", "qemu-nbd", "nbdkit", "raw")
+VOLUME_PREFIX = "vol-"  # vol-DESIGN: a pool volume of that block-map design
+DESIGNS = ("radix", "extent", "linear")
 TARGET_TITLES = {
     "nbdserver": "nbdserver",
     "qemu-nbd": "qemu-nbd",
@@ -303,20 +311,34 @@ def wait_for_socket(target: Target, sock: Path, timeout: float) -> None:
 
 
 def start_target(name: str, file: Path, rundir: Path, io: str,
-                 src: Path | None = None) -> Target:
-    """Start server `name`; `src` (for nbdserver and candidates) holds the package to run."""
+                 src: Path | None = None, size: int = 0, fill: bool = True) -> Target:
+    """Start server `name`; `src` (for nbdserver and candidates) holds the package to run.
+    A ``vol-DESIGN`` target serves a pool volume of `size` bytes, filled from `file`."""
     if name == "raw":
         return Target(name)
     sock = rundir / f"{name}.sock"
     log_path = rundir / f"{name}.log"
     env = None
     cwd = REPO
+    if name.startswith(VOLUME_PREFIX):
+        src = REPO
     if src is not None:
         cfg = rundir / f"{name}.yaml"
+        if name.startswith(VOLUME_PREFIX):
+            pool = file.parent / f"bench-{name}.pool"
+            with contextlib.suppress(FileNotFoundError):
+                pool.unlink()
+            blockmap = name[len(VOLUME_PREFIX):]
+            export = (f"pools: [{{name: p, path: {json.dumps(str(pool))}, create: "
+                      f"{{size: {size + size // 4 + 256 * MiB}, blockmap: {blockmap}}}}}]\n"
+                      f"exports: [{{name: disk, pool: p, volume: disk, create: "
+                      f"{{size: {size}}}}}]\n")
+        else:
+            export = f"exports: [{{name: disk, file: {json.dumps(str(file))}}}]\n"
         cfg.write_text(
             f"listen: [{{unix: {json.dumps(str(sock))}}}]\n"
-            f"exports: [{{name: disk, file: {json.dumps(str(file))}}}]\n"
-            f"server: {{io: {io}, log-level: warning}}\n"
+            + export
+            + f"server: {{io: {io}, log-level: warning}}\n"
         )
         argv = [sys.executable, "-m", "nbdserver", "serve", "-c", str(cfg), "--io", io]
         uri = f"nbd+unix:///disk?socket={sock}"
@@ -337,6 +359,11 @@ def start_target(name: str, file: Path, rundir: Path, io: str,
                      cwd=str(cwd), env=env)
     target = Target(name, uri, proc, log_path)
     wait_for_socket(target, sock, SOCKET_TIMEOUT)
+    if name.startswith(VOLUME_PREFIX) and fill:
+        t0 = time.monotonic()
+        subprocess.run(["qemu-img", "convert", "-n", "-t", "none", "-f", "raw", "-O", "raw",
+                        str(file), uri], check=True)
+        log(f"bench: filled {name} from the test file in {time.monotonic() - t0:.1f}s")
     return target
 
 
@@ -572,7 +599,7 @@ def write_plot(path: Path, summary: dict[str, dict[str, dict[str, float | None]]
         s = summary.get(w.name, {})
         is_seq = w.bs.endswith("m")
         vals = [(s.get(t, {}).get("mibps" if is_seq else "iops") or 0) for t in targets]
-        ax.bar(range(len(targets)), vals, color=["C0", "C1", "C2", "C7"][:len(targets)])
+        ax.bar(range(len(targets)), vals, color=[f"C{i}" for i in range(len(targets))])
         ax.set_xticks(range(len(targets)), targets, rotation=30, ha="right")
         ax.set_title(w.label, fontsize=9)
         ax.set_ylabel("MiB/s" if is_seq else "IOPS")
@@ -609,6 +636,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "table on stderr)")
     p.add_argument("--markdown", type=Path, metavar="FILE", help="write the tables as Markdown")
     p.add_argument("--plot", type=Path, metavar="PNG", help="bar chart (needs matplotlib)")
+    p.add_argument("--volumes", default="", metavar="DESIGNS",
+                   help="also serve a pool volume of each of these block-map designs "
+                        f"(from {','.join(DESIGNS)}) as target vol-DESIGN, filled with the "
+                        "test file's data first")
+    p.add_argument("--empty-volumes", action="store_true",
+                   help="leave the --volumes volumes empty (writes allocate, reads are holes)")
     p.add_argument("--candidate", action="append", metavar="NAME=DIR",
                    help="also serve the nbdserver package found in DIR (a scratch copy with a "
                         "change to try) as target NAME, interleaved with the others; repeatable")
@@ -629,10 +662,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not (path / "nbdserver" / "__main__.py").is_file():
             p.error(f"--candidate {spec!r}: {path} holds no nbdserver package")
         args.sources[name] = path
-    # candidates go right after nbdserver, before the peers
+    volumes = [d.strip() for d in args.volumes.split(",") if d.strip()]
+    bad = [d for d in volumes if d not in DESIGNS]
+    if bad:
+        p.error(f"--volumes: unknown design(s) {', '.join(bad)}; valid: {', '.join(DESIGNS)}")
+    # candidates and volumes go right after nbdserver, before the peers
     first = [t for t in args.targets if t == "nbdserver"]
     args.targets = first + [c for c in args.sources if c != "nbdserver"] + [
-        t for t in args.targets if t != "nbdserver"]
+        VOLUME_PREFIX + d for d in volumes] + [t for t in args.targets if t != "nbdserver"]
     names = [n.strip() for n in args.workloads.split(",") if n.strip()]
     bad = [n for n in names if n not in WORKLOADS]
     if bad or not names:
@@ -676,7 +713,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         make_test_file(file, args.size)
         drop_cache(file)
-        targets = {t: start_target(t, file, rundir, args.io, args.sources.get(t))
+        targets = {t: start_target(t, file, rundir, args.io, args.sources.get(t), args.size,
+                                   not args.empty_volumes)
                    for t in args.targets}
         runs = args.rounds * len(workloads) * len(targets)
         log(f"bench: {runs} fio runs of {args.seconds}s: about "
@@ -706,6 +744,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             with contextlib.suppress(OSError):
                 file.unlink()
+            for t in args.targets:
+                if t.startswith(VOLUME_PREFIX):
+                    with contextlib.suppress(OSError):
+                        (file.parent / f"bench-{t}.pool").unlink()
             shutil.rmtree(rundir, ignore_errors=True)
         else:
             log(f"bench: kept {file} and the server logs in {rundir}")
