@@ -1,0 +1,62 @@
+"""Short runs of the long campaigns in ``scripts/``: the benchmark and the study.
+
+``make bench`` and ``make study`` take many minutes; here each runs for a few
+seconds on tiny sizes, so a change that breaks them fails the suite. The
+figures are not judged (a timed assertion on a shared machine would be noise);
+what is checked is that every target and design produced a measurement, the
+study's report and plots were written, and no target reported an error.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+needs_fio = pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
+
+
+@needs_fio
+def test_bench_short_run_measures_every_target(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--size", "32M", "--seconds", "1",
+         "--rounds", "1", "--only", "nbdserver,raw", "--volumes", "radix,extent",
+         "--workloads", "randread-4k,seqwrite-1m", "--dir", str(tmp_path), "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    for workload in ("randread-4k", "seqwrite-1m"):
+        for target in ("nbdserver", "vol-radix", "vol-extent", "raw"):
+            assert doc["median"][workload][target]["iops"] > 0, (workload, target)
+    assert "vol-radix/nbdserver" in proc.stdout
+    assert not list(tmp_path.glob("*.pool")), "the volume pools were not removed"
+
+
+@needs_fio
+def test_study_quick_run_writes_report_and_plots(tmp_path: Path) -> None:
+    report = tmp_path / "study.md"
+    data = tmp_path / "study.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "study.py"), "--quick", "--designs",
+         "radix,extent,linear", "--experiments", "1,4", "--no-qcow2", "--snapshot-counts",
+         "0,1", "--seconds", "1", "--region", "16M", "--dir", str(tmp_path / "work"),
+         "--out", str(report), "--json", str(data)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(data.read_text())
+    for design in ("radix", "extent", "linear"):
+        points = doc["results"]["snapshots"][design]
+        assert set(points) == {"0", "1"}, (design, points)
+        assert all(p["iops"] > 0 for p in points.values()), design
+        assert design in doc["results"]["creation"]
+    text = report.read_text()
+    assert "radix" in text and "extent" in text and "linear" in text
+    plots = list((tmp_path / "study").glob("*.png"))
+    assert {p.name for p in plots} >= {"snapshots.png", "creation.png"}, plots
