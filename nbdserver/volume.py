@@ -138,9 +138,33 @@ class VolumeBackend:
             except PageMiss:
                 pass
             else:
-                self._read_runs(offset, length, runs, done)
+                if len(runs) == 1 and runs[0].pc != HOLE:
+                    self._read_one(offset, length, runs[0], done)
+                else:
+                    self._read_runs(offset, length, runs, done)
                 return
         self._spawn_read(self._read_slow(offset, length), done)
+
+    def _read_one(self, offset: int, length: int, run: Run, done: ReadDone) -> None:
+        """One physically contiguous run (the common small read): one AIO read."""
+        buf = self.buffers.get(length)
+        epoch = self.epochs.begin()
+        read_epoch = self.read_epochs.begin()
+        buffers = self.buffers
+
+        def complete(res: int) -> None:
+            self.epochs.end(epoch)
+            self.read_epochs.end(read_epoch)
+            if res != length:
+                buffers.put(buf)
+                err = -res if res < 0 else errno.EIO
+                done(NbdError(err, f"read at {offset}: error {err}"))
+            else:
+                done(ReadResult(((offset, length, buf.view[:length]),),
+                                lambda: buffers.put(buf)))
+
+        dev = self._data_start + run.pc * self.chunk + offset - run.lc * self.chunk
+        self.engine.read(self._fd, buf, 0, length, dev, complete)
 
     def _read_runs(self, offset: int, length: int, runs: list[Run], done: ReadDone) -> None:
         """Issue the AIO reads for `runs` (aligned request); completes `done`.
