@@ -10,19 +10,12 @@ study's report and plots were written, and no target reported an error.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parent.parent
 
-needs_fio = pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
-
-
-@needs_fio
 def test_bench_short_run_measures_every_target(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
@@ -39,7 +32,6 @@ def test_bench_short_run_measures_every_target(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.pool")), "the volume pools were not removed"
 
 
-@needs_fio
 def test_study_quick_run_writes_report_and_plots(tmp_path: Path) -> None:
     report = tmp_path / "study.md"
     data = tmp_path / "study.json"
