@@ -28,11 +28,16 @@ rollback). Costs, with n records in the volume:
   record; returns runs merged where contiguous (one run per extent).
 - ``write_target``: one descent; on a path that is not writable, also one
   reference count per level and one for the chunk.
-- ``map`` (after a copy-on-write write): one descent, a rewrite of the leaf
-  with at most two more records (split the covering extent into left, new and
-  right, merging the new chunk into a neighbour that is logically and
-  physically contiguous and has the same owner: sequential writes grow one
-  record), O(height) splits at worst.
+- ``map`` (after a copy-on-write write): one descent and an edit of the leaf in
+  place: the covering extent and its two neighbours are decoded and replaced by
+  at most five records (split into left, new and right, merging the new chunk
+  into a neighbour that is logically and physically contiguous and has the same
+  owner: sequential writes grow one record), the records after them move by one
+  memmove; no other record is decoded. A full leaf is rebuilt and split:
+  O(height) splits at worst.
+- ``alloc_hint``: one descent (two when `lc` is at the edge of its leaf's range),
+  a look at the extents either side of `lc`, and one reference count when the
+  chunk it would pick is not already known to be taken.
 - ``clone`` (snapshot, fork): **O(1)**: the clone shares the root page, which
   gains a reference; nothing else is read or written, whatever the size.
 
@@ -138,6 +143,9 @@ _STATE = struct.Struct("<QB")  # root (meta index + 1, | WRITABLE), height
 
 Rec = tuple[int, int, int, int]  # lc, count, pc, tag (owner | TAG_WRITABLE)
 Entry = tuple[int, int]  # key, child (meta index | WRITABLE)
+# k leaf records packed at once (`map` replaces at most 3 records by at most 5 in place).
+_RECS = [struct.Struct("<" + "QQQ" * k) for k in range(6)]
+_COUNT = PAGE_HEADER_SIZE + 4  # offset of a node's count (u16)
 
 
 def _count(node: bytearray) -> int:
@@ -295,16 +303,16 @@ class ExtentMap(BlockMap):
         node = get(start + (root & IDX_MASK))
         lo, hi = 0, INF
         for _ in range(height - 1):
-            q = _inner_view(node)
-            keys = q[0::2]
-            i = bisect_right(keys, lc) - 1
+            q = memoryview(node).cast("Q")  # entries from u64 3 on: key, child
+            n = node[_COUNT] | node[_COUNT + 1] << 8
+            i = bisect_right(q[3:3 + 2 * n:2], lc) - 1
             if i < 0:
                 i = 0
             elif i:
-                lo = keys[i]
-            if i + 1 < len(keys):
-                hi = keys[i + 1]
-            node = get(start + (q[2 * i + 1] & IDX_MASK))
+                lo = q[3 + 2 * i]
+            if i + 1 < n:
+                hi = q[5 + 2 * i]
+            node = get(start + (q[4 + 2 * i] & IDX_MASK))
         return node, lo, hi
 
     def lookup(self, vol: VolumeRecord, lc: int, count: int) -> list[Run]:
@@ -350,30 +358,33 @@ class ExtentMap(BlockMap):
         return out
 
     def write_target(self, vol: VolumeRecord, lc: int) -> WriteTarget:
-        root, height = self._state(vol)
-        if root < 0:
+        raw, height = _STATE.unpack_from(vol.map_state)
+        if not raw & IDX_MASK:
             return Redirect(HOLE)
         get = self.cache.get
         meta = self.meta
-        start = self.meta_start
-        writable = bool(root & WRITABLE)
-        sole = writable or meta.get(root & IDX_MASK) == 1  # only read while untrusted
-        node = get(start + (root & IDX_MASK))
+        start = self.meta_start - 1  # the root is stored as meta index + 1
+        writable = raw >= WRITABLE
+        sole = writable or meta.get((raw & IDX_MASK) - 1) == 1  # only read while untrusted
+        node = get(start + (raw & IDX_MASK))
         for _ in range(height - 1):
-            q = _inner_view(node)
-            child = q[2 * max(0, bisect_right(q[0::2], lc) - 1) + 1]
-            if writable and not child & WRITABLE:
+            q = memoryview(node).cast("Q")  # entries from u64 3 on: key, child
+            n = node[_COUNT] | node[_COUNT + 1] << 8
+            i = bisect_right(q[3:3 + 2 * n:2], lc) - 1
+            child = q[4 + 2 * i] if i > 0 else q[4]
+            if writable and child < WRITABLE:
                 writable = False
             if not writable and sole and meta.get(child & IDX_MASK) != 1:
                 sole = False
-            node = get(start + (child & IDX_MASK))
-        q = _leaf_view(node)
-        i = bisect_right(q[0::3], lc) - 1
-        if i >= 0:
-            first, pc, w = q[3 * i:3 * i + 3]
+            node = get(start + 1 + (child & IDX_MASK))
+        q = memoryview(node).cast("Q")  # records from u64 3 on: lc, pc, n | tag << 32
+        n = node[_COUNT] | node[_COUNT + 1] << 8
+        i = 3 * bisect_right(q[3:3 + 3 * n:3], lc)
+        if i:
+            first, pc, w = q[i:i + 3]
             if lc < first + (w & LEN_MASK):
                 pc += lc - first
-                if writable and w & WRITABLE:
+                if writable and w >= WRITABLE:
                     return InPlace(pc)
                 if sole and self.data.get(pc) == 1:
                     return Claim(pc)
@@ -415,13 +426,14 @@ class ExtentMap(BlockMap):
         root, height = self._state(vol)
         if root < 0:
             return None
-        ideal, gap, own = self._ideal(root, height, lc, vol.id)
+        ideal, gap, own, taken = self._ideal(root, height, lc, vol.id)
         last = self._last_hint.get(vol.id)
-        self._last_hint[vol.id] = lc
-        self.cache.add_undo(partial(self._set_last_hint, vol.id, last))
+        if last != lc:
+            self._last_hint[vol.id] = lc
+            self.cache.add_undo(partial(self._set_last_hint, vol.id, last))
         if ideal is None:
             return None
-        if 0 <= ideal < self.data.count and self.data.run_length_free(ideal, 1):
+        if not taken and 0 <= ideal < self.data.count and self.data.run_length_free(ideal, 1):
             return ideal
         if not own or last is None or not 0 < lc - last <= STREAM_STEP:
             return None  # not a stream this volume is writing: pack densely (next fit)
@@ -442,31 +454,33 @@ class ExtentMap(BlockMap):
             self._last_hint[vol_id] = lc
 
     def _ideal(self, root: int, height: int, lc: int,
-               vol_id: int) -> tuple[int | None, int, bool]:
+               vol_id: int) -> tuple[int | None, int, bool, bool]:
         """Where `lc` belongs next to the nearer of its logical neighbours within reach
         (None if none is): the chunk that keeps the logical distance to it; how many chunks
         lie between `lc` and the end of the extent before it (0 when following the one
-        after); and whether that neighbour was written by this volume (a stream)."""
-        best: tuple[int | None, int, bool] = (None, 0, False)
+        after); whether that neighbour was written by this volume (a stream); and whether
+        the chunk is known to be taken (the extent before `lc` covers `lc` too: the chunk
+        is the one `lc` maps now). One descent, two when a neighbour is in another leaf."""
+        best: tuple[int | None, int, bool, bool] = (None, 0, False, False)
         distance = self.reach
+        node, lo, hi = self._leaf_for(root, height, lc)
         if lc > 0:
-            node, _, _ = self._leaf_for(root, height, lc - 1)
-            q = _leaf_view(node)
+            q = _leaf_view(node if lc > lo else self._leaf_for(root, height, lc - 1)[0])
             i = bisect_right(q[0::3], lc - 1) - 1
             if i >= 0:
                 start, pc, w = q[3 * i:3 * i + 3]
                 end = start + (w & LEN_MASK)
                 if lc - end < distance:
-                    best = int(pc + lc - start), max(0, lc - end), (w >> 32) & MAX_OWNER == vol_id
+                    best = (int(pc + lc - start), max(0, lc - end),
+                            (w >> 32) & MAX_OWNER == vol_id, end > lc)
                     distance = lc - end
-        if distance:
-            node, _, _ = self._leaf_for(root, height, lc + 1)
-            q = _leaf_view(node)
+        if distance > 0:  # (not when the extent before reaches lc: nothing is nearer)
+            q = _leaf_view(node if lc + 1 < hi else self._leaf_for(root, height, lc + 1)[0])
             i = bisect_right(q[0::3], lc)
             if i < len(q) // 3:
                 start, pc, w = q[3 * i:3 * i + 3]
                 if start - lc - 1 < distance and pc >= start - lc:
-                    best = int(pc - (start - lc)), 0, (w >> 32) & MAX_OWNER == vol_id
+                    best = int(pc - (start - lc)), 0, (w >> 32) & MAX_OWNER == vol_id, False
         return best
 
     # -- changing the tree -------------------------------------------------------------------
@@ -565,18 +579,23 @@ class ExtentMap(BlockMap):
             self._set_state(vol, root | WRITABLE, height)
         path: list[tuple[int, int, int]] = []
         idx, lo = root & IDX_MASK, 0
+        get = self.cache.get
+        start = self.meta_start
         for level in range(height - 1, 0, -1):
-            node = self.cache.get(self._page(idx))
-            q = _inner_view(node)
-            i = max(0, bisect_right(q[0::2], lc) - 1)
-            child = q[2 * i + 1]
-            if not child & WRITABLE:
+            node = get(start + idx)
+            q = memoryview(node).cast("Q")  # entries from u64 3 on: key, child
+            n = node[_COUNT] | node[_COUNT + 1] << 8
+            i = bisect_right(q[3:3 + 2 * n:2], lc) - 1
+            if i < 0:
+                i = 0
+            child = q[4 + 2 * i]
+            if child < WRITABLE:
                 child = self._take(child, level - 1)
-                node = self.cache.modify(self._page(idx), PT_EXTENT)
+                node = self.cache.modify(start + idx, PT_EXTENT)
                 struct.pack_into("<Q", node, ENTRIES + INNER_ENTRY * i + 8, child | WRITABLE)
             path.append((idx, i, lo))
             if i:
-                lo = q[2 * i]
+                lo = q[3 + 2 * i]
             idx = child & IDX_MASK
         path.append((idx, -1, lo))
         return path
@@ -585,13 +604,17 @@ class ExtentMap(BlockMap):
         if vol.id > MAX_OWNER:
             raise ValueError(f"volume id {vol.id} too large for the extent design")
         path = self._own_path(vol, lc)
-        flat = _leaf_view(self.cache.get(self._page(path[-1][0]))).tolist()
-        i = bisect_right(flat[0::3], lc) - 1
-        a, b = max(0, i - 1), min(len(flat) // 3, i + 2)  # the record for lc, neighbours
+        page = self.cache.modify(self._page(path[-1][0]), PT_EXTENT)
+        count = page[_COUNT] | page[_COUNT + 1] << 8
+        q = memoryview(page)[ENTRIES:ENTRIES + LEAF_ENTRY * count].cast("Q")
+        i = bisect_right(q[0::3], lc) - 1
+        a, b = max(0, i - 1), min(count, i + 2)  # the record for lc, neighbours
+        flat = q[3 * a:3 * b].tolist()
+        del q
         new = (lc, 1, pc, vol.id | TAG_WRITABLE)  # a fresh chunk: nobody else can see it
         window: list[Rec] = []
         old = HOLE
-        for j in range(3 * a, 3 * b, 3):
+        for j in range(0, len(flat), 3):
             start, rpc, w = flat[j:j + 3]
             n, tag = w & LEN_MASK, w >> 32
             if start <= lc < start + n:
@@ -606,11 +629,39 @@ class ExtentMap(BlockMap):
         if old == HOLE:
             window.append(new)
             window.sort()
-        flat[3 * a:3 * b] = _flat_records(self._merge(window))
+        cap = self.max_extent
+        merged: list[int] = []  # the window merged (see _merge), as u64s
+        ps = pn = pp = pt = -1
+        for rs, rn, rp, rt in window:
+            if ps + pn == rs and pp + pn == rp and pt == rt and pn + rn <= cap:
+                pn += rn
+                continue
+            if pt >= 0:
+                merged += (ps, pp, pn | pt << 32)
+            ps, pn, pp, pt = rs, rn, rp, rt
+        merged += (ps, pp, pn | pt << 32)
         self.data.incref(pc)
         if old != HOLE:
             self.data.decref(old)
-        self._put_leaf(vol, path, flat, lc)
+        k = len(merged) // 3
+        grown = count + k - (b - a)
+        if grown > self.leaf_cap:  # split the leaf: rebuild it from all its records
+            rest = _leaf_view(page).tolist()
+            rest[3 * a:3 * b] = merged
+            self._put_leaf(vol, path, rest, lc)
+            return
+        # In place: move the records after the window, then write the window's records.
+        if grown != count:
+            tail = ENTRIES + LEAF_ENTRY * b
+            end = ENTRIES + LEAF_ENTRY * count
+            to = tail + LEAF_ENTRY * (k - (b - a))
+            page[to:to + end - tail] = page[tail:end]
+            if grown < count:
+                new_end = ENTRIES + LEAF_ENTRY * grown
+                page[new_end:end] = bytes(end - new_end)
+            page[_COUNT] = grown & 0xFF
+            page[_COUNT + 1] = grown >> 8
+        _RECS[k].pack_into(page, ENTRIES + LEAF_ENTRY * a, *merged)
 
     def _put_leaf(self, vol: VolumeRecord, path: list[tuple[int, int, int]], flat: list[int],
                   lc: int) -> None:
