@@ -425,12 +425,12 @@ class RadixMap(BlockMap):
         sole = sole and self.meta.get(target) == 1
         stats.metadata_pages += 1
         node = self.cache.get(self._page(target))
-        for i in range(self.fanout):
-            child = _Q.unpack_from(node, PAGE_HEADER_SIZE + 8 * i)[0]
-            if not child & TARGET_MASK:
-                continue
-            if level == 0:
-                if sole and self.data.get(_target(child)) == 1:
-                    stats.exclusive_chunks += 1
-            else:
-                self._exclusive(child, level - 1, stats, sole)
+        entries = memoryview(node)[PAGE_HEADER_SIZE:PAGE_HEADER_SIZE + 8 * self.fanout].cast("Q")
+        children = [c for c in entries.tolist() if c & TARGET_MASK]
+        if level == 0:
+            if sole:
+                get = self.data.get
+                stats.exclusive_chunks += sum(1 for c in children if get(_target(c)) == 1)
+            return
+        for child in children:
+            self._exclusive(child, level - 1, stats, sole)
