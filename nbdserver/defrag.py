@@ -19,8 +19,11 @@ skipped whole). In each window, every maximal logical run of own chunks (a
    chunk's target there is free: only the misplaced chunks move (a fork whose
    parent was deleted: its rewritten chunks go back into the holes the
    parent's copies left);
-3. a fresh free run (:meth:`RefTable.find_free_run`) long enough for the
-   segment and the next window, else the longest one, and on from there.
+3. a fresh free run: the rest (the *tail*) of the last one a segment went into,
+   while its chunks are still free, so that one search serves many segments and
+   windows; else one found by :meth:`RefTable.find_free_run` (searching on from
+   the tail) long enough for the segment, the rest of the window and the next
+   one, else the longest one, and on from there.
 
 A segment already in place costs nothing. Per window with something to move:
 plan and claim the targets (one mini-transaction), **quiesce** the volume if a
@@ -30,9 +33,16 @@ chunk is still mapped where it was and still the volume's own, and skips it
 otherwise), resume, commit. So a concurrent write is never lost: it happens
 either before the copy (and is copied) or after the install (and lands in the
 new chunk). Old chunks are freed by ``map`` and stay quarantined until the
-commit is durable and every read begun before it has ended.
+commit is durable and every read begun before it has ended. The copy reads the
+window's moved chunks into one buffer laid out in target order (one read per
+run contiguous at both ends, all in flight at once, straight on the engine's
+callbacks), then writes each target run with one write.
 
-Costs: one lookup per window plus one ``write_target`` per mapped chunk; the
+Costs: one lookup per window for the plan and one for the install, one
+``write_target`` per mapped chunk and one more per moved chunk, one ``map`` per
+moved chunk; a free-run search only when the tail runs out (searching per
+segment rescanned the same refcount pages, and their claimed and quarantined
+chunks, for every segment: the cost grew with the square of the volume); the
 copy moves each misplaced chunk once; it needs as much free space as one
 window. ``start`` and ``limit`` let a caller (the CLI, through a running
 server's control socket) run it in slices and show progress between them.
@@ -58,12 +68,14 @@ from nbdserver.blockmap.base import HOLE, Claim, InPlace
 from nbdserver.errors import NbdError, UserError
 from nbdserver.pool.format import VolumeRecord
 from nbdserver.pool.pool import Pool
+from nbdserver.storage.buffers import AlignedBuffer
 
 WINDOW_BYTES = 8 << 20  # logical bytes planned, copied and installed per step
 SCAN_CHUNKS = 1 << 16  # logical chunks looked at at once when skipping holes
 CANDIDATES = 3  # placements of existing pieces tried per segment
 SEARCH_PAGES = 1024  # refcount pages searched for a fresh free run (1020 chunks each)
 MIN_PIECE = 64  # chunks: a segment is split over free runs no shorter than this
+COPY_BYTES = 8 << 20  # the most one copy batch buffers
 GIB = 1 << 30
 
 Progress = Callable[[int, int, int], None]  # (bytes scanned, bytes in all, bytes moved)
@@ -74,6 +86,19 @@ class _Plan:
     moves: list[tuple[int, int, int]] = field(default_factory=list)  # (lc, from, to)
     shared: int = 0  # mapped chunks left alone because others reference them
     no_space: int = 0  # own chunks that could not be placed for lack of free space
+    tail: tuple[int, int] | None = None  # (start, length): the unused end of a fresh run
+
+
+def _runs(units: list[int]) -> list[tuple[int, int, int]]:
+    """(first unit, first index, count) of each run of consecutive units in `units`."""
+    out: list[tuple[int, int, int]] = []
+    for i, unit in enumerate(units):
+        if out and out[-1][0] + out[-1][2] == unit:
+            first, at, n = out[-1]
+            out[-1] = (first, at, n + 1)
+        else:
+            out.append((unit, i, 1))
+    return out
 
 
 def _summary(pool: Pool, vol: VolumeRecord, extents: int, mapped: int,
@@ -119,6 +144,7 @@ class Defrag:
         self.moved = 0
         self.shared = 0
         self.no_space = 0
+        self.tail: tuple[int, int] | None = None  # carried from window to window
 
     async def run(self, start: int, limit: int | None) -> dict[str, Any]:
         """Defragment logical chunks [start, start + limit)."""
@@ -160,14 +186,18 @@ class Defrag:
                           self.moved * self.chunk)
 
     async def _skip_holes(self, pos: int, end: int) -> int:
-        """The first mapped chunk at or after `pos` (or `end`)."""
+        """The first mapped chunk at or after `pos` (or `end`). Looks at one window first,
+        then at twice as much each time up to ``SCAN_CHUNKS``: a long look-up of a mapped,
+        fragmented stretch would list every run in it only to use the first."""
+        n = self.window
         while pos < end:
-            n = min(SCAN_CHUNKS, end - pos)
+            n = min(n, SCAN_CHUNKS, end - pos)
             runs = await self.pool.cache.run(partial(self.map.lookup, self.vol, pos, n))
             for run in runs:
                 if run.pc != HOLE:
                     return max(pos, run.lc)
             pos += n
+            n *= 2
             self._report(pos)
         return end
 
@@ -176,6 +206,7 @@ class Defrag:
     async def _window(self, lo: int, hi: int) -> None:
         pool = self.pool
         plan = await pool.cache.run(lambda: self._plan(lo, hi))
+        self.tail = plan.tail
         self.shared += plan.shared
         self.no_space += plan.no_space
         if not plan.moves:
@@ -188,7 +219,7 @@ class Defrag:
                 epoch = pool.epochs.begin()
                 try:
                     await self._copy(plan.moves)
-                    installed = await pool.run(lambda: self._install(plan.moves))
+                    installed = await pool.run(lambda: self._install(lo, hi, plan.moves))
                 finally:
                     pool.epochs.end(epoch)
             finally:
@@ -203,14 +234,18 @@ class Defrag:
 
     def _plan(self, lo: int, hi: int) -> _Plan:
         """Choose targets for the window's own chunks and claim them (a mini-transaction)."""
-        plan = _Plan()
+        plan = _Plan(tail=self.tail)  # a retry (PageMiss) starts again from self.tail
         where: dict[int, int] = {}  # lc -> pc of every own mapped chunk
-        for run in self.map.lookup(self.vol, lo, hi - lo):
+        mapped: dict[int, int] = {}  # lc -> pc of every mapped chunk, own or shared
+        write_target = self.map.write_target
+        vol = self.vol
+        for run in self.map.lookup(vol, lo, hi - lo):
             if run.pc == HOLE:
                 continue
             for k in range(run.count):
                 lc = run.lc + k
-                if isinstance(self.map.write_target(self.vol, lc), InPlace | Claim):
+                mapped[lc] = run.pc + k
+                if isinstance(write_target(vol, lc), InPlace | Claim):
                     where[lc] = run.pc + k
                 else:
                     plan.shared += 1
@@ -222,17 +257,19 @@ class Defrag:
             first = lc
             while lc < hi and lc in where:
                 lc += 1
-            self._place(first, lc, where, hi, plan)
+            self._place(first, lc, where, mapped, lo, hi, plan)
         return plan
 
-    def _place(self, a: int, b: int, where: dict[int, int], hi: int, plan: _Plan) -> None:
+    def _place(self, a: int, b: int, where: dict[int, int], mapped: dict[int, int],
+               lo: int, hi: int, plan: _Plan) -> None:
         """Choose where the segment [a, b) goes, and claim the targets of what moves."""
         pcs = [where[lc] for lc in range(a, b)]
         candidates: list[int] = []
         if a > 0:
-            before = self.map.lookup(self.vol, a - 1, 1)[0]
-            if before.pc != HOLE:
-                candidates.append(before.pc + 1)
+            before = mapped.get(a - 1, HOLE) if a > lo else \
+                self.map.lookup(self.vol, a - 1, 1)[0].pc  # the window's look-up began at a
+            if before != HOLE:
+                candidates.append(before + 1)
         in_place: dict[int, int] = {}
         for i, pc in enumerate(pcs):
             in_place[pc - i] = in_place.get(pc - i, 0) + 1
@@ -241,13 +278,22 @@ class Defrag:
             if self._fits(base, pcs):
                 self._claim(a, base, pcs, plan)
                 return
-        # Fresh free runs: room for the segment and for the next window to go on in it, else
-        # the longest ones nearby, as long as each piece is worth having.
-        near = candidates[0] if candidates else pcs[0]
+        # Fresh free runs: go on in the one the last fresh placement took from (its tail)
+        # while it is still free; else search, from there, for room for the rest of the
+        # window and the next one, else the longest runs nearby, as long as each piece is
+        # worth having. One search serves many segments: searching per segment would
+        # rescan the same pages (and their claimed and quarantined chunks) each time.
+        tail = plan.tail
+        near = tail[0] if tail is not None else candidates[0] if candidates else pcs[0]
         pos = 0
         while pos < len(pcs):
             rest = len(pcs) - pos
-            want = rest + (self.window if b == hi else 0)
+            tail = plan.tail
+            if tail is not None and tail[1] >= rest and self._free(tail[0], rest):
+                self._claim(a + pos, tail[0], pcs[pos:], plan)
+                plan.tail = (tail[0] + rest, tail[1] - rest) if tail[1] > rest else None
+                return
+            want = rest + (hi - b) + self.window
             run = self.data.find_free_run(min(max(near, 0), self.data.count - 1), want,
                                           SEARCH_PAGES)
             take = 0 if run is None else min(run[1], rest)
@@ -255,6 +301,7 @@ class Defrag:
                 plan.no_space += rest  # nothing better than what is there
                 return
             self._claim(a + pos, run[0], pcs[pos:pos + take], plan)
+            plan.tail = (run[0] + take, run[1] - take) if run[1] > take else None
             near = run[0] + take
             pos += take
 
@@ -264,10 +311,19 @@ class Defrag:
         if base < 0 or base + len(pcs) > self.data.count:
             return False
         counts = self.data.get_run(base, len(pcs))
+        claimed, quarantine = self.data.claimed, self.data.quarantine
         for i, pc in enumerate(pcs):
-            if pc != base + i and (counts[i] or not self.data.run_length_free(base + i, 1)):
+            unit = base + i
+            if pc != unit and (counts[i] or unit in claimed or unit in quarantine):
                 return False
         return True
+
+    def _free(self, base: int, n: int) -> bool:
+        """Whether chunks [base, base + n) are all free and usable."""
+        if base < 0 or base + n > self.data.count or any(self.data.get_run(base, n)):
+            return False
+        claimed, quarantine = self.data.claimed, self.data.quarantine
+        return not any(u in claimed or u in quarantine for u in range(base, base + n))
 
     def _claim(self, a: int, base: int, pcs: list[int], plan: _Plan) -> None:
         moves = [(a + i, pc, base + i) for i, pc in enumerate(pcs) if pc != base + i]
@@ -281,39 +337,76 @@ class Defrag:
             plan.moves.append((lc, src, dst))
 
     async def _copy(self, moves: list[tuple[int, int, int]]) -> None:
-        """Copy each moved chunk, in runs contiguous at both ends."""
-        groups: list[tuple[int, int, int]] = []  # (from, to, chunks)
-        for _, src, dst in sorted(moves, key=lambda m: m[2]):
-            if groups and groups[-1][0] + groups[-1][2] == src and \
-                    groups[-1][1] + groups[-1][2] == dst:
-                groups[-1] = (groups[-1][0], groups[-1][1], groups[-1][2] + 1)
-            else:
-                groups.append((src, dst, 1))
-        await asyncio.gather(*(self._copy_run(src, dst, n) for src, dst, n in groups))
+        """Copy each moved chunk, in batches of at most ``COPY_BYTES``: each batch is read
+        into one buffer laid out in target order (one read per run contiguous at both
+        ends, all in flight at once), then written with one write per target run."""
+        order = sorted(moves, key=lambda m: m[2])
+        per = max(1, COPY_BYTES // self.chunk)
+        await asyncio.gather(*(self._copy_batch(order[i:i + per])
+                               for i in range(0, len(order), per)))
 
-    async def _copy_run(self, src: int, dst: int, n: int) -> None:
+    async def _copy_batch(self, batch: list[tuple[int, int, int]]) -> None:
         pool = self.pool
-        size = n * self.chunk
-        base = pool.layout.data_start
-        buf = pool.buffers.get(size)
+        reads = _runs([src for _, src, _ in batch])
+        writes = _runs([dst for _, _, dst in batch])
+        buf = pool.buffers.get(len(batch) * self.chunk)
+        done = False
         try:
-            got = await pool.engine.aread(pool.device.fd, buf, 0, size, base + src * self.chunk)
-            if got != size:
-                raise NbdError(errno.EIO, f"defrag: short read of chunks {src}+{n}")
-            got = await pool.engine.awrite(pool.device.fd, buf, 0, size,
-                                           base + dst * self.chunk)
-            if got != size:
-                raise NbdError(errno.EIO, f"defrag: short write of chunks {dst}+{n}")
+            for pieces, write in ((reads, False), (writes, True)):
+                failed = await self._io(buf, pieces, write)
+                if failed:
+                    unit, _, n = failed[0]
+                    raise NbdError(errno.EIO, f"defrag: {'write' if write else 'read'} of "
+                                              f"chunks {unit}+{n} failed")
+            done = True
         finally:
-            pool.buffers.put(buf)
+            if done:
+                pool.buffers.put(buf)
+            # else: a transfer may still be in flight (cancelled); its completion holds buf
 
-    def _install(self, moves: list[tuple[int, int, int]]) -> set[int]:
+    def _io(self, buf: AlignedBuffer, pieces: list[tuple[int, int, int]],
+            write: bool) -> asyncio.Future[list[tuple[int, int, int]]]:
+        """Start a transfer of each (first chunk, first chunk of `buf`, chunks) between the
+        device and `buf`; the future gets the pieces that failed once all have ended."""
+        pool = self.pool
+        engine = pool.engine
+        fd = pool.device.fd
+        chunk = self.chunk
+        base = pool.layout.data_start
+        fut: asyncio.Future[list[tuple[int, int, int]]] = \
+            asyncio.get_running_loop().create_future()
+        failed: list[tuple[int, int, int]] = []
+        left = len(pieces)
+
+        def ended(piece: tuple[int, int, int], res: int, buf: AlignedBuffer = buf) -> None:
+            nonlocal left
+            if res != piece[2] * chunk:
+                failed.append(piece)
+            left -= 1
+            if not left and not fut.done():
+                fut.set_result(failed)
+
+        if not pieces:
+            fut.set_result(failed)
+        start = engine.write if write else engine.read
+        for piece in pieces:
+            unit, i, n = piece
+            start(fd, buf, i * chunk, n * chunk, base + unit * chunk, partial(ended, piece))
+        engine.kick()
+        return fut
+
+    def _install(self, lo: int, hi: int, moves: list[tuple[int, int, int]]) -> set[int]:
         """Point each logical chunk at its copy, if it still maps the chunk copied and is
-        still the volume's own (a mini-transaction). Returns the chunks installed."""
+        still the volume's own (a mini-transaction). Returns the chunks installed. One
+        look-up of the window first: mapping one chunk changes no other's mapping."""
+        now: dict[int, int] = {}
+        for run in self.map.lookup(self.vol, lo, hi - lo):
+            if run.pc != HOLE:
+                for k in range(run.count):
+                    now[run.lc + k] = run.pc + k
         installed: set[int] = set()
         for lc, src, dst in moves:
-            run = self.map.lookup(self.vol, lc, 1)[0]
-            if run.pc != src:
+            if now.get(lc, HOLE) != src:
                 continue
             if not isinstance(self.map.write_target(self.vol, lc), InPlace | Claim):
                 continue

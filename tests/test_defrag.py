@@ -26,8 +26,8 @@ from conftest import SERVER_CMD, ServerFactory, run
 from nbdclient import connect
 
 from nbdserver import admin
-from nbdserver.blockmap.base import HOLE, designs
-from nbdserver.defrag import defrag_volume
+from nbdserver.blockmap.base import HOLE, Claim, InPlace, designs
+from nbdserver.defrag import WINDOW_BYTES, defrag_volume
 from nbdserver.pool.pool import Pool
 from nbdserver.storage.buffers import BufferPool
 from nbdserver.storage.engine import make_engine
@@ -163,6 +163,56 @@ async def test_defrag_of_an_orphaned_fork_moves_only_the_misplaced_chunks(
         assert result["after"]["extents"] == 1
     assert result["moved_bytes"] == 40 * CHUNK
     assert await fork.read_all() == want
+    await env.assert_clean()
+
+
+@pytest.mark.parametrize("design", FORKING)
+async def test_defrag_of_a_randomly_rewritten_fork_searches_once_per_window(
+        make_pool: PoolFactory, design: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fork rewrote half its chunks at random (its parent lives on): hundreds of short
+    segments of own chunks between shared ones per window. They go one after another
+    into the fresh free run the first of them found (its tail), not a search each; every
+    segment ends up physically contiguous, shared chunks stay, every byte reads back."""
+    env = await new_env(make_pool, design)
+    pool = env.pool
+    size = 16 * MiB
+    golden = await env.create("golden", size)
+    base = pattern(8, size)
+    for off in range(0, size, MiB):
+        await golden.write(off, base[off:off + MiB])
+    fork = await env.fork("golden", "fork")
+    want = bytearray(base)
+    for lc in random.Random(8).sample(range(size // CHUNK), size // CHUNK // 2):
+        piece = pattern(300 + lc, CHUNK)
+        await fork.write(lc * CHUNK, piece)
+        want[lc * CHUNK:(lc + 1) * CHUNK] = piece
+    golden_before = mapped(await runs_of(env, "golden"))
+    searches = []
+    find_free_run = type(pool.data).find_free_run
+
+    def counting(table: Any, *args: Any, **kwargs: Any) -> Any:
+        searches.append(args)
+        return find_free_run(table, *args, **kwargs)
+
+    monkeypatch.setattr(type(pool.data), "find_free_run", counting)
+    result = await defrag_volume(pool, "fork")
+    monkeypatch.undo()
+    windows = size // WINDOW_BYTES
+    assert result["moved_bytes"] > size // 8 and result["no_space_bytes"] == 0
+    assert 0 < len(searches) <= 2 * windows, len(searches)
+    assert result["after"]["extents"] < result["before"]["extents"]
+    vol = pool.volume("fork")
+    own = await pool.cache.run(lambda: {
+        lc: pc for lc, pc in mapped(pool.map.lookup(vol, 0, size // CHUNK)).items()
+        if isinstance(pool.map.write_target(vol, lc), InPlace | Claim)})
+    assert len(own) == size // CHUNK // 2
+    window = WINDOW_BYTES // CHUNK
+    for lc, pc in own.items():  # each logical run of own chunks is one physical run, but
+        if lc + 1 in own and (lc + 1) % window:  # where a window's end splits it
+            assert own[lc + 1] == pc + 1, f"{design}: chunks {lc} and {lc + 1} apart"
+    assert mapped(await runs_of(env, "golden")) == golden_before
+    assert await fork.read_all() == want
+    assert await golden.read_all() == base
     await env.assert_clean()
 
 
