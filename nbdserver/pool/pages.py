@@ -21,6 +21,16 @@ until :meth:`take_dirty` hands its image to a commit (journal write). After
 the commit its image is written home; until that write completes the page
 cannot be evicted (re-reading it from home would see the old contents).
 
+**Read-ahead for scans.** An operation that walks much of a map (volume
+stats, unmapping a large range, a check) on a cold cache would restart once
+per page it misses, so its cost would grow with the square of the pages it
+walks. From an operation's second miss on, :meth:`run` loads the missing page
+together with the pages after it (one device read of ``READ_AHEAD`` pages,
+within the page's region, through ``read_ahead``): map pages are allocated
+near each other, so a scan restarts a few times per batch, not per page. The
+extra pages go in at the cold end of the LRU order, unpinned: an unused one is
+the first evicted, so read-ahead never pushes out the working set.
+
 Cost: :meth:`get` is a dict lookup plus an LRU bump; :meth:`modify` copies
 the 4 KiB page once per mini-transaction.
 """
@@ -31,9 +41,10 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from nbdserver.pool.format import PAGE_SIZE, seal_page, verify_page
+from nbdserver.pool.format import PAGE_SIZE, PT_FREE, FormatError, seal_page, verify_page
 
 T = TypeVar("T")
+READ_AHEAD = 32  # pages read at once after an operation's first miss
 
 
 class PageMiss(Exception):
@@ -78,9 +89,16 @@ class PageCache:
     """Bounded LRU page cache with mini-transactions; see the module note."""
 
     def __init__(self, capacity: int,
-                 read_page: Callable[[int], Awaitable[bytes]]) -> None:
+                 read_page: Callable[[int], Awaitable[bytes]],
+                 read_ahead: Callable[[int, int], Awaitable[list[tuple[int, bytes]]]]
+                 | None = None) -> None:
         self.capacity = max(16, capacity)
         self._read_page = read_page
+        self._read_ahead = read_ahead  # (page, count) -> [(page, bytes)], from `page` on
+        self.read_ahead_pages = 0
+        # Pages evicted while a read-ahead is in flight: its copy of them may predate a
+        # home write that completed meanwhile, so it must not insert them.
+        self._evicted_during: list[set[int]] = []
         self._pages: OrderedDict[int, Page] = OrderedDict()
         self._dirty: dict[int, Page] = {}
         self._undo: dict[int, tuple[bytearray, bool, int, bool]] | None = None
@@ -142,6 +160,41 @@ class PageCache:
                 return page
         if pin:
             page.pins += 1
+        return page
+
+    async def load_ahead(self, page_no: int) -> Page:
+        """Like ``load(page_no, pin=True)``, also bringing in up to ``READ_AHEAD - 1``
+        following pages (cold, unpinned; never-written or unreadable ones are left out:
+        whoever needs one loads it, and a bad checksum is reported then)."""
+        if page_no in self._pages or self._read_ahead is None:
+            return await self.load(page_no, pin=True)
+        evicted: set[int] = set()
+        self._evicted_during.append(evicted)
+        try:
+            pages = await self._read_ahead(page_no, READ_AHEAD)
+        finally:
+            self._evicted_during.remove(evicted)
+        for no, raw in reversed(pages):  # each inserted at the cold end: keep their order
+            if no == page_no or no in self._pages or no in evicted:
+                continue
+            try:
+                ptype = verify_page(no, raw)
+            except FormatError:
+                continue
+            if ptype == PT_FREE:
+                continue
+            self._pages[no] = Page(no, bytearray(raw), ptype)
+            self._pages.move_to_end(no, last=False)
+            self.read_ahead_pages += 1
+        page = self._pages.get(page_no)
+        if page is None and page_no in evicted:
+            return await self.load(page_no, pin=True)
+        if page is None:
+            ptype = verify_page(page_no, pages[0][1])
+            page = self._pages[page_no] = Page(page_no, bytearray(pages[0][1]), ptype)
+            self.loads += 1
+        page.pins += 1
+        self._evict()
         return page
 
     def insert_clean(self, page_no: int, data: bytes, ptype: int, *, pin: bool = False) -> None:
@@ -249,7 +302,10 @@ class PageCache:
                     with self.mtr():
                         return op()
                 except PageMiss as miss:
-                    pinned.append(await self.load(miss.page_no, pin=True))
+                    if pinned and self._read_ahead is not None:
+                        pinned.append(await self.load_ahead(miss.page_no))
+                    else:
+                        pinned.append(await self.load(miss.page_no, pin=True))
         finally:
             for page in pinned:
                 page.pins -= 1
@@ -293,6 +349,8 @@ class PageCache:
                 continue
             del self._pages[page_no]
             self.evictions += 1
+            for watch in self._evicted_during:
+                watch.add(page_no)
             excess -= 1
             if excess <= 0:
                 break

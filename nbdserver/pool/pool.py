@@ -119,7 +119,7 @@ class Pool:
         self.engine = engine
         self.buffers = buffers
         self.offline = offline
-        self.cache = PageCache(cache_bytes // PAGE_SIZE, self._read_page)
+        self.cache = PageCache(cache_bytes // PAGE_SIZE, self._read_page, self._read_pages)
         if offline:
             self.cache.sync_reader = self._read_page_sync
         self.data = RefTable(self.cache, self.layout.data_ref_start, self.layout.data_chunks,
@@ -257,6 +257,25 @@ class Pool:
             if n != PAGE_SIZE:
                 raise NbdError(errno.EIO, f"short read of metadata page {page_no}")
             return bytes(buf.view[:PAGE_SIZE])
+        finally:
+            self.buffers.put(buf)
+
+    async def _read_pages(self, first: int, count: int) -> list[tuple[int, bytes]]:
+        """Up to `count` pages from `first` on, within its region of the metadata (the
+        reference tables or the map pages): for read-ahead."""
+        lay = self.layout
+        bounds = [lay.meta_ref_start, lay.data_ref_start, lay.meta_start,
+                  lay.meta_start + lay.meta_pages]
+        end = next((b for b in bounds if b > first), first + 1)
+        count = max(1, min(count, end - first))
+        buf = self.buffers.get(count * PAGE_SIZE)
+        try:
+            n = await self.engine.aread(self.device.fd, buf, 0, count * PAGE_SIZE,
+                                        first * PAGE_SIZE)
+            if n < PAGE_SIZE:
+                raise NbdError(errno.EIO, f"short read of metadata page {first}")
+            return [(first + i, bytes(buf.view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]))
+                    for i in range(n // PAGE_SIZE)]
         finally:
             self.buffers.put(buf)
 

@@ -302,3 +302,81 @@ async def test_rollback_of_first_modify_after_commit_restores_sealed_header(
         raise ZeroDivisionError
     assert cache.get(5) == img and not cache._pages[5].dirty
     assert cache._pages[5].home_pending == 1
+
+
+def make_cache_ahead(device: BlockDevice, capacity: int, reads: list[tuple[int, int]],
+                     during: object = None) -> PageCache:
+    """A cache with read-ahead from the device; `reads` records each (first, count) read;
+    `during`, if set, is called while a read-ahead is in flight."""
+    async def read_page(no: int) -> bytes:
+        return _read_pages_sync(device, no, 1)
+
+    async def read_ahead(first: int, count: int) -> list[tuple[int, bytes]]:
+        count = min(count, NPAGES - first)
+        reads.append((first, count))
+        if callable(during):
+            during()
+        raw = _read_pages_sync(device, first, count)
+        return [(first + i, raw[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i in range(count)]
+
+    return PageCache(capacity, read_page, read_ahead)
+
+
+async def test_a_scan_on_a_cold_cache_restarts_per_batch_not_per_page(
+        device: BlockDevice) -> None:
+    reads: list[tuple[int, int]] = []
+    cache = make_cache_ahead(device, 128, reads)
+    attempts = [0]
+
+    def scan() -> int:
+        attempts[0] += 1
+        return sum(cache.get(no)[20] for no in range(NPAGES))
+
+    want = sum(content(no)[20] for no in range(NPAGES))
+    assert await cache.run(scan) == want
+    # First miss: one page (a point lookup pays nothing extra); then 32 pages per read.
+    assert reads == [(1, 32), (33, 31)], reads
+    assert attempts[0] == 4, attempts  # not NPAGES + 1
+    assert cache.read_ahead_pages == NPAGES - 3
+
+
+async def test_read_ahead_pages_go_in_cold_and_never_evict_the_working_set(
+        device: BlockDevice) -> None:
+    reads: list[tuple[int, int]] = []
+    cache = make_cache_ahead(device, 16, reads)
+    for no in (40, 41, 42):  # the working set, recently used
+        await cache.load(no)
+        cache.get(no)
+
+    def two() -> None:
+        cache.get(0)
+        cache.get(1)
+
+    await cache.run(two)  # the second miss reads ahead 1..32: 31 pages into 16 slots
+    for no in (40, 41, 42, 0, 1):
+        assert no in cache, no
+    assert len([no for no in range(NPAGES) if no in cache]) <= 16
+
+
+async def test_read_ahead_skips_pages_evicted_while_it_read(device: BlockDevice) -> None:
+    """A page evicted during the read may have been written home after the read saw
+    it: the read's copy may be stale, so it must not be inserted."""
+    reads: list[tuple[int, int]] = []
+    cache: PageCache
+
+    def evict_five() -> None:
+        cache._pages.move_to_end(5, last=False)
+        cache.capacity = len(cache._pages) - 1
+        cache._evict()  # page 5 goes: the oldest clean page
+        cache.capacity = 64
+
+    cache = make_cache_ahead(device, 64, reads, during=evict_five)
+    await cache.load(5)
+
+    def two() -> None:
+        cache.get(0)
+        cache.get(1)
+
+    await cache.run(two)
+    assert 5 not in cache
+    assert 6 in cache and 1 in cache
