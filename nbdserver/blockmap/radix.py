@@ -169,6 +169,27 @@ class RadixMap(BlockMap):
         span = self.fanout ** level
         first = (lo - base) // span
         last = (hi - 1 - base) // span
+        if level == 0:  # a leaf: one pass over its entries, runs built locally
+            entries = memoryview(node)[PAGE_HEADER_SIZE + 8 * first:
+                                       PAGE_HEADER_SIZE + 8 * (last + 1)].cast("Q").tolist()
+            run_lc, run_n, run_pc, run_owner = base + first, 0, HOLE, 0
+            for k, child in enumerate(entries):
+                if child & TARGET_MASK:
+                    pc, owner = (child & TARGET_MASK) - 1, child >> OWNER_SHIFT
+                    if run_n and run_pc != HOLE and owner == run_owner and run_pc + run_n == pc:
+                        run_n += 1
+                        continue
+                elif run_n and run_pc == HOLE:
+                    run_n += 1
+                    continue
+                else:
+                    pc, owner = HOLE, 0
+                if run_n:
+                    self._emit(out, run_lc, run_n, run_pc, run_owner)
+                run_lc, run_n, run_pc, run_owner = base + first + k, 1, pc, owner
+            if run_n:
+                self._emit(out, run_lc, run_n, run_pc, run_owner)
+            return
         for i in range(first, last + 1):
             child = _Q.unpack_from(node, PAGE_HEADER_SIZE + 8 * i)[0]
             start = max(lo, base + i * span)
