@@ -1727,6 +1727,7 @@ def write_report(args: argparse.Namespace, results: dict[str, Any], info: dict[s
         doc = {"machine": info, "params": params.__dict__, "designs": args.design_list,
                "no_qcow2": args.no_qcow2, "results": results, "targets": targets}
         blob = json.dumps(doc, indent=1, default=str)
+        blob = re.sub(r"/tmp/nbd-study-[^/\s\"]+", "<tmp>", blob.replace(str(REPO) + "/", ""))
         if args.json == "-":
             print(blob)
         else:
