@@ -98,7 +98,8 @@ class PageCache:
         self.read_ahead_pages = 0
         # Pages evicted while a read-ahead is in flight: its copy of them may predate a
         # home write that completed meanwhile, so it must not insert them.
-        self._evicted_during: list[set[int]] = []
+        self._evicted_during: dict[int, set[int]] = {}  # read-ahead token -> pages
+        self._read_ahead_token = 0
         self._pages: OrderedDict[int, Page] = OrderedDict()
         self._dirty: dict[int, Page] = {}
         self._undo: dict[int, tuple[bytearray, bool, int, bool]] | None = None
@@ -169,11 +170,13 @@ class PageCache:
         if page_no in self._pages or self._read_ahead is None:
             return await self.load(page_no, pin=True)
         evicted: set[int] = set()
-        self._evicted_during.append(evicted)
+        self._read_ahead_token += 1
+        token = self._read_ahead_token
+        self._evicted_during[token] = evicted
         try:
             pages = await self._read_ahead(page_no, READ_AHEAD)
         finally:
-            self._evicted_during.remove(evicted)
+            del self._evicted_during[token]
         for no, raw in reversed(pages):  # each inserted at the cold end: keep their order
             if no == page_no or no in self._pages or no in evicted:
                 continue
@@ -349,7 +352,7 @@ class PageCache:
                 continue
             del self._pages[page_no]
             self.evictions += 1
-            for watch in self._evicted_during:
+            for watch in self._evicted_during.values():
                 watch.add(page_no)
             excess -= 1
             if excess <= 0:

@@ -6,6 +6,7 @@ sync page reader the pool uses), so loading verifies real checksums.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -380,3 +381,43 @@ async def test_read_ahead_skips_pages_evicted_while_it_read(device: BlockDevice)
     await cache.run(two)
     assert 5 not in cache
     assert 6 in cache and 1 in cache
+
+
+async def test_concurrent_read_aheads_track_their_own_evictions(device: BlockDevice) -> None:
+    """Two read-aheads in flight, finishing in the other order, with an eviction between:
+    each must end cleanly and skip only what was evicted during its own read."""
+    gates = {1: asyncio.Event(), 40: asyncio.Event()}
+
+    async def read_page(no: int) -> bytes:
+        return _read_pages_sync(device, no, 1)
+
+    async def read_ahead(first: int, count: int) -> list[tuple[int, bytes]]:
+        await gates[first].wait()
+        count = min(count, NPAGES - first)
+        raw = _read_pages_sync(device, first, count)
+        return [(first + i, raw[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]) for i in range(count)]
+
+    cache = PageCache(64, read_page, read_ahead)
+    await cache.load(33)
+
+    def first_op() -> None:
+        cache.get(0)
+        cache.get(1)
+
+    def second_op() -> None:
+        cache.get(39)
+        cache.get(40)
+
+    a = asyncio.ensure_future(cache.run(first_op))
+    b = asyncio.ensure_future(cache.run(second_op))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    gates[40].set()
+    await b
+    cache._pages.move_to_end(33, last=False)
+    cache.capacity = len(cache._pages) - 1
+    cache._evict()  # page 33 goes while the first read-ahead (pages 1..32) is in flight
+    cache.capacity = 64
+    gates[1].set()
+    await a
+    assert 2 in cache and 45 in cache
