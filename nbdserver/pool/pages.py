@@ -24,12 +24,16 @@ cannot be evicted (re-reading it from home would see the old contents).
 **Read-ahead for scans.** An operation that walks much of a map (volume
 stats, unmapping a large range, a check) on a cold cache would restart once
 per page it misses, so its cost would grow with the square of the pages it
-walks. From an operation's second miss on, :meth:`run` loads the missing page
+walks. From an operation's second miss on, while the cache has room (a cache
+warming up after the pool was opened), :meth:`run` loads the missing page
 together with the pages after it (one device read of ``READ_AHEAD`` pages,
 within the page's region, through ``read_ahead``): map pages are allocated
 near each other, so a scan restarts a few times per batch, not per page. The
-extra pages go in at the cold end of the LRU order, unpinned: an unused one is
-the first evicted, so read-ahead never pushes out the working set.
+extra pages go in at the cold end of the LRU order, unpinned. A full cache
+loads one page at a time: there, pages read ahead would be evicted before
+they are used, and verifying them would multiply the cost of every miss
+(seen: a server with a 1 MiB cache under a kill -9 campaign's workload spent
+most of its CPU verifying pages read ahead and evicted unused).
 
 Cost: :meth:`get` is a dict lookup plus an LRU bump; :meth:`modify` copies
 the 4 KiB page once per mini-transaction.
@@ -167,8 +171,9 @@ class PageCache:
         """Like ``load(page_no, pin=True)``, also bringing in up to ``READ_AHEAD - 1``
         following pages (cold, unpinned; never-written or unreadable ones are left out:
         whoever needs one loads it, and a bad checksum is reported then)."""
-        if page_no in self._pages or self._read_ahead is None:
-            return await self.load(page_no, pin=True)
+        if (page_no in self._pages or self._read_ahead is None
+                or len(self._pages) + READ_AHEAD > self.capacity):
+            return await self.load(page_no, pin=True)  # a full cache: nothing to gain
         evicted: set[int] = set()
         self._read_ahead_token += 1
         token = self._read_ahead_token

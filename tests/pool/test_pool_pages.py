@@ -344,7 +344,7 @@ async def test_a_scan_on_a_cold_cache_restarts_per_batch_not_per_page(
 async def test_read_ahead_pages_go_in_cold_and_never_evict_the_working_set(
         device: BlockDevice) -> None:
     reads: list[tuple[int, int]] = []
-    cache = make_cache_ahead(device, 16, reads)
+    cache = make_cache_ahead(device, 40, reads)
     for no in (40, 41, 42):  # the working set, recently used
         await cache.load(no)
         cache.get(no)
@@ -353,10 +353,28 @@ async def test_read_ahead_pages_go_in_cold_and_never_evict_the_working_set(
         cache.get(0)
         cache.get(1)
 
-    await cache.run(two)  # the second miss reads ahead 1..32: 31 pages into 16 slots
+    await cache.run(two)  # the second miss reads ahead pages 1..32
+    assert reads == [(1, 32)]
+    cache.capacity = 16
+    cache._evict()  # the pages read ahead and not used go first
     for no in (40, 41, 42, 0, 1):
         assert no in cache, no
-    assert len([no for no in range(NPAGES) if no in cache]) <= 16
+    assert 2 not in cache and len(cache._pages) == 16
+
+
+async def test_a_full_cache_loads_one_page_at_a_time(device: BlockDevice) -> None:
+    """Pages read ahead into a full cache would be evicted unused: no read-ahead there."""
+    reads: list[tuple[int, int]] = []
+    cache = make_cache_ahead(device, 20, reads)
+    for no in range(40, 60):
+        await cache.load(no)
+
+    def two() -> None:
+        cache.get(0)
+        cache.get(1)
+
+    await cache.run(two)
+    assert reads == [] and 0 in cache and 1 in cache
 
 
 async def test_read_ahead_skips_pages_evicted_while_it_read(device: BlockDevice) -> None:
