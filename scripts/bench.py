@@ -60,6 +60,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -610,6 +611,18 @@ def write_plot(path: Path, summary: dict[str, dict[str, dict[str, float | None]]
 # -- main ------------------------------------------------------------------------------
 
 
+def names_from(p: argparse.ArgumentParser, flag: str, text: str, valid: Iterable[str], *,
+               empty_ok: bool = False) -> list[str]:
+    """The comma-separated names of `text`, each one of `valid`, in `valid`'s order;
+    an unknown name (or none, unless `empty_ok`) is a usage error naming `flag`."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    valid = list(valid)
+    bad = [n for n in names if n not in valid]
+    if bad or not (names or empty_ok):
+        p.error(f"{flag}: unknown {', '.join(bad) or '(none given)'}; valid: {', '.join(valid)}")
+    return [n for n in valid if n in names]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Benchmark nbdserver against qemu-nbd, nbdkit and the raw device with fio "
@@ -646,12 +659,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also serve the nbdserver package found in DIR (a scratch copy with a "
                         "change to try) as target NAME, interleaved with the others; repeatable")
     args = p.parse_args(argv)
-    args.targets = [t.strip() for t in args.only.split(",") if t.strip()]
-    bad = [t for t in args.targets if t not in TARGETS]
-    if bad or not args.targets:
-        p.error(f"--only: unknown target(s) {', '.join(bad) or '(none)'}; "
-                f"valid: {', '.join(TARGETS)}")
-    args.targets = [t for t in TARGETS if t in args.targets]  # fixed column order
+    args.targets = names_from(p, "--only", args.only, TARGETS)  # fixed column order
     args.sources = {"nbdserver": REPO} if "nbdserver" in args.targets else {}
     for spec in args.candidate or []:
         name, sep, src = spec.partition("=")
@@ -662,20 +670,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not (path / "nbdserver" / "__main__.py").is_file():
             p.error(f"--candidate {spec!r}: {path} holds no nbdserver package")
         args.sources[name] = path
-    volumes = [d.strip() for d in args.volumes.split(",") if d.strip()]
-    bad = [d for d in volumes if d not in DESIGNS]
-    if bad:
-        p.error(f"--volumes: unknown design(s) {', '.join(bad)}; valid: {', '.join(DESIGNS)}")
+    volumes = names_from(p, "--volumes", args.volumes, DESIGNS, empty_ok=True)
     # candidates and volumes go right after nbdserver, before the peers
     first = [t for t in args.targets if t == "nbdserver"]
     args.targets = first + [c for c in args.sources if c != "nbdserver"] + [
         VOLUME_PREFIX + d for d in volumes] + [t for t in args.targets if t != "nbdserver"]
-    names = [n.strip() for n in args.workloads.split(",") if n.strip()]
-    bad = [n for n in names if n not in WORKLOADS]
-    if bad or not names:
-        p.error(f"--workloads: unknown workload(s) {', '.join(bad) or '(none)'}; "
-                f"valid: {', '.join(WORKLOADS)}")
-    args.workload_list = [WORKLOADS[n] for n in WORKLOADS if n in names]
+    args.workload_list = [WORKLOADS[n]
+                          for n in names_from(p, "--workloads", args.workloads, WORKLOADS)]
     if args.seconds < 1 or args.rounds < 1:
         p.error("--seconds and --rounds must be at least 1")
     return args
