@@ -126,7 +126,10 @@ class PageCache:
     def _miss(self, page_no: int) -> Page:
         if self.sync_reader is None:
             raise PageMiss(page_no)
-        raw = self.sync_reader(page_no)
+        return self._add_loaded(page_no, self.sync_reader(page_no))
+
+    def _add_loaded(self, page_no: int, raw: bytes) -> Page:
+        """Put a page just read from its home into the cache (hot end), checksum verified."""
         page = Page(page_no, bytearray(raw), verify_page(page_no, raw))
         self._pages[page_no] = page
         self.loads += 1
@@ -155,10 +158,7 @@ class PageCache:
             raw = await self._read_page(page_no)
             page = self._pages.get(page_no)  # someone else may have loaded it meanwhile
             if page is None:
-                ptype = verify_page(page_no, raw)
-                page = Page(page_no, bytearray(raw), ptype)
-                self._pages[page_no] = page
-                self.loads += 1
+                page = self._add_loaded(page_no, raw)
                 if pin:
                     page.pins += 1
                 self._evict()
@@ -198,9 +198,7 @@ class PageCache:
         if page is None and page_no in evicted:
             return await self.load(page_no, pin=True)
         if page is None:
-            ptype = verify_page(page_no, pages[0][1])
-            page = self._pages[page_no] = Page(page_no, bytearray(pages[0][1]), ptype)
-            self.loads += 1
+            page = self._add_loaded(page_no, pages[0][1])
         page.pins += 1
         self._evict()
         return page
