@@ -88,6 +88,57 @@ class CopyOut:
 WriteTarget = InPlace | Claim | Redirect | CopyOut
 
 
+@dataclass(frozen=True, slots=True)
+class TargetRun:
+    """Chunks [lc, lc+count) whose write targets follow from one another: chunk lc+i's
+    target is `target` with its chunk numbers advanced by i (``pc`` of InPlace and
+    Claim; ``old`` of a Redirect unless HOLE). A Redirect ``into`` a chunk and a
+    CopyOut always come one chunk per run."""
+
+    lc: int
+    count: int
+    target: WriteTarget
+
+
+def target_at(target: WriteTarget, i: int) -> WriteTarget:
+    """The target of the i-th chunk of a :class:`TargetRun` with this `target`."""
+    if not i:
+        return target
+    if type(target) is InPlace:
+        return InPlace(target.pc + i)
+    if type(target) is Claim:
+        return Claim(target.pc + i)
+    if type(target) is Redirect and target.old != HOLE:
+        return Redirect(target.old + i)
+    return target
+
+
+def _follows(prev: WriteTarget, n: int, target: WriteTarget) -> bool:
+    """Whether `target` is what a run starting with `prev` has at its n-th chunk."""
+    if isinstance(prev, InPlace) and isinstance(target, InPlace):
+        return prev.pc + n == target.pc
+    if isinstance(prev, Claim) and isinstance(target, Claim):
+        return prev.pc + n == target.pc
+    if isinstance(prev, Redirect) and isinstance(target, Redirect):
+        if prev.into != HOLE or target.into != HOLE:
+            return False
+        if prev.old == HOLE:
+            return target.old == HOLE
+        return prev.old + n == target.old
+    return False
+
+
+def merge_target(runs: list[TargetRun], lc: int, count: int, target: WriteTarget) -> None:
+    """Append chunks [lc, lc+count) with `target` to `runs`, extending the last run when
+    the targets follow from one another (see :class:`TargetRun`)."""
+    if runs:
+        last = runs[-1]
+        if last.lc + last.count == lc and _follows(last.target, last.count, target):
+            runs[-1] = TargetRun(last.lc, last.count + count, last.target)
+            return
+    runs.append(TargetRun(lc, count, target))
+
+
 @dataclass
 class MapStats:
     """What `volume info` reports about one volume's map."""
@@ -153,6 +204,14 @@ class BlockMap(ABC):
     def write_target(self, vol: VolumeRecord, lc: int) -> WriteTarget:
         """What a write to chunk `lc` must do (a pure query)."""
 
+    def write_runs(self, vol: VolumeRecord, lc: int, count: int) -> list[TargetRun]:
+        """The write targets of chunks [lc, lc+count) as runs (a pure query, like
+        :meth:`write_target` chunk by chunk; designs answer a range in one pass)."""
+        runs: list[TargetRun] = []
+        for i in range(lc, lc + count):
+            merge_target(runs, i, 1, self.write_target(vol, i))
+        return runs
+
     def claim(self, vol: VolumeRecord, lc: int) -> None:
         """Mark the path to `lc` exclusively owned (after write_target said Claim, or once
         the copies of a CopyOut are durable)."""
@@ -162,6 +221,11 @@ class BlockMap(ABC):
     def map(self, vol: VolumeRecord, lc: int, pc: int) -> None:
         """Point `lc` at the freshly written chunk `pc` (counting a reference to it) and
         drop the reference to what it pointed at before."""
+
+    def map_run(self, vol: VolumeRecord, lc: int, pc: int, count: int) -> None:
+        """:meth:`map` chunks [lc, lc+count) to the freshly written [pc, pc+count)."""
+        for i in range(count):
+            self.map(vol, lc + i, pc + i)
 
     @abstractmethod
     def unmap(self, vol: VolumeRecord, lc: int, count: int) -> tuple[int, list[tuple[int, int]]]:

@@ -115,7 +115,9 @@ from nbdserver.blockmap.base import (
     MapStats,
     Redirect,
     Run,
+    TargetRun,
     WriteTarget,
+    merge_target,
     register,
 )
 from nbdserver.pool.format import PAGE_HEADER_SIZE, PAGE_SIZE, PT_EXTENT, VolumeRecord
@@ -391,6 +393,76 @@ class ExtentMap(BlockMap):
                 return Redirect(pc)
         return Redirect(HOLE)
 
+    def write_runs(self, vol: VolumeRecord, lc: int, count: int) -> list[TargetRun]:
+        """:meth:`write_target` over a range: one descent per leaf, one step per record
+        (a record on a writable path is one ``InPlace`` run)."""
+        if count == 1:  # the hot path: one 4 KiB write
+            return [TargetRun(lc, 1, self.write_target(vol, lc))]
+        raw, height = _STATE.unpack_from(vol.map_state)
+        if not raw & IDX_MASK:
+            return [TargetRun(lc, count, Redirect(HOLE))]
+        runs: list[TargetRun] = []
+        data = self.data
+        pos, end = lc, lc + count
+        while pos < end:
+            node, hi, writable, sole = self._write_leaf_for(raw, height, pos)
+            q = _leaf_view(node)
+            n = len(q) // 3
+            i = max(0, bisect_right(q[0::3], pos) - 1)
+            while i < n and pos < end:
+                start, pc, w = q[3 * i:3 * i + 3]
+                stop = start + (w & LEN_MASK)
+                i += 1
+                if stop <= pos:
+                    continue
+                if start > pos:
+                    gap = min(start, end)
+                    merge_target(runs, pos, gap - pos, Redirect(HOLE))
+                    pos = gap
+                    if pos >= end:
+                        break
+                take = min(end, stop) - pos
+                first = pc + pos - start
+                if writable and w >= WRITABLE:
+                    merge_target(runs, pos, take, InPlace(first))
+                else:
+                    for k in range(take):
+                        p = first + k
+                        merge_target(runs, pos + k, 1,
+                                     Claim(p) if sole and data.get(p) == 1 else Redirect(p))
+                pos += take
+            if pos < end:
+                gap = min(end, hi)
+                if gap > pos:
+                    merge_target(runs, pos, gap - pos, Redirect(HOLE))
+                    pos = gap
+        return runs
+
+    def _write_leaf_for(self, raw: int, height: int,
+                        lc: int) -> tuple[bytearray, int, bool, bool]:
+        """The leaf whose range holds `lc`, the end of that range, whether the path to it
+        is writable, and whether every node on it has one reference (as write_target)."""
+        get = self.cache.get
+        meta = self.meta
+        start = self.meta_start - 1  # the root is stored as meta index + 1
+        writable = raw >= WRITABLE
+        sole = writable or meta.get((raw & IDX_MASK) - 1) == 1
+        node = get(start + (raw & IDX_MASK))
+        hi = INF
+        for _ in range(height - 1):
+            q = memoryview(node).cast("Q")  # entries from u64 3 on: key, child
+            n = node[_COUNT] | node[_COUNT + 1] << 8
+            i = max(0, bisect_right(q[3:3 + 2 * n:2], lc) - 1)
+            if i + 1 < n:
+                hi = q[5 + 2 * i]
+            child = q[4 + 2 * i]
+            if writable and child < WRITABLE:
+                writable = False
+            if not writable and sole and meta.get(child & IDX_MASK) != 1:
+                sole = False
+            node = get(start + 1 + (child & IDX_MASK))
+        return node, hi, writable, sole
+
     def claim(self, vol: VolumeRecord, lc: int) -> None:
         """Make the path to `lc` writable, and its record, over the run of chunks around
         `lc` that have one reference (they all stopped being shared before now, so the
@@ -662,6 +734,86 @@ class ExtentMap(BlockMap):
             page[_COUNT] = grown & 0xFF
             page[_COUNT + 1] = grown >> 8
         _RECS[k].pack_into(page, ENTRIES + LEAF_ENTRY * a, *merged)
+
+    def map_run(self, vol: VolumeRecord, lc: int, pc: int, count: int) -> None:
+        """:meth:`map` a run: per leaf, one descent and one splice of its records (the
+        run's pieces become one record each, at most ``max_extent`` chunks long)."""
+        if vol.id > MAX_OWNER:
+            raise ValueError(f"volume id {vol.id} too large for the extent design")
+        done = 0
+        while done < count:
+            at = lc + done
+            if count - done == 1:
+                self.map(vol, at, pc + done)
+                return
+            path = self._own_path(vol, at)
+            root, height = self._state(vol)
+            _, _, hi = self._leaf_for(root, height, at)
+            n = min(count - done, self.max_extent, hi - at)
+            self._map_piece(vol, path, at, pc + done, n)
+            done += n
+
+    def _map_piece(self, vol: VolumeRecord, path: list[tuple[int, int, int]], lc: int, pc: int,
+                   n: int) -> None:
+        """Point [lc, lc+n), inside the range of the writable path's leaf, at [pc, pc+n)."""
+        page = self.cache.modify(self._page(path[-1][0]), PT_EXTENT)
+        count = page[_COUNT] | page[_COUNT + 1] << 8
+        q = memoryview(page)[ENTRIES:ENTRIES + LEAF_ENTRY * count].cast("Q")
+        starts = q[0::3]
+        a = max(0, bisect_right(starts, lc) - 2)  # the record before the one holding lc
+        b = min(count, bisect_right(starts, lc + n - 1) + 1)  # and the one after the end
+        flat = q[3 * a:3 * b].tolist()
+        del q, starts
+        end = lc + n
+        window: list[Rec] = [(lc, n, pc, vol.id | TAG_WRITABLE)]
+        olds: list[tuple[int, int]] = []  # (physical chunk, count) no longer referenced here
+        for j in range(0, len(flat), 3):
+            start, rpc, w = flat[j:j + 3]
+            rn, tag = w & LEN_MASK, w >> 32
+            stop = start + rn
+            if stop <= lc or start >= end:
+                window.append((start, rn, rpc, tag))
+                continue
+            lo, hi = max(start, lc), min(stop, end)
+            olds.append((rpc + lo - start, hi - lo))
+            if start < lc:
+                window.append((start, lc - start, rpc, tag))
+            if stop > end:
+                window.append((end, stop - end, rpc + end - start, tag))
+        window.sort()
+        cap = self.max_extent
+        merged: list[int] = []  # the window merged (see _merge), as u64s
+        ps = pn = pp = pt = -1
+        for rs, rn, rp, rt in window:
+            if ps + pn == rs and pp + pn == rp and pt == rt and pn + rn <= cap:
+                pn += rn
+                continue
+            if pt >= 0:
+                merged += (ps, pp, pn | pt << 32)
+            ps, pn, pp, pt = rs, rn, rp, rt
+        merged += (ps, pp, pn | pt << 32)
+        self.data.incref_run(pc, n)
+        for old, k in olds:
+            self.data.decref_run(old, k)
+        k = len(merged) // 3
+        grown = count + k - (b - a)
+        if grown > self.leaf_cap:  # split the leaf: rebuild it from all its records
+            rest = _leaf_view(page).tolist()
+            rest[3 * a:3 * b] = merged
+            self._put_leaf(vol, path, rest, lc)
+            return
+        if grown != count:
+            tail = ENTRIES + LEAF_ENTRY * b
+            stop = ENTRIES + LEAF_ENTRY * count
+            to = tail + LEAF_ENTRY * (k - (b - a))
+            page[to:to + stop - tail] = page[tail:stop]
+            if grown < count:
+                new_end = ENTRIES + LEAF_ENTRY * grown
+                page[new_end:stop] = bytes(stop - new_end)
+            page[_COUNT] = grown & 0xFF
+            page[_COUNT + 1] = grown >> 8
+        packer = _RECS[k] if k < len(_RECS) else struct.Struct("<" + "QQQ" * k)
+        packer.pack_into(page, ENTRIES + LEAF_ENTRY * a, *merged)
 
     def _put_leaf(self, vol: VolumeRecord, path: list[tuple[int, int, int]], flat: list[int],
                   lc: int) -> None:

@@ -107,7 +107,9 @@ from nbdserver.blockmap.base import (
     MapStats,
     Redirect,
     Run,
+    TargetRun,
     WriteTarget,
+    merge_target,
     register,
 )
 from nbdserver.errors import UserError
@@ -882,6 +884,59 @@ class LinearMap(BlockMap):
         if not 0 < self._wentry(ost, lc) & EPOCH_MASK <= st_s.epoch:
             return Redirect(HOLE)
         return Redirect(self._pc(origin, ost, lc))
+
+    def write_runs(self, vol: VolumeRecord, lc: int, count: int) -> list[TargetRun]:
+        """:meth:`write_target` over a range; an origin without snapshots reads its write
+        epochs a leaf at a time (written chunks are ``InPlace`` runs, the arithmetic map
+        gives their places), anything else goes chunk by chunk."""
+        if count == 1 or self._kind(vol) != ORIGIN:
+            return super().write_runs(vol, lc, count)
+        st = self._origin(vol)
+        if st.nsnap and self._live_snapshots(st):
+            return super().write_runs(vol, lc, count)
+        entries = self._wm_entries(st, lc, lc + count)
+        runs: list[TargetRun] = []
+        for plc, pn, pc in self._pieces(vol, st, lc, count):
+            piece = entries[plc - lc:plc - lc + pn]
+            if min(piece) > 0 and max(piece) < CLAIM:  # written, unflagged: the common case
+                merge_target(runs, plc, pn, InPlace(pc))
+                continue
+            for k in range(pn):
+                entry = entries[plc - lc + k]
+                t: WriteTarget
+                if not entry & EPOCH_MASK:
+                    t = Redirect(HOLE, into=pc + k)
+                elif entry & CLAIM:
+                    t = Claim(pc + k)
+                else:
+                    t = InPlace(pc + k)
+                merge_target(runs, plc + k, 1, t)
+        return runs
+
+    def _wm_entries(self, st: _Origin, lo: int, hi: int) -> list[int]:
+        """The write-epoch entries of chunks [lo, hi), one leaf read at a time."""
+        out: list[int] = []
+        pos = lo
+        leaf = self.leaf
+        while pos < hi:
+            end = min(hi, (pos // leaf + 1) * leaf)
+            e = st.wm_root
+            if e:
+                spans = self._spans(st.wm_height)
+                for level in range(st.wm_height - 1, 0, -1):
+                    e = _u32(self.cache.get(self._page(e - 1)),
+                             (pos // spans[level - 1]) % self.fanout)
+                    if not e:
+                        break
+            if not e:
+                out += [0] * (end - pos)
+            else:
+                node = self.cache.get(self._page(e - 1))
+                out += memoryview(node)[PAGE_HEADER_SIZE + 4 * (pos % leaf):
+                                        PAGE_HEADER_SIZE + 4 * ((end - 1) % leaf + 1)
+                                        ].cast("I").tolist()
+            pos = end
+        return out
 
     def claim(self, vol: VolumeRecord, lc: int) -> None:
         """The origin writes chunk `lc` in place from now on: no snapshot reads it any more,

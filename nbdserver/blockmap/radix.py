@@ -34,6 +34,7 @@ their chunks, in bounded steps.
 from __future__ import annotations
 
 import struct
+from array import array
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -45,7 +46,9 @@ from nbdserver.blockmap.base import (
     MapStats,
     Redirect,
     Run,
+    TargetRun,
     WriteTarget,
+    merge_target,
     register,
 )
 from nbdserver.pool.format import PAGE_HEADER_SIZE, PAGE_SIZE, PT_RADIX, VolumeRecord
@@ -227,6 +230,60 @@ class RadixMap(BlockMap):
             return Claim(pc)
         return Redirect(pc)
 
+    def write_runs(self, vol: VolumeRecord, lc: int, count: int) -> list[TargetRun]:
+        """:meth:`write_target` over a range: one walk per leaf, and a leaf's stretch of
+        entries on a writable path that point at consecutive chunks is one run."""
+        if count == 1:  # the hot path: one 4 KiB write
+            return [TargetRun(lc, 1, self.write_target(vol, lc))]
+        root, height = self._root(vol)
+        if not root:
+            return [TargetRun(lc, count, Redirect(HOLE))]
+        runs: list[TargetRun] = []
+        self._write_runs(root, bool(root & WRITABLE), True, height - 1, 0, lc, lc + count, runs)
+        return runs
+
+    def _write_runs(self, e: int, writable: bool, sole: bool, level: int, base: int,
+                    lo: int, hi: int, runs: list[TargetRun]) -> None:
+        """Targets of [lo, hi) below entry `e`, a node of `level` covering from `base`;
+        `writable` and `sole` describe the path down to `e` (as in write_target)."""
+        target = _target(e)
+        if not writable and sole and self.meta.get(target) != 1:
+            sole = False
+        node = self.cache.get(self._page(target))
+        span = self.fanout ** level
+        first = (lo - base) // span
+        last = (hi - 1 - base) // span
+        entries = memoryview(node)[PAGE_HEADER_SIZE + 8 * first:
+                                   PAGE_HEADER_SIZE + 8 * (last + 1)].cast("Q").tolist()
+        if level:
+            for k, child in enumerate(entries):
+                start = max(lo, base + (first + k) * span)
+                end = min(hi, base + (first + k + 1) * span)
+                if child & TARGET_MASK:
+                    self._write_runs(child, writable and bool(child & WRITABLE), sole,
+                                     level - 1, base + (first + k) * span, start, end, runs)
+                else:
+                    merge_target(runs, start, end - start, Redirect(HOLE))
+            return
+        lc0 = base + first
+        e0 = entries[0]
+        if (writable and e0 & WRITABLE and e0 & TARGET_MASK
+                and entries == list(range(e0, e0 + len(entries)))):
+            merge_target(runs, lc0, len(entries), InPlace(_target(e0)))  # the common case
+            return
+        data = self.data
+        for k, child in enumerate(entries):
+            t: WriteTarget
+            if not child & TARGET_MASK:
+                t = Redirect(HOLE)
+            elif writable and child & WRITABLE:
+                t = InPlace(_target(child))
+            elif sole and data.get(_target(child)) == 1:
+                t = Claim(_target(child))
+            else:
+                t = Redirect(_target(child))
+            merge_target(runs, lc0 + k, 1, t)
+
     # -- changes ---------------------------------------------------------------------------
 
     def _own_node(self, e: int, level: int) -> int:
@@ -250,12 +307,27 @@ class RadixMap(BlockMap):
         new_target = self.meta.allocate()
         new = self.cache.create(self._page(new_target), PT_RADIX)
         children = self.data if level == 0 else self.meta
-        for i in range(self.fanout):
-            off = PAGE_HEADER_SIZE + 8 * i
-            child = _Q.unpack_from(old, off)[0]
-            if child & TARGET_MASK:
-                _Q.pack_into(new, off, child & ~WRITABLE)
-                children.incref(_target(child))
+        end = PAGE_HEADER_SIZE + 8 * self.fanout
+        with memoryview(old) as src, memoryview(new) as dst, \
+                src[PAGE_HEADER_SIZE:end].cast("Q") as q_old, \
+                dst[PAGE_HEADER_SIZE:end].cast("Q") as q_new:
+            entries = q_old.tolist()
+            q_new[:] = array("Q", [e & ~WRITABLE for e in entries])
+        # Each child gains a reference: a run of consecutive targets at a time (a leaf of
+        # a volume written sequentially is one run), not one count at a time.
+        first = count = 0
+        for child in entries:
+            if not child & TARGET_MASK:
+                continue
+            t = _target(child)
+            if count and t == first + count:
+                count += 1
+                continue
+            if count:
+                children.incref_run(first, count)
+            first, count = t, 1
+        if count:
+            children.incref_run(first, count)
         self.meta.decref(target)
         return _entry(new_target, True, e >> OWNER_SHIFT)
 
@@ -302,6 +374,31 @@ class RadixMap(BlockMap):
         self.data.incref(pc)
         if old & TARGET_MASK:
             self.data.decref(_target(old))
+
+    def map_run(self, vol: VolumeRecord, lc: int, pc: int, count: int) -> None:
+        """:meth:`map` a run: one walk and one slice of entries per leaf."""
+        if vol.id > MAX_OWNER:
+            raise ValueError(f"volume id {vol.id} too large for the radix design")
+        fanout = self.fanout
+        done = 0
+        while done < count:
+            at = lc + done
+            k = at % fanout
+            n = min(count - done, fanout - k)
+            leaf = self._writable_leaf(vol, at)
+            first = _entry(pc + done, True, vol.id)
+            with memoryview(leaf) as view, view[PAGE_HEADER_SIZE + 8 * k:
+                                                PAGE_HEADER_SIZE + 8 * (k + n)].cast("Q") as q:
+                old = q.tolist()
+                q[:] = array("Q", range(first, first + n))
+            if n == 1:
+                self.data.incref(pc + done)
+            else:
+                self.data.incref_run(pc + done, n)
+            for e in old:
+                if e & TARGET_MASK:
+                    self.data.decref(_target(e))
+            done += n
 
     def unmap(self, vol: VolumeRecord, lc: int, count: int) -> tuple[int, list[tuple[int, int]]]:
         root, height = self._root(vol)

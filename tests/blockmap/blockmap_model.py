@@ -40,6 +40,7 @@ import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -56,8 +57,9 @@ from hypothesis.stateful import (
 from poolkit import TINY_CACHE, KiB, PoolEnv, describe_diff
 
 from nbdserver.backend.base import ALLOCATION_DEPTH, BASE_ALLOCATION, STATE_HOLE, STATE_ZERO
-from nbdserver.blockmap.base import designs
+from nbdserver.blockmap.base import BlockMap, designs, target_at
 from nbdserver.errors import NbdError, UserError
+from nbdserver.pool.format import VolumeRecord
 
 T = TypeVar("T")
 
@@ -416,6 +418,12 @@ class PoolModel(RuleBasedStateMachine):
                     assert want[pos:pos + n] == ZEROS[:n], (
                         f"{name}: allocation depth 0 at {pos}+{n} over data")
                 pos += n
+        for record in env.pool.live_volumes():  # the range query agrees chunk by chunk
+            chunks = -(-record.size // self.chunk)
+            for lo, hi in ((0, chunks), (chunks // 3, chunks - chunks // 4)):
+                if hi > lo:
+                    assert await env.pool.cache.run(partial(expand_runs, env.pool.map, record,
+                                                            lo, hi)) == [], record.name
         for vol in env.pool.live_volumes():
             assert 0 <= vol.reserved <= -(-vol.size // self.chunk), vol
             assert vol.guaranteed or vol.reserved == 0, vol
@@ -427,6 +435,21 @@ class PoolModel(RuleBasedStateMachine):
             assert pool.data.free == self.free0, (
                 f"no volume left but {self.free0 - pool.data.free} chunk(s) still used")
             assert pool.state.data_reserved == 0
+
+
+def expand_runs(bmap: BlockMap, vol: VolumeRecord, lo: int, hi: int) -> list[str]:
+    """Where ``write_runs`` over chunks [lo, hi) disagrees with ``write_target`` per chunk."""
+    runs = bmap.write_runs(vol, lo, hi - lo)
+    got = [target_at(r.target, i) for r in runs for i in range(r.count)]
+    pos = lo
+    for r in runs:
+        if r.lc != pos or r.count < 1:
+            return [f"run {r} does not start at {pos}"]
+        pos += r.count
+    return [f"chunk {lc}: write_runs says {t}, write_target {want}"
+            for lc, t in zip(range(lo, hi), got, strict=True)
+            if t != (want := bmap.write_target(vol, lc))] if pos == hi else [
+        f"runs end at {pos}, not {hi}"]
 
 
 def run_model(config: ModelConfig, profile: str, **overrides: Any) -> None:
