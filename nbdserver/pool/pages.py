@@ -203,6 +203,11 @@ class PageCache:
         self._evict()
         return page
 
+    @property
+    def cached_count(self) -> int:
+        """Pages in memory now."""
+        return len(self._pages)
+
     def insert_clean(self, page_no: int, data: bytes, ptype: int, *, pin: bool = False) -> None:
         """Put a page known to match its home copy into the cache (open, recovery);
         `pin` keeps it for good (pinned before anything is evicted, see load)."""

@@ -48,6 +48,7 @@ from nbdserver.pool.format import (
     PAGE_HEADER_SIZE,
     PAGE_SIZE,
     PT_CATALOG,
+    PT_REFCOUNT,
     PT_STATE,
     RECORDS_PER_CATALOG_PAGE,
     SUPERBLOCK_COPIES,
@@ -75,6 +76,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_CACHE_BYTES = 64 << 20
+# Opening reads every reference-count page to count free space; up to 1/PRELOAD_SHARE of
+# the cache keeps them (the data table's first: allocations and sharing changes read them).
+PRELOAD_SHARE = 4
 RELEASE_BUDGET = 2048  # map entries released per mini-transaction when deleting
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
@@ -236,7 +240,7 @@ class Pool:
                                           i * RECORDS_PER_CATALOG_PAGE + j)
                 if rec is not None:
                     self.volumes[rec.id] = rec
-        for table in (self.meta, self.data):
+        for table in (self.data, self.meta):
             step = 256
             for first in range(0, table.pages, step):
                 n = min(step, table.pages - first)
@@ -245,6 +249,10 @@ class Pool:
                     page = raw[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]
                     verify_page(table.first_page + first + k, page)
                     table.index_page(first + k, page)
+                    if self.cache.cached_count < self.cache.capacity // PRELOAD_SHARE:
+                        # read anyway: keep it, every allocation and sharing change reads it
+                        self.cache.insert_clean(table.first_page + first + k, page,
+                                                PT_REFCOUNT)
         self.data.cursor = self.state.data_next
         self.meta.cursor = self.state.meta_next
 
@@ -370,11 +378,32 @@ class Pool:
             raise NbdError(errno.ENOSPC, f"pool {self.path.name} has no free space")
         return self.data.claim(hint)
 
-    def charge(self, vol: VolumeRecord) -> None:
-        """A chunk was mapped into `vol`: consume its guarantee (inside the mini-transaction)."""
+    def claim_chunks(self, vol: VolumeRecord, hint: int | None,
+                     count: int) -> list[tuple[int, int]]:
+        """`count` free chunks for a write of `vol` now in flight, as (first, n) runs, the
+        first at or after `hint` and each next run as close after the last as can be
+        (ENOSPC if `count` chunks may not be taken)."""
         if vol.guaranteed and vol.reserved > 0:
-            self.update_volume(vol, reserved=vol.reserved - 1)
-            self.update_state(data_reserved=self.state.data_reserved - 1)
+            room = self.data.free - len(self.data.claimed) - len(self.data.quarantine)
+        else:
+            room = self.available_chunks()
+        if room < count:
+            raise NbdError(errno.ENOSPC, f"pool {self.path.name} has no free space")
+        runs: list[tuple[int, int]] = []
+        while count:
+            first, n = self.data.claim_run(hint, count)
+            runs.append((first, n))
+            count -= n
+            hint = first + n
+        return runs
+
+    def charge(self, vol: VolumeRecord, chunks: int = 1) -> None:
+        """Chunks were mapped into `vol`: consume its guarantee (inside the
+        mini-transaction)."""
+        if vol.guaranteed and vol.reserved > 0:
+            chunks = min(chunks, vol.reserved)
+            self.update_volume(vol, reserved=vol.reserved - chunks)
+            self.update_state(data_reserved=self.state.data_reserved - chunks)
 
     def unmap(self, vol: VolumeRecord, lc: int,
               count: int) -> tuple[int, list[tuple[int, int]]]:
@@ -721,12 +750,11 @@ class Pool:
     async def volume_stats(self, vol: VolumeRecord) -> MapStats:
         return await self.cache.run(lambda: self.map.stats(vol))
 
-    async def volume_info(self, vol: VolumeRecord) -> dict[str, Any]:
-        stats = await self.volume_stats(vol)
-        chunk = self.chunk_size
+    def volume_summary(self, vol: VolumeRecord) -> dict[str, Any]:
+        """What the catalog says about `vol`: :meth:`volume_info` without the map
+        statistics, in O(depth) whatever the size of its map (the answer of create,
+        snapshot and fork, which must stay instant)."""
         parent = self.volumes.get(vol.parent)
-        mapped = stats.mapped_chunks * chunk
-        gib = vol.size / (1 << 30)
         return {
             "name": vol.name,
             "id": vol.id,
@@ -736,9 +764,22 @@ class Pool:
             "read_only": vol.read_only,
             "snapshot": vol.is_snapshot,
             "guarantee": vol.guaranteed,
-            "reserved_bytes": vol.reserved * chunk,
+            "reserved_bytes": vol.reserved * self.chunk_size,
             "depth": self.depth(vol),
             "created": _iso(vol.created_ns),
+            "in_use": self.in_use.get(vol.id),
+        }
+
+    async def volume_info(self, vol: VolumeRecord) -> dict[str, Any]:
+        """:meth:`volume_summary` and the map statistics (a walk of the volume's map)."""
+        stats = await self.volume_stats(vol)
+        chunk = self.chunk_size
+        mapped = stats.mapped_chunks * chunk
+        gib = vol.size / (1 << 30)
+        info = self.volume_summary(vol)
+        in_use = info.pop("in_use")
+        return {
+            **info,
             "mapped_bytes": mapped,
             "exclusive_bytes": stats.exclusive_chunks * chunk,
             "shared_bytes": mapped - stats.exclusive_chunks * chunk,
@@ -746,7 +787,7 @@ class Pool:
             "extents_per_gib": round(stats.extents / gib, 3) if gib else 0.0,
             "mean_extent_bytes": (mapped // stats.extents) if stats.extents else 0,
             "metadata_pages": stats.metadata_pages,
-            "in_use": self.in_use.get(vol.id),
+            "in_use": in_use,
         }
 
     async def check(self) -> CheckReport:

@@ -170,13 +170,14 @@ class RefTable:
             memoryview(page)[off:off + 4 * n].cast("I")[:] = array("I", [c + 1 for c in old])
             born = old.count(0)
             if born:
+                self._count_change(pi, born)
                 base = pi * REFS_PER_PAGE + first
-                for i, c in enumerate(old):
-                    if not c:
-                        self._count_change(pi, 1)
-                        if base + i in self.claimed:
-                            self.claimed.discard(base + i)
-                            self.cache.add_undo(partial(self.claimed.add, base + i))
+                claimed = self.claimed
+                if claimed:
+                    taken = [base + i for i, c in enumerate(old) if not c and base + i in claimed]
+                    if taken:
+                        claimed.difference_update(taken)
+                        self.cache.add_undo(partial(claimed.update, taken))
 
     def decref_run(self, unit: int, count: int) -> None:
         """:meth:`decref` each of `count` consecutive units, one page at a time."""
@@ -192,12 +193,11 @@ class RefTable:
             if 1 in old:
                 base = pi * REFS_PER_PAGE + first
                 gone = [base + i for i, c in enumerate(old) if c == 1]
-                for _ in gone:
-                    self._count_change(pi, -1)
+                self._count_change(pi, -len(gone))
                 self._note_freed(gone)
 
     def _count_change(self, pi: int, delta: int) -> None:
-        """A unit of refcount page `pi` became used (+1) or free (-1)."""
+        """`delta` units of refcount page `pi` became used (> 0) or free (< 0)."""
         self.free_in_page[pi] -= delta
         self.used += delta
 
@@ -331,6 +331,30 @@ class RefTable:
         if self.cache.in_mtr:
             self.cache.add_undo(lambda: self.claimed.discard(unit))
         return unit
+
+    def claim_run(self, hint: int | None, limit: int) -> tuple[int, int]:
+        """Claim up to `limit` consecutive free units, the first as :meth:`claim` picks it
+        (within one refcount page); returns (first unit, how many)."""
+        unit = self.find_free(hint)
+        if unit is None:
+            raise NbdError(errno.ENOSPC, f"no free {self.what}")
+        pi, i = divmod(unit, REFS_PER_PAGE)
+        room = min(limit, self.entries_in_page(pi) - i)
+        n = 1
+        if room > 1:
+            page = self.cache.get(self.first_page + pi)
+            off = PAGE_HEADER_SIZE + 4 * i
+            counts = memoryview(page)[off:off + 4 * room].cast("I").tolist()
+            usable = self._usable
+            while n < room and not counts[n] and usable(unit + n):
+                n += 1
+        units = range(unit, unit + n)
+        self.claimed.update(units)
+        if self.cache.in_mtr:
+            self.cache.add_undo(partial(self.claimed.difference_update, units))
+        if self.cursor == unit + 1:  # next-fit goes on after the run
+            self.cursor = unit + n if unit + n < self.count else 0
+        return unit, n
 
     def unclaim(self, unit: int) -> None:
         self.claimed.discard(unit)
