@@ -91,6 +91,10 @@ ZERO_STEP = 1 << 20  # bytes of zeros written per step for NO_HOLE
 # and then overwritten): one larger device read instead of two, plus the small ones.
 BRIDGE_BYTES = 64 << 10
 
+# A fast write's plan: device writes (request offset, length, device offset), and the
+# runs of fresh chunks it maps once they are written (logical chunk, physical chunk, count).
+FastPlan = tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]
+
 
 class VolumeBackend:
     """NBD backend over one volume of an open pool; see the module note."""
@@ -298,13 +302,15 @@ class VolumeBackend:
                 return
         self._spawn(self._write_slow(offset, bytes(data), fua), done)
 
-    def _plan_fast(self, offset: int, length: int,
-                   fua: bool) -> tuple[list[tuple[int, int, int]], dict[int, int]] | None:
+    def _plan_fast(self, offset: int, length: int, fua: bool) -> FastPlan | None:
         """The device writes of a request each chunk of which is written in place, or in
         full into a fresh chunk (a new or copied-on-write chunk needs no old bytes then),
         and the fresh chunks claimed for it; None when the slow path must do it.
 
-        Returns (request offset, length, device offset) runs, merged where contiguous.
+        The map answers for the whole range at once (:meth:`BlockMap.write_runs`), and
+        fresh chunks are claimed a run at a time, so a 1 MiB request costs a few runs,
+        not 256 chunks. Returns (request offset, length, device offset) writes, merged
+        where contiguous, and the fresh (logical chunk, physical chunk, count) runs.
         """
         pool = self.pool
         shift = self._shift
@@ -315,56 +321,65 @@ class VolumeBackend:
         if self._locks and self._locks.overlapping(lc0, lc1):
             return None
         try:
-            targets = [self.map.write_target(self.vol, lc) for lc in range(lc0, lc1)]
+            targets = self.map.write_runs(self.vol, lc0, lc1 - lc0)
         except PageMiss:
             return None
-        fresh: dict[int, int] = {}
+        first = targets[0].target
+        if len(targets) == 1 and isinstance(first, InPlace):  # the common case
+            if fua and pool.metadata_pending():
+                return None
+            return [(offset, length, self._data_start + (first.pc - lc0) * chunk + offset)], []
         redirects = False
-        for lc, t in zip(range(lc0, lc1), targets, strict=True):
+        for r in targets:
+            t = r.target
             if type(t) is InPlace:
                 continue
-            if (isinstance(t, Redirect) and t.into == HOLE
-                    and offset <= lc * chunk and (lc + 1) * chunk <= end):
+            if (type(t) is Redirect and t.into == HOLE
+                    and offset <= r.lc * chunk and (r.lc + r.count) * chunk <= end):
                 redirects = True
                 continue
             return None  # a claim, a copy-out, or a partial copy-on-write
         if fua and (redirects or pool.metadata_pending()):
             return None  # FUA must then commit: the slow path does
+        fresh: list[tuple[int, int, int]] = []
         if redirects:
             if pool.cache.dirty_count >= pool.dirty_limit():
                 return None  # back-pressure (see Pool.run)
             try:
                 with pool.cache.mtr():  # a PageMiss or ENOSPC gives the claims back
-                    prev: int | None = None
-                    for lc, t in zip(range(lc0, lc1), targets, strict=True):
-                        if type(t) is Redirect:
-                            hint = prev + 1 if prev is not None else self.map.alloc_hint(
-                                self.vol, lc)
-                            prev = fresh[lc] = pool.claim_chunk(self.vol, hint)
-                        else:
+                    prev: int | None = None  # the chunk after the last claimed, if adjacent
+                    for r in targets:
+                        if type(r.target) is InPlace:
                             prev = None
+                            continue
+                        hint = prev if prev is not None else self.map.alloc_hint(self.vol, r.lc)
+                        lc = r.lc
+                        for pc, n in pool.claim_chunks(self.vol, hint, r.count):
+                            fresh.append((lc, pc, n))
+                            lc += n
+                            prev = pc + n
             except (PageMiss, NbdError):
                 return None
-        runs: list[tuple[int, int, int]] = []
+        writes: list[tuple[int, int, int]] = []
         data_start = self._data_start
-        for lc, t in zip(range(lc0, lc1), targets, strict=True):
+        pieces: list[tuple[int, int, int]] = [  # (logical chunk, physical chunk, count)
+            (r.lc, r.target.pc, r.count) for r in targets if type(r.target) is InPlace]
+        if fresh:
+            pieces = sorted(pieces + fresh)
+        for lc, pc, n in pieces:
             s = max(offset, lc * chunk)
-            e = min(end, (lc + 1) * chunk)
-            if lc in fresh:
-                pc = fresh[lc]
-            else:
-                assert isinstance(t, InPlace)
-                pc = t.pc
+            e = min(end, (lc + n) * chunk)
             dev = data_start + pc * chunk + s - lc * chunk
-            if runs and runs[-1][2] + runs[-1][1] == dev:
-                last = runs.pop()
-                runs.append((last[0], last[1] + e - s, last[2]))
+            last = writes[-1] if writes else None
+            if last is not None and last[2] + last[1] == dev and last[0] + last[1] == s:
+                writes.pop()
+                writes.append((last[0], last[1] + e - s, last[2]))
             else:
-                runs.append((s, e - s, dev))
-        return runs, fresh
+                writes.append((s, e - s, dev))
+        return writes, fresh
 
     def _write_fast(self, offset: int, data: memoryview,
-                    plan: tuple[list[tuple[int, int, int]], dict[int, int]], done: Done,
+                    plan: FastPlan, done: Done,
                     fua: bool) -> None:
         """Write a planned request with callbacks only; fresh chunks are mapped in one
         mini-transaction once every write has completed (see the module note)."""
@@ -385,8 +400,9 @@ class VolumeBackend:
 
         def finish(error: NbdError | None) -> None:
             if error is not None:
-                for pc in fresh.values():
-                    pool.data.unclaim(pc)
+                for _, pc, n in fresh:
+                    for unit in range(pc, pc + n):
+                        pool.data.unclaim(unit)
             if lock is not None:
                 self._locks.release(lock)
             self.epochs.end(epoch)
@@ -428,11 +444,11 @@ class VolumeBackend:
         for pos, n, dev in runs:
             self.engine.write(self._fd, buf, pos - offset, n, dev, partial(complete, want=n), fua)
 
-    def _install(self, fresh: dict[int, int]) -> None:
-        """Map freshly written chunks (inside a mini-transaction)."""
-        for lc, pc in fresh.items():
-            self.map.map(self.vol, lc, pc)
-            self.pool.charge(self.vol)
+    def _install(self, fresh: list[tuple[int, int, int]]) -> None:
+        """Map freshly written runs of chunks (inside a mini-transaction)."""
+        for lc, pc, n in fresh:
+            self.map.map_run(self.vol, lc, pc, n)
+            self.pool.charge(self.vol, n)
 
     async def _write_slow(self, offset: int, data: bytes, fua: bool) -> None:
         await self._wait_unquiesced()
