@@ -24,30 +24,58 @@ class _Held:
 
 
 class RangeLocks:
-    """Exclusive locks over half-open byte ranges [start, end)."""
+    """Exclusive locks over half-open ranges [start, end) of units (bytes, chunks).
+
+    Ranges of one unit (a 4 KiB write of one chunk, the common case) are indexed by
+    their unit, so that checking a small range costs O(its length + wide ranges held),
+    not O(everything held): dozens of writes in flight each hold one.
+    """
 
     def __init__(self) -> None:
-        self._held: dict[int, _Held] = {}
+        self._held: dict[int, _Held] = {}  # key -> every held range
+        self._wide: dict[int, _Held] = {}  # key -> held ranges longer than one unit
+        self._unit: dict[int, _Held] = {}  # unit -> the held range of that one unit
         self._next = 0
 
     def __bool__(self) -> bool:
         return bool(self._held)
 
     def overlapping(self, start: int, end: int) -> list[_Held]:
-        return [h for h in self._held.values() if h.start < end and start < h.end]
+        out = [h for h in self._wide.values() if h.start < end and start < h.end]
+        unit = self._unit
+        if unit:
+            if end - start <= len(unit):
+                for u in range(start, end):
+                    h = unit.get(u)
+                    if h is not None:
+                        out.append(h)
+            else:
+                out += [h for u, h in unit.items() if start <= u < end]
+        return out
+
+    def _add(self, start: int, end: int) -> int:
+        key = self._next
+        self._next += 1
+        held = self._held[key] = _Held(start, end)
+        if end - start == 1:
+            self._unit[start] = held
+        else:
+            self._wide[key] = held
+        return key
 
     def try_hold(self, start: int, end: int) -> int | None:
         """Lock [start, end) at once if nothing overlapping is held; the key for
         :meth:`release`, or None."""
         if self._held and self.overlapping(start, end):
             return None
-        key = self._next
-        self._next += 1
-        self._held[key] = _Held(start, end)
-        return key
+        return self._add(start, end)
 
     def release(self, key: int) -> None:
         held = self._held.pop(key)
+        if held.end - held.start == 1:
+            del self._unit[held.start]
+        else:
+            del self._wide[key]
         if held.event is not None:
             held.event.set()
 
@@ -61,9 +89,7 @@ class RangeLocks:
             if first.event is None:
                 first.event = asyncio.Event()
             await first.event.wait()
-        key = self._next
-        self._next += 1
-        self._held[key] = _Held(start, end)
+        key = self._add(start, end)
         try:
             yield
         finally:

@@ -1,0 +1,62 @@
+"""RangeLocks: exclusive ranges, one-unit ranges indexed by unit (the hot path)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from nbdserver.backend.ranges import RangeLocks
+
+
+def test_overlap_between_unit_and_wide_ranges() -> None:
+    locks = RangeLocks()
+    a = locks.try_hold(5, 6)
+    assert a is not None and locks
+    assert locks.try_hold(5, 6) is None
+    assert locks.try_hold(0, 10) is None  # a wide range over a held unit
+    b = locks.try_hold(6, 9)
+    assert b is not None
+    assert locks.try_hold(8, 9) is None  # a unit inside a held wide range
+    assert locks.try_hold(4, 5) is not None and locks.try_hold(9, 10) is not None
+    locks.release(a)
+    assert locks.try_hold(5, 6) is not None
+    locks.release(b)
+    assert [(h.start, h.end) for h in locks.overlapping(0, 100)] == [(4, 5), (9, 10), (5, 6)]
+
+
+def test_overlapping_matches_a_plain_scan() -> None:
+    rng = random.Random(7)
+    locks = RangeLocks()
+    held: dict[int, tuple[int, int]] = {}
+    for _ in range(3000):
+        start = rng.randrange(200)
+        end = start + rng.choice((1, 1, 1, 2, 5, 40, 300))
+        want = sorted((s, e) for s, e in held.values() if s < end and start < e)
+        assert sorted((h.start, h.end) for h in locks.overlapping(start, end)) == want
+        key = locks.try_hold(start, end)
+        assert (key is None) == bool(want)
+        if key is not None:
+            held[key] = (start, end)
+        if held and rng.random() < 0.45:
+            gone = rng.choice(list(held))
+            locks.release(gone)
+            del held[gone]
+
+
+async def test_hold_waits_for_an_overlapping_unit() -> None:
+    locks = RangeLocks()
+    key = locks.try_hold(3, 4)
+    assert key is not None
+    order: list[str] = []
+
+    async def wide() -> None:
+        async with locks.hold(0, 8):
+            order.append("wide")
+
+    task = asyncio.ensure_future(wide())
+    await asyncio.sleep(0.01)
+    assert order == []
+    order.append("released")
+    locks.release(key)
+    await task
+    assert order == ["released", "wide"] and not locks
