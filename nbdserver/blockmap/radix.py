@@ -86,6 +86,9 @@ class RadixMap(BlockMap):
         self.meta_start = self.pool.layout.meta_start
         self.chunk_size = self.pool.sb.chunk_size
         self._work = 0
+        # height -> chunks below one entry at each level, root first (fanout**level).
+        self._spans = [tuple(fanout ** level for level in range(h - 1, -1, -1))
+                       for h in range(65)]  # 64 levels cover 2**64 chunks at fan-out 2
 
     @classmethod
     def default_params(cls) -> tuple[int, int, int, int]:
@@ -208,22 +211,25 @@ class RadixMap(BlockMap):
                 self._collect(child, level - 1, base + i * span, start, end, out)
 
     def write_target(self, vol: VolumeRecord, lc: int) -> WriteTarget:
-        e, height = self._root(vol)
+        e, height = _STATE.unpack_from(vol.map_state)
         if not e:
             return Redirect(HOLE)
-        writable = bool(e & WRITABLE)
+        writable = e & WRITABLE
         sole = True  # every node on the read-only part of the path has one reference
         fanout = self.fanout
-        for level in range(height - 1, -1, -1):
-            target = _target(e)
-            if not writable and sole and self.meta.get(target) != 1:
+        get = self.cache.get
+        pages = self.meta_start - 1  # page of the node an entry points at: pages + (e & mask)
+        unpack = _Q.unpack_from
+        for span in self._spans[height]:
+            if not writable and sole and self.meta.get((e & TARGET_MASK) - 1) != 1:
                 sole = False
-            node = self.cache.get(self._page(target))
-            e = _Q.unpack_from(node, PAGE_HEADER_SIZE + 8 * ((lc // fanout ** level) % fanout))[0]
+            e = unpack(get(pages + (e & TARGET_MASK)),
+                       PAGE_HEADER_SIZE + 8 * ((lc // span) % fanout))[0]
             if not e & TARGET_MASK:
                 return Redirect(HOLE)
-            writable = writable and bool(e & WRITABLE)
-        pc = _target(e)
+            if writable:
+                writable = e & WRITABLE
+        pc = (e & TARGET_MASK) - 1
         if writable:
             return InPlace(pc)
         if sole and self.data.get(pc) == 1:
