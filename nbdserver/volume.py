@@ -72,7 +72,7 @@ from nbdserver.backend.base import (
     StatusExtent,
 )
 from nbdserver.backend.ranges import RangeLocks
-from nbdserver.blockmap.base import HOLE, Claim, CopyOut, InPlace, Redirect, Run
+from nbdserver.blockmap.base import HOLE, Claim, CopyOut, InPlace, Redirect, Run, TargetRun
 from nbdserver.errors import NbdError
 from nbdserver.pool.format import FormatError, VolumeRecord
 from nbdserver.pool.pages import PageMiss
@@ -310,13 +310,20 @@ class VolumeBackend:
                         self._write_in_place(offset, data, self._data_start + offset
                                              + ((target.pc - lc) << shift), done, fua)
                         return
+                    plan = self._plan_fast(offset, length, fua, [TargetRun(lc, 1, target)])
+                    if plan is not None:
+                        self._write_fast(offset, data, plan, done, fua)
+                        return
+                    self._spawn(self._write_slow(offset, bytes(data), fua), done)
+                    return
             plan = self._plan_fast(offset, length, fua)
             if plan is not None:
                 self._write_fast(offset, data, plan, done, fua)
                 return
         self._spawn(self._write_slow(offset, bytes(data), fua), done)
 
-    def _plan_fast(self, offset: int, length: int, fua: bool) -> FastPlan | None:
+    def _plan_fast(self, offset: int, length: int, fua: bool,
+                   targets: list[TargetRun] | None = None) -> FastPlan | None:
         """The device writes of a request each chunk of which is written in place, or in
         full into a fresh chunk (a new or copied-on-write chunk needs no old bytes then),
         and the fresh chunks claimed for it; None when the slow path must do it.
@@ -332,17 +339,31 @@ class VolumeBackend:
         end = offset + length
         lc0 = offset >> shift
         lc1 = ((end - 1) >> shift) + 1
-        if self._locks and self._locks.overlapping(lc0, lc1):
-            return None
-        try:
-            targets = self.map.write_runs(self.vol, lc0, lc1 - lc0)
-        except PageMiss:
-            return None
-        first = targets[0].target
-        if len(targets) == 1 and isinstance(first, InPlace):  # the common case
-            if fua and pool.metadata_pending():
+        if targets is None:  # (else the caller checked the locks and asked the map)
+            if self._locks and self._locks.overlapping(lc0, lc1):
                 return None
-            return [(offset, length, self._data_start + (first.pc - lc0) * chunk + offset)], []
+            try:
+                targets = self.map.write_runs(self.vol, lc0, lc1 - lc0)
+            except PageMiss:
+                return None
+        first = targets[0].target
+        if len(targets) == 1:
+            if isinstance(first, InPlace):  # the common case
+                if fua and pool.metadata_pending():
+                    return None
+                return [(offset, length, self._data_start + (first.pc - lc0) * chunk
+                         + offset)], []
+            if (type(first) is Redirect and first.into == HOLE and length == chunk
+                    and not offset & (chunk - 1) and not fua):
+                # A 4 KiB copy-on-write (or first write) of one whole chunk: one claim.
+                if pool.cache.dirty_count >= pool.dirty_limit():
+                    return None  # back-pressure (see Pool.run)
+                try:
+                    with pool.cache.mtr():
+                        pc = pool.claim_chunk(self.vol, self.map.alloc_hint(self.vol, lc0))
+                except (PageMiss, NbdError):
+                    return None
+                return [(offset, length, self._data_start + pc * chunk)], [(lc0, pc, 1)]
         redirects = False
         for r in targets:
             t = r.target
