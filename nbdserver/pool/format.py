@@ -79,13 +79,16 @@ def seal_page(page_no: int, data: bytearray, page_type: int, seq: int) -> None:
     struct.pack_into("<I", data, 0, page_crc(page_no, data))
 
 
+_ZERO_PAGE = bytes(PAGE_SIZE)
+
+
 def verify_page(page_no: int, data: bytes | bytearray | memoryview) -> int:
     """The page type of a sealed page; raises FormatError if its CRC does not match.
 
     An all-zero page (never written) is valid and has type PT_FREE.
     """
     crc, page_type, _fmt, _seq = PAGE_HEADER.unpack_from(data, 0)
-    if crc == 0 and page_type == 0 and not any(data):
+    if crc == 0 and page_type == 0 and data == _ZERO_PAGE:  # (a memcmp, not a byte loop)
         return PT_FREE
     if crc != page_crc(page_no, data):
         raise FormatError(f"metadata page {page_no}: checksum mismatch")

@@ -42,6 +42,7 @@ from nbdserver.pool.format import PAGE_HEADER_SIZE, PT_REFCOUNT, REFS_PER_PAGE
 from nbdserver.pool.pages import PageCache
 
 _U32 = struct.Struct("<I")
+_ZERO_COUNTS = bytes(4 * REFS_PER_PAGE)
 _ZERO4 = b"\0\0\0\0"
 _FREE_RUNS = re.compile(rb"\x00+")
 
@@ -73,8 +74,11 @@ class RefTable:
     def index_page(self, page_index: int, raw: bytes | bytearray | memoryview) -> None:
         """Count the free entries of one refcount page (when the pool opens)."""
         n = self.entries_in_page(page_index)
-        counts = memoryview(raw)[PAGE_HEADER_SIZE:PAGE_HEADER_SIZE + 4 * n].cast("I")
-        free = counts.tolist().count(0)
+        span = bytes(raw[PAGE_HEADER_SIZE:PAGE_HEADER_SIZE + 4 * n])
+        if span == (_ZERO_COUNTS if n == REFS_PER_PAGE else bytes(4 * n)):
+            free = n  # all free (most pages of a large pool): one memcmp
+        else:
+            free = memoryview(span).cast("I").tolist().count(0)
         self.free_in_page[page_index] = free
         self.used += n - free
 
