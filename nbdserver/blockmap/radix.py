@@ -146,9 +146,10 @@ class RadixMap(BlockMap):
             get = self.cache.get
             fanout = self.fanout
             unpack = _Q.unpack_from
-            for level in range(height - 1, -1, -1):
-                node = get(self.meta_start + (e & TARGET_MASK) - 1)
-                e = unpack(node, PAGE_HEADER_SIZE + 8 * ((lc // fanout ** level) % fanout))[0]
+            pages = self.meta_start - 1
+            for span in self._spans[height]:
+                e = unpack(get(pages + (e & TARGET_MASK)),
+                           PAGE_HEADER_SIZE + 8 * ((lc // span) % fanout))[0]
                 if not e & TARGET_MASK:
                     return [Run(lc, 1, HOLE)]
             return [Run(lc, 1, (e & TARGET_MASK) - 1, e >> OWNER_SHIFT)]
