@@ -261,3 +261,46 @@ async def test_pool_free_counts_follow_writes_and_trims(make_pool: PoolFactory) 
     await env.delete("v")
     assert pool.data.free == free0
     await env.assert_clean()
+
+
+def test_claim_run_takes_consecutive_free_units(device: BlockDevice) -> None:
+    table = make_table(device, 2 * REFS_PER_PAGE)
+    with table.cache.mtr():
+        table.incref(10)  # used
+    table.claim(hint=14)  # claimed by another write
+    table.quarantine.add(20)  # freed, not durable yet
+    table.cursor = 0
+    assert table.claim_run(hint=4, limit=100) == (4, 6), "stops before the used unit 10"
+    assert table.claim_run(hint=11, limit=100) == (11, 3), "stops before the claimed 14"
+    assert table.claim_run(hint=15, limit=3) == (15, 3), "at most `limit`"
+    assert table.claim_run(hint=18, limit=100) == (18, 2), "stops before the quarantined 20"
+    assert set(range(4, 10)) | set(range(11, 18)) | {18, 19} <= table.claimed
+    assert table.used == 1, "claims set no count"
+    first, n = table.claim_run(hint=REFS_PER_PAGE - 3, limit=100)
+    assert (first, n) == (REFS_PER_PAGE - 3, 3), "a run stays within its refcount page"
+
+
+def test_claim_run_rolls_back_and_counts_a_run_once(device: BlockDevice) -> None:
+    table = make_table(device, 3 * REFS_PER_PAGE)
+    before = (set(table.claimed), table.used, list(table.free_in_page), table.cursor)
+    with pytest.raises(RuntimeError), table.cache.mtr():
+        first, n = table.claim_run(hint=None, limit=50)
+        assert n == 50 and set(range(first, first + n)) <= table.claimed
+        raise RuntimeError("rolled back")
+    assert (set(table.claimed), table.used, list(table.free_in_page)) == before[:3]
+    first, n = table.claim_run(hint=REFS_PER_PAGE - 10, limit=40)
+    assert (first, n) == (REFS_PER_PAGE - 10, 10)
+    with table.cache.mtr():  # mapping the run counts each unit once and ends its claim
+        table.incref_run(first, n)
+        table.incref_run(REFS_PER_PAGE - 5, 20)  # across two pages, half already counted
+    assert table.used == 25 and not table.claimed
+    assert [table.get(u) for u in (REFS_PER_PAGE - 10, REFS_PER_PAGE - 5, REFS_PER_PAGE + 14)] \
+        == [1, 2, 1]
+    assert table.free_in_page[0] == REFS_PER_PAGE - 10 and table.free_in_page[1] == \
+        REFS_PER_PAGE - 15
+    with table.cache.mtr():
+        table.decref_run(REFS_PER_PAGE - 10, 25)
+    assert table.used == 5 and sorted(table.freed_pending()) == sorted(
+        [*range(REFS_PER_PAGE - 10, REFS_PER_PAGE - 5), *range(REFS_PER_PAGE, REFS_PER_PAGE + 15)])
+    assert table.free_in_page[0] == REFS_PER_PAGE - 5 and table.free_in_page[1] == \
+        REFS_PER_PAGE
