@@ -352,7 +352,7 @@ class RadixMap(BlockMap):
         e = new_root
         fanout = self.fanout
         for level in range(height - 1, 0, -1):
-            node = self.cache.modify(self._page(_target(e)), PT_RADIX)
+            node = self.cache.get(self._page(_target(e)))  # changed below only if needed
             off = PAGE_HEADER_SIZE + 8 * ((lc // fanout ** level) % fanout)
             child = _Q.unpack_from(node, off)[0]
             new_child = self._new_node() if not child & TARGET_MASK else self._own_node(
@@ -386,6 +386,9 @@ class RadixMap(BlockMap):
         """:meth:`map` a run: one walk and one slice of entries per leaf."""
         if vol.id > MAX_OWNER:
             raise ValueError(f"volume id {vol.id} too large for the radix design")
+        if count == 1:
+            self.map(vol, lc, pc)
+            return
         fanout = self.fanout
         done = 0
         while done < count:
