@@ -31,7 +31,10 @@ for writes). Two paths:
   another volume just dropped may still be on disk, and a write in place
   would change what that volume reads after a crash. It then waits for every
   read begun before the claim (``Pool.reads_drained``): one of the volumes
-  that shared the chunk may still be reading it.
+  that shared the chunk may still be reading it. A write that finds no free chunk
+  while chunks freed by a trim still wait for the commit that makes the trim
+  durable commits, waits for them and tries again: right after a trim in a full
+  pool they are the only free space (and a guaranteed volume must not see ENOSPC).
 
 Every data transfer runs inside an I/O epoch (:mod:`nbdserver.pool.epochs`):
 a chunk freed meanwhile is not reused until the transfer has ended. Reads
@@ -512,13 +515,25 @@ class VolumeBackend:
     async def _write_slow(self, offset: int, data: bytes, fua: bool) -> None:
         await self._wait_unquiesced()
         self._writes += 1
-        epoch = self.epochs.begin()
+        epochs = [self.epochs.begin()]  # this write's I/O epoch (none while it waits)
         try:
-            committed = await self._write_chunks(offset, data, fua)
+            try:
+                committed = await self._write_chunks(offset, data, fua)
+            except NbdError as e:
+                if e.errno != errno.ENOSPC or not self.pool.frees_waiting():
+                    raise
+                # The free space is chunks a trim freed, reusable once that is durable:
+                # make it so and wait (outside this write's epoch, which the wait needs
+                # to end), then try once more from the start.
+                self.epochs.end(epochs.pop())
+                await self.pool.reuse_freed()
+                epochs.append(self.epochs.begin())
+                committed = await self._write_chunks(offset, data, fua)
             if fua and (committed or self.pool.metadata_pending()):
                 await self.pool.commit()  # the map of these chunks may not be durable yet
         finally:
-            self.epochs.end(epoch)
+            for epoch in epochs:
+                self.epochs.end(epoch)
             self._write_ended()
 
     async def _write_chunks(self, offset: int, data: bytes | None, fua: bool,

@@ -477,6 +477,23 @@ class Pool:
         """Whether a metadata change is not durable yet (dirty pages, or a commit under way)."""
         return bool(self.cache.dirty_count) or self._commit_lock.locked()
 
+    def frees_waiting(self) -> bool:
+        """Whether chunks freed by a change wait for a durable commit to be reusable."""
+        return bool(self.data.quarantine) or bool(self.data.freed_pending())
+
+    async def reuse_freed(self) -> None:
+        """Commit, then wait until the chunks freed before may be handed out again (once
+        every transfer begun before the commit has ended: see IoEpochs)."""
+        await self.commit()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        self.epochs.defer(ready)
+        await fut
+
     def maybe_commit(self) -> None:
         """Start a background commit when enough metadata is dirty."""
         if self.cache.dirty_count >= self.commit_threshold() and not self._commit_lock.locked():

@@ -149,3 +149,30 @@ async def _first_hole(vol: Vol, chunk: int) -> int:
         if not any(data[lc * chunk:(lc + 1) * chunk]):
             return lc
     return vol.size // chunk
+
+
+@pytest.mark.parametrize("design", design_names())
+async def test_rewrite_right_after_a_trim_in_a_full_pool(make_pool: PoolFactory,
+                                                        design: str) -> None:
+    """The chunks a trim frees are reused only once a commit makes the trim durable. In a
+    full pool they are the only free space: a write that needs them waits for that
+    commit instead of failing with ENOSPC (a guaranteed volume must never see ENOSPC)."""
+    env = await make_pool(design, size=6 * MiB, small=False)
+    pool = env.pool
+    chunk = env.chunk_size
+    n = 48
+    g = await env.create("g", n * chunk, guarantee=True)
+    model = bytearray(pattern(1, n * chunk))
+    await g.write(0, bytes(model))
+    hog = await thin_hog(env, "hog", 4 * pool.layout.data_chunks)
+    await fill(hog, chunk)
+    assert pool.available_chunks() <= 0
+    for first in (0, 20):  # no flush between the trim and the rewrite
+        await g.trim(first * chunk, 16 * chunk)
+        data = pattern(2 + first, 16 * chunk)
+        await g.write(first * chunk, data)
+        model[first * chunk:(first + 16) * chunk] = data
+    assert await g.read_all() == model
+    await env.reopen()
+    assert await env.vol("g").read_all() == model
+    await env.assert_clean()
