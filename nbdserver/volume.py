@@ -302,7 +302,7 @@ class VolumeBackend:
             shift = self._shift
             lc = offset >> shift
             if (offset + length - 1) >> shift == lc and not (
-                    self._locks and self._locks.overlapping(lc, lc + 1)):
+                    self._locks.held and self._locks.overlapping(lc, lc + 1)):
                 # One chunk (a 4 KiB write): one map walk, and in place, one device write.
                 try:
                     target = self.map.write_target(self.vol, lc)
@@ -343,7 +343,7 @@ class VolumeBackend:
         lc0 = offset >> shift
         lc1 = ((end - 1) >> shift) + 1
         if targets is None:  # (else the caller checked the locks and asked the map)
-            if self._locks and self._locks.overlapping(lc0, lc1):
+            if self._locks.held and self._locks.overlapping(lc0, lc1):
                 return None
             try:
                 targets = self.map.write_runs(self.vol, lc0, lc1 - lc0)

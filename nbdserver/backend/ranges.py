@@ -32,13 +32,13 @@ class RangeLocks:
     """
 
     def __init__(self) -> None:
-        self._held: dict[int, _Held] = {}  # key -> every held range
+        self.held: dict[int, _Held] = {}  # key -> every held range (empty: nothing held)
         self._wide: dict[int, _Held] = {}  # key -> held ranges longer than one unit
         self._unit: dict[int, _Held] = {}  # unit -> the held range of that one unit
         self._next = 0
 
     def __bool__(self) -> bool:
-        return bool(self._held)
+        return bool(self.held)
 
     def overlapping(self, start: int, end: int) -> list[_Held]:
         out = [h for h in self._wide.values() if h.start < end and start < h.end]
@@ -56,7 +56,7 @@ class RangeLocks:
     def _add(self, start: int, end: int) -> int:
         key = self._next
         self._next += 1
-        held = self._held[key] = _Held(start, end)
+        held = self.held[key] = _Held(start, end)
         if end - start == 1:
             self._unit[start] = held
         else:
@@ -66,12 +66,12 @@ class RangeLocks:
     def try_hold(self, start: int, end: int) -> int | None:
         """Lock [start, end) at once if nothing overlapping is held; the key for
         :meth:`release`, or None."""
-        if self._held and self.overlapping(start, end):
+        if self.held and self.overlapping(start, end):
             return None
         return self._add(start, end)
 
     def release(self, key: int) -> None:
-        held = self._held.pop(key)
+        held = self.held.pop(key)
         if held.end - held.start == 1:
             del self._unit[held.start]
         else:

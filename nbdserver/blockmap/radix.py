@@ -58,6 +58,8 @@ TARGET_MASK = (1 << 40) - 1
 WRITABLE = 1 << 40
 OWNER_SHIFT = 41
 MAX_OWNER = (1 << 23) - 1
+_VOLUME_IDS = MAX_OWNER + 1  # leaf-memory keys: leaf index * _VOLUME_IDS + volume id
+LEAF_MEMORY = 1 << 16  # leaves remembered at most (then forgotten all at once)
 _Q = struct.Struct("<Q")
 _STATE = struct.Struct("<QB")  # root entry, height
 
@@ -86,6 +88,12 @@ class RadixMap(BlockMap):
         self.meta_start = self.pool.layout.meta_start
         self.chunk_size = self.pool.sb.chunk_size
         self._work = 0
+        # Leaves reached through a writable path (this volume's alone, so only its own
+        # structural changes can move them): (leaf index, volume id) -> page number. A
+        # walk that hits it reads one page instead of `height`. Filled only outside a
+        # mini-transaction (what it sees is complete), emptied by every change of a root
+        # or of interior nodes (_forget_leaves).
+        self._leaves: dict[int, int] = {}
         # height -> chunks below one entry at each level, root first (fanout**level).
         self._spans = [tuple(fanout ** level for level in range(h - 1, -1, -1))
                        for h in range(65)]  # 64 levels cover 2**64 chunks at fan-out 2
@@ -108,7 +116,11 @@ class RadixMap(BlockMap):
         root, height = _STATE.unpack_from(vol.map_state)
         return root, height
 
+    def _forget_leaves(self) -> None:
+        self._leaves.clear()
+
     def _set_root(self, vol: VolumeRecord, root: int) -> None:
+        self._forget_leaves()
         _, height = self._root(vol)
         state = bytearray(vol.map_state)
         _STATE.pack_into(state, 0, root, height)
@@ -141,17 +153,29 @@ class RadixMap(BlockMap):
         out: list[Run] = []
         if not root:
             return [Run(lc, count, HOLE)]
-        if count == 1:  # the hot path: one chunk, one walk
-            e = root
+        if count == 1:  # the hot path: one chunk, one walk (or one page, known leaf)
             get = self.cache.get
             fanout = self.fanout
             unpack = _Q.unpack_from
-            pages = self.meta_start - 1
-            for span in self._spans[height]:
-                e = unpack(get(pages + (e & TARGET_MASK)),
-                           PAGE_HEADER_SIZE + 8 * ((lc // span) % fanout))[0]
-                if not e & TARGET_MASK:
-                    return [Run(lc, 1, HOLE)]
+            key = lc // fanout * _VOLUME_IDS + vol.id
+            leaf = self._leaves.get(key)
+            if leaf is not None:
+                e = unpack(get(leaf), PAGE_HEADER_SIZE + 8 * (lc % fanout))[0]
+            else:
+                e = root
+                writable = root & WRITABLE
+                pages = self.meta_start - 1
+                for span in self._spans[height]:
+                    page = pages + (e & TARGET_MASK)
+                    e = unpack(get(page), PAGE_HEADER_SIZE + 8 * ((lc // span) % fanout))[0]
+                    if writable:
+                        if span == 1:
+                            self._know_leaf(key, page)
+                        writable = e & WRITABLE
+                    if not e & TARGET_MASK:
+                        return [Run(lc, 1, HOLE)]
+            if not e & TARGET_MASK:
+                return [Run(lc, 1, HOLE)]
             return [Run(lc, 1, (e & TARGET_MASK) - 1, e >> OWNER_SHIFT)]
         self._collect(root, height - 1, 0, lc, lc + count, out)
         return out
@@ -212,23 +236,38 @@ class RadixMap(BlockMap):
                 self._collect(child, level - 1, base + i * span, start, end, out)
 
     def write_target(self, vol: VolumeRecord, lc: int) -> WriteTarget:
+        fanout = self.fanout
+        get = self.cache.get
+        unpack = _Q.unpack_from
+        key = lc // fanout * _VOLUME_IDS + vol.id
+        leaf = self._leaves.get(key)
+        if leaf is not None:  # a writable path: the leaf entry decides
+            e = unpack(get(leaf), PAGE_HEADER_SIZE + 8 * (lc % fanout))[0]
+            if not e & TARGET_MASK:
+                return Redirect(HOLE)
+            pc = (e & TARGET_MASK) - 1
+            if e & WRITABLE:
+                return InPlace(pc)
+            return Claim(pc) if self.data.get(pc) == 1 else Redirect(pc)
         e, height = _STATE.unpack_from(vol.map_state)
         if not e:
             return Redirect(HOLE)
         writable = e & WRITABLE
         sole = True  # every node on the read-only part of the path has one reference
-        fanout = self.fanout
-        get = self.cache.get
         pages = self.meta_start - 1  # page of the node an entry points at: pages + (e & mask)
-        unpack = _Q.unpack_from
+        page = 0
         for span in self._spans[height]:
             if not writable and sole and self.meta.get((e & TARGET_MASK) - 1) != 1:
                 sole = False
-            e = unpack(get(pages + (e & TARGET_MASK)),
-                       PAGE_HEADER_SIZE + 8 * ((lc // span) % fanout))[0]
+            page = pages + (e & TARGET_MASK)
+            e = unpack(get(page), PAGE_HEADER_SIZE + 8 * ((lc // span) % fanout))[0]
             if not e & TARGET_MASK:
+                if writable and span == 1:
+                    self._know_leaf(key, page)
                 return Redirect(HOLE)
             if writable:
+                if span == 1:
+                    self._know_leaf(key, page)
                 writable = e & WRITABLE
         pc = (e & TARGET_MASK) - 1
         if writable:
@@ -236,6 +275,13 @@ class RadixMap(BlockMap):
         if sole and self.data.get(pc) == 1:
             return Claim(pc)
         return Redirect(pc)
+
+    def _know_leaf(self, key: int, page: int) -> None:
+        """Remember a leaf reached through a writable path (see __init__)."""
+        if not self.cache.in_mtr:
+            if len(self._leaves) >= LEAF_MEMORY:
+                self._leaves.clear()
+            self._leaves[key] = page
 
     def write_runs(self, vol: VolumeRecord, lc: int, count: int) -> list[TargetRun]:
         """:meth:`write_target` over a range: one walk per leaf, and a leaf's stretch of
@@ -300,6 +346,7 @@ class RadixMap(BlockMap):
         """
         if e & WRITABLE:
             return e
+        self._forget_leaves()  # (none below was known: the path was not writable)
         target = _target(e)
         if self.meta.get(target) == 1:  # claim: clear the stale writable bits below
             node = self.cache.modify(self._page(target), PT_RADIX)
@@ -415,6 +462,7 @@ class RadixMap(BlockMap):
         if not root:
             return count, []
         self._work = 0
+        self._forget_leaves()  # subtrees may be freed or copied
         budget = 4 * self.fanout
         new_root, stop = self._unmap(root, height - 1, 0, lc, lc + count, budget)
         if new_root != root:
@@ -478,6 +526,7 @@ class RadixMap(BlockMap):
         if not root:
             return True
         self._work = 0
+        self._forget_leaves()
         chunks = self.fanout ** height
         new_root, _ = self._unmap(root, height - 1, 0, 0, chunks, budget)
         if new_root != root:

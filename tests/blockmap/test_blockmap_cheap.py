@@ -80,9 +80,14 @@ def cheap_designs() -> list[str]:
 
 
 def lookup_cost(env: PoolEnv, name: str, lc: int) -> tuple[int, int]:
+    """Pages one lookup of chunk `lc` reads: the whole walk (radix remembers the leaves
+    of writable paths, which would make the owner's lookups one page: forgotten here)."""
     pool = env.pool
     vol = pool.volume(name)
     pool.map.lookup(vol, lc, 1)  # load every page first (offline: synchronously)
+    forget = getattr(pool.map, "_forget_leaves", None)
+    if forget is not None:
+        forget()
     with counting(pool) as cost:
         (run,) = pool.map.lookup(vol, lc, 1)
     return cost.gets, run.pc
