@@ -392,6 +392,9 @@ class RadixMap(BlockMap):
 
     def _writable_leaf(self, vol: VolumeRecord, lc: int) -> bytearray:
         """The leaf page holding `lc`, made this volume's alone (creating the path)."""
+        leaf = self._leaves.get(lc // self.fanout * _VOLUME_IDS + vol.id)
+        if leaf is not None:  # known through a writable path: nothing to copy on the way
+            return self.cache.modify(leaf, PT_RADIX)
         root, height = self._root(vol)
         new_root = self._new_node() if not root else self._own_node(root, height - 1)
         if new_root != root:
