@@ -894,7 +894,7 @@ class Study:
 
     def _clone_inprocess(self, pool_path: Path, sizes: list[int]) -> dict[Any, Any]:
         """Open the pool in this process and time Pool.clone_volume alone (with its commit):
-        the server's control operation also answers with `volume info`, which walks the map."""
+        the server's control operation also goes through the socket and writes its answer."""
         async def go(pool: Any) -> dict[int, dict[str, Any]]:
             samples: dict[int, dict[str, list[float]]] = {
                 s: {"snapshot": [], "fork": []} for s in sizes}
@@ -954,8 +954,8 @@ class Study:
                 res[f"{kind}_cli"].append(dt)
                 _, dt = srv.control(f"volume.{kind}", source=vol, name=f"{vol}-{kind}-s{i}")
                 res[f"{kind}_server"].append(dt)
-                # the operation answers with `volume info` of the new volume; time that
-                # alone to see what the clone itself costs
+                # `volume info` of the new volume (a walk of its map), timed apart: the
+                # clone's own answer leaves the map statistics out
                 _, di = srv.control("volume.info", name=f"{vol}-{kind}-s{i}")
                 res[f"{kind}_info"].append(di)
         return {f"{k}_ms": round(1000 * statistics.median(v), 2) for k, v in res.items()} | {
@@ -1521,11 +1521,11 @@ def render(results: dict[str, Any], designs: list[str], info: dict[str, Any], p:
               f"{p.creation_repeats} time(s) per size with the CLI (`nbdserver volume "
               "snapshot|fork`: the round trip, Python start-up included) and as many times "
               "by a direct call on the server's control socket (what a client of a running "
-              "server waits for). That operation answers with `volume info` of the new "
-              "volume, which walks its map, so a separate `volume info` call is timed as "
-              "well. Then the server is stopped and the pool opened in the study's own "
-              "process to time `Pool.clone_volume` alone, the clone and its commit: the cost "
-              "of the design itself. Medians in ms.", "",
+              "server waits for), which answers with the new volume's catalog fields; "
+              "`volume info`, which walks its map, is timed apart. Then the server is "
+              "stopped and the pool opened in the study's own process to time "
+              "`Pool.clone_volume` alone, the clone and its commit: the cost of the design "
+              "itself. Medians in ms.", "",
               "Clone alone (in the pool, with its commit), snapshot / fork:", ""]
         rows = [[human(s)] + [cell(cr.get(d, {}).get(str(s)),
                                    lambda r: f"{r['snapshot_pool_ms']:.2f} / "
