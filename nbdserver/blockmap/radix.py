@@ -149,11 +149,7 @@ class RadixMap(BlockMap):
     # -- lookups ---------------------------------------------------------------------------
 
     def lookup(self, vol: VolumeRecord, lc: int, count: int) -> list[Run]:
-        root, height = self._root(vol)
-        out: list[Run] = []
-        if not root:
-            return [Run(lc, count, HOLE)]
-        if count == 1:  # the hot path: one chunk, one walk (or one page, known leaf)
+        if count == 1:  # the hot path: one chunk, one page of a known leaf or one walk
             get = self.cache.get
             fanout = self.fanout
             unpack = _Q.unpack_from
@@ -162,6 +158,9 @@ class RadixMap(BlockMap):
             if leaf is not None:
                 e = unpack(get(leaf), PAGE_HEADER_SIZE + 8 * (lc % fanout))[0]
             else:
+                root, height = self._root(vol)
+                if not root:
+                    return [Run(lc, 1, HOLE)]
                 e = root
                 writable = root & WRITABLE
                 pages = self.meta_start - 1
@@ -177,6 +176,10 @@ class RadixMap(BlockMap):
             if not e & TARGET_MASK:
                 return [Run(lc, 1, HOLE)]
             return [Run(lc, 1, (e & TARGET_MASK) - 1, e >> OWNER_SHIFT)]
+        root, height = self._root(vol)
+        if not root:
+            return [Run(lc, count, HOLE)]
+        out: list[Run] = []
         self._collect(root, height - 1, 0, lc, lc + count, out)
         return out
 
