@@ -103,7 +103,7 @@ from __future__ import annotations
 import struct
 from array import array
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import ClassVar
 
@@ -144,6 +144,7 @@ STREAM_STEP = 64  # a volume allocating this close after its last allocation is 
 _STATE = struct.Struct("<QB")  # root (meta index + 1, | WRITABLE), height
 
 Rec = tuple[int, int, int, int]  # lc, count, pc, tag (owner | TAG_WRITABLE)
+Path = tuple[bool, bool]  # of the path to a leaf: writable, every node on it sole
 Entry = tuple[int, int]  # key, child (meta index | WRITABLE)
 # k leaf records packed at once (`map` replaces at most 3 records by at most 5 in place).
 _RECS = [struct.Struct("<" + "QQQ" * k) for k in range(6)]
@@ -331,9 +332,25 @@ class ExtentMap(BlockMap):
                     return [Run(lc, 1, pc + lc - start, (w >> 32) & MAX_OWNER)]
             return [Run(lc, 1, HOLE)]
         out: list[Run] = []
+
+        def leaf(pos: int) -> tuple[bytearray, int, tuple[bool, bool]]:
+            node, _, hi = self._leaf_for(root, height, pos)
+            return node, hi, (False, False)
+
+        for pos, n, pc, w, _ in self._pieces(lc, count, leaf):
+            _emit(out, pos, n, pc, (w >> 32) & MAX_OWNER if pc != HOLE else 0)
+        return out
+
+    @staticmethod
+    def _pieces(lc: int, count: int, leaf: Callable[[int], tuple[bytearray, int, Path]]
+                ) -> Iterator[tuple[int, int, int, int, Path]]:
+        """Pieces covering [lc, lc+count), leaf by leaf: (first chunk, chunks, physical
+        chunk of the first or HOLE, the record's length-and-tag word (0 for a hole),
+        what `leaf` said of the path). `leaf(pos)` gives the leaf whose range holds pos,
+        the end of that range, and something about the path to it."""
         pos, end = lc, lc + count
         while pos < end:
-            node, _, hi = self._leaf_for(root, height, pos)
+            node, hi, path = leaf(pos)
             q = _leaf_view(node)
             n = len(q) // 3
             i = max(0, bisect_right(q[0::3], pos) - 1)
@@ -345,19 +362,18 @@ class ExtentMap(BlockMap):
                     continue
                 if start > pos:
                     gap = min(start, end)
-                    _emit(out, pos, gap - pos, HOLE, 0)
+                    yield pos, gap - pos, HOLE, 0, path
                     pos = gap
                     if pos >= end:
                         break
                 take = min(end, stop) - pos
-                _emit(out, pos, take, pc + pos - start, (w >> 32) & MAX_OWNER)
+                yield pos, take, pc + pos - start, w, path
                 pos += take
             if pos < end:
                 gap = min(end, hi)
                 if gap > pos:
-                    _emit(out, pos, gap - pos, HOLE, 0)
+                    yield pos, gap - pos, HOLE, 0, path
                     pos = gap
-        return out
 
     def write_target(self, vol: VolumeRecord, lc: int) -> WriteTarget:
         raw, height = _STATE.unpack_from(vol.map_state)
@@ -403,39 +419,21 @@ class ExtentMap(BlockMap):
             return [TargetRun(lc, count, Redirect(HOLE))]
         runs: list[TargetRun] = []
         data = self.data
-        pos, end = lc, lc + count
-        while pos < end:
+
+        def leaf(pos: int) -> tuple[bytearray, int, tuple[bool, bool]]:
             node, hi, writable, sole = self._write_leaf_for(raw, height, pos)
-            q = _leaf_view(node)
-            n = len(q) // 3
-            i = max(0, bisect_right(q[0::3], pos) - 1)
-            while i < n and pos < end:
-                start, pc, w = q[3 * i:3 * i + 3]
-                stop = start + (w & LEN_MASK)
-                i += 1
-                if stop <= pos:
-                    continue
-                if start > pos:
-                    gap = min(start, end)
-                    merge_target(runs, pos, gap - pos, Redirect(HOLE))
-                    pos = gap
-                    if pos >= end:
-                        break
-                take = min(end, stop) - pos
-                first = pc + pos - start
-                if writable and w >= WRITABLE:
-                    merge_target(runs, pos, take, InPlace(first))
-                else:
-                    for k in range(take):
-                        p = first + k
-                        merge_target(runs, pos + k, 1,
-                                     Claim(p) if sole and data.get(p) == 1 else Redirect(p))
-                pos += take
-            if pos < end:
-                gap = min(end, hi)
-                if gap > pos:
-                    merge_target(runs, pos, gap - pos, Redirect(HOLE))
-                    pos = gap
+            return node, hi, (writable, sole)
+
+        for pos, take, first, w, (writable, sole) in self._pieces(lc, count, leaf):
+            if first == HOLE:
+                merge_target(runs, pos, take, Redirect(HOLE))
+            elif writable and w >= WRITABLE:
+                merge_target(runs, pos, take, InPlace(first))
+            else:
+                for k in range(take):
+                    p = first + k
+                    merge_target(runs, pos + k, 1,
+                                 Claim(p) if sole and data.get(p) == 1 else Redirect(p))
         return runs
 
     def _write_leaf_for(self, raw: int, height: int,
@@ -701,8 +699,18 @@ class ExtentMap(BlockMap):
         if old == HOLE:
             window.append(new)
             window.sort()
+        self.data.incref(pc)
+        if old != HOLE:
+            self.data.decref(old)
+        self._splice(vol, path, page, count, a, b, window, lc)
+
+    def _splice(self, vol: VolumeRecord, path: list[tuple[int, int, int]], page: bytearray,
+                count: int, a: int, b: int, window: list[Rec], lc: int) -> None:
+        """Replace records [a, b) of the writable path's leaf `page` (`count` records) by
+        `window` (sorted), merged where contiguous (see _merge): in place, moving the
+        records after them by one memmove, or by rebuilding and splitting a full leaf."""
         cap = self.max_extent
-        merged: list[int] = []  # the window merged (see _merge), as u64s
+        merged: list[int] = []  # the window merged, as u64s
         ps = pn = pp = pt = -1
         for rs, rn, rp, rt in window:
             if ps + pn == rs and pp + pn == rp and pt == rt and pn + rn <= cap:
@@ -712,9 +720,6 @@ class ExtentMap(BlockMap):
                 merged += (ps, pp, pn | pt << 32)
             ps, pn, pp, pt = rs, rn, rp, rt
         merged += (ps, pp, pn | pt << 32)
-        self.data.incref(pc)
-        if old != HOLE:
-            self.data.decref(old)
         k = len(merged) // 3
         grown = count + k - (b - a)
         if grown > self.leaf_cap:  # split the leaf: rebuild it from all its records
@@ -733,7 +738,8 @@ class ExtentMap(BlockMap):
                 page[new_end:end] = bytes(end - new_end)
             page[_COUNT] = grown & 0xFF
             page[_COUNT + 1] = grown >> 8
-        _RECS[k].pack_into(page, ENTRIES + LEAF_ENTRY * a, *merged)
+        packer = _RECS[k] if k < len(_RECS) else struct.Struct("<" + "QQQ" * k)
+        packer.pack_into(page, ENTRIES + LEAF_ENTRY * a, *merged)
 
     def map_run(self, vol: VolumeRecord, lc: int, pc: int, count: int) -> None:
         """:meth:`map` a run: per leaf, one descent and one splice of its records (the
@@ -781,39 +787,10 @@ class ExtentMap(BlockMap):
             if stop > end:
                 window.append((end, stop - end, rpc + end - start, tag))
         window.sort()
-        cap = self.max_extent
-        merged: list[int] = []  # the window merged (see _merge), as u64s
-        ps = pn = pp = pt = -1
-        for rs, rn, rp, rt in window:
-            if ps + pn == rs and pp + pn == rp and pt == rt and pn + rn <= cap:
-                pn += rn
-                continue
-            if pt >= 0:
-                merged += (ps, pp, pn | pt << 32)
-            ps, pn, pp, pt = rs, rn, rp, rt
-        merged += (ps, pp, pn | pt << 32)
         self.data.incref_run(pc, n)
         for old, k in olds:
             self.data.decref_run(old, k)
-        k = len(merged) // 3
-        grown = count + k - (b - a)
-        if grown > self.leaf_cap:  # split the leaf: rebuild it from all its records
-            rest = _leaf_view(page).tolist()
-            rest[3 * a:3 * b] = merged
-            self._put_leaf(vol, path, rest, lc)
-            return
-        if grown != count:
-            tail = ENTRIES + LEAF_ENTRY * b
-            stop = ENTRIES + LEAF_ENTRY * count
-            to = tail + LEAF_ENTRY * (k - (b - a))
-            page[to:to + stop - tail] = page[tail:stop]
-            if grown < count:
-                new_end = ENTRIES + LEAF_ENTRY * grown
-                page[new_end:stop] = bytes(stop - new_end)
-            page[_COUNT] = grown & 0xFF
-            page[_COUNT + 1] = grown >> 8
-        packer = _RECS[k] if k < len(_RECS) else struct.Struct("<" + "QQQ" * k)
-        packer.pack_into(page, ENTRIES + LEAF_ENTRY * a, *merged)
+        self._splice(vol, path, page, count, a, b, window, lc)
 
     def _put_leaf(self, vol: VolumeRecord, path: list[tuple[int, int, int]], flat: list[int],
                   lc: int) -> None:

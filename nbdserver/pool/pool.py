@@ -464,14 +464,7 @@ class Pool:
     async def reads_drained(self) -> None:
         """Wait until every read begun before now has ended (reads never wait for writes,
         so a write may wait for this while it holds its own chunk locks and epoch)."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def drained() -> None:
-            if not fut.done():
-                fut.set_result(None)
-
-        self.read_epochs.defer(drained)
-        await fut
+        await _ended(self.read_epochs)
 
     def metadata_pending(self) -> bool:
         """Whether a metadata change is not durable yet (dirty pages, or a commit under way)."""
@@ -485,14 +478,7 @@ class Pool:
         """Commit, then wait until the chunks freed before may be handed out again (once
         every transfer begun before the commit has ended: see IoEpochs)."""
         await self.commit()
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def ready() -> None:
-            if not fut.done():
-                fut.set_result(None)
-
-        self.epochs.defer(ready)
-        await fut
+        await _ended(self.epochs)
 
     def maybe_commit(self) -> None:
         """Start a background commit when enough metadata is dirty."""
@@ -886,6 +872,18 @@ def _lock(device: BlockDevice) -> None:
     except BlockingIOError:
         raise PoolBusy(f"{device.path}: the pool is in use by another process "
                        "(a running nbdserver?)") from None
+
+
+async def _ended(epochs: IoEpochs) -> None:
+    """Wait until every transfer `epochs` saw begin before now has ended."""
+    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def ended() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    epochs.defer(ended)
+    await fut
 
 
 def _read_pages_sync(device: BlockDevice, first: int, count: int) -> bytes:
