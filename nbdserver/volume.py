@@ -301,25 +301,21 @@ class VolumeBackend:
         if self._quiesced is None and not (offset | length) & self._align_mask:
             shift = self._shift
             lc = offset >> shift
+            targets = None
             if (offset + length - 1) >> shift == lc and not (
                     self._locks.held and self._locks.overlapping(lc, lc + 1)):
                 # One chunk (a 4 KiB write): one map walk, and in place, one device write.
                 try:
                     target = self.map.write_target(self.vol, lc)
                 except PageMiss:
-                    pass
+                    pass  # (_plan_fast meets it again and leaves it to the slow path)
                 else:
                     if type(target) is InPlace and not (fua and self.pool.metadata_pending()):
                         self._write_in_place(offset, data, self._data_start + offset
                                              + ((target.pc - lc) << shift), done, fua)
                         return
-                    plan = self._plan_fast(offset, length, fua, [TargetRun(lc, 1, target)])
-                    if plan is not None:
-                        self._write_fast(offset, data, plan, done, fua)
-                        return
-                    self._spawn(self._write_slow(offset, bytes(data), fua), done)
-                    return
-            plan = self._plan_fast(offset, length, fua)
+                    targets = [TargetRun(lc, 1, target)]
+            plan = self._plan_fast(offset, length, fua, targets)
             if plan is not None:
                 self._write_fast(offset, data, plan, done, fua)
                 return
