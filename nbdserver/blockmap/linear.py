@@ -548,16 +548,21 @@ class LinearMap(BlockMap):
     def _wentry(self, st: _Origin, lc: int) -> int:
         """The write-epoch entry of chunk `lc`: the epoch it was first written at (0 if
         never; ``& EPOCH_MASK``) and the CLAIM flag. O(height)."""
+        leaf = self._wm_leaf(st, lc)
+        return 0 if leaf is None else _u32(leaf, lc % self.leaf)
+
+    def _wm_leaf(self, st: _Origin, lc: int) -> bytearray | None:
+        """The write-epoch leaf page holding chunk `lc`, or None while it has none."""
         e = st.wm_root
         if not e:
-            return 0
+            return None
         spans = self._spans(st.wm_height)
         get = self.cache.get
         for level in range(st.wm_height - 1, 0, -1):
             e = _u32(get(self._page(e - 1)), (lc // spans[level - 1]) % self.fanout)
             if not e:
-                return 0
-        return _u32(get(self._page(e - 1)), lc % self.leaf)
+                return None
+        return get(self._page(e - 1))
 
     def _visible(self, st: _Origin, lo: int, hi: int,
                  limit: int = MAX_EPOCH) -> Iterator[tuple[int, int, bool]]:
@@ -920,18 +925,10 @@ class LinearMap(BlockMap):
         leaf = self.leaf
         while pos < hi:
             end = min(hi, (pos // leaf + 1) * leaf)
-            e = st.wm_root
-            if e:
-                spans = self._spans(st.wm_height)
-                for level in range(st.wm_height - 1, 0, -1):
-                    e = _u32(self.cache.get(self._page(e - 1)),
-                             (pos // spans[level - 1]) % self.fanout)
-                    if not e:
-                        break
-            if not e:
+            node = self._wm_leaf(st, pos)
+            if node is None:
                 out += [0] * (end - pos)
             else:
-                node = self.cache.get(self._page(e - 1))
                 out += memoryview(node)[PAGE_HEADER_SIZE + 4 * (pos % leaf):
                                         PAGE_HEADER_SIZE + 4 * ((end - 1) % leaf + 1)
                                         ].cast("I").tolist()
