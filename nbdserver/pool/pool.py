@@ -370,12 +370,7 @@ class Pool:
 
     def claim_chunk(self, vol: VolumeRecord, hint: int | None = None) -> int:
         """A free chunk for a write of `vol` now in flight (ENOSPC if none may be taken)."""
-        own = vol.guaranteed and vol.reserved > 0
-        if own:
-            if self.data.free - len(self.data.claimed) - len(self.data.quarantine) <= 0:
-                raise NbdError(errno.ENOSPC, "pool is full")
-        elif self.available_chunks() <= 0:
-            raise NbdError(errno.ENOSPC, f"pool {self.path.name} has no free space")
+        self._may_take(vol, 1)
         return self.data.claim(hint)
 
     def claim_chunks(self, vol: VolumeRecord, hint: int | None,
@@ -383,12 +378,7 @@ class Pool:
         """`count` free chunks for a write of `vol` now in flight, as (first, n) runs, the
         first at or after `hint` and each next run as close after the last as can be
         (ENOSPC if `count` chunks may not be taken)."""
-        if vol.guaranteed and vol.reserved > 0:
-            room = self.data.free - len(self.data.claimed) - len(self.data.quarantine)
-        else:
-            room = self.available_chunks()
-        if room < count:
-            raise NbdError(errno.ENOSPC, f"pool {self.path.name} has no free space")
+        self._may_take(vol, count)
         runs: list[tuple[int, int]] = []
         while count:
             first, n = self.data.claim_run(hint, count)
@@ -396,6 +386,17 @@ class Pool:
             count -= n
             hint = first + n
         return runs
+
+    def _may_take(self, vol: VolumeRecord, count: int) -> None:
+        """ENOSPC unless `vol` may take `count` more chunks now: a guaranteed volume with
+        chunks still promised takes from every free chunk not in flight or quarantined,
+        a thin one only from those not promised to guaranteed volumes."""
+        if vol.guaranteed and vol.reserved > 0:
+            room = self.data.free - len(self.data.claimed) - len(self.data.quarantine)
+        else:
+            room = self.available_chunks()
+        if room < count:
+            raise NbdError(errno.ENOSPC, f"pool {self.path.name} has no free space")
 
     def charge(self, vol: VolumeRecord, chunks: int = 1) -> None:
         """Chunks were mapped into `vol`: consume its guarantee (inside the
