@@ -127,6 +127,10 @@ class VolumeBackend:
         self._align_mask = pool.device.alignment - 1
         self._locks = RangeLocks()
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Fresh chunks written, waiting to be mapped at the end of this batch of I/O
+        # completions (one mini-transaction for all), and what to call after.
+        self._installs: list[tuple[list[tuple[int, int, int]],
+                                   Callable[[NbdError | None], None]]] = []
         self._writes = 0  # writes in flight (for quiescing)
         self._quiesced: asyncio.Event | None = None  # set while new writes must wait
         self._drained: asyncio.Event | None = None
@@ -303,16 +307,21 @@ class VolumeBackend:
             lc = offset >> shift
             targets = None
             if (offset + length - 1) >> shift == lc and not (
-                    self._locks.held and self._locks.overlapping(lc, lc + 1)):
+                    self._locks.held and self._locks.unit_held(lc)):
                 # One chunk (a 4 KiB write): one map walk, and in place, one device write.
                 try:
                     target = self.map.write_target(self.vol, lc)
                 except PageMiss:
                     pass  # (_plan_fast meets it again and leaves it to the slow path)
                 else:
-                    if type(target) is InPlace and not (fua and self.pool.metadata_pending()):
-                        self._write_in_place(offset, data, self._data_start + offset
-                                             + ((target.pc - lc) << shift), done, fua)
+                    if type(target) is InPlace:
+                        if not (fua and self.pool.metadata_pending()):
+                            self._write_in_place(offset, data, self._data_start + offset
+                                                 + ((target.pc - lc) << shift), done, fua)
+                            return
+                    elif (type(target) is Redirect and target.into == HOLE
+                          and length == self.chunk and not fua
+                          and self._write_fresh(lc, data, done)):
                         return
                     targets = [TargetRun(lc, 1, target)]
             plan = self._plan_fast(offset, length, fua, targets)
@@ -436,6 +445,105 @@ class VolumeBackend:
 
         self.engine.write(self._fd, buf, 0, length, dev, complete, fua)
 
+    def _write_fresh(self, lc: int, data: memoryview, done: Done) -> bool:
+        """Write one whole chunk into a fresh chunk (a 4 KiB copy-on-write, or a first
+        write): claim it, write it, and map it with the other installs of this batch of
+        completions. False (nothing done) when the slow path must do it."""
+        pool = self.pool
+        if pool.cache.dirty_count >= pool.dirty_limit():
+            return False  # back-pressure (see Pool.run)
+        try:  # (a claim changes no page: no mini-transaction to undo it)
+            pc = pool.claim_chunk(self.vol, self.map.alloc_hint(self.vol, lc))
+        except (PageMiss, NbdError):
+            return False
+        length = len(data)
+        buffers = self.buffers
+        buf = buffers.get(length)
+        buf.view[:length] = data
+        locks = self._locks
+        lock = locks.try_hold(lc, lc + 1)
+        assert lock is not None  # write() saw no overlapping lock, synchronously
+        epochs = self.epochs
+        epoch = epochs.begin()
+        self._writes += 1
+
+        def finish(error: NbdError | None) -> None:
+            if error is not None:
+                pool.data.unclaim(pc)
+            locks.release(lock)
+            epochs.end(epoch)
+            buffers.put(buf)
+            self._write_ended()
+            done(error)
+
+        def complete(res: int) -> None:
+            if res == length:
+                self._queue_install([(lc, pc, 1)], finish)
+            else:
+                err = -res if res < 0 else errno.EIO
+                finish(NbdError(err, f"write at {lc * self.chunk}: error {err}"))
+
+        self.engine.write(self._fd, buf, 0, length, self._data_start + pc * self.chunk,
+                          complete)
+        return True
+
+    def _queue_install(self, fresh: list[tuple[int, int, int]],
+                       finish: Callable[[NbdError | None], None]) -> None:
+        """Map `fresh` (written) and then call `finish`: with every other install queued
+        in this batch of I/O completions, in one mini-transaction."""
+        if not self._installs:
+            self.engine.after_completions(self._install_queued)
+        self._installs.append((fresh, finish))
+
+    def _install_queued(self) -> None:
+        batch, self._installs = self._installs, []
+        pool = self.pool
+        limit = pool.dirty_limit()
+        installed = 0
+        try:
+            with pool.cache.mtr():
+                for fresh, _ in batch:
+                    if pool.cache.dirty_count >= limit:
+                        break  # the rest waits for a commit (see Pool.run)
+                    self._install(fresh)
+                    installed += 1
+        except (PageMiss, NbdError):
+            installed = 0  # nothing of the batch was kept
+        if installed:
+            pool.maybe_commit()
+        for _, finish in batch[:installed]:
+            finish(None)
+        # Each on its own: loading pages as needed, waiting for room in the journal, and
+        # an error only for the write it belongs to.
+        for fresh, finish in batch[installed:]:
+            self._install_one(fresh, finish)
+
+    def _install_one(self, fresh: list[tuple[int, int, int]],
+                     finish: Callable[[NbdError | None], None]) -> None:
+        pool = self.pool
+        if pool.cache.dirty_count < pool.dirty_limit():
+            try:
+                with pool.cache.mtr():
+                    self._install(fresh)
+            except PageMiss:
+                pass  # load what the map needs, then install (below)
+            except NbdError as e:
+                finish(e)
+                return
+            else:
+                pool.maybe_commit()
+                finish(None)
+                return
+        task = asyncio.ensure_future(pool.run(lambda: self._install(fresh)))
+        self._tasks.add(task)
+
+        def installed(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            exc = task.exception()
+            finish(None if exc is None else _as_nbd_error(exc))
+
+        task.add_done_callback(installed)
+
     def _write_fast(self, offset: int, data: memoryview,
                     plan: FastPlan, done: Done,
                     fua: bool) -> None:
@@ -468,11 +576,6 @@ class VolumeBackend:
             self._write_ended()
             done(error)
 
-        def installed(task: asyncio.Task[None]) -> None:
-            self._tasks.discard(task)
-            exc = task.exception()
-            finish(None if exc is None else _as_nbd_error(exc))
-
         def complete(res: int, want: int) -> None:
             if res != want and not failed:
                 failed.append(-res if res < 0 else errno.EIO)
@@ -481,23 +584,10 @@ class VolumeBackend:
                 return
             if failed:
                 finish(NbdError(failed[0], f"write at {offset}: error {failed[0]}"))
-                return
-            if not fresh:
+            elif fresh:
+                self._queue_install(fresh, finish)
+            else:
                 finish(None)
-                return
-            try:
-                with pool.cache.mtr():
-                    self._install(fresh)
-            except PageMiss:  # load what the map needs, then install
-                task = asyncio.ensure_future(pool.run(lambda: self._install(fresh)))
-                self._tasks.add(task)
-                task.add_done_callback(installed)
-                return
-            except NbdError as e:
-                finish(e)
-                return
-            pool.maybe_commit()
-            finish(None)
 
         for pos, n, dev in runs:
             self.engine.write(self._fd, buf, pos - offset, n, dev, partial(complete, want=n), fua)

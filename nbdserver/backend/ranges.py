@@ -53,6 +53,12 @@ class RangeLocks:
                 out += [h for u, h in unit.items() if start <= u < end]
         return out
 
+    def unit_held(self, unit: int) -> bool:
+        """Whether a held range covers `unit` (:meth:`overlapping` of one unit, cheaper)."""
+        if unit in self._unit:
+            return True
+        return any(h.start <= unit < h.end for h in self._wide.values())
+
     def _add(self, start: int, end: int) -> int:
         key = self._next
         self._next += 1
@@ -66,7 +72,8 @@ class RangeLocks:
     def try_hold(self, start: int, end: int) -> int | None:
         """Lock [start, end) at once if nothing overlapping is held; the key for
         :meth:`release`, or None."""
-        if self.held and self.overlapping(start, end):
+        if self.held and (self.unit_held(start) if end - start == 1
+                          else self.overlapping(start, end)):
             return None
         return self._add(start, end)
 

@@ -500,7 +500,8 @@ class ExtentMap(BlockMap):
         last = self._last_hint.get(vol.id)
         if last != lc:
             self._last_hint[vol.id] = lc
-            self.cache.add_undo(partial(self._set_last_hint, vol.id, last))
+            if self.cache.in_mtr:  # (a hint only: outside one, nothing needs undoing)
+                self.cache.add_undo(partial(self._set_last_hint, vol.id, last))
         if ideal is None:
             return None
         if not taken and 0 <= ideal < self.data.count and self.data.run_length_free(ideal, 1):

@@ -304,11 +304,16 @@ class PageCache:
         undo[page_no] = (bytearray(), False, ptype, False)
         return page.data
 
-    async def run(self, op: Callable[[], T]) -> T:
-        """Run a synchronous operation as a mini-transaction, loading pages until it succeeds."""
+    async def run(self, op: Callable[[], T],
+                  gate: Callable[[], Awaitable[None]] | None = None) -> T:
+        """Run a synchronous operation as a mini-transaction, loading pages until it
+        succeeds; `gate`, if given, is awaited before each attempt (the attempt follows
+        it with no await in between, so whatever the gate waited for still holds)."""
         pinned: list[Page] = []
         try:
             while True:
+                if gate is not None:
+                    await gate()
                 try:
                     with self.mtr():
                         return op()

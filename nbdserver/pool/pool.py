@@ -446,13 +446,17 @@ class Pool:
 
         Back-pressure: while a commit is under way, operations go on dirtying pages for
         the next one; past ``dirty_limit`` they wait for a commit of their own, so that
-        no journal record can outgrow the ring.
+        no journal record can outgrow the ring. The limit is checked right before each
+        attempt (also after loading a page, when others may have dirtied more).
         """
-        while self.cache.dirty_count >= self.dirty_limit():
-            await self.commit()
-        result = await self.cache.run(op)
+        result = await self.cache.run(op, gate=self.dirty_room)
         self.maybe_commit()
         return result
+
+    async def dirty_room(self) -> None:
+        """Return once fewer than ``dirty_limit`` pages are dirty (committing meanwhile)."""
+        while self.cache.dirty_count >= self.dirty_limit():
+            await self.commit()
 
     def commit_threshold(self) -> int:
         """Dirty pages at which a background commit starts."""

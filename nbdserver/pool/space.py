@@ -90,39 +90,34 @@ class RefTable:
         page = self.cache.get(self.first_page + unit // REFS_PER_PAGE)
         return int(_U32.unpack_from(page, PAGE_HEADER_SIZE + 4 * (unit % REFS_PER_PAGE))[0])
 
-    def _set(self, unit: int, value: int, old: int) -> None:
-        pi = unit // REFS_PER_PAGE
+    def _change(self, unit: int, by: int) -> int:
+        """Add `by` (+1 or -1) to the count of `unit` in one page access; the old count.
+
+        (The hot path of every map change: one lookup of the page, one undo entry.)"""
+        pi, i = divmod(unit, REFS_PER_PAGE)
         page = self.cache.modify(self.first_page + pi, PT_REFCOUNT)
-        _U32.pack_into(page, PAGE_HEADER_SIZE + 4 * (unit % REFS_PER_PAGE), value)
-        if old == 0 and value:
-            delta = 1
-        elif value == 0 and old:
-            delta = -1
-        else:
-            return
-        self.free_in_page[pi] -= delta
-        self.used += delta
-
-        def undo() -> None:
-            self.free_in_page[pi] += delta
-            self.used -= delta
-
-        self.cache.add_undo(undo)
+        off = PAGE_HEADER_SIZE + 4 * i
+        old: int = _U32.unpack_from(page, off)[0]
+        if old + by < 0:
+            raise AssertionError(f"{self.what} {unit}: reference count already zero")
+        _U32.pack_into(page, off, old + by)
+        if old == 0:
+            self._count_change(pi, 1)
+        elif old + by == 0:
+            self._count_change(pi, -1)
+        return old
 
     def incref(self, unit: int, by: int = 1) -> int:
-        old = self.get(unit)
-        self._set(unit, old + by, old)
-        if unit in self.claimed:
-            self.claimed.discard(unit)
-            self.cache.add_undo(lambda: self.claimed.add(unit))
+        old = self._change(unit, by)
+        claimed = self.claimed
+        if unit in claimed:
+            claimed.discard(unit)
+            self.cache.add_undo(partial(claimed.add, unit))
         return old + by
 
     def decref(self, unit: int) -> int:
         """Drop one reference; a unit reaching zero is freed (and quarantined if asked)."""
-        old = self.get(unit)
-        if old == 0:
-            raise AssertionError(f"{self.what} {unit}: reference count already zero")
-        self._set(unit, old - 1, old)
+        old = self._change(unit, -1)
         if old == 1:
             self._note_freed([unit])
         return old - 1

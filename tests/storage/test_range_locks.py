@@ -33,6 +33,7 @@ def test_overlapping_matches_a_plain_scan() -> None:
         end = start + rng.choice((1, 1, 1, 2, 5, 40, 300))
         want = sorted((s, e) for s, e in held.values() if s < end and start < e)
         assert sorted((h.start, h.end) for h in locks.overlapping(start, end)) == want
+        assert locks.unit_held(start) == any(s <= start < e for s, e in held.values())
         key = locks.try_hold(start, end)
         assert (key is None) == bool(want)
         if key is not None:
