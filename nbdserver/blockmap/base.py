@@ -32,8 +32,12 @@ if TYPE_CHECKING:
 
 HOLE = -1
 
+# The answers below are made on every request (a lookup, a write target), so they are
+# plain slotted dataclasses: a frozen one sets each field through object.__setattr__,
+# which costs more than the rest of a one-chunk lookup. Treat them as values all the same.
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True)
 class Run:
     """Logical chunks [lc, lc+count) map to [pc, pc+count) (or are a hole, pc == HOLE)."""
 
@@ -43,14 +47,14 @@ class Run:
     owner: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class InPlace:
     """Write straight into `pc`: the volume alone references it."""
 
     pc: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Claim:
     """Nothing else references `pc` any more, but the map still marks it shared.
 
@@ -60,7 +64,7 @@ class Claim:
     pc: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Redirect:
     """Write to a fresh chunk, then :meth:`BlockMap.map` it. `old` is the current
     chunk (HOLE if none) whose bytes fill a partial write.
@@ -74,7 +78,7 @@ class Redirect:
     into: int = HOLE
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CopyOut:
     """LVM-style: first preserve chunk `pc` for each volume in `preserve` (copy it to
     a fresh chunk and :meth:`BlockMap.map` that into the volume), commit, then
@@ -88,7 +92,7 @@ class CopyOut:
 WriteTarget = InPlace | Claim | Redirect | CopyOut
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TargetRun:
     """Chunks [lc, lc+count) whose write targets follow from one another: chunk lc+i's
     target is `target` with its chunk numbers advanced by i (``pc`` of InPlace and
@@ -253,7 +257,18 @@ class BlockMap(ABC):
         page shared by several volumes only once (`seen`). Reads pages via the cache."""
 
     @abstractmethod
-    def stats(self, vol: VolumeRecord) -> MapStats: ...
+    def exclusive_range(self, vol: VolumeRecord, lc: int, count: int) -> tuple[int, int]:
+        """For `volume info`, one slice [lc, lc+count) of the volume at a time: (chunks of
+        the slice only this volume references, map pages *starting* in the slice, i.e.
+        whose first chunk lies in it). The pool asks slice after slice from chunk 0, each
+        as its own operation, so that a page miss restarts one slice and the pages a
+        slice pins are few, whatever the volume size; pages that span several slices are
+        counted once (in the slice of their first chunk)."""
+
+    def stats_slice(self) -> int:
+        """Chunks per slice of :meth:`exclusive_range`: few enough that the pages one
+        slice can touch (its map pages, and a refcount page per chunk at worst) are few."""
+        return 512
 
     def owner_chain_needed(self) -> bool:
         return True

@@ -112,7 +112,6 @@ from nbdserver.blockmap.base import (
     BlockMap,
     Claim,
     InPlace,
-    MapStats,
     Redirect,
     Run,
     TargetRun,
@@ -1067,29 +1066,43 @@ class ExtentMap(BlockMap):
             for c in range(pc, pc + n):
                 ref_chunk(c)
 
-    def stats(self, vol: VolumeRecord) -> MapStats:
-        stats = MapStats()
+    def stats_slice(self) -> int:
+        return min(512, 8 * self.leaf_cap)
+
+    def exclusive_range(self, vol: VolumeRecord, lc: int, count: int) -> tuple[int, int]:
         root, height = self._state(vol)
+        out = [0, 0]
         if root >= 0:
             idx = root & IDX_MASK
-            self._stat(idx, height - 1, self.meta.get(idx) == 1, stats, [-1, -1])
-        return stats
+            self._exclusive(idx, height - 1, 0, INF, lc, lc + count, self.meta.get(idx) == 1,
+                            out)
+        return out[0], out[1]
 
-    def _stat(self, idx: int, level: int, sole: bool, stats: MapStats, last: list[int]) -> None:
-        stats.metadata_pages += 1
+    def _exclusive(self, idx: int, level: int, lo: int, hi: int, want_lo: int, want_hi: int,
+                   sole: bool, out: list[int]) -> None:
+        """Count into `out` [exclusive chunks, pages starting in the range] the part of
+        [want_lo, want_hi) below node `idx` (of `level`, covering [lo, hi))."""
+        if want_lo <= lo:
+            out[1] += 1
         node = self.cache.get(self._page(idx))
         if level:
-            for child in _inner_view(node)[1::2].tolist():
+            entries = _entries(node)
+            for i, (key, child) in enumerate(entries):
+                c_lo = key if i else lo
+                c_hi = entries[i + 1][0] if i + 1 < len(entries) else hi
+                if c_hi <= want_lo or c_lo >= want_hi:
+                    continue
                 child &= IDX_MASK
-                self._stat(child, level - 1, sole and self.meta.get(child) == 1, stats, last)
+                self._exclusive(child, level - 1, c_lo, c_hi, want_lo, want_hi,
+                                sole and self.meta.get(child) == 1, out)
+            return
+        if not sole:
             return
         for start, n, pc, _ in _records(node):
-            stats.mapped_chunks += n
-            if (start, pc) != (last[0], last[1]):
-                stats.extents += 1
-            last[0], last[1] = start + n, pc + n
-            if sole:
-                stats.exclusive_chunks += self.data.get_run(pc, n).count(1)
+            s = max(start, want_lo)
+            e = min(start + n, want_hi)
+            if s < e:
+                out[0] += self.data.get_run(pc + s - start, e - s).count(1)
 
 
 def _emit(out: list[Run], lc: int, count: int, pc: int, owner: int) -> None:

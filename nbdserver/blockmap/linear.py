@@ -104,7 +104,6 @@ from nbdserver.blockmap.base import (
     Claim,
     CopyOut,
     InPlace,
-    MapStats,
     Redirect,
     Run,
     TargetRun,
@@ -1174,41 +1173,52 @@ class LinearMap(BlockMap):
                 self._exc_refs(child, level - 1, base + i * span, limit, page, ref_chunk,
                                problem, name)
 
-    def stats(self, vol: VolumeRecord) -> MapStats:
-        stats = MapStats()
-        n = self._chunks(vol)
-        runs = self.lookup(vol, 0, n)
-        for run in runs:
-            if run.pc != HOLE:
-                stats.mapped_chunks += run.count
-                stats.extents += 1
-        counted: set[int] = set()
+    def stats_slice(self) -> int:
+        return min(512, self.leaf)
 
-        def page(index: int, what: str) -> bool:
-            counted.add(index)
-            return True
-
+    def exclusive_range(self, vol: VolumeRecord, lc: int, count: int) -> tuple[int, int]:
+        hi = lc + count
+        runs = self.lookup(vol, lc, count)
         if self._kind(vol) == ORIGIN:
             st = self._origin(vol)
             # exclusive: written chunks no snapshot reads from the origin any more
             shared: list[tuple[int, int]] = []
             for snap in self._live_snapshots(st):
-                shared.extend((r.lc, r.lc + r.count) for r in self.lookup(snap, 0, n)
+                shared.extend((r.lc, r.lc + r.count) for r in self.lookup(snap, lc, count)
                               if r.owner == vol.id and r.pc != HOLE)
-            stats.exclusive_chunks = stats.mapped_chunks - _union_length(shared)
+            mapped = sum(r.count for r in runs if r.pc != HOLE)
+            pages = (int(st.nsegs > 1) + int(bool(st.nsnap))) if lc == 0 else 0
             if st.wm_root:
-                self._wm_refs(st.wm_root, st.wm_height - 1, 0, n, st.epoch, page,
-                              lambda _: None, "")
-            stats.metadata_pages = len(counted) + (st.nsegs > 1) + bool(st.nsnap)
-            return stats
-        stats.exclusive_chunks = sum(r.count for r in runs if r.owner == vol.id)
+                pages += self._wm_pages(st.wm_root, st.wm_height - 1, 0, lc, hi)
+            return mapped - _union_length(shared), pages
         sst = self._snap(vol)
-        if sst.root > ZERO:
-            self._exc_refs(sst.root, sst.height - 1, 0, n, page, lambda _: None,
-                           lambda _: None, "")
-        stats.metadata_pages = len(counted)
-        return stats
+        pages = self._exc_pages(sst.root, sst.height - 1, 0, lc, hi) if sst.root > ZERO else 0
+        return sum(r.count for r in runs if r.owner == vol.id), pages
 
+    def _wm_pages(self, e: int, level: int, base: int, lo: int, hi: int) -> int:
+        """Write-epoch map pages below `e` (of `level`, from `base`) starting in [lo, hi)."""
+        pages = int(lo <= base)
+        if level:
+            node = self.cache.get(self._page(e - 1))
+            span = self._spans(level)[level - 1]
+            for i in range(max(0, lo - base) // span, min(self.fanout, -(-(hi - base) // span))):
+                child = _u32(node, i)
+                if child:
+                    pages += self._wm_pages(child, level - 1, base + i * span, lo, hi)
+        return pages
+
+    def _exc_pages(self, e: int, level: int, base: int, lo: int, hi: int) -> int:
+        """Exception-store pages below `e` (of `level`, from `base`) starting in [lo, hi)."""
+        pages = int(lo <= base)
+        if level:
+            node = self.cache.get(self._page(e - 2))
+            span = self.exc_fanout ** level
+            for i in range(max(0, lo - base) // span,
+                           min(self.exc_fanout, -(-(hi - base) // span))):
+                child = _u64(node, i)
+                if child > ZERO:
+                    pages += self._exc_pages(child, level - 1, base + i * span, lo, hi)
+        return pages
 
 def _union_length(intervals: list[tuple[int, int]]) -> int:
     """Total length of the union of half-open intervals."""

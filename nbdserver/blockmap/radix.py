@@ -43,7 +43,6 @@ from nbdserver.blockmap.base import (
     BlockMap,
     Claim,
     InPlace,
-    MapStats,
     Redirect,
     Run,
     TargetRun,
@@ -582,38 +581,46 @@ class RadixMap(BlockMap):
                 self._refs(child, level - 1, base + i * span, limit, seen, ref_page, ref_chunk,
                            problem, name)
 
-    def stats(self, vol: VolumeRecord) -> MapStats:
-        stats = MapStats()
-        root, height = self._root(vol)
-        if not root:
-            return stats
-        runs = self.lookup(vol, 0, max(1, -(-vol.size // self.chunk_size)))
-        for run in runs:
-            if run.pc != HOLE:
-                stats.mapped_chunks += run.count
-        # Extents are physical runs: runs that differ only in their writer are one extent.
-        end = None
-        for run in runs:
-            if run.pc == HOLE:
-                end = None
-                continue
-            if run.pc != end:
-                stats.extents += 1
-            end = run.pc + run.count
-        self._exclusive(root, height - 1, stats, True)
-        return stats
+    def stats_slice(self) -> int:
+        return self.fanout  # one leaf
 
-    def _exclusive(self, e: int, level: int, stats: MapStats, sole: bool) -> None:
+    def exclusive_range(self, vol: VolumeRecord, lc: int, count: int) -> tuple[int, int]:
+        root, height = self._root(vol)
+        out = [0, 0]
+        if root:
+            self._exclusive(root, height - 1, 0, lc, lc + count, True, out)
+        return out[0], out[1]
+
+    def _exclusive(self, e: int, level: int, base: int, lo: int, hi: int, sole: bool,
+                   out: list[int]) -> None:
+        """Count into `out` [exclusive chunks, pages starting in the range] the part of
+        [lo, hi) below the node `e` points at (a node of `level` covering from `base`)."""
         target = _target(e)
         sole = sole and self.meta.get(target) == 1
-        stats.metadata_pages += 1
+        if lo <= base:
+            out[1] += 1
         node = self.cache.get(self._page(target))
-        entries = memoryview(node)[PAGE_HEADER_SIZE:PAGE_HEADER_SIZE + 8 * self.fanout].cast("Q")
-        children = [c for c in entries.tolist() if c & TARGET_MASK]
+        span = self.fanout ** level  # chunks per entry
+        first = max(0, lo - base) // span
+        last = min(self.fanout, -(-(hi - base) // span))
+        entries = memoryview(node)[PAGE_HEADER_SIZE + 8 * first:
+                                   PAGE_HEADER_SIZE + 8 * last].cast("Q").tolist()
         if level == 0:
-            if sole:
-                get = self.data.get
-                stats.exclusive_chunks += sum(1 for c in children if get(_target(c)) == 1)
+            if sole:  # count by runs of consecutive chunks (one read of their counts)
+                first = n = 0
+                for c in entries:
+                    if not c & TARGET_MASK:
+                        continue
+                    t = _target(c)
+                    if n and t == first + n:
+                        n += 1
+                        continue
+                    if n:
+                        out[0] += self.data.get_run(first, n).count(1)
+                    first, n = t, 1
+                if n:
+                    out[0] += self.data.get_run(first, n).count(1)
             return
-        for child in children:
-            self._exclusive(child, level - 1, stats, sole)
+        for k, child in enumerate(entries):
+            if child & TARGET_MASK:
+                self._exclusive(child, level - 1, base + (first + k) * span, lo, hi, sole, out)

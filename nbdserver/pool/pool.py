@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from nbdserver.blockmap.base import BlockMap, MapStats, design
+from nbdserver.blockmap.base import HOLE, BlockMap, MapStats, Run, design
 from nbdserver.errors import NbdError, UserError
 from nbdserver.pool import journal
 from nbdserver.pool.epochs import IoEpochs
@@ -144,6 +144,7 @@ class Pool:
         self._background: set[asyncio.Task[Any]] = set()
         self.in_use: dict[int, str] = {}  # volume id -> what uses it (an export)
         self.quiesce: dict[int, Callable[[], Awaitable[Callable[[], None]]]] = {}
+        self.stats_slice = 0  # chunks per step of volume_stats (0: the design's choice)
         self.closed = False
         self.commits = 0
 
@@ -756,7 +757,34 @@ class Pool:
         }
 
     async def volume_stats(self, vol: VolumeRecord) -> MapStats:
-        return await self.cache.run(lambda: self.map.stats(vol))
+        """Walk the volume's map a slice at a time (see BlockMap.exclusive_range): memory
+        stays within the cache plus one slice's pages, a page miss restarts only its
+        slice, and the event loop serves I/O between slices."""
+        stats = MapStats()
+        total = self._chunks_for(vol.size)
+        step = self.stats_slice or self.map.stats_slice()
+        end = None  # the physical chunk after the last mapped run, if it continues
+        lc = 0
+        while lc < total:
+            n = min(step, total - lc)
+
+            def walk(lc: int = lc, n: int = n) -> tuple[list[Run], int, int]:
+                return (self.map.lookup(vol, lc, n), *self.map.exclusive_range(vol, lc, n))
+
+            runs, exclusive, pages = await self.cache.run(walk)
+            stats.exclusive_chunks += exclusive
+            stats.metadata_pages += pages
+            for run in runs:  # extents: runs that differ only in their writer are one
+                if run.pc == HOLE:
+                    end = None
+                    continue
+                stats.mapped_chunks += run.count
+                if run.pc != end:
+                    stats.extents += 1
+                end = run.pc + run.count
+            lc += n
+            await asyncio.sleep(0)
+        return stats
 
     def volume_summary(self, vol: VolumeRecord) -> dict[str, Any]:
         """What the catalog says about `vol`: :meth:`volume_info` without the map
