@@ -1,13 +1,21 @@
 """Back-pressure: metadata operations racing a commit cannot grow the next journal record
-past the ring (it would be refused, and every later commit with it)."""
+past the ring (it would be refused, and every later commit with it).
+
+Also through the data path: a thousand writes in flight at once, whole chunks (the
+fast path, mapped a batch of completions at a time) and partial ones (the slow path,
+which loads pages), into holes and after a snapshot, with the 64-page test journal.
+That once made a 744-page record: the dirty limit was checked before an operation
+waited for its pages, not right before it ran, and fast-path installs did not
+check it at all."""
 
 from __future__ import annotations
 
 import asyncio
+import random
 from pathlib import Path
 
 import pytest
-from poolkit import PoolEnv, design_names
+from poolkit import PoolEnv, design_names, pattern
 
 from nbdserver.pool.pool import Pool
 
@@ -54,3 +62,32 @@ async def test_operations_during_a_commit_wait_instead_of_overflowing_the_journa
     report = await pool.check()
     assert report.ok, report.problems
     await env.close()
+
+
+@pytest.mark.parametrize("partial", [False, True], ids=["whole", "partial"])
+async def test_a_thousand_writes_in_flight_fit_the_journal(tmp_path: Path, design: str,
+                                                           partial: bool) -> None:
+    env = PoolEnv(tmp_path / "pool.img", design, size=1 << 30, offline=False)
+    await env.open()
+    try:
+        chunk = env.chunk_size
+        vol = await env.create("o", 4096 * chunk)
+        commits = env.pool.commits
+        want: dict[int, tuple[int, bytes]] = {}
+
+        async def write(lc: int, seed: int) -> None:
+            at = lc * chunk + (512 if partial else 0)
+            data = pattern(seed, chunk - (1024 if partial else 0))
+            await vol.write(at, data)
+            want[lc] = (at, data)
+
+        chunks = random.Random(8).sample(range(4096), 1024)
+        await asyncio.gather(*(write(lc, lc) for lc in chunks))  # into holes
+        await env.snapshot("o", "s")
+        await asyncio.gather(*(write(lc, lc + 7) for lc in chunks))  # copy-on-write
+        assert env.pool.commits > commits + 10  # the ring really filled, many times
+        for at, data in want.values():
+            assert await vol.read(at, len(data)) == data
+        await env.assert_clean()
+    finally:
+        await env.shutdown()
