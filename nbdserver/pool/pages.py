@@ -126,7 +126,11 @@ class PageCache:
     def _miss(self, page_no: int) -> Page:
         if self.sync_reader is None:
             raise PageMiss(page_no)
-        return self._add_loaded(page_no, self.sync_reader(page_no))
+        page = self._add_loaded(page_no, self.sync_reader(page_no))
+        page.pins += 1  # (evict others, not the page the caller is about to use)
+        self._evict()
+        page.pins -= 1
+        return page
 
     def _add_loaded(self, page_no: int, raw: bytes) -> Page:
         """Put a page just read from its home into the cache (hot end), checksum verified."""
@@ -359,17 +363,18 @@ class PageCache:
         excess = len(self._pages) - self.capacity
         if excess <= 0:
             return
-        for page_no in list(self._pages):
-            page = self._pages[page_no]
+        victims = []  # from the cold end, stopping as soon as there are enough
+        for page_no, page in self._pages.items():
             if page.dirty or page.home_pending or page.pins:
                 continue
+            victims.append(page_no)
+            if len(victims) >= excess:
+                break
+        for page_no in victims:
             del self._pages[page_no]
             self.evictions += 1
             for watch in self._evicted_during.values():
                 watch.add(page_no)
-            excess -= 1
-            if excess <= 0:
-                break
 
     def over_capacity(self) -> bool:
         return len(self._pages) > self.capacity

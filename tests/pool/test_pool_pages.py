@@ -74,6 +74,26 @@ async def test_sync_reader_loads_without_miss(device: BlockDevice) -> None:
     assert cache.get(5) == content(5) and 5 in cache
 
 
+async def test_sync_reads_keep_the_cache_within_its_capacity(device: BlockDevice) -> None:
+    """`pool check` and offline tools read every page of a walk synchronously; the cache
+    must evict as it goes (it held every page of the walk until the next mini-transaction
+    ended, so a check of a large pool held all its metadata)."""
+    cache = make_cache(device)
+    cache.sync_reader = lambda no: _read_pages_sync(device, no, 1)
+    seen = 0
+    for no in range(NPAGES):
+        data = cache.get(no)
+        assert data == content(no)
+        seen = max(seen, cache.cached_count)
+    assert seen == cache.capacity
+    assert cache.evictions == NPAGES - cache.capacity
+    with cache.mtr():  # pages changed in a transaction stay, whatever the reads after
+        cache.modify(0)[100] = 1
+        for no in range(1, NPAGES):
+            cache.get(no)
+        assert cache.peek(0) is not None and cache.peek(0)[100] == 1
+
+
 async def test_load_verifies_checksum(device: BlockDevice) -> None:
     bad = content(7)
     bad[100] ^= 1
