@@ -115,3 +115,29 @@ async def test_a_map_larger_than_the_cache_is_walked_within_it(
     # each map page and refcount page read about once (one walk, not one per miss)
     refcount_pages = pool.data.pages
     assert loaded <= 3 * (stats.metadata_pages + refcount_pages), loaded
+
+
+@pytest.mark.parametrize("design", [d for d in design_names() if d != "linear"])
+async def test_holes_and_long_runs_are_walked_in_few_slices(
+        make_pool: PoolFactory, design: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # (linear volumes are thick: no holes to cross)
+    env = await make_pool(design)
+    chunk = env.chunk_size
+    chunks = (1 << 30) // chunk  # a thin 1 GiB volume in a 16 MiB pool
+    vol = await env.create("v", chunks * chunk)
+    for at in (0, chunks // 3, chunks - 64):
+        await vol.write(at * chunk, pattern(at, 64 * chunk))  # three runs, holes around
+    pool = env.pool
+    slices: list[int] = []
+    plain = type(pool.map).exclusive_range
+
+    def counting(self: Any, v: Any, lc: int, count: int) -> tuple[int, int]:
+        slices.append(count)
+        return plain(self, v, lc, count)
+
+    monkeypatch.setattr(type(pool.map), "exclusive_range", counting)
+    stats = await pool.volume_stats(pool.volume("v"))
+    assert stats.mapped_chunks == 3 * 64 and stats.extents >= 3
+    base = pool.map.stats_slice()
+    assert sum(slices) == chunks
+    assert len(slices) < chunks // base // 16, (len(slices), chunks // base)
