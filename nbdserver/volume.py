@@ -534,15 +534,7 @@ class VolumeBackend:
                 pool.maybe_commit()
                 finish(None)
                 return
-        task = asyncio.ensure_future(pool.run(lambda: self._install(fresh)))
-        self._tasks.add(task)
-
-        def installed(task: asyncio.Task[None]) -> None:
-            self._tasks.discard(task)
-            exc = task.exception()
-            finish(None if exc is None else _as_nbd_error(exc))
-
-        task.add_done_callback(installed)
+        self._spawn(pool.run(lambda: self._install(fresh)), finish)
 
     def _write_fast(self, offset: int, data: memoryview,
                     plan: FastPlan, done: Done,

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import struct
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 from nbdserver.blockmap.base import (
@@ -69,6 +69,23 @@ def _entry(target: int, writable: bool, owner: int = 0) -> int:
 
 def _target(entry: int) -> int:
     return (entry & TARGET_MASK) - 1
+
+
+def _target_runs(entries: list[int]) -> Iterator[tuple[int, int]]:
+    """(first, count) for each run of consecutive targets among the mapped `entries`."""
+    first = count = 0
+    for e in entries:
+        if not e & TARGET_MASK:
+            continue
+        t = _target(e)
+        if count and t == first + count:
+            count += 1
+            continue
+        if count:
+            yield first, count
+        first, count = t, 1
+    if count:
+        yield first, count
 
 
 @register
@@ -371,18 +388,7 @@ class RadixMap(BlockMap):
             q_new[:] = array("Q", [e & ~WRITABLE for e in entries])
         # Each child gains a reference: a run of consecutive targets at a time (a leaf of
         # a volume written sequentially is one run), not one count at a time.
-        first = count = 0
-        for child in entries:
-            if not child & TARGET_MASK:
-                continue
-            t = _target(child)
-            if count and t == first + count:
-                count += 1
-                continue
-            if count:
-                children.incref_run(first, count)
-            first, count = t, 1
-        if count:
+        for first, count in _target_runs(entries):
             children.incref_run(first, count)
         self.meta.decref(target)
         return _entry(new_target, True, e >> OWNER_SHIFT)
@@ -607,19 +613,8 @@ class RadixMap(BlockMap):
                                    PAGE_HEADER_SIZE + 8 * last].cast("Q").tolist()
         if level == 0:
             if sole:  # count by runs of consecutive chunks (one read of their counts)
-                first = n = 0
-                for c in entries:
-                    if not c & TARGET_MASK:
-                        continue
-                    t = _target(c)
-                    if n and t == first + n:
-                        n += 1
-                        continue
-                    if n:
-                        out[0] += self.data.get_run(first, n).count(1)
-                    first, n = t, 1
-                if n:
-                    out[0] += self.data.get_run(first, n).count(1)
+                for pc, n in _target_runs(entries):
+                    out[0] += self.data.get_run(pc, n).count(1)
             return
         for k, child in enumerate(entries):
             if child & TARGET_MASK:
