@@ -14,9 +14,12 @@ for writes). Two paths:
   those chunks are read apart and copied over it), holes become hole chunks
   of the reply. Writes
   become one AIO write per run, fresh chunks claimed next to each other; the
-  fresh chunks are mapped in one mini-transaction once every write has
-  completed, under the chunk locks. In-place writes with FUA use
-  ``RWF_DSYNC``, taken only when no metadata change is pending: FUA promises
+  fresh chunks are mapped once every write of the request has completed, under
+  the chunk locks, together with those of every other request whose writes
+  completed in the same batch of AIO completions: one mini-transaction per
+  batch. A one-chunk write into a fresh chunk (every 4 KiB write after a
+  snapshot) has its own short path (``_write_fresh``). In-place writes with
+  FUA use ``RWF_DSYNC``, taken only when no metadata change is pending: FUA promises
   that the mapping is durable too, so otherwise (and for FUA writes that map
   fresh chunks) the slow path commits after the write.
 - **Slow path** (a coroutine): anything else. Copy-on-write (``Redirect``)
@@ -355,23 +358,11 @@ class VolumeBackend:
             except PageMiss:
                 return None
         first = targets[0].target
-        if len(targets) == 1:
-            if isinstance(first, InPlace):  # the common case
-                if fua and pool.metadata_pending():
-                    return None
-                return [(offset, length, self._data_start + (first.pc - lc0) * chunk
-                         + offset)], []
-            if (type(first) is Redirect and first.into == HOLE and length == chunk
-                    and not offset & (chunk - 1) and not fua):
-                # A 4 KiB copy-on-write (or first write) of one whole chunk: one claim.
-                if pool.cache.dirty_count >= pool.dirty_limit():
-                    return None  # back-pressure (see Pool.run)
-                try:
-                    with pool.cache.mtr():
-                        pc = pool.claim_chunk(self.vol, self.map.alloc_hint(self.vol, lc0))
-                except (PageMiss, NbdError):
-                    return None
-                return [(offset, length, self._data_start + pc * chunk)], [(lc0, pc, 1)]
+        if len(targets) == 1 and isinstance(first, InPlace):  # the common case
+            if fua and pool.metadata_pending():
+                return None
+            return [(offset, length, self._data_start + (first.pc - lc0) * chunk
+                     + offset)], []
         redirects = False
         for r in targets:
             t = r.target
