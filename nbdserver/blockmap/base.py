@@ -257,13 +257,15 @@ class BlockMap(ABC):
         page shared by several volumes only once (`seen`). Reads pages via the cache."""
 
     @abstractmethod
-    def exclusive_range(self, vol: VolumeRecord, lc: int, count: int) -> tuple[int, int]:
+    def exclusive_range(self, vol: VolumeRecord, lc: int, count: int,
+                        runs: list[Run]) -> tuple[int, int]:
         """For `volume info`, one slice [lc, lc+count) of the volume at a time: (chunks of
         the slice only this volume references, map pages *starting* in the slice, i.e.
         whose first chunk lies in it). The pool asks slice after slice from chunk 0, each
         as its own operation, so that a page miss restarts one slice and the pages a
         slice pins are few, whatever the volume size; pages that span several slices are
-        counted once (in the slice of their first chunk)."""
+        counted once (in the slice of their first chunk). `runs` is :meth:`lookup` of the
+        slice, which the pool has just made."""
 
     def stats_slice(self) -> int:
         """Chunks per slice of :meth:`exclusive_range`: few enough that the pages one

@@ -1069,7 +1069,8 @@ class ExtentMap(BlockMap):
     def stats_slice(self) -> int:
         return min(512, 8 * self.leaf_cap)
 
-    def exclusive_range(self, vol: VolumeRecord, lc: int, count: int) -> tuple[int, int]:
+    def exclusive_range(self, vol: VolumeRecord, lc: int, count: int,
+                        runs: list[Run]) -> tuple[int, int]:
         root, height = self._state(vol)
         out = [0, 0]
         if root >= 0:

@@ -1176,9 +1176,9 @@ class LinearMap(BlockMap):
     def stats_slice(self) -> int:
         return min(512, self.leaf)
 
-    def exclusive_range(self, vol: VolumeRecord, lc: int, count: int) -> tuple[int, int]:
+    def exclusive_range(self, vol: VolumeRecord, lc: int, count: int,
+                        runs: list[Run]) -> tuple[int, int]:
         hi = lc + count
-        runs = self.lookup(vol, lc, count)
         if self._kind(vol) == ORIGIN:
             st = self._origin(vol)
             # exclusive: written chunks no snapshot reads from the origin any more

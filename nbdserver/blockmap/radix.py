@@ -590,7 +590,8 @@ class RadixMap(BlockMap):
     def stats_slice(self) -> int:
         return self.fanout  # one leaf
 
-    def exclusive_range(self, vol: VolumeRecord, lc: int, count: int) -> tuple[int, int]:
+    def exclusive_range(self, vol: VolumeRecord, lc: int, count: int,
+                        runs: list[Run]) -> tuple[int, int]:
         root, height = self._root(vol)
         out = [0, 0]
         if root:

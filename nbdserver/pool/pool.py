@@ -76,7 +76,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_CACHE_BYTES = 64 << 20
-STATS_GROWTH = 64  # volume_stats: slices across holes grow up to this many times
+STATS_GROWTH = 64  # volume_stats: slices over holes and long runs grow up to this many times
 STATS_TURN = 0.002  # volume_stats: seconds of work between two turns of the event loop
 # Opening reads every reference-count page to count free space; up to 1/PRELOAD_SHARE of
 # the cache keeps them (the data table's first: allocations and sharing changes read them).
@@ -761,7 +761,7 @@ class Pool:
     async def volume_stats(self, vol: VolumeRecord) -> MapStats:
         """Walk the volume's map a slice at a time (see BlockMap.exclusive_range): memory
         stays within the cache plus one slice's pages, a page miss restarts only its
-        slice, and the event loop serves I/O between slices."""
+        slice, and the event loop serves I/O every STATS_TURN seconds."""
         stats = MapStats()
         total = self._chunks_for(vol.size)
         base = self.stats_slice or self.map.stats_slice()
@@ -774,7 +774,8 @@ class Pool:
             n = min(step, total - lc)
 
             def walk(lc: int = lc, n: int = n) -> tuple[list[Run], int, int]:
-                return (self.map.lookup(vol, lc, n), *self.map.exclusive_range(vol, lc, n))
+                runs = self.map.lookup(vol, lc, n)
+                return (runs, *self.map.exclusive_range(vol, lc, n, runs))
 
             loads = self.cache.loads
             runs, exclusive, pages = await self.cache.run(walk)

@@ -131,9 +131,9 @@ async def test_holes_and_long_runs_are_walked_in_few_slices(
     slices: list[int] = []
     plain = type(pool.map).exclusive_range
 
-    def counting(self: Any, v: Any, lc: int, count: int) -> tuple[int, int]:
+    def counting(self: Any, v: Any, lc: int, count: int, runs: Any) -> tuple[int, int]:
         slices.append(count)
-        return plain(self, v, lc, count)
+        return plain(self, v, lc, count, runs)
 
     monkeypatch.setattr(type(pool.map), "exclusive_range", counting)
     stats = await pool.volume_stats(pool.volume("v"))
