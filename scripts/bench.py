@@ -41,6 +41,9 @@ To try a change to nbdserver, copy the package somewhere, edit it there, and add
 ``--candidate NAME=DIR``: it is served and measured like nbdserver, interleaved
 with it in the same run, and the table gets a ``NAME/nbdserver`` ratio column
 (with ``--only`` leaving nbdserver out, candidates are compared with the first).
+With ``--volumes``, each candidate serves each volume design too (target
+``vol-DESIGN@NAME``, its own pool), so a change of the volume path is measured
+beside the current one.
 """
 
 from __future__ import annotations
@@ -321,7 +324,7 @@ def start_target(name: str, file: Path, rundir: Path, io: str,
     log_path = rundir / f"{name}.log"
     env = None
     cwd = REPO
-    if name.startswith(VOLUME_PREFIX):
+    if name.startswith(VOLUME_PREFIX) and src is None:
         src = REPO
     if src is not None:
         cfg = rundir / f"{name}.yaml"
@@ -329,7 +332,7 @@ def start_target(name: str, file: Path, rundir: Path, io: str,
             pool = file.parent / f"bench-{name}.pool"
             with contextlib.suppress(FileNotFoundError):
                 pool.unlink()
-            blockmap = name[len(VOLUME_PREFIX):]
+            blockmap = name[len(VOLUME_PREFIX):].partition("@")[0]
             export = (f"pools: [{{name: p, path: {json.dumps(str(pool))}, create: "
                       f"{{size: {size + size // 4 + 256 * MiB}, blockmap: {blockmap}}}}}]\n"
                       f"exports: [{{name: disk, pool: p, volume: disk, create: "
@@ -671,10 +674,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--candidate {spec!r}: {path} holds no nbdserver package")
         args.sources[name] = path
     volumes = names_from(p, "--volumes", args.volumes, DESIGNS, empty_ok=True)
-    # candidates and volumes go right after nbdserver, before the peers
+    # candidates and volumes go right after nbdserver, before the peers; each candidate
+    # also serves each volume design (vol-DESIGN@NAME), to try a change of the volume path
     first = [t for t in args.targets if t == "nbdserver"]
-    args.targets = first + [c for c in args.sources if c != "nbdserver"] + [
-        VOLUME_PREFIX + d for d in volumes] + [t for t in args.targets if t != "nbdserver"]
+    candidates = [c for c in args.sources if c != "nbdserver"]
+    for c in candidates:
+        for d in volumes:
+            args.sources[f"{VOLUME_PREFIX}{d}@{c}"] = args.sources[c]
+    args.targets = first + candidates + [
+        VOLUME_PREFIX + d + at for d in volumes for at in ["", *(f"@{c}" for c in candidates)]
+    ] + [t for t in args.targets if t != "nbdserver"]
     args.workload_list = [WORKLOADS[n]
                           for n in names_from(p, "--workloads", args.workloads, WORKLOADS)]
     if args.seconds < 1 or args.rounds < 1:
