@@ -216,12 +216,12 @@ class Defrag:
             quiesce = pool.quiesce.get(self.vol.id)
             resume = await quiesce() if quiesce is not None else None
             try:
-                epoch = pool.epochs.begin()
+                epoch = pool.epochs.begin_write()
                 try:
                     await self._copy(plan.moves)
                     installed = await pool.run(lambda: self._install(lo, hi, plan.moves))
                 finally:
-                    pool.epochs.end(epoch)
+                    pool.epochs.end_write(epoch)
             finally:
                 if resume is not None:
                     resume()

@@ -40,8 +40,8 @@ for writes). Two paths:
   pool they are the only free space (and a guaranteed volume must not see ENOSPC).
 
 Every data transfer runs inside an I/O epoch (:mod:`nbdserver.pool.epochs`):
-a chunk freed meanwhile is not reused until the transfer has ended. Reads
-also run inside a read epoch (``Pool.read_epochs``), which claims wait for.
+a chunk freed meanwhile is not reused until the transfer has ended. Reads are
+counted apart from writes there, since claims wait for reads only.
 TRIM and WRITE_ZEROES hold the chunk locks of the range while they unmap it,
 so a write never loses the chunk it resolved (and reads) to a racing trim.
 
@@ -78,7 +78,7 @@ from nbdserver.backend.base import (
     StatusExtent,
 )
 from nbdserver.backend.ranges import RangeLocks
-from nbdserver.blockmap.base import HOLE, Claim, CopyOut, InPlace, Redirect, Run, TargetRun
+from nbdserver.blockmap.base import ASK, FRESH, HOLE, Claim, CopyOut, InPlace, Redirect, Run
 from nbdserver.errors import NbdError
 from nbdserver.pool.format import FormatError, VolumeRecord
 from nbdserver.pool.pages import PageMiss
@@ -113,7 +113,6 @@ class VolumeBackend:
         self.engine = pool.engine
         self.buffers = pool.buffers
         self.epochs = pool.epochs
-        self.read_epochs = pool.read_epochs
         self.size = vol.size
         self.read_only = read_only or vol.read_only
         self.description = description
@@ -147,28 +146,39 @@ class VolumeBackend:
         if not (offset | length) & self._align_mask:
             shift = self._shift
             lc = offset >> shift
+            last = (offset + length - 1) >> shift
             try:
-                runs = self.map.lookup(self.vol, lc, ((offset + length - 1) >> shift) - lc + 1)
+                if last == lc:  # one chunk (a 4 KiB read): no run objects
+                    pc = self.map.chunk_at(self.vol, lc)
+                    if pc == HOLE:
+                        done(ReadResult(((offset, length, None),), None))
+                    else:
+                        self._read_one(offset, length,
+                                       self._data_start + offset + ((pc - lc) << shift), done)
+                    return
+                runs = self.map.lookup(self.vol, lc, last - lc + 1)
             except PageMiss:
                 pass
             else:
-                if len(runs) == 1 and runs[0].pc != HOLE:
-                    self._read_one(offset, length, runs[0], done)
+                first = runs[0]
+                if len(runs) == 1 and first.pc != HOLE:
+                    self._read_one(offset, length, self._data_start + offset
+                                   + ((first.pc - first.lc) << shift), done)
                 else:
                     self._read_runs(offset, length, runs, done)
                 return
         self._spawn_read(self._read_slow(offset, length), done)
 
-    def _read_one(self, offset: int, length: int, run: Run, done: ReadDone) -> None:
-        """One physically contiguous run (the common small read): one AIO read."""
+    def _read_one(self, offset: int, length: int, dev: int, done: ReadDone) -> None:
+        """One physically contiguous run at device offset `dev` (the common small read):
+        one AIO read."""
         buf = self.buffers.get(length)
-        epoch = self.epochs.begin()
-        read_epoch = self.read_epochs.begin()
+        epochs = self.epochs
+        epoch = epochs.begin_read()
         buffers = self.buffers
 
         def complete(res: int) -> None:
-            self.epochs.end(epoch)
-            self.read_epochs.end(read_epoch)
+            epochs.end_read(epoch)
             if res != length:
                 buffers.put(buf)
                 err = -res if res < 0 else errno.EIO
@@ -177,7 +187,6 @@ class VolumeBackend:
                 done(ReadResult(((offset, length, buf.view[:length]),),
                                 lambda: buffers.put(buf)))
 
-        dev = self._data_start + run.pc * self.chunk + offset - run.lc * self.chunk
         self.engine.read(self._fd, buf, 0, length, dev, complete)
 
     def _read_runs(self, offset: int, length: int, runs: list[Run], done: ReadDone) -> None:
@@ -197,8 +206,7 @@ class VolumeBackend:
         side = self.buffers.get(sum(p[1] for p in patches)) if patches else None
         pending = [1]  # the extra count is dropped after submitting
         failed: list[int] = []
-        epoch = self.epochs.begin()
-        read_epoch = self.read_epochs.begin()
+        epoch = self.epochs.begin_read()
         buffers = self.buffers
 
         def complete(res: int, want: int = 0) -> None:
@@ -207,8 +215,7 @@ class VolumeBackend:
             pending[0] -= 1
             if pending[0]:
                 return
-            self.epochs.end(epoch)
-            self.read_epochs.end(read_epoch)
+            self.epochs.end_read(epoch)
             if side is not None:
                 if not failed:
                     at = 0
@@ -252,8 +259,7 @@ class VolumeBackend:
         shift = self._shift
         lc = offset >> shift
         count = ((offset + length - 1) >> shift) - lc + 1
-        epoch = self.epochs.begin()
-        read_epoch = self.read_epochs.begin()
+        epoch = self.epochs.begin_read()
         try:
             runs = await self.pool.cache.run(lambda: self.map.lookup(self.vol, lc, count))
             buf = self.buffers.get(length)
@@ -277,8 +283,7 @@ class VolumeBackend:
                 raise
             return ReadResult(chunks, lambda: self.buffers.put(buf))
         finally:
-            self.epochs.end(epoch)
-            self.read_epochs.end(read_epoch)
+            self.epochs.end_read(epoch)
 
     async def _read_device(self, dest: AlignedBuffer, at: int, device_offset: int,
                            length: int) -> None:
@@ -308,33 +313,30 @@ class VolumeBackend:
         if self._quiesced is None and not (offset | length) & self._align_mask:
             shift = self._shift
             lc = offset >> shift
-            targets = None
-            if (offset + length - 1) >> shift == lc and not (
-                    self._locks.held and self._locks.unit_held(lc)):
-                # One chunk (a 4 KiB write): one map walk, and in place, one device write.
+            if (offset + length - 1) >> shift != lc:
+                plan = self._plan_fast(offset, length, fua)
+                if plan is not None:
+                    self._write_fast(offset, data, plan, done, fua)
+                    return
+            elif not (self._locks.held and self._locks.unit_held(lc)):
+                # One chunk (a 4 KiB write): one map walk, then one device write, in place
+                # or into a fresh chunk. Anything else about one chunk (a claim, a partial
+                # copy-on-write, FUA with metadata pending) is the slow path's.
                 try:
-                    target = self.map.write_target(self.vol, lc)
+                    pc = self.map.write_chunk(self.vol, lc)
                 except PageMiss:
-                    pass  # (_plan_fast meets it again and leaves it to the slow path)
-                else:
-                    if type(target) is InPlace:
-                        if not (fua and self.pool.metadata_pending()):
-                            self._write_in_place(offset, data, self._data_start + offset
-                                                 + ((target.pc - lc) << shift), done, fua)
-                            return
-                    elif (type(target) is Redirect and target.into == HOLE
-                          and length == self.chunk and not fua
-                          and self._write_fresh(lc, data, done)):
+                    pc = ASK
+                if pc >= 0:
+                    if not (fua and self.pool.metadata_pending()):
+                        self._write_in_place(offset, data, self._data_start + offset
+                                             + ((pc - lc) << shift), done, fua)
                         return
-                    targets = [TargetRun(lc, 1, target)]
-            plan = self._plan_fast(offset, length, fua, targets)
-            if plan is not None:
-                self._write_fast(offset, data, plan, done, fua)
-                return
+                elif (pc == FRESH and length == self.chunk and not fua
+                      and self._write_fresh(lc, data, done)):
+                    return
         self._spawn(self._write_slow(offset, bytes(data), fua), done)
 
-    def _plan_fast(self, offset: int, length: int, fua: bool,
-                   targets: list[TargetRun] | None = None) -> FastPlan | None:
+    def _plan_fast(self, offset: int, length: int, fua: bool) -> FastPlan | None:
         """The device writes of a request each chunk of which is written in place, or in
         full into a fresh chunk (a new or copied-on-write chunk needs no old bytes then),
         and the fresh chunks claimed for it; None when the slow path must do it.
@@ -350,13 +352,12 @@ class VolumeBackend:
         end = offset + length
         lc0 = offset >> shift
         lc1 = ((end - 1) >> shift) + 1
-        if targets is None:  # (else the caller checked the locks and asked the map)
-            if self._locks.held and self._locks.overlapping(lc0, lc1):
-                return None
-            try:
-                targets = self.map.write_runs(self.vol, lc0, lc1 - lc0)
-            except PageMiss:
-                return None
+        if self._locks.held and self._locks.overlapping(lc0, lc1):
+            return None
+        try:
+            targets = self.map.write_runs(self.vol, lc0, lc1 - lc0)
+        except PageMiss:
+            return None
         first = targets[0].target
         if len(targets) == 1 and isinstance(first, InPlace):  # the common case
             if fua and pool.metadata_pending():
@@ -421,11 +422,11 @@ class VolumeBackend:
         buf = buffers.get(length)
         buf.view[:length] = data
         epochs = self.epochs
-        epoch = epochs.begin()
+        epoch = epochs.begin_write()
         self._writes += 1
 
         def complete(res: int) -> None:
-            epochs.end(epoch)
+            epochs.end_write(epoch)
             buffers.put(buf)
             self._write_ended()
             if res == length:
@@ -444,7 +445,8 @@ class VolumeBackend:
         if pool.cache.dirty_count >= pool.dirty_limit():
             return False  # back-pressure (see Pool.run)
         try:  # (a claim changes no page: no mini-transaction to undo it)
-            pc = pool.claim_chunk(self.vol, self.map.alloc_hint(self.vol, lc))
+            pc = pool.claim_chunk(self.vol, self.map.alloc_hint(self.vol, lc),
+                                  ahead=self.map.next_fit)
         except (PageMiss, NbdError):
             return False
         length = len(data)
@@ -455,14 +457,14 @@ class VolumeBackend:
         lock = locks.try_hold(lc, lc + 1)
         assert lock is not None  # write() saw no overlapping lock, synchronously
         epochs = self.epochs
-        epoch = epochs.begin()
+        epoch = epochs.begin_write()
         self._writes += 1
 
         def finish(error: NbdError | None) -> None:
             if error is not None:
                 pool.data.unclaim(pc)
             locks.release(lock)
-            epochs.end(epoch)
+            epochs.end_write(epoch)
             buffers.put(buf)
             self._write_ended()
             done(error)
@@ -491,13 +493,21 @@ class VolumeBackend:
         pool = self.pool
         limit = pool.dirty_limit()
         installed = 0
+        data = pool.data
+        cache = pool.cache
+        born: list[tuple[int, int]] = []  # the fresh chunks, counted at the end (one run)
+        born_pages = 0  # refcount pages that counting them may dirty, at most
         try:
-            with pool.cache.mtr():
+            with cache.mtr():
                 for fresh, _ in batch:
-                    if pool.cache.dirty_count >= limit:
+                    if cache.dirty_count + born_pages >= limit:
                         break  # the rest waits for a commit (see Pool.run)
-                    self._install(fresh)
+                    for lc, pc, n in fresh:
+                        self.map.map_fresh(self.vol, lc, pc, n, born)
+                        pool.charge(self.vol, n)
+                        born_pages += data.pages_spanned(pc, n)
                     installed += 1
+                data.incref_runs(born)
         except (PageMiss, NbdError):
             installed = 0  # nothing of the batch was kept
         if installed:
@@ -544,7 +554,7 @@ class VolumeBackend:
             assert lock is not None  # _plan_fast saw no overlapping lock, synchronously
         pending = [len(runs)]
         failed: list[int] = []
-        epoch = self.epochs.begin()
+        epoch = self.epochs.begin_write()
         self._writes += 1
 
         def finish(error: NbdError | None) -> None:
@@ -554,7 +564,7 @@ class VolumeBackend:
                         pool.data.unclaim(unit)
             if lock is not None:
                 self._locks.release(lock)
-            self.epochs.end(epoch)
+            self.epochs.end_write(epoch)
             self.buffers.put(buf)
             self._write_ended()
             done(error)
@@ -584,7 +594,7 @@ class VolumeBackend:
     async def _write_slow(self, offset: int, data: bytes, fua: bool) -> None:
         await self._wait_unquiesced()
         self._writes += 1
-        epochs = [self.epochs.begin()]  # this write's I/O epoch (none while it waits)
+        epochs = [self.epochs.begin_write()]  # this write's I/O epoch (none while it waits)
         try:
             try:
                 committed = await self._write_chunks(offset, data, fua)
@@ -594,15 +604,15 @@ class VolumeBackend:
                 # The free space is chunks a trim freed, reusable once that is durable:
                 # make it so and wait (outside this write's epoch, which the wait needs
                 # to end), then try once more from the start.
-                self.epochs.end(epochs.pop())
+                self.epochs.end_write(epochs.pop())
                 await self.pool.reuse_freed()
-                epochs.append(self.epochs.begin())
+                epochs.append(self.epochs.begin_write())
                 committed = await self._write_chunks(offset, data, fua)
             if fua and (committed or self.pool.metadata_pending()):
                 await self.pool.commit()  # the map of these chunks may not be durable yet
         finally:
             for epoch in epochs:
-                self.epochs.end(epoch)
+                self.epochs.end_write(epoch)
             self._write_ended()
 
     async def _write_chunks(self, offset: int, data: bytes | None, fua: bool,
@@ -820,7 +830,7 @@ class VolumeBackend:
     async def _zero(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
         await self._wait_unquiesced()
         self._writes += 1
-        epoch = self.epochs.begin()
+        epoch = self.epochs.begin_write()
         try:
             end = offset + length
             if not may_trim:
@@ -845,7 +855,7 @@ class VolumeBackend:
             if fua:
                 await self.pool.commit()
         finally:
-            self.epochs.end(epoch)
+            self.epochs.end_write(epoch)
             self._write_ended()
 
     async def _unmap(self, lc: int, count: int) -> None:

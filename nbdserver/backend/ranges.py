@@ -57,7 +57,8 @@ class RangeLocks:
         """Whether a held range covers `unit` (:meth:`overlapping` of one unit, cheaper)."""
         if unit in self._unit:
             return True
-        return any(h.start <= unit < h.end for h in self._wide.values())
+        wide = self._wide
+        return bool(wide) and any(h.start <= unit < h.end for h in wide.values())
 
     def _add(self, start: int, end: int) -> int:
         key = self._next

@@ -31,6 +31,10 @@ if TYPE_CHECKING:
     from nbdserver.pool.pool import Pool
 
 HOLE = -1
+# write_chunk's answers besides a physical chunk (InPlace): write a whole chunk into a
+# fresh one (a Redirect with nothing of its own to keep), or ask write_target.
+FRESH = -1
+ASK = -2
 
 # The answers below are made on every request (a lookup, a write target), so they are
 # plain slotted dataclasses: a frozen one sets each field through object.__setattr__,
@@ -159,6 +163,9 @@ class BlockMap(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     supports_clone_of_clone: ClassVar[bool] = True
+    # Whether new chunks go next-fit, whatever the logical neighbours (no alloc_hint):
+    # the pool may then hand out runs of chunks claimed ahead (RefTable.claim).
+    next_fit: ClassVar[bool] = False
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
@@ -208,6 +215,24 @@ class BlockMap(ABC):
     def write_target(self, vol: VolumeRecord, lc: int) -> WriteTarget:
         """What a write to chunk `lc` must do (a pure query)."""
 
+    def chunk_at(self, vol: VolumeRecord, lc: int) -> int:
+        """The physical chunk that logical chunk `lc` reads from, or HOLE: :meth:`lookup`
+        of one chunk with no object made (a one-chunk read's hot path). Designs answer
+        it with their shortest walk; this default asks lookup."""
+        return self.lookup(vol, lc, 1)[0].pc
+
+    def write_chunk(self, vol: VolumeRecord, lc: int) -> int:
+        """:meth:`write_target` of chunk `lc` in short, with no object made (a one-chunk
+        write's hot path): the physical chunk for InPlace, FRESH for a Redirect into a
+        new chunk (``into`` HOLE: a write of the whole chunk needs nothing of the old),
+        ASK for anything else (call write_target). This default asks write_target."""
+        target = self.write_target(vol, lc)
+        if type(target) is InPlace:
+            return target.pc
+        if type(target) is Redirect and target.into == HOLE:
+            return FRESH
+        return ASK
+
     def write_runs(self, vol: VolumeRecord, lc: int, count: int) -> list[TargetRun]:
         """The write targets of chunks [lc, lc+count) as runs (a pure query, like
         :meth:`write_target` chunk by chunk; designs answer a range in one pass)."""
@@ -230,6 +255,16 @@ class BlockMap(ABC):
         """:meth:`map` chunks [lc, lc+count) to the freshly written [pc, pc+count)."""
         for i in range(count):
             self.map(vol, lc + i, pc + i)
+
+    def map_fresh(self, vol: VolumeRecord, lc: int, pc: int, count: int,
+                  born: list[tuple[int, int]] | None) -> None:
+        """:meth:`map_run`, but with `born` given, the references to the fresh chunks are
+        the caller's to count: (pc, count) is appended to `born`, and the caller counts
+        a whole batch with :meth:`RefTable.incref_runs` before the mini-transaction
+        ends (chunks claimed one after another: one change of one refcount page for the
+        batch). Meanwhile those chunks' counts read 0; nothing in the batch reads them.
+        This default counts them at once."""
+        self.map_run(vol, lc, pc, count)
 
     @abstractmethod
     def unmap(self, vol: VolumeRecord, lc: int, count: int) -> tuple[int, list[tuple[int, int]]]:

@@ -108,6 +108,8 @@ from functools import partial
 from typing import ClassVar
 
 from nbdserver.blockmap.base import (
+    ASK,
+    FRESH,
     HOLE,
     BlockMap,
     Claim,
@@ -122,6 +124,7 @@ from nbdserver.blockmap.base import (
 from nbdserver.pool.format import PAGE_HEADER_SIZE, PAGE_SIZE, PT_EXTENT, VolumeRecord
 
 MAGIC = b"XT"
+_IN_PLACE, _CLAIM, _REDIRECT = 0, 1, 2  # what a write of one chunk does (_target)
 _NODE = struct.Struct("<2sBBHH")  # magic, level, 0, count, 0
 ENTRIES = PAGE_HEADER_SIZE + _NODE.size  # 24: first entry
 LEAF_ENTRY = 24
@@ -317,19 +320,29 @@ class ExtentMap(BlockMap):
             node = get(start + (q[4 + 2 * i] & IDX_MASK))
         return node, lo, hi
 
-    def lookup(self, vol: VolumeRecord, lc: int, count: int) -> list[Run]:
+    def _find(self, vol: VolumeRecord, lc: int) -> tuple[int, int]:
+        """(physical chunk, the record's length-and-tag word) of chunk `lc`, or (HOLE, 0)."""
         root, height = self._state(vol)
-        if root < 0:
-            return [Run(lc, count, HOLE)]
-        if count == 1:  # the hot path
+        if root >= 0:
             node, _, _ = self._leaf_for(root, height, lc)
             q = _leaf_view(node)
             i = bisect_right(q[0::3], lc) - 1
             if i >= 0:
                 start, pc, w = q[3 * i:3 * i + 3]
                 if lc < start + (w & LEN_MASK):
-                    return [Run(lc, 1, pc + lc - start, (w >> 32) & MAX_OWNER)]
-            return [Run(lc, 1, HOLE)]
+                    return pc + lc - start, w
+        return HOLE, 0
+
+    def chunk_at(self, vol: VolumeRecord, lc: int) -> int:
+        return self._find(vol, lc)[0]
+
+    def lookup(self, vol: VolumeRecord, lc: int, count: int) -> list[Run]:
+        if count == 1:  # the hot path
+            pc, w = self._find(vol, lc)
+            return [Run(lc, 1, pc, (w >> 32) & MAX_OWNER if pc != HOLE else 0)]
+        root, height = self._state(vol)
+        if root < 0:
+            return [Run(lc, count, HOLE)]
         out: list[Run] = []
 
         def leaf(pos: int) -> tuple[bytearray, int, tuple[bool, bool]]:
@@ -374,10 +387,12 @@ class ExtentMap(BlockMap):
                     yield pos, gap - pos, HOLE, 0, path
                     pos = gap
 
-    def write_target(self, vol: VolumeRecord, lc: int) -> WriteTarget:
+    def _target(self, vol: VolumeRecord, lc: int) -> tuple[int, int]:
+        """(what a write of chunk `lc` does: _IN_PLACE, _CLAIM or _REDIRECT, and the
+        chunk it concerns: the one written in place or claimed, or the old one (HOLE))."""
         raw, height = _STATE.unpack_from(vol.map_state)
         if not raw & IDX_MASK:
-            return Redirect(HOLE)
+            return _REDIRECT, HOLE
         get = self.cache.get
         meta = self.meta
         start = self.meta_start - 1  # the root is stored as meta index + 1
@@ -402,11 +417,23 @@ class ExtentMap(BlockMap):
             if lc < first + (w & LEN_MASK):
                 pc += lc - first
                 if writable and w >= WRITABLE:
-                    return InPlace(pc)
+                    return _IN_PLACE, pc
                 if sole and self.data.get(pc) == 1:
-                    return Claim(pc)
-                return Redirect(pc)
-        return Redirect(HOLE)
+                    return _CLAIM, pc
+                return _REDIRECT, pc
+        return _REDIRECT, HOLE
+
+    def write_target(self, vol: VolumeRecord, lc: int) -> WriteTarget:
+        kind, pc = self._target(vol, lc)
+        if kind == _IN_PLACE:
+            return InPlace(pc)
+        return Claim(pc) if kind == _CLAIM else Redirect(pc)
+
+    def write_chunk(self, vol: VolumeRecord, lc: int) -> int:
+        kind, pc = self._target(vol, lc)
+        if kind == _IN_PLACE:
+            return pc
+        return ASK if kind == _CLAIM else FRESH
 
     def write_runs(self, vol: VolumeRecord, lc: int, count: int) -> list[TargetRun]:
         """:meth:`write_target` over a range: one descent per leaf, one step per record
@@ -671,6 +698,11 @@ class ExtentMap(BlockMap):
         return path
 
     def map(self, vol: VolumeRecord, lc: int, pc: int) -> None:
+        self._map_one(vol, lc, pc, None)
+
+    def _map_one(self, vol: VolumeRecord, lc: int, pc: int,
+                 born: list[tuple[int, int]] | None) -> None:
+        """:meth:`map_fresh` of one chunk."""
         if vol.id > MAX_OWNER:
             raise ValueError(f"volume id {vol.id} too large for the extent design")
         path = self._own_path(vol, lc)
@@ -699,7 +731,10 @@ class ExtentMap(BlockMap):
         if old == HOLE:
             window.append(new)
             window.sort()
-        self.data.incref(pc)
+        if born is None:
+            self.data.incref(pc)
+        else:
+            born.append((pc, 1))
         if old != HOLE:
             self.data.decref(old)
         self._splice(vol, path, page, count, a, b, window, lc)
@@ -744,23 +779,27 @@ class ExtentMap(BlockMap):
     def map_run(self, vol: VolumeRecord, lc: int, pc: int, count: int) -> None:
         """:meth:`map` a run: per leaf, one descent and one splice of its records (the
         run's pieces become one record each, at most ``max_extent`` chunks long)."""
+        self.map_fresh(vol, lc, pc, count, None)
+
+    def map_fresh(self, vol: VolumeRecord, lc: int, pc: int, count: int,
+                  born: list[tuple[int, int]] | None) -> None:
         if vol.id > MAX_OWNER:
             raise ValueError(f"volume id {vol.id} too large for the extent design")
         done = 0
         while done < count:
             at = lc + done
             if count - done == 1:
-                self.map(vol, at, pc + done)
+                self._map_one(vol, at, pc + done, born)
                 return
             path = self._own_path(vol, at)
             root, height = self._state(vol)
             _, _, hi = self._leaf_for(root, height, at)
             n = min(count - done, self.max_extent, hi - at)
-            self._map_piece(vol, path, at, pc + done, n)
+            self._map_piece(vol, path, at, pc + done, n, born)
             done += n
 
     def _map_piece(self, vol: VolumeRecord, path: list[tuple[int, int, int]], lc: int, pc: int,
-                   n: int) -> None:
+                   n: int, born: list[tuple[int, int]] | None) -> None:
         """Point [lc, lc+n), inside the range of the writable path's leaf, at [pc, pc+n)."""
         page = self.cache.modify(self._page(path[-1][0]), PT_EXTENT)
         count = page[_COUNT] | page[_COUNT + 1] << 8
@@ -787,7 +826,10 @@ class ExtentMap(BlockMap):
             if stop > end:
                 window.append((end, stop - end, rpc + end - start, tag))
         window.sort()
-        self.data.incref_run(pc, n)
+        if born is None:
+            self.data.incref_run(pc, n)
+        else:
+            born.append((pc, n))
         for old, k in olds:
             self.data.decref_run(old, k)
         self._splice(vol, path, page, count, a, b, window, lc)

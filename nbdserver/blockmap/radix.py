@@ -39,6 +39,8 @@ from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 from nbdserver.blockmap.base import (
+    ASK,
+    FRESH,
     HOLE,
     BlockMap,
     Claim,
@@ -94,6 +96,7 @@ class RadixMap(BlockMap):
 
     name: ClassVar[str] = "radix"
     description: ClassVar[str] = "Parallax-style radix tree: O(1) forks, path copy on write"
+    next_fit: ClassVar[bool] = True
 
     def __init__(self, pool: object) -> None:
         super().__init__(pool)  # type: ignore[arg-type]
@@ -164,31 +167,46 @@ class RadixMap(BlockMap):
 
     # -- lookups ---------------------------------------------------------------------------
 
+    def _entry_at(self, vol: VolumeRecord, lc: int) -> int:
+        """The leaf entry of chunk `lc` (0 when nothing is mapped there): one page of a
+        known leaf, or one walk from the root (which learns the leaf if the path is
+        writable)."""
+        fanout = self.fanout
+        key = lc // fanout * _VOLUME_IDS + vol.id
+        leaf = self._leaves.get(key)
+        if leaf is not None:
+            return int(_Q.unpack_from(self.cache.get(leaf),
+                                      PAGE_HEADER_SIZE + 8 * (lc % fanout))[0])
+        e, height = _STATE.unpack_from(vol.map_state)
+        if not e:
+            return 0
+        get = self.cache.get
+        unpack = _Q.unpack_from
+        writable = e & WRITABLE
+        pages = self.meta_start - 1
+        for span in self._spans[height]:
+            page = pages + (e & TARGET_MASK)
+            e = unpack(get(page), PAGE_HEADER_SIZE + 8 * ((lc // span) % fanout))[0]
+            if writable:
+                if span == 1:
+                    self._know_leaf(key, page)
+                writable = e & WRITABLE
+            if not e & TARGET_MASK:
+                return 0
+        return int(e)
+
+    def chunk_at(self, vol: VolumeRecord, lc: int) -> int:
+        fanout = self.fanout
+        leaf = self._leaves.get(lc // fanout * _VOLUME_IDS + vol.id)
+        if leaf is not None:  # (the walk's first step, inlined: this is every 4 KiB read)
+            e = _Q.unpack_from(self.cache.get(leaf), PAGE_HEADER_SIZE + 8 * (lc % fanout))[0]
+        else:
+            e = self._entry_at(vol, lc)
+        return int(e & TARGET_MASK) - 1  # (an empty entry gives HOLE)
+
     def lookup(self, vol: VolumeRecord, lc: int, count: int) -> list[Run]:
-        if count == 1:  # the hot path: one chunk, one page of a known leaf or one walk
-            get = self.cache.get
-            fanout = self.fanout
-            unpack = _Q.unpack_from
-            key = lc // fanout * _VOLUME_IDS + vol.id
-            leaf = self._leaves.get(key)
-            if leaf is not None:
-                e = unpack(get(leaf), PAGE_HEADER_SIZE + 8 * (lc % fanout))[0]
-            else:
-                root, height = self._root(vol)
-                if not root:
-                    return [Run(lc, 1, HOLE)]
-                e = root
-                writable = root & WRITABLE
-                pages = self.meta_start - 1
-                for span in self._spans[height]:
-                    page = pages + (e & TARGET_MASK)
-                    e = unpack(get(page), PAGE_HEADER_SIZE + 8 * ((lc // span) % fanout))[0]
-                    if writable:
-                        if span == 1:
-                            self._know_leaf(key, page)
-                        writable = e & WRITABLE
-                    if not e & TARGET_MASK:
-                        return [Run(lc, 1, HOLE)]
+        if count == 1:
+            e = self._entry_at(vol, lc)
             if not e & TARGET_MASK:
                 return [Run(lc, 1, HOLE)]
             return [Run(lc, 1, (e & TARGET_MASK) - 1, e >> OWNER_SHIFT)]
@@ -294,6 +312,18 @@ class RadixMap(BlockMap):
         if sole and self.data.get(pc) == 1:
             return Claim(pc)
         return Redirect(pc)
+
+    def write_chunk(self, vol: VolumeRecord, lc: int) -> int:
+        fanout = self.fanout
+        leaf = self._leaves.get(lc // fanout * _VOLUME_IDS + vol.id)
+        if leaf is None:
+            return super().write_chunk(vol, lc)  # a walk, which may learn the leaf
+        e = _Q.unpack_from(self.cache.get(leaf), PAGE_HEADER_SIZE + 8 * (lc % fanout))[0]
+        if not e & TARGET_MASK:
+            return FRESH
+        if e & WRITABLE:
+            return int(e & TARGET_MASK) - 1
+        return ASK if self.data.get((e & TARGET_MASK) - 1) == 1 else FRESH  # Claim : Redirect
 
     def _know_leaf(self, key: int, page: int) -> None:
         """Remember a leaf reached through a writable path (see __init__)."""
@@ -430,43 +460,53 @@ class RadixMap(BlockMap):
         _Q.pack_into(leaf, off, e | WRITABLE)
 
     def map(self, vol: VolumeRecord, lc: int, pc: int) -> None:
-        if vol.id > MAX_OWNER:
-            raise ValueError(f"volume id {vol.id} too large for the radix design")
-        leaf = self._writable_leaf(vol, lc)
-        off = PAGE_HEADER_SIZE + 8 * (lc % self.fanout)
-        old = _Q.unpack_from(leaf, off)[0]
-        _Q.pack_into(leaf, off, _entry(pc, True, vol.id))
+        self._point(vol, lc, pc)
         self.data.incref(pc)
-        if old & TARGET_MASK:
-            self.data.decref(_target(old))
 
     def map_run(self, vol: VolumeRecord, lc: int, pc: int, count: int) -> None:
         """:meth:`map` a run: one walk and one slice of entries per leaf."""
+        self.map_fresh(vol, lc, pc, count, None)
+
+    def map_fresh(self, vol: VolumeRecord, lc: int, pc: int, count: int,
+                  born: list[tuple[int, int]] | None) -> None:
+        if count == 1:
+            self._point(vol, lc, pc)
+        else:
+            fanout = self.fanout
+            done = 0
+            while done < count:
+                n = min(count - done, fanout - (lc + done) % fanout)
+                self._point(vol, lc + done, pc + done, n)
+                done += n
+        if born is not None:
+            born.append((pc, count))
+        elif count == 1:
+            self.data.incref(pc)
+        else:
+            self.data.incref_run(pc, count)
+
+    def _point(self, vol: VolumeRecord, lc: int, pc: int, n: int = 1) -> None:
+        """Point chunks [lc, lc+n), within one leaf, at [pc, pc+n) (no reference counted
+        for those) and drop the references to what they pointed at."""
         if vol.id > MAX_OWNER:
             raise ValueError(f"volume id {vol.id} too large for the radix design")
-        if count == 1:
-            self.map(vol, lc, pc)
+        leaf = self._writable_leaf(vol, lc)
+        k = lc % self.fanout
+        if n == 1:
+            off = PAGE_HEADER_SIZE + 8 * k
+            old = _Q.unpack_from(leaf, off)[0]
+            _Q.pack_into(leaf, off, _entry(pc, True, vol.id))
+            if old & TARGET_MASK:
+                self.data.decref(_target(old))
             return
-        fanout = self.fanout
-        done = 0
-        while done < count:
-            at = lc + done
-            k = at % fanout
-            n = min(count - done, fanout - k)
-            leaf = self._writable_leaf(vol, at)
-            first = _entry(pc + done, True, vol.id)
-            with memoryview(leaf) as view, view[PAGE_HEADER_SIZE + 8 * k:
-                                                PAGE_HEADER_SIZE + 8 * (k + n)].cast("Q") as q:
-                old = q.tolist()
-                q[:] = array("Q", range(first, first + n))
-            if n == 1:
-                self.data.incref(pc + done)
-            else:
-                self.data.incref_run(pc + done, n)
-            for e in old:
-                if e & TARGET_MASK:
-                    self.data.decref(_target(e))
-            done += n
+        first = _entry(pc, True, vol.id)
+        with memoryview(leaf) as view, view[PAGE_HEADER_SIZE + 8 * k:
+                                            PAGE_HEADER_SIZE + 8 * (k + n)].cast("Q") as q:
+            olds = q.tolist()
+            q[:] = array("Q", range(first, first + n))
+        for e in olds:
+            if e & TARGET_MASK:
+                self.data.decref(_target(e))
 
     def unmap(self, vol: VolumeRecord, lc: int, count: int) -> tuple[int, list[tuple[int, int]]]:
         root, height = self._root(vol)

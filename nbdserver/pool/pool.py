@@ -134,7 +134,6 @@ class Pool:
                              "metadata page")
         self.state = PoolState()
         self.epochs = IoEpochs()
-        self.read_epochs = IoEpochs()  # reads only: what a claim of a shared chunk waits for
         self.volumes: dict[int, VolumeRecord] = {}
         self.map: BlockMap = design(sb.blockmap)(self)
         self.ring = journal.JournalRing(self.layout.journal_pages, sb.journal_tail,
@@ -368,13 +367,15 @@ class Pool:
 
     def available_chunks(self) -> int:
         """Chunks a thin volume may still take: free, not in flight, not promised."""
-        return (self.data.free - len(self.data.claimed) - len(self.data.quarantine)
+        return (self.data.free - self.data.in_flight - len(self.data.quarantine)
                 - self.state.data_reserved)
 
-    def claim_chunk(self, vol: VolumeRecord, hint: int | None = None) -> int:
-        """A free chunk for a write of `vol` now in flight (ENOSPC if none may be taken)."""
+    def claim_chunk(self, vol: VolumeRecord, hint: int | None = None, *,
+                    ahead: bool = False) -> int:
+        """A free chunk for a write of `vol` now in flight (ENOSPC if none may be taken);
+        `ahead`: from a run claimed ahead (see RefTable.claim)."""
         self._may_take(vol, 1)
-        return self.data.claim(hint)
+        return self.data.claim(hint, ahead=ahead)
 
     def claim_chunks(self, vol: VolumeRecord, hint: int | None,
                      count: int) -> list[tuple[int, int]]:
@@ -395,7 +396,7 @@ class Pool:
         chunks still promised takes from every free chunk not in flight or quarantined,
         a thin one only from those not promised to guaranteed volumes."""
         if vol.guaranteed and vol.reserved > 0:
-            room = self.data.free - len(self.data.claimed) - len(self.data.quarantine)
+            room = self.data.free - self.data.in_flight - len(self.data.quarantine)
         else:
             room = self.available_chunks()
         if room < count:
@@ -472,7 +473,7 @@ class Pool:
     async def reads_drained(self) -> None:
         """Wait until every read begun before now has ended (reads never wait for writes,
         so a write may wait for this while it holds its own chunk locks and epoch)."""
-        await _ended(self.read_epochs)
+        await _ended(self.epochs, reads_only=True)
 
     def metadata_pending(self) -> bool:
         """Whether a metadata change is not durable yet (dirty pages, or a commit under way)."""
@@ -922,15 +923,19 @@ def _lock(device: BlockDevice) -> None:
                        "(a running nbdserver?)") from None
 
 
-async def _ended(epochs: IoEpochs) -> None:
-    """Wait until every transfer `epochs` saw begin before now has ended."""
+async def _ended(epochs: IoEpochs, *, reads_only: bool = False) -> None:
+    """Wait until every transfer (or, `reads_only`, every read) `epochs` saw begin before
+    now has ended."""
     fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def ended() -> None:
         if not fut.done():
             fut.set_result(None)
 
-    epochs.defer(ended)
+    if reads_only:
+        epochs.defer_after_reads(ended)
+    else:
+        epochs.defer(ended)
     await fut
 
 

@@ -16,6 +16,13 @@ Two in-memory exclusions keep freed and claimed units safe:
 - *claimed*: a chunk handed out for a write still in flight. Its count is set
   when the write completes and the map points at it (so a crash never leaves a
   counted chunk that nothing references); meanwhile no one else may take it.
+  A design that places chunks next-fit (radix) claims ``ahead``: a run of
+  ``SPARE_RUN`` units at once, handed out in order (the *spare* run: claimed,
+  but not in flight), so that a 4 KiB first write after a snapshot costs one
+  scan of a refcount page per run instead of one per chunk. Spare units count
+  as free space, and are let go when a scan finds nothing else free. (Designs
+  that place chunks by hints do not claim ahead: the spare run would stand where
+  their hints point.)
 - *quarantine*: a chunk freed since the last durable commit, from the moment
   its count reaches zero (tables made with ``quarantine_frees``). Until that
   commit is durable the on-disk state still references it, so writing new data
@@ -45,6 +52,7 @@ _U32 = struct.Struct("<I")
 _ZERO_COUNTS = bytes(4 * REFS_PER_PAGE)
 _ZERO4 = b"\0\0\0\0"
 _FREE_RUNS = re.compile(rb"\x00+")
+SPARE_RUN = 64  # units an unhinted claim takes ahead (see the module note)
 
 
 class RefTable:
@@ -60,6 +68,7 @@ class RefTable:
         self.pages = -(-count // REFS_PER_PAGE)
         self.free_in_page = array("I", [0]) * self.pages
         self.claimed: set[int] = set()
+        self.spare = range(0)  # claimed ahead, not in flight: handed out from the start
         self.quarantine: set[int] = set()
         self._freed_since_snapshot: list[int] = []
         self._freed_by_commit: dict[int, list[int]] = {}
@@ -161,6 +170,9 @@ class RefTable:
 
     def incref_run(self, unit: int, count: int) -> None:
         """:meth:`incref` each of `count` consecutive units, one page at a time."""
+        if count == 1:
+            self.incref(unit)
+            return
         for pi, first, n in self._pieces(unit, count):
             off = PAGE_HEADER_SIZE + 4 * first
             page = self.cache.get(self.first_page + pi)
@@ -177,6 +189,25 @@ class RefTable:
                     if taken:
                         claimed.difference_update(taken)
                         self.cache.add_undo(partial(claimed.update, taken))
+
+    def incref_runs(self, runs: list[tuple[int, int]]) -> None:
+        """:meth:`incref_run` of each (unit, count) run, adjacent runs joined first (the
+        chunks of a batch of writes, claimed one after another, make one run)."""
+        if not runs:
+            return
+        runs.sort()
+        unit, count = runs[0]
+        for u, n in runs[1:]:
+            if u == unit + count:
+                count += n
+            else:
+                self.incref_run(unit, count)
+                unit, count = u, n
+        self.incref_run(unit, count)
+
+    def pages_spanned(self, unit: int, count: int) -> int:
+        """How many refcount pages the units [unit, unit+count) have their counts in."""
+        return (unit + count - 1) // REFS_PER_PAGE - unit // REFS_PER_PAGE + 1
 
     def decref_run(self, unit: int, count: int) -> None:
         """:meth:`decref` each of `count` consecutive units, one page at a time."""
@@ -321,22 +352,56 @@ class RefTable:
                 return unit
         return None
 
-    def claim(self, hint: int | None = None) -> int:
-        """Take a free unit for an in-flight write; its count is set when it is mapped."""
-        unit = self.find_free(hint)
-        if unit is None:
-            raise NbdError(errno.ENOSPC, f"no free {self.what}")
+    def claim(self, hint: int | None = None, *, ahead: bool = False) -> int:
+        """Take a free unit for an in-flight write; its count is set when it is mapped.
+        With `ahead` (and no hint), O(1) from the spare run (see the module note)."""
+        if ahead and hint is None:
+            spare = self.spare
+            if spare:
+                self.spare = spare[1:]
+                if self.cache.in_mtr:
+                    self.cache.add_undo(partial(setattr, self, "spare", spare))
+                return spare[0]
+            if not self.cache.in_mtr:  # (a rollback would not give a new spare run back)
+                first, n = self.claim_run(None, SPARE_RUN)
+                self.spare = range(first + 1, first + n)
+                return first
+        unit = self._find_or_let_go(hint)
         self.claimed.add(unit)
         if self.cache.in_mtr:
             self.cache.add_undo(lambda: self.claimed.discard(unit))
         return unit
 
+    def _find_or_let_go(self, hint: int | None) -> int:
+        """find_free, letting the spare run go if nothing else is free; ENOSPC if none."""
+        unit = self.find_free(hint)
+        if unit is None and self.spare:
+            self._let_spare_go()
+            unit = self.find_free(hint)
+        if unit is None:
+            raise NbdError(errno.ENOSPC, f"no free {self.what}")
+        return unit
+
+    def _let_spare_go(self) -> None:
+        spare = self.spare
+        self.claimed.difference_update(spare)
+        self.spare = range(0)
+        if self.cache.in_mtr:
+            def undo() -> None:
+                self.claimed.update(spare)
+                self.spare = spare
+
+            self.cache.add_undo(undo)
+
+    @property
+    def in_flight(self) -> int:
+        """Units claimed for writes in flight (spare ones not counted)."""
+        return len(self.claimed) - len(self.spare)
+
     def claim_run(self, hint: int | None, limit: int) -> tuple[int, int]:
         """Claim up to `limit` consecutive free units, the first as :meth:`claim` picks it
         (within one refcount page); returns (first unit, how many)."""
-        unit = self.find_free(hint)
-        if unit is None:
-            raise NbdError(errno.ENOSPC, f"no free {self.what}")
+        unit = self._find_or_let_go(hint)
         pi, i = divmod(unit, REFS_PER_PAGE)
         room = min(limit, self.entries_in_page(pi) - i)
         n = 1
@@ -360,9 +425,7 @@ class RefTable:
 
     def allocate(self, hint: int | None = None) -> int:
         """Take a free unit and count one reference to it (inside a mini-transaction)."""
-        unit = self.find_free(hint)
-        if unit is None:
-            raise NbdError(errno.ENOSPC, f"no free {self.what}")
+        unit = self._find_or_let_go(hint)
         self.incref(unit)
         return unit
 

@@ -57,7 +57,16 @@ from hypothesis.stateful import (
 from poolkit import TINY_CACHE, KiB, PoolEnv, describe_diff
 
 from nbdserver.backend.base import ALLOCATION_DEPTH, BASE_ALLOCATION, STATE_HOLE, STATE_ZERO
-from nbdserver.blockmap.base import BlockMap, designs, target_at
+from nbdserver.blockmap.base import (
+    ASK,
+    FRESH,
+    HOLE,
+    BlockMap,
+    InPlace,
+    Redirect,
+    designs,
+    target_at,
+)
 from nbdserver.errors import NbdError, UserError
 from nbdserver.pool.format import VolumeRecord
 
@@ -424,6 +433,9 @@ class PoolModel(RuleBasedStateMachine):
                 if hi > lo:
                     assert await env.pool.cache.run(partial(expand_runs, env.pool.map, record,
                                                             lo, hi)) == [], record.name
+            # and so do the one-chunk short forms of lookup and write_target
+            assert await env.pool.cache.run(partial(short_forms, env.pool.map, record,
+                                                    chunks)) == [], record.name
         for vol in env.pool.live_volumes():
             assert 0 <= vol.reserved <= -(-vol.size // self.chunk), vol
             assert vol.guaranteed or vol.reserved == 0, vol
@@ -450,6 +462,24 @@ def expand_runs(bmap: BlockMap, vol: VolumeRecord, lo: int, hi: int) -> list[str
             for lc, t in zip(range(lo, hi), got, strict=True)
             if t != (want := bmap.write_target(vol, lc))] if pos == hi else [
         f"runs end at {pos}, not {hi}"]
+
+
+def short_forms(bmap: BlockMap, vol: VolumeRecord, chunks: int) -> list[str]:
+    """Where ``chunk_at`` disagrees with ``lookup``, or ``write_chunk`` with
+    ``write_target``, for chunks [0, chunks)."""
+    out = []
+    for lc in range(chunks):
+        pc = bmap.chunk_at(vol, lc)
+        want_pc = bmap.lookup(vol, lc, 1)[0].pc
+        if pc != want_pc:
+            out.append(f"chunk {lc}: chunk_at says {pc}, lookup {want_pc}")
+        short = bmap.write_chunk(vol, lc)
+        target = bmap.write_target(vol, lc)
+        want = (target.pc if type(target) is InPlace
+                else FRESH if type(target) is Redirect and target.into == HOLE else ASK)
+        if short != want:
+            out.append(f"chunk {lc}: write_chunk says {short}, write_target {target}")
+    return out
 
 
 def run_model(config: ModelConfig, profile: str, **overrides: Any) -> None:

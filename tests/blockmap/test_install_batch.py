@@ -153,7 +153,7 @@ async def test_a_failed_fresh_write_gives_its_chunk_back(make_pool: PoolFactory,
     with pytest.raises(NbdError) as err:
         await origin.write(5 * chunk, pattern(9, chunk))
     assert err.value.errno == errno.EIO
-    assert not pool.data.claimed and pool.data.used == used
+    assert not pool.data.in_flight and pool.data.used == used
     backend.engine = failing._engine
     await origin.write(6 * chunk, pattern(10, chunk))
     await _assert_contents(env, {6: pattern(10, chunk)})

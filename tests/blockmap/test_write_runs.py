@@ -25,13 +25,13 @@ async def test_long_writes_map_runs_of_chunks(make_pool: PoolFactory, design: st
     n = 96
     bmap = env.pool.map
     runs: list[int] = []
-    plain = bmap.map_run
+    plain = bmap.map_fresh  # (what map_run and the batches of fresh writes both use)
 
-    def spy(vol: Any, lc: int, pc: int, count: int) -> None:
+    def spy(vol: Any, lc: int, pc: int, count: int, born: Any) -> None:
         runs.append(count)
-        plain(vol, lc, pc, count)
+        plain(vol, lc, pc, count, born)
 
-    bmap.map_run = spy  # type: ignore[method-assign]
+    bmap.map_fresh = spy  # type: ignore[method-assign]
     want: dict[str, bytearray] = {}
 
     async def write(name: str, first: int, count: int, seed: int) -> None:

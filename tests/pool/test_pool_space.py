@@ -18,7 +18,7 @@ from nbdserver.errors import NbdError
 from nbdserver.pool.format import PAGE_SIZE, REFS_PER_PAGE
 from nbdserver.pool.pages import PageCache
 from nbdserver.pool.pool import _read_pages_sync
-from nbdserver.pool.space import RefTable
+from nbdserver.pool.space import SPARE_RUN, RefTable
 from nbdserver.storage.device import BlockDevice, open_device
 
 
@@ -128,6 +128,55 @@ def test_claimed_units_are_not_handed_out_again(device: BlockDevice) -> None:
     assert claimed[1] not in table.claimed and table.get(claimed[1]) == 1
 
 
+def test_claims_ahead_come_from_one_run_in_order(device: BlockDevice) -> None:
+    """Claims `ahead` take a spare run once and hand it out in order; spare units are
+    claimed (nobody else takes them) but not in flight, and counting one (mapping it)
+    takes it out of the claims."""
+    table = make_table(device, 3 * SPARE_RUN)
+    first = [table.claim(ahead=True) for _ in range(3)]
+    assert first == [first[0], first[0] + 1, first[0] + 2]
+    assert len(table.claimed) == SPARE_RUN and table.in_flight == 3
+    with table.cache.mtr():
+        other = table.allocate()  # a plain allocation skips the spare run
+    assert not first[0] <= other < first[0] + SPARE_RUN
+    rest = [table.claim(ahead=True) for _ in range(SPARE_RUN - 3)]
+    assert rest == list(range(first[0] + 3, first[0] + SPARE_RUN))
+    assert not table.spare and table.in_flight == SPARE_RUN
+    with table.cache.mtr():
+        table.incref(first[0])
+    assert first[0] not in table.claimed and table.in_flight == SPARE_RUN - 1
+    nxt = table.claim(ahead=True)  # a new run, after the one used up
+    assert nxt not in first + rest + [other]
+    assert table.spare == range(nxt + 1, nxt + 1 + len(table.spare)) and table.spare
+
+
+def test_a_rolled_back_claim_ahead_goes_back_to_the_spare_run(device: BlockDevice) -> None:
+    table = make_table(device, 100)
+    a = table.claim(ahead=True)
+    spare, claimed = table.spare, set(table.claimed)
+    with pytest.raises(RuntimeError), table.cache.mtr():
+        b = table.claim(ahead=True)
+        assert b == a + 1
+        raise RuntimeError("rolled back")
+    assert table.spare == spare and table.claimed == claimed
+    assert table.claim(ahead=True) == a + 1
+
+
+def test_a_full_table_lets_the_spare_run_go(device: BlockDevice) -> None:
+    """The spare run is free space: when nothing else is free, a claim or an allocation
+    takes its units rather than failing."""
+    table = make_table(device, 20)
+    a = table.claim(ahead=True)  # the spare run is the whole table
+    assert table.in_flight == 1 and len(table.claimed) == 20
+    with table.cache.mtr():
+        others = [table.allocate() for _ in range(19)]
+    assert a not in others and len(set(others)) == 19
+    assert table.claimed == {a} and not table.spare
+    with pytest.raises(NbdError) as e:
+        table.claim(ahead=True)
+    assert e.value.errno == errno.ENOSPC
+
+
 def test_enospc_when_full(device: BlockDevice) -> None:
     table = make_table(device, 16)
     with table.cache.mtr():
@@ -234,13 +283,13 @@ async def test_pool_quarantine_outlives_inflight_transfers(make_pool: PoolFactor
     await vol.flush()
     (run,) = pool.map.lookup(pool.volume("v"), 0, 1)
     pc = run.pc
-    reader = pool.epochs.begin()  # a read of that chunk, still in flight
+    reader = pool.epochs.begin_read()  # a read of that chunk, still in flight
     await vol.trim(0, 4096)
     assert pool.data.get(pc) == 0
     assert pool.data.find_free(pc) != pc, "freed but not durable: not reusable"
     await vol.flush()  # the free is durable now, but the read is still going
     assert pool.data.find_free(pc) != pc, "reusable while a read begun before may touch it"
-    pool.epochs.end(reader)
+    pool.epochs.end_read(reader)
     assert pool.data.find_free(pc) == pc
     await env.assert_clean()
 
@@ -304,3 +353,19 @@ def test_claim_run_rolls_back_and_counts_a_run_once(device: BlockDevice) -> None
         [*range(REFS_PER_PAGE - 10, REFS_PER_PAGE - 5), *range(REFS_PER_PAGE, REFS_PER_PAGE + 15)])
     assert table.free_in_page[0] == REFS_PER_PAGE - 5 and table.free_in_page[1] == \
         REFS_PER_PAGE
+
+
+async def test_spare_chunks_count_as_free_space(make_pool: PoolFactory) -> None:
+    """4 KiB first writes after a snapshot claim chunks ahead (radix): the spare ones
+    are still free space for `pool info` and for every volume's writes."""
+    env = await make_pool("radix")
+    pool = env.pool
+    vol = await env.create("v", 64 * KiB)
+    await vol.write(0, pattern(1, 64 * KiB))
+    await env.snapshot("v", "s")
+    before = pool.available_chunks()
+    await vol.write(4 * KiB, pattern(2, 4 * KiB))  # one fresh chunk
+    assert pool.data.spare, "the write claimed a run ahead"
+    assert pool.data.in_flight == 0
+    assert pool.available_chunks() == before - 1
+    await env.assert_clean()
