@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all install deps run test test-fast lint typecheck bench study crash-test fuzz soak clean
+.PHONY: all install deps run test test-fast lint typecheck bench instructions study crash-test fuzz soak clean
 
 all: test
 
@@ -40,6 +40,10 @@ test-fast: install
 
 bench: install deps
 	$(BIN)/python scripts/bench.py
+
+# Instructions per I/O under callgrind: the same count on a busy or an idle machine.
+instructions: install deps
+	$(BIN)/python scripts/instructions.py
 
 study: install deps
 	$(BIN)/python scripts/study.py

@@ -1,4 +1,4 @@
-"""Short runs of the long campaigns in ``scripts/``: the benchmark and the study.
+"""Short runs of the long campaigns in ``scripts/``: the benchmarks and the study.
 
 ``make bench`` and ``make study`` take many minutes; here each runs for a few
 seconds on tiny sizes, so a change that breaks them fails the suite. The
@@ -52,3 +52,20 @@ def test_study_quick_run_writes_report_and_plots(tmp_path: Path) -> None:
     assert "radix" in text and "extent" in text and "linear" in text
     plots = list((tmp_path / "study").glob("*.png"))
     assert {p.name for p in plots} >= {"snapshots.png", "creation.png"}, plots
+
+
+def test_instructions_short_run_counts_every_workload(tmp_path: Path) -> None:
+    out = tmp_path / "instr.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "instructions.py"), "--ios", "100", "--size",
+         "16M", "--designs", "radix", "--dir", str(tmp_path), "--json", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = json.loads(out.read_text())["instructions_per_io"]["nbdserver"]
+    assert set(counts) == {"file read", "file write", "radix read", "radix write in place",
+                           "radix first write"}
+    # Each count is a real measurement (a 4 KiB request costs the server tens of
+    # thousands of instructions), not a zero or an empty dump.
+    assert all(5_000 < n < 5_000_000 for n in counts.values()), counts
+    assert "file read / radix read" in proc.stdout
+    assert not list(tmp_path.glob("nbd-instr-*")), "the work directory was not removed"
