@@ -13,7 +13,7 @@ import logging
 from nbdserver.config import Config, ExportConfig, PoolConfig
 from nbdserver.control.socket import ControlServer
 from nbdserver.errors import UserError
-from nbdserver.pool.pool import Pool
+from nbdserver.pool.pool import SERVER_LOCK_WAIT_SECONDS, Pool
 from nbdserver.storage.buffers import BufferPool
 from nbdserver.storage.engine import IoEngine
 from nbdserver.volume import VolumeBackend
@@ -51,7 +51,8 @@ class OpenPools:
                 raise UserError(f"{pc.key}.create: {e}") from e
         try:
             return await Pool.open(pc.path, self.engine, self.buffers,
-                                   cache_bytes=self.config.server.cache_size)
+                                   cache_bytes=self.config.server.cache_size,
+                                   lock_wait=SERVER_LOCK_WAIT_SECONDS)
         except UserError as e:
             raise UserError(f"{pc.key}: {e}") from e
 

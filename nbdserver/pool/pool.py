@@ -82,6 +82,11 @@ STATS_TURN = 0.002  # volume_stats: seconds of work between two turns of the eve
 # the cache keeps them (the data table's first: allocations and sharing changes read them).
 PRELOAD_SHARE = 4
 RELEASE_BUDGET = 2048  # map entries released per mini-transaction when deleting
+# A server waits this long for the pool's lock: a process killed a moment ago may hold it
+# until the kernel has finished with its files. (The CLI does not wait: a held lock tells
+# it a server has the pool open, and it asks that server instead.)
+SERVER_LOCK_WAIT_SECONDS = 3.0
+LOCK_RETRY_SECONDS = 0.02
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
@@ -206,11 +211,21 @@ class Pool:
 
     @classmethod
     async def open(cls, path: str | Path, engine: IoEngine, buffers: BufferPool, *,
-                   cache_bytes: int = DEFAULT_CACHE_BYTES, offline: bool = False) -> Pool:
-        """Open (and if needed recover) the pool at `path`. Raises UserError."""
+                   cache_bytes: int = DEFAULT_CACHE_BYTES, offline: bool = False,
+                   lock_wait: float = 0.0) -> Pool:
+        """Open (and if needed recover) the pool at `path`. Raises UserError, PoolBusy
+        if another process still holds the pool after `lock_wait` seconds."""
         device = open_device(path)
         try:
-            _lock(device)
+            deadline = time.monotonic() + lock_wait
+            while True:
+                try:
+                    _lock(device)
+                    break
+                except PoolBusy:
+                    if time.monotonic() >= deadline:
+                        raise
+                await asyncio.sleep(LOCK_RETRY_SECONDS)
             sb = _read_superblock(device)
             sb = _recover(device, sb)
             pool = cls(device, sb, engine, buffers, cache_bytes, offline)

@@ -386,14 +386,8 @@ class PoolModel(RuleBasedStateMachine):
     def crash_after_flush(self) -> None:
         """Everything is flushed, then the process dies: replay must restore it all."""
         async def crash() -> None:
-            pool = self.env.pool
-            await pool.commit()
-            for name in list(self.env.vols):
-                await self.env.release(name)
-            # The home writes of the commit hold the file (and its lock) while in flight.
-            await pool._home_done.wait()
-            pool.abandon()
-            await self.env.open()
+            await self.env.pool.commit()
+            await self.env.crash()
 
         self.since_reopen = 0
         self.run(crash())

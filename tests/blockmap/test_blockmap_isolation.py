@@ -268,11 +268,7 @@ async def test_crash_after_unflushed_unshare(make_pool: PoolFactory, design: str
     await env.pool.commit()
     await b.write(0, pattern(2, chunk))  # the fork copies chunk 0 away (not flushed)
     await a.write(0, pattern(3, chunk))  # the origin, sole owner now, writes it (not flushed)
-    for name in list(env.vols):
-        await env.release(name)
-    await env.pool._home_done.wait()
-    env.pool.abandon()  # kill -9
-    await env.open()
+    await env.crash()  # kill -9
     got = await env.vol("b").read(0, chunk)
     assert got != pattern(3, chunk), "after the crash the fork reads the origin's new bytes"
     assert got in (pattern(1, chunk), pattern(2, chunk))

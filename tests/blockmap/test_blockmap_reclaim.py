@@ -217,10 +217,7 @@ async def test_delete_interrupted_by_a_crash_finishes_at_open(make_pool: PoolFac
     await pool.commit()  # what was released so far is durable; the rest is not done
     assert steps == 6 and any(v.name == victim and v.flags & VF_DELETING
                               for v in pool.volumes.values())
-    for name in list(env.vols):
-        await env.release(name)
-    await pool._home_done.wait()
-    pool.abandon()
+    await env.crash(reopen=False)
     monkeypatch.undo()
     await env.open()
     assert victim not in env.names()

@@ -423,11 +423,7 @@ async def test_crash_after_unflushed_unshare_by_the_fork(make_pool: PoolFactory,
     await origin.write(0, pattern(3, CHUNK))
     target = await env.pool.cache.run(lambda: env.pool.map.write_target(rec, 0))
     assert isinstance(target, InPlace), "claimed once, then in place"
-    for name in list(env.vols):
-        await env.release(name)
-    await env.pool._home_done.wait()
-    env.pool.abandon()  # kill -9
-    await env.open()
+    await env.crash()  # kill -9
     got = await env.vol("f").read(0, CHUNK)
     mine = bytearray(pattern(1, CHUNK))
     mine[100:104] = b"mine"

@@ -300,10 +300,7 @@ async def test_pool_journal_wraps_and_recovers(make_pool: PoolFactory) -> None:
     assert pool.ring.seq - start_seq >= 120
     assert wraps >= 3, "the ring never wrapped"
     assert pool.sb.seq > sb_seq, "never checkpointed"
-    await pool._home_done.wait()
-    await env.release("v")
-    pool.abandon()  # a crash: no final commit, no checkpoint
-    await env.open()
+    await env.crash()  # no final commit, no checkpoint
     assert await env.vol("v").read_all() == model
     await env.assert_clean()
 
@@ -323,9 +320,7 @@ async def test_recovery_replays_unwritten_home_pages(make_pool: PoolFactory) -> 
     pool._write_home = lambda images: written.extend(p for p, _ in images)  # type: ignore[method-assign]
     await vol.flush()
     assert written, "the commit had metadata to write home"
-    await env.release("v")
-    pool.abandon()
-    await env.open()
+    await env.crash()
     got = await env.vol("v").read_all()
     assert got[4096:4096 + len(data)] == data and not any(got[:4096])
     await env.assert_clean()

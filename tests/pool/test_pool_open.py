@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,31 @@ async def test_second_open_is_refused(make_pool: PoolFactory) -> None:
     try:
         with pytest.raises(PoolBusy, match="in use"):
             await Pool.open(env.path, engine, BufferPool())
+    finally:
+        engine.close()
+
+
+async def test_open_waits_for_the_lock_when_asked(make_pool: PoolFactory) -> None:
+    """A server starting right after another died waits a moment for the pool's lock:
+    it gets the pool once the holder lets go, and PoolBusy if it never does."""
+    env = await make_pool("radix")
+    await env.create("v", 64 * KiB)
+    engine = make_engine(asyncio.get_running_loop())
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(PoolBusy, match="in use"):
+            await Pool.open(env.path, engine, BufferPool(), lock_wait=0.3)
+        assert time.monotonic() - t0 >= 0.3
+
+        async def let_go() -> None:
+            await asyncio.sleep(0.2)
+            await env.close()
+
+        closing = asyncio.ensure_future(let_go())
+        pool = await Pool.open(env.path, engine, BufferPool(), lock_wait=10)
+        await closing
+        assert [v.name for v in pool.live_volumes()] == ["v"]
+        await pool.close()
     finally:
         engine.close()
 
