@@ -444,9 +444,12 @@ class VolumeBackend:
         pool = self.pool
         if pool.cache.dirty_count >= pool.dirty_limit():
             return False  # back-pressure (see Pool.run)
+        bmap = self.map
         try:  # (a claim changes no page: no mini-transaction to undo it)
-            pc = pool.claim_chunk(self.vol, self.map.alloc_hint(self.vol, lc),
-                                  ahead=self.map.next_fit)
+            if bmap.next_fit:  # (no hint to ask for)
+                pc = pool.claim_chunk(self.vol, None, ahead=True)
+            else:
+                pc = pool.claim_chunk(self.vol, bmap.alloc_hint(self.vol, lc))
         except (PageMiss, NbdError):
             return False
         length = len(data)
@@ -497,16 +500,21 @@ class VolumeBackend:
         cache = pool.cache
         born: list[tuple[int, int]] = []  # the fresh chunks, counted at the end (one run)
         born_pages = 0  # refcount pages that counting them may dirty, at most
+        vol = self.vol
+        map_fresh = self.map.map_fresh
+        charged = 0  # chunks mapped, charged to a guarantee at the end (Pool.charge)
         try:
             with cache.mtr():
                 for fresh, _ in batch:
                     if cache.dirty_count + born_pages >= limit:
                         break  # the rest waits for a commit (see Pool.run)
                     for lc, pc, n in fresh:
-                        self.map.map_fresh(self.vol, lc, pc, n, born)
-                        pool.charge(self.vol, n)
-                        born_pages += data.pages_spanned(pc, n)
+                        map_fresh(vol, lc, pc, n, born)
+                        charged += n
+                        born_pages += 1 if n == 1 else data.pages_spanned(pc, n)
                     installed += 1
+                if charged:
+                    pool.charge(vol, charged)
                 data.incref_runs(born)
         except (PageMiss, NbdError):
             installed = 0  # nothing of the batch was kept
