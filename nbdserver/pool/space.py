@@ -195,9 +195,9 @@ class RefTable:
         chunks of a batch of writes, claimed one after another, make one run)."""
         if not runs:
             return
-        runs.sort()
-        unit, count = runs[0]
-        for u, n in runs[1:]:
+        ordered = sorted(runs)
+        unit, count = ordered[0]
+        for u, n in ordered[1:]:
             if u == unit + count:
                 count += n
             else:
