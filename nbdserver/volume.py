@@ -127,6 +127,7 @@ class VolumeBackend:
         self._fd = pool.device.fd
         self._data_start = pool.layout.data_start
         self._align_mask = pool.device.alignment - 1
+        self._dirty_limit = pool.dirty_limit()  # (fixed while the pool is open)
         self._locks = RangeLocks()
         self._tasks: set[asyncio.Task[Any]] = set()
         # Fresh chunks written, waiting to be mapped at the end of this batch of I/O
@@ -442,7 +443,7 @@ class VolumeBackend:
         write): claim it, write it, and map it with the other installs of this batch of
         completions. False (nothing done) when the slow path must do it."""
         pool = self.pool
-        if pool.cache.dirty_count >= pool.dirty_limit():
+        if pool.cache.dirty_count >= self._dirty_limit:
             return False  # back-pressure (see Pool.run)
         bmap = self.map
         try:  # (a claim changes no page: no mini-transaction to undo it)
@@ -457,8 +458,7 @@ class VolumeBackend:
         buf = buffers.get(length)
         buf.view[:length] = data
         locks = self._locks
-        lock = locks.try_hold(lc, lc + 1)
-        assert lock is not None  # write() saw no overlapping lock, synchronously
+        lock = locks.hold_unit(lc)  # write() saw it free, synchronously
         epochs = self.epochs
         epoch = epochs.begin_write()
         self._writes += 1
@@ -474,7 +474,10 @@ class VolumeBackend:
 
         def complete(res: int) -> None:
             if res == length:
-                self._queue_install([(lc, pc, 1)], finish)
+                installs = self._installs  # (_queue_install, inline)
+                if not installs:
+                    self.engine.after_completions(self._install_queued)
+                installs.append(([(lc, pc, 1)], finish))
             else:
                 err = -res if res < 0 else errno.EIO
                 finish(NbdError(err, f"write at {lc * self.chunk}: error {err}"))

@@ -78,6 +78,14 @@ class RangeLocks:
             return None
         return self._add(start, end)
 
+    def hold_unit(self, unit: int) -> int:
+        """Lock the one unit `unit`, which the caller saw free with no await since (the
+        hot path of a one-chunk write: no check again); the key for :meth:`release`."""
+        key = self._next
+        self._next = key + 1
+        self.held[key] = self._unit[unit] = _Held(unit, unit + 1)
+        return key
+
     def release(self, key: int) -> None:
         held = self.held.pop(key)
         if held.end - held.start == 1:

@@ -410,10 +410,11 @@ class Pool:
         """ENOSPC unless `vol` may take `count` more chunks now: a guaranteed volume with
         chunks still promised takes from every free chunk not in flight or quarantined,
         a thin one only from those not promised to guaranteed volumes."""
-        if vol.guaranteed and vol.reserved > 0:
-            room = self.data.free - self.data.in_flight - len(self.data.quarantine)
-        else:
-            room = self.available_chunks()
+        data = self.data  # (inline arithmetic: this runs for every first write)
+        room = (data.count - data.used - len(data.claimed) + len(data.spare)
+                - len(data.quarantine))  # free, less in flight (RefTable.in_flight)
+        if not (vol.reserved > 0 and vol.guaranteed):
+            room -= self.state.data_reserved  # promised to guaranteed volumes
         if room < count:
             raise NbdError(errno.ENOSPC, f"pool {self.path.name} has no free space")
 

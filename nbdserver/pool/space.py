@@ -99,25 +99,18 @@ class RefTable:
         page = self.cache.get(self.first_page + unit // REFS_PER_PAGE)
         return int(_U32.unpack_from(page, PAGE_HEADER_SIZE + 4 * (unit % REFS_PER_PAGE))[0])
 
-    def _change(self, unit: int, by: int) -> int:
-        """Add `by` (+1 or -1) to the count of `unit` in one page access; the old count.
+    def incref(self, unit: int, by: int = 1) -> int:
+        """Add `by` (> 0) references to `unit` in one page access; the new count.
 
-        (The hot path of every map change: one lookup of the page, one undo entry.)"""
+        (incref and decref are the hot path of every map change: one lookup of the
+        page, one undo entry, no further call unless a unit becomes used or free.)"""
         pi, i = divmod(unit, REFS_PER_PAGE)
         page = self.cache.modify(self.first_page + pi, PT_REFCOUNT)
         off = PAGE_HEADER_SIZE + 4 * i
         old: int = _U32.unpack_from(page, off)[0]
-        if old + by < 0:
-            raise AssertionError(f"{self.what} {unit}: reference count already zero")
         _U32.pack_into(page, off, old + by)
         if old == 0:
             self._count_change(pi, 1)
-        elif old + by == 0:
-            self._count_change(pi, -1)
-        return old
-
-    def incref(self, unit: int, by: int = 1) -> int:
-        old = self._change(unit, by)
         claimed = self.claimed
         if unit in claimed:
             claimed.discard(unit)
@@ -126,8 +119,15 @@ class RefTable:
 
     def decref(self, unit: int) -> int:
         """Drop one reference; a unit reaching zero is freed (and quarantined if asked)."""
-        old = self._change(unit, -1)
+        pi, i = divmod(unit, REFS_PER_PAGE)
+        page = self.cache.modify(self.first_page + pi, PT_REFCOUNT)
+        off = PAGE_HEADER_SIZE + 4 * i
+        old: int = _U32.unpack_from(page, off)[0]
+        if old == 0:
+            raise AssertionError(f"{self.what} {unit}: reference count already zero")
+        _U32.pack_into(page, off, old - 1)
         if old == 1:
+            self._count_change(pi, -1)
             self._note_freed([unit])
         return old - 1
 
