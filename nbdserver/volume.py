@@ -144,39 +144,33 @@ class VolumeBackend:
     # -- reads -----------------------------------------------------------------------------
 
     def read(self, offset: int, length: int, done: ReadDone) -> None:
-        if not (offset | length) & self._align_mask:
-            shift = self._shift
-            lc = offset >> shift
-            last = (offset + length - 1) >> shift
-            try:
-                if last == lc:  # one chunk (a 4 KiB read): no run objects
-                    pc = self.map.chunk_at(self.vol, lc)
-                    if pc == HOLE:
-                        done(ReadResult(((offset, length, None),), None))
-                    else:
-                        self._read_one(offset, length,
-                                       self._data_start + offset + ((pc - lc) << shift), done)
+        if (offset | length) & self._align_mask:
+            self._spawn_read(self._read_slow(offset, length), done)
+            return
+        shift = self._shift
+        lc = offset >> shift
+        last = (offset + length - 1) >> shift
+        try:
+            if last == lc:  # one chunk (a 4 KiB read): no run objects
+                pc = self.map.chunk_at(self.vol, lc)
+                if pc == HOLE:
+                    done(ReadResult(((offset, length, None),), None))
                     return
-                runs = self.map.lookup(self.vol, lc, last - lc + 1)
-            except PageMiss:
-                pass
             else:
+                runs = self.map.lookup(self.vol, lc, last - lc + 1)
                 first = runs[0]
-                if len(runs) == 1 and first.pc != HOLE:
-                    self._read_one(offset, length, self._data_start + offset
-                                   + ((first.pc - first.lc) << shift), done)
-                else:
+                if len(runs) != 1 or first.pc == HOLE:
                     self._read_runs(offset, length, runs, done)
-                return
-        self._spawn_read(self._read_slow(offset, length), done)
-
-    def _read_one(self, offset: int, length: int, dev: int, done: ReadDone) -> None:
-        """One physically contiguous run at device offset `dev` (the common small read):
-        one AIO read."""
-        buf = self.buffers.get(length)
+                    return
+                pc = first.pc + lc - first.lc
+        except PageMiss:
+            self._spawn_read(self._read_slow(offset, length), done)
+            return
+        # One physically contiguous run (every small read): one AIO read, inline.
+        buffers = self.buffers
+        buf = buffers.get(length)
         epochs = self.epochs
         epoch = epochs.begin_read()
-        buffers = self.buffers
 
         def complete(res: int) -> None:
             epochs.end_read(epoch)
@@ -188,7 +182,8 @@ class VolumeBackend:
                 done(ReadResult(((offset, length, buf.view[:length]),),
                                 lambda: buffers.put(buf)))
 
-        self.engine.read(self._fd, buf, 0, length, dev, complete)
+        self.engine.read(self._fd, buf, 0, length,
+                         self._data_start + offset + ((pc - lc) << shift), complete)
 
     def _read_runs(self, offset: int, length: int, runs: list[Run], done: ReadDone) -> None:
         """Issue the AIO reads for `runs` (aligned request); completes `done`.
@@ -329,8 +324,7 @@ class VolumeBackend:
                     pc = ASK
                 if pc >= 0:
                     if not (fua and self.pool.metadata_pending()):
-                        self._write_in_place(offset, data, self._data_start + offset
-                                             + ((pc - lc) << shift), done, fua)
+                        self._write_in_place(offset, data, pc - lc, done, fua)
                         return
                 elif (pc == FRESH and length == self.chunk and not fua
                       and self._write_fresh(lc, data, done)):
@@ -414,10 +408,11 @@ class VolumeBackend:
                 writes.append((s, e - s, dev))
         return writes, fresh
 
-    def _write_in_place(self, offset: int, data: memoryview, dev: int, done: Done,
+    def _write_in_place(self, offset: int, data: memoryview, moved: int, done: Done,
                         fua: bool) -> None:
-        """One device write of the whole request, at `dev` (the chunks are the volume's
-        alone and need no map change): the leanest path, for small in-place writes."""
+        """One device write of the whole request, `moved` chunks from where the volume's
+        offset would be (the chunks are the volume's alone and need no map change): the
+        leanest path, for small in-place writes."""
         length = len(data)
         buffers = self.buffers
         buf = buffers.get(length)
@@ -429,14 +424,17 @@ class VolumeBackend:
         def complete(res: int) -> None:
             epochs.end_write(epoch)
             buffers.put(buf)
-            self._write_ended()
+            self._writes -= 1  # (_write_ended, inline)
+            if not self._writes and self._drained is not None:
+                self._write_ended_last()
             if res == length:
                 done(None)
             else:
                 err = -res if res < 0 else errno.EIO
                 done(NbdError(err, f"write at {offset}: error {err}"))
 
-        self.engine.write(self._fd, buf, 0, length, dev, complete, fua)
+        self.engine.write(self._fd, buf, 0, length,
+                          self._data_start + offset + (moved << self._shift), complete, fua)
 
     def _write_fresh(self, lc: int, data: memoryview, done: Done) -> bool:
         """Write one whole chunk into a fresh chunk (a 4 KiB copy-on-write, or a first
@@ -969,8 +967,13 @@ class VolumeBackend:
     def _write_ended(self) -> None:
         self._writes -= 1
         if not self._writes and self._drained is not None:
-            self._drained.set()
-            self._drained = None
+            self._write_ended_last()
+
+    def _write_ended_last(self) -> None:
+        """The last write in flight ended while a snapshot waits (see _quiesce)."""
+        assert self._drained is not None
+        self._drained.set()
+        self._drained = None
 
     # -- plumbing ---------------------------------------------------------------------------------
 
