@@ -369,3 +369,34 @@ async def test_spare_chunks_count_as_free_space(make_pool: PoolFactory) -> None:
     assert pool.data.in_flight == 0
     assert pool.available_chunks() == before - 1
     await env.assert_clean()
+
+
+async def test_claims_take_only_the_room_a_volume_has(make_pool: PoolFactory) -> None:
+    """A claim's room (Pool._may_take, the check of every first write): a thin volume
+    takes free chunks not in flight and not promised (spare ones included, as in
+    available_chunks); a guaranteed volume with chunks still promised takes those."""
+    env = await make_pool("radix")
+    pool = env.pool
+    vol = await env.create("v", 64 * KiB)
+    await vol.write(0, pattern(1, 64 * KiB))
+    await env.snapshot("v", "s")
+    await vol.write(4 * KiB, pattern(2, 4 * KiB))  # a spare run claimed ahead
+    assert pool.data.spare
+    thin = pool.volume("v")
+    room = pool.available_chunks()
+    pool._may_take(thin, room)  # all of it: no error
+    with pytest.raises(NbdError) as e:
+        pool._may_take(thin, room + 1)
+    assert e.value.errno == errno.ENOSPC
+    # Promise all but 3 of the room to a guaranteed volume: the thin one keeps 3 ...
+    chunk = pool.chunk_size
+    await env.create("g", (room - 3) * chunk, guarantee=True)
+    promised = pool.volume("g")
+    assert promised.reserved == room - 3 and pool.available_chunks() == 3
+    pool._may_take(thin, 3)
+    with pytest.raises(NbdError):
+        pool._may_take(thin, 4)
+    # ... and the guaranteed one may take the promised chunks and those 3.
+    pool._may_take(promised, room)
+    with pytest.raises(NbdError):
+        pool._may_take(promised, room + 1)

@@ -44,6 +44,19 @@ def test_overlapping_matches_a_plain_scan() -> None:
             del held[gone]
 
 
+def test_hold_unit_locks_what_try_hold_would() -> None:
+    locks = RangeLocks()
+    key = locks.hold_unit(7)
+    assert locks.unit_held(7) and not locks.unit_held(6)
+    assert locks.try_hold(7, 8) is None and locks.try_hold(0, 100) is None
+    other = locks.hold_unit(8)
+    assert other != key
+    locks.release(key)
+    assert not locks.unit_held(7) and locks.unit_held(8)
+    locks.release(other)
+    assert not locks
+
+
 async def test_hold_waits_for_an_overlapping_unit() -> None:
     locks = RangeLocks()
     key = locks.try_hold(3, 4)
