@@ -150,21 +150,23 @@ class VolumeBackend:
         shift = self._shift
         lc = offset >> shift
         last = (offset + length - 1) >> shift
+        runs: list[Run] | None = None
         try:
             if last == lc:  # one chunk (a 4 KiB read): no run objects
                 pc = self.map.chunk_at(self.vol, lc)
-                if pc == HOLE:
-                    done(ReadResult(((offset, length, None),), None))
-                    return
             else:
                 runs = self.map.lookup(self.vol, lc, last - lc + 1)
-                first = runs[0]
-                if len(runs) != 1 or first.pc == HOLE:
-                    self._read_runs(offset, length, runs, done)
-                    return
-                pc = first.pc + lc - first.lc
         except PageMiss:
             self._spawn_read(self._read_slow(offset, length), done)
+            return
+        if runs is not None:
+            first = runs[0]
+            if len(runs) != 1 or first.pc == HOLE:
+                self._read_runs(offset, length, runs, done)
+                return
+            pc = first.pc + lc - first.lc
+        elif pc == HOLE:
+            done(ReadResult(((offset, length, None),), None))
             return
         # One physically contiguous run (every small read): one AIO read, inline.
         buffers = self.buffers
