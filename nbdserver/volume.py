@@ -326,7 +326,8 @@ class VolumeBackend:
                     pc = ASK
                 if pc >= 0:
                     if not (fua and self.pool.metadata_pending()):
-                        self._write_in_place(offset, data, pc - lc, done, fua)
+                        self._write_in_place(offset, data, self._data_start + offset
+                                             + ((pc - lc) << shift), done, fua)
                         return
                 elif (pc == FRESH and length == self.chunk and not fua
                       and self._write_fresh(lc, data, done)):
@@ -375,7 +376,7 @@ class VolumeBackend:
             return None  # FUA must then commit: the slow path does
         fresh: list[tuple[int, int, int]] = []
         if redirects:
-            if pool.cache.dirty_count >= pool.dirty_limit():
+            if pool.cache.dirty_count >= self._dirty_limit:
                 return None  # back-pressure (see Pool.run)
             try:
                 with pool.cache.mtr():  # a PageMiss or ENOSPC gives the claims back
@@ -410,11 +411,10 @@ class VolumeBackend:
                 writes.append((s, e - s, dev))
         return writes, fresh
 
-    def _write_in_place(self, offset: int, data: memoryview, moved: int, done: Done,
+    def _write_in_place(self, offset: int, data: memoryview, dev: int, done: Done,
                         fua: bool) -> None:
-        """One device write of the whole request, `moved` chunks from where the volume's
-        offset would be (the chunks are the volume's alone and need no map change): the
-        leanest path, for small in-place writes."""
+        """One device write of the whole request, at `dev` (the chunks are the volume's
+        alone and need no map change): the leanest path, for small in-place writes."""
         length = len(data)
         buffers = self.buffers
         buf = buffers.get(length)
@@ -426,17 +426,14 @@ class VolumeBackend:
         def complete(res: int) -> None:
             epochs.end_write(epoch)
             buffers.put(buf)
-            self._writes -= 1  # (_write_ended, inline)
-            if not self._writes and self._drained is not None:
-                self._write_ended_last()
+            self._write_ended()
             if res == length:
                 done(None)
             else:
                 err = -res if res < 0 else errno.EIO
                 done(NbdError(err, f"write at {offset}: error {err}"))
 
-        self.engine.write(self._fd, buf, 0, length,
-                          self._data_start + offset + (moved << self._shift), complete, fua)
+        self.engine.write(self._fd, buf, 0, length, dev, complete, fua)
 
     def _write_fresh(self, lc: int, data: memoryview, done: Done) -> bool:
         """Write one whole chunk into a fresh chunk (a 4 KiB copy-on-write, or a first
@@ -474,10 +471,7 @@ class VolumeBackend:
 
         def complete(res: int) -> None:
             if res == length:
-                installs = self._installs  # (_queue_install, inline)
-                if not installs:
-                    self.engine.after_completions(self._install_queued)
-                installs.append(([(lc, pc, 1)], finish))
+                self._queue_install([(lc, pc, 1)], finish)
             else:
                 err = -res if res < 0 else errno.EIO
                 finish(NbdError(err, f"write at {lc * self.chunk}: error {err}"))
@@ -497,7 +491,7 @@ class VolumeBackend:
     def _install_queued(self) -> None:
         batch, self._installs = self._installs, []
         pool = self.pool
-        limit = pool.dirty_limit()
+        limit = self._dirty_limit
         installed = 0
         data = pool.data
         cache = pool.cache
@@ -533,7 +527,7 @@ class VolumeBackend:
     def _install_one(self, fresh: list[tuple[int, int, int]],
                      finish: Callable[[NbdError | None], None]) -> None:
         pool = self.pool
-        if pool.cache.dirty_count < pool.dirty_limit():
+        if pool.cache.dirty_count < self._dirty_limit:
             try:
                 with pool.cache.mtr():
                     self._install(fresh)
@@ -969,13 +963,8 @@ class VolumeBackend:
     def _write_ended(self) -> None:
         self._writes -= 1
         if not self._writes and self._drained is not None:
-            self._write_ended_last()
-
-    def _write_ended_last(self) -> None:
-        """The last write in flight ended while a snapshot waits (see _quiesce)."""
-        assert self._drained is not None
-        self._drained.set()
-        self._drained = None
+            self._drained.set()
+            self._drained = None
 
     # -- plumbing ---------------------------------------------------------------------------------
 

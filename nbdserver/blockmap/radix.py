@@ -469,18 +469,8 @@ class RadixMap(BlockMap):
 
     def map_fresh(self, vol: VolumeRecord, lc: int, pc: int, count: int,
                   born: list[tuple[int, int]] | None) -> None:
-        if count == 1:  # the hot path (a 4 KiB first write): _point, inline
-            if vol.id > MAX_OWNER:
-                raise ValueError(f"volume id {vol.id} too large for the radix design")
-            fanout = self.fanout
-            page = self._leaves.get(lc // fanout * _VOLUME_IDS + vol.id)
-            leaf = (self.cache.modify(page, PT_RADIX) if page is not None
-                    else self._writable_leaf(vol, lc))
-            off = PAGE_HEADER_SIZE + 8 * (lc % fanout)
-            old = _Q.unpack_from(leaf, off)[0]
-            _Q.pack_into(leaf, off, (pc + 1) | WRITABLE | (vol.id << OWNER_SHIFT))
-            if old & TARGET_MASK:
-                self.data.decref((old & TARGET_MASK) - 1)
+        if count == 1:
+            self._point(vol, lc, pc)
         else:
             fanout = self.fanout
             done = 0

@@ -382,8 +382,7 @@ class Pool:
 
     def available_chunks(self) -> int:
         """Chunks a thin volume may still take: free, not in flight, not promised."""
-        return (self.data.free - self.data.in_flight - len(self.data.quarantine)
-                - self.state.data_reserved)
+        return self.data.takeable() - self.state.data_reserved
 
     def claim_chunk(self, vol: VolumeRecord, hint: int | None = None, *,
                     ahead: bool = False) -> int:
@@ -410,9 +409,7 @@ class Pool:
         """ENOSPC unless `vol` may take `count` more chunks now: a guaranteed volume with
         chunks still promised takes from every free chunk not in flight or quarantined,
         a thin one only from those not promised to guaranteed volumes."""
-        data = self.data  # (inline arithmetic: this runs for every first write)
-        room = (data.count - data.used - len(data.claimed) + len(data.spare)
-                - len(data.quarantine))  # free, less in flight (RefTable.in_flight)
+        room = self.data.takeable()
         if not (vol.reserved > 0 and vol.guaranteed):
             room -= self.state.data_reserved  # promised to guaranteed volumes
         if room < count:

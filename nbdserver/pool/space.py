@@ -99,18 +99,25 @@ class RefTable:
         page = self.cache.get(self.first_page + unit // REFS_PER_PAGE)
         return int(_U32.unpack_from(page, PAGE_HEADER_SIZE + 4 * (unit % REFS_PER_PAGE))[0])
 
-    def incref(self, unit: int, by: int = 1) -> int:
-        """Add `by` (> 0) references to `unit` in one page access; the new count.
+    def _change(self, unit: int, by: int) -> int:
+        """Add `by` (+1 or -1) to the count of `unit` in one page access; the old count.
 
-        (incref and decref are the hot path of every map change: one lookup of the
-        page, one undo entry, no further call unless a unit becomes used or free.)"""
+        (The hot path of every map change: one lookup of the page, one undo entry.)"""
         pi, i = divmod(unit, REFS_PER_PAGE)
         page = self.cache.modify(self.first_page + pi, PT_REFCOUNT)
         off = PAGE_HEADER_SIZE + 4 * i
         old: int = _U32.unpack_from(page, off)[0]
+        if old + by < 0:
+            raise AssertionError(f"{self.what} {unit}: reference count already zero")
         _U32.pack_into(page, off, old + by)
         if old == 0:
             self._count_change(pi, 1)
+        elif old + by == 0:
+            self._count_change(pi, -1)
+        return old
+
+    def incref(self, unit: int, by: int = 1) -> int:
+        old = self._change(unit, by)
         claimed = self.claimed
         if unit in claimed:
             claimed.discard(unit)
@@ -119,15 +126,8 @@ class RefTable:
 
     def decref(self, unit: int) -> int:
         """Drop one reference; a unit reaching zero is freed (and quarantined if asked)."""
-        pi, i = divmod(unit, REFS_PER_PAGE)
-        page = self.cache.modify(self.first_page + pi, PT_REFCOUNT)
-        off = PAGE_HEADER_SIZE + 4 * i
-        old: int = _U32.unpack_from(page, off)[0]
-        if old == 0:
-            raise AssertionError(f"{self.what} {unit}: reference count already zero")
-        _U32.pack_into(page, off, old - 1)
+        old = self._change(unit, -1)
         if old == 1:
-            self._count_change(pi, -1)
             self._note_freed([unit])
         return old - 1
 
@@ -397,6 +397,12 @@ class RefTable:
     def in_flight(self) -> int:
         """Units claimed for writes in flight (spare ones not counted)."""
         return len(self.claimed) - len(self.spare)
+
+    def takeable(self) -> int:
+        """Free units a claim may take now: not in flight, not quarantined (the spare run
+        counts: it is free). Plain arithmetic, as every first write asks."""
+        return (self.count - self.used - len(self.claimed) + len(self.spare)
+                - len(self.quarantine))
 
     def claim_run(self, hint: int | None, limit: int) -> tuple[int, int]:
         """Claim up to `limit` consecutive free units, the first as :meth:`claim` picks it
