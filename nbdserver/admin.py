@@ -15,6 +15,7 @@ import asyncio
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from nbdserver.errors import UserError
@@ -112,15 +113,20 @@ def cmd_pool_create(args: argparse.Namespace) -> int:
             params = (args.fanout, 0, 0, 0)
         sb = Pool.create(args.pool, args.size, blockmap=args.blockmap,
                          chunk_size=args.chunk_size, max_volumes=args.max_volumes,
-                         map_params=params)
+                         map_params=params, preallocate=args.preallocate)
     except ValueError as e:
         raise UserError(str(e)) from None
     info = run_pool_op(args.pool, "pool.info", {})
     if args.json:
         _print_json(info)
     else:
-        print(f"created pool {args.pool}: {format_size(sb.size)}, block map {sb.blockmap}, "
-              f"chunk {format_size(sb.chunk_size)}, {format_size(info['free_bytes'])} for data")
+        kind = ""
+        if not Path(args.pool).is_block_device():
+            kind = (", preallocated" if info["allocated_bytes"] >= sb.size
+                    else ", sparse (grows as data is written; see --preallocate)")
+        print(f"created pool {args.pool}: {format_size(sb.size)}{kind}, block map "
+              f"{sb.blockmap}, chunk {format_size(sb.chunk_size)}, "
+              f"{format_size(info['free_bytes'])} for data")
     return EXIT_OK
 
 
@@ -131,8 +137,9 @@ def cmd_pool_info(args: argparse.Namespace) -> int:
         return EXIT_OK
     for key in ("path", "uuid", "blockmap", "created"):
         print(f"{key:<16}{info[key]}")
-    for key in ("size_bytes", "data_bytes", "used_bytes", "free_bytes", "reserved_bytes",
-                "available_bytes", "metadata_bytes", "metadata_used_bytes", "journal_bytes"):
+    for key in ("size_bytes", "allocated_bytes", "data_bytes", "used_bytes", "free_bytes",
+                "reserved_bytes", "available_bytes", "metadata_bytes", "metadata_used_bytes",
+                "journal_bytes"):
         print(f"{key.replace('_bytes', '').replace('_', ' '):<16}{format_size(info[key])}")
     print(f"{'chunk size':<16}{format_size(info['chunk_size'])}")
     print(f"{'volumes':<16}{info['volumes']} (at most {info['max_volumes']})")
@@ -162,9 +169,22 @@ def _volume_result(args: argparse.Namespace, info: dict[str, Any], verb: str) ->
     return EXIT_OK
 
 
+def _note_sparse_guarantee(pool: str) -> None:
+    """A guarantee reserves room in the pool; say so when the pool's own file is sparse
+    (its filesystem can still run out under it)."""
+    path = Path(pool)
+    st = path.stat()
+    if path.is_file() and st.st_blocks * 512 < st.st_size:
+        print(f"note: {pool} is a sparse file: the guarantee holds inside the pool, but the "
+              "filesystem under it can still run out of space; a pool created with "
+              "--preallocate rules that out", file=sys.stderr)
+
+
 def cmd_volume_create(args: argparse.Namespace) -> int:
     info = run_pool_op(args.pool, "volume.create",
                        {"name": args.name, "size": args.size, "guarantee": args.guarantee})
+    if args.guarantee:
+        _note_sparse_guarantee(args.pool)
     return _volume_result(args, info, "created")
 
 
@@ -176,6 +196,8 @@ def cmd_volume_snapshot(args: argparse.Namespace) -> int:
 def cmd_volume_fork(args: argparse.Namespace) -> int:
     info = run_pool_op(args.pool, "volume.fork",
                        {"source": args.source, "name": args.name, "guarantee": args.guarantee})
+    if args.guarantee:
+        _note_sparse_guarantee(args.pool)
     return _volume_result(args, info, f"forked {args.source!r} as")
 
 
@@ -317,6 +339,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK,
                    help="allocation unit, a power of two from 4K to 1M (default 4K)")
     p.add_argument("--max-volumes", type=int, default=4096, help="catalog size (default 4096)")
+    p.add_argument("--preallocate", action="store_true",
+                   help="allocate the whole file now (fallocate: quick, writes nothing), so "
+                        "that first writes do not wait for the filesystem to allocate blocks "
+                        "and a full host filesystem cannot fail them later; by default the "
+                        "file is sparse and grows as data is written (a block device is "
+                        "always whole)")
     p.add_argument("--fanout", type=int, default=0, help=argparse.SUPPRESS)
     p.set_defaults(handler=cmd_pool_create)
 

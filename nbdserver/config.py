@@ -166,12 +166,14 @@ class PoolCreate:
     """How to create a pool that does not exist yet (``pools[].create``).
 
     `size` in bytes, `blockmap` one of the known block-map formats, `chunk_size`
-    the allocation unit in bytes (a power of two from 4 KiB to 1 MiB).
+    the allocation unit in bytes (a power of two from 4 KiB to 1 MiB),
+    `preallocate` whether to allocate the whole file at once (else it is sparse).
     """
 
     size: int
     blockmap: str = DEFAULT_BLOCKMAP
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    preallocate: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,7 +362,7 @@ _TOP_KEYS = ("listen", "server", "pools", "exports")
 _LISTEN_KEYS = ("unix", "tcp")
 _SERVER_KEYS = ("io", "max-connections", "handshake-timeout", "log-level", "cache-size")
 _POOL_KEYS = ("name", "path", "create")
-_POOL_CREATE_KEYS = ("size", "blockmap", "chunk-size")
+_POOL_CREATE_KEYS = ("size", "blockmap", "chunk-size", "preallocate")
 _EXPORT_KEYS = ("name", "description", "read-only", "min-block-size", "file", "size", "pool",
                 "volume", "create")
 _VOLUME_CREATE_KEYS = ("size", "fork", "snapshot")
@@ -734,7 +736,11 @@ class _Parser:
             self.fail(m.get("size") or node, m.sub("size"),
                       f"the pool ({format_size(size)}) must be larger than one chunk "
                       f"({format_size(chunk)})")
-        return PoolCreate(size=size, blockmap=blockmap, chunk_size=chunk)
+        preallocate = False
+        if (v := m.get("preallocate")) is not None:
+            preallocate = self.boolean(v, m.sub("preallocate"))
+        return PoolCreate(size=size, blockmap=blockmap, chunk_size=chunk,
+                          preallocate=preallocate)
 
     def exports(self, node: Node | None,
                 pools: tuple[PoolConfig, ...]) -> tuple[ExportConfig, ...]:
@@ -963,7 +969,8 @@ def describe(config: Config) -> str:
                 c = pool.create
                 lines.append(f"    does not exist yet; it will be created at "
                              f"{format_size(c.size)} with a {c.blockmap} block map and "
-                             f"{format_size(c.chunk_size)} chunks")
+                             f"{format_size(c.chunk_size)} chunks"
+                             + (", preallocated" if c.preallocate else ""))
             else:
                 lines.append("    does not exist (and has no 'create')")
         else:
@@ -1021,7 +1028,8 @@ def config_to_json(config: Config) -> dict[str, Any]:
          "server": {"io": str, "max-connections": int, "handshake-timeout": float,
                     "log-level": str, "cache-size": int},
          "pools": [{"name": str, "path": str, "key": "pools[0]",
-                    "create": {"size": int, "blockmap": str, "chunk-size": int} | null}],
+                    "create": {"size": int, "blockmap": str, "chunk-size": int,
+                               "preallocate": bool} | null}],
          "exports": [{"name": str, "description": str, "read-only": bool,
                       "min-block-size": int, "kind": "file" | "volume",
                       "file": str | null, "size": int | null,
@@ -1045,7 +1053,7 @@ def config_to_json(config: Config) -> dict[str, Any]:
             {"name": p.name, "path": str(p.path), "key": p.key,
              "create": None if p.create is None else {
                  "size": p.create.size, "blockmap": p.create.blockmap,
-                 "chunk-size": p.create.chunk_size}}
+                 "chunk-size": p.create.chunk_size, "preallocate": p.create.preallocate}}
             for p in config.pools
         ],
         "exports": [

@@ -46,7 +46,8 @@ class OpenPools:
                      pc.create.blockmap, pc.create.size)
             try:
                 Pool.create(pc.path, pc.create.size, blockmap=pc.create.blockmap,
-                            chunk_size=pc.create.chunk_size)
+                            chunk_size=pc.create.chunk_size,
+                            preallocate=pc.create.preallocate)
             except UserError as e:
                 raise UserError(f"{pc.key}.create: {e}") from e
         try:

@@ -679,11 +679,23 @@ def test_bad_volume_create(tmp_path: Path, create: str, key: str, fragment: str)
     ("{size: 20G, chunk-size: 12K}", "pools[0].create.chunk-size", "power of two"),
     ("{size: -1G}", "pools[0].create.size", "negative"),
     ("{size: 16K, chunk-size: 64K}", "pools[0].create.size", "larger than one chunk"),
+    ("{size: 20G, preallocate: yes-please}", "pools[0].create.preallocate",
+     "expected true or false"),
+    ("{size: 20G, prealocate: true}", "pools[0].create.prealocate",
+     "did you mean 'preallocate'?"),
 ])
 def test_bad_pool_create(tmp_path: Path, create: str, key: str, fragment: str) -> None:
     text = POOLED.replace("create: {size: 20G, blockmap: radix, chunk-size: 4K}",
                           f"create: {create}")
     expect(tmp_path, text, f"create: {create}", key, fragment)
+
+
+def test_pool_create_preallocate(tmp_path: Path) -> None:
+    assert load(tmp_path, POOLED).pools[0].create.preallocate is False  # type: ignore[union-attr]
+    text = POOLED.replace("chunk-size: 4K}", "chunk-size: 4K, preallocate: true}")
+    config = load(tmp_path, text)
+    assert config.pools[0].create is not None and config.pools[0].create.preallocate
+    assert config_to_json(config)["pools"][0]["create"]["preallocate"] is True
 
 
 def test_pool_missing_path(tmp_path: Path) -> None:
@@ -850,7 +862,8 @@ def test_config_to_json(tmp_path: Path) -> None:
         "server": {"io": "aio", "max-connections": 256, "handshake-timeout": 10.0,
                    "log-level": "info", "cache-size": 64 << 20},
         "pools": [{"name": "main", "path": str(tmp_path / "pool.img"), "key": "pools[0]",
-                   "create": {"size": 20 << 30, "blockmap": "radix", "chunk-size": 4096}}],
+                   "create": {"size": 20 << 30, "blockmap": "radix", "chunk-size": 4096,
+                              "preallocate": False}}],
         "exports": [
             {"name": "disk", "description": "", "read-only": False, "min-block-size": 512,
              "kind": "file", "file": str(tmp_path / "disk.img"), "size": 1 << 20,

@@ -159,8 +159,10 @@ class Pool:
     @staticmethod
     def create(path: str | Path, size: int | None, *, blockmap: str = "radix",
                chunk_size: int = DEFAULT_CHUNK, map_params: tuple[int, int, int, int] | None = None,
-               max_volumes: int = 4096, journal_bytes: int | None = None) -> Superblock:
-        """Write a new, empty pool to `path` (a new file, or a block device). Blocking."""
+               max_volumes: int = 4096, journal_bytes: int | None = None,
+               preallocate: bool = False) -> Superblock:
+        """Write a new, empty pool to `path` (a new file, or a block device). Blocking.
+        A new file is sparse unless `preallocate` (see BlockDevice.preallocate)."""
         path = Path(path)
         try:
             cls = design(blockmap)
@@ -169,15 +171,24 @@ class Pool:
         if path.exists() and not path.is_block_device() and path.stat().st_size:
             raise UserError(f"{path} already exists; refusing to overwrite it "
                             "(delete it first to create a new pool)")
+        made = False
         if path.exists() and path.is_block_device():
             device = open_device(path)
             size = device.size
         else:
             if size is None:
                 raise UserError("--size is required to create a pool in a file")
+            made = not path.exists()
             device = open_device(path, create_size=size)
         try:
             _lock(device)
+            if preallocate:
+                try:
+                    device.preallocate()
+                except UserError:
+                    if made:
+                        path.unlink(missing_ok=True)  # (not half a pool left behind)
+                    raise
             try:
                 layout = plan_layout(device.size, chunk_size, max_volumes=max_volumes,
                                      journal_bytes=journal_bytes)
@@ -757,6 +768,7 @@ class Pool:
             "uuid": self.sb.uuid_str,
             "blockmap": self.sb.blockmap,
             "size_bytes": self.sb.size,
+            "allocated_bytes": self.device.allocated,
             "chunk_size": chunk,
             "data_bytes": self.layout.data_chunks * chunk,
             "free_bytes": self.data.free * chunk,

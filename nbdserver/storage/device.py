@@ -16,6 +16,12 @@ clear message at start rather than a failed request later:
   device accepts.
 - The size: ``st_size`` of a file, ``BLKGETSIZE64`` of a block device.
 
+A new file is sparse: the filesystem allocates its blocks as they are first
+written. ``preallocate`` allocates them all at once (``fallocate``, mode 0: no
+data is written, the blocks read as zeros), so that a first write does not wait
+for the filesystem's allocator and a full host filesystem cannot fail a write
+later.
+
 Trimming and zeroing map to ``fallocate`` (punch hole / zero range) on files
 and to the ``BLKDISCARD`` / ``BLKZEROOUT`` ioctls on block devices. These block,
 so the server calls them through ``IoEngine.run_blocking``.
@@ -116,6 +122,27 @@ class BlockDevice:
                 offset += n
         finally:
             buf.close()
+
+    def preallocate(self) -> None:
+        """Allocate every block of a file now (no-op on a block device); UserError if the
+        filesystem cannot (no ``fallocate``) or has no room."""
+        if self.is_block_device:
+            return
+        try:
+            fallocate(self.fd, 0, 0, self.size)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise UserError(f"{self.path}: this filesystem cannot preallocate a file "
+                                "(no fallocate); create the pool without preallocating") from e
+            raise UserError(f"{self.path}: cannot preallocate {self.size} bytes: "
+                            f"{e.strerror}") from e
+
+    @property
+    def allocated(self) -> int:
+        """Bytes the file occupies on its filesystem (a block device: its size)."""
+        if self.is_block_device:
+            return self.size
+        return os.fstat(self.fd).st_blocks * 512
 
     def pread(self, buf: AlignedBuffer, length: int, offset: int) -> int:
         """Blocking aligned read into `buf`; returns bytes read (short at the end of the file)."""
