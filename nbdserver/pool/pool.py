@@ -399,8 +399,12 @@ class Pool:
                     ahead: bool = False) -> int:
         """A free chunk for a write of `vol` now in flight (ENOSPC if none may be taken);
         `ahead`: from a run claimed ahead (see RefTable.claim)."""
-        self._may_take(vol, 1)
-        return self.data.claim(hint, ahead=ahead)
+        data = self.data
+        if not (ahead and hint is None and data.spare and not self.state.data_reserved):
+            self._may_take(vol, 1)
+        # (else nothing is promised and the spare run is not empty: it is free space that
+        # takeable() counts, so there is room; this is every 4 KiB first write)
+        return data.claim(hint, ahead=ahead)
 
     def claim_chunks(self, vol: VolumeRecord, hint: int | None,
                      count: int) -> list[tuple[int, int]]:
