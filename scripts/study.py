@@ -29,6 +29,11 @@ rotating) so that a noisy neighbour hits every design alike, and writes
    deleting the fork against its exclusive bytes (and ``pool check``).
 6. **VM boot from a fork**, per design, from ``scripts/vm-demo`` when present.
 
+Pools are preallocated (``pool create --preallocate``), as a block device is
+whole, so that first writes do not also measure the filesystem's block
+allocator; ``--sparse`` makes them sparse files instead. (Experiment 4's pools,
+sized for 1 TiB volumes, stay sparse: they hold little data.)
+
 ``--quick`` runs small sizes and few points (about 2-3 minutes) to check that
 everything works; its output goes to ``study-work/quick/`` unless ``--out`` is
 given. Pools and qcow2 files go under ``--dir`` (default ``study-work/`` at the
@@ -276,12 +281,13 @@ def wait_listening(server: Server, timeout: float = SERVER_TIMEOUT) -> None:
 class Workspace:
     """Where a run keeps its files: pools on the study dir, sockets in a short temp dir."""
 
-    def __init__(self, root: Path, keep: bool) -> None:
+    def __init__(self, root: Path, keep: bool, preallocate: bool = True) -> None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         self.dir = root.resolve() / f"run-{stamp}"
         self.dir.mkdir(parents=True)
         self.sockets = Path(tempfile.mkdtemp(prefix="nbd-study-"))
         self.keep = keep
+        self.preallocate = preallocate
         self.servers: list[Server] = []
 
     def path(self, name: str) -> Path:
@@ -301,12 +307,16 @@ class Workspace:
         if not self.keep:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def create_pool(self, name: str, design: str, size: int) -> Path:
+    def create_pool(self, name: str, design: str, size: int, *,
+                    sparse: bool = False) -> Path:
+        """A new pool file: preallocated unless the run asked for sparse pools (--sparse),
+        or `sparse` (experiment 4's pools, sized for 1 TiB volumes, hold little data)."""
         pool = self.path(f"{name}.pool")
         self.remove(pool)
         from nbdserver.pool.pool import Pool
 
-        Pool.create(pool, size, blockmap=design)  # what `nbdserver pool create` does
+        # what `nbdserver pool create [--preallocate]` does
+        Pool.create(pool, size, blockmap=design, preallocate=self.preallocate and not sparse)
         return pool
 
     def create_volume(self, pool: Path, name: str, size: int) -> float:
@@ -921,7 +931,7 @@ class Study:
         else:
             pool_size = max(sizes) + max(sizes) // 16 + 8 * GiB
         pool_size = -(-pool_size // GiB) * GiB
-        pool = ws.create_pool(f"create-{design}", design, pool_size)
+        pool = ws.create_pool(f"create-{design}", design, pool_size, sparse=True)
         create_s: dict[int, float] = {}
         if design == "linear":  # thick: offline (see create_volume)
             for s in sizes:
@@ -1393,7 +1403,8 @@ def render(results: dict[str, Any], designs: list[str], info: dict[str, Any], p:
         "",
         "## Method",
         "",
-        f"Each pool is a sparse file on {info['fs']} (O_DIRECT, Linux AIO, 4 KiB chunks, "
+        f"Each pool is a {info.get('pools', 'sparse')} file on {info['fs']} (O_DIRECT, "
+        "Linux AIO, 4 KiB chunks, "
         "the default 64 MiB metadata cache); every server and fio talk over Unix sockets "
         f"(fio {info['fio']}, its nbd engine). Volumes of experiments 1-3 are "
         f"{human(p.region)}, written in full with 1 MiB sequential writes before anything "
@@ -1649,6 +1660,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dir", type=Path, default=REPO / "study-work",
                    help="where pools and images go (a real disk, not tmpfs)")
     p.add_argument("--keep", action="store_true", help="keep the pools, images and logs")
+    p.add_argument("--sparse", action="store_true",
+                   help="pools in sparse files (`pool create` without --preallocate): first "
+                        "writes then also wait for the filesystem to allocate blocks; by "
+                        "default the pools are preallocated, as a block device is")
     p.add_argument("--render", type=Path, metavar="JSON",
                    help="measure nothing: write the report (and plots) again from the JSON "
                         "of an earlier run (--json FILE)")
@@ -1752,6 +1767,8 @@ def main(argv: list[str] | None = None) -> int:
         raise StudyError(f"--dir {args.dir} is on {kind}; O_DIRECT figures need a real disk")
     free = shutil.disk_usage(args.dir).free
     need = 2 * GiB if args.quick else 12 * GiB
+    if not args.sparse:
+        need += params.pool_size  # one preallocated pool at a time
     if free < need:
         raise StudyError(f"--dir {args.dir} has {human(free)} free; the study needs about "
                          f"{human(need)}")
@@ -1763,12 +1780,13 @@ def main(argv: list[str] | None = None) -> int:
                                            "--dirty"]),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "quick": args.quick, "rounds": args.rounds,
+        "pools": "sparse" if args.sparse else "preallocated",
         "command": " ".join(["scripts/study.py", *(sys.argv[1:] if argv is None else argv)]),
     }
     log(f"study: designs {', '.join(args.design_list)}, experiments "
         f"{','.join(map(str, sorted(args.exp)))}, {'quick' if args.quick else 'full'} "
         f"({human(params.region)} volumes, {params.seconds}s runs) in {args.dir}")
-    ws = Workspace(args.dir, args.keep)
+    ws = Workspace(args.dir, args.keep, preallocate=not args.sparse)
     study = Study(args, params, ws, args.design_list)
     try:
         if 1 in args.exp:

@@ -50,6 +50,9 @@ def test_study_quick_run_writes_report_and_plots(tmp_path: Path) -> None:
         assert design in doc["results"]["creation"]
     text = report.read_text()
     assert "radix" in text and "extent" in text and "linear" in text
+    # the pools of experiments 1-3 are preallocated (as a device is), unless --sparse
+    assert doc["machine"]["pools"] == "preallocated"
+    assert "Each pool is a preallocated file" in text
     plots = list((tmp_path / "study").glob("*.png"))
     assert {p.name for p in plots} >= {"snapshots.png", "creation.png"}, plots
 
