@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,15 @@ def test_guarantee_on_a_sparse_pool_says_what_it_cannot_promise(tmp_path: Path) 
         assert ("--preallocate rules that out" in r.stderr) is noted
         r = cli("volume", "create", pool, "thin", "--size", "8M")
         assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_a_block_device_is_always_whole(loop_device: Callable[..., Path]) -> None:
+    """On a block device --preallocate changes nothing, and nothing is called sparse."""
+    dev = loop_device("64M", sector_size=4096)
+    r = cli("pool", "create", dev, "--preallocate")
+    assert r.returncode == 0, r.stderr
+    assert "sparse" not in r.stdout and "preallocated" not in r.stdout
+    info = json.loads(cli("pool", "info", dev, "--json").stdout)
+    assert info["allocated_bytes"] == info["size_bytes"] == 64 * MiB
+    r = cli("volume", "create", dev, "g", "--size", "8M", "--guarantee")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
