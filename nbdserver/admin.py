@@ -121,9 +121,9 @@ def cmd_pool_create(args: argparse.Namespace) -> int:
         _print_json(info)
     else:
         kind = ""
-        if not Path(args.pool).is_block_device():
-            kind = (", preallocated" if info["allocated_bytes"] >= sb.size
-                    else ", sparse (grows as data is written; see --preallocate)")
+        if Path(args.pool).is_file():
+            kind = (", sparse (grows as data is written; see --preallocate)"
+                    if _sparse(args.pool) else ", preallocated")
         print(f"created pool {args.pool}: {format_size(sb.size)}{kind}, block map "
               f"{sb.blockmap}, chunk {format_size(sb.chunk_size)}, "
               f"{format_size(info['free_bytes'])} for data")
@@ -169,12 +169,17 @@ def _volume_result(args: argparse.Namespace, info: dict[str, Any], verb: str) ->
     return EXIT_OK
 
 
+def _sparse(pool: str) -> bool:
+    """Whether the pool is a file with blocks its filesystem has not allocated yet."""
+    path = Path(pool)
+    st = path.stat()
+    return path.is_file() and st.st_blocks * 512 < st.st_size
+
+
 def _note_sparse_guarantee(pool: str) -> None:
     """A guarantee reserves room in the pool; say so when the pool's own file is sparse
     (its filesystem can still run out under it)."""
-    path = Path(pool)
-    st = path.stat()
-    if path.is_file() and st.st_blocks * 512 < st.st_size:
+    if _sparse(pool):
         print(f"note: {pool} is a sparse file: the guarantee holds inside the pool, but the "
               "filesystem under it can still run out of space; a pool created with "
               "--preallocate rules that out", file=sys.stderr)

@@ -691,7 +691,8 @@ def test_bad_pool_create(tmp_path: Path, create: str, key: str, fragment: str) -
 
 
 def test_pool_create_preallocate(tmp_path: Path) -> None:
-    assert load(tmp_path, POOLED).pools[0].create.preallocate is False  # type: ignore[union-attr]
+    default = load(tmp_path, POOLED).pools[0].create
+    assert default is not None and default.preallocate is False
     text = POOLED.replace("chunk-size: 4K}", "chunk-size: 4K, preallocate: true}")
     config = load(tmp_path, text)
     assert config.pools[0].create is not None and config.pools[0].create.preallocate

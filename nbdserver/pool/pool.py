@@ -399,12 +399,8 @@ class Pool:
                     ahead: bool = False) -> int:
         """A free chunk for a write of `vol` now in flight (ENOSPC if none may be taken);
         `ahead`: from a run claimed ahead (see RefTable.claim)."""
-        data = self.data
-        if not (ahead and hint is None and data.spare and not self.state.data_reserved):
-            self._may_take(vol, 1)
-        # (else nothing is promised and the spare run is not empty: it is free space that
-        # takeable() counts, so there is room; this is every 4 KiB first write)
-        return data.claim(hint, ahead=ahead)
+        self._may_take(vol, 1)
+        return self.data.claim(hint, ahead=ahead)
 
     def claim_chunks(self, vol: VolumeRecord, hint: int | None,
                      count: int) -> list[tuple[int, int]]:
@@ -424,6 +420,9 @@ class Pool:
         """ENOSPC unless `vol` may take `count` more chunks now: a guaranteed volume with
         chunks still promised takes from every free chunk not in flight or quarantined,
         a thin one only from those not promised to guaranteed volumes."""
+        if count <= len(self.data.spare) and not self.state.data_reserved:
+            return  # nothing promised, and the spare run alone is room enough (it is free
+            # space takeable() counts): every 4 KiB first write, without the arithmetic
         room = self.data.takeable()
         if not (vol.reserved > 0 and vol.guaranteed):
             room -= self.state.data_reserved  # promised to guaranteed volumes
