@@ -143,6 +143,9 @@ def cmd_pool_info(args: argparse.Namespace) -> int:
         print(f"{key.replace('_bytes', '').replace('_', ' '):<16}{format_size(info[key])}")
     print(f"{'chunk size':<16}{format_size(info['chunk_size'])}")
     print(f"{'volumes':<16}{info['volumes']} (at most {info['max_volumes']})")
+    if info.get("failed"):
+        print(f"{'FAILED':<16}{info['failed']}: no change is made durable until the "
+              "server restarts")
     return EXIT_OK
 
 

@@ -19,7 +19,9 @@ operation succeeds, so a small cache cannot evict them between attempts.
 **Dirty pages and commits.** A changed page stays in memory, marked dirty,
 until :meth:`take_dirty` hands its image to a commit (journal write). After
 the commit its image is written home; until that write completes the page
-cannot be evicted (re-reading it from home would see the old contents).
+cannot be evicted (re-reading it from home would see the old contents). A
+read of a home copy that was in flight while its page was evicted may have
+read the contents from before that page's home write: it is read again.
 
 **Read-ahead for scans.** An operation that walks much of a map (volume
 stats, unmapping a large range, a check) on a cold cache would restart once
@@ -100,10 +102,10 @@ class PageCache:
         self._read_page = read_page
         self._read_ahead = read_ahead  # (page, count) -> [(page, bytes)], from `page` on
         self.read_ahead_pages = 0
-        # Pages evicted while a read-ahead is in flight: its copy of them may predate a
-        # home write that completed meanwhile, so it must not insert them.
-        self._evicted_during: dict[int, set[int]] = {}  # read-ahead token -> pages
-        self._read_ahead_token = 0
+        # Pages evicted while a read of home copies is in flight: its copy of them may
+        # predate a home write that completed meanwhile, so it must not insert them.
+        self._evicted_during: dict[int, set[int]] = {}  # read token -> pages
+        self._read_token = 0
         self._pages: OrderedDict[int, Page] = OrderedDict()
         self._dirty: dict[int, Page] = {}
         self._undo: dict[int, tuple[bytearray, bool, int, bool]] | None = None
@@ -158,18 +160,32 @@ class PageCache:
         operation would load it again forever).
         """
         page = self._pages.get(page_no)
-        if page is None:
-            raw = await self._read_page(page_no)
+        while page is None:
+            raw, evicted = await self._watching(self._read_page(page_no))
             page = self._pages.get(page_no)  # someone else may have loaded it meanwhile
-            if page is None:
+            if page is None and page_no not in evicted:
                 page = self._add_loaded(page_no, raw)
                 if pin:
                     page.pins += 1
                 self._evict()
                 return page
+            # else: loaded, changed, written home and evicted while this read was in
+            # flight, which may have read the home copy from before: read it again
         if pin:
             page.pins += 1
         return page
+
+    async def _watching(self, read: Awaitable[T]) -> tuple[T, set[int]]:
+        """Await a read of home copies; also the pages evicted while it was in flight
+        (a copy of one of those may predate a home write that completed meanwhile)."""
+        evicted: set[int] = set()
+        self._read_token += 1
+        token = self._read_token
+        self._evicted_during[token] = evicted
+        try:
+            return await read, evicted
+        finally:
+            del self._evicted_during[token]
 
     async def load_ahead(self, page_no: int) -> Page:
         """Like ``load(page_no, pin=True)``, also bringing in up to ``READ_AHEAD - 1``
@@ -178,14 +194,7 @@ class PageCache:
         if (page_no in self._pages or self._read_ahead is None
                 or len(self._pages) + READ_AHEAD > self.capacity):
             return await self.load(page_no, pin=True)  # a full cache: nothing to gain
-        evicted: set[int] = set()
-        self._read_ahead_token += 1
-        token = self._read_ahead_token
-        self._evicted_during[token] = evicted
-        try:
-            pages = await self._read_ahead(page_no, READ_AHEAD)
-        finally:
-            del self._evicted_during[token]
+        pages, evicted = await self._watching(self._read_ahead(page_no, READ_AHEAD))
         for no, raw in reversed(pages):  # each inserted at the cold end: keep their order
             if no == page_no or no in self._pages or no in evicted:
                 continue

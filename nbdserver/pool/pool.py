@@ -17,6 +17,16 @@ disk and a crash at any instant recovers the last commit:
 4. release the chunks freed before the snapshot (quarantine), and write the
    page images home in the background.
 
+**A failed commit stops the pool committing** (fail-stop, as a file system
+aborts its journal): once the snapshot of step 1 is taken, its pages are no
+longer dirty, so a commit that fails after it cannot simply be retried, and
+after a failed ``fdatasync`` the device may have dropped data that a later
+``fdatasync`` would not report. So any error in a commit, or in writing a
+page home, marks the pool *failed*: every later commit (FLUSH, FUA, volume
+operations) fails with EIO instead of claiming durability, the pages not
+written home stay in memory (they are never read back stale from their home),
+reads go on, and a restart recovers the last durable commit from the journal.
+
 The pool is locked (``flock``) while open; a second process gets a clear error.
 Offline tools (the CLI) open the pool with a synchronous page reader, so that
 block-map code never has to wait for a page there.
@@ -153,6 +163,8 @@ class Pool:
         self.stats_slice = 0  # chunks per step of volume_stats (0: the design's choice)
         self.closed = False
         self.commits = 0
+        self.failed: str | None = None  # why the pool stopped committing (module note)
+        self._stage = ""  # the step a commit is at (for the reason it failed)
 
     # -- creating and opening -----------------------------------------------------------------
 
@@ -527,13 +539,33 @@ class Pool:
         task.add_done_callback(self._background.discard)
 
     async def commit(self) -> None:
-        """Make every completed write and metadata change durable (FLUSH); see the module note."""
+        """Make every completed write and metadata change durable (FLUSH); see the module
+        note. Raises EIO once the pool has failed."""
         async with self._commit_lock:
-            await self._commit_locked()
+            self._raise_if_failed()
+            try:
+                await self._commit_locked()
+            except BaseException as e:  # (also a cancellation: its snapshot is gone too)
+                self._fail(f"the {self._stage} of a commit failed ({_describe(e)})")
+                raise
+
+    def _fail(self, why: str) -> None:
+        """Stop committing for good (see the module note); the first reason is kept."""
+        if self.failed is None:
+            self.failed = why
+            log.error("pool %s: %s; no change is made durable any more (FLUSH and FUA "
+                      "fail with EIO): restart the server to recover the last durable "
+                      "commit from the journal", self.path, why)
+
+    def _raise_if_failed(self) -> None:
+        if self.failed is not None:
+            raise NbdError(errno.EIO, f"pool {self.path.name} has failed: {self.failed}; "
+                                      "restart the server to recover it")
 
     async def _commit_locked(self) -> None:
         self.state.data_next = self.data.cursor
         self.state.meta_next = self.meta.cursor
+        self._stage = "fdatasync of the data"
         if not self.cache.dirty_count:
             await self.engine.call_blocking(self.device.flush)
             return
@@ -542,6 +574,7 @@ class Pool:
             placement = self.ring.place(total)
             if placement is not None:
                 break
+            self._stage = "checkpoint"
             await self._checkpoint()
         # The cursors are hints; record them with the commit (state page).
         with self.cache.mtr():
@@ -552,7 +585,9 @@ class Pool:
         total = journal.record_pages(len(images))
         self.data.snapshot_freed(seq, quarantine=True)
         self.meta.snapshot_freed(seq, quarantine=False)
+        self._stage = "fdatasync of the data"
         await self.engine.call_blocking(self.device.flush)  # 2. data durable
+        self._stage = "journal write"
         buf = self.buffers.get(total * PAGE_SIZE)
         try:
             journal.encode_record(seq, images, buf.view)
@@ -588,12 +623,12 @@ class Pool:
 
             def written(res: int, page_no: int = page_no, buf: AlignedBuffer = buf) -> None:
                 self.buffers.put(buf)
-                if res != PAGE_SIZE:
-                    log.error("%s: writing metadata page %d home failed (%s); the journal "
-                              "still holds it", self.path, page_no,
-                              os.strerror(-res) if res < 0 else "short write")
-                    self._home_failed = True
-                self.cache.home_written(page_no)
+                if res == PAGE_SIZE:
+                    self.cache.home_written(page_no)
+                else:  # the page stays home-pending: in memory, never re-read from home
+                    self._fail(f"writing metadata page {page_no} home failed ("
+                               f"{os.strerror(-res) if res < 0 else 'short write'}; the "
+                               "journal still holds it)")
                 self._home_writes -= 1
                 if not self._home_writes:
                     self._home_done.set()
@@ -601,13 +636,10 @@ class Pool:
             self.engine.write(self.device.fd, buf, 0, PAGE_SIZE, page_no * PAGE_SIZE, written)
         self.engine.kick()
 
-    _home_failed = False
-
     async def _checkpoint(self) -> None:
         """Move the journal tail up to the head: every record is home and synced."""
         await self._home_done.wait()
-        if self._home_failed:
-            raise NbdError(errno.EIO, "metadata could not be written home; keeping the journal")
+        self._raise_if_failed()  # (a page not written home still needs the journal)
         await self.engine.call_blocking(self.device.flush)
         sb = self.sb.next(journal_tail=0, journal_seq=self.ring.seq)  # the ring is empty
         await self.engine.call_blocking(_write_superblock, self.device, sb)
@@ -615,11 +647,16 @@ class Pool:
         self.ring.checkpointed()
 
     async def close(self) -> None:
-        """Commit, checkpoint and unlock."""
+        """Commit, checkpoint and unlock; a failed pool is only unlocked (its journal
+        keeps what was durable) and EIO raised."""
         if self.closed:
             return
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        if self.failed is not None:
+            self.closed = True
+            self.device.close()
+            self._raise_if_failed()
         try:
             await self.commit()
             async with self._commit_lock:
@@ -785,6 +822,7 @@ class Pool:
             "max_volumes": self.layout.max_volumes,
             "map_params": list(self.sb.map_params),
             "created": _iso(self.sb.created_ns),
+            "failed": self.failed,
         }
 
     async def volume_stats(self, vol: VolumeRecord) -> MapStats:
@@ -937,6 +975,12 @@ class Pool:
 
 
 # -- helpers ------------------------------------------------------------
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno is not None:
+        return os.strerror(e.errno)
+    return str(e) or type(e).__name__
 
 
 def _iso(ns: int) -> str:
