@@ -34,10 +34,11 @@ for writes). Two paths:
   another volume just dropped may still be on disk, and a write in place
   would change what that volume reads after a crash. It then waits for every
   read begun before the claim (``Pool.reads_drained``): one of the volumes
-  that shared the chunk may still be reading it. A write that finds no free chunk
-  while chunks freed by a trim still wait for the commit that makes the trim
-  durable commits, waits for them and tries again: right after a trim in a full
-  pool they are the only free space (and a guaranteed volume must not see ENOSPC).
+  that shared the chunk may still be reading it. A write (or a WRITE_ZEROES
+  that writes zeros) that finds no free chunk while chunks freed by a trim
+  still wait for the commit that makes the trim durable commits, waits for
+  them and tries again: right after a trim in a full pool they are the only
+  free space (and a guaranteed volume must not see ENOSPC).
 
 Every data transfer runs inside an I/O epoch (:mod:`nbdserver.pool.epochs`):
 a chunk freed meanwhile is not reused until the transfer has ended. Reads are
@@ -601,24 +602,29 @@ class VolumeBackend:
         self._writes += 1
         epochs = [self.epochs.begin_write()]  # this write's I/O epoch (none while it waits)
         try:
-            try:
-                committed = await self._write_chunks(offset, data, fua)
-            except NbdError as e:
-                if e.errno != errno.ENOSPC or not self.pool.frees_waiting():
-                    raise
-                # The free space is chunks a trim freed, reusable once that is durable:
-                # make it so and wait (outside this write's epoch, which the wait needs
-                # to end), then try once more from the start.
-                self.epochs.end_write(epochs.pop())
-                await self.pool.reuse_freed()
-                epochs.append(self.epochs.begin_write())
-                committed = await self._write_chunks(offset, data, fua)
+            committed = await self._write_chunks_or_wait(epochs, offset, data, fua)
             if fua and (committed or self.pool.metadata_pending()):
                 await self.pool.commit()  # the map of these chunks may not be durable yet
         finally:
             for epoch in epochs:
                 self.epochs.end_write(epoch)
             self._write_ended()
+
+    async def _write_chunks_or_wait(self, epochs: list[int], offset: int,
+                                    data: bytes | None, fua: bool, length: int = 0) -> bool:
+        """:meth:`_write_chunks`; on ENOSPC while chunks a trim freed wait for the commit
+        that makes the trim durable (the only free space right after a trim in a full
+        pool), make them reusable and try once more from the start. `epochs` holds the
+        caller's I/O epoch, ended for the wait (which waits for it) and begun again."""
+        try:
+            return await self._write_chunks(offset, data, fua, length)
+        except NbdError as e:
+            if e.errno != errno.ENOSPC or not self.pool.frees_waiting():
+                raise
+        self.epochs.end_write(epochs.pop())
+        await self.pool.reuse_freed()
+        epochs.append(self.epochs.begin_write())
+        return await self._write_chunks(offset, data, fua, length)
 
     async def _write_chunks(self, offset: int, data: bytes | None, fua: bool,
                             length: int = 0) -> bool:
@@ -835,14 +841,14 @@ class VolumeBackend:
     async def _zero(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
         await self._wait_unquiesced()
         self._writes += 1
-        epoch = self.epochs.begin_write()
+        epochs = [self.epochs.begin_write()]
         try:
             end = offset + length
             if not may_trim:
                 pos = offset
                 while pos < end:
                     n = min(ZERO_STEP, end - pos)
-                    await self._write_chunks(pos, None, False, n)
+                    await self._write_chunks_or_wait(epochs, pos, None, False, n)
                     pos += n
             else:
                 chunk = self.chunk
@@ -854,13 +860,16 @@ class VolumeBackend:
                 else:
                     head_end = tail_start = end
                 if head_end > offset:
-                    await self._write_chunks(offset, None, False, head_end - offset)
+                    await self._write_chunks_or_wait(epochs, offset, None, False,
+                                                     head_end - offset)
                 if end > tail_start and tail_start >= head_end:
-                    await self._write_chunks(tail_start, None, False, end - tail_start)
+                    await self._write_chunks_or_wait(epochs, tail_start, None, False,
+                                                     end - tail_start)
             if fua:
                 await self.pool.commit()
         finally:
-            self.epochs.end_write(epoch)
+            for epoch in epochs:
+                self.epochs.end_write(epoch)
             self._write_ended()
 
     async def _unmap(self, lc: int, count: int) -> None:

@@ -515,8 +515,11 @@ class Pool:
         await _ended(self.epochs, reads_only=True)
 
     def metadata_pending(self) -> bool:
-        """Whether a metadata change is not durable yet (dirty pages, or a commit under way)."""
-        return bool(self.cache.dirty_count) or self._commit_lock.locked()
+        """Whether a metadata change is not durable yet (dirty pages, a commit under way,
+        or a failed commit: its pages are clean in memory but never reached the disk, so
+        FUA and claims must commit, and get EIO)."""
+        return (bool(self.cache.dirty_count) or self._commit_lock.locked()
+                or self.failed is not None)
 
     def frees_waiting(self) -> bool:
         """Whether chunks freed by a change wait for a durable commit to be reusable."""

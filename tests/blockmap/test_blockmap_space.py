@@ -17,8 +17,9 @@ import subprocess
 import sys
 
 import pytest
-from poolkit import MiB, PoolEnv, PoolFactory, Vol, design_names, pattern
+from poolkit import MiB, PoolEnv, PoolFactory, Vol, design_names, pattern, zero_runs
 
+from nbdserver.backend.base import STATE_HOLE
 from nbdserver.errors import NbdError, UserError
 
 
@@ -173,6 +174,33 @@ async def test_rewrite_right_after_a_trim_in_a_full_pool(make_pool: PoolFactory,
         await g.write(first * chunk, data)
         model[first * chunk:(first + 16) * chunk] = data
     assert await g.read_all() == model
+    await env.reopen()
+    assert await env.vol("g").read_all() == model
+    await env.assert_clean()
+
+
+@pytest.mark.parametrize("design", design_names())
+async def test_write_zeroes_right_after_a_trim_in_a_full_pool(make_pool: PoolFactory,
+                                                              design: str) -> None:
+    """The same for WRITE_ZEROES that must allocate (NO_HOLE: the zeros are written), whole
+    chunks or partial ones: it waits for the trim's commit too, instead of ENOSPC."""
+    env = await make_pool(design, size=6 * MiB, small=False)
+    pool = env.pool
+    chunk = env.chunk_size
+    n = 48
+    g = await env.create("g", n * chunk, guarantee=True)
+    model = bytearray(pattern(1, n * chunk))
+    await g.write(0, bytes(model))
+    hog = await thin_hog(env, "hog", 4 * pool.layout.data_chunks)
+    await fill(hog, chunk)
+    assert pool.available_chunks() <= 0
+    for start, length in ((0, 16 * chunk), (20 * chunk + 512, 16 * chunk - 1024)):
+        first = start // chunk
+        await g.trim(first * chunk, 16 * chunk)  # no flush between the trim and the zeroes
+        model[first * chunk:(first + 16) * chunk] = bytes(16 * chunk)
+        await g.zero(start, length, may_trim=False)
+    assert await g.read_all() == model
+    assert not zero_runs(await g.block_status(0, n * chunk), STATE_HOLE), "NO_HOLE left holes"
     await env.reopen()
     assert await env.vol("g").read_all() == model
     await env.assert_clean()

@@ -183,3 +183,43 @@ async def test_a_load_does_not_insert_a_copy_older_than_a_home_write() -> None:
     await slow
     assert cache.get(page_no)[100] == 2, "the stale copy of the first read went in"
     assert reads.count(page_no) == 3  # the slow read, the other load, and the read again
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+async def test_no_fua_write_is_acknowledged_after_a_failed_commit(make_pool: PoolFactory,
+                                                                  aligned: bool) -> None:
+    """A FUA write in place into a chunk whose mapping only the failed commit held: the
+    reply would promise that mapping too, so it fails (the fast path, and the slow one)."""
+    env = await make_pool("radix", offline=False, cache_bytes=1 << 20)
+    chunk = env.chunk_size
+    vol = await env.create("v", 16 * chunk)
+    await vol.flush()
+    await vol.write(0, pattern(7, chunk))  # a new chunk: mapped, not durable
+    _fail_journal_writes(env, 1)
+    await _eio(vol.flush)
+    new = pattern(8, chunk)
+    offset, data = (0, new) if aligned else (100, new[100:600])
+    await _eio(lambda: vol.write(offset, data, fua=True))
+    await env.crash()
+    await env.assert_clean()
+
+
+async def test_no_claim_writes_in_place_after_a_failed_commit(make_pool: PoolFactory) -> None:
+    """b's copy-on-write left a chunk a's alone, in memory; that change is in the failed
+    commit. a's write must not claim the chunk and write it in place: after a restart
+    b maps it again, and would read a's bytes."""
+    env = await make_pool("radix", offline=False, cache_bytes=1 << 20)
+    chunk = env.chunk_size
+    a = await env.create("a", 16 * chunk)
+    old = pattern(1, 16 * chunk)
+    await a.write(0, old)
+    await env.fork("a", "b")  # commits: every chunk shared
+    b = env.vol("b")
+    await b.write(3 * chunk, pattern(2, chunk))  # copy-on-write: a's chunk 3 is a's alone
+    _fail_journal_writes(env, 1)
+    await _eio(b.flush)
+    await _eio(lambda: a.write(3 * chunk + 512, pattern(99, 1024)))  # would be a claim
+    await env.crash()
+    assert await env.vol("b").read(3 * chunk, chunk) == old[3 * chunk:4 * chunk]
+    assert await env.vol("a").read(0, 16 * chunk) == old
+    await env.assert_clean()
