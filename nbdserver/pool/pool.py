@@ -572,6 +572,7 @@ class Pool:
         if not self.cache.dirty_count:
             await self.engine.call_blocking(self.device.flush)
             return
+        self._stage = "journal write"  # (placing the record: it may not fit the ring)
         while True:
             total = journal.record_pages(self.cache.dirty_count + 1)
             placement = self.ring.place(total)
@@ -579,6 +580,7 @@ class Pool:
                 break
             self._stage = "checkpoint"
             await self._checkpoint()
+            self._stage = "journal write"
         # The cursors are hints; record them with the commit (state page).
         with self.cache.mtr():
             self.update_state(data_next=self.data.cursor, meta_next=self.meta.cursor)
