@@ -37,13 +37,16 @@ Closing a socket with unread input would make the kernel reset the connection,
 and a reset throws away replies still in the socket's send buffer. ``lost`` is
 set once the socket is closed; the server waits for it before exiting, so that
 queued replies are not lost with the process. A protocol violation or
-handshake timeout closes at once.
+handshake timeout closes at once (a violation's error reply is sent first,
+for as long as the client takes it). On server stop, requests received but
+not yet taken get ESHUTDOWN.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 from collections import deque
@@ -218,7 +221,7 @@ class NbdConnection(asyncio.Protocol):
                 log.warning("%s: closing connection: %s", self.peer, event.reason)
                 self._send_core_output()
                 self.closing = True
-                transport.close()
+                self._close_or_abort()
                 break
 
     def _send_core_output(self) -> None:
@@ -260,7 +263,10 @@ class NbdConnection(asyncio.Protocol):
         if self.backend is None and self.transport is not None:
             log.warning("%s: handshake not finished in %ss; closing", self.peer,
                         self.server.handshake_timeout)
-            self.transport.close()
+            # abort, not close: a client that sent options and never read the replies
+            # would hold its connection slot for as long as the replies stay queued
+            self.closing = True
+            self.transport.abort()
 
     # -- requests -------------------------------------------------------------------------
 
@@ -422,7 +428,7 @@ class NbdConnection(asyncio.Protocol):
             return
         self._flush_out()
         if self._peer_eof or not transport.can_write_eof():
-            transport.close()  # sends what is queued, then closes
+            self._close_or_abort()
             return
         self._lingering = True
         transport.write_eof()  # after the queued replies
@@ -430,6 +436,18 @@ class NbdConnection(asyncio.Protocol):
         self._linger_queued = transport.get_write_buffer_size()
         self._linger_timer = asyncio.get_running_loop().call_later(
             LINGER_SECONDS, self._linger_expired)
+
+    def _close_or_abort(self) -> None:
+        """Close the transport (it sends what is queued, then closes), and abort it if the
+        client makes no progress taking that for ``LINGER_SECONDS``: one that never reads
+        must not keep its connection (and its max-connections slot) for good."""
+        transport = self.transport
+        assert transport is not None
+        transport.close()
+        self._linger_queued = transport.get_write_buffer_size()
+        if self._linger_queued and self._linger_timer is None:
+            self._linger_timer = asyncio.get_running_loop().call_later(
+                LINGER_SECONDS, self._linger_expired)
 
     def _linger_expired(self) -> None:
         transport = self.transport
@@ -444,5 +462,24 @@ class NbdConnection(asyncio.Protocol):
         transport.abort()
 
     def shutdown(self) -> None:
-        """Server stop: read no more requests; close once in-flight ones are answered."""
+        """Server stop: read no more requests; answer those already received but not yet
+        taken (left in the core by flow control) with ESHUTDOWN, as the protocol asks;
+        close once the ones in flight are answered."""
+        if not (self.closing or self.closed) and self.backend is not None:
+            self._refuse_received()
         self._begin_close()
+
+    def _refuse_received(self) -> None:
+        core = self.core
+        while True:
+            event = core.next_event()
+            if event is NEED_DATA:
+                break
+            out = core.data_to_send()
+            if out:
+                self._write(out)
+            if type(event) is Request:
+                self._queue_reply(core.reply_error(event, errno.ESHUTDOWN,
+                                                   "the server is shutting down"))
+            elif isinstance(event, (Disconnect, ProtocolViolation)):
+                break

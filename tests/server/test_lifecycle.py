@@ -28,8 +28,11 @@ from conftest import (
 )
 from nbdclient import (
     NbdClient,
+    NbdReplyError,
     ServerClosed,
+    client_flags,
     connect,
+    option,
     raw_handshake,
     raw_socket,
     recv_exact,
@@ -98,6 +101,61 @@ def test_handshake_timeout_closes_idle_client(nbd_server_factory: ServerFactory,
     assert "handshake not finished" in srv.stderr
 
 
+def _flood_options_without_reading(path: Path | None) -> socket.socket:
+    """A client that sends thousands of options whose error replies (naming a long
+    export name) it never reads: they fill the socket and queue up in the server."""
+    s = raw_socket(path)
+    recv_exact(s, 18)
+    name = b"x" * 4000
+    go = option(c.OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
+    blob = client_flags() + go * 4000
+    s.setblocking(False)
+    sent, deadline = 0, time.monotonic() + 1.5
+    while sent < len(blob) and time.monotonic() < deadline:
+        try:
+            sent += s.send(blob[sent:sent + 65536])
+        except BlockingIOError:
+            time.sleep(0.01)  # the server's replies are stuck: it stopped reading
+    assert sent > 1 * MiB, f"only {sent} bytes sent: the server stopped reading early"
+    return s
+
+
+def test_handshake_timeout_frees_the_slot_of_a_client_that_never_reads(
+        nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
+    """Closing gracefully would wait for the queued replies to be read, forever: the
+    connection, and its max-connections slot, must go at the timeout."""
+    srv = nbd_server_factory([file_export("disk", tmp_path / "d.img", "1M")],
+                             server={"handshake-timeout": "2s", "max-connections": 1})
+    start = time.monotonic()
+    hog = _flood_options_without_reading(srv.socket_path)
+    time.sleep(max(0.0, start + 3.0 - time.monotonic()))
+    assert "handshake not finished" in srv.stderr
+    late = raw_socket(srv.socket_path)
+    raw_handshake(late, "disk")  # a greeting and the export: the slot is free
+    late.close()
+    hog.close()
+
+
+def test_protocol_violation_frees_the_slot_of_a_client_that_never_reads(
+        nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
+    """The same after a protocol violation (a bad option magic): the error and the
+    queued replies get LINGER_SECONDS to be taken, then the connection goes."""
+    srv = nbd_server_factory([file_export("disk", tmp_path / "d.img", "1M")],
+                             server={"max-connections": 1})
+    hog = _flood_options_without_reading(srv.socket_path)
+    hog.setblocking(True)
+    hog.sendall(option(c.OPT_LIST, magic=0x1234))  # (read once the server reads again)
+    deadline = time.monotonic() + LINGER_SECONDS + 10
+    while "closing connection" not in srv.stderr:
+        assert time.monotonic() < deadline, "the server never saw the violation"
+        time.sleep(0.1)
+    time.sleep(LINGER_SECONDS + 1.5)
+    late = raw_socket(srv.socket_path)
+    raw_handshake(late, "disk")
+    late.close()
+    hog.close()
+
+
 def test_max_connections(nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
     srv = nbd_server_factory([file_export("disk", tmp_path / "d.img", "1M")],
                              server={"max-connections": 2})
@@ -133,7 +191,9 @@ def test_max_connections(nbd_server_factory: ServerFactory, tmp_path: Path) -> N
 async def test_sigterm_finishes_requests_in_flight(nbd_server_factory: ServerFactory,
                                                    tmp_path: Path) -> None:
     """SIGTERM with writes in flight: every request the server took is answered with
-    success, the rest get EOF, acknowledged data is in the file, exit status 0."""
+    success; those it had received but not taken (flow control) get ESHUTDOWN, as the
+    protocol asks; the rest (still in the socket) get EOF; acknowledged data is in the
+    file, exit status 0."""
     image = tmp_path / "d.img"
     srv = nbd_server_factory([file_export("disk", image, "128M")])
     client = await connect(srv.socket_path, "disk")
@@ -152,7 +212,9 @@ async def test_sigterm_finishes_requests_in_flight(nbd_server_factory: ServerFac
     await client.close()
     assert client.reader_error is None, client.reader_error  # no torn reply
     acked = [i for i, r in enumerate(results) if r is None]
-    others = [r for r in results if r is not None]
+    refused = [r for r in results if isinstance(r, NbdReplyError)]
+    others = [r for r in results if r is not None and r not in refused]
+    assert all(r.code == c.ESHUTDOWN for r in refused), refused[:3]
     assert all(isinstance(r, ServerClosed) for r in others), others[:3]
     assert len(acked) > answered_before, \
         "no request was answered after SIGTERM (were any in flight?)"
@@ -163,6 +225,41 @@ async def test_sigterm_finishes_requests_in_flight(nbd_server_factory: ServerFac
             f.seek(i * size)
             assert f.read(size) == pattern(size, seed=i), f"acknowledged write {i} lost"
     assert not srv.socket_path.exists(), "the Unix socket was not removed"
+
+
+async def test_sigterm_refuses_requests_received_but_not_taken(
+        nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
+    """1000 READs arrive at once; flow control takes a few dozen, and stops reading the
+    socket. On SIGTERM the requests the server had received but not taken are answered
+    with ESHUTDOWN (not dropped); those still in the socket get EOF."""
+    image = tmp_path / "d.img"
+    data = pattern(1 * MiB, seed=8)
+    image.write_bytes(data)
+    srv = nbd_server_factory([file_export("disk", image, None)])
+    client = await NbdClient.connect(srv.socket_path)
+    await client.handshake("disk", start_reader=False)
+    n = 1000
+    futs = [client.submit(c.CMD_READ, 0, 1 * MiB) for _ in range(n)]
+    await client.drain()
+    await asyncio.sleep(0.5)  # the first replies fill the socket: the server stops taking
+    srv.signal(signal.SIGTERM)
+    await asyncio.sleep(0.5)
+    client.start_reader()
+    results = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 60)
+    await asyncio.wait_for(client.eof.wait(), 30)
+    await client.close()
+    assert client.reader_error is None, f"torn reply: {client.reader_error!r}"
+    answered = [r for r in results if isinstance(r, bytes)]
+    refused = [r for r in results if isinstance(r, NbdReplyError)]
+    assert all(r == data for r in answered)
+    assert all(r.code == c.ESHUTDOWN for r in refused), refused[:3]
+    assert answered and refused, (len(answered), len(refused))
+    others = [r for r in results if not isinstance(r, (bytes, NbdReplyError))]
+    assert all(isinstance(r, ServerClosed) for r in others), others[:3]
+    # The server received a prefix of the requests, and answered every one of them.
+    got = [not isinstance(r, ServerClosed) for r in results]
+    assert got == sorted(got, reverse=True)
+    assert srv.wait(30) == 0
 
 
 @pytest.mark.parametrize("transport", ["unix", "tcp"])
@@ -223,7 +320,10 @@ def test_sigterm_waits_for_a_client_still_reading(nbd_server_factory: ServerFact
             assert "EOF after 0 of" in str(e), e  # a clean end, between replies
             break
         magic, error, _cookie = struct.unpack(">IIQ", head)
-        assert (magic, error) == (c.SIMPLE_REPLY_MAGIC, 0)
+        assert magic == c.SIMPLE_REPLY_MAGIC
+        if error:  # a request received but not yet taken when SIGTERM came
+            assert error == c.ESHUTDOWN
+            continue
         got = bytearray()
         while len(got) < 32 * MiB:  # about 8 MiB/s
             got += recv_exact(s, min(1 * MiB, 32 * MiB - len(got)))
