@@ -18,6 +18,62 @@ from nbdserver.pool.pool import Pool
 
 Op = Callable[[Pool, dict[str, Any]], Awaitable[Any]]
 
+# The arguments of each operation: name -> (kind, required). Kinds: "name" (a string),
+# "size" (an integer number of bytes, >= 0), "chunk" (an integer >= 0), "count" (an
+# integer >= 1, or null), "bool" (true or false), "callable" (in process only: a
+# progress callback; never from JSON).
+ARGS: dict[str, dict[str, tuple[str, bool]]] = {
+    "pool.info": {},
+    "pool.check": {},
+    "volume.create": {"name": ("name", True), "size": ("size", True),
+                      "guarantee": ("bool", False)},
+    "volume.snapshot": {"source": ("name", True), "name": ("name", True)},
+    "volume.fork": {"source": ("name", True), "name": ("name", True),
+                    "guarantee": ("bool", False)},
+    "volume.delete": {"name": ("name", True)},
+    "volume.list": {},
+    "volume.info": {"name": ("name", True)},
+    "volume.defrag": {"name": ("name", True), "start": ("chunk", False),
+                      "limit": ("count", False), "progress": ("callable", False)},
+}
+
+
+def check_args(op: str, args: dict[str, Any]) -> dict[str, Any]:
+    """`args` checked against ARGS[op]: UserError naming the argument at fault (missing,
+    unknown, or of the wrong type); the absent optional ones as None."""
+    spec = ARGS[op]
+    unknown = sorted(set(args) - set(spec))
+    if unknown:
+        valid = ", ".join(spec) or "none"
+        raise UserError(f"operation {op!r} has no argument {unknown[0]!r} (valid: {valid})")
+    out: dict[str, Any] = {}
+    for key, (kind, required) in spec.items():
+        value = args.get(key)
+        if value is None:
+            if required:
+                raise UserError(f"operation {op!r} is missing the argument {key!r}")
+            out[key] = None
+            continue
+        what = f"argument {key!r} of {op!r}"
+        if kind == "name":
+            if not isinstance(value, str):
+                raise UserError(f"{what} must be a string, not {value!r}")
+        elif kind in ("size", "chunk", "count"):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"{what} must be an integer, not {value!r}")
+            low = 1 if kind == "count" else 0
+            if value < low:
+                raise UserError(f"{what} must be at least {low}, not {value}")
+            if value >= 1 << 63:
+                raise UserError(f"{what} is too large: {value}")
+        elif kind == "bool":
+            if not isinstance(value, bool):
+                raise UserError(f"{what} must be true or false, not {value!r}")
+        elif kind == "callable" and not callable(value):
+            raise UserError(f"{what} cannot be given here")
+        out[key] = value
+    return out
+
 
 async def pool_info(pool: Pool, args: dict[str, Any]) -> Any:
     return pool.info()
@@ -38,8 +94,8 @@ async def pool_check(pool: Pool, args: dict[str, Any]) -> Any:
 
 
 async def volume_create(pool: Pool, args: dict[str, Any]) -> Any:
-    vol = await pool.create_volume(args["name"], int(args["size"]),
-                                   guarantee=bool(args.get("guarantee")))
+    vol = await pool.create_volume(args["name"], args["size"],
+                                   guarantee=bool(args["guarantee"]))
     return pool.volume_summary(vol)
 
 
@@ -50,7 +106,7 @@ async def volume_snapshot(pool: Pool, args: dict[str, Any]) -> Any:
 
 async def volume_fork(pool: Pool, args: dict[str, Any]) -> Any:
     vol = await pool.clone_volume(args["source"], args["name"], snapshot=False,
-                                  guarantee=bool(args.get("guarantee")))
+                                  guarantee=bool(args["guarantee"]))
     return pool.volume_summary(vol)
 
 
@@ -73,11 +129,8 @@ async def volume_defrag(pool: Pool, args: dict[str, Any]) -> Any:
     An in-process caller may pass a `progress` callable (never over the socket: JSON)."""
     from nbdserver.defrag import defrag_volume
 
-    progress = args.get("progress")
-    limit = args.get("limit")
-    return await defrag_volume(pool, args["name"], start=int(args.get("start") or 0),
-                               limit=None if limit is None else int(limit),
-                               progress=progress if callable(progress) else None)
+    return await defrag_volume(pool, args["name"], start=args["start"] or 0,
+                               limit=args["limit"], progress=args["progress"])
 
 
 OPS: dict[str, Op] = {
@@ -94,10 +147,8 @@ OPS: dict[str, Op] = {
 
 
 async def run_op(pool: Pool, op: str, args: dict[str, Any]) -> Any:
+    """Run `op` with `args` (checked first: see check_args)."""
     fn = OPS.get(op)
     if fn is None:
         raise UserError(f"unknown operation {op!r}; valid: {', '.join(sorted(OPS))}")
-    try:
-        return await fn(pool, args)
-    except KeyError as e:
-        raise UserError(f"operation {op!r} is missing the argument {e.args[0]!r}") from None
+    return await fn(pool, check_args(op, args))

@@ -67,7 +67,13 @@ class ControlServer:
                 reply = await self._handle(line)
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
-        except (ConnectionError, asyncio.LimitOverrunError, ValueError) as e:
+        except (asyncio.LimitOverrunError, ValueError) as e:  # a line over MAX_REQUEST
+            log.warning("control socket: %s", e)
+            with contextlib.suppress(ConnectionError):
+                writer.write(json.dumps({"ok": False, "error": "bad request: longer than "
+                                         f"{MAX_REQUEST} bytes"}).encode() + b"\n")
+                await writer.drain()
+        except ConnectionError as e:
             log.warning("control socket: %s", e)
         except asyncio.CancelledError:
             pass  # the server is stopping
@@ -79,11 +85,13 @@ class ControlServer:
     async def _handle(self, line: bytes) -> dict[str, Any]:
         try:
             request = json.loads(line)
+            if not isinstance(request, dict) or "op" not in request:
+                raise ValueError("a JSON object with an \"op\" is expected")
             op = request["op"]
             args = request.get("args") or {}
             if not isinstance(op, str) or not isinstance(args, dict):
                 raise ValueError("op must be a string and args an object")
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, TypeError) as e:
             return {"ok": False, "error": f"bad request: {e}"}
         log.info("control: %s %s", op, args)
         try:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import SERVER_CMD, ServerFactory, run
 
-from nbdserver.control.socket import call, socket_path
+from nbdserver.control.socket import MAX_REQUEST, call, socket_path
 from nbdserver.errors import UserError
 from nbdserver.pool.pool import read_superblock
 
@@ -85,12 +85,50 @@ def test_bad_requests_get_an_error_not_a_hang(nbd_server_factory: ServerFactory,
         s.connect(str(path))
         replies = []
         for line in (b"not json\n", b'{"op": 7}\n', b'{"op": "volume.explode"}\n',
-                     b'{"op": "volume.info", "args": {}}\n'):
+                     b'{"op": "volume.info", "args": {}}\n', b'{"args": {}}\n', b"[1]\n",
+                     b'{"op": "pool.info", "args": "x"}\n'):
             s.sendall(line)
             replies.append(json.loads(s.makefile().readline()))
-    assert [r["ok"] for r in replies] == [False] * 4
+        # A line longer than the limit: an error, then the connection closes.
+        s.sendall(b'{"op": "' + b"x" * (MAX_REQUEST + 10) + b'"}\n')
+        replies.append(json.loads(s.makefile().readline()))
+    assert [r["ok"] for r in replies] == [False] * 8
     assert "bad request" in replies[0]["error"]
     assert "unknown operation" in replies[2]["error"]
     assert "missing the argument 'name'" in replies[3]["error"]
+    assert '"op"' in replies[4]["error"] and '"op"' in replies[5]["error"]
+    assert "args an object" in replies[6]["error"]
+    assert f"longer than {MAX_REQUEST} bytes" in replies[7]["error"]
     srv.assert_alive()
+    srv.stop()
+
+
+@pytest.mark.parametrize(("op", "args", "needle"), [
+    ("volume.create", {"name": "x", "size": "1G"}, "'size' of 'volume.create' must be an integer"),
+    ("volume.create", {"name": "x", "size": None}, "missing the argument 'size'"),
+    ("volume.create", {"name": "x", "size": 4096.9}, "must be an integer, not 4096.9"),
+    ("volume.create", {"name": "x", "size": 2 ** 64}, "'size' of 'volume.create' is too large"),
+    ("volume.create", {"name": "x", "size": -1}, "must be at least 0"),
+    ("volume.create", {"name": "x", "size": True}, "must be an integer, not True"),
+    ("volume.create", {"name": 123, "size": 4096}, "'name' of 'volume.create' must be a string"),
+    ("volume.create", {"name": "x", "size": 4096, "guarantee": "false"},
+     "'guarantee' of 'volume.create' must be true or false, not 'false'"),
+    ("volume.create", {"name": "x", "size": 4096, "extra": 1},
+     "'volume.create' has no argument 'extra' (valid: name, size, guarantee)"),
+    ("volume.fork", {"source": "v", "name": "f", "guarantee": 1}, "must be true or false"),
+    ("volume.defrag", {"name": "v", "start": "abc"}, "'start' of 'volume.defrag' must be an"),
+    ("volume.defrag", {"name": "v", "limit": -1}, "'limit' of 'volume.defrag' must be at least 1"),
+    ("volume.defrag", {"name": "v", "progress": "x"}, "'progress' of 'volume.defrag' cannot be"),
+])
+def test_bad_arguments_are_named_and_change_nothing(nbd_server_factory: ServerFactory,
+                                                    tmp_path: Path, op: str,
+                                                    args: dict[str, object], needle: str) -> None:
+    srv, pool = _pool_server(nbd_server_factory, tmp_path)
+    path = socket_path(read_superblock(pool).uuid_str)
+    with pytest.raises(UserError) as err:
+        call(path, op, args)
+    assert needle in str(err.value), str(err.value)
+    assert [v["name"] for v in call(path, "volume.list", {})] == ["v"]
+    srv.assert_alive()
+    assert "Traceback" not in srv.stderr
     srv.stop()
