@@ -355,6 +355,8 @@ _BOOL = "tag:yaml.org,2002:bool"
 _INT = "tag:yaml.org,2002:int"
 _FLOAT = "tag:yaml.org,2002:float"
 _STR = "tag:yaml.org,2002:str"
+_TIMESTAMP = "tag:yaml.org,2002:timestamp"
+_TEXT_TAGS = (_STR, _INT, _FLOAT, _BOOL, _TIMESTAMP)  # scalars a string may be written as
 _MERGE = "tag:yaml.org,2002:merge"
 _CONSTRUCTOR = yaml.constructor.SafeConstructor()  # for its construct_yaml_int/float
 
@@ -501,12 +503,16 @@ class _Parser:
         """A string. A plain scalar is taken as written (``name: 2024`` is "2024")."""
         if not isinstance(node, ScalarNode) or node.tag == _NULL:
             self.fail(node, key, f"expected {what}, got {_got(node)}")
-        if node.tag not in (_STR, _INT, _FLOAT, _BOOL) and not node.tag.startswith(
-                "tag:yaml.org,2002:"):
+        if node.tag not in _TEXT_TAGS:
             self.fail(node, key, f"unsupported YAML tag {node.tag!r}")
         value = str(node.value)
         if not value and not allow_empty:
             self.fail(node, key, f"expected {what}, got an empty string")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # an escaped lone surrogate ("\ud800")
+            self.fail(node, key, f"{value[e.start]!r} at character {e.start} is not "
+                      "valid in UTF-8 (an unpaired surrogate)")
         return value
 
     def name(self, node: Node, key: str, what: str) -> str:
@@ -753,10 +759,7 @@ class _Parser:
                      "(or pool and volume)")
             name_node = m.require("name", " (the name clients ask for)")
             name = self.text(name_node, m.sub("name"), what="an export name")
-            try:
-                nbytes = len(name.encode("utf-8"))
-            except UnicodeEncodeError:
-                self.fail(name_node, m.sub("name"), "the export name is not valid UTF-8")
+            nbytes = len(name.encode("utf-8"))  # (text() refused what UTF-8 cannot hold)
             if nbytes > MAX_EXPORT_NAME_BYTES:
                 self.fail(name_node, m.sub("name"), f"export names are at most "
                           f"{MAX_EXPORT_NAME_BYTES} bytes of UTF-8, got {nbytes}")
@@ -770,7 +773,7 @@ class _Parser:
             if (v := m.get("description")) is not None:
                 if not (isinstance(v, ScalarNode) and v.tag == _NULL):
                     description = self.text(v, m.sub("description"), allow_empty=True)
-                if len(description.encode("utf-8", "surrogatepass")) > MAX_EXPORT_NAME_BYTES:
+                if len(description.encode("utf-8")) > MAX_EXPORT_NAME_BYTES:
                     self.fail(v, m.sub("description"), f"at most {MAX_EXPORT_NAME_BYTES} "
                               "bytes of UTF-8")
             read_only = False

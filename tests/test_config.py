@@ -458,6 +458,29 @@ def test_empty_listen(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(("line", "key", "fragment"), [
+    ('    description: "bad \\ud800"', "exports[0].description",
+     "'\\ud800' at character 4 is not valid in UTF-8"),
+    ('  - name: "x\\udfff"', "exports[1].name", "not valid in UTF-8"),
+    ("    description: !!binary aGVsbG8=", "exports[0].description",
+     "unsupported YAML tag 'tag:yaml.org,2002:binary'"),
+    ("    description: !!python/str hello", "exports[0].description", "unsupported YAML tag"),
+])
+def test_strings_a_client_could_not_be_sent(tmp_path: Path, line: str, key: str,
+                                            fragment: str) -> None:
+    """Names and descriptions go on the wire as UTF-8: a lone surrogate (which YAML's
+    escapes allow) or a non-string tag is refused when the config is read, not when a
+    client lists the exports."""
+    extra = "    file: other.img\n    size: 1M\n" if line.startswith("  - ") else ""
+    text = MINIMAL + line + "\n" + extra
+    expect(tmp_path, text, line.strip()[:12], key, fragment)
+
+
+def test_a_date_is_text_where_a_string_is_expected(tmp_path: Path) -> None:
+    text = MINIMAL + "    description: 2024-01-01\n"
+    assert load(tmp_path, text).exports[0].description == "2024-01-01"
+
+
 @pytest.mark.parametrize(("value", "got"), [
     ("yes", "got 'yes'"), ("no", "got 'no'"), ("on", "got 'on'"), ("1", "got '1'"),
     ('"true"', "got 'true' (a quoted string)"), ("", "got nothing"), ("[true]", "got a list"),
