@@ -731,7 +731,10 @@ class Pool:
             resume = await self.quiesce[src.id]()  # wait for the source's in-flight writes
         try:
             flags = (VF_SNAPSHOT | VF_READ_ONLY) if snapshot else 0
-            if guarantee:
+            # A guaranteed source that needs no reservation of its own (linear's thick
+            # origin) keeps its guarantee only if the clone does: overwriting the
+            # origin copies the old chunks out into the clone.
+            if guarantee or (src.guaranteed and not self.map.needs_reservation(src)):
                 flags |= VF_GUARANTEE
 
             def op() -> VolumeRecord:
@@ -740,8 +743,16 @@ class Pool:
                 self._add_record(vol)
                 if src.guaranteed:  # its chunks are shared now: rewriting them needs new ones
                     self._reserve(src, self._chunks_for(src.size))
-                if guarantee:
-                    self._reserve(vol, self._chunks_for(vol.size))
+                if vol.guaranteed:
+                    try:
+                        self._reserve(vol, self._chunks_for(vol.size))
+                    except UserError as e:
+                        if guarantee:
+                            raise
+                        raise UserError(
+                            f"cannot clone {src.name!r}: it is guaranteed, and overwriting "
+                            f"it copies its old chunks into {name!r}, which must then be "
+                            f"guaranteed too; {e}") from None
                 return vol
 
             vol = await self.cache.run(op)

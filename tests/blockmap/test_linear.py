@@ -436,7 +436,10 @@ async def test_guaranteed_origin_needs_its_size_once_and_snapshots_reserve(
         make_pool: PoolFactory) -> None:
     """A thick origin already owns every chunk: --guarantee must not reserve its size a
     second time (a pool with room for it once must accept it), while a guaranteed
-    snapshot, whose exception store can grow to the origin's size, reserves."""
+    snapshot, whose exception store can grow to the origin's size, reserves. So does
+    any snapshot of a guaranteed origin: overwriting the origin copies into it, so the
+    origin's guarantee holds only if the snapshot's room is promised (or the clone is
+    refused)."""
     env = await linear_pool(make_pool)
     pool = env.pool
     size = (pool.layout.data_chunks * 6 // 10) * CHUNK  # fits once, not twice
@@ -446,6 +449,30 @@ async def test_guaranteed_origin_needs_its_size_once_and_snapshots_reserve(
     assert pool.state.data_reserved == 0
     with pytest.raises(UserError, match="cannot guarantee"):  # 60% more does not fit
         await env.fork("o", "g", guarantee=True)
-    await env.fork("o", "thin")  # a thin snapshot reserves nothing
+    with pytest.raises(UserError, match="cannot clone 'o': it is guaranteed"):
+        await env.fork("o", "thin")
+    assert "thin" not in env.names() and pool.state.data_reserved == 0
+    await env.create("t", 4 * CHUNK)  # a thin origin's snapshot reserves nothing
+    await env.fork("t", "t-thin")
     assert pool.state.data_reserved == 0
+    await env.assert_clean()
+
+
+async def test_a_guaranteed_origin_with_a_snapshot_never_gets_enospc(
+        make_pool: PoolFactory) -> None:
+    """Its snapshot reserved the origin's size: with the rest of the pool taken, every
+    overwrite of the origin (a copy-out into the snapshot) still succeeds."""
+    env = await linear_pool(make_pool)
+    pool = env.pool
+    o = await env.create("o", 64 * CHUNK, guarantee=True)
+    await o.write(0, pattern(1, 64 * CHUNK))
+    await env.snapshot("o", "s")
+    assert pool.volume("s").guaranteed and pool.volume("s").reserved == 64
+    await env.create("filler", pool.available_chunks() * CHUNK)  # thick: takes the rest
+    assert pool.available_chunks() == 0
+    await o.write(0, pattern(2, 64 * CHUNK))  # 64 copy-outs into s
+    assert await env.vol("s").read(0, 64 * CHUNK) == pattern(1, 64 * CHUNK)
+    assert await o.read(0, 64 * CHUNK) == pattern(2, 64 * CHUNK)
+    await env.reopen()
+    assert await env.vol("s").read(0, 64 * CHUNK) == pattern(1, 64 * CHUNK)
     await env.assert_clean()
