@@ -510,7 +510,10 @@ class ExtentMap(BlockMap):
             a -= 1
         while b < n and counts[b] == 1:
             b += 1
-        pieces = [(start + a, b - a, pc + a, tag | TAG_WRITABLE)]
+        # The claimed run becomes this volume's own (its write follows): its allocation
+        # depth is 0 from now on (keeping the writer's tag would report the parent's
+        # layer for this volume's data, which a tool copying one layer would miss).
+        pieces = [(start + a, b - a, pc + a, vol.id | TAG_WRITABLE)]
         if a:
             pieces.insert(0, (start, a, pc, tag))
         if b < n:

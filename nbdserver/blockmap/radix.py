@@ -452,12 +452,15 @@ class RadixMap(BlockMap):
         return self.cache.modify(self._page(_target(e)), PT_RADIX)
 
     def claim(self, vol: VolumeRecord, lc: int) -> None:
+        if vol.id > MAX_OWNER:
+            raise ValueError(f"volume id {vol.id} too large for the radix design")
         leaf = self._writable_leaf(vol, lc)
         off = PAGE_HEADER_SIZE + 8 * (lc % self.fanout)
         e = _Q.unpack_from(leaf, off)[0]
         if not e & TARGET_MASK or self.data.get(_target(e)) != 1:
             raise AssertionError(f"claim of chunk {lc} that is not solely referenced")
-        _Q.pack_into(leaf, off, e | WRITABLE)
+        # This volume's own from now on (its write follows): allocation depth 0.
+        _Q.pack_into(leaf, off, _entry(_target(e), True, vol.id))
 
     def map(self, vol: VolumeRecord, lc: int, pc: int) -> None:
         self._point(vol, lc, pc)
