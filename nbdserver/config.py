@@ -102,6 +102,7 @@ DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_LOG_LEVEL = "info"
 DEFAULT_CACHE_SIZE = 64 << 20
+MIN_CACHE_SIZE = 64 << 10  # the page cache's floor: 16 pages
 DEFAULT_BLOCKMAP = "radix"
 DEFAULT_CHUNK_SIZE = 4 << 10
 MIN_CHUNK_SIZE = 4 << 10
@@ -698,6 +699,9 @@ class _Parser:
             level = self.choice(v, m.sub("log-level"), LOG_LEVELS)
         if (v := m.get("cache-size")) is not None:
             cache = self.size(v, m.sub("cache-size"))
+            if cache < MIN_CACHE_SIZE:
+                self.fail(v, m.sub("cache-size"), f"at least {format_size(MIN_CACHE_SIZE)} "
+                          f"(16 metadata pages), got {format_size(cache)}")
         return ServerSettings(io=io, max_connections=maxc, handshake_timeout=timeout,
                               log_level=level, cache_size=cache)
 
@@ -760,6 +764,9 @@ class _Parser:
             name_node = m.require("name", " (the name clients ask for)")
             name = self.text(name_node, m.sub("name"), what="an export name")
             nbytes = len(name.encode("utf-8"))  # (text() refused what UTF-8 cannot hold)
+            if "\0" in name:
+                self.fail(name_node, m.sub("name"), "an export name cannot contain a NUL "
+                          "character (no client could ask for it)")
             if nbytes > MAX_EXPORT_NAME_BYTES:
                 self.fail(name_node, m.sub("name"), f"export names are at most "
                           f"{MAX_EXPORT_NAME_BYTES} bytes of UTF-8, got {nbytes}")
@@ -827,7 +834,7 @@ class _Parser:
                 pool_node = m.require("pool", " (the pool that holds 'volume')")
                 volume_node = m.require("volume", " (the volume of the pool to export)")
                 pool = self.name(pool_node, m.sub("pool"), "a pool name")
-                volume = self.name(volume_node, m.sub("volume"), "a volume name")
+                volume = self.volume_name(volume_node, m.sub("volume"))
                 if not any(p.name == pool for p in pools):
                     known = [p.name for p in pools]
                     hint = (f"{_suggest(pool, known)}pools: {_one_of(known)}" if known
@@ -841,6 +848,18 @@ class _Parser:
                 create=create, key=path))
         return tuple(out)
 
+    def volume_name(self, node: Node, key: str) -> str:
+        """A name a pool volume can have (what ``volume create`` accepts)."""
+        from nbdserver.errors import UserError
+        from nbdserver.pool.pool import check_volume_name
+
+        name = self.name(node, key, "a volume name")
+        try:
+            check_volume_name(name)
+        except UserError as e:
+            self.fail(node, key, str(e))
+        return name
+
     def volume_create(self, node: Node, path: str, volume: str) -> VolumeCreate:
         m = _Map(self, node, path, _VOLUME_CREATE_KEYS,
                  "a mapping such as {size: 1G}, {fork: golden} or {snapshot: golden}")
@@ -851,7 +870,7 @@ class _Parser:
         kind, (_, v) = next(iter(m.items.items()))
         if kind == "size":
             return VolumeCreate(size=self.size(v, m.sub("size")))
-        origin = self.name(v, m.sub(kind), "a volume name")
+        origin = self.volume_name(v, m.sub(kind))
         if origin == volume:
             self.fail(v, m.sub(kind), f"volume {volume!r} cannot be created from itself")
         return VolumeCreate(fork=origin) if kind == "fork" else VolumeCreate(snapshot=origin)

@@ -476,6 +476,17 @@ def test_strings_a_client_could_not_be_sent(tmp_path: Path, line: str, key: str,
     expect(tmp_path, text, line.strip()[:12], key, fragment)
 
 
+def test_a_volume_name_the_pool_would_refuse_is_a_config_error(tmp_path: Path) -> None:
+    """check-config says so too, before serve creates any pool file."""
+    text = POOLED.replace("volume: vm1", 'volume: "bad/vol!"')
+    expect(tmp_path, text, "volume: ", "exports[1].volume", "invalid volume name 'bad/vol!'")
+
+
+def test_an_export_name_with_nul_is_refused(tmp_path: Path) -> None:
+    text = MINIMAL.replace("name: disk", 'name: "di\\0sk"')
+    expect(tmp_path, text, "name:", "exports[0].name", "cannot contain a NUL")
+
+
 def test_a_date_is_text_where_a_string_is_expected(tmp_path: Path) -> None:
     text = MINIMAL + "    description: 2024-01-01\n"
     assert load(tmp_path, text).exports[0].description == "2024-01-01"
@@ -539,6 +550,7 @@ def test_bad_export_size(tmp_path: Path, value: str, fragment: str) -> None:
     ("handshake-timeout", "0", "greater than zero"),
     ("handshake-timeout", "soon", "expected seconds"),
     ("cache-size", "0", "greater than zero"),
+    ("cache-size", "1", "at least 64 KiB (16 metadata pages), got 1 B"),
 ])
 def test_bad_server_settings(tmp_path: Path, key: str, value: str, fragment: str) -> None:
     text = MINIMAL + f"server:\n  {key}: {value}\n"
@@ -685,6 +697,7 @@ def test_file_export_of_a_pool_file(tmp_path: Path) -> None:
     ("{size: 0}", "exports[1].create.size", "greater than zero"),
     ("{fork: ''}", "exports[1].create.fork", "empty"),
     ("golden", "exports[1].create", "expected a mapping such as {size: 1G}"),
+    ("{fork: 'bad/vol!'}", "exports[1].create.fork", "invalid volume name 'bad/vol!'"),
 ])
 def test_bad_volume_create(tmp_path: Path, create: str, key: str, fragment: str) -> None:
     text = POOLED.replace("create: {size: 1G}", f"create: {create}")
