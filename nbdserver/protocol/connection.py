@@ -287,6 +287,7 @@ _CHUNK_STATUS: Final = struct.Struct(">IHHQII")  # ... + context id
 
 _REQUEST_SIZE: Final = _REQUEST_HEADER.size
 _unpack_request = _REQUEST_HEADER.unpack_from
+
 _pack_simple = _SIMPLE_REPLY.pack
 _pack_data_chunk = _CHUNK_DATA.pack
 
@@ -388,8 +389,10 @@ class ServerConnection:
         self._align = 0
         self._bad_flags: tuple[int, ...] = ()
         self._static_errors: tuple[_ErrorReply | None, ...] = ()
-        # Payload being collected (_WRITE_DATA) or skipped (_DISCARD).
-        self._payload: memoryview | None = None
+        # Payload being collected (_WRITE_DATA: grown as it arrives, so that a header
+        # alone costs no memory; a large buffer grows in place, by mremap) or skipped
+        # (_DISCARD).
+        self._payload: bytearray | None = None
         self._payload_fill = 0
         self._discard_left = 0
         self._pending: tuple[int, int, int, int, _ErrorReply | None] = (0, 0, 0, 0, None)
@@ -430,7 +433,7 @@ class ServerConnection:
         """Input bytes held by the core: unparsed input plus a WRITE payload being collected."""
         held = len(self._buf) - self._pos
         if self._payload is not None:
-            held += len(self._payload)
+            held += self._payload_fill
         return held
 
     # -- input ----------------------------------------------------------------------------
@@ -580,19 +583,20 @@ class ServerConnection:
         if phase == _WRITE_DATA:
             payload = self._payload
             assert payload is not None
+            cookie, flags, offset, length, _ = self._pending
             fill = self._payload_fill
-            take = min(len(payload) - fill, available)
+            take = min(length - fill, available)
             if take:
-                payload[fill : fill + take] = memoryview(buf)[pos : pos + take]
+                payload += memoryview(buf)[pos : pos + take]
                 fill += take
                 self._pos = pos + take
                 self._payload_fill = fill
-            if fill < len(payload):
+            if fill < length:
                 return self._need_data()
             self._payload = None
             self._phase = _REQUEST
-            cookie, flags, offset, length, _ = self._pending
-            return Request(_WRITE, cookie, offset, length, flags, payload.toreadonly())
+            return Request(_WRITE, cookie, offset, length, flags,
+                           memoryview(payload).toreadonly())
         if phase == _DISCARD:
             take = min(self._discard_left, available)
             self._pos = pos + take
@@ -660,13 +664,11 @@ class ServerConnection:
         return self._finish(ProtocolViolation(reason))
 
     def _begin_payload(self, cookie: int, flags: int, offset: int, length: int) -> None:
-        payload = memoryview(bytearray(length))
         buf = self._buf
         pos = self._pos
         have = len(buf) - pos
-        payload[:have] = memoryview(buf)[pos:]
+        self._payload = bytearray(memoryview(buf)[pos:])
         self._pos = len(buf)
-        self._payload = payload
         self._payload_fill = have
         self._pending = (cookie, flags, offset, length, None)
         self._phase = _WRITE_DATA

@@ -156,6 +156,26 @@ def test_protocol_violation_frees_the_slot_of_a_client_that_never_reads(
     hog.close()
 
 
+def test_write_headers_without_payloads_cost_no_memory(nbd_server_factory: ServerFactory,
+                                                       tmp_path: Path) -> None:
+    """Eight clients each announce a 32 MiB WRITE and send one byte of it: the server
+    holds what arrived, not 256 MiB of payload buffers."""
+    srv = nbd_server_factory([file_export("disk", tmp_path / "d.img", "64M")])
+    before = srv.rss_bytes()
+    clients = []
+    for i in range(8):
+        s = raw_socket(srv.socket_path)
+        raw_handshake(s, "disk")
+        s.sendall(request(c.CMD_WRITE, i, 0, 32 * MiB) + b"x")
+        clients.append(s)
+    time.sleep(1.0)
+    grown = srv.rss_bytes() - before
+    assert grown < 32 * MiB, f"the server grew by {grown >> 20} MiB"
+    for s in clients:
+        s.close()
+    srv.assert_alive()
+
+
 def test_max_connections(nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
     srv = nbd_server_factory([file_export("disk", tmp_path / "d.img", "1M")],
                              server={"max-connections": 2})
