@@ -211,6 +211,17 @@ class LinearMap(BlockMap):
         self.chunk_size = self.pool.sb.chunk_size
         self._zero_node = _Q.pack(ZERO) * self.exc_fanout
         self._work = 0
+        self._dirty_stop = 1 << 62  # see _begin_work
+
+    def _begin_work(self) -> None:
+        """Start counting the work of one bounded step (unmap, release): it stops at its
+        budget, or once it has dirtied a quarter of the journal ring (with a tiny fan-out
+        one entry can dirty two pages, and one step's commit record must fit the ring)."""
+        self._work = 0
+        self._dirty_stop = self.cache.dirty_count + max(8, self.pool.ring.ring_pages // 4)
+
+    def _spent(self, budget: int) -> bool:
+        return self._work >= budget or self.cache.dirty_count >= self._dirty_stop
 
     @classmethod
     def default_params(cls) -> tuple[int, int, int, int]:
@@ -479,7 +490,7 @@ class LinearMap(BlockMap):
             self._unlink(vol, sst.origin)  # first, so that no copy-out targets it any more
             if sst.root == NONE:
                 return True
-            self._work = 0
+            self._begin_work()
             n = self.exc_fanout ** sst.height
             root, _ = self._exc_fill(sst.root, sst.height - 1, 0, 0, n, NONE, budget)
             if root != sst.root:
@@ -498,7 +509,7 @@ class LinearMap(BlockMap):
             self._set_origin(vol, st._replace(released=stop))
             return False
         if st.wm_root:
-            self._work = 0
+            self._begin_work()
             root = self._wm_clear(st.wm_root, st.wm_height - 1, 0, 0,
                                   self._spans(st.wm_height)[-1], budget)
             self._set_origin(vol, st._replace(wm_root=root))
@@ -672,7 +683,7 @@ class LinearMap(BlockMap):
             child = _u32(self.cache.get(page_no), i)
             if not child:
                 continue
-            if self._work >= budget:
+            if self._spent(budget):
                 break
             s = max(lo, base + i * span)
             t = min(hi, base + (i + 1) * span)
@@ -766,7 +777,7 @@ class LinearMap(BlockMap):
             child = int(_Q.unpack_from(self.cache.get(page_no), off)[0])
             if child == value:
                 continue
-            if self._work >= budget:
+            if self._spent(budget):
                 stop = max(lo, base + i * span)
                 break
             if level == 0:
@@ -986,7 +997,7 @@ class LinearMap(BlockMap):
             self._unshare(origin, lc, lc + 1, st_s.epoch)
 
     def unmap(self, vol: VolumeRecord, lc: int, count: int) -> tuple[int, list[tuple[int, int]]]:
-        self._work = 0
+        self._begin_work()
         if self._kind(vol) == SNAPSHOT:
             st_s = self._snap(vol)
             origin = self.pool.volumes.get(st_s.origin)
@@ -1008,7 +1019,8 @@ class LinearMap(BlockMap):
                 work += 1
                 continue
             for c in range(first, first + n):
-                if work >= WORK_BUDGET and c > lc:
+                if c > lc and (work >= WORK_BUDGET
+                               or self.cache.dirty_count >= self._dirty_stop):
                     break
                 work += 1 + len(snaps)
                 entry = self._wentry(st, c)
@@ -1024,8 +1036,9 @@ class LinearMap(BlockMap):
                 pos = c + 1
             if pos < first + n:
                 break
-            if work >= WORK_BUDGET:
+            if work >= WORK_BUDGET or self.cache.dirty_count >= self._dirty_stop:
                 break
+        self._dirty_stop = 1 << 62  # (the runs decided above are cleared whole)
         for first, n in clear:
             st = self._origin(vol)
             root = self._wm_clear(st.wm_root, st.wm_height - 1, 0, first, first + n, 1 << 62)

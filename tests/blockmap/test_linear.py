@@ -476,3 +476,33 @@ async def test_a_guaranteed_origin_with_a_snapshot_never_gets_enospc(
     await env.reopen()
     assert await env.vol("s").read(0, 64 * CHUNK) == pattern(1, 64 * CHUNK)
     await env.assert_clean()
+
+
+@pytest.mark.parametrize("what", ["trim", "delete"])
+async def test_one_step_of_a_big_unmap_fits_the_journal(make_pool: PoolFactory,
+                                                        what: str) -> None:
+    """With a fan-out of 2 an exception entry can dirty two pages: a step of a trim or of
+    a deletion stops once it has dirtied a quarter of the ring, so its commit record
+    fits (one record larger than the ring fails the pool)."""
+    env = await make_pool("linear", size=1024 * MiB, map_params=(2, 0, 0, 0), small=False,
+                          journal_bytes=None, offline=False, cache_bytes=64 * MiB)
+    pool = env.pool
+    assert pool.ring.ring_pages == 2048  # the default journal of a 1 GiB pool
+    size = 8 * MiB
+    o = await env.create("o", size)
+    await o.write(0, pattern(1, size))
+    f = await env.fork("o", "f")
+    for off in range(0, size, 1 * MiB):  # an exception for every chunk
+        await f.write(off, pattern(2 + off, 1 * MiB))
+    await f.flush()
+    if what == "trim":
+        await f.trim(0, size)
+        await f.flush()
+        assert await f.read(0, size) == bytes(size)
+    else:
+        await env.delete("f")
+        await pool.commit()
+    assert pool.failed is None, pool.failed
+    assert await o.read(0, size) == pattern(1, size)
+    await env.reopen()
+    await env.assert_clean()
