@@ -68,6 +68,8 @@ class NbdServer:
         self.limits = ConnectionLimits()
         self.handshake_timeout = float(config.server.handshake_timeout)
         self.max_connections = config.server.max_connections
+        self.refused = 0  # connections refused at max-connections, not yet logged
+        self.refused_logged_at = -1e9  # (monotonic): at most one such warning a minute
         self.connections: set[NbdConnection] = set()
         self._listeners: list[asyncio.AbstractServer] = []
         self._unix_paths: list[Path] = []

@@ -49,6 +49,7 @@ import contextlib
 import errno
 import logging
 import socket
+import time
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
@@ -71,6 +72,7 @@ log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 256
 MAX_BYTES_IN_FLIGHT = 64 << 20  # READ/WRITE payload bytes; one request may go over
+REFUSAL_LOG_SECONDS = 60.0  # at most one "refusing connection" warning per this long
 LINGER_SECONDS = 5.0  # how long a closing connection waits for a client making no progress
 BATCH_LIMIT = 64 * 1024  # replies below this wait for the end of their completion batch
 WRITE_HIGH_WATER = 8 << 20  # queued reply bytes above which no new request is taken
@@ -115,9 +117,17 @@ class NbdConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = str(peer) if peer else "unix"
-        if len(self.server.connections) >= self.server.max_connections:
-            log.warning("%s: refusing connection: %d connections already open (max-connections)",
-                        self.peer, len(self.server.connections))
+        server = self.server
+        if len(server.connections) >= server.max_connections:
+            server.refused += 1
+            now = time.monotonic()
+            if now - server.refused_logged_at >= REFUSAL_LOG_SECONDS:  # no log flood
+                log.warning("%s: refusing connection: %d connections already open "
+                            "(max-connections)%s", self.peer, len(server.connections),
+                            f"; {server.refused} refused since the last warning"
+                            if server.refused > 1 else "")
+                server.refused = 0
+                server.refused_logged_at = now
             self.closed = True
             self.transport.abort()
             return

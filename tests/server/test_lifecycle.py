@@ -187,6 +187,11 @@ def test_max_connections(nbd_server_factory: ServerFactory, tmp_path: Path) -> N
     assert wait_closed(third, timeout=10) == b"", "the third connection got a greeting"
     third.close()
     assert "max-connections" in srv.stderr
+    for _ in range(20):  # a client hammering a full server does not flood the log
+        extra = raw_socket(srv.socket_path)
+        assert wait_closed(extra, timeout=10) == b""
+        extra.close()
+    assert srv.stderr.count("refusing connection") == 1, srv.stderr
     first.close()
     # Once one is gone, a new one is served (the server notices the close soon).
     deadline = time.monotonic() + 10
