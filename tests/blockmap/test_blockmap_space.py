@@ -152,22 +152,29 @@ async def _first_hole(vol: Vol, chunk: int) -> int:
     return vol.size // chunk
 
 
+async def _guaranteed_in_a_full_pool(make_pool: PoolFactory,
+                                     design: str) -> tuple[PoolEnv, Vol, bytearray]:
+    """A guaranteed volume "g" of 48 chunks, written in full (its content returned), in a
+    pool whose every other chunk a thin volume has taken."""
+    env = await make_pool(design, size=6 * MiB, small=False)
+    chunk = env.chunk_size
+    g = await env.create("g", 48 * chunk, guarantee=True)
+    model = bytearray(pattern(1, 48 * chunk))
+    await g.write(0, bytes(model))
+    hog = await thin_hog(env, "hog", 4 * env.pool.layout.data_chunks)
+    await fill(hog, chunk)
+    assert env.pool.available_chunks() <= 0
+    return env, g, model
+
+
 @pytest.mark.parametrize("design", design_names())
 async def test_rewrite_right_after_a_trim_in_a_full_pool(make_pool: PoolFactory,
                                                         design: str) -> None:
     """The chunks a trim frees are reused only once a commit makes the trim durable. In a
     full pool they are the only free space: a write that needs them waits for that
     commit instead of failing with ENOSPC (a guaranteed volume must never see ENOSPC)."""
-    env = await make_pool(design, size=6 * MiB, small=False)
-    pool = env.pool
+    env, g, model = await _guaranteed_in_a_full_pool(make_pool, design)
     chunk = env.chunk_size
-    n = 48
-    g = await env.create("g", n * chunk, guarantee=True)
-    model = bytearray(pattern(1, n * chunk))
-    await g.write(0, bytes(model))
-    hog = await thin_hog(env, "hog", 4 * pool.layout.data_chunks)
-    await fill(hog, chunk)
-    assert pool.available_chunks() <= 0
     for first in (0, 20):  # no flush between the trim and the rewrite
         await g.trim(first * chunk, 16 * chunk)
         data = pattern(2 + first, 16 * chunk)
@@ -184,16 +191,9 @@ async def test_write_zeroes_right_after_a_trim_in_a_full_pool(make_pool: PoolFac
                                                               design: str) -> None:
     """The same for WRITE_ZEROES that must allocate (NO_HOLE: the zeros are written), whole
     chunks or partial ones: it waits for the trim's commit too, instead of ENOSPC."""
-    env = await make_pool(design, size=6 * MiB, small=False)
-    pool = env.pool
+    env, g, model = await _guaranteed_in_a_full_pool(make_pool, design)
     chunk = env.chunk_size
-    n = 48
-    g = await env.create("g", n * chunk, guarantee=True)
-    model = bytearray(pattern(1, n * chunk))
-    await g.write(0, bytes(model))
-    hog = await thin_hog(env, "hog", 4 * pool.layout.data_chunks)
-    await fill(hog, chunk)
-    assert pool.available_chunks() <= 0
+    n = g.size // chunk
     for start, length in ((0, 16 * chunk), (20 * chunk + 512, 16 * chunk - 1024)):
         first = start // chunk
         await g.trim(first * chunk, 16 * chunk)  # no flush between the trim and the zeroes

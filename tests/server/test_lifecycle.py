@@ -252,6 +252,18 @@ async def test_sigterm_finishes_requests_in_flight(nbd_server_factory: ServerFac
     assert not srv.socket_path.exists(), "the Unix socket was not removed"
 
 
+async def _read_replies_to_the_end(client: NbdClient,
+                                   futs: list[asyncio.Future[object]]) -> list[object]:
+    """Start reading replies, wait for every request's fate and the server's EOF; each
+    result is the reply's data, None, an NbdReplyError, or ServerClosed (no reply)."""
+    client.start_reader()
+    results = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 60)
+    await asyncio.wait_for(client.eof.wait(), 30)
+    await client.close()
+    assert client.reader_error is None, f"torn reply: {client.reader_error!r}"
+    return list(results)
+
+
 async def test_sigterm_refuses_requests_received_but_not_taken(
         nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
     """1000 READs arrive at once; flow control takes a few dozen, and stops reading the
@@ -269,11 +281,7 @@ async def test_sigterm_refuses_requests_received_but_not_taken(
     await asyncio.sleep(0.5)  # the first replies fill the socket: the server stops taking
     srv.signal(signal.SIGTERM)
     await asyncio.sleep(0.5)
-    client.start_reader()
-    results = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 60)
-    await asyncio.wait_for(client.eof.wait(), 30)
-    await client.close()
-    assert client.reader_error is None, f"torn reply: {client.reader_error!r}"
+    results = await _read_replies_to_the_end(client, futs)
     answered = [r for r in results if isinstance(r, bytes)]
     refused = [r for r in results if isinstance(r, NbdReplyError)]
     assert all(r == data for r in answered)
@@ -309,11 +317,7 @@ async def test_sigterm_delivers_replies_to_a_slow_reader(nbd_server_factory: Ser
     # Tens of MiB of replies cannot fit in the socket buffers: they are still queued
     # in the server, which must wait for us rather than exit and lose them.
     assert srv.alive(), "the server exited with replies still queued"
-    client.start_reader()
-    results = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 60)
-    await asyncio.wait_for(client.eof.wait(), 30)
-    await client.close()
-    assert client.reader_error is None, f"torn reply: {client.reader_error!r}"
+    results = await _read_replies_to_the_end(client, futs)
     answered = [r for r in results if isinstance(r, bytes)]
     assert answered, results
     assert all(r == data for r in answered)
