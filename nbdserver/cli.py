@@ -53,8 +53,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level or config.server.log_level)
     log.info("configuration %s", path)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(config))
-    return EXIT_OK
+        clean = runner.run(serve(config))
+    return EXIT_OK if clean else EXIT_FAILED
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve", help="serve the exports of a config file",
         description="Serve the exports of a YAML config over NBD until SIGTERM or SIGINT, "
-                    "then finish in-flight requests, flush and exit 0. Prints the NBD URIs "
+                    "then finish in-flight requests, flush and exit 0 (1 if a pool had failed a "
+                    "commit after a device error). Prints the NBD URIs "
                     "clients can use. Systemd socket activation (LISTEN_FDS) is honoured.",
     )
     p.add_argument("-c", "--config", metavar="FILE",

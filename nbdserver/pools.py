@@ -84,11 +84,15 @@ class OpenPools:
         return VolumeBackend(pool, vol, read_only=ec.read_only, description=ec.description,
                              user=f"export {ec.name!r}")
 
-    async def close_all(self) -> None:
+    async def close_all(self) -> bool:
+        """Stop the control sockets, commit and close every pool; False if one failed."""
         for control in self.controls:
             await control.stop()
+        ok = True
         for name, pool in self.pools.items():
             try:
                 await pool.close()
             except Exception as e:
                 log.error("closing pool %s: %s", name, e)
+                ok = False
+        return ok

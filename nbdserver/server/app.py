@@ -7,7 +7,8 @@ qemu-nbd do.
 
 Stop (SIGTERM or SIGINT): close the listeners, let every connection finish the
 requests it has in flight (reading no more), flush every export, wait for the
-connections to deliver their last replies and close, exit 0.
+connections to deliver their last replies and close, exit 0 (1 if a pool had
+failed: see :meth:`nbdserver.pool.pool.Pool.commit`).
 """
 
 from __future__ import annotations
@@ -185,8 +186,9 @@ class NbdServer:
             lines.extend(f"    {uri}" for name, uri in self.uris if name == info.name)
         return "\n".join(lines)
 
-    async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
-        """Stop accepting, finish in-flight requests, flush and close every export."""
+    async def stop(self, grace: float = STOP_GRACE_SECONDS) -> bool:
+        """Stop accepting, finish in-flight requests, flush and close every export; False
+        if a pool could not be committed and closed (it had failed: see Pool.commit)."""
         for srv in self._listeners:
             srv.close()
         for conn in list(self.connections):
@@ -203,7 +205,7 @@ class NbdServer:
                 await export.backend.close()
             except Exception as e:
                 log.error("closing export %r: %s", export.info.name, e)
-        await self.pools.close_all()
+        closed = await self.pools.close_all()
         # Exiting with replies still queued in a transport would lose them.
         lost = [conn.lost.wait() for conn in list(self.connections)]
         if lost:
@@ -217,10 +219,12 @@ class NbdServer:
                 path.unlink()
         self.engine.close()
         self.buffers.clear()
+        return closed
 
 
-async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
-    """Run a server for `config` until SIGTERM or SIGINT."""
+async def serve(config: Config, *, ready: asyncio.Event | None = None) -> bool:
+    """Run a server for `config` until SIGTERM or SIGINT; False if a pool had failed (the
+    exit status then says so, and a supervisor restarting on failure recovers it)."""
     import signal
 
     server = NbdServer(config)
@@ -238,5 +242,8 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
         ready.set()
     await stop.wait()
     log.info("stopping: finishing in-flight requests")
-    await server.stop()
+    if not await server.stop():
+        log.error("stopped; a pool had failed (see above): exiting with status 1")
+        return False
     log.info("stopped")
+    return True

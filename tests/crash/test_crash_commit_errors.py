@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
-from conftest import SERVER_CMD, ServerFactory, pattern, run
-from nbdclient import NbdReplyError
+from conftest import SERVER_CMD, NbdServerProcess, ServerFactory, pattern, run
+from nbdclient import NbdClient, NbdReplyError
 from test_crash_kill import check_clean, clients, pool_at, serve, volume_export, which
 
 KiB = 1024
@@ -39,8 +40,10 @@ engine.IoEngine.awrite = awrite
 '''
 
 
-async def test_flush_after_a_failed_commit_fails_until_restart_and_kill_keeps_flushed_data(
-        nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
+def _failing_server(factory: ServerFactory, tmp_path: Path) -> tuple[
+        NbdServerProcess, Path, Path]:
+    """A server on a new pool whose journal writes fail while the returned trigger file
+    exists; (server, pool, trigger)."""
     pool = pool_at(tmp_path)
     inject = tmp_path / "inject"
     inject.mkdir()
@@ -49,9 +52,14 @@ async def test_flush_after_a_failed_commit_fails_until_restart_and_kill_keeps_fl
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(inject), env.get("PYTHONPATH"))
                                         if p)
-    srv = nbd_server_factory([volume_export("v", size="8M")], pools=[{"name": "p",
-                             "path": pool}], tcp=False, name="failing", env=env)
-    (v,) = await clients(srv, "v")
+    srv = factory([volume_export("v", size="8M")], pools=[{"name": "p", "path": pool}],
+                  tcp=False, name="failing", env=env)
+    return srv, pool, trigger
+
+
+async def _fail_a_flush(v: NbdClient, trigger: Path) -> tuple[bytes, bytes]:
+    """Write and flush `kept`, write `unflushed` (a new chunk), then a FLUSH that fails
+    (EIO on its journal write); the device works again after. (kept, unflushed)."""
     kept = pattern(64 * KiB, 1)
     await v.write(0, kept)
     await v.flush()  # durable
@@ -62,6 +70,31 @@ async def test_flush_after_a_failed_commit_fails_until_restart_and_kill_keeps_fl
         await v.flush()
     assert failed.value.code == EIO_WIRE
     trigger.unlink()  # the device works again
+    return kept, unflushed
+
+
+async def test_a_failed_pool_makes_the_server_exit_1_and_a_restart_recovers(
+        nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
+    srv, pool, trigger = _failing_server(nbd_server_factory, tmp_path)
+    (v,) = await clients(srv, "v")
+    kept, _ = await _fail_a_flush(v, trigger)
+    await v.close()
+    srv.signal(signal.SIGTERM)
+    assert srv.wait(30) == 1  # a supervisor restarting on failure recovers the pool
+    assert "a pool had failed" in srv.stderr
+    srv = serve(nbd_server_factory, pool, [volume_export("v")], "after")
+    (v,) = await clients(srv, "v")
+    assert await v.read(0, 64 * KiB) == kept
+    await v.close()
+    srv.stop()
+    check_clean(pool)
+
+
+async def test_flush_after_a_failed_commit_fails_until_restart_and_kill_keeps_flushed_data(
+        nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
+    srv, pool, trigger = _failing_server(nbd_server_factory, tmp_path)
+    (v,) = await clients(srv, "v")
+    kept, unflushed = await _fail_a_flush(v, trigger)
     for attempt in ("flush", "fua write"):
         with pytest.raises(NbdReplyError) as again:
             if attempt == "flush":
