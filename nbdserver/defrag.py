@@ -32,8 +32,11 @@ reads go on), copy, install (one mini-transaction that re-checks that each
 chunk is still mapped where it was and still the volume's own, and skips it
 otherwise), resume, commit. So a concurrent write is never lost: it happens
 either before the copy (and is copied) or after the install (and lands in the
-new chunk). Old chunks are freed by ``map`` and stay quarantined until the
-commit is durable and every read begun before it has ended. The copy reads the
+new chunk). A backend opened on the volume meanwhile (a first export, or a
+client reconnecting) was not quiesced: then the window is not installed
+(``pool.backends_opened`` counts them). Old chunks are freed by ``map`` and
+stay quarantined until the commit is durable and every read begun before it
+has ended. The copy reads the
 window's moved chunks into one buffer laid out in target order (one read per
 run contiguous at both ends, all in flight at once, straight on the engine's
 callbacks), then writes each target run with one write.
@@ -212,14 +215,21 @@ class Defrag:
         if not plan.moves:
             return
         installed: set[int] = set()
+        vid = self.vol.id
+        opened = pool.backends_opened.get(vid, 0)
         try:
-            quiesce = pool.quiesce.get(self.vol.id)
+            quiesce = pool.quiesce.get(vid)
             resume = await quiesce() if quiesce is not None else None
             try:
                 epoch = pool.epochs.begin_write()
                 try:
                     await self._copy(plan.moves)
-                    installed = await pool.run(lambda: self._install(lo, hi, plan.moves))
+                    # A backend opened meanwhile (a new export or connection) is not
+                    # paused: its writes in place may be newer than the copies. Then
+                    # the window is left as it is.
+                    installed = await pool.run(
+                        lambda: self._install(lo, hi, plan.moves)
+                        if pool.backends_opened.get(vid, 0) == opened else set())
                 finally:
                     pool.epochs.end_write(epoch)
             finally:

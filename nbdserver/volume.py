@@ -139,6 +139,7 @@ class VolumeBackend:
         self._quiesced: asyncio.Event | None = None  # set while new writes must wait
         self._drained: asyncio.Event | None = None
         pool.quiesce[vol.id] = self._quiesce
+        pool.backends_opened[vol.id] = pool.backends_opened.get(vol.id, 0) + 1
         _CHUNK_LOCKS.setdefault(pool, {})[vol.id] = self._locks
         pool.in_use[vol.id] = user or "exported"
 

@@ -27,7 +27,7 @@ from nbdclient import connect
 
 from nbdserver import admin
 from nbdserver.blockmap.base import HOLE, Claim, InPlace, designs
-from nbdserver.defrag import WINDOW_BYTES, defrag_volume
+from nbdserver.defrag import WINDOW_BYTES, Defrag, defrag_volume
 from nbdserver.pool.pool import Pool
 from nbdserver.storage.buffers import BufferPool
 from nbdserver.storage.engine import make_engine
@@ -130,6 +130,41 @@ async def test_defrag_makes_an_exclusive_volume_contiguous(make_pool: PoolFactor
     assert pool.data.used == len(data) // CHUNK  # the old chunks were freed
     again = await defrag_volume(pool, "v")
     assert again["moved_bytes"] == 0 and again["after"]["extents"] == 1
+    await env.reopen()
+    assert await env.vol("v").read(0, len(data)) == data
+    await env.assert_clean()
+
+
+@pytest.mark.parametrize("design", FORKING)
+@pytest.mark.parametrize("how", ["opened", "reopened"])
+async def test_a_volume_opened_during_a_window_keeps_its_writes(
+        make_pool: PoolFactory, design: str, how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defrag pauses the writes of the backend the volume has when a window starts. One
+    opened during the window's copy (a first export, or a client that reconnects) is
+    not paused: its write in place at the old chunk must not be undone by installing
+    the copy taken before it. The window is left as it is then."""
+    env = await new_env(make_pool, design)
+    await env.create("v", GiB)
+    await env.create("w", 64 * MiB)
+    data = bytearray(await write_side_by_side(env, "v", "w", 2 * MiB, seed=7))
+    await env.delete("w")
+    if how == "opened":
+        await env.release("v")  # not exported when defrag starts
+    copy = Defrag._copy
+    written: list[int] = []
+
+    async def copy_then_write(self: Defrag, moves: list[tuple[int, int, int]]) -> None:
+        await copy(self, moves)
+        if not written:  # the first window: a client connects now and writes
+            lc = moves[0][0]
+            written.append(lc)
+            await env.release("v")
+            await env.vol("v").write(lc * CHUNK, pattern(99, CHUNK))
+
+    monkeypatch.setattr(Defrag, "_copy", copy_then_write)
+    await defrag_volume(env.pool, "v")
+    data[written[0] * CHUNK:(written[0] + 1) * CHUNK] = pattern(99, CHUNK)
+    assert await env.vol("v").read(0, len(data)) == data
     await env.reopen()
     assert await env.vol("v").read(0, len(data)) == data
     await env.assert_clean()

@@ -160,6 +160,9 @@ class Pool:
         self._background: set[asyncio.Task[Any]] = set()
         self.in_use: dict[int, str] = {}  # volume id -> what uses it (an export)
         self.quiesce: dict[int, Callable[[], Awaitable[Callable[[], None]]]] = {}
+        # volume id -> backends opened on it so far: a long operation that paused the
+        # volume's writes (defrag) sees whether one opened since, unpaused.
+        self.backends_opened: dict[int, int] = {}
         self.stats_slice = 0  # chunks per step of volume_stats (0: the design's choice)
         self.closed = False
         self.commits = 0
