@@ -13,6 +13,7 @@ import signal
 import socket
 import struct
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -264,6 +265,20 @@ async def _read_replies_to_the_end(client: NbdClient,
     return list(results)
 
 
+def _replies_until_eof(s: socket.socket) -> Iterator[tuple[int, int]]:
+    """(error, cookie) of each simple reply, until the server's clean EOF (between two
+    replies); the caller reads a successful READ's data before taking the next."""
+    while True:
+        try:
+            head = recv_exact(s, 16)
+        except ServerClosed as e:
+            assert "EOF after 0 of" in str(e), e
+            return
+        magic, error, cookie = struct.unpack(">IIQ", head)
+        assert magic == c.SIMPLE_REPLY_MAGIC
+        yield error, cookie
+
+
 def test_sigterm_refuses_requests_received_but_not_taken(nbd_server_factory: ServerFactory,
                                                         tmp_path: Path) -> None:
     """1000 READs arrive in one piece; flow control takes a few dozen and leaves the rest
@@ -282,14 +297,7 @@ def test_sigterm_refuses_requests_received_but_not_taken(nbd_server_factory: Ser
     srv.signal(signal.SIGTERM)
     answered: set[int] = set()
     refused: set[int] = set()
-    while True:
-        try:
-            head = recv_exact(s, 16)
-        except ServerClosed as e:
-            assert "EOF after 0 of" in str(e), e  # a clean end, between replies
-            break
-        magic, error, cookie = struct.unpack(">IIQ", head)
-        assert magic == c.SIMPLE_REPLY_MAGIC
+    for error, cookie in _replies_until_eof(s):
         if error:
             assert error == c.ESHUTDOWN, error
             refused.add(cookie)
@@ -350,14 +358,7 @@ def test_sigterm_waits_for_a_client_still_reading(nbd_server_factory: ServerFact
     srv.signal(signal.SIGTERM)
     start = time.monotonic()
     replies = 0
-    while True:
-        try:
-            head = recv_exact(s, 16)
-        except ServerClosed as e:
-            assert "EOF after 0 of" in str(e), e  # a clean end, between replies
-            break
-        magic, error, _cookie = struct.unpack(">IIQ", head)
-        assert magic == c.SIMPLE_REPLY_MAGIC
+    for error, _cookie in _replies_until_eof(s):
         if error:  # a request received but not yet taken when SIGTERM came
             assert error == c.ESHUTDOWN
             continue
