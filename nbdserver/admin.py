@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import stat
 import sys
 import time
 from pathlib import Path
@@ -174,9 +175,8 @@ def _volume_result(args: argparse.Namespace, info: dict[str, Any], verb: str) ->
 
 def _sparse(pool: str) -> bool:
     """Whether the pool is a file with blocks its filesystem has not allocated yet."""
-    path = Path(pool)
-    st = path.stat()
-    return path.is_file() and st.st_blocks * 512 < st.st_size
+    st = Path(pool).stat()
+    return stat.S_ISREG(st.st_mode) and st.st_blocks * 512 < st.st_size
 
 
 def _note_sparse_guarantee(pool: str) -> None:

@@ -65,7 +65,7 @@ from typing import Any, Literal, NoReturn
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from nbdserver.errors import ConfigError
+from nbdserver.errors import ConfigError, UserError
 from nbdserver.sizes import format_duration, format_size, parse_duration, parse_size
 
 __all__ = [
@@ -850,8 +850,7 @@ class _Parser:
 
     def volume_name(self, node: Node, key: str) -> str:
         """A name a pool volume can have (what ``volume create`` accepts)."""
-        from nbdserver.errors import UserError
-        from nbdserver.pool.pool import check_volume_name
+        from nbdserver.pool.pool import check_volume_name  # (the pool's rule; heavy import)
 
         name = self.name(node, key, "a volume name")
         try:

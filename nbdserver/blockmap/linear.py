@@ -135,6 +135,7 @@ NONE = 0
 ZERO = 1
 
 WORK_BUDGET = 2048  # entries and pages one unmap call may change
+NO_BUDGET = 1 << 62  # a walk that must finish
 JOURNAL_SHARE = 2  # a volume creation may dirty at most 1/JOURNAL_SHARE of the journal ring
 
 _Q = struct.Struct("<Q")
@@ -211,7 +212,7 @@ class LinearMap(BlockMap):
         self.chunk_size = self.pool.sb.chunk_size
         self._zero_node = _Q.pack(ZERO) * self.exc_fanout
         self._work = 0
-        self._dirty_stop = 1 << 62  # see _begin_work
+        self._dirty_stop = NO_BUDGET  # see _begin_work
 
     def _begin_work(self) -> None:
         """Start counting the work of one bounded step (unmap, release): it stops at its
@@ -221,7 +222,9 @@ class LinearMap(BlockMap):
         self._dirty_stop = self.cache.dirty_count + max(8, self.pool.ring.ring_pages // 4)
 
     def _spent(self, budget: int) -> bool:
-        return self._work >= budget or self.cache.dirty_count >= self._dirty_stop
+        """Whether a bounded step must stop here (NO_BUDGET: never; it finishes)."""
+        return budget < NO_BUDGET and (self._work >= budget
+                                       or self.cache.dirty_count >= self._dirty_stop)
 
     @classmethod
     def default_params(cls) -> tuple[int, int, int, int]:
@@ -1038,10 +1041,10 @@ class LinearMap(BlockMap):
                 break
             if work >= WORK_BUDGET or self.cache.dirty_count >= self._dirty_stop:
                 break
-        self._dirty_stop = 1 << 62  # (the runs decided above are cleared whole)
-        for first, n in clear:
+        for first, n in clear:  # (the runs decided above are cleared whole)
             st = self._origin(vol)
-            root = self._wm_clear(st.wm_root, st.wm_height - 1, 0, first, first + n, 1 << 62)
+            root = self._wm_clear(st.wm_root, st.wm_height - 1, 0, first, first + n,
+                                  NO_BUDGET)
             if root != st.wm_root:
                 self._set_origin(vol, st._replace(wm_root=root))
         return pos - lc, [(first, n) for first, n in fill]

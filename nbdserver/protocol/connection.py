@@ -352,7 +352,6 @@ class ServerConnection:
         "_options_seen",
         "_out",
         "_payload",
-        "_payload_fill",
         "_pending",
         "_phase",
         "_pos",
@@ -393,7 +392,6 @@ class ServerConnection:
         # alone costs no memory; a large buffer grows in place, by mremap) or skipped
         # (_DISCARD).
         self._payload: bytearray | None = None
-        self._payload_fill = 0
         self._discard_left = 0
         self._pending: tuple[int, int, int, int, _ErrorReply | None] = (0, 0, 0, 0, None)
 
@@ -433,7 +431,7 @@ class ServerConnection:
         """Input bytes held by the core: unparsed input plus a WRITE payload being collected."""
         held = len(self._buf) - self._pos
         if self._payload is not None:
-            held += self._payload_fill
+            held += len(self._payload)
         return held
 
     # -- input ----------------------------------------------------------------------------
@@ -584,14 +582,11 @@ class ServerConnection:
             payload = self._payload
             assert payload is not None
             cookie, flags, offset, length, _ = self._pending
-            fill = self._payload_fill
-            take = min(length - fill, available)
+            take = min(length - len(payload), available)
             if take:
                 payload += memoryview(buf)[pos : pos + take]
-                fill += take
                 self._pos = pos + take
-                self._payload_fill = fill
-            if fill < length:
+            if len(payload) < length:
                 return self._need_data()
             self._payload = None
             self._phase = _REQUEST
@@ -665,11 +660,8 @@ class ServerConnection:
 
     def _begin_payload(self, cookie: int, flags: int, offset: int, length: int) -> None:
         buf = self._buf
-        pos = self._pos
-        have = len(buf) - pos
-        self._payload = bytearray(memoryview(buf)[pos:])
+        self._payload = bytearray(memoryview(buf)[self._pos:])
         self._pos = len(buf)
-        self._payload_fill = have
         self._pending = (cookie, flags, offset, length, None)
         self._phase = _WRITE_DATA
 
