@@ -74,3 +74,50 @@ async def test_hold_waits_for_an_overlapping_unit() -> None:
     locks.release(key)
     await task
     assert order == ["released", "wide"] and not locks
+
+
+async def test_waiters_are_served_in_order_and_block_later_requests() -> None:
+    """First come, first served: a queued range is seen by later requests, which queue
+    behind it (a wide trim is not starved by a stream of one-unit writes)."""
+    locks = RangeLocks()
+    first = locks.try_hold(3, 4)
+    assert first is not None
+    order: list[str] = []
+
+    async def take(name: str, start: int, end: int) -> None:
+        async with locks.hold(start, end):
+            order.append(name)
+            await asyncio.sleep(0)
+
+    wide = asyncio.ensure_future(take("wide", 0, 8))
+    await asyncio.sleep(0)
+    # The unit 5 is free, but the queued wide range covers it: no slipping in.
+    assert locks.unit_held(5) and locks.try_hold(5, 6) is None
+    assert locks.try_hold(8, 9) is not None  # outside every entry: at once
+    later = asyncio.ensure_future(take("later", 5, 6))
+    await asyncio.sleep(0.01)
+    assert order == []
+    locks.release(first)
+    await asyncio.gather(wide, later)
+    assert order == ["wide", "later"]
+
+
+async def test_a_cancelled_waiter_leaves_the_queue() -> None:
+    locks = RangeLocks()
+    first = locks.try_hold(0, 1)
+    assert first is not None
+    got: list[str] = []
+
+    async def take(name: str, start: int, end: int) -> None:
+        async with locks.hold(start, end):
+            got.append(name)
+
+    gone = asyncio.ensure_future(take("gone", 0, 4))
+    await asyncio.sleep(0)
+    behind = asyncio.ensure_future(take("behind", 2, 3))  # waits for "gone" only
+    await asyncio.sleep(0)
+    gone.cancel()
+    await asyncio.gather(gone, return_exceptions=True)
+    await asyncio.wait_for(behind, 1.0)  # not stuck behind the withdrawn entry
+    assert got == ["behind"] and locks.try_hold(2, 3) is not None
+    locks.release(first)
