@@ -90,9 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "serve", help="serve the exports of a config file",
-        description="Serve the exports of a YAML config over NBD until SIGTERM or SIGINT, "
-                    "then finish in-flight requests, flush and exit 0 (1 if a pool had failed a "
-                    "commit after a device error). Prints the NBD URIs "
+        description="Serve the exports of a YAML config over NBD until SIGTERM, SIGINT or "
+                    "SIGHUP, then finish in-flight requests (up to server.stop-timeout), flush "
+                    "and exit 0 (1 if a pool had failed a commit after a device error; SIGINT "
+                    "during the stop exits 1 at once, as a crash would). Prints the NBD URIs "
                     "clients can use. Systemd socket activation (LISTEN_FDS) is honoured.",
     )
     p.add_argument("-c", "--config", metavar="FILE",

@@ -11,6 +11,7 @@ can connect to)::
       io: aio                         # aio (default) | threads
       max-connections: 256
       handshake-timeout: 10           # seconds (also 500ms, 2m)
+      stop-timeout: 30                # seconds stop waits for requests in flight
       log-level: info                 # debug | info | warning | error
       cache-size: 64M                 # block-map metadata cache of the pools
     pools:                            # optional
@@ -100,6 +101,7 @@ LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error")
 DEFAULT_IO = "aio"
 DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_STOP_TIMEOUT = 30.0
 DEFAULT_LOG_LEVEL = "info"
 DEFAULT_CACHE_SIZE = 64 << 20
 MIN_CACHE_SIZE = 64 << 10  # the page cache's floor: 16 pages
@@ -150,7 +152,8 @@ class ServerSettings:
 
     `io`: ``"aio"`` (Linux native AIO) or ``"threads"``. `max_connections`:
     connections served at once. `handshake_timeout`: seconds a client may take
-    to finish the handshake. `log_level`: ``"debug"``, ``"info"``,
+    to finish the handshake. `stop_timeout`: seconds a stop (SIGTERM) waits for
+    the requests in flight before dropping their connections. `log_level`: ``"debug"``, ``"info"``,
     ``"warning"`` or ``"error"``. `cache_size`: bytes of block-map metadata the
     pools may cache.
     """
@@ -160,6 +163,7 @@ class ServerSettings:
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
     log_level: str = DEFAULT_LOG_LEVEL
     cache_size: int = DEFAULT_CACHE_SIZE
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,7 +367,8 @@ _CONSTRUCTOR = yaml.constructor.SafeConstructor()  # for its construct_yaml_int/
 
 _TOP_KEYS = ("listen", "server", "pools", "exports")
 _LISTEN_KEYS = ("unix", "tcp")
-_SERVER_KEYS = ("io", "max-connections", "handshake-timeout", "log-level", "cache-size")
+_SERVER_KEYS = ("io", "max-connections", "handshake-timeout", "stop-timeout", "log-level",
+                "cache-size")
 _POOL_KEYS = ("name", "path", "create")
 _POOL_CREATE_KEYS = ("size", "blockmap", "chunk-size", "preallocate")
 _EXPORT_KEYS = ("name", "description", "read-only", "min-block-size", "file", "size", "pool",
@@ -695,6 +700,9 @@ class _Parser:
                 self.fail(v, m.sub("max-connections"), f"must be at least 1, got {maxc}")
         if (v := m.get("handshake-timeout")) is not None:
             timeout = self.duration(v, m.sub("handshake-timeout"))
+        stop = DEFAULT_STOP_TIMEOUT
+        if (v := m.get("stop-timeout")) is not None:
+            stop = self.duration(v, m.sub("stop-timeout"))
         if (v := m.get("log-level")) is not None:
             level = self.choice(v, m.sub("log-level"), LOG_LEVELS)
         if (v := m.get("cache-size")) is not None:
@@ -703,7 +711,7 @@ class _Parser:
                 self.fail(v, m.sub("cache-size"), f"at least {format_size(MIN_CACHE_SIZE)} "
                           f"(16 metadata pages), got {format_size(cache)}")
         return ServerSettings(io=io, max_connections=maxc, handshake_timeout=timeout,
-                              log_level=level, cache_size=cache)
+                              log_level=level, cache_size=cache, stop_timeout=stop)
 
     def pools(self, node: Node | None) -> tuple[PoolConfig, ...]:
         out: list[PoolConfig] = []
@@ -978,7 +986,8 @@ def describe(config: Config) -> str:
             lines.append(f"  TCP {listener.address}{free}  [{listener.key}]")
     s = config.server
     lines.append(f"Server: {s.io} I/O, up to {s.max_connections} connections, handshake "
-                 f"timeout {format_duration(s.handshake_timeout)}, log level {s.log_level}, "
+                 f"timeout {format_duration(s.handshake_timeout)}, stop timeout "
+                 f"{format_duration(s.stop_timeout)}, log level {s.log_level}, "
                  f"block-map cache {format_size(s.cache_size)}")
     if config.pools:
         lines.append("Pools:")
@@ -1047,7 +1056,7 @@ def config_to_json(config: Config) -> dict[str, Any]:
          "listen": [{"kind": "unix" | "tcp", "path": str | null, "host": str | null,
                      "port": int | null, "key": "listen[0].unix"}],
          "server": {"io": str, "max-connections": int, "handshake-timeout": float,
-                    "log-level": str, "cache-size": int},
+                    "stop-timeout": float, "log-level": str, "cache-size": int},
          "pools": [{"name": str, "path": str, "key": "pools[0]",
                     "create": {"size": int, "blockmap": str, "chunk-size": int,
                                "preallocate": bool} | null}],
@@ -1068,7 +1077,8 @@ def config_to_json(config: Config) -> dict[str, Any]:
             for li in config.listen
         ],
         "server": {"io": s.io, "max-connections": s.max_connections,
-                   "handshake-timeout": s.handshake_timeout, "log-level": s.log_level,
+                   "handshake-timeout": s.handshake_timeout,
+                   "stop-timeout": s.stop_timeout, "log-level": s.log_level,
                    "cache-size": s.cache_size},
         "pools": [
             {"name": p.name, "path": str(p.path), "key": p.key,

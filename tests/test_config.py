@@ -225,6 +225,7 @@ def test_full_config(tmp_path: Path) -> None:
           io: threads
           max-connections: 4
           handshake-timeout: 500ms
+          stop-timeout: 2m
           log-level: DEBUG
           cache-size: 1G
         pools:
@@ -260,7 +261,7 @@ def test_full_config(tmp_path: Path) -> None:
     ]
     assert config.listen[1].address == "[::1]:0"
     assert config.listen[2].address == "localhost:10810"
-    assert config.server == ServerSettings("threads", 4, 0.5, "debug", 1 << 30)
+    assert config.server == ServerSettings("threads", 4, 0.5, "debug", 1 << 30, 120.0)
     assert config.pools[0].create == PoolCreate(20 << 30, "extent", 64 << 10)
     assert config.pools[1].create is None
     disk, vm1, vm2, golden = config.exports
@@ -549,6 +550,8 @@ def test_bad_export_size(tmp_path: Path, value: str, fragment: str) -> None:
     ("max-connections", "1.5", "expected a whole number"),
     ("handshake-timeout", "0", "greater than zero"),
     ("handshake-timeout", "soon", "expected seconds"),
+    ("stop-timeout", "0", "greater than zero"),
+    ("stop-timeout", "later", "expected seconds"),
     ("cache-size", "0", "greater than zero"),
     ("cache-size", "1", "at least 64 KiB (16 metadata pages), got 1 B"),
 ])
@@ -815,8 +818,8 @@ def test_describe_default_config_shape(tmp_path: Path) -> None:
     data = tmp_path / "data"
     assert f"Unix socket {data / 'nbd.sock'}  [listen[0].unix]" in out
     assert "TCP 127.0.0.1:10809  [listen[1].tcp]" in out
-    assert "aio I/O, up to 256 connections, handshake timeout 10 s, log level info, " \
-           "block-map cache 64 MiB" in out
+    assert "aio I/O, up to 256 connections, handshake timeout 10 s, stop timeout 30 s, " \
+           "log level info, block-map cache 64 MiB" in out
     assert f"main: {data / 'pool.img'}  [pools[0]]" in out
     assert "does not exist yet; it will be created at 4 GiB with a radix block map and " \
            "4 KiB chunks" in out
@@ -897,7 +900,7 @@ def test_config_to_json(tmp_path: Path) -> None:
             {"kind": "tcp", "path": None, "host": "::1", "port": 5, "key": "listen[1].tcp"},
         ],
         "server": {"io": "aio", "max-connections": 256, "handshake-timeout": 10.0,
-                   "log-level": "info", "cache-size": 64 << 20},
+                   "stop-timeout": 30.0, "log-level": "info", "cache-size": 64 << 20},
         "pools": [{"name": "main", "path": str(tmp_path / "pool.img"), "key": "pools[0]",
                    "create": {"size": 20 << 30, "blockmap": "radix", "chunk-size": 4096,
                               "preallocate": False}}],

@@ -659,6 +659,9 @@ class Pool:
         keeps what was durable) and EIO raised."""
         if self.closed:
             return
+        # Every transfer on the pool ends first: a write still in flight maps its chunk
+        # when it completes, which must be in the final commit, not after it.
+        await _ended(self.epochs)
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         if self.failed is not None:

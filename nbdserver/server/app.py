@@ -38,7 +38,6 @@ from nbdserver.storage.engine import make_engine
 log = logging.getLogger(__name__)
 
 SD_LISTEN_FDS_START = 3
-STOP_GRACE_SECONDS = 30.0
 
 
 def activation_sockets() -> list[socket.socket]:
@@ -72,6 +71,7 @@ class NbdServer:
         self.refused = 0  # connections refused at max-connections, not yet logged
         self.refused_logged_at = -1e9  # (monotonic): at most one such warning a minute
         self.connections: set[NbdConnection] = set()
+        self.stopping = False  # set by stop(): a connection accepted after that is aborted
         self._listeners: list[asyncio.AbstractServer] = []
         self._unix_paths: list[Path] = []
         self.uris: list[tuple[str, str]] = []  # (export name, URI)
@@ -186,9 +186,14 @@ class NbdServer:
             lines.extend(f"    {uri}" for name, uri in self.uris if name == info.name)
         return "\n".join(lines)
 
-    async def stop(self, grace: float = STOP_GRACE_SECONDS) -> bool:
-        """Stop accepting, finish in-flight requests, flush and close every export; False
-        if a pool could not be committed and closed (it had failed: see Pool.commit)."""
+    async def stop(self, grace: float | None = None) -> bool:
+        """Stop accepting, finish in-flight requests (for `grace` seconds at most, the
+        config's stop-timeout by default; then their connections are dropped, and the
+        requests finish unanswered), flush and close every export; False if a pool could
+        not be committed and closed (it had failed: see Pool.commit)."""
+        if grace is None:
+            grace = self.config.server.stop_timeout
+        self.stopping = True
         for srv in self._listeners:
             srv.close()
         for conn in list(self.connections):
@@ -198,7 +203,12 @@ class NbdServer:
             try:
                 await asyncio.wait_for(asyncio.gather(*waits), grace)
             except TimeoutError:
-                log.warning("stop: requests still in flight after %.0fs; closing anyway", grace)
+                busy = [conn for conn in self.connections if not conn.idle.is_set()]
+                log.warning("stop: requests still in flight after %.0fs on %d connection(s); "
+                            "dropping them (those requests finish unanswered before the "
+                            "pools close)", grace, len(busy))
+                for conn in busy:
+                    conn.drop()
         await asyncio.sleep(0)  # let the last replies' close callbacks run
         for export in self.exports:
             try:
@@ -223,14 +233,15 @@ class NbdServer:
 
 
 async def serve(config: Config, *, ready: asyncio.Event | None = None) -> bool:
-    """Run a server for `config` until SIGTERM or SIGINT; False if a pool had failed (the
+    """Run a server for `config` until SIGTERM, SIGINT or SIGHUP; False if a pool had failed (the
     exit status then says so, and a supervisor restarting on failure recovers it)."""
     import signal
 
     server = NbdServer(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
@@ -241,9 +252,22 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> bool:
     if ready is not None:
         ready.set()
     await stop.wait()
-    log.info("stopping: finishing in-flight requests")
+    # A second Ctrl-C means "now"; a repeated SIGTERM (a supervisor, a script) does not.
+    loop.add_signal_handler(signal.SIGINT, _exit_now)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, log.info, "already stopping (SIGINT exits at once)")
+    log.info("stopping: finishing in-flight requests (SIGINT again exits at once)")
     if not await server.stop():
         log.error("stopped; a pool had failed (see above): exiting with status 1")
         return False
     log.info("stopped")
     return True
+
+
+def _exit_now() -> None:
+    """SIGINT during a stop: exit with status 1 without waiting, as a crash would (the
+    pools recover their last commit when next opened; nothing flushed is lost)."""
+    log.warning("SIGINT while stopping: exiting at once, without finishing the requests in "
+                "flight or committing; every pool recovers its last commit when next opened")
+    logging.shutdown()
+    os._exit(1)

@@ -118,6 +118,10 @@ class NbdConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = str(peer) if peer else "unix"
         server = self.server
+        if server.stopping:  # accepted just before the listeners closed: too late
+            self.closed = True
+            self.transport.abort()
+            return
         if len(server.connections) >= server.max_connections:
             server.refused += 1
             now = time.monotonic()
@@ -470,6 +474,17 @@ class NbdConnection(asyncio.Protocol):
                 LINGER_SECONDS, self._linger_expired)
             return
         transport.abort()
+
+    def drop(self) -> None:
+        """Server stop, once its grace period is over: abort the connection. Nothing more
+        is sent; the requests in flight finish unanswered (a client sees no reply for
+        them, never a reply for work done after the pools closed)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
 
     def shutdown(self) -> None:
         """Server stop: read no more requests; answer those already received but not yet

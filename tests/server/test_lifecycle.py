@@ -374,7 +374,7 @@ def test_sigterm_waits_for_a_client_still_reading(nbd_server_factory: ServerFact
     assert srv.wait(30) == 0
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signal_stops_idle_server_cleanly(nbd_server_factory: ServerFactory, tmp_path: Path,
                                           sig: int) -> None:
     srv = nbd_server_factory([file_export("disk", tmp_path / "d.img", "1M")])

@@ -442,3 +442,28 @@ async def test_unreachable_export_name_is_refused(nbd_server: NbdServerProcess) 
         assert replies[-1].type == c.REP_ACK
     finally:
         await client.close()
+
+
+async def test_a_connection_accepted_as_the_server_stops_is_refused(tmp_path: Path) -> None:
+    """A client accepted in the moment between the stop's start and the listeners'
+    closing (its connection set up after the stop looked at the connections) is
+    aborted, not served by a server whose pools are about to close."""
+    sock = tmp_path / "s.sock"
+    config = parse_config(yaml.safe_dump({
+        "listen": [{"unix": str(sock)}],
+        "exports": [{"name": "disk", "file": str(tmp_path / "disk.img"), "size": "1M"}],
+    }))
+    server = NbdServer(config)
+    await server.start()
+    try:
+        before = await connect(sock, "disk")  # one already in transmission is unaffected
+        server.stopping = True  # (what stop() sets first)
+        reader, writer = await asyncio.open_unix_connection(str(sock))
+        with contextlib.suppress(ConnectionResetError):
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # no greeting: closed
+        writer.close()
+        assert len(server.connections) == 1  # only `before`
+        assert await before.read(0, 4096) == bytes(4096)
+        await before.close()
+    finally:
+        await server.stop(grace=5)
