@@ -54,6 +54,14 @@ def run_pool_op(pool_path: str, op: str, args: dict[str, Any],
             pool = await Pool.open(pool_path, engine, buffers, offline=True)
             try:
                 return await run_op(pool, op, {**args, **(local or {})})
+            except asyncio.CancelledError:
+                # Ctrl-C. A commit it cut short marked the pool failed: leave it as a
+                # crash would (the next open recovers the last commit), and say so.
+                if pool.failed is not None:
+                    pool.abandon()
+                    print("nbdserver: interrupted; the pool recovers its last commit "
+                          "when next opened", file=sys.stderr)
+                raise
             finally:
                 await pool.close()
         finally:

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from nbdserver import __version__
-from nbdserver.errors import ConfigError, UserError
+from nbdserver.errors import ConfigError, NbdError, UserError
 
 log = logging.getLogger("nbdserver")
 
@@ -135,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nbdserver: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except UserError as e:
+        print(f"nbdserver: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except NbdError as e:  # an I/O error of the pool's device, say
         print(f"nbdserver: error: {e}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

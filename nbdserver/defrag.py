@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -208,6 +209,7 @@ class Defrag:
 
     async def _window(self, lo: int, hi: int) -> None:
         pool = self.pool
+        await pool.space_served()  # writes that found no free space go first
         plan = await pool.cache.run(lambda: self._plan(lo, hi))
         self.tail = plan.tail
         self.shared += plan.shared
@@ -217,6 +219,7 @@ class Defrag:
         installed: set[int] = set()
         vid = self.vol.id
         opened = pool.backends_opened.get(vid, 0)
+        pool.hold_defrag_claims(len(plan.moves))
         try:
             quiesce = pool.quiesce.get(vid)
             resume = await quiesce() if quiesce is not None else None
@@ -239,6 +242,7 @@ class Defrag:
             for _, _, dst in plan.moves:
                 if dst not in installed:
                     self.data.unclaim(dst)
+            pool.hold_defrag_claims(-len(plan.moves))
         self.moved += len(installed)
         await pool.commit()  # frees the old chunks for the next windows to fill
 
@@ -365,9 +369,10 @@ class Defrag:
             for pieces, write in ((reads, False), (writes, True)):
                 failed = await self._io(buf, pieces, write)
                 if failed:
-                    unit, _, n = failed[0]
-                    raise NbdError(errno.EIO, f"defrag: {'write' if write else 'read'} of "
-                                              f"chunks {unit}+{n} failed")
+                    (unit, _, n), res = failed[0]
+                    err = -res if res < 0 else errno.EIO  # (a short transfer: EIO)
+                    raise NbdError(err, f"defrag: {'writing' if write else 'reading'} "
+                                        f"chunks {unit}+{n} failed: {os.strerror(err)}")
             done = True
         finally:
             if done:
@@ -375,23 +380,24 @@ class Defrag:
             # else: a transfer may still be in flight (cancelled); its completion holds buf
 
     def _io(self, buf: AlignedBuffer, pieces: list[tuple[int, int, int]],
-            write: bool) -> asyncio.Future[list[tuple[int, int, int]]]:
+            write: bool) -> asyncio.Future[list[tuple[tuple[int, int, int], int]]]:
         """Start a transfer of each (first chunk, first chunk of `buf`, chunks) between the
-        device and `buf`; the future gets the pieces that failed once all have ended."""
+        device and `buf`; the future gets the pieces that failed, each with its result
+        (bytes or -errno), once all have ended."""
         pool = self.pool
         engine = pool.engine
         fd = pool.device.fd
         chunk = self.chunk
         base = pool.layout.data_start
-        fut: asyncio.Future[list[tuple[int, int, int]]] = \
+        fut: asyncio.Future[list[tuple[tuple[int, int, int], int]]] = \
             asyncio.get_running_loop().create_future()
-        failed: list[tuple[int, int, int]] = []
+        failed: list[tuple[tuple[int, int, int], int]] = []  # (piece, result)
         left = len(pieces)
 
         def ended(piece: tuple[int, int, int], res: int, buf: AlignedBuffer = buf) -> None:
             nonlocal left
             if res != piece[2] * chunk:
-                failed.append(piece)
+                failed.append((piece, res))
             left -= 1
             if not left and not fut.done():
                 fut.set_result(failed)

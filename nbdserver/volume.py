@@ -615,17 +615,23 @@ class VolumeBackend:
                                     data: bytes | None, fua: bool, length: int = 0) -> bool:
         """:meth:`_write_chunks`; on ENOSPC while chunks a trim freed wait for the commit
         that makes the trim durable (the only free space right after a trim in a full
-        pool), make them reusable and try once more from the start. `epochs` holds the
-        caller's I/O epoch, ended for the wait (which waits for it) and begun again."""
+        pool), or while a defrag window holds chunks, wait for those, make them reusable
+        and try once more from the start. `epochs` holds the caller's I/O epoch, ended
+        for the wait (which waits for it) and begun again; the write does not count as
+        in flight meanwhile (a defrag window waits for those before it ends)."""
         try:
             return await self._write_chunks(offset, data, fua, length)
         except NbdError as e:
             if e.errno != errno.ENOSPC or not self.pool.frees_waiting():
                 raise
         self.epochs.end_write(epochs.pop())
-        await self.pool.reuse_freed()
-        epochs.append(self.epochs.begin_write())
-        return await self._write_chunks(offset, data, fua, length)
+        self._write_ended()
+        async with self.pool.space_wanted():
+            await self.pool.reuse_freed()
+            await self._wait_unquiesced()
+            self._writes += 1
+            epochs.append(self.epochs.begin_write())
+            return await self._write_chunks(offset, data, fua, length)
 
     async def _write_chunks(self, offset: int, data: bytes | None, fua: bool,
                             length: int = 0) -> bool:

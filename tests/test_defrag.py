@@ -16,6 +16,7 @@ import asyncio
 import importlib.util
 import itertools
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -363,6 +364,48 @@ async def test_defrag_without_free_space_moves_what_it_can_and_says_so(
     await env.assert_clean()
 
 
+@pytest.mark.parametrize("design", FORKING)
+async def test_a_write_during_a_window_gets_the_space_the_window_holds(
+        make_pool: PoolFactory, design: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A defrag window claims its target chunks before copying and gives as many back
+    after. A write of another volume that needs more than is left meanwhile waits for
+    the window instead of failing with ENOSPC (the pool has room for it before and
+    after the window), and the next window waits for that write."""
+    env = await new_env(make_pool, design, size=64 * MiB)
+    pool = env.pool
+    await env.create("v", 64 * MiB)
+    await env.create("w", 64 * MiB)
+    data = await write_side_by_side(env, "v", "w", 4 * MiB, seed=11)
+    off = 4 * MiB
+    w = env.vol("w")
+    while pool.available_chunks() > 1200:  # a nearly full pool
+        await w.write(off, pattern(3, 16 * CHUNK))
+        off += 16 * CHUNK
+    free = pool.available_chunks()
+    x = await env.create("x", 16 * MiB)
+    big = pattern(12, 512 * CHUNK)  # more than a window leaves free
+    copy = Defrag._copy
+    during: list[int] = []
+    writes: list[asyncio.Task[None]] = []
+
+    async def copy_beside_a_write(self: Defrag, moves: list[tuple[int, int, int]]) -> None:
+        if not writes:  # the first window: another client writes meanwhile
+            during.append(pool.available_chunks())
+            writes.append(asyncio.ensure_future(x.write(0, big)))
+            await asyncio.sleep(0.05)  # (it has found too little space and waits)
+        await copy(self, moves)
+
+    monkeypatch.setattr(Defrag, "_copy", copy_beside_a_write)
+    result = await defrag_volume(pool, "v")
+    assert writes, result
+    await writes[0]  # no ENOSPC
+    assert result["moved_bytes"] > 0
+    assert during[0] < len(big) // CHUNK < free  # the write needed more than was left
+    assert await x.read(0, len(big)) == big
+    assert await env.vol("v").read(0, len(data)) == data
+    await env.assert_clean()
+
+
 # -- the command line -------------------------------------------------------------------------
 
 
@@ -425,6 +468,68 @@ async def test_defrag_command_offline(tmp_path: Path) -> None:
     assert "1 -> 1 extents (0.5 -> 0.5 per GiB); moved 0" in again.stdout
     info = json.loads(cli("volume", "info", path, "v", "--json").stdout)
     assert info["extents"] == 1
+    check = json.loads(cli("pool", "check", path, "--json").stdout)
+    assert check["ok"], check["problems"]
+    await read_back(path, contents)
+
+
+# Injected into the CLI process by a sitecustomize module on its PYTHONPATH (nothing in
+# nbdserver knows about it): once the first window has copied, the next commit either gets
+# SIGINT delivered inside it (Ctrl-C at the worst moment), or the window's device writes
+# fail with ENOSPC (the pool file's filesystem is full).
+_INJECT = '''
+import errno, os, signal
+from nbdserver import defrag
+from nbdserver.pool import pool
+from nbdserver.storage import engine
+
+_how = {how!r}
+_copy, _commit, _write = defrag.Defrag._copy, pool.Pool.commit, engine.LinuxAioEngine.write
+_armed = []
+
+
+async def copy(self, moves):
+    _armed.append(1)
+    return await _copy(self, moves)
+
+
+async def commit(self, *args, **kwargs):
+    if _how == "sigint" and len(_armed) == 1:
+        _armed.append(1)
+        os.kill(os.getpid(), signal.SIGINT)  # delivered at the commit's first await
+    return await _commit(self, *args, **kwargs)
+
+
+def write(self, fd, buf, buf_offset, length, offset, callback, dsync=False):
+    if _how == "enospc" and _armed:
+        self.loop.call_soon(callback, -errno.ENOSPC)
+        return
+    return _write(self, fd, buf, buf_offset, length, offset, callback, dsync)
+
+
+defrag.Defrag._copy = copy
+pool.Pool.commit = commit
+engine.LinuxAioEngine.write = write
+'''
+
+
+@pytest.mark.parametrize("how", ["sigint", "enospc"])
+async def test_defrag_command_interrupted_or_failing_says_so(tmp_path: Path, how: str) -> None:
+    """Ctrl-C inside a window's commit exits 130, and a device error names its cause
+    (exit 1); no traceback either way, and the pool is consistent and whole after."""
+    path, contents = await prepared_pool(tmp_path, 64 * MiB, [(0, 4 * MiB)], seed=13)
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(_INJECT.format(how=how))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(inject), env.get("PYTHONPATH")) if p)
+    out = run([*SERVER_CMD, "volume", "defrag", path, "v"], check=False, env=env)
+    assert "Traceback" not in out.stderr, out.stderr
+    if how == "sigint":
+        assert out.returncode == 130, out.stderr
+    else:
+        assert out.returncode == 1, out.stderr
+        assert "No space left on device" in out.stderr
     check = json.loads(cli("pool", "check", path, "--json").stdout)
     assert check["ok"], check["problems"]
     await read_back(path, contents)

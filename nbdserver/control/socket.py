@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from nbdserver.control.ops import run_op
-from nbdserver.errors import UserError
+from nbdserver.errors import NbdError, UserError
 from nbdserver.pool.pool import Pool
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,9 @@ class ControlServer:
             async with self._lock:
                 return {"ok": True, "result": await run_op(self.pool, op, args)}
         except UserError as e:
+            return {"ok": False, "error": str(e)}
+        except NbdError as e:  # an I/O error or a full pool: the message says which
+            log.error("control operation %s failed: %s", op, e)
             return {"ok": False, "error": str(e)}
         except Exception as e:
             log.exception("control operation %s failed", op)

@@ -35,6 +35,7 @@ block-map code never has to wait for a page there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import logging
@@ -42,7 +43,7 @@ import os
 import re
 import time
 import uuid as uuidlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -163,6 +164,13 @@ class Pool:
         # volume id -> backends opened on it so far: a long operation that paused the
         # volume's writes (defrag) sees whether one opened since, unpaused.
         self.backends_opened: dict[int, int] = {}
+        # Chunks claimed by defrag windows in progress (free again or installed when each
+        # ends): a write that finds no space meanwhile waits for them (reuse_freed), and
+        # no window starts while such a write waits (space_wanted).
+        self.defrag_claims = 0
+        self._claims_settled: asyncio.Event | None = None
+        self._space_waiters = 0
+        self._space_served: asyncio.Event | None = None
         self.stats_slice = 0  # chunks per step of volume_stats (0: the design's choice)
         self.closed = False
         self.commits = 0
@@ -525,12 +533,46 @@ class Pool:
                 or self.failed is not None)
 
     def frees_waiting(self) -> bool:
-        """Whether chunks freed by a change wait for a durable commit to be reusable."""
-        return bool(self.data.quarantine) or bool(self.data.freed_pending())
+        """Whether chunks freed by a change wait for a durable commit to be reusable, or
+        defrag holds chunks for a window that will give as many back."""
+        return (bool(self.data.quarantine) or bool(self.data.freed_pending())
+                or self.defrag_claims > 0)
+
+    @contextlib.asynccontextmanager
+    async def space_wanted(self) -> AsyncIterator[None]:
+        """Around a write's wait for freed space and its second try: meanwhile no defrag
+        window claims chunks (:meth:`space_served` waits)."""
+        self._space_waiters += 1
+        try:
+            yield
+        finally:
+            self._space_waiters -= 1
+            if not self._space_waiters and self._space_served is not None:
+                self._space_served.set()
+                self._space_served = None
+
+    async def space_served(self) -> None:
+        """Wait until no write waits for space (a defrag window may claim then)."""
+        while self._space_waiters:
+            if self._space_served is None:
+                self._space_served = asyncio.Event()
+            await self._space_served.wait()
+
+    def hold_defrag_claims(self, n: int) -> None:
+        """A defrag window claimed `n` chunks (negative: its claims ended)."""
+        self.defrag_claims += n
+        if not self.defrag_claims and self._claims_settled is not None:
+            self._claims_settled.set()
+            self._claims_settled = None
 
     async def reuse_freed(self) -> None:
-        """Commit, then wait until the chunks freed before may be handed out again (once
-        every transfer begun before the commit has ended: see IoEpochs)."""
+        """Wait for the defrag windows holding claims to end, commit, then wait until the
+        chunks freed before may be handed out again (once every transfer begun before
+        the commit has ended: see IoEpochs). Call within :meth:`space_wanted`."""
+        while self.defrag_claims:
+            if self._claims_settled is None:
+                self._claims_settled = asyncio.Event()
+            await self._claims_settled.wait()
         await self.commit()
         await _ended(self.epochs)
 
