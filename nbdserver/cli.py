@@ -58,11 +58,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from nbdserver.config import config_to_json, describe, load_config
+    from nbdserver.config import config_to_json, config_warnings, describe, load_config
 
-    config = load_config(args.file)
+    # A config without listeners is valid for systemd socket activation, which passes
+    # the sockets: accepted here with a warning (serve refuses it without activation).
+    config = load_config(args.file, socket_activation=True)
     if args.json:
         print(json.dumps(config_to_json(config), indent=2))
+        for warning in config_warnings(config):
+            print(f"nbdserver: warning: {warning}", file=sys.stderr)
     else:
         print(describe(config))
         print(f"{args.file}: configuration is valid")

@@ -36,6 +36,10 @@ the directory of `source`, else the current directory).
 Sizes are binary (``64K``, ``512M``, ``1.5G``, ``20GiB``; see
 :mod:`nbdserver.sizes`); booleans must be real YAML booleans (``true`` or
 ``false``; ``yes``/``no``/``on``/``off`` are refused as too easy to misread).
+For the same reason a bare number (a size, a count, seconds) must be written
+in decimal: YAML 1.1 reads ``01000`` as octal (512), ``1:20`` as base 60 (80),
+and also takes ``0x1000`` and ``0b1010``; those are refused, saying how they
+would have been read (``"01000"``, quoted, is the string, so 1000 bytes).
 
 Every mistake raises :class:`~nbdserver.errors.ConfigError` with one line that
 names the file, the line and the key path, for example::
@@ -44,6 +48,20 @@ names the file, the line and the key path, for example::
 
 To get those line numbers the file is loaded with :func:`yaml.compose` and the
 node tree is walked here, rather than with :func:`yaml.safe_load`.
+
+``listen`` may be missing or empty only with `socket_activation` (systemd
+passes the sockets). ``serve`` sets it when it was started that way;
+``check-config`` always does, and :func:`config_warnings` then says that the
+config can only be served through socket activation.
+
+What ``serve`` would refuse later is refused here, with the key: a Unix socket
+path longer than the kernel's 107 bytes; a ``pools[].create.size`` too small
+for the pool's own layout (superblock, journal, catalog, metadata and a few
+chunks: the minimum is computed with :func:`nbdserver.pool.format.plan_layout`,
+as ``Pool.create`` does, and stated in the message); a new volume's size that
+is not a multiple of 512 bytes; two pools on one file (paths compared after
+resolving ``~``, relative paths and symbolic links); the same volume of a pool
+exported twice.
 
 Checks that look at the file system: an export whose ``file`` does not exist
 must give a ``size`` (to create it); a ``file`` or pool ``path`` must not be a
@@ -67,6 +85,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from nbdserver.errors import ConfigError, UserError
+from nbdserver.pool.format import plan_layout
 from nbdserver.sizes import format_duration, format_size, parse_duration, parse_size
 
 __all__ = [
@@ -364,6 +383,8 @@ _TIMESTAMP = "tag:yaml.org,2002:timestamp"
 _TEXT_TAGS = (_STR, _INT, _FLOAT, _BOOL, _TIMESTAMP)  # scalars a string may be written as
 _MERGE = "tag:yaml.org,2002:merge"
 _CONSTRUCTOR = yaml.constructor.SafeConstructor()  # for its construct_yaml_int/float
+#: The one YAML 1.1 integer form that reads as it looks (PyYAML's decimal pattern).
+_DECIMAL_INT = re.compile(r"[-+]?(?:0|[1-9][0-9_]*)")
 
 _TOP_KEYS = ("listen", "server", "pools", "exports")
 _LISTEN_KEYS = ("unix", "tcp")
@@ -402,6 +423,37 @@ def _suggest(word: str, valid: Sequence[str]) -> str:
 
 def _one_of(valid: Sequence[str]) -> str:
     return ", ".join(valid)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _fits(size: int, chunk: int) -> bool:
+    """Whether ``Pool.create`` can lay out a pool of `size` bytes with `chunk`-byte chunks
+    (with its defaults: 4096 volumes, the journal sized from the pool)."""
+    try:
+        plan_layout(size, chunk)
+    except ValueError:
+        return False
+    return True
+
+
+def _min_pool_size(size: int, chunk: int) -> int | None:
+    """None if a pool of `size` bytes can be created; else the smallest size above it
+    that can (found by bisection over the pool's own layout code)."""
+    if _fits(size, chunk):
+        return None
+    low, high = size, max(2 * size, 64 << 20)  # `low` does not fit, `high` does
+    while not _fits(high, chunk):
+        low, high = high, 2 * high
+    while high - low > 1:
+        mid = (low + high) // 2
+        if _fits(mid, chunk):
+            high = mid
+        else:
+            low = mid
+    return high
 
 
 class _Map:
@@ -535,17 +587,30 @@ class _Parser:
             return str(node.value).lower() == "true"
         self.fail(node, key, f"expected true or false, got {_got(node)}")
 
+    def yaml_int(self, node: ScalarNode, key: str, advice: str) -> int:
+        """The value of a YAML integer written in decimal. YAML 1.1 also reads octal
+        (``010`` is 8), hexadecimal (``0x10``), binary (``0b10``) and base 60 (``1:20``
+        is 80): those are refused, with how they would have been read and `advice`."""
+        value = _CONSTRUCTOR.construct_yaml_int(node)
+        assert isinstance(value, int)
+        text = str(node.value)
+        if not _DECIMAL_INT.fullmatch(text):
+            digits = text.lstrip("+-").lower()
+            base = ("base 60" if ":" in digits else "hexadecimal" if digits.startswith("0x")
+                    else "binary" if digits.startswith("0b") else "octal")
+            self.fail(node, key, f"{text} would read as {base} {value} in YAML; {advice}")
+        return value
+
     def integer(self, node: Node, key: str, what: str) -> int:
         if isinstance(node, ScalarNode) and node.tag == _INT:
-            value = _CONSTRUCTOR.construct_yaml_int(node)
-            assert isinstance(value, int)
-            return value
+            return self.yaml_int(node, key, "write whole numbers in decimal (e.g. 100)")
         self.fail(node, key, f"expected {what}, got {_got(node)}")
 
     def size(self, node: Node, key: str) -> int:
         raw: str | int
         if isinstance(node, ScalarNode) and node.tag == _INT:
-            raw = _CONSTRUCTOR.construct_yaml_int(node)
+            raw = self.yaml_int(node, key, "write sizes in decimal or with a unit "
+                                           "(e.g. 1000, 4K)")
         elif isinstance(node, ScalarNode) and node.tag in (_STR, _FLOAT):
             raw = str(node.value)
         else:
@@ -556,15 +621,20 @@ class _Parser:
         except ValueError as e:
             self.fail(node, key, str(e).removeprefix(f"{key}: "))
         if value > MAX_SIZE:
-            self.fail(node, key, f"{raw!r} is too large (at most {format_size(MAX_SIZE)})")
+            self.fail(node, key, f"{str(node.value)!r} is too large (sizes must be less than "
+                                 f"8 EiB: at most {MAX_SIZE} bytes)")
         return value
 
     def duration(self, node: Node, key: str) -> float:
         raw: str | int | float
+        advice = "write seconds in decimal or with a unit (e.g. 90, 1.5, 2m)"
         if isinstance(node, ScalarNode) and node.tag == _INT:
-            raw = _CONSTRUCTOR.construct_yaml_int(node)
+            raw = self.yaml_int(node, key, advice)
         elif isinstance(node, ScalarNode) and node.tag == _FLOAT:
             raw = _CONSTRUCTOR.construct_yaml_float(node)
+            if ":" in str(node.value):  # YAML 1.1's base 60 float: 1:30.5 is 90.5
+                self.fail(node, key, f"{node.value} would read as base 60 {raw:g} in YAML; "
+                                     f"{advice}")
         elif isinstance(node, ScalarNode) and node.tag == _STR:
             raw = str(node.value)
         else:
@@ -618,12 +688,14 @@ class _Parser:
         node = top.get("listen")
         if node is None and not self.socket_activation:
             top.require("listen", " (where to accept connections, for example "
-                                  "'listen: [{tcp: 127.0.0.1:10809}]')")
+                                  "'listen: [{tcp: 127.0.0.1:10809}]'; only systemd socket "
+                                  "activation can do without)")
         items = self.sequence(node, "listen", "listeners")
         if not items and not self.socket_activation:
             assert node is not None
             self.fail(node, "listen", "at least one listener is required "
-                                      "(- unix: PATH or - tcp: HOST:PORT)")
+                                      "(- unix: PATH or - tcp: HOST:PORT) unless systemd "
+                                      "socket activation passes the sockets")
         out: list[Listener] = []
         seen: dict[tuple[str, str, int | None], tuple[str, int]] = {}
         for i, item in enumerate(items):
@@ -637,6 +709,11 @@ class _Parser:
             key = m.sub(kind)
             if kind == "unix":
                 sock = self.path(value, key)
+                n = len(os.fsencode(sock))
+                if n > UNIX_PATH_MAX:
+                    self.fail(value, key, f"the socket path {sock} is {n} bytes; Unix socket "
+                                          f"paths are at most {UNIX_PATH_MAX} bytes: use a "
+                                          "shorter one")
                 out.append(Listener("unix", sock, None, None, key))
                 ident: tuple[str, str, int | None] = ("unix", str(sock), None)
             else:
@@ -716,6 +793,7 @@ class _Parser:
     def pools(self, node: Node | None) -> tuple[PoolConfig, ...]:
         out: list[PoolConfig] = []
         names: dict[str, tuple[str, int]] = {}
+        files: dict[str, tuple[str, str, int]] = {}  # real path -> (key, name, line)
         for i, item in enumerate(self.sequence(node, "pools", "pools")):
             path = f"pools[{i}]"
             m = _Map(self, item, path, _POOL_KEYS, "a mapping with name, path and create")
@@ -731,6 +809,13 @@ class _Parser:
             if pool_path.is_dir():
                 self.fail(path_node, m.sub("path"),
                           f"{pool_path} is a directory; expected a file or block device")
+            real = os.path.realpath(pool_path)  # (symbolic links too)
+            if real in files:
+                other, other_name, line = files[real]
+                self.fail(path_node, m.sub("path"),
+                          f"{pool_path} is the file of pool {other_name!r} too ({other}.path "
+                          f"at line {line}); each pool needs its own file")
+            files[real] = (path, name, path_node.start_mark.line + 1)
             create = None
             if (c := m.get("create")) is not None:
                 create = self.pool_create(c, m.sub("create"))
@@ -750,10 +835,11 @@ class _Parser:
             if not (MIN_CHUNK_SIZE <= chunk <= MAX_CHUNK_SIZE) or chunk & (chunk - 1):
                 self.fail(v, m.sub("chunk-size"),
                           f"expected a power of two from 4K to 1M, got {_got(v)}")
-        if size < chunk:
+        if (least := _min_pool_size(size, chunk)) is not None:
             self.fail(m.get("size") or node, m.sub("size"),
-                      f"the pool ({format_size(size)}) must be larger than one chunk "
-                      f"({format_size(chunk)})")
+                      f"a pool of {format_size(size)} is too small: with "
+                      f"{format_size(chunk)} chunks it needs at least {least} bytes "
+                      f"(for example {_ceil_div(least, 1 << 20)}M)")
         preallocate = False
         if (v := m.get("preallocate")) is not None:
             preallocate = self.boolean(v, m.sub("preallocate"))
@@ -765,6 +851,7 @@ class _Parser:
         out: list[ExportConfig] = []
         names: dict[str, tuple[str, int]] = {}
         pool_paths = {p.path: p for p in pools}
+        exported: dict[tuple[str, str], tuple[str, str, int]] = {}  # -> (key, name, line)
         for i, item in enumerate(self.sequence(node, "exports", "exports")):
             path = f"exports[{i}]"
             m = _Map(self, item, path, _EXPORT_KEYS, "a mapping with name and file "
@@ -848,6 +935,12 @@ class _Parser:
                     hint = (f"{_suggest(pool, known)}pools: {_one_of(known)}" if known
                             else "no pools are defined; add one under 'pools:'")
                     self.fail(pool_node, m.sub("pool"), f"no pool named {pool!r}; {hint}")
+                if (first := exported.get((pool, volume))) is not None:
+                    self.fail(volume_node, m.sub("volume"),
+                              f"volume {volume!r} of pool {pool!r} is already exported by "
+                              f"{first[0]} ({first[1]!r}, line {first[2]}); a volume can be "
+                              "exported only once")
+                exported[(pool, volume)] = (path, name, volume_node.start_mark.line + 1)
                 if (v := m.get("create")) is not None:
                     create = self.volume_create(v, m.sub("create"), volume)
             out.append(ExportConfig(
@@ -876,7 +969,12 @@ class _Parser:
                                   "copy of a volume)")
         kind, (_, v) = next(iter(m.items.items()))
         if kind == "size":
-            return VolumeCreate(size=self.size(v, m.sub("size")))
+            size = self.size(v, m.sub("size"))
+            if size % 512:
+                self.fail(v, m.sub("size"), f"a volume's size must be a multiple of 512 "
+                                            f"bytes, got {size} (for example "
+                                            f"{_ceil_div(size, 512) * 512})")
+            return VolumeCreate(size=size)
         origin = self.volume_name(v, m.sub(kind))
         if origin == volume:
             self.fail(v, m.sub(kind), f"volume {volume!r} cannot be created from itself")
@@ -926,12 +1024,9 @@ def _describe_file(kind: str, size: int | None) -> str:
 def config_warnings(config: Config) -> list[str]:
     """Things that are valid but probably not what was meant, each naming its key."""
     out: list[str] = []
-    for listener in config.listen:
-        if listener.path is not None:
-            n = len(os.fsencode(listener.path))
-            if n > UNIX_PATH_MAX:
-                out.append(f"{listener.key}: the socket path is {n} bytes; Unix sockets "
-                           f"allow at most {UNIX_PATH_MAX}, so listening will fail")
+    if not config.listen:
+        out.append("listen: no listeners are configured; this config can only be served "
+                   "through systemd socket activation")
     if not config.exports:
         out.append("exports: no exports are configured; clients will find nothing to use")
     for pool in config.pools:

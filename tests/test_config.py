@@ -279,8 +279,9 @@ def test_plain_scalars_taken_as_written(tmp_path: Path) -> None:
 
 
 def test_sizes_in_many_spellings(tmp_path: Path) -> None:
-    for text, expected in [("4096", 4096), ("0x1000", 4096), ("1.5G", 3 << 29),
-                           ("20GiB", 20 << 30), ('"64 KiB"', 64 << 10), ("1t", 1 << 40)]:
+    for text, expected in [("4096", 4096), ("4_096", 4096), ('"01000"', 1000),
+                           ("1.5G", 3 << 29), ("20GiB", 20 << 30), ('"64 KiB"', 64 << 10),
+                           ("1t", 1 << 40)]:
         config = load(tmp_path, MINIMAL.replace("size: 1M", f"size: {text}"))
         assert config.exports[0].size == expected, text
 
@@ -320,6 +321,17 @@ def test_socket_activation_allows_no_listeners(tmp_path: Path) -> None:
     assert load(tmp_path, no_listen, socket_activation=True).listen == ()
     empty = "listen: []\n" + no_listen
     assert load(tmp_path, empty, socket_activation=True).listen == ()
+
+
+def test_no_listeners_warns_about_socket_activation(tmp_path: Path) -> None:
+    """What check-config accepts without listen: only socket activation can serve it."""
+    no_listen = "\n".join(MINIMAL.splitlines()[2:]) + "\n"
+    for text in (no_listen, "listen: []\n" + no_listen, "listen:\n" + no_listen):
+        config = load(tmp_path, text, socket_activation=True)
+        assert "listen: no listeners are configured; this config can only be served " \
+               "through systemd socket activation" in config_warnings(config)
+        assert "listen: no listeners" in describe(config)
+    assert not any(w.startswith("listen") for w in config_warnings(load(tmp_path, MINIMAL)))
 
 
 def test_custom_blockmap_list(tmp_path: Path) -> None:
@@ -447,11 +459,13 @@ def test_missing_listen(tmp_path: Path) -> None:
     msg = error(tmp_path, text)
     assert msg.startswith(f"{tmp_path / 'x.yaml'}:1: (top level): missing required key "
                           "'listen'"), msg
+    assert "socket activation" in msg
 
 
 def test_empty_listen(tmp_path: Path) -> None:
     text = MINIMAL.replace("  - tcp: 127.0.0.1:10809\n", "").replace("listen:", "listen: []")
-    expect(tmp_path, text, "listen", "listen", "at least one listener is required")
+    expect(tmp_path, text, "listen", "listen", "at least one listener is required",
+           "socket activation")
 
 
 # ----------------------------------------------------------------------------------------
@@ -538,6 +552,48 @@ def test_error_line_example_from_the_brief(tmp_path: Path) -> None:
 def test_bad_export_size(tmp_path: Path, value: str, fragment: str) -> None:
     text = MINIMAL.replace("size: 1M", f"size: {value}")
     expect(tmp_path, text, "size:", "exports[0].size", fragment)
+
+
+def test_too_large_size_message_is_exact(tmp_path: Path) -> None:
+    """The limit is 2**63 - 1 bytes: not "at most 8.00 EiB", which 8E is."""
+    for value in ("8E", str(1 << 63)):
+        msg = expect(tmp_path, MINIMAL.replace("size: 1M", f"size: {value}"), "size:",
+                     "exports[0].size", f"'{value}' is too large",
+                     "less than 8 EiB", f"at most {(1 << 63) - 1} bytes")
+        assert "8.00" not in msg
+    config = load(tmp_path, MINIMAL.replace("size: 1M", f"size: {(1 << 63) - 1}"))
+    assert config.exports[0].size == (1 << 63) - 1
+
+
+@pytest.mark.parametrize(("value", "reading"), [
+    ("01000", "01000 would read as octal 512 in YAML"),
+    ("0100000", "0100000 would read as octal 32768 in YAML"),
+    ("1:20", "1:20 would read as base 60 80 in YAML"),
+    ("0x1000", "0x1000 would read as hexadecimal 4096 in YAML"),
+    ("0b1000000000", "0b1000000000 would read as binary 512 in YAML"),
+    ("00", "00 would read as octal 0 in YAML"),
+])
+def test_sizes_must_be_decimal(tmp_path: Path, value: str, reading: str) -> None:
+    """YAML 1.1 reads these integers in another base: silently, a size other than meant."""
+    text = MINIMAL.replace("size: 1M", f"size: {value}")
+    expect(tmp_path, text, "size:", "exports[0].size",
+           f"{reading}; write sizes in decimal or with a unit (e.g. 1000, 4K)")
+
+
+@pytest.mark.parametrize(("line", "key", "reading"), [
+    ("server:\n  max-connections: 010", "server.max-connections", "octal 8"),
+    ("server:\n  cache-size: 0x10000000", "server.cache-size", "hexadecimal 268435456"),
+    ("server:\n  handshake-timeout: 1:30", "server.handshake-timeout", "base 60 90"),
+    ("server:\n  stop-timeout: 1:30.5", "server.stop-timeout", "base 60 90.5"),
+    ("pools: [{name: p, path: p.img, create: {size: 1G, chunk-size: 010000}}]",
+     "pools[0].create.chunk-size", "octal 4096"),
+    ("    min-block-size: 01000", "exports[0].min-block-size", "octal 512"),
+])
+def test_other_numbers_must_be_decimal(tmp_path: Path, line: str, key: str,
+                                       reading: str) -> None:
+    text = MINIMAL + line + "\n"
+    expect(tmp_path, text, line.splitlines()[-1].strip()[:14], key,
+           f"would read as {reading} in YAML; write ")
 
 
 @pytest.mark.parametrize(("key", "value", "fragment"), [
@@ -717,7 +773,7 @@ def test_bad_volume_create(tmp_path: Path, create: str, key: str, fragment: str)
     ("{size: 20G, chunk-size: 2M}", "pools[0].create.chunk-size", "power of two"),
     ("{size: 20G, chunk-size: 12K}", "pools[0].create.chunk-size", "power of two"),
     ("{size: -1G}", "pools[0].create.size", "negative"),
-    ("{size: 16K, chunk-size: 64K}", "pools[0].create.size", "larger than one chunk"),
+    ("{size: 16K, chunk-size: 64K}", "pools[0].create.size", "too small"),
     ("{size: 20G, preallocate: yes-please}", "pools[0].create.preallocate",
      "expected true or false"),
     ("{size: 20G, prealocate: true}", "pools[0].create.prealocate",
@@ -736,6 +792,72 @@ def test_pool_create_preallocate(tmp_path: Path) -> None:
     config = load(tmp_path, text)
     assert config.pools[0].create is not None and config.pools[0].create.preallocate
     assert config_to_json(config)["pools"][0]["create"]["preallocate"] is True
+
+
+@pytest.mark.parametrize("create", ["{size: 64K}", "{size: 2M, chunk-size: 1M}",
+                                    "{size: 20M, chunk-size: 1M}"])
+def test_pool_too_small_for_its_layout(tmp_path: Path, create: str) -> None:
+    """Room for one chunk is not enough: the superblock, journal, catalog and metadata
+    come first (Pool.create would refuse it when serve starts)."""
+    text = POOLED.replace("create: {size: 20G, blockmap: radix, chunk-size: 4K}",
+                          f"create: {create}")
+    expect(tmp_path, text, "create:", "pools[0].create.size", "is too small",
+           "chunks it needs at least ", " bytes (for example ")
+
+
+@pytest.mark.parametrize("chunk", ["4K", "64K", "1M"])
+def test_pool_minimum_size_is_what_pool_create_needs(tmp_path: Path, chunk: str) -> None:
+    """The minimum the config states is exact, and agrees with Pool.create."""
+    from nbdserver.pool.pool import Pool
+
+    def pooled(size: int) -> str:
+        return POOLED.replace("create: {size: 20G, blockmap: radix, chunk-size: 4K}",
+                              f"create: {{size: {size}, chunk-size: {chunk}}}")
+
+    chunk_size = {"4K": 4 << 10, "64K": 64 << 10, "1M": 1 << 20}[chunk]
+    msg = error(tmp_path, pooled(1 << 20))
+    least = int(msg.split("needs at least ")[1].split(" bytes")[0])
+    assert load(tmp_path, pooled(least)).pools[0].create == PoolCreate(least, "radix",
+                                                                      chunk_size)
+    assert f"needs at least {least} bytes" in error(tmp_path, pooled(least - 1))
+    Pool.create(tmp_path / "ok.img", least, chunk_size=chunk_size)
+    with pytest.raises(UserError, match="too small"):
+        Pool.create(tmp_path / "small.img", least - 1, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("second", ["pool.img", "./sub/../pool.img", "~/pool.img",
+                                    "link.img"])
+def test_two_pools_with_one_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 second: str) -> None:
+    """Serve would find the pool locked by itself, wait, and blame another process."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "link.img").symlink_to("pool.img")
+    text = POOLED.replace("exports:", f"  - name: other\n    path: {second}\nexports:")
+    expect(tmp_path, text, f"path: {second}", "pools[1].path",
+           "is the file of pool 'main' too",
+           f"(pools[0].path at line {line_of(text, 'path: pool.img')})",
+           "each pool needs its own file", nth=2 if second == "pool.img" else 1)
+    text = POOLED.replace("exports:", "  - name: other\n    path: pool2.img\nexports:")
+    assert [p.name for p in load(tmp_path, text).pools] == ["main", "other"]
+
+
+def test_volume_create_size_must_be_a_multiple_of_512(tmp_path: Path) -> None:
+    text = POOLED.replace("create: {size: 1G}", "create: {size: 1000}")
+    expect(tmp_path, text, "create: {size: 1000}", "exports[1].create.size",
+           "a volume's size must be a multiple of 512 bytes, got 1000 (for example 1024)")
+    text = POOLED.replace("create: {size: 1G}", "create: {size: 1536}")
+    assert load(tmp_path, text).exports[1].create == VolumeCreate(size=1536)
+
+
+def test_a_volume_exported_twice(tmp_path: Path) -> None:
+    """Serve would refuse the second export when it opens the volume."""
+    text = POOLED + "  - name: vm1-again\n    pool: main\n    volume: vm1\n    read-only: true\n"
+    expect(tmp_path, text, "volume: vm1", "exports[2].volume",
+           "volume 'vm1' of pool 'main' is already exported by exports[1] ('vm1', line "
+           f"{line_of(text, 'volume: vm1')})", nth=2)
+    other = POOLED.replace("exports:", "  - name: p2\n    path: p2.img\nexports:") + \
+        "  - name: vm1-p2\n    pool: p2\n    volume: vm1\n"
+    assert [e.volume for e in load(tmp_path, other).exports] == [None, "vm1", "vm1"]
 
 
 def test_pool_missing_path(tmp_path: Path) -> None:
@@ -880,11 +1002,16 @@ def test_describe_socket_activation_and_no_exports(tmp_path: Path) -> None:
     assert "no exports are configured" in out
 
 
-def test_warns_about_long_socket_paths(tmp_path: Path) -> None:
-    config = parse_config(MINIMAL.replace("tcp: 127.0.0.1:10809", "unix: /" + "s" * 120),
-                          base_dir=tmp_path)
-    assert any(w.startswith("listen[0].unix: the socket path is 121 bytes")
-               for w in config_warnings(config))
+def test_long_unix_socket_path_is_an_error(tmp_path: Path) -> None:
+    """Listening would fail: check-config says so, naming the key."""
+    longest = "/" + "s" * 106  # 107 bytes: the kernel's limit
+    config = load(tmp_path, MINIMAL.replace("tcp: 127.0.0.1:10809", f"unix: {longest}"))
+    assert config.listen[0].path == Path(longest)
+    text = MINIMAL.replace("tcp: 127.0.0.1:10809", f"unix: {longest}s")
+    expect(tmp_path, text, "unix:", "listen[0].unix", "is 108 bytes", "at most 107 bytes")
+    deep = "d" * 60 + "/" + "e" * 60 + "/s.sock"  # relative: long once resolved
+    expect(tmp_path, MINIMAL.replace("tcp: 127.0.0.1:10809", f"unix: {deep}"), "unix:",
+           "listen[0].unix", str(tmp_path / deep))
 
 
 def test_config_to_json(tmp_path: Path) -> None:

@@ -589,11 +589,27 @@ def test_socket_activation_without_listen_and_data_round_trip(tmp_path: Path) ->
     assert image.read_bytes() == src.read_bytes()
 
 
-def test_check_config_refuses_empty_listen_without_activation(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path / "c.yaml", {
-        "exports": [{"name": "disk", "file": str(tmp_path / "d.img"), "size": "4M"}],
-    })
-    assert_clean_error(serve_once(cfg), "listen", status=2)
+@pytest.mark.parametrize("listen", [None, []], ids=["missing", "empty"])
+def test_check_config_warns_about_no_listen_and_serve_refuses_it_without_activation(
+        tmp_path: Path, listen: list[object] | None) -> None:
+    """A config without listeners is one for systemd socket activation: check-config
+    accepts it with a warning; serve without activation refuses it, naming the key,
+    before it creates anything."""
+    config: dict[str, object] = {} if listen is None else {"listen": listen}
+    config["exports"] = [{"name": "disk", "file": str(tmp_path / "d.img"), "size": "4M"}]
+    cfg = write_config(tmp_path / "c.yaml", config)
+    warning = "warning: listen: no listeners are configured; this config can only be " \
+              "served through systemd socket activation"
+    checked = run([*SERVER_CMD, "check-config", cfg], check=False)
+    assert checked.returncode == 0, checked.stderr
+    assert warning in checked.stdout
+    assert checked.stdout.rstrip().endswith("configuration is valid")
+    checked = run([*SERVER_CMD, "check-config", "--json", cfg], check=False)
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout)["listen"] == []
+    assert f"nbdserver: {warning}" in checked.stderr
+    assert_clean_error(serve_once(cfg), "listen", "socket activation", status=2)
+    assert not (tmp_path / "d.img").exists()
 
 
 def test_unix_socket_path_too_long(tmp_path: Path) -> None:
