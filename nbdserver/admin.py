@@ -26,11 +26,28 @@ EXIT_OK = 0
 EXIT_PROBLEMS = 1
 
 
+MAX_BYTES = (1 << 63) - 1  # the largest size a file, a pool or a volume may have
+
+
 def _size(text: str) -> int:
     try:
-        return parse_size(text, what="size")
+        value = parse_size(text, what="size")
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    if value > MAX_BYTES:
+        raise argparse.ArgumentTypeError(f"{text!r} is too large: at most {MAX_BYTES} bytes "
+                                         "(8 EiB less one byte)")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def run_pool_op(pool_path: str, op: str, args: dict[str, Any],
@@ -77,6 +94,13 @@ def run_pool_op(pool_path: str, op: str, args: dict[str, Any],
         return call(socket_path(sb.uuid_str), op, args)
 
 
+def _parent_text(info: dict[str, Any]) -> str:
+    """A volume's parent for people: its name, "(deleted #id)", or "-"."""
+    if info["parent"] is not None:
+        return str(info["parent"])
+    return f"(deleted #{info['parent_id']})" if info.get("parent_id") else "-"
+
+
 def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2))
 
@@ -91,7 +115,7 @@ def _show_volume(info: dict[str, Any]) -> None:
     rows = [
         ("name", info["name"]),
         ("size", format_size(info["size"])),
-        ("parent", info["parent"] or "-"),
+        ("parent", _parent_text(info)),
         ("depth", str(info["depth"])),
         ("read-only", "yes" if info["read_only"] else "no"),
         ("snapshot", "yes" if info["snapshot"] else "no"),
@@ -236,7 +260,7 @@ def cmd_volume_list(args: argparse.Namespace) -> int:
         return EXIT_OK
     rows = [["NAME", "SIZE", "PARENT", "DEPTH", "RO", "EXCLUSIVE", "SHARED"]]
     for v in vols:
-        rows.append([v["name"], format_size(v["size"]), v["parent"] or "-", str(v["depth"]),
+        rows.append([v["name"], format_size(v["size"]), _parent_text(v), str(v["depth"]),
                      "yes" if v["read_only"] else "no", format_size(v["exclusive_bytes"]),
                      format_size(v["shared_bytes"])])
     print(_table(rows))
@@ -354,7 +378,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                         "default radix")
     p.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK,
                    help="allocation unit, a power of two from 4K to 1M (default 4K)")
-    p.add_argument("--max-volumes", type=int, default=4096, help="catalog size (default 4096)")
+    p.add_argument("--max-volumes", type=_count, default=4096,
+                   help="volumes the catalog holds at most (default 4096)")
     p.add_argument("--preallocate", action="store_true",
                    help="allocate the whole file now (fallocate: quick, writes nothing), so "
                         "that first writes do not wait for the filesystem to allocate blocks "

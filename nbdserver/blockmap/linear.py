@@ -416,8 +416,9 @@ class LinearMap(BlockMap):
             origin = self.pool.volumes.get(self._snap(src).origin)
             where = f"snapshot or fork the origin {origin.name!r} instead" if origin else (
                 "snapshot or fork its origin instead")
-            return (f"volume {src.name!r} is a snapshot: {LIMITATION} (no snapshot of a "
-                    f"snapshot); {where}, or use a pool with the radix or extent block map")
+            what = "a snapshot" if src.is_snapshot else "a fork (a writable snapshot)"
+            return (f"volume {src.name!r} is {what}: {LIMITATION} (no snapshot or fork of "
+                    f"one); {where}, or use a pool with the radix or extent block map")
         if self._kind(src) == ORIGIN:
             st = self._origin(src)
             if st.nsnap >= MAX_SNAPSHOTS:

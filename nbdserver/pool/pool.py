@@ -87,6 +87,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_CACHE_BYTES = 64 << 20
+MAX_VOLUMES = 1 << 20  # the most a catalog may hold (65,536 pages of records)
 STATS_GROWTH = 64  # volume_stats: slices over holes and long runs grow up to this many times
 STATS_TURN = 0.002  # volume_stats: seconds of work between two turns of the event loop
 # Opening reads every reference-count page to count free space; up to 1/PRELOAD_SHARE of
@@ -191,32 +192,39 @@ class Pool:
             cls = design(blockmap)
         except ValueError as e:
             raise UserError(str(e)) from None
+        if not 1 <= max_volumes <= MAX_VOLUMES:
+            raise UserError(f"max volumes must be from 1 to {MAX_VOLUMES}, got {max_volumes}")
         if path.exists() and not path.is_block_device() and path.stat().st_size:
             raise UserError(f"{path} already exists; refusing to overwrite it "
                             "(delete it first to create a new pool)")
+
+        def plan(size: int) -> Layout:
+            try:
+                return plan_layout(size, chunk_size, max_volumes=max_volumes,
+                                   journal_bytes=journal_bytes)
+            except ValueError as e:
+                raise UserError(f"{path}: {e}") from None
+
         made = False
         if path.exists() and path.is_block_device():
             device = open_device(path)
-            size = device.size
         else:
             if size is None:
                 raise UserError("--size is required to create a pool in a file")
+            plan(size)  # a mistake found before anything is written
             made = not path.exists()
+            if not made and path.is_file():  # an empty file (refused above if not)
+                try:
+                    os.truncate(path, size)
+                except OSError as e:
+                    raise UserError(f"{path}: cannot grow to {size} bytes: {e.strerror}") \
+                        from None
             device = open_device(path, create_size=size)
         try:
             _lock(device)
+            layout = plan(device.size)
             if preallocate:
-                try:
-                    device.preallocate()
-                except UserError:
-                    if made:
-                        path.unlink(missing_ok=True)  # (not half a pool left behind)
-                    raise
-            try:
-                layout = plan_layout(device.size, chunk_size, max_volumes=max_volumes,
-                                     journal_bytes=journal_bytes)
-            except ValueError as e:
-                raise UserError(f"{path}: {e}") from None
+                device.preallocate()
             head = layout.meta_start * PAGE_SIZE
             if device.is_block_device:
                 device.write_zeroes(0, head, may_deallocate=False)
@@ -239,9 +247,12 @@ class Pool:
             for copy in range(SUPERBLOCK_COPIES):
                 _write_page_sync(device, copy, replace(sb, seq=SUPERBLOCK_COPIES - copy).pack())
             device.flush()
+            made = False  # a pool now: kept
             return replace(sb, seq=SUPERBLOCK_COPIES)
         finally:
             device.close()
+            if made:
+                path.unlink(missing_ok=True)  # (not half a pool left behind)
 
     @classmethod
     async def open(cls, path: str | Path, engine: IoEngine, buffers: BufferPool, *,
@@ -941,8 +952,8 @@ class Pool:
             "name": vol.name,
             "id": vol.id,
             "size": vol.size,
-            "parent": parent.name if parent is not None and not parent.deleted else (
-                None if parent is None else f"(deleted #{parent.id})"),
+            "parent": parent.name if parent is not None and not parent.deleted else None,
+            "parent_id": vol.parent or None,  # (also once the parent is deleted)
             "read_only": vol.read_only,
             "snapshot": vol.is_snapshot,
             "guarantee": vol.guaranteed,

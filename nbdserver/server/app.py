@@ -126,7 +126,7 @@ class NbdServer:
         try:
             srv = await self.loop.create_unix_server(self._new_connection, str(path), backlog=128)
         except OSError as e:
-            raise UserError(f"{listener.key}: cannot listen on {path}: {e.strerror}") from e
+            raise UserError(f"{listener.key}: cannot listen on {path}: {e.strerror or e}") from e
         self._unix_paths.append(path)
         self._listeners.append(srv)
         self._add_uris(f"nbd+unix:///{{}}?socket={path}")
@@ -137,7 +137,8 @@ class NbdServer:
             srv = await self.loop.create_server(self._new_connection, host, port, backlog=128,
                                                 reuse_address=True)
         except OSError as e:
-            why = "address already in use" if e.errno == errno.EADDRINUSE else e.strerror
+            why = ("address already in use" if e.errno == errno.EADDRINUSE
+                   else e.strerror or str(e))
             raise UserError(f"{listener.key}: cannot listen on {host}:{port}: {why}") from e
         self._listeners.append(srv)
         for sock in srv.sockets:

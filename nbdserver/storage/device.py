@@ -222,9 +222,16 @@ def open_device(path: str | Path, *, read_only: bool = False,
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "xb") as f:
-                f.truncate(create_size)
+                try:
+                    f.truncate(create_size)
+                except (OSError, OverflowError):
+                    path.unlink(missing_ok=True)  # (no empty file left behind)
+                    raise
         except FileExistsError:
             pass
+        except OverflowError:
+            raise UserError(f"{path}: cannot create a file of {create_size} bytes: "
+                            "too large") from None
         except OSError as e:
             raise UserError(f"{path}: cannot create: {e.strerror}") from e
     try:

@@ -138,10 +138,11 @@ async def test_snapshot_of_snapshot_refused(make_pool: PoolFactory) -> None:
     await env.create("o", 8 * CHUNK)
     await env.snapshot("o", "s")
     await env.fork("o", "f")
-    for src in ("s", "f"):
+    for src, what in (("s", "a snapshot"), ("f", r"a fork \(a writable snapshot\)")):
         for snapshot in (True, False):
-            with pytest.raises(UserError, match=r"LVM2 classic snapshots.*cannot snapshot or "
-                                                r"fork a snapshot.*origin 'o'"):
+            with pytest.raises(UserError, match=rf"'{src}' is {what}: .*LVM2 classic snapshots"
+                                                r".*cannot snapshot or fork a snapshot.*"
+                                                r"origin 'o'"):
                 await env.pool.clone_volume(src, "x", snapshot=snapshot)
     assert sorted(env.names()) == ["f", "o", "s"]
     await env.assert_clean()
@@ -165,6 +166,7 @@ def test_cli_refuses_snapshot_of_snapshot(tmp_path: Path) -> None:
             proc = _cli("volume", cmd, pool, src, "x")
             assert proc.returncode == 1, (cmd, src, proc.stdout, proc.stderr)
             assert "cannot snapshot or fork a snapshot" in proc.stderr
+            assert ("is a snapshot:" if src == "s" else "is a fork") in proc.stderr
             assert "LVM2 classic snapshots" in proc.stderr
             assert "Traceback" not in proc.stderr
     proc = _cli("volume", "delete", pool, "o")

@@ -73,6 +73,37 @@ def test_a_failed_preallocation_leaves_no_file(tmp_path: Path) -> None:
     assert not path.exists()
 
 
+@pytest.mark.parametrize(("args", "status", "needle"), [
+    (("--size", "8E"), 2, "argument --size: '8E' is too large"),
+    (("--size", "7E"), 1, "cannot create: File too large"),  # past the filesystem's limit
+    (("--size", "1G", "--max-volumes", "0"), 2, "argument --max-volumes: must be at least 1"),
+    (("--size", "1G", "--max-volumes", "-5"), 2, "must be at least 1"),
+    (("--size", "1G", "--max-volumes", "100000000"), 1, "max volumes must be from 1 to"),
+    (("--size", "1G", "--chunk-size", "3K"), 1, "chunk size must be a power of two"),
+    (("--size", "1G", "--chunk-size", "3K", "--preallocate"), 1, "chunk size must be"),
+    (("--size", "64K"), 1, "is too small"),
+])
+def test_a_refused_pool_create_says_why_and_leaves_nothing(
+        tmp_path: Path, args: tuple[str, ...], status: int, needle: str) -> None:
+    """Every mistake is one line naming it, with no traceback, and no file is left behind
+    (before, a retry with the mistake fixed was refused: the file already existed)."""
+    path = tmp_path / "p.pool"
+    r = cli("pool", "create", path, *args)
+    assert r.returncode == status, r.stderr
+    assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not path.exists()
+    r = cli("pool", "create", path, "--size", "64M")  # the retry
+    assert r.returncode == 0, r.stderr
+
+
+def test_create_over_an_empty_file_sizes_it(tmp_path: Path) -> None:
+    path = tmp_path / "p.pool"
+    path.touch()
+    r = cli("pool", "create", path, "--size", "64M")
+    assert r.returncode == 0, r.stderr
+    assert path.stat().st_size == 64 * MiB
+
+
 def test_preallocated_pool_serves_first_writes(tmp_path: Path,
                                                nbd_server_factory: ServerFactory) -> None:
     pool = tmp_path / "p.pool"

@@ -163,3 +163,23 @@ def test_serve_missing_config_file(tmp_path: Path) -> None:
     assert status == 2
     assert err.strip().splitlines()[-1] == \
         f"nbdserver: error: {tmp_path / 'nope.yaml'}: no such config file"
+
+
+def test_a_fork_whose_parent_was_deleted_has_a_null_parent_in_json(tmp_path: Path) -> None:
+    """`parent` is a volume's name or null, as documented: a script may look it up. The
+    id stays in `parent_id`, and the text output shows it."""
+    pool = tmp_path / "p.pool"
+    for args in (("pool", "create", pool, "--size", "64M"),
+                 ("volume", "create", pool, "golden", "--size", "1M"),
+                 ("volume", "fork", pool, "golden", "vm")):
+        assert nbdserver(*args)[0] == 0
+    golden_id = json.loads(nbdserver("volume", "info", pool, "golden", "--json")[1])["id"]
+    vm = json.loads(nbdserver("volume", "info", pool, "vm", "--json")[1])
+    assert (vm["parent"], vm["parent_id"]) == ("golden", golden_id)
+    assert nbdserver("volume", "delete", pool, "golden")[0] == 0
+    vm = json.loads(nbdserver("volume", "info", pool, "vm", "--json")[1])
+    assert (vm["parent"], vm["parent_id"]) == (None, golden_id)
+    listed = json.loads(nbdserver("volume", "list", pool, "--json")[1])
+    assert [(v["name"], v["parent"]) for v in listed] == [("vm", None)]
+    assert f"(deleted #{golden_id})" in nbdserver("volume", "list", pool)[1]
+    assert f"(deleted #{golden_id})" in nbdserver("volume", "info", pool, "vm")[1]
