@@ -183,12 +183,25 @@ def cmd_pool_info(args: argparse.Namespace) -> int:
 
 
 def cmd_pool_check(args: argparse.Namespace) -> int:
-    report = run_pool_op(args.pool, "pool.check", {})
+    try:
+        report = run_pool_op(args.pool, "pool.check", {})
+    except UserError as e:
+        if not args.json:
+            raise
+        # A pool that cannot be opened (a damaged catalog page, say): still one report,
+        # so that a script reads why. The counts are unknown.
+        print(f"nbdserver: error: {e}", file=sys.stderr)
+        _print_json({"ok": False, "problems": [str(e)], "warnings": [], "volumes": None,
+                     "data_chunks_referenced": None, "metadata_pages_referenced": None,
+                     "leaked_chunks": None, "leaked_pages": None, "free_bytes": None})
+        return EXIT_PROBLEMS
     if args.json:
         _print_json(report)
     else:
         for problem in report["problems"]:
             print(f"problem: {problem}")
+        for warning in report["warnings"]:
+            print(f"warning: {warning}")
         verdict = "clean" if report["ok"] else f"{len(report['problems'])} problem(s)"
         print(f"{args.pool}: {verdict}; {report['volumes']} volume(s), "
               f"{report['data_chunks_referenced']} chunk(s) and "

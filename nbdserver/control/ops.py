@@ -84,6 +84,7 @@ async def pool_check(pool: Pool, args: dict[str, Any]) -> Any:
     return {
         "ok": report.ok,
         "problems": report.problems,
+        "warnings": report.warnings,
         "volumes": report.volumes,
         "data_chunks_referenced": report.data_chunks_referenced,
         "metadata_pages_referenced": report.metadata_pages_referenced,

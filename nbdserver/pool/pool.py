@@ -118,6 +118,8 @@ class CheckReport:
     """What `pool check` found. ``ok`` when there is no problem."""
 
     problems: list[str] = field(default_factory=list)
+    # Valid but degraded (a damaged superblock copy: the other one serves): not problems.
+    warnings: list[str] = field(default_factory=list)
     volumes: int = 0
     data_chunks_referenced: int = 0
     metadata_pages_referenced: int = 0
@@ -1023,6 +1025,18 @@ class Pool:
         if reserved != self.state.data_reserved:
             report.problems.append(f"reserved chunks: volumes hold {reserved}, the pool counts "
                                    f"{self.state.data_reserved}")
+        async with self._commit_lock:  # (no checkpoint writing a copy meanwhile)
+            for copy in range(SUPERBLOCK_COPIES):
+                try:
+                    sb = Superblock.unpack(_read_pages_sync(self.device, copy, 1))
+                except FormatError as e:
+                    report.warnings.append(
+                        f"superblock copy {copy} is damaged ({e}); the other copy serves, "
+                        "and the pool's next checkpoint (at the latest when it is closed) "
+                        "rewrites this one")
+                    continue
+                if sb.uuid != self.sb.uuid:
+                    report.problems.append(f"superblock copy {copy} belongs to another pool")
         return report
 
     def _check_table(self, table: RefTable, refs: dict[int, int], what: str,

@@ -183,3 +183,16 @@ def test_a_fork_whose_parent_was_deleted_has_a_null_parent_in_json(tmp_path: Pat
     assert [(v["name"], v["parent"]) for v in listed] == [("vm", None)]
     assert f"(deleted #{golden_id})" in nbdserver("volume", "list", pool)[1]
     assert f"(deleted #{golden_id})" in nbdserver("volume", "info", pool, "vm")[1]
+
+
+def test_pool_check_json_reports_a_pool_it_cannot_open(tmp_path: Path) -> None:
+    """A script reading `pool check --json` gets a report even when the pool cannot be
+    opened at all: ok false and the reason, exit 1."""
+    junk = tmp_path / "junk.pool"
+    junk.write_bytes(b"\x01" * (1 << 20))
+    status, out, err = nbdserver("pool", "check", junk, "--json")
+    assert status == 1
+    report = json.loads(out)
+    assert report["ok"] is False and report["volumes"] is None
+    assert "not an nbdserver pool" in report["problems"][0]
+    assert "not an nbdserver pool" in err
