@@ -881,7 +881,7 @@ class Pool:
         chunk = self.chunk_size
         live = self.live_volumes()
         return {
-            "path": str(self.path),
+            "path": os.path.abspath(self.path),  # (as a server or the CLI opened it)
             "uuid": self.sb.uuid_str,
             "blockmap": self.sb.blockmap,
             "size_bytes": self.sb.size,

@@ -139,10 +139,12 @@ class BlockDevice:
 
     @property
     def allocated(self) -> int:
-        """Bytes the file occupies on its filesystem (a block device: its size)."""
+        """Bytes of the file its filesystem has allocated (a block device: its size), at
+        most its size (the blocks of the filesystem's own index of a large file are
+        counted too, and are not the file's)."""
         if self.is_block_device:
             return self.size
-        return os.fstat(self.fd).st_blocks * 512
+        return min(self.size, os.fstat(self.fd).st_blocks * 512)
 
     def pread(self, buf: AlignedBuffer, length: int, offset: int) -> int:
         """Blocking aligned read into `buf`; returns bytes read (short at the end of the file)."""

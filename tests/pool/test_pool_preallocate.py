@@ -48,7 +48,11 @@ def test_cli_reports_allocation(tmp_path: Path) -> None:
     r = cli("pool", "create", whole, "--size", "64M", "--preallocate", "--json")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
-    assert info["allocated_bytes"] >= info["size_bytes"] == 64 * MiB
+    assert info["allocated_bytes"] == info["size_bytes"] == 64 * MiB  # (as documented)
+    relative = subprocess.run([sys.executable, "-m", "nbdserver", "pool", "info", whole.name,
+                               "--json"], capture_output=True, text=True, timeout=120,
+                              cwd=tmp_path)
+    assert json.loads(relative.stdout)["path"] == str(whole)  # absolute, as a server says
 
     r = cli("pool", "create", sparse, "--size", "64M")
     assert r.returncode == 0, r.stderr
