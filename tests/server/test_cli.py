@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,18 @@ def test_pool_check_json_reports_a_pool_it_cannot_open(tmp_path: Path) -> None:
     assert report["ok"] is False and report["volumes"] is None
     assert "not an nbdserver pool" in report["problems"][0]
     assert "not an nbdserver pool" in err
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path) -> None:
+    """`nbdserver volume list POOL | head -1`: the pipe closes before the output is
+    written; the command ends quietly (exit 1), as other tools do."""
+    pool = tmp_path / "p.pool"
+    assert nbdserver("pool", "create", pool, "--size", "64M")[0] == 0
+    assert nbdserver("volume", "create", pool, "v", "--size", "1M")[0] == 0
+    proc = subprocess.Popen([*map(str, SERVER_CMD), "volume", "list", str(pool), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before anything is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(30) == 1
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
