@@ -627,9 +627,11 @@ class VolumeBackend:
         self.epochs.end_write(epochs.pop())
         self._write_ended()
         async with self.pool.space_wanted():
-            await self.pool.reuse_freed()
-            await self._wait_unquiesced()
-            self._writes += 1
+            try:
+                await self.pool.reuse_freed()
+                await self._wait_unquiesced()
+            finally:
+                self._writes += 1  # (in flight again: the caller's end counts it out)
             epochs.append(self.epochs.begin_write())
             return await self._write_chunks(offset, data, fua, length)
 

@@ -223,3 +223,32 @@ async def test_no_claim_writes_in_place_after_a_failed_commit(make_pool: PoolFac
     assert await env.vol("b").read(3 * chunk, chunk) == old[3 * chunk:4 * chunk]
     assert await env.vol("a").read(0, 16 * chunk) == old
     await env.assert_clean()
+
+
+async def test_a_write_waiting_for_freed_space_leaves_no_count_behind_when_the_commit_fails(
+        make_pool: PoolFactory) -> None:
+    """A write that finds the pool full right after a trim waits for the commit that
+    frees the trimmed chunks. When that commit fails, the write fails, and the volume's
+    count of writes in flight must be back at zero: a snapshot of the volume (which
+    waits for the writes in flight) must answer, not wait for good."""
+    env = await make_pool("radix", chunk_size=4096, small=False, offline=False)
+    chunk = env.chunk_size
+    v = await env.create("v", 64 << 20)
+    off = 0
+    while True:  # fill the pool
+        try:
+            await v.write(off, b"\x01" * chunk)
+        except NbdError as e:
+            assert e.errno == errno.ENOSPC, e
+            break
+        off += chunk
+    await v.flush()
+    await v.trim(0, 16 * chunk)  # freed: reusable once a commit makes the trim durable
+    assert env.pool.frees_waiting()
+    _fail_journal_writes(env, 1)
+    await _eio(lambda: v.write(off + 512, b"x" * 1000))  # slow path: waits, commit fails
+    assert v.backend._writes == 0
+    with pytest.raises(NbdError):  # the pool has failed: refused, not hung
+        await asyncio.wait_for(env.pool.clone_volume("v", "s", snapshot=True), 10)
+    await env.crash()  # and a restart recovers the last durable commit
+    await env.assert_clean()
