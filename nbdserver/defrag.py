@@ -209,8 +209,14 @@ class Defrag:
 
     async def _window(self, lo: int, hi: int) -> None:
         pool = self.pool
-        await pool.space_served()  # writes that found no free space go first
-        plan = await pool.cache.run(lambda: self._plan(lo, hi))
+        while True:
+            await pool.space_served()  # writes that found no free space go first
+            plan = await pool.cache.run(lambda: self._plan(lo, hi))
+            if not pool.space_waiters:
+                break
+            # A write began waiting for space while the plan loaded pages: it goes first.
+            for _, _, dst in plan.moves:
+                self.data.unclaim(dst)
         self.tail = plan.tail
         self.shared += plan.shared
         self.no_space += plan.no_space

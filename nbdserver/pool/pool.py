@@ -207,23 +207,36 @@ class Pool:
             except ValueError as e:
                 raise UserError(f"{path}: {e}") from None
 
-        made = False
+        made = grown = False  # (what to undo if the create fails)
+        holder: int | None = None  # a file's descriptor holding the lock while it is made
         if path.exists() and path.is_block_device():
             device = open_device(path)
+            try:
+                _lock(device)
+            except BaseException:
+                device.close()
+                raise
         else:
             if size is None:
                 raise UserError("--size is required to create a pool in a file")
             plan(size)  # a mistake found before anything is written
-            made = not path.exists()
-            if not made and path.is_file():  # an empty file (refused above if not)
+            made = _create_exclusive(path)
+            try:
+                holder = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                _flock(holder, path)  # before growing: another process may hold it
+                if os.fstat(holder).st_size:  # filled by another process meanwhile
+                    raise UserError(f"{path} already exists; refusing to overwrite it")
                 try:
-                    os.truncate(path, size)
-                except OSError as e:
-                    raise UserError(f"{path}: cannot grow to {size} bytes: {e.strerror}") \
-                        from None
-            device = open_device(path, create_size=size)
+                    os.ftruncate(holder, size)
+                except (OSError, OverflowError) as e:
+                    why = e.strerror if isinstance(e, OSError) else "too large"
+                    raise UserError(f"{path}: cannot grow to {size} bytes: {why}") from None
+                grown = True
+                device = open_device(path)
+            except BaseException:
+                _undo_create(path, holder, made, grown)
+                raise
         try:
-            _lock(device)
             layout = plan(device.size)
             if preallocate:
                 device.preallocate()
@@ -249,12 +262,12 @@ class Pool:
             for copy in range(SUPERBLOCK_COPIES):
                 _write_page_sync(device, copy, replace(sb, seq=SUPERBLOCK_COPIES - copy).pack())
             device.flush()
-            made = False  # a pool now: kept
+            made = grown = False  # a pool now: kept
             return replace(sb, seq=SUPERBLOCK_COPIES)
         finally:
             device.close()
-            if made:
-                path.unlink(missing_ok=True)  # (not half a pool left behind)
+            if holder is not None:
+                _undo_create(path, holder, made, grown)
 
     @classmethod
     async def open(cls, path: str | Path, engine: IoEngine, buffers: BufferPool, *,
@@ -563,6 +576,11 @@ class Pool:
             if not self._space_waiters and self._space_served is not None:
                 self._space_served.set()
                 self._space_served = None
+
+    @property
+    def space_waiters(self) -> int:
+        """Writes waiting for free space (see :meth:`space_wanted`)."""
+        return self._space_waiters
 
     async def space_served(self) -> None:
         """Wait until no write waits for space (a defrag window may claim then)."""
@@ -1077,11 +1095,43 @@ def _iso(ns: int) -> str:
 
 
 def _lock(device: BlockDevice) -> None:
+    _flock(device.fd, device.path)
+
+
+def _flock(fd: int, path: str | Path) -> None:
     try:
-        fcntl.flock(device.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise PoolBusy(f"{device.path}: the pool is in use by another process "
+        raise PoolBusy(f"{path}: the pool is in use by another process "
                        "(a running nbdserver?)") from None
+
+
+def _create_exclusive(path: Path) -> bool:
+    """Create `path` empty if it does not exist; whether this call created it (so that
+    only the file it made is removed if the create fails, not one another process made
+    meanwhile)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
+    except FileExistsError:
+        return False
+    except OSError as e:
+        raise UserError(f"{path}: cannot create: {e.strerror}") from None
+    return True
+
+
+def _undo_create(path: Path, holder: int | None, made: bool, grown: bool) -> None:
+    """After a failed create, leave the file as it was: removed if the create made it,
+    empty again if it grew an empty one; then close the holder (and so unlock)."""
+    try:
+        if made:
+            path.unlink(missing_ok=True)
+        elif grown and holder is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(holder, 0)
+    finally:
+        if holder is not None:
+            os.close(holder)
 
 
 async def _ended(epochs: IoEpochs, *, reads_only: bool = False) -> None:

@@ -9,6 +9,7 @@ work the same either way: written through a real server with qemu-io, snapshotte
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -79,7 +80,7 @@ def test_a_failed_preallocation_leaves_no_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("args", "status", "needle"), [
     (("--size", "8E"), 2, "argument --size: '8E' is too large"),
-    (("--size", "7E"), 1, "cannot create: File too large"),  # past the filesystem's limit
+    (("--size", "7E"), 1, "File too large"),  # past the filesystem's limit
     (("--size", "1G", "--max-volumes", "0"), 2, "argument --max-volumes: must be at least 1"),
     (("--size", "1G", "--max-volumes", "-5"), 2, "must be at least 1"),
     (("--size", "1G", "--max-volumes", "100000000"), 1, "max volumes must be from 1 to"),
@@ -106,6 +107,21 @@ def test_create_over_an_empty_file_sizes_it(tmp_path: Path) -> None:
     r = cli("pool", "create", path, "--size", "64M")
     assert r.returncode == 0, r.stderr
     assert path.stat().st_size == 64 * MiB
+
+
+def test_create_over_an_empty_file_another_process_holds_leaves_it_alone(
+        tmp_path: Path) -> None:
+    """The lock is taken before the file is grown, and a create that fails leaves an
+    empty file it found empty (a retry is then not refused as "already exists")."""
+    path = tmp_path / "p.pool"
+    path.touch()
+    with open(path, "rb") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        r = cli("pool", "create", path, "--size", "64M")
+        assert r.returncode == 1 and "in use by another process" in r.stderr, r.stderr
+        assert path.stat().st_size == 0
+    r = cli("pool", "create", path, "--size", "64M")
+    assert r.returncode == 0, r.stderr
 
 
 def test_preallocated_pool_serves_first_writes(tmp_path: Path,
