@@ -241,7 +241,10 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> bool:
     server = NbdServer(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    # SIGHUP stops as SIGTERM does, unless it was ignored when the server started
+    # (`nohup nbdserver serve &`: it is then meant to outlive the terminal).
+    hup = signal.getsignal(signal.SIGHUP) != signal.SIG_IGN
+    signals = (signal.SIGTERM, signal.SIGINT) + ((signal.SIGHUP,) if hup else ())
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     try:
@@ -255,7 +258,7 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> bool:
     await stop.wait()
     # A second Ctrl-C means "now"; a repeated SIGTERM (a supervisor, a script) does not.
     loop.add_signal_handler(signal.SIGINT, _exit_now)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in signals[:1] + signals[2:]:  # SIGTERM, and SIGHUP if it stops the server
         loop.add_signal_handler(sig, log.info, "already stopping (SIGINT exits at once)")
     log.info("stopping: finishing in-flight requests (SIGINT again exits at once)")
     if not await server.stop():

@@ -12,6 +12,8 @@ import os
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -388,6 +390,34 @@ def test_signal_stops_idle_server_cleanly(nbd_server_factory: ServerFactory, tmp
     assert time.monotonic() - start < LINGER_SECONDS  # it did not wait the client out
     assert "Traceback" not in srv.stderr
     assert not srv.socket_path.exists()
+
+
+def test_sighup_ignored_at_start_is_left_ignored(tmp_path: Path) -> None:
+    """Under `nohup` (SIGHUP ignored when the server starts) a hangup does not stop it;
+    SIGTERM still does."""
+    sock = tmp_path / "s.sock"
+    config = write_config(tmp_path / "c.yaml", {
+        "listen": [{"unix": str(sock)}],
+        "exports": [{"name": "disk", "file": str(tmp_path / "d.img"), "size": "1M"}]})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nbdserver", "serve", "-c", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        assert proc.stdout is not None
+        assert "connect with" in proc.stdout.readline().decode()  # listening
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert proc.poll() is None, "SIGHUP stopped a server started under nohup"
+        s = raw_socket(sock)
+        raw_handshake(s, "disk")
+        s.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.slow
