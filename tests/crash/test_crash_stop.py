@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 from conftest import NbdServerProcess, ServerFactory, pattern
-from nbdclient import ServerClosed
+from nbdclient import NbdClient, ServerClosed
 from test_crash_kill import check_clean, clients, pool_at, serve, volume_export
 
 from nbdserver.protocol import constants as c
@@ -86,14 +86,20 @@ def _slow_server(factory: ServerFactory, tmp_path: Path, stop_timeout: str) -> t
     return srv, pool, trigger
 
 
+async def _flushed_then_slow(v: NbdClient, trigger: Path, seed: int) -> bytes:
+    """Write and flush 64 KiB at 0 (returned), then make the device slow."""
+    flushed = pattern(64 * KiB, seed)
+    await v.write(0, flushed)
+    await v.flush()
+    trigger.touch()
+    return flushed
+
+
 async def test_stop_timeout_drops_requests_in_flight_and_commits_what_they_wrote(
         nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
     srv, pool, trigger = _slow_server(nbd_server_factory, tmp_path, "1s")
     (v,) = await clients(srv, "v")
-    flushed = pattern(64 * KiB, 1)
-    await v.write(0, flushed)
-    await v.flush()
-    trigger.touch()
+    flushed = await _flushed_then_slow(v, trigger, 1)
     late = pattern(4 * KiB, 2)
     fresh = v.submit(c.CMD_WRITE, 1024 * KiB, data=late)  # a new chunk: maps when it ends
     await v.drain()
@@ -121,10 +127,7 @@ async def test_sigint_during_a_stop_exits_at_once_and_a_restart_recovers(
         nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
     srv, pool, trigger = _slow_server(nbd_server_factory, tmp_path, "60s")
     (v,) = await clients(srv, "v")
-    flushed = pattern(64 * KiB, 3)
-    await v.write(0, flushed)
-    await v.flush()
-    trigger.touch()
+    flushed = await _flushed_then_slow(v, trigger, 3)
     for i in range(8):  # in flight for DELAY seconds each
         v.submit(c.CMD_WRITE, (1024 + 4 * i) * KiB, data=pattern(4 * KiB, 10 + i))
     await v.drain()

@@ -130,18 +130,25 @@ class HeldReads:
         task.add_done_callback(self._waiting.discard)
 
 
+async def _in_process_server(sock: Path, image: Path, size: str) -> NbdServer:
+    """The server's own code in this process, started: one file export "disk" of
+    `size` at `image`, on the Unix socket `sock`."""
+    config = parse_config(yaml.safe_dump({
+        "listen": [{"unix": str(sock)}],
+        "exports": [{"name": "disk", "file": str(image), "size": size}],
+    }))
+    server = NbdServer(config)
+    await server.start()
+    return server
+
+
 async def test_replies_leave_in_completion_order(tmp_path: Path) -> None:
     """The server's own code in this process, over a real socket and O_DIRECT file: a
     32 MiB read that the backend holds back does not hold back the 400 requests sent
     after it. Their replies all arrive while it is held (a server that answered in
     request order would time out here); the big read is answered last, once released."""
     sock = tmp_path / "s.sock"
-    config = parse_config(yaml.safe_dump({
-        "listen": [{"unix": str(sock)}],
-        "exports": [{"name": "disk", "file": str(tmp_path / "disk.img"), "size": "64M"}],
-    }))
-    server = NbdServer(config)
-    await server.start()
+    server = await _in_process_server(sock, tmp_path / "disk.img", "64M")
     release = asyncio.Event()
     try:
         export = server.exports.get("disk")
@@ -449,12 +456,7 @@ async def test_a_connection_accepted_as_the_server_stops_is_refused(tmp_path: Pa
     closing (its connection set up after the stop looked at the connections) is
     aborted, not served by a server whose pools are about to close."""
     sock = tmp_path / "s.sock"
-    config = parse_config(yaml.safe_dump({
-        "listen": [{"unix": str(sock)}],
-        "exports": [{"name": "disk", "file": str(tmp_path / "disk.img"), "size": "1M"}],
-    }))
-    server = NbdServer(config)
-    await server.start()
+    server = await _in_process_server(sock, tmp_path / "disk.img", "1M")
     try:
         before = await connect(sock, "disk")  # one already in transmission is unaffected
         server.stopping = True  # (what stop() sets first)
