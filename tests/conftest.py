@@ -64,6 +64,14 @@ def _show(out: str | bytes | None, limit: int = 6000) -> str:
     return out if len(out) <= limit else out[:limit // 2] + "\n[...]\n" + out[-limit // 2:]
 
 
+def default_signals() -> None:
+    """For a child process: SIGINT and SIGHUP as a terminal would deliver them, whatever
+    the test run inherited (run in the background or under nohup, both are ignored, and
+    a server then keeps SIGHUP ignored, as under nohup it should)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def run(cmd: Sequence[str | Path], *, timeout: float = 60.0, check: bool = True,
         input: str | None = None, env: Mapping[str, str] | None = None,
         cwd: str | Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -178,7 +186,7 @@ class NbdServerProcess:
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(self.command, stdout=out, stderr=err,
                                          stdin=subprocess.DEVNULL, cwd=self.workdir,
-                                         env=self.env)
+                                         env=self.env, preexec_fn=default_signals)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:

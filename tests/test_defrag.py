@@ -18,12 +18,13 @@ import itertools
 import json
 import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SERVER_CMD, ServerFactory, run
+from conftest import SERVER_CMD, ServerFactory, default_signals, run
 from nbdclient import connect
 
 from nbdserver import admin
@@ -523,7 +524,9 @@ async def test_defrag_command_interrupted_or_failing_says_so(tmp_path: Path, how
     (inject / "sitecustomize.py").write_text(_INJECT.format(how=how))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(inject), env.get("PYTHONPATH")) if p)
-    out = run([*SERVER_CMD, "volume", "defrag", path, "v"], check=False, env=env)
+    out = subprocess.run([*map(str, SERVER_CMD), "volume", "defrag", str(path), "v"],
+                         capture_output=True, text=True, timeout=120, env=env,
+                         preexec_fn=default_signals)  # (Ctrl-C reaches it)
     assert "Traceback" not in out.stderr, out.stderr
     if how == "sigint":
         assert out.returncode == 130, out.stderr
