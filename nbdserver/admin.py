@@ -255,7 +255,12 @@ def cmd_volume_fork(args: argparse.Namespace) -> int:
 
 
 def cmd_volume_delete(args: argparse.Namespace) -> int:
-    result = run_pool_op(args.pool, "volume.delete", {"name": args.name})
+    progress = _Progress(f"delete {args.name}")  # (offline: a big map takes a while)
+    try:
+        result = run_pool_op(args.pool, "volume.delete", {"name": args.name}, local={
+            "progress": lambda freed: progress.show(f"{format_size(freed)} freed so far")})
+    finally:
+        progress.finish()
     if args.json:
         _print_json(result)
     else:
@@ -300,14 +305,20 @@ class _Progress:
         self.tty = sys.stderr.isatty()
 
     def __call__(self, done: int, total: int, moved: int) -> None:
+        if not self.shown and done >= total:
+            return
+        pct = 100.0 * done / total if total else 100.0
+        self.show(f"{pct:5.1f}% ({format_size(done)} of {format_size(total)} scanned, "
+                  f"{format_size(moved)} moved)")
+
+    def show(self, state: str) -> None:
+        """Print "WHAT: state", if a second has passed since the start or the last line."""
         now = time.monotonic()
-        if now - self.last < 1.0 or (not self.shown and done >= total):
+        if now - self.last < 1.0:
             return
         self.last = now
         self.shown = True
-        pct = 100.0 * done / total if total else 100.0
-        line = (f"{self.what}: {pct:5.1f}% ({format_size(done)} of {format_size(total)} "
-                f"scanned, {format_size(moved)} moved)")
+        line = f"{self.what}: {state}"
         print(("\r" + line) if self.tty else line, end="" if self.tty else "\n",
               file=sys.stderr, flush=True)
 

@@ -30,7 +30,7 @@ ARGS: dict[str, dict[str, tuple[str, bool]]] = {
     "volume.snapshot": {"source": ("name", True), "name": ("name", True)},
     "volume.fork": {"source": ("name", True), "name": ("name", True),
                     "guarantee": ("bool", False)},
-    "volume.delete": {"name": ("name", True)},
+    "volume.delete": {"name": ("name", True), "progress": ("callable", False)},
     "volume.list": {},
     "volume.info": {"name": ("name", True)},
     "volume.defrag": {"name": ("name", True), "start": ("chunk", False),
@@ -112,8 +112,12 @@ async def volume_fork(pool: Pool, args: dict[str, Any]) -> Any:
 
 
 async def volume_delete(pool: Pool, args: dict[str, Any]) -> Any:
+    """An in-process caller may pass `progress(freed bytes so far)` (never over the socket:
+    JSON)."""
     before = pool.data.free
-    await pool.delete_volume(args["name"])
+    progress = args["progress"]
+    await pool.delete_volume(args["name"], None if progress is None else (
+        lambda: progress((pool.data.free - before) * pool.chunk_size)))
     return {"name": args["name"], "freed_bytes": (pool.data.free - before) * pool.chunk_size}
 
 

@@ -841,8 +841,10 @@ class Pool:
             if resume is not None:
                 resume()
 
-    async def delete_volume(self, name: str) -> None:
-        """Delete a volume, freeing every chunk and page no other volume references."""
+    async def delete_volume(self, name: str,
+                            progress: Callable[[], None] | None = None) -> None:
+        """Delete a volume, freeing every chunk and page no other volume references;
+        `progress` is called after each step of the release (a long one for a big map)."""
         vol = self.volume(name)
         if vol.id in self.in_use:
             raise UserError(f"volume {name!r} is in use ({self.in_use[vol.id]}); "
@@ -859,12 +861,14 @@ class Pool:
 
         await self.cache.run(mark)
         await self.commit()
-        await self._release(vol)
+        await self._release(vol, progress)
         await self.commit()
 
-    async def _release(self, vol: VolumeRecord) -> None:
+    async def _release(self, vol: VolumeRecord,
+                       progress: Callable[[], None] | None = None) -> None:
         while not await self.run(lambda: self.map.release(vol, RELEASE_BUDGET)):
-            pass
+            if progress is not None:
+                progress()
         await self.cache.run(lambda: self._bury(vol))
 
     def _bury(self, vol: VolumeRecord) -> None:

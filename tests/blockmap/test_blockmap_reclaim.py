@@ -227,3 +227,27 @@ async def test_delete_interrupted_by_a_crash_finishes_at_open(make_pool: PoolFac
     await delete_all(env, rng)
     assert env.pool.info()["free_bytes"] == fresh
     await env.assert_clean()
+
+
+@pytest.mark.parametrize("design", design_names())
+async def test_a_long_delete_reports_its_progress(make_pool: PoolFactory, design: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`volume delete` releases a big map in steps; offline, the CLI shows the bytes freed
+    so far (once a second): the operation reports them after each step, growing to what
+    the answer says was freed."""
+    from nbdserver.control.ops import run_op
+    from nbdserver.pool import pool as pool_module
+
+    monkeypatch.setattr(pool_module, "RELEASE_BUDGET", 64)  # entries per step: many steps
+    env = await make_pool(design, journal_bytes=None)
+    chunk = env.chunk_size
+    vol = await env.create("v", 512 * chunk)
+    for at in range(0, 512 * chunk, 16 * chunk):
+        await vol.write(at, pattern(at, 16 * chunk))
+    await env.release("v")
+    seen: list[int] = []
+    result = await run_op(env.pool, "volume.delete", {"name": "v", "progress": seen.append})
+    assert len(seen) > 1, seen
+    assert seen == sorted(seen) and seen[-1] <= result["freed_bytes"]
+    assert result["freed_bytes"] >= 512 * chunk
+    await env.assert_clean()
