@@ -26,18 +26,11 @@ EXIT_OK = 0
 EXIT_PROBLEMS = 1
 
 
-MAX_BYTES = (1 << 63) - 1  # the largest size a file, a pool or a volume may have
-
-
 def _size(text: str) -> int:
     try:
-        value = parse_size(text, what="size")
+        return parse_size(text, what="size")
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if value > MAX_BYTES:
-        raise argparse.ArgumentTypeError(f"{text!r} is too large: at most {MAX_BYTES} bytes "
-                                         "(8 EiB less one byte)")
-    return value
+        raise argparse.ArgumentTypeError(str(e).removeprefix("size: ")) from None
 
 
 def _count(text: str) -> int:

@@ -131,7 +131,6 @@ MAX_CHUNK_SIZE = 1 << 20
 DEFAULT_MIN_BLOCK_SIZE = 512
 MAX_MIN_BLOCK_SIZE = 65536
 MAX_EXPORT_NAME_BYTES = 4096  # the NBD protocol's limit on export names (and descriptions)
-MAX_SIZE = (1 << 63) - 1  # NBD sizes are 64-bit, and files are at most this large
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 
 
@@ -425,10 +424,6 @@ def _one_of(valid: Sequence[str]) -> str:
     return ", ".join(valid)
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _fits(size: int, chunk: int) -> bool:
     """Whether ``Pool.create`` can lay out a pool of `size` bytes with `chunk`-byte chunks
     (with its defaults: 4096 volumes, the journal sized from the pool)."""
@@ -620,9 +615,6 @@ class _Parser:
             value = parse_size(raw, what=key)
         except ValueError as e:
             self.fail(node, key, str(e).removeprefix(f"{key}: "))
-        if value > MAX_SIZE:
-            self.fail(node, key, f"{str(node.value)!r} is too large (sizes must be less than "
-                                 f"8 EiB: at most {MAX_SIZE} bytes)")
         return value
 
     def duration(self, node: Node, key: str) -> float:
@@ -839,7 +831,7 @@ class _Parser:
             self.fail(m.get("size") or node, m.sub("size"),
                       f"a pool of {format_size(size)} is too small: with "
                       f"{format_size(chunk)} chunks it needs at least {least} bytes "
-                      f"(for example {_ceil_div(least, 1 << 20)}M)")
+                      f"(for example {-(-least // (1 << 20))}M)")
         preallocate = False
         if (v := m.get("preallocate")) is not None:
             preallocate = self.boolean(v, m.sub("preallocate"))
@@ -973,7 +965,7 @@ class _Parser:
             if size % 512:
                 self.fail(v, m.sub("size"), f"a volume's size must be a multiple of 512 "
                                             f"bytes, got {size} (for example "
-                                            f"{_ceil_div(size, 512) * 512})")
+                                            f"{-(-size // 512) * 512})")
             return VolumeCreate(size=size)
         origin = self.volume_name(v, m.sub(kind))
         if origin == volume:

@@ -210,9 +210,9 @@ class Defrag:
     async def _window(self, lo: int, hi: int) -> None:
         pool = self.pool
         while True:
-            await pool.space_served()  # writes that found no free space go first
+            await pool.space_waiters.zero()  # writes that found no free space go first
             plan = await pool.cache.run(lambda: self._plan(lo, hi))
-            if not pool.space_waiters:
+            if not pool.space_waiters.count:
                 break
             # A write began waiting for space while the plan loaded pages: it goes first.
             for _, _, dst in plan.moves:
@@ -225,7 +225,7 @@ class Defrag:
         installed: set[int] = set()
         vid = self.vol.id
         opened = pool.backends_opened.get(vid, 0)
-        pool.hold_defrag_claims(len(plan.moves))
+        pool.defrag_claims.add(len(plan.moves))
         try:
             quiesce = pool.quiesce.get(vid)
             resume = await quiesce() if quiesce is not None else None
@@ -248,7 +248,7 @@ class Defrag:
             for _, _, dst in plan.moves:
                 if dst not in installed:
                     self.data.unclaim(dst)
-            pool.hold_defrag_claims(-len(plan.moves))
+            pool.defrag_claims.add(-len(plan.moves))
         self.moved += len(installed)
         await pool.commit()  # frees the old chunks for the next windows to fill
 

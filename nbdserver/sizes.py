@@ -39,6 +39,7 @@ _SIZE_RE = re.compile(
 )
 
 _SIZE_EXAMPLES = "a size such as 4096, 64K, 512M, 1.5G or 20GiB"
+MAX_SIZE = (1 << 63) - 1  # NBD sizes are 64-bit, and files are at most this large
 
 
 def parse_size(text: str | int, *, what: str, allow_zero: bool = False) -> int:
@@ -71,6 +72,9 @@ def parse_size(text: str | int, *, what: str, allow_zero: bool = False) -> int:
         raise ValueError(f"{what}: a size cannot be negative, got {text!r}")
     if value == 0 and not allow_zero:
         raise ValueError(f"{what}: a size must be greater than zero, got {text!r}")
+    if value > MAX_SIZE:
+        raise ValueError(f"{what}: '{text}' is too large (sizes must be less than 8 EiB: "
+                         f"at most {MAX_SIZE} bytes)")
     return value
 
 

@@ -131,6 +131,28 @@ class CheckReport:
         return not self.problems
 
 
+class Gauge:
+    """A count of things under way that can be waited on to reach zero."""
+
+    __slots__ = ("_zero", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._zero: asyncio.Event | None = None  # made only when someone waits
+
+    def add(self, n: int) -> None:
+        self.count += n
+        if not self.count and self._zero is not None:
+            self._zero.set()
+            self._zero = None
+
+    async def zero(self) -> None:
+        while self.count:
+            if self._zero is None:
+                self._zero = asyncio.Event()
+            await self._zero.wait()
+
+
 class Pool:
     """An open pool. Create one with :meth:`create`, open it with :meth:`open`."""
 
@@ -170,10 +192,8 @@ class Pool:
         # Chunks claimed by defrag windows in progress (free again or installed when each
         # ends): a write that finds no space meanwhile waits for them (reuse_freed), and
         # no window starts while such a write waits (space_wanted).
-        self.defrag_claims = 0
-        self._claims_settled: asyncio.Event | None = None
-        self._space_waiters = 0
-        self._space_served: asyncio.Event | None = None
+        self.defrag_claims = Gauge()
+        self.space_waiters = Gauge()
         self.stats_slice = 0  # chunks per step of volume_stats (0: the design's choice)
         self.closed = False
         self.commits = 0
@@ -228,9 +248,9 @@ class Pool:
                     raise UserError(f"{path} already exists; refusing to overwrite it")
                 try:
                     os.ftruncate(holder, size)
-                except (OSError, OverflowError) as e:
-                    why = e.strerror if isinstance(e, OSError) else "too large"
-                    raise UserError(f"{path}: cannot grow to {size} bytes: {why}") from None
+                except OSError as e:
+                    raise UserError(f"{path}: cannot grow to {size} bytes: {e.strerror}") \
+                        from None
                 grown = True
                 device = open_device(path)
             except BaseException:
@@ -562,48 +582,23 @@ class Pool:
         """Whether chunks freed by a change wait for a durable commit to be reusable, or
         defrag holds chunks for a window that will give as many back."""
         return (bool(self.data.quarantine) or bool(self.data.freed_pending())
-                or self.defrag_claims > 0)
+                or self.defrag_claims.count > 0)
 
     @contextlib.asynccontextmanager
     async def space_wanted(self) -> AsyncIterator[None]:
         """Around a write's wait for freed space and its second try: meanwhile no defrag
-        window claims chunks (:meth:`space_served` waits)."""
-        self._space_waiters += 1
+        window claims chunks (it waits for ``space_waiters`` to reach zero)."""
+        self.space_waiters.add(1)
         try:
             yield
         finally:
-            self._space_waiters -= 1
-            if not self._space_waiters and self._space_served is not None:
-                self._space_served.set()
-                self._space_served = None
-
-    @property
-    def space_waiters(self) -> int:
-        """Writes waiting for free space (see :meth:`space_wanted`)."""
-        return self._space_waiters
-
-    async def space_served(self) -> None:
-        """Wait until no write waits for space (a defrag window may claim then)."""
-        while self._space_waiters:
-            if self._space_served is None:
-                self._space_served = asyncio.Event()
-            await self._space_served.wait()
-
-    def hold_defrag_claims(self, n: int) -> None:
-        """A defrag window claimed `n` chunks (negative: its claims ended)."""
-        self.defrag_claims += n
-        if not self.defrag_claims and self._claims_settled is not None:
-            self._claims_settled.set()
-            self._claims_settled = None
+            self.space_waiters.add(-1)
 
     async def reuse_freed(self) -> None:
         """Wait for the defrag windows holding claims to end, commit, then wait until the
         chunks freed before may be handed out again (once every transfer begun before
         the commit has ended: see IoEpochs). Call within :meth:`space_wanted`."""
-        while self.defrag_claims:
-            if self._claims_settled is None:
-                self._claims_settled = asyncio.Event()
-            await self._claims_settled.wait()
+        await self.defrag_claims.zero()
         await self.commit()
         await _ended(self.epochs)
 

@@ -258,8 +258,9 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> bool:
     await stop.wait()
     # A second Ctrl-C means "now"; a repeated SIGTERM (a supervisor, a script) does not.
     loop.add_signal_handler(signal.SIGINT, _exit_now)
-    for sig in signals[:1] + signals[2:]:  # SIGTERM, and SIGHUP if it stops the server
-        loop.add_signal_handler(sig, log.info, "already stopping (SIGINT exits at once)")
+    for sig in signals:
+        if sig != signal.SIGINT:
+            loop.add_signal_handler(sig, log.info, "already stopping (SIGINT exits at once)")
     log.info("stopping: finishing in-flight requests (SIGINT again exits at once)")
     if not await server.stop():
         log.error("stopped; a pool had failed (see above): exiting with status 1")

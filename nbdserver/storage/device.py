@@ -226,14 +226,11 @@ def open_device(path: str | Path, *, read_only: bool = False,
             with open(path, "xb") as f:
                 try:
                     f.truncate(create_size)
-                except (OSError, OverflowError):
+                except OSError:
                     path.unlink(missing_ok=True)  # (no empty file left behind)
                     raise
         except FileExistsError:
             pass
-        except OverflowError:
-            raise UserError(f"{path}: cannot create a file of {create_size} bytes: "
-                            "too large") from None
         except OSError as e:
             raise UserError(f"{path}: cannot create: {e.strerror}") from e
     try:

@@ -281,18 +281,26 @@ def _replies_until_eof(s: socket.socket) -> Iterator[tuple[int, int]]:
         yield error, cookie
 
 
+def _raw_client_of_a_written_file(factory: ServerFactory, tmp_path: Path, size: int,
+                                  seed: int) -> tuple[NbdServerProcess, socket.socket, bytes]:
+    """A server exporting a file of `size` bytes of pattern(seed), and a raw client in
+    transmission on it (timeout 30 s); (server, socket, the file's bytes)."""
+    image = tmp_path / "d.img"
+    data = pattern(size, seed=seed)
+    image.write_bytes(data)
+    srv = factory([file_export("disk", image, None)])
+    s = raw_socket(srv.socket_path, timeout=30)
+    raw_handshake(s, "disk")
+    return srv, s, data
+
+
 def test_sigterm_refuses_requests_received_but_not_taken(nbd_server_factory: ServerFactory,
                                                         tmp_path: Path) -> None:
     """1000 READs arrive in one piece; flow control takes a few dozen and leaves the rest
     in the protocol core (their 1 MiB replies fill the socket: we do not read yet). On
     SIGTERM those are answered with ESHUTDOWN, not dropped: every request received gets
     exactly one reply."""
-    image = tmp_path / "d.img"
-    data = pattern(1 * MiB, seed=8)
-    image.write_bytes(data)
-    srv = nbd_server_factory([file_export("disk", image, None)])
-    s = raw_socket(srv.socket_path, timeout=30)
-    raw_handshake(s, "disk")
+    srv, s, data = _raw_client_of_a_written_file(nbd_server_factory, tmp_path, 1 * MiB, 8)
     n = 1000
     s.sendall(b"".join(request(c.CMD_READ, i, 0, 1 * MiB) for i in range(n)))  # one send
     time.sleep(0.5)
@@ -349,12 +357,7 @@ def test_sigterm_waits_for_a_client_still_reading(nbd_server_factory: ServerFact
     """After SIGTERM, a client taking its queued replies slowly -- for longer than the
     server's linger time -- gets all of them: the server only gives up on a client
     that stops reading."""
-    image = tmp_path / "d.img"
-    data = pattern(32 * MiB, seed=6)
-    image.write_bytes(data)
-    srv = nbd_server_factory([file_export("disk", image, None)])
-    s = raw_socket(srv.socket_path, timeout=30)
-    raw_handshake(s, "disk")
+    srv, s, data = _raw_client_of_a_written_file(nbd_server_factory, tmp_path, 32 * MiB, 6)
     s.sendall(b"".join(request(c.CMD_READ, i, 0, 32 * MiB) for i in range(4)))
     time.sleep(0.5)
     srv.signal(signal.SIGTERM)
