@@ -307,6 +307,14 @@ class BlockMap(ABC):
         slice can touch (its map pages, and a refcount page per chunk at worst) are few."""
         return 512
 
+    def skip_empty(self, vol: VolumeRecord, lc: int, end: int) -> int:
+        """For `volume info`: the first chunk at or after `lc` (at most `end`) where the
+        volume maps a chunk or one of its map pages starts (the place
+        :meth:`exclusive_range` counts it). Chunks [lc, answer) are holes that no slice
+        needs to visit, so a huge thin volume is walked in steps of what it maps, not of
+        its size. The default skips nothing."""
+        return lc
+
     def owner_chain_needed(self) -> bool:
         return True
 

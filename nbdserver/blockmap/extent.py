@@ -1116,6 +1116,36 @@ class ExtentMap(BlockMap):
     def stats_slice(self) -> int:
         return min(512, 8 * self.leaf_cap)
 
+    def skip_empty(self, vol: VolumeRecord, lc: int, end: int) -> int:
+        """One descent, and a look at the records and children after `lc` on its way."""
+        root, height = self._state(vol)
+        found = None
+        if root >= 0:
+            found = self._next_used(root & IDX_MASK, height - 1, 0, INF, lc)
+        return end if found is None else min(found, end)
+
+    def _next_used(self, idx: int, level: int, lo: int, hi: int, lc: int) -> int | None:
+        """Below node `idx` (of `level`, covering [lo, hi)): the first chunk at or after
+        `lc` that a record maps or where a page starts, or None."""
+        if lo >= lc:
+            return lo  # the node's own page starts here
+        node = self.cache.get(self._page(idx))
+        if not level:
+            for start, n, _, _ in _records(node):
+                if start + n > lc:
+                    return max(start, lc)
+            return None
+        entries = _entries(node)
+        for i, (key, child) in enumerate(entries):
+            c_lo = key if i else lo
+            c_hi = entries[i + 1][0] if i + 1 < len(entries) else hi
+            if c_hi <= lc:
+                continue
+            found = self._next_used(child & IDX_MASK, level - 1, c_lo, c_hi, lc)
+            if found is not None:
+                return found
+        return None
+
     def exclusive_range(self, vol: VolumeRecord, lc: int, count: int,
                         runs: list[Run]) -> tuple[int, int]:
         root, height = self._state(vol)

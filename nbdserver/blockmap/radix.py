@@ -633,6 +633,34 @@ class RadixMap(BlockMap):
     def stats_slice(self) -> int:
         return self.fanout  # one leaf
 
+    def skip_empty(self, vol: VolumeRecord, lc: int, end: int) -> int:
+        """One descent, and a scan of the entries after `lc` in the nodes on its way."""
+        root, height = self._root(vol)
+        found = self._next_used(root, height - 1, 0, lc) if root else None
+        return end if found is None else min(found, end)
+
+    def _next_used(self, e: int, level: int, base: int, lc: int) -> int | None:
+        """Below the node `e` points at (of `level`, covering from `base`): the first chunk
+        at or after `lc` that is mapped or where a page starts, or None."""
+        if base >= lc:
+            return base  # the node's own page starts here
+        node = self.cache.get(self._page(_target(e)))
+        span: int = self.fanout ** level
+        first = (lc - base) // span
+        entries: list[int] = memoryview(node)[PAGE_HEADER_SIZE + 8 * first:
+                                              PAGE_HEADER_SIZE + 8 * self.fanout
+                                              ].cast("Q").tolist()
+        for k, child in enumerate(entries):
+            if not child & TARGET_MASK:
+                continue
+            start = base + (first + k) * span
+            if not level:
+                return max(start, lc)
+            found = self._next_used(child, level - 1, start, lc)
+            if found is not None:
+                return found
+        return None
+
     def exclusive_range(self, vol: VolumeRecord, lc: int, count: int,
                         runs: list[Run]) -> tuple[int, int]:
         root, height = self._root(vol)

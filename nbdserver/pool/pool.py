@@ -45,6 +45,7 @@ import time
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -931,7 +932,13 @@ class Pool:
         lc = 0
         loop = asyncio.get_running_loop()
         pause = loop.time() + STATS_TURN
+        hole = True  # whether the walk stands in a hole (the holes ahead may be skipped)
         while lc < total:
+            if hole:
+                lc = await self.cache.run(partial(self.map.skip_empty, vol, lc, total))
+                end = None
+                if lc >= total:
+                    break
             n = min(step, total - lc)
 
             def walk(lc: int = lc, n: int = n) -> tuple[list[Run], int, int]:
@@ -950,6 +957,7 @@ class Pool:
                 if run.pc != end:
                     stats.extents += 1
                 end = run.pc + run.count
+            hole = bool(runs) and runs[-1].pc == HOLE
             lc += n
             # Where the map is simple (holes, long runs: few pages per chunk) and cached,
             # the slices grow, up to STATS_GROWTH times: a mostly empty or sequentially

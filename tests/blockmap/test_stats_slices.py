@@ -61,7 +61,8 @@ async def _family(env: PoolEnv, chunks: int) -> list[str]:
 
 
 @pytest.mark.parametrize("design", design_names())
-async def test_stats_do_not_depend_on_the_slicing(make_pool: PoolFactory, design: str) -> None:
+async def test_stats_do_not_depend_on_the_slicing(make_pool: PoolFactory, design: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     env = await make_pool(design)
     chunks = 301  # not a multiple of any slice
     names = await _family(env, chunks)
@@ -70,7 +71,9 @@ async def test_stats_do_not_depend_on_the_slicing(make_pool: PoolFactory, design
     for name in names:
         vol = pool.volume(name)
         pool.stats_slice = 1 << 30
-        whole = asdict(await pool.volume_stats(vol))
+        with monkeypatch.context() as m:  # one slice, from chunk 0: nothing skipped
+            m.setattr(type(pool.map), "skip_empty", lambda self, v, lc, end: lc)
+            whole = asdict(await pool.volume_stats(vol))
         assert whole["mapped_chunks"] > 0 and whole["metadata_pages"] > 0
         shared += whole["mapped_chunks"] - whole["exclusive_chunks"]
         for step in (1, 3, 7, 64, 0):
@@ -117,17 +120,8 @@ async def test_a_map_larger_than_the_cache_is_walked_within_it(
     assert loaded <= 3 * (stats.metadata_pages + refcount_pages), loaded
 
 
-@pytest.mark.parametrize("design", [d for d in design_names() if d != "linear"])
-async def test_holes_and_long_runs_are_walked_in_few_slices(
-        make_pool: PoolFactory, design: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # (linear volumes are thick: no holes to cross)
-    env = await make_pool(design)
-    chunk = env.chunk_size
-    chunks = (1 << 30) // chunk  # a thin 1 GiB volume in a 16 MiB pool
-    vol = await env.create("v", chunks * chunk)
-    for at in (0, chunks // 3, chunks - 64):
-        await vol.write(at * chunk, pattern(at, 64 * chunk))  # three runs, holes around
-    pool = env.pool
+def _count_slices(pool: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the slices the next walks ask for."""
     slices: list[int] = []
     plain = type(pool.map).exclusive_range
 
@@ -136,6 +130,85 @@ async def test_holes_and_long_runs_are_walked_in_few_slices(
         return plain(self, v, lc, count, runs)
 
     monkeypatch.setattr(type(pool.map), "exclusive_range", counting)
+    return slices
+
+
+@pytest.mark.parametrize("design", [d for d in design_names() if d != "linear"])
+async def test_holes_are_skipped_not_walked(make_pool: PoolFactory, design: str,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # (linear volumes are thick: no holes to cross.) A thin 256 MiB volume, scattered
+    # writes and a clone of it written too: the numbers with the holes skipped are the
+    # numbers of a walk over every slice, in far fewer slices.
+    env = await make_pool(design, size=256 << 20)  # (room for many small map pages)
+    chunk = env.chunk_size
+    chunks = (256 << 20) // chunk
+    vol = await env.create("v", chunks * chunk)
+    rng = random.Random(7)
+    for _ in range(40):
+        at = rng.randrange(chunks - 8)
+        await vol.write(at * chunk, pattern(at, rng.randint(1, 8) * chunk))
+    await env.fork("v", "w")
+    for _ in range(10):
+        at = rng.randrange(chunks - 8)
+        await env.vol("w").write(at * chunk, pattern(at + 1, chunk))
+    await vol.trim(0, chunks // 2 * chunk)
+    pool = env.pool
+    for name in ("v", "w"):
+        v = pool.volume(name)
+        with monkeypatch.context() as m:
+            m.setattr(type(pool.map), "skip_empty", lambda self, v, lc, end: lc)
+            walked = _count_slices(pool, m)
+            every = await pool.volume_stats(v)
+        with monkeypatch.context() as m:
+            skipped = _count_slices(pool, m)
+            got = await pool.volume_stats(v)
+        assert got == every, name
+        assert every.mapped_chunks > 0 and every.metadata_pages > 1
+        assert sum(walked) == chunks
+        assert len(skipped) * 2 < len(walked), (len(skipped), len(walked))
+        # every slice but one after a mapped one starts where a chunk is mapped or a
+        # map page starts
+        assert len(skipped) <= 2 * (every.mapped_chunks + every.metadata_pages) + 1
+
+
+@pytest.mark.parametrize("design", [d for d in design_names() if d != "linear"])
+async def test_a_huge_thin_volume_costs_what_it_maps(make_pool: PoolFactory, design: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # 1 PiB, thin, in a small pool: three runs written, the rest never. Walked slice by
+    # slice this took tens of seconds (and hours at 8 EiB); now its slices are bounded by
+    # what it maps.
+    env = await make_pool(design)
+    chunk = env.chunk_size
+    chunks = (1 << 50) // chunk
+    vol = await env.create("v", chunks * chunk)
+    for at in (0, chunks // 3, chunks - 64):
+        await vol.write(at * chunk, pattern(at % 997, 64 * chunk))
+    pool = env.pool
+    slices = _count_slices(pool, monkeypatch)
+    stats = await pool.volume_stats(pool.volume("v"))
+    assert stats.mapped_chunks == 3 * 64 and stats.extents >= 3
+    assert stats.metadata_pages > 0
+    assert len(slices) <= 2 * (stats.mapped_chunks + stats.metadata_pages) + 1, len(slices)
+    empty = await env.create("e", chunks * chunk)
+    slices.clear()
+    assert await pool.volume_stats(pool.volume(empty.name)) == type(stats)()
+    assert len(slices) <= 1, slices
+
+
+@pytest.mark.parametrize("design", [d for d in design_names() if d != "linear"])
+async def test_holes_and_long_runs_are_walked_in_few_slices(
+        make_pool: PoolFactory, design: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # (linear volumes are thick: no holes to cross.) Where holes are not skipped (a
+    # design without skip_empty), and over long mapped runs, the slices grow.
+    env = await make_pool(design)
+    chunk = env.chunk_size
+    chunks = (1 << 30) // chunk  # a thin 1 GiB volume in a 16 MiB pool
+    vol = await env.create("v", chunks * chunk)
+    for at in (0, chunks // 3, chunks - 64):
+        await vol.write(at * chunk, pattern(at, 64 * chunk))  # three runs, holes around
+    pool = env.pool
+    monkeypatch.setattr(type(pool.map), "skip_empty", lambda self, v, lc, end: lc)
+    slices = _count_slices(pool, monkeypatch)
     stats = await pool.volume_stats(pool.volume("v"))
     assert stats.mapped_chunks == 3 * 64 and stats.extents >= 3
     base = pool.map.stats_slice()
