@@ -461,12 +461,17 @@ class LinearMap(BlockMap):
         page = self.cache.get(self._page(st.snaplist - 1))
         return [_u32(page, i) for i in range(st.nsnap)]
 
-    def _live_snapshots(self, st: _Origin) -> list[VolumeRecord]:
-        """The origin's snapshots that still need preserving (not being deleted)."""
+    def _linked_snapshots(self, st: _Origin) -> list[VolumeRecord]:
+        """The origin's snapshots, which its writes preserve chunks for: every one in its
+        list, also one being deleted. A delete unlinks the snapshot only once its mark is
+        durable (:meth:`release`); before, a crash brings the snapshot back whole, so the
+        origin may not overwrite in place, nor make unwritten, a chunk it still reads.
+        (A copy for a snapshot being deleted is dropped by :meth:`map`, and the commit the
+        origin's write then waits for makes the mark durable before it writes.)"""
         out = []
         for sid in self._snapshot_ids(st):
             snap = self.pool.volumes.get(sid)
-            if snap is not None and not snap.deleted:
+            if snap is not None:
                 out.append(snap)
         return out
 
@@ -887,7 +892,7 @@ class LinearMap(BlockMap):
             written = entry & EPOCH_MASK
             if not written:
                 return Redirect(HOLE, into=pc)
-            preserve = tuple(snap.id for snap in self._live_snapshots(st)
+            preserve = tuple(snap.id for snap in self._linked_snapshots(st)
                              if self._reads_origin(self._snap(snap), written, lc))
             if preserve:
                 return CopyOut(pc, preserve)
@@ -911,7 +916,7 @@ class LinearMap(BlockMap):
         if count == 1 or self._kind(vol) != ORIGIN:
             return super().write_runs(vol, lc, count)
         st = self._origin(vol)
-        if st.nsnap and self._live_snapshots(st):
+        if st.nsnap and self._linked_snapshots(st):
             return super().write_runs(vol, lc, count)
         entries = self._wm_entries(st, lc, lc + count)
         runs: list[TargetRun] = []
@@ -1011,7 +1016,7 @@ class LinearMap(BlockMap):
                 self._set_snap(vol, st_s._replace(root=root))
             return (stop - lc if stop is not None else count), []
         st = self._origin(vol)
-        snaps = [self._snap(s) for s in self._live_snapshots(st)]
+        snaps = [self._snap(s) for s in self._linked_snapshots(st)]
         end = lc + count
         pos = lc
         work = 0
@@ -1200,7 +1205,7 @@ class LinearMap(BlockMap):
             st = self._origin(vol)
             # exclusive: written chunks no snapshot reads from the origin any more
             shared: list[tuple[int, int]] = []
-            for snap in self._live_snapshots(st):
+            for snap in self._linked_snapshots(st):
                 shared.extend((r.lc, r.lc + r.count) for r in self.lookup(snap, lc, count)
                               if r.owner == vol.id and r.pc != HOLE)
             mapped = sum(r.count for r in runs if r.pc != HOLE)
