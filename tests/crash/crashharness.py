@@ -70,6 +70,7 @@ from nbdserver.protocol import constants as c
 KiB = 1024
 MiB = 1024 * KiB
 SERVER_CMD = (sys.executable, "-m", "nbdserver")
+COW_PATIENCE = 6.0  # seconds the "cow" trigger waits for its clone and burst to come
 REQUEST_TIMEOUT = 60.0  # a request not answered by then is a hang (a bug)
 CLI_TIMEOUT = 120.0
 READ_PIECE = 1 * MiB
@@ -115,11 +116,13 @@ class Stats:
     recovery_kills: int = 0
     offline_checks: int = 0
     cli_tracebacks: int = 0  # the CLI crashed because the server was killed under it
+    fallbacks: int = 0  # kills at the deadline because the trigger's moment did not come
     seconds: float = 0.0
 
     def summary(self) -> str:
         trig = ", ".join(f"{k} {v}" for k, v in sorted(self.triggers.items()))
-        return (f"{self.iterations} iterations, {self.kills} kills ({trig}); "
+        return (f"{self.iterations} iterations, {self.kills} kills ({trig}; "
+                f"{self.fallbacks} at the deadline, their moment not come); "
                 f"{self.requests} requests ({self.acked} answered, {self.unanswered} cut off "
                 f"by a kill), {self.flushes} flushes, {self.fua} FUA writes, "
                 f"{self.reads_checked} live reads checked; volume operations: {self.ops_ok} "
@@ -165,6 +168,7 @@ class Run:
             name: [] for name in clients}
         self.countdown = self.rng.randint(1, 60 if trigger in ("flush", "fua") else 40)
         self.burst: set[str] = set()  # volumes taking a burst of copy-on-write writes
+        self.cow_started: float | None = None  # when the "cow" trigger's clone was sent
         self.cli_procs: set[asyncio.subprocess.Process] = set()  # CLI commands running
         # A window shared by every volume, for overwrites and for chunks shared by forks.
         self.hot = self.rng.randrange(0, max(1, campaign.volume_size - 512 * KiB)) // 4096 * 4096
@@ -663,9 +667,14 @@ class Campaign:
                 trigger = "none" if last else self.rng.choices(TRIGGERS, TRIGGER_WEIGHTS)[0]
                 if trigger == "fresh" and fresh is None:
                     trigger = "cow"
-                written = [n for n in clients if n in self.writable]
-                self.rng.shuffle(written)
-                written = written[:3]
+                writable = [n for n in clients if n in self.writable]
+                self.rng.shuffle(writable)
+                written = writable[:3]
+                sources = [n for n in writable if self._clonable(n)]
+                if trigger == "cow" and sources and not any(n in sources for n in written):
+                    # (linear clones origins only: without one among them, no fork of a
+                    # written volume, no burst, and the kill falls back to the timer)
+                    written = [*written[:2], sources[0]]
                 if fresh is not None and fresh[1] not in written:
                     written.append(fresh[1])
                 run = Run(self, srv, clients, written, trigger,
@@ -714,8 +723,12 @@ class Campaign:
                 if now > run.deadline and run.trigger in ("timer", "none"):
                     run.kill("after a random delay")
                     break
-                if now > run.deadline + grace:
+                # (a clone for the "cow" kill, then its burst of copy-on-write writes, may
+                # take longer than the run: each first write of a linear origin commits)
+                patient = run.cow_started is not None and now < run.cow_started + COW_PATIENCE
+                if now > run.deadline + grace and not patient:
                     run.kill(f"(fallback: the {run.trigger} moment did not come)")
+                    self.stats.fallbacks += 1
                 if any(t.done() and t.exception() is not None for t in tasks):
                     run.kill("after a failure")
                     break
@@ -751,6 +764,9 @@ class Campaign:
                 count -= 1
                 if killing:
                     return
+            elif cow_first:  # (the control socket: a CLI's start often outlasts the run)
+                run.cow_started = time.monotonic()
+                await self.op_on_socket(run, op, kill=False)
             else:
                 await self.op_through_cli(run, op)
             if op.kind == "create" and op.answered:
