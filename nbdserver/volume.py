@@ -652,14 +652,13 @@ class VolumeBackend:
         lc1 = ((end - 1) >> shift) + 1
         changed = False
         async with self._locks.hold(lc0, lc1):
-            targets, claimed, pending = await pool.run(lambda: self._resolve(lc0, lc1))
-            if claimed:
-                if pending:
-                    # A claimed chunk stopped being shared by a change not durable yet: on
-                    # disk another volume still maps it, so commit before writing in place.
-                    await pool.commit()
-                # A volume that shared it may still be reading it (looked up before).
-                await pool.reads_drained()
+            resolved = await pool.cache.run(lambda: [
+                self.map.write_target(self.vol, lc) for lc in range(lc0, lc1)])
+            claims = [lc for lc, t in zip(range(lc0, lc1), resolved, strict=True)
+                      if isinstance(t, Claim)]
+            if claims:
+                await self._claim(claims)
+            targets = [InPlace(t.pc) if isinstance(t, Claim) else t for t in resolved]
             if any(isinstance(t, CopyOut) for t in targets):
                 for lc, t in zip(range(lc0, lc1), targets, strict=True):
                     if isinstance(t, CopyOut):
@@ -699,20 +698,22 @@ class VolumeBackend:
                 raise
         return changed
 
-    def _resolve(self, lc0: int,
-                 lc1: int) -> tuple[list[InPlace | Redirect | CopyOut], bool, bool]:
-        """The write targets of chunks [lc0, lc1), claims made; whether a chunk was
-        claimed, and whether metadata was pending before (the claim may rely on it)."""
-        pending = self.pool.metadata_pending()  # before this operation changes anything
-        claimed = False
-        targets: list[InPlace | Redirect | CopyOut] = []
-        for lc in range(lc0, lc1):
-            target = self.map.write_target(self.vol, lc)
-            if isinstance(target, Claim):
+    async def _claim(self, chunks: list[int]) -> None:
+        """Claim chunks that stopped being shared (their writer holds their locks): on
+        disk another volume may still map them, so commit first if anything is not
+        durable, and wait for reads begun before (a volume that shared them may still be
+        reading them); only then are they claimed, so a failed commit leaves no claim
+        behind (a later write would go in place, over bytes the durable map shares)."""
+        pool = self.pool
+        if pool.metadata_pending():
+            await pool.commit()
+        await pool.reads_drained()
+
+        def claim() -> None:
+            for lc in chunks:
                 self.map.claim(self.vol, lc)
-                target, claimed = InPlace(target.pc), True
-            targets.append(target)
-        return targets, claimed, pending
+
+        await pool.run(claim)
 
     def _claim_for(self, lc0: int, targets: list[InPlace | Redirect | CopyOut]) -> dict[int, int]:
         """Claim a new chunk for every Redirect target, contiguous where possible (a

@@ -490,9 +490,12 @@ class ExtentMap(BlockMap):
         return node, hi, writable, sole
 
     def claim(self, vol: VolumeRecord, lc: int) -> None:
-        """Make the path to `lc` writable, and its record, over the run of chunks around
-        `lc` that have one reference (they all stopped being shared before now, so the
-        commit and the wait for reads that follow a claim cover them too)."""
+        """Make the path to `lc` writable, and chunk `lc` in its record. Only that chunk:
+        its neighbours with one reference may have stopped being shared by a change that
+        is not durable yet, or be read by the volume that shared them, and only `lc` is
+        under the writer's lock, after the commit and the wait for reads a claim needs
+        (claiming them too let the next write of one go in place at once: after a crash
+        the other volume read that write)."""
         path = self._own_path(vol, lc)
         recs = _records(self.cache.get(self._page(path[-1][0])))
         i = bisect_right([r[0] for r in recs], lc) - 1
@@ -501,23 +504,18 @@ class ExtentMap(BlockMap):
         start, n, pc, tag = recs[i]
         if tag & TAG_WRITABLE:
             return
-        counts = self.data.get_run(pc, n)
         k = lc - start
-        if counts[k] != 1:
+        if self.data.get(pc + k) != 1:
             raise AssertionError(f"claim of chunk {lc} that is not solely referenced")
-        a, b = k, k + 1
-        while a > 0 and counts[a - 1] == 1:
-            a -= 1
-        while b < n and counts[b] == 1:
-            b += 1
-        # The claimed run becomes this volume's own (its write follows): its allocation
+        # The claimed chunk becomes this volume's own (its write follows): its allocation
         # depth is 0 from now on (keeping the writer's tag would report the parent's
         # layer for this volume's data, which a tool copying one layer would miss).
-        pieces = [(start + a, b - a, pc + a, vol.id | TAG_WRITABLE)]
-        if a:
-            pieces.insert(0, (start, a, pc, tag))
-        if b < n:
-            pieces.append((start + b, n - b, pc + b, tag))
+        # Claims of neighbouring chunks merge back into one record.
+        pieces = [(lc, 1, pc + k, vol.id | TAG_WRITABLE)]
+        if k:
+            pieces.insert(0, (start, k, pc, tag))
+        if k + 1 < n:
+            pieces.append((lc + 1, n - k - 1, pc + k + 1, tag))
         recs[i:i + 1] = pieces
         recs[max(0, i - 1):i + len(pieces) + 1] = self._merge(
             recs[max(0, i - 1):i + len(pieces) + 1])

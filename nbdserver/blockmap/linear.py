@@ -71,9 +71,10 @@ snapshot cannot stack snapshots; see :meth:`LinearMap.clone_refused`), and
 deleting an origin that still has snapshots. Deleting a snapshot unlinks it
 from its origin first, then frees its exceptions and tree pages in bounded
 steps; the unlink comes after the delete's mark is durable, and until then the
-origin preserves chunks for it as for any snapshot (a crash brings it back). Unlike LVM, a snapshot's exception store is not a fixed-size COW
-volume that becomes invalid when full: exceptions come from the pool, and an
-origin write fails with ENOSPC when the pool cannot hold its copies.
+origin preserves chunks for it as for any snapshot (a crash brings it back).
+Unlike LVM, a snapshot's exception store is not a fixed-size COW volume that
+becomes invalid when full: exceptions come from the pool, and an origin write
+fails with ENOSPC when the pool cannot hold its copies.
 
 **TRIM / WRITE_ZEROES**: on a snapshot, the range becomes *zero* exceptions
 (its exception chunks are freed); dropping them would expose the origin's

@@ -381,8 +381,10 @@ async def test_a_chunk_whose_sharing_ended_is_claimed_before_it_is_written_in_pl
         make_pool: PoolFactory) -> None:
     """When the other volume stops sharing a chunk (it rewrote it, or was deleted), the
     answer is Claim (the volume layer commits and waits for reads begun before), then,
-    once claimed, InPlace; the claim covers the whole run of chunks that are no longer
-    shared, so the next writes beside it need no claim of their own."""
+    once claimed, InPlace. A claim covers its chunk only: a neighbour that is no longer
+    shared either may have stopped being shared by a change not durable yet, and only
+    the claimed chunk is under the writer's lock when its commit and wait are done;
+    claims of neighbours merge back into one record."""
     env = await make(make_pool, (6, 4, 16, 0))
     pool = env.pool
     bm = pool.map
@@ -411,8 +413,15 @@ async def test_a_chunk_whose_sharing_ended_is_claimed_before_it_is_written_in_pl
     await pool.delete_volume("f")
     assert await pool.cache.run(lambda: target(vol, 40)) == Claim(orig[40])
     await pool.run(lambda: bm.claim(vol, 40))
-    for lc in range(32, 48):  # the record of chunk 40: [32, 48), claimed whole
-        assert await pool.cache.run(lambda lc=lc: target(vol, lc)) == InPlace(orig[lc])
+    assert await pool.cache.run(lambda: target(vol, 40)) == InPlace(orig[40])
+    for lc in (39, 41, 50):  # its neighbours in the record, and beyond: each its own claim
+        assert await pool.cache.run(lambda lc=lc: target(vol, lc)) == Claim(orig[lc])
+    for lc in (39, 41):
+        await pool.run(lambda lc=lc: bm.claim(vol, lc))
+    _, leaves = await pool.cache.run(lambda: tree(pool, vol))
+    around = [r for leaf in leaves for r in leaf if r[0] <= 40 < r[0] + r[1]]
+    assert [r[:2] for r in around] == [(39, 3)]  # the three claimed chunks: one record
+    assert around[0][3] & ext.TAG_WRITABLE
     assert await pool.cache.run(lambda: target(vol, 50)) == Claim(orig[50])
     with pytest.raises(AssertionError, match="not mapped"):
         await pool.run(lambda: bm.claim(vol, 100))

@@ -13,12 +13,13 @@ recovers (everything flushed before the error, and a clean ``pool check``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from poolkit import KiB, PoolEnv, PoolFactory, pattern
+from poolkit import KiB, PoolEnv, PoolFactory, design_names, pattern
 
 from nbdserver.errors import NbdError
 from nbdserver.pool.format import PAGE_SIZE, PT_MAP, seal_page
@@ -204,11 +205,15 @@ async def test_no_fua_write_is_acknowledged_after_a_failed_commit(make_pool: Poo
     await env.assert_clean()
 
 
-async def test_no_claim_writes_in_place_after_a_failed_commit(make_pool: PoolFactory) -> None:
+@pytest.mark.parametrize("design", design_names())
+async def test_no_claim_writes_in_place_after_a_failed_commit(make_pool: PoolFactory,
+                                                              design: str) -> None:
     """b's copy-on-write left a chunk a's alone, in memory; that change is in the failed
     commit. a's write must not claim the chunk and write it in place: after a restart
-    b maps it again, and would read a's bytes."""
-    env = await make_pool("radix", offline=False, cache_bytes=1 << 20)
+    b maps it again, and would read a's bytes. Nor may the claim outlive the failed
+    commit it waited for: before, the next write of the chunk found it claimed and went
+    in place (the fast path), and was acknowledged."""
+    env = await make_pool(design, offline=False, cache_bytes=1 << 20)
     chunk = env.chunk_size
     a = await env.create("a", 16 * chunk)
     old = pattern(1, 16 * chunk)
@@ -219,6 +224,8 @@ async def test_no_claim_writes_in_place_after_a_failed_commit(make_pool: PoolFac
     _fail_journal_writes(env, 1)
     await _eio(b.flush)
     await _eio(lambda: a.write(3 * chunk + 512, pattern(99, 1024)))  # would be a claim
+    with contextlib.suppress(NbdError):  # (EIO, as the claim's commit fails again)
+        await a.write(3 * chunk, pattern(98, chunk))  # whole chunk: the fast path if claimed
     await env.crash()
     assert await env.vol("b").read(3 * chunk, chunk) == old[3 * chunk:4 * chunk]
     assert await env.vol("a").read(0, 16 * chunk) == old
