@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nbdserver.errors import UserError
+from nbdserver.errors import UsageError, UserError
 from nbdserver.sizes import format_size, parse_size
 
 EXIT_OK = 0
@@ -133,6 +133,9 @@ def _show_volume(info: dict[str, Any]) -> None:
 def cmd_pool_create(args: argparse.Namespace) -> int:
     from nbdserver.pool.pool import Pool
 
+    if args.size is None and not Path(args.pool).is_block_device():
+        raise UsageError(f"{args.pool}: --size is required to create a pool in a file "
+                         "(a block device is used whole)")
     try:
         params = None
         if args.fanout:

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from nbdserver import __version__
-from nbdserver.errors import ConfigError, NbdError, UserError
+from nbdserver.errors import ConfigError, NbdError, UsageError, UserError
 
 log = logging.getLogger("nbdserver")
 
@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return handler(args)
-    except ConfigError as e:
+    except (ConfigError, UsageError) as e:
         print(f"nbdserver: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except UserError as e:

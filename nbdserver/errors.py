@@ -27,5 +27,10 @@ class UserError(Exception):
     """A mistake in a command, argument or file that a person should fix."""
 
 
+class UsageError(UserError):
+    """A command line that cannot work as given (a missing argument that only the
+    target's kind makes necessary): exit status 2, as for argparse's own errors."""
+
+
 class ConfigError(UserError):
     """The YAML configuration is invalid; the message names the key (and line)."""

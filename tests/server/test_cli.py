@@ -212,3 +212,10 @@ def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path) -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(30) == 1
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_pool_create_without_size_is_a_usage_error(tmp_path: Path) -> None:
+    status, out, err = nbdserver("pool", "create", tmp_path / "p.img")
+    assert status == 2, (status, out, err)
+    assert "--size is required" in err and "p.img" in err
+    assert not (tmp_path / "p.img").exists()  # nothing made
