@@ -19,7 +19,7 @@ from nbdserver.pool.pool import Pool
 Op = Callable[[Pool, dict[str, Any]], Awaitable[Any]]
 
 # The arguments of each operation: name -> (kind, required). Kinds: "name" (a string),
-# "size" (an integer number of bytes, >= 0), "chunk" (an integer >= 0), "count" (an
+# "size" (an integer number of bytes, >= 1), "chunk" (an integer >= 0), "count" (an
 # integer >= 1, or null), "bool" (true or false), "callable" (in process only: a
 # progress callback; never from JSON).
 ARGS: dict[str, dict[str, tuple[str, bool]]] = {
@@ -61,7 +61,7 @@ def check_args(op: str, args: dict[str, Any]) -> dict[str, Any]:
         elif kind in ("size", "chunk", "count"):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise UserError(f"{what} must be an integer, not {value!r}")
-            low = 1 if kind == "count" else 0
+            low = 0 if kind == "chunk" else 1
             if value < low:
                 raise UserError(f"{what} must be at least {low}, not {value}")
             if value >= 1 << 63:
