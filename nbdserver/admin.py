@@ -179,9 +179,16 @@ def cmd_pool_info(args: argparse.Namespace) -> int:
 
 
 def cmd_pool_check(args: argparse.Namespace) -> int:
+    progress = _Progress("check")  # (offline: every reference of every map is counted)
+
+    def show(name: str, number: int, volumes: int, counted: int) -> None:
+        progress.show(f"volume {name!r} ({number} of {volumes}), "
+                      f"{counted:,} chunk references counted")
+
     try:
-        report = run_pool_op(args.pool, "pool.check", {})
+        report = run_pool_op(args.pool, "pool.check", {}, local={"progress": show})
     except UserError as e:
+        progress.finish()
         if not args.json:
             raise
         # A pool that cannot be opened (a damaged catalog page, say): still one report,
@@ -191,6 +198,8 @@ def cmd_pool_check(args: argparse.Namespace) -> int:
                      "data_chunks_referenced": None, "metadata_pages_referenced": None,
                      "leaked_chunks": None, "leaked_pages": None, "free_bytes": None})
         return EXIT_PROBLEMS
+    finally:
+        progress.finish()
     if args.json:
         _print_json(report)
     else:
@@ -319,8 +328,10 @@ class _Progress:
               file=sys.stderr, flush=True)
 
     def finish(self) -> None:
+        """End the progress line (on a terminal), before the next output; once."""
         if self.shown and self.tty:
             print(file=sys.stderr)
+        self.shown = False
 
 
 DEFRAG_SLICE = 1 << 30  # bytes per call to a running server (progress between calls)

@@ -24,7 +24,7 @@ Op = Callable[[Pool, dict[str, Any]], Awaitable[Any]]
 # progress callback; never from JSON).
 ARGS: dict[str, dict[str, tuple[str, bool]]] = {
     "pool.info": {},
-    "pool.check": {},
+    "pool.check": {"progress": ("callable", False)},
     "volume.create": {"name": ("name", True), "size": ("size", True),
                       "guarantee": ("bool", False)},
     "volume.snapshot": {"source": ("name", True), "name": ("name", True)},
@@ -80,7 +80,7 @@ async def pool_info(pool: Pool, args: dict[str, Any]) -> Any:
 
 
 async def pool_check(pool: Pool, args: dict[str, Any]) -> Any:
-    report = await pool.check()
+    report = await pool.check(args["progress"])
     return {
         "ok": report.ok,
         "problems": report.problems,

@@ -90,6 +90,7 @@ T = TypeVar("T")
 DEFAULT_CACHE_BYTES = 64 << 20
 MAX_VOLUMES = 1 << 20  # the most a catalog may hold (65,536 pages of records)
 STATS_GROWTH = 64  # volume_stats: slices over holes and long runs grow up to this many times
+CHECK_PROGRESS = 1 << 16  # check: chunk references counted between two progress calls
 STATS_TURN = 0.002  # volume_stats: seconds of work between two turns of the event loop
 # Opening reads every reference-count page to count free space; up to 1/PRELOAD_SHARE of
 # the cache keeps them (the data table's first: allocations and sharing changes read them).
@@ -1010,8 +1011,11 @@ class Pool:
             "in_use": in_use,
         }
 
-    async def check(self) -> CheckReport:
-        """Recount every reference and compare with the space maps; name each problem."""
+    async def check(self, progress: Callable[[str, int, int, int], None] | None = None,
+                    ) -> CheckReport:
+        """Recount every reference and compare with the space maps; name each problem.
+        `progress(volume name, its number, volumes, references counted so far)` is called
+        before each volume and every CHECK_PROGRESS chunk references within one."""
         report = CheckReport()
         page_refs: dict[int, int] = {}
         chunk_refs: dict[int, int] = {}
@@ -1026,8 +1030,21 @@ class Pool:
         seen: set[int] = set()
         old_reader = self.cache.sync_reader
         self.cache.sync_reader = self._read_page_sync
+        volumes = sorted(self.volumes.values(), key=lambda v: v.id)
+        counted = [0]
         try:
-            for vol in sorted(self.volumes.values(), key=lambda v: v.id):
+            for number, vol in enumerate(volumes, 1):
+                count_ref = ref_chunk
+                if progress is not None:
+                    progress(vol.name, number, len(volumes), counted[0])
+
+                    def count_ref(c: int, name: str = vol.name, number: int = number) -> None:
+                        chunk_refs[c] = chunk_refs.get(c, 0) + 1
+                        counted[0] += 1
+                        if not counted[0] % CHECK_PROGRESS:
+                            assert progress is not None
+                            progress(name, number, len(volumes), counted[0])
+
                 if vol.parent and vol.parent not in self.volumes:
                     report.problems.append(f"volume {vol.name!r}: parent #{vol.parent} is missing")
                 if vol.flags & VF_DELETED:
@@ -1037,7 +1054,7 @@ class Pool:
                     report.problems.append(f"two live volumes are named {vol.name!r}")
                 names[vol.name] = vol.id
                 try:
-                    self.map.references(vol, seen, ref_page, ref_chunk, report.problems.append)
+                    self.map.references(vol, seen, ref_page, count_ref, report.problems.append)
                 except FormatError as e:
                     report.problems.append(f"volume {vol.name!r}: {e}")
             self._check_table(self.meta, page_refs, "metadata page", report)

@@ -251,3 +251,31 @@ async def test_a_long_delete_reports_its_progress(make_pool: PoolFactory, design
     assert seen == sorted(seen) and seen[-1] <= result["freed_bytes"]
     assert result["freed_bytes"] >= 512 * chunk
     await env.assert_clean()
+
+
+@pytest.mark.parametrize("design", design_names())
+async def test_a_long_check_reports_its_progress(make_pool: PoolFactory, design: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pool check` counts every reference of every map in one long step; offline, the
+    CLI shows which volume it is in and how many references it has counted (once a
+    second): the operation reports before each volume and every CHECK_PROGRESS chunk
+    references within one, the counts growing to every chunk referenced."""
+    from nbdserver.control.ops import run_op
+    from nbdserver.pool import pool as pool_module
+
+    monkeypatch.setattr(pool_module, "CHECK_PROGRESS", 32)
+    env = await make_pool(design, journal_bytes=None)
+    chunk = env.chunk_size
+    vol = await env.create("v", 256 * chunk)
+    await vol.write(0, pattern(1, 256 * chunk))
+    await env.snapshot("v", "s")
+    await env.create("w", 64 * chunk)
+    seen: list[tuple[str, int, int, int]] = []
+    report = await run_op(env.pool, "pool.check",
+                          {"progress": lambda *a: seen.append(a)})  # type: ignore[misc]
+    assert report["ok"], report
+    assert list(dict.fromkeys(s[:3] for s in seen)) == [("v", 1, 3), ("s", 2, 3), ("w", 3, 3)]
+    within_v = [s[3] for s in seen if s[0] == "v"]
+    assert within_v[0] == 0 and len(within_v) >= 256 // 32
+    counts = [s[3] for s in seen]
+    assert counts == sorted(counts) and counts[-1] >= 256  # (v's, at least)
