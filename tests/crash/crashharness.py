@@ -20,10 +20,13 @@ each iteration:
    writes (unaligned, sector-aligned, chunk-aligned, multi-chunk; some FUA),
    trims, write-zeroes, flushes and reads checked against the acknowledged
    content; meanwhile the CLI snapshots, forks, creates and deletes scratch
-   volumes through the running server;
+   volumes, and defrags any volume (written ones too: defrag moves chunks and
+   changes no byte), through the running server;
 5. kills the server with SIGKILL, as the iteration's *trigger* says: after a
    random delay; right after the k-th FLUSH or FUA reply; in the middle of a
-   snapshot, fork, create or delete sent on the control socket; or during a
+   snapshot, fork, create, delete or defrag sent on the control socket (the
+   clone of the "cow" trigger goes there too: a CLI's start often outlasted
+   the run, and its clone and burst get COW_PATIENCE to come); or during a
    burst of copy-on-write writes after a fork (of an exported volume, or of
    the fork the server made at start). CLI commands still running are killed
    first: one that had not yet tried the pool would otherwise find it unlocked
@@ -116,6 +119,7 @@ class Stats:
     recovery_kills: int = 0
     offline_checks: int = 0
     cli_tracebacks: int = 0  # the CLI crashed because the server was killed under it
+    defrags: int = 0  # volume defrags sent (moving chunks while the workload runs)
     fallbacks: int = 0  # kills at the deadline because the trigger's moment did not come
     seconds: float = 0.0
 
@@ -126,8 +130,9 @@ class Stats:
                 f"{self.requests} requests ({self.acked} answered, {self.unanswered} cut off "
                 f"by a kill), {self.flushes} flushes, {self.fua} FUA writes, "
                 f"{self.reads_checked} live reads checked; volume operations: {self.ops_ok} "
-                f"answered, {self.ops_unknown} cut off; {self.recovery_kills} kills during "
-                f"recovery, {self.offline_checks} offline checks; "
+                f"answered, {self.ops_unknown} cut off, {self.defrags} defrags; "
+                f"{self.recovery_kills} kills during recovery, {self.offline_checks} offline "
+                "checks; "
                 f"{self.bytes_checked / MiB:.0f} MiB read back and checked; "
                 f"{self.cli_tracebacks} CLI tracebacks on a killed server; "
                 f"{self.seconds:.1f} s")
@@ -137,7 +142,7 @@ class Stats:
 class PendingOp:
     """A volume operation sent to the server and what the model does once it is answered."""
 
-    kind: str  # create, snapshot, fork, delete
+    kind: str  # create, snapshot, fork, delete, defrag
     name: str
     source: str | None = None
     model: VolumeModel | None = None  # the new volume's (create) or a clone's base so far
@@ -784,6 +789,9 @@ class Campaign:
                    and self._deletable(n)]
         if targets:
             kinds += ["delete", "delete"]
+        movable = [n for n in self.models if n not in self.uncertain]
+        if movable:
+            kinds.append("defrag")
         if run.trigger == "cow" and not run.burst:
             kinds = [k for k in kinds if k in ("snapshot", "fork")] or kinds
         if not kinds:
@@ -791,6 +799,8 @@ class Campaign:
         kind = rng.choice(kinds)
         if kind == "delete":
             return PendingOp("delete", rng.choice(targets))
+        if kind == "defrag":  # moves chunks, changes no byte of any volume
+            return PendingOp("defrag", rng.choice(movable))
         if kind == "create":
             size = rng.randint(1, self.volume_size // (64 * KiB)) * 64 * KiB
             name = f"c{next(self.names)}"
@@ -808,8 +818,8 @@ class Campaign:
         if op.kind == "create":
             assert op.model is not None
             return "volume.create", {"name": op.name, "size": op.model.size}
-        if op.kind == "delete":
-            return "volume.delete", {"name": op.name}
+        if op.kind in ("delete", "defrag"):
+            return f"volume.{op.kind}", {"name": op.name}
         assert op.source is not None
         src = self.models[op.source]
         op.written = op.source in run.written
@@ -829,6 +839,9 @@ class Campaign:
             op.model.events = [replace(ev, volume=op.name, durable=False) for ev in more]
             op.model.uncertain = bool(more)
         op.answered = answered
+        if op.kind == "defrag":  # done or not, every volume reads as before
+            self.stats.defrags += 1
+            return
         if not answered:
             self.uncertain[op.name] = op
             self.stats.ops_unknown += 1
@@ -851,6 +864,7 @@ class Campaign:
         pool = str(self.pool_path)
         argv = {"create": ["create", pool, op.name, "--size", str(args.get("size"))],
                 "delete": ["delete", pool, op.name],
+                "defrag": ["defrag", pool, op.name],
                 "snapshot": ["snapshot", pool, str(op.source), op.name],
                 "fork": ["fork", pool, str(op.source), op.name]}[op.kind]
         rc, _, err = await self.cli("volume", *argv, "--json", check=False, run=run)
