@@ -163,6 +163,9 @@ class BlockMap(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     supports_clone_of_clone: ClassVar[bool] = True
+    # The largest volume id the design's map can record (an owner field's width). Volume
+    # ids are handed out once each over a pool's life; past this, no volume is created.
+    max_volume_id: ClassVar[int] = (1 << 32) - 1
     # Whether new chunks go next-fit, whatever the logical neighbours (no alloc_hint):
     # the pool may then hand out runs of chunks claimed ahead (RefTable.claim).
     next_fit: ClassVar[bool] = False

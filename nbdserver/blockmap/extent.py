@@ -233,6 +233,7 @@ class ExtentMap(BlockMap):
     """Copy-on-write B+tree of extents per volume; see the module note."""
 
     name: ClassVar[str] = "extent"
+    max_volume_id: ClassVar[int] = MAX_OWNER  # (the owner field of a record: 31 bits)
     description: ClassVar[str] = ("extent trees: sorted extents in a copy-on-write B+tree, "
                                   "O(1) forks, allocation that keeps data contiguous")
 

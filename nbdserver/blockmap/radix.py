@@ -95,6 +95,7 @@ class RadixMap(BlockMap):
     """Parallax-style radix tree; see the module note."""
 
     name: ClassVar[str] = "radix"
+    max_volume_id: ClassVar[int] = MAX_OWNER  # (the owner field of an entry: 23 bits)
     description: ClassVar[str] = "Parallax-style radix tree: O(1) forks, path copy on write"
     next_fit: ClassVar[bool] = True
 

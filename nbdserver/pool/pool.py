@@ -754,6 +754,13 @@ class Pool:
     # -- volume operations ------------------------------------------------------------------------
 
     def _new_record(self, name: str, size: int, *, parent: int = 0, flags: int = 0) -> VolumeRecord:
+        if self.state.next_volume_id > self.map.max_volume_id:
+            # (a larger id would alias another volume's in the map's owner fields)
+            raise UserError(
+                f"pool {self.path}: no volume ids left: the {self.map.name} block map "
+                f"numbers volumes up to {self.map.max_volume_id:,}, and this pool has handed "
+                f"out {self.state.next_volume_id - 1:,} over its life (an id is never "
+                "reused); create a new pool and copy the volumes there")
         return VolumeRecord(id=self.state.next_volume_id, name=name, size=size, parent=parent,
                             flags=VF_IN_USE | flags, created_ns=time.time_ns(),
                             slot=self._free_slot())

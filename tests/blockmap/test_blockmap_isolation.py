@@ -273,3 +273,28 @@ async def test_crash_after_unflushed_unshare(make_pool: PoolFactory, design: str
     assert got != pattern(3, chunk), "after the crash the fork reads the origin's new bytes"
     assert got in (pattern(1, chunk), pattern(2, chunk))
     await env.assert_clean()
+
+
+@pytest.mark.parametrize("design", design_names())
+async def test_no_volume_gets_an_id_its_map_cannot_tell_apart(make_pool: PoolFactory,
+                                                               design: str) -> None:
+    """Volume ids are handed out once each over a pool's life; a map records them in an
+    owner field of fixed width (radix 23 bits, extent 31). A radix volume numbered past
+    it shared the keys of its remembered leaves with a volume numbered 2**23 lower: a
+    fork read its parent's newer bytes at another offset, and the parent's write landed
+    in the fork. Past the width, creating and cloning are refused, naming the limit."""
+    env = await make_pool(design)
+    chunk = env.chunk_size
+    a = await env.create("a", 16 * chunk)
+    await a.write(0, pattern(1, 16 * chunk))
+    top = env.pool.map.max_volume_id
+    env.pool.state.next_volume_id = top  # (as after that many creates and clones)
+    await env.fork("a", "last")  # the last id the map can tell apart
+    assert env.pool.volume("last").id == top
+    assert await env.vol("last").read(0, 16 * chunk) == pattern(1, 16 * chunk)
+    for make in (lambda: env.pool.create_volume("x", 16 * chunk),
+                 lambda: env.pool.clone_volume("a", "y", snapshot=False)):
+        with pytest.raises(UserError, match=f"no volume ids left.*up to {top:,}"):
+            await make()
+    assert sorted(v.name for v in env.pool.live_volumes()) == ["a", "last"]
+    await env.assert_clean()
