@@ -730,7 +730,8 @@ class Campaign:
                     break
                 # (a clone for the "cow" kill, then its burst of copy-on-write writes, may
                 # take longer than the run: each first write of a linear origin commits)
-                patient = run.cow_started is not None and now < run.cow_started + COW_PATIENCE
+                patient = (run.cow_started is not None
+                           and now < min(run.cow_started, run.deadline) + COW_PATIENCE)
                 if now > run.deadline + grace and not patient:
                     run.kill(f"(fallback: the {run.trigger} moment did not come)")
                     self.stats.fallbacks += 1
@@ -770,7 +771,8 @@ class Campaign:
                 if killing:
                     return
             elif cow_first:  # (the control socket: a CLI's start often outlasts the run)
-                run.cow_started = time.monotonic()
+                if run.cow_started is None:  # (the first clone: patience has one end)
+                    run.cow_started = time.monotonic()
                 await self.op_on_socket(run, op, kill=False)
             else:
                 await self.op_through_cli(run, op)
