@@ -488,15 +488,16 @@ class Pool:
         return runs
 
     def _may_take(self, vol: VolumeRecord, count: int) -> None:
-        """ENOSPC unless `vol` may take `count` more chunks now: a guaranteed volume with
-        chunks still promised takes from every free chunk not in flight or quarantined,
-        a thin one only from those not promised to guaranteed volumes."""
+        """ENOSPC unless `vol` may take `count` more chunks now: from the free chunks not
+        in flight or quarantined and not promised to guaranteed volumes, and a guaranteed
+        volume also from what is promised to it (never from another's promise: after a
+        trim of its own, it waits for the commit that frees its old chunks instead)."""
         if count <= len(self.data.spare) and not self.state.data_reserved:
             return  # nothing promised, and the spare run alone is room enough (it is free
             # space takeable() counts): every 4 KiB first write, without the arithmetic
-        room = self.data.takeable()
-        if not (vol.reserved > 0 and vol.guaranteed):
-            room -= self.state.data_reserved  # promised to guaranteed volumes
+        room = self.data.takeable() - self.state.data_reserved
+        if vol.guaranteed:
+            room += vol.reserved
         if room < count:
             raise NbdError(errno.ENOSPC, f"pool {self.path.name} has no free space")
 

@@ -204,3 +204,53 @@ async def test_write_zeroes_right_after_a_trim_in_a_full_pool(make_pool: PoolFac
     await env.reopen()
     assert await env.vol("g").read_all() == model
     await env.assert_clean()
+
+
+@pytest.mark.parametrize("design", design_names())
+async def test_a_guaranteed_volume_never_takes_what_another_is_promised(
+        make_pool: PoolFactory, design: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two guaranteed volumes in a full pool. g1 trims and at once rewrites: the chunks
+    promised to it again are the ones its trim freed, quarantined until the trim's
+    commit. Before, a guaranteed volume could take any free chunk, so g1's rewrite took
+    the chunks backing g2's promise; g2's write found none, waited once for the commit,
+    and when g1 did the same again meanwhile, failed with ENOSPC. Now a guaranteed
+    volume takes from the unpromised chunks and its own promise only: g1 waits for its
+    own freed chunks instead."""
+    env = await make_pool(design, size=16 * MiB, small=False)
+    pool = env.pool
+    c = env.chunk_size
+    if design == "linear":  # (its guaranteed volumes that take chunks are forks)
+        await env.create("o", 64 * c)
+        g1 = await env.fork("o", "g1", guarantee=True)
+        g2 = await env.fork("o", "g2", guarantee=True)
+    else:
+        g1 = await env.create("g1", 64 * c, guarantee=True)
+        g2 = await env.create("g2", 16 * c, guarantee=True)
+    await g1.write(0, pattern(1, 64 * c))
+    hog = await thin_hog(env, "hog", 4 * pool.layout.data_chunks)
+    await fill(hog, c)
+    await pool.commit()
+
+    async def g1_trim_and_rewrite(first: int) -> None:
+        await g1.trim(first * c, 16 * c)
+        await g1.write(first * c, pattern(first + 100, 16 * c))
+
+    await g1_trim_and_rewrite(0)
+    plain = pool.reuse_freed
+    again: list[int] = []
+
+    async def reuse_freed() -> None:  # g2 waits for freed space: g1 comes in first
+        await plain()
+        if not again:
+            again.append(1)
+            await g1_trim_and_rewrite(16)
+
+    monkeypatch.setattr(pool, "reuse_freed", reuse_freed)
+    await g2.write(0, pattern(9, c))  # must never fail
+    assert await g2.read(0, c) == pattern(9, c)
+    want = bytearray(pattern(1, 64 * c))
+    want[:16 * c] = pattern(100, 16 * c)
+    if again:  # (g2 waited: now it should not need to)
+        want[16 * c:32 * c] = pattern(116, 16 * c)
+    assert await g1.read_all() == want
+    await env.assert_clean()
