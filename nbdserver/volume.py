@@ -865,7 +865,7 @@ class VolumeBackend:
                 first = -(-offset // chunk)
                 last = end // chunk  # exclusive
                 if last > first:
-                    await self._unmap(first, last - first)
+                    await self._unmap(epochs, first, last - first)
                     head_end, tail_start = first * chunk, last * chunk
                 else:
                     head_end = tail_start = end
@@ -882,12 +882,16 @@ class VolumeBackend:
                 self.epochs.end_write(epoch)
             self._write_ended()
 
-    async def _unmap(self, lc: int, count: int) -> None:
+    async def _unmap(self, epochs: list[int], lc: int, count: int) -> None:
+        """Unmap chunks [lc, lc+count); the ones the map says must be written with zeros
+        instead (a linear origin's chunk a snapshot still reads) are, waiting for freed
+        space as any write does (their copies for the snapshot need chunks)."""
         while count > 0:
             async with self._locks.hold(lc, lc + count):  # no write of these chunks meanwhile
                 done, fill = await self.pool.run(partial(self.pool.unmap, self.vol, lc, count))
             for flc, fcount in fill:
-                await self._write_chunks(flc * self.chunk, None, False, fcount * self.chunk)
+                await self._write_chunks_or_wait(epochs, flc * self.chunk, None, False,
+                                                 fcount * self.chunk)
             lc += done
             count -= done
 

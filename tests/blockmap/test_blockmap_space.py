@@ -254,3 +254,28 @@ async def test_a_guaranteed_volume_never_takes_what_another_is_promised(
         want[16 * c:32 * c] = pattern(116, 16 * c)
     assert await g1.read_all() == want
     await env.assert_clean()
+
+
+async def test_a_linear_origin_trim_over_chunks_a_fork_reads_waits_for_space(
+        make_pool: PoolFactory) -> None:
+    """A TRIM of a linear origin over chunks a fork still reads is written as zeros (the
+    fork gets its copies first). In a full pool whose only free chunks are the fork's
+    own, just trimmed and rewritten (quarantined until the commit), that write must
+    wait for the commit as any write does; it failed with ENOSPC, where the same bytes
+    sent as a WRITE succeeded."""
+    env = await make_pool("linear", size=16 * MiB, small=False)
+    pool = env.pool
+    c = env.chunk_size
+    o = await env.create("o", 64 * c, guarantee=True)
+    await o.write(0, pattern(1, 64 * c))
+    f = await env.fork("o", "f")  # reserves its copies: 64 chunks
+    await f.write(0, pattern(2, 32 * c))  # its own chunks for 0-31
+    hog = await thin_hog(env, "hog", 4 * pool.layout.data_chunks)
+    await fill(hog, c)
+    await pool.commit()
+    await f.trim(0, 16 * c)  # freed, quarantined until a commit ...
+    await f.write(0, pattern(3, 16 * c))  # ... and taken again at once
+    await o.trim(32 * c, 32 * c)  # f still reads 32-63 from o: copied out first
+    assert await f.read(32 * c, 32 * c) == pattern(1, 64 * c)[32 * c:]
+    assert await o.read(32 * c, 32 * c) == bytes(32 * c)
+    await env.assert_clean()
