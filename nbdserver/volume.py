@@ -804,7 +804,8 @@ class VolumeBackend:
 
         Holds that volume's chunk lock if it is exported here, so that its own write of
         the chunk cannot interleave with the copy; skipped if, by then, it no longer needs
-        the copy (it wrote the chunk meanwhile, or it is being deleted).
+        the copy (it wrote the chunk meanwhile, or it is being deleted: then once the
+        delete is durable).
         """
         pool = self.pool
         locks = _CHUNK_LOCKS.get(pool, {}).get(vid)
@@ -812,6 +813,12 @@ class VolumeBackend:
             target = await pool.cache.run(lambda: self.map.write_target(self.vol, lc))
             snap = pool.volumes.get(vid)
             if not isinstance(target, CopyOut) or vid not in target.preserve or snap is None:
+                return
+            if snap.deleted:
+                # Being deleted (its promise of space already given back): once the delete
+                # is durable it never comes back, so it needs no copy.
+                if pool.metadata_pending():
+                    await pool.commit()
                 return
             await self._copy_out(snap, lc, target.pc)
 

@@ -12,9 +12,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import subprocess
 import sys
+import time
 
 import pytest
 from poolkit import MiB, PoolEnv, PoolFactory, Vol, design_names, pattern, zero_runs
@@ -278,4 +280,42 @@ async def test_a_linear_origin_trim_over_chunks_a_fork_reads_waits_for_space(
     await o.trim(32 * c, 32 * c)  # f still reads 32-63 from o: copied out first
     assert await f.read(32 * c, 32 * c) == pattern(1, 64 * c)[32 * c:]
     assert await o.read(32 * c, 32 * c) == bytes(32 * c)
+    await env.assert_clean()
+
+
+async def test_a_linear_snapshot_being_deleted_takes_no_copies(make_pool: PoolFactory) -> None:
+    """Deleting a snapshot gives its promise of space back at once (with the delete's
+    mark); the origin preserves chunks for it until the mark is durable (a crash would
+    bring it back). Its copies needed chunks the promise no longer held: with the
+    mark's commit slow and a thin volume taking the space given back, the guaranteed
+    origin's write failed with ENOSPC. Now the origin waits for the mark to be durable
+    and copies nothing into a snapshot that cannot come back."""
+    env = await make_pool("linear", size=16 * MiB, small=False)
+    pool = env.pool
+    c = env.chunk_size
+    o = await env.create("o", 256 * c, guarantee=True)
+    await o.write(0, pattern(1, 256 * c))
+    await env.snapshot("o", "s")  # promised its copies: 256 chunks
+    hog = await thin_hog(env, "hog", 4 * pool.layout.data_chunks)
+    lc = await fill(hog, c)
+    await pool.commit()
+    slow = [True]
+    plain = pool.device.flush
+
+    def flush() -> None:  # the data fdatasync of a commit takes a while
+        if slow[0]:
+            time.sleep(1.0)
+        plain()
+
+    pool.device.flush = flush  # type: ignore[method-assign]
+    await env.release("s")
+    delete = asyncio.ensure_future(pool.delete_volume("s"))
+    await asyncio.sleep(0.2)  # the mark is made; its commit is in its fdatasync
+    assert pool.state.data_reserved == 0  # s's promise was given back
+    await fill(hog, c, start=lc)  # the thin volume takes what s no longer holds
+    assert not delete.done()  # (still in the window)
+    await o.write(0, pattern(9, c))  # copies chunk 0 for s first? not once s is gone
+    slow[0] = False
+    await delete
+    assert await o.read(0, 2 * c) == pattern(9, c) + pattern(1, 256 * c)[c:2 * c]
     await env.assert_clean()
