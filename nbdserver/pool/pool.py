@@ -111,6 +111,10 @@ def check_volume_name(name: str) -> None:
             "'+' or '-', starting with a letter or digit")
 
 
+class _NoRoomToPromise(UserError):
+    """A guarantee the pool cannot promise now (see Pool._reserve)."""
+
+
 class PoolBusy(UserError):
     """The pool is locked by another process (a running server, usually)."""
 
@@ -535,7 +539,7 @@ class Pool:
         if extra <= 0:
             return
         if self.available_chunks() < extra:
-            raise UserError(
+            raise _NoRoomToPromise(
                 f"cannot guarantee {vol.name!r}: it needs {extra * self.chunk_size} more bytes "
                 f"but only {max(0, self.available_chunks()) * self.chunk_size} bytes are free "
                 "and not promised to other guaranteed volumes")
@@ -798,9 +802,22 @@ class Pool:
                 self._reserve(vol, self._chunks_for(size))
             return vol
 
-        vol = await self.cache.run(op)
+        vol = await self._run_promising(op)
         await self.commit()
         return vol
+
+    async def _run_promising(self, op: Callable[[], VolumeRecord]) -> VolumeRecord:
+        """Run `op`, which may promise space (:meth:`_reserve`); if it cannot, while chunks
+        a trim freed wait for their commit (free, but not yet takeable), make them
+        reusable and try once more, as a write would."""
+        try:
+            return await self.cache.run(op)
+        except _NoRoomToPromise:
+            if not self.frees_waiting():
+                raise
+        async with self.space_wanted():
+            await self.reuse_freed()
+        return await self.cache.run(op)
 
     async def clone_volume(self, source: str, name: str, *, snapshot: bool,
                            guarantee: bool = False) -> VolumeRecord:
@@ -830,16 +847,16 @@ class Pool:
                 if vol.guaranteed:
                     try:
                         self._reserve(vol, self._chunks_for(vol.size))
-                    except UserError as e:
+                    except _NoRoomToPromise as e:
                         if guarantee:
                             raise
-                        raise UserError(
+                        raise _NoRoomToPromise(
                             f"cannot clone {src.name!r}: it is guaranteed, and overwriting "
                             f"it copies its old chunks into {name!r}, which must then be "
                             f"guaranteed too; {e}") from None
                 return vol
 
-            vol = await self.cache.run(op)
+            vol = await self._run_promising(op)
             await self.commit()
             return vol
         finally:

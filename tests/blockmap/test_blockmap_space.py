@@ -319,3 +319,28 @@ async def test_a_linear_snapshot_being_deleted_takes_no_copies(make_pool: PoolFa
     await delete
     assert await o.read(0, 2 * c) == pattern(9, c) + pattern(1, 256 * c)[c:2 * c]
     await env.assert_clean()
+
+
+@pytest.mark.parametrize("design", [d for d in design_names() if d != "linear"])
+async def test_a_guarantee_right_after_a_trim_waits_for_the_freed_chunks(
+        make_pool: PoolFactory, design: str) -> None:
+    """(Thin designs: linear's thin volumes are forks.) In a full pool, a thin volume
+    trims; its chunks are free but reusable only once a commit makes the trim durable.
+    A guaranteed create or fork right then was refused ("only 0 bytes are free") while
+    `pool info` counted them free; now it waits for that commit, as a write does."""
+    env = await make_pool(design, size=6 * MiB, small=False)
+    pool = env.pool
+    c = env.chunk_size
+    hog = await thin_hog(env, "hog", 4 * pool.layout.data_chunks)
+    await fill(hog, c)
+    await pool.commit()
+    await hog.trim(0, 64 * c)
+    assert pool.available_chunks() < 32
+    g = await env.create("g", 32 * c, guarantee=True)
+    await g.write(0, pattern(1, 32 * c))
+    await hog.trim(64 * c, 64 * c)
+    await env.fork("g", "f", guarantee=True)  # (g's copies too: 64 chunks)
+    with pytest.raises(UserError, match="cannot guarantee"):  # still refused past the room
+        await env.create("h", 256 * c, guarantee=True)
+    assert await g.read(0, 32 * c) == pattern(1, 32 * c)
+    await env.assert_clean()
