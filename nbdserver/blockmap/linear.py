@@ -221,7 +221,7 @@ class LinearMap(BlockMap):
         budget, or once it has dirtied a quarter of the journal ring (with a tiny fan-out
         one entry can dirty two pages, and one step's commit record must fit the ring)."""
         self._work = 0
-        self._dirty_stop = self.cache.dirty_count + max(8, self.pool.ring.ring_pages // 4)
+        self._dirty_stop = self.cache.dirty_count + self.pool.record_room()
 
     def _spent(self, budget: int) -> bool:
         """Whether a bounded step must stop here (NO_BUDGET: never; it finishes)."""

@@ -80,7 +80,7 @@ from nbdserver.pool.format import (
 )
 from nbdserver.pool.pages import PageCache
 from nbdserver.pool.space import RefTable
-from nbdserver.storage.buffers import AlignedBuffer, BufferPool
+from nbdserver.storage.buffers import MAX_CLASS_SHIFT, AlignedBuffer, BufferPool
 from nbdserver.storage.device import BlockDevice, open_device
 from nbdserver.storage.engine import IoEngine
 
@@ -90,6 +90,7 @@ T = TypeVar("T")
 DEFAULT_CACHE_BYTES = 64 << 20
 MAX_VOLUMES = 1 << 20  # the most a catalog may hold (65,536 pages of records)
 STATS_GROWTH = 64  # volume_stats: slices over holes and long runs grow up to this many times
+MAX_RECORD_PAGES = (1 << MAX_CLASS_SHIFT) // PAGE_SIZE  # a commit's record, in one buffer
 CHECK_PROGRESS = 1 << 16  # check: chunk references counted between two progress calls
 STATS_TURN = 0.002  # volume_stats: seconds of work between two turns of the event loop
 # Opening reads every reference-count page to count free space; up to 1/PRELOAD_SHARE of
@@ -570,8 +571,16 @@ class Pool:
         return max(16, min(self.cache.capacity // 2, (self.ring.ring_pages - 8) // 4))
 
     def dirty_limit(self) -> int:
-        """Dirty pages at which metadata operations wait for a commit (see :meth:`run`)."""
-        return max(32, (self.ring.ring_pages - 8) // 2)
+        """Dirty pages at which metadata operations wait for a commit (see :meth:`run`):
+        half the ring, and half the largest record a commit can encode in one buffer
+        (MAX_RECORD_PAGES: with the default 64 MiB journal, half the ring let a commit
+        taken after a slow fdatasync hold more pages than that, fail, and the pool stop)."""
+        return max(32, min(self.ring.ring_pages - 8, MAX_RECORD_PAGES) // 2)
+
+    def record_room(self) -> int:
+        """Pages one long metadata step (linear's unmap and release) may dirty before it
+        stops to let a commit run: a quarter of the ring, and of MAX_RECORD_PAGES."""
+        return max(8, min(self.ring.ring_pages, MAX_RECORD_PAGES) // 4)
 
     async def reads_drained(self) -> None:
         """Wait until every read begun before now has ended (reads never wait for writes,

@@ -91,3 +91,4 @@ async def test_a_thousand_writes_in_flight_fit_the_journal(tmp_path: Path, desig
         await env.assert_clean()
     finally:
         await env.shutdown()
+

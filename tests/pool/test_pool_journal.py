@@ -7,11 +7,15 @@ through a real pool whose journal is small enough to wrap many times.
 
 from __future__ import annotations
 
+import asyncio
 import struct
+import time
 import zlib
+from pathlib import Path
+from typing import Any
 
 import pytest
-from poolkit import KiB, PoolFactory, pattern
+from poolkit import KiB, PoolEnv, PoolFactory, pattern
 
 from nbdserver.pool.format import PAGE_SIZE
 from nbdserver.pool.journal import (
@@ -26,6 +30,7 @@ from nbdserver.pool.journal import (
     read_records,
     record_pages,
 )
+from nbdserver.pool.pool import Pool
 
 _HDR = struct.Struct("<8sQIIIII")
 
@@ -371,3 +376,58 @@ async def test_large_commit_when_the_head_is_near_the_end(make_pool: PoolFactory
     await env.reopen()
     assert await env.vol("v").read(3 * (200 << 30), 4096) == pattern(3, 4096)
     await env.assert_clean()
+
+
+async def test_a_commit_after_a_slow_fdatasync_fits_one_buffer(tmp_path: Path) -> None:
+    """With the default 64 MiB journal (pools of 8 GiB and more), half the ring let 8,188
+    pages be dirty; a commit taken after a slow fdatasync then held more pages than one
+    buffer can encode (32 MiB), failed, and the pool stopped committing (every FLUSH
+    EIO until a restart). The limit is now also half of what one buffer holds."""
+    from nbdserver.pool import journal
+    from nbdserver.pool.pool import MAX_RECORD_PAGES
+
+    # (radix: first writes 2 MiB apart dirty a leaf each, so the dirty pages pile up)
+    env = PoolEnv(tmp_path / "pool.img", "radix", size=8 << 30, cache_bytes=64 << 20,
+                  offline=False, small=False, journal_bytes=None, max_volumes=64)
+    await env.open()
+    pool = env.pool
+    assert pool.layout.journal_pages >= 2 * MAX_RECORD_PAGES  # (the default: 64 MiB)
+    limit = pool.dirty_limit()
+    assert journal.record_pages(limit + pool.record_room()) <= MAX_RECORD_PAGES
+    largest = [0]
+    engine = pool.engine
+    plain_call, plain_commit = engine.call_blocking, Pool._commit_locked
+    slowed: list[int] = []
+
+    async def slow(fn: Any, *args: Any) -> Any:  # the first fdatasync lasts until the
+        if getattr(fn, "__name__", "") == "flush" and not slowed:  # limit is reached
+            slowed.append(1)
+            end = time.monotonic() + 30
+            while pool.cache.dirty_count < limit - 16 and time.monotonic() < end:
+                await asyncio.sleep(0.05)
+        return await plain_call(fn, *args)
+
+    async def watching(self: Pool) -> None:
+        largest[0] = max(largest[0], self.cache.dirty_count)
+        await plain_commit(self)
+
+    engine.call_blocking = slow  # type: ignore[method-assign]
+    Pool._commit_locked = watching  # type: ignore[method-assign]
+    try:
+        fanout = 510  # first writes 2 MiB apart: each dirties a leaf of its own
+        writes = pool.commit_threshold() + limit + 600
+        vol = await env.create("v", writes * fanout * 4096 + (1 << 20))
+        room = asyncio.Semaphore(256)
+
+        async def write(i: int) -> None:
+            async with room:
+                await vol.write(i * fanout * 4096, b"\x5a" * 4096)
+
+        await asyncio.gather(*(write(i) for i in range(writes)))
+        await vol.flush()
+    finally:
+        engine.call_blocking = plain_call  # type: ignore[method-assign]
+        Pool._commit_locked = plain_commit  # type: ignore[method-assign]
+    assert slowed and largest[0] >= limit - 16  # the commit really held that many
+    assert pool.failed is None
+    await env.close()
