@@ -804,8 +804,7 @@ class VolumeBackend:
 
         Holds that volume's chunk lock if it is exported here, so that its own write of
         the chunk cannot interleave with the copy; skipped if, by then, it no longer needs
-        the copy (it wrote the chunk meanwhile, or it is being deleted: then once the
-        delete is durable).
+        the copy (it wrote the chunk meanwhile, or it is being deleted).
         """
         pool = self.pool
         locks = _CHUNK_LOCKS.get(pool, {}).get(vid)
@@ -815,10 +814,9 @@ class VolumeBackend:
             if not isinstance(target, CopyOut) or vid not in target.preserve or snap is None:
                 return
             if snap.deleted:
-                # Being deleted (its promise of space already given back): once the delete
-                # is durable it never comes back, so it needs no copy.
-                if pool.metadata_pending():
-                    await pool.commit()
+                # Being deleted (its promise of space already given back): no copy. The
+                # commit the caller makes before writing in place makes the delete durable,
+                # and then the snapshot never comes back.
                 return
             await self._copy_out(snap, lc, target.pc)
 

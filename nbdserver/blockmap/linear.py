@@ -468,8 +468,9 @@ class LinearMap(BlockMap):
         list, also one being deleted. A delete unlinks the snapshot only once its mark is
         durable (:meth:`release`); before, a crash brings the snapshot back whole, so the
         origin may not overwrite in place, nor make unwritten, a chunk it still reads.
-        (A copy for a snapshot being deleted is dropped by :meth:`map`, and the commit the
-        origin's write then waits for makes the mark durable before it writes.)"""
+        (The volume layer copies nothing into a snapshot being deleted, and :meth:`map`
+        drops a copy begun before its mark; the commit the origin's write waits for before
+        it writes in place makes the mark durable.)"""
         out = []
         for sid in self._snapshot_ids(st):
             snap = self.pool.volumes.get(sid)
@@ -918,7 +919,7 @@ class LinearMap(BlockMap):
         if count == 1 or self._kind(vol) != ORIGIN:
             return super().write_runs(vol, lc, count)
         st = self._origin(vol)
-        if st.nsnap and self._linked_snapshots(st):
+        if st.nsnap:  # (every snapshot listed is preserved, one being deleted too)
             return super().write_runs(vol, lc, count)
         entries = self._wm_entries(st, lc, lc + count)
         runs: list[TargetRun] = []

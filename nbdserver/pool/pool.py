@@ -1057,28 +1057,24 @@ class Pool:
         def ref_page(p: int) -> None:
             page_refs[p] = page_refs.get(p, 0) + 1
 
+        volumes = sorted(self.volumes.values(), key=lambda v: v.id)
+        at: list[Any] = ["", 0, 0]  # the volume being counted, its number, references so far
+
         def ref_chunk(c: int) -> None:
             chunk_refs[c] = chunk_refs.get(c, 0) + 1
+            at[2] += 1
+            if progress is not None and not at[2] % CHECK_PROGRESS:
+                progress(at[0], at[1], len(volumes), at[2])
 
         names: dict[str, int] = {}
         seen: set[int] = set()
         old_reader = self.cache.sync_reader
         self.cache.sync_reader = self._read_page_sync
-        volumes = sorted(self.volumes.values(), key=lambda v: v.id)
-        counted = [0]
         try:
             for number, vol in enumerate(volumes, 1):
-                count_ref = ref_chunk
+                at[:2] = vol.name, number
                 if progress is not None:
-                    progress(vol.name, number, len(volumes), counted[0])
-
-                    def count_ref(c: int, name: str = vol.name, number: int = number) -> None:
-                        chunk_refs[c] = chunk_refs.get(c, 0) + 1
-                        counted[0] += 1
-                        if not counted[0] % CHECK_PROGRESS:
-                            assert progress is not None
-                            progress(name, number, len(volumes), counted[0])
-
+                    progress(vol.name, number, len(volumes), at[2])
                 if vol.parent and vol.parent not in self.volumes:
                     report.problems.append(f"volume {vol.name!r}: parent #{vol.parent} is missing")
                 if vol.flags & VF_DELETED:
@@ -1088,7 +1084,7 @@ class Pool:
                     report.problems.append(f"two live volumes are named {vol.name!r}")
                 names[vol.name] = vol.id
                 try:
-                    self.map.references(vol, seen, ref_page, count_ref, report.problems.append)
+                    self.map.references(vol, seen, ref_page, ref_chunk, report.problems.append)
                 except FormatError as e:
                     report.problems.append(f"volume {vol.name!r}: {e}")
             self._check_table(self.meta, page_refs, "metadata page", report)
