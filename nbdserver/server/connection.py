@@ -75,6 +75,7 @@ MAX_BYTES_IN_FLIGHT = 64 << 20  # READ/WRITE payload bytes; one request may go o
 REFUSAL_LOG_SECONDS = 60.0  # at most one "refusing connection" warning per this long
 LINGER_SECONDS = 5.0  # how long a closing connection waits for a client making no progress
 BATCH_LIMIT = 64 * 1024  # replies below this wait for the end of their completion batch
+BATCH_BYTES = 256 * 1024  # a batch of small replies is sent early once it holds this much
 WRITE_HIGH_WATER = 8 << 20  # queued reply bytes above which no new request is taken
 SEND_BUFFER = 4 << 20  # SO_SNDBUF asked for each connection
 
@@ -105,6 +106,7 @@ class NbdConnection(asyncio.Protocol):
         self._held: deque[tuple[int, ReadResult]] = deque()  # (end offset, result)
         self._out: list[bytes] = []  # small replies waiting for the end of the batch
         self._out_scheduled = False
+        self._out_bytes = 0
         self._written = 0  # bytes handed to the transport so far
         self._handshake_timer: asyncio.TimerHandle | None = None
         self.idle = asyncio.Event()  # set while no request is in flight
@@ -251,15 +253,23 @@ class NbdConnection(asyncio.Protocol):
         self.transport.write(data)
 
     def _queue_reply(self, data: bytes) -> None:
-        """Send a small reply with the others of this completion batch."""
+        """Send a small reply with the others of this completion batch.
+
+        A batch is sent early once it holds ``BATCH_BYTES``: replies that complete at once
+        (READs over holes) would otherwise pile up here, out of the transport's sight
+        and so of flow control, while one received chunk's requests are all taken."""
         self._out.append(data)
-        if not self._out_scheduled:
+        self._out_bytes += len(data)
+        if self._out_bytes >= BATCH_BYTES:
+            self._flush_out()
+        elif not self._out_scheduled:
             self._out_scheduled = True
             self.engine.after_completions(self._flush_out)
 
     def _flush_out(self) -> None:
         self._out_scheduled = False
         out, self._out = self._out, []
+        self._out_bytes = 0
         if out and not self.closed and self.transport is not None:
             self._write(out[0] if len(out) == 1 else b"".join(out))
 

@@ -35,6 +35,7 @@ from nbdclient import (
     ServerClosed,
     client_flags,
     connect,
+    handshake_bytes,
     option,
     raw_handshake,
     raw_socket,
@@ -176,6 +177,59 @@ def test_write_headers_without_payloads_cost_no_memory(nbd_server_factory: Serve
     assert grown < 32 * MiB, f"the server grew by {grown >> 20} MiB"
     for s in clients:
         s.close()
+    srv.assert_alive()
+
+
+def _send_without_reading(s: socket.socket, blob: bytes, seconds: float) -> int:
+    """Send as much of `blob` as the server takes in `seconds`, reading nothing."""
+    s.setblocking(False)
+    sent, deadline = 0, time.monotonic() + seconds
+    while sent < len(blob) and time.monotonic() < deadline:
+        try:
+            sent += s.send(blob[sent:sent + 65536])
+        except BlockingIOError:
+            time.sleep(0.01)
+    return sent
+
+
+@pytest.mark.parametrize("command", ["read", "block-status"])
+def test_replies_that_complete_at_once_obey_flow_control(
+        nbd_server_factory: ServerFactory, tmp_path: Path, command: str) -> None:
+    """READs over a thin volume's holes and BLOCK_STATUS over its map complete at once,
+    without I/O. A client that sends thousands in one go and reads none of the replies
+    must find the server stops taking requests once a bounded amount of replies is
+    queued, not hold all of them (8,000 60 KiB hole READs were 470 MiB)."""
+    srv = nbd_server_factory(
+        [{"name": "vol", "pool": "main", "volume": "v", "create": {"size": "1G"}}],
+        pools=[{"name": "main", "path": tmp_path / "pool.img", "create": {"size": "256M"}}])
+    s = raw_socket(srv.socket_path)
+    if command == "read":
+        raw_handshake(s, "vol")
+        blob = b"".join(request(c.CMD_READ, i, (i % 1000) * MiB, 60 * KiB)
+                        for i in range(8000))
+    else:
+        s.sendall(handshake_bytes("vol", meta=("base:allocation",)))
+        recv_exact(s, 18)
+        acks = 0
+        while acks < 3:  # structured replies, the meta context, GO
+            _magic, _opt, kind, length = struct.unpack(">QIII", recv_exact(s, 20))
+            recv_exact(s, length)
+            acks += kind == c.REP_ACK
+        # a fragmented map, so that each reply is long: every other 4 KiB written
+        writer = raw_socket(srv.socket_path)
+        raw_handshake(writer, "vol")
+        for i in range(2048):
+            writer.sendall(request(c.CMD_WRITE, i, i * 8 * KiB, 4 * KiB) + b"x" * 4 * KiB)
+            struct.unpack(">IIQ", recv_exact(writer, 16))
+        writer.close()
+        blob = b"".join(request(c.CMD_BLOCK_STATUS, i, 0, 16 * MiB) for i in range(8000))
+    before = srv.rss_bytes()
+    sent = _send_without_reading(s, blob, 5.0)
+    time.sleep(0.5)
+    grown = srv.rss_bytes() - before
+    assert sent == len(blob), f"only {sent} bytes sent: the server stopped reading early"
+    assert grown < 48 * MiB, f"the server grew by {grown >> 20} MiB holding replies"
+    s.close()
     srv.assert_alive()
 
 
