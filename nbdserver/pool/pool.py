@@ -79,7 +79,7 @@ from nbdserver.pool.format import (
     verify_page,
 )
 from nbdserver.pool.pages import PageCache
-from nbdserver.pool.space import RefTable
+from nbdserver.pool.space import Recount, RefTable
 from nbdserver.storage.buffers import MAX_CLASS_SHIFT, AlignedBuffer, BufferPool
 from nbdserver.storage.device import BlockDevice, open_device
 from nbdserver.storage.engine import IoEngine
@@ -1051,17 +1051,18 @@ class Pool:
         `progress(volume name, its number, volumes, references counted so far)` is called
         before each volume and every CHECK_PROGRESS chunk references within one."""
         report = CheckReport()
-        page_refs: dict[int, int] = {}
-        chunk_refs: dict[int, int] = {}
-
-        def ref_page(p: int) -> None:
-            page_refs[p] = page_refs.get(p, 0) + 1
-
+        page_refs = Recount(self.meta.count)
+        chunk_refs = Recount(self.data.count)
+        ref_page = page_refs.add
         volumes = sorted(self.volumes.values(), key=lambda v: v.id)
         at: list[Any] = ["", 0, 0]  # the volume being counted, its number, references so far
+        counts, limit, saturated = chunk_refs.counts, chunk_refs.count, Recount.SATURATED
 
         def ref_chunk(c: int) -> None:
-            chunk_refs[c] = chunk_refs.get(c, 0) + 1
+            if 0 <= c < limit and 0 < counts[c] < saturated:
+                counts[c] += 1  # (the common case of a shared chunk, inline)
+            else:
+                chunk_refs.add(c)
             at[2] += 1
             if progress is not None and not at[2] % CHECK_PROGRESS:
                 progress(at[0], at[1], len(volumes), at[2])
@@ -1087,12 +1088,18 @@ class Pool:
                     self.map.references(vol, seen, ref_page, ref_chunk, report.problems.append)
                 except FormatError as e:
                     report.problems.append(f"volume {vol.name!r}: {e}")
-            self._check_table(self.meta, page_refs, "metadata page", report)
-            self._check_table(self.data, chunk_refs, "data chunk", report)
+            for recount, table, what in ((page_refs, self.meta, "metadata page"),
+                                         (chunk_refs, self.data, "data chunk")):
+                problems, leaked, _used = recount.compare(table, self.cache.get, what)
+                report.problems += problems
+                if table is self.data:
+                    report.leaked_chunks = leaked
+                else:
+                    report.leaked_pages = leaked
         finally:
             self.cache.sync_reader = old_reader
-        report.data_chunks_referenced = len(chunk_refs)
-        report.metadata_pages_referenced = len(page_refs)
+        report.data_chunks_referenced = chunk_refs.referenced + len(chunk_refs.outside)
+        report.metadata_pages_referenced = page_refs.referenced + len(page_refs.outside)
         reserved = sum(v.reserved for v in self.volumes.values())
         if reserved != self.state.data_reserved:
             report.problems.append(f"reserved chunks: volumes hold {reserved}, the pool counts "
@@ -1110,29 +1117,6 @@ class Pool:
                 if sb.uuid != self.sb.uuid:
                     report.problems.append(f"superblock copy {copy} belongs to another pool")
         return report
-
-    def _check_table(self, table: RefTable, refs: dict[int, int], what: str,
-                     report: CheckReport) -> None:
-        used = 0
-        for unit, count in table.iter_counts(self.cache.get):
-            used += 1
-            want = refs.get(unit, 0)
-            if want == 0:
-                if what == "data chunk":
-                    report.leaked_chunks += 1
-                else:
-                    report.leaked_pages += 1
-                report.problems.append(f"{what} {unit}: leaked (reference count {count}, "
-                                       "nothing references it)")
-            elif want != count:
-                report.problems.append(f"{what} {unit}: reference count {count}, but "
-                                       f"{want} reference(s) found")
-        for unit, want in refs.items():
-            if table.get(unit) == 0:
-                report.problems.append(f"{what} {unit}: referenced {want} time(s) but free")
-        if used != table.used:
-            report.problems.append(f"{what}s: {used} in use on disk, {table.used} counted in "
-                                   "memory")
 
 
 # -- helpers ------------------------------------------------------------

@@ -18,7 +18,7 @@ from nbdserver.errors import NbdError
 from nbdserver.pool.format import PAGE_SIZE, REFS_PER_PAGE
 from nbdserver.pool.pages import PageCache
 from nbdserver.pool.pool import _read_pages_sync
-from nbdserver.pool.space import SPARE_RUN, RefTable
+from nbdserver.pool.space import SPARE_RUN, Recount, RefTable
 from nbdserver.storage.device import BlockDevice, open_device
 
 
@@ -50,6 +50,35 @@ def test_fresh_table_counts(device: BlockDevice) -> None:
     assert list(table.free_in_page) == [REFS_PER_PAGE, REFS_PER_PAGE, 2500 - 2 * REFS_PER_PAGE]
     assert (table.used, table.free) == (0, 2500)
     assert list(table.iter_counts(table.cache.get)) == []
+
+
+def test_recount_compares_with_the_table(device: BlockDevice) -> None:
+    """What `pool check` recounts: one byte per unit, counts past 255 kept exactly, and
+    every kind of disagreement with the table named (leaked, wrong count, referenced
+    but free, outside the table)."""
+    table = make_table(device, 2000)
+    with table.cache.mtr():
+        for unit, n in ((3, 1), (700, 300), (1500, 4), (1999, 2), (10, 1)):
+            for _ in range(n):
+                table.incref(unit)
+    clean = Recount(2000)
+    for unit, n in ((3, 1), (700, 300), (1500, 4), (1999, 2), (10, 1)):
+        for _ in range(n):
+            clean.add(unit)
+    assert len(clean.counts) == 2000 and clean.total(700) == 300 and clean.referenced == 5
+    assert clean.compare(table, table.cache.get, "unit") == ([], 0, 5)
+    bad = Recount(2000)
+    for unit, n in ((3, 1), (700, 299), (1500, 4), (1999, 2), (42, 1), (5000, 2)):
+        for _ in range(n):
+            bad.add(unit)
+    problems, leaked, used = bad.compare(table, table.cache.get, "unit")
+    assert (leaked, used) == (1, 5)
+    assert problems == [
+        "unit 10: leaked (reference count 1, nothing references it)",
+        "unit 42: referenced 1 time(s) but free",
+        "unit 700: reference count 300, but 299 reference(s) found",
+        "unit 5000: referenced 2 time(s), but the pool has 2000 units",
+    ]
 
 
 def test_allocate_incref_decref(device: BlockDevice) -> None:
