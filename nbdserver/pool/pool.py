@@ -88,6 +88,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_CACHE_BYTES = 64 << 20
+FREED_COMMIT = 1 << 16  # chunks freed since the last commit that start one (about 5 MiB)
+FREED_LIMIT = 1 << 18  # ... at which metadata operations wait for one (about 21 MiB)
+COLD_LOOKUPS = 4  # block-status lookups that may load (and pin) map pages at once
 MAX_VOLUMES = 1 << 20  # the most a catalog may hold (65,536 pages of records)
 STATS_GROWTH = 64  # volume_stats: slices over holes and long runs grow up to this many times
 MAX_RECORD_PAGES = (1 << MAX_CLASS_SHIFT) // PAGE_SIZE  # a commit's record, in one buffer
@@ -183,6 +186,9 @@ class Pool:
         self.state = PoolState()
         self.epochs = IoEpochs()
         self.volumes: dict[int, VolumeRecord] = {}
+        self._catalog_kept: set[int] = set()  # catalog pages pinned: those holding records
+        # block-status lookups loading map pages, which stay pinned until each succeeds
+        self.cold_lookups = asyncio.Semaphore(COLD_LOOKUPS)
         self.map: BlockMap = design(sb.blockmap)(self)
         self.ring = journal.JournalRing(self.layout.journal_pages, sb.journal_tail,
                                         sb.journal_tail, sb.journal_seq)
@@ -332,18 +338,26 @@ class Pool:
         verify_page(layout.state_page, raw)
         self.state = PoolState.unpack(raw)
         self.cache.insert_clean(layout.state_page, raw, PT_STATE, pin=True)
-        cat = _read_pages_sync(self.device, layout.catalog_start, layout.catalog_pages)
-        for i in range(layout.catalog_pages):
-            page_no = layout.catalog_start + i
-            page = cat[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
-            verify_page(page_no, page)
-            self.cache.insert_clean(page_no, page, PT_CATALOG, pin=True)
-            for j in range(RECORDS_PER_CATALOG_PAGE):
-                off = PAGE_HEADER_SIZE + j * CATALOG_RECORD_SIZE
-                rec = VolumeRecord.unpack(page[off:off + CATALOG_RECORD_SIZE],
-                                          i * RECORDS_PER_CATALOG_PAGE + j)
-                if rec is not None:
-                    self.volumes[rec.id] = rec
+        step = 256
+        for first in range(0, layout.catalog_pages, step):
+            n = min(step, layout.catalog_pages - first)
+            raw = _read_pages_sync(self.device, layout.catalog_start + first, n)
+            for k in range(n):
+                i = first + k
+                page_no = layout.catalog_start + i
+                page = raw[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]
+                verify_page(page_no, page)
+                held = False
+                for j in range(RECORDS_PER_CATALOG_PAGE):
+                    off = PAGE_HEADER_SIZE + j * CATALOG_RECORD_SIZE
+                    rec = VolumeRecord.unpack(page[off:off + CATALOG_RECORD_SIZE],
+                                              i * RECORDS_PER_CATALOG_PAGE + j)
+                    if rec is not None:
+                        self.volumes[rec.id] = rec
+                        held = True
+                if held:
+                    self.cache.insert_clean(page_no, page, PT_CATALOG, pin=True)
+                    self._catalog_kept.add(page_no)
         for table in (self.data, self.meta):
             step = 256
             for first in range(0, table.pages, step):
@@ -396,8 +410,20 @@ class Pool:
 
     # -- catalog and state ----------------------------------------------------------------------
 
+    def _catalog_page(self, vol: VolumeRecord) -> int:
+        return self.layout.catalog_start + vol.slot // RECORDS_PER_CATALOG_PAGE
+
+    def _keep_catalog_page(self, vol: VolumeRecord) -> None:
+        """Pin the catalog page of a record just added, for good (it is in the cache,
+        dirty, right after the mini-transaction that wrote it). Only pages holding
+        records stay in memory, not the whole catalog ``--max-volumes`` sized."""
+        page_no = self._catalog_page(vol)
+        if page_no not in self._catalog_kept:
+            self.cache.pin(page_no)
+            self._catalog_kept.add(page_no)
+
     def _write_record(self, vol: VolumeRecord) -> None:
-        page_no = self.layout.catalog_start + vol.slot // RECORDS_PER_CATALOG_PAGE
+        page_no = self._catalog_page(vol)
         off = PAGE_HEADER_SIZE + (vol.slot % RECORDS_PER_CATALOG_PAGE) * CATALOG_RECORD_SIZE
         page = self.cache.modify(page_no, PT_CATALOG)
         page[off:off + CATALOG_RECORD_SIZE] = vol.pack() if vol.flags else bytes(
@@ -812,6 +838,7 @@ class Pool:
             return vol
 
         vol = await self._run_promising(op)
+        self._keep_catalog_page(vol)
         await self.commit()
         return vol
 
@@ -866,6 +893,7 @@ class Pool:
                 return vol
 
             vol = await self._run_promising(op)
+            self._keep_catalog_page(vol)
             await self.commit()
             return vol
         finally:

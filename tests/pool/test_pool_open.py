@@ -15,15 +15,32 @@ from nbdserver.storage.buffers import BufferPool
 from nbdserver.storage.engine import make_engine
 
 
-async def test_tiny_cache_with_a_large_catalog(make_pool: PoolFactory) -> None:
-    """The catalog and state pages are pinned for good; a cache smaller than them must
-    still open (they are kept, the cache runs over its capacity) and work."""
-    env = await make_pool("radix", offline=False, cache_bytes=TINY_CACHE, max_volumes=4096)
-    assert env.pool.layout.catalog_pages == 256 > env.pool.cache.capacity
+@pytest.mark.parametrize("offline", [False, True])
+async def test_tiny_cache_with_a_large_catalog(make_pool: PoolFactory, offline: bool) -> None:
+    """Only the catalog pages that hold records stay in memory (pinned), not the whole
+    catalog `--max-volumes` sized: a 16-page cache over a 256-page catalog stays within
+    its capacity, volumes created in it (each new catalog page loaded on demand) are all
+    there after a reopen, and freed slots are used again."""
+    env = await make_pool("radix", offline=offline, cache_bytes=TINY_CACHE, max_volumes=4096)
+    cache = env.pool.cache
+    assert env.pool.layout.catalog_pages == 256 > cache.capacity
+    assert cache.cached_count <= cache.capacity
     vol = await env.create("v", 256 * KiB)
     await vol.write(8192, pattern(3, 100 * KiB))
+    for i in range(40):  # three catalog pages of records, 16 each
+        await env.create(f"w{i}", 64 * KiB)
+        await env.release(f"w{i}")
     await env.reopen()
+    cache = env.pool.cache
+    assert cache.cached_count <= cache.capacity
+    assert sorted(env.names()) == sorted(["v"] + [f"w{i}" for i in range(40)])
     assert (await env.vol("v").read(8192, 100 * KiB)) == pattern(3, 100 * KiB)
+    for i in range(0, 40, 2):
+        await env.delete(f"w{i}")
+    await env.snapshot("v", "s")
+    await env.reopen()
+    assert len(env.names()) == 1 + 20 + 1
+    assert (await env.vol("s").read(8192, 100 * KiB)) == pattern(3, 100 * KiB)
     await env.assert_clean()
 
 
