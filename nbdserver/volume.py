@@ -93,6 +93,7 @@ log = logging.getLogger(__name__)
 _CHUNK_LOCKS: weakref.WeakKeyDictionary[Pool, dict[int, RangeLocks]] = weakref.WeakKeyDictionary()
 
 STATUS_LIMIT = 1 << 30  # bytes one block-status reply describes at most
+COLD_STATUS_CHUNKS = 8192  # chunks one reply describes when its map pages must be loaded
 ZERO_STEP = 1 << 20  # bytes of zeros written per step for NO_HOLE
 # A read continues a physical run across at most this many bytes of other chunks (read
 # and then overwritten): one larger device read instead of two, plus the small ones.
@@ -890,7 +891,10 @@ class VolumeBackend:
     async def _unmap(self, epochs: list[int], lc: int, count: int) -> None:
         """Unmap chunks [lc, lc+count); the ones the map says must be written with zeros
         instead (a linear origin's chunk a snapshot still reads) are, waiting for freed
-        space as any write does (their copies for the snapshot need chunks)."""
+        space as any write does (their copies for the snapshot need chunks). The I/O
+        epoch in `epochs` begins again between steps, and other work runs there: an
+        epoch that lasted the whole TRIM would keep every chunk it frees quarantined
+        until it ends, and steps over a cached map may not yield at all."""
         while count > 0:
             async with self._locks.hold(lc, lc + count):  # no write of these chunks meanwhile
                 done, fill = await self.pool.run(partial(self.pool.unmap, self.vol, lc, count))
@@ -899,6 +903,10 @@ class VolumeBackend:
                                                  fcount * self.chunk)
             lc += done
             count -= done
+            if count > 0:  # no I/O of this TRIM is under way: let what it freed go
+                self.epochs.end_write(epochs.pop())
+                await asyncio.sleep(0)  # and let other requests run between steps
+                epochs.append(self.epochs.begin_write())
 
     # -- flush, cache, block status ----
 
@@ -923,8 +931,12 @@ class VolumeBackend:
         try:
             runs = self.map.lookup(self.vol, lc, count)
         except PageMiss:
-            task = asyncio.ensure_future(
-                self.pool.cache.run(lambda: self.map.lookup(self.vol, lc, count)))
+            # Cold: the pages it loads stay pinned until the lookup succeeds, so describe
+            # less (a reply may be shorter than asked; clients ask again from its end),
+            # and let few such lookups run at once, whatever the clients send.
+            count = min(count, COLD_STATUS_CHUNKS - (lc & (COLD_STATUS_CHUNKS - 1)))
+            length = min(length, ((lc + count) << shift) - offset)
+            task = asyncio.ensure_future(self._cold_lookup(lc, count))
             self._tasks.add(task)
 
             def finished(t: asyncio.Task[list[Run]]) -> None:
@@ -938,6 +950,10 @@ class VolumeBackend:
             task.add_done_callback(finished)
             return
         answer(runs)
+
+    async def _cold_lookup(self, lc: int, count: int) -> list[Run]:
+        async with self.pool.cold_lookups:
+            return await self.pool.cache.run(lambda: self.map.lookup(self.vol, lc, count))
 
     def _status(self, offset: int, length: int, runs: list[Run],
                 context: str) -> list[StatusExtent]:

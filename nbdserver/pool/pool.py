@@ -588,8 +588,12 @@ class Pool:
         return result
 
     async def dirty_room(self) -> None:
-        """Return once fewer than ``dirty_limit`` pages are dirty (committing meanwhile)."""
-        while self.cache.dirty_count >= self.dirty_limit():
+        """Return once fewer than ``dirty_limit`` pages are dirty, and fewer than
+        ``FREED_LIMIT`` chunks wait for a commit to free them (committing meanwhile):
+        each such chunk costs memory until that commit, and one map page can free
+        thousands (an extent record, a radix leaf)."""
+        while (self.cache.dirty_count >= self.dirty_limit()
+               or self.data.freed_pending_count() >= FREED_LIMIT):
             await self.commit()
 
     def commit_threshold(self) -> int:
@@ -645,8 +649,10 @@ class Pool:
         await _ended(self.epochs)
 
     def maybe_commit(self) -> None:
-        """Start a background commit when enough metadata is dirty."""
-        if self.cache.dirty_count >= self.commit_threshold() and not self._commit_lock.locked():
+        """Start a background commit when enough metadata is dirty, or chunks freed."""
+        if ((self.cache.dirty_count >= self.commit_threshold()
+             or self.data.freed_pending_count() >= FREED_COMMIT)
+                and not self._commit_lock.locked()):
             self._spawn(self.commit())
 
     def _spawn(self, coro: Awaitable[Any]) -> None:

@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from poolkit import MiB, PoolEnv, PoolFactory, design_names, pattern
@@ -279,3 +280,82 @@ async def test_a_long_check_reports_its_progress(make_pool: PoolFactory, design:
     assert within_v[0] == 0 and len(within_v) >= 256 // 32
     counts = [s[3] for s in seen]
     assert counts == sorted(counts) and counts[-1] >= 256  # (v's, at least)
+
+
+@pytest.mark.parametrize("design", design_names())
+async def test_a_long_trim_lets_freed_chunks_out_of_quarantine(
+        make_pool: PoolFactory, design: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TRIM over a big volume unmaps in steps, and commits happen meanwhile (here
+    after every step; in a server, FLUSHes and the dirty-page limit). A chunk freed
+    by one step leaves quarantine once a commit makes the free durable and the I/O
+    begun before it has ended: the TRIM's own steps must not count as such I/O, or
+    every chunk it frees stays quarantined (memory, and space a write cannot take)
+    until the whole TRIM ends."""
+    from nbdserver.blockmap import extent
+    monkeypatch.setattr(extent, "UNMAP_BUDGET", 1024)  # (radix: 2,048 per step already)
+    env = await make_pool(design, size=64 * MiB, small=False, journal_bytes=None)
+    chunk = env.chunk_size
+    chunks = 40 * MiB // chunk
+    vol = await env.create("v", chunks * chunk)
+    for at in range(0, chunks * chunk, MiB):
+        await vol.write(at, pattern(at, MiB))
+    await vol.flush()
+    pool = env.pool
+    data = pool.data
+    peak = 0
+    run_step = pool.run
+
+    async def run_then_commit(op: Any) -> Any:  # a commit after every unmap step
+        nonlocal peak
+        result = await run_step(op)
+        await pool.commit()
+        peak = max(peak, len(data.quarantine))
+        return result
+
+    monkeypatch.setattr(pool, "run", run_then_commit)
+    await vol.trim(0, chunks * chunk)
+    monkeypatch.undo()
+    await vol.flush()
+    assert len(data.quarantine) == 0
+    assert await vol.read(0, 4 * chunk) == bytes(4 * chunk)
+    assert peak < chunks // 2, f"{peak} of {chunks} freed chunks quarantined at once"
+    await env.assert_clean()
+
+
+@pytest.mark.parametrize("design", design_names())
+async def test_chunks_freed_wait_in_bounded_batches(make_pool: PoolFactory, design: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each chunk freed costs memory until the commit that makes the free durable, and
+    one map page can free thousands, so frees alone start a commit (FREED_COMMIT) and
+    make metadata operations wait for one (FREED_LIMIT), however few pages are dirty:
+    deleting and trimming big volumes never piles up more than about FREED_LIMIT."""
+    from nbdserver.pool import pool as pool_module
+    monkeypatch.setattr(pool_module, "FREED_COMMIT", 512)
+    monkeypatch.setattr(pool_module, "FREED_LIMIT", 1024)
+    monkeypatch.setattr(pool_module, "RELEASE_BUDGET", 256)
+    from nbdserver.blockmap import extent
+    monkeypatch.setattr(extent, "UNMAP_BUDGET", 1024)  # chunks one step frees at most
+    env = await make_pool(design, size=64 * MiB, small=False, journal_bytes=None,
+                          cache_bytes=16 * MiB)
+    chunk = env.chunk_size
+    chunks = 40 * MiB // chunk
+    for name in ("a", "b"):
+        vol = await env.create(name, chunks * chunk // 2)
+        for at in range(0, chunks * chunk // 2, MiB):
+            await vol.write(at, pattern(at, MiB))
+    await env.vol("a").flush()
+    data = env.pool.data
+    batches: list[int] = []
+    snapshot = data.snapshot_freed
+
+    def counting_snapshot(seq: int, quarantine: bool) -> None:
+        batches.append(data.freed_pending_count())
+        snapshot(seq, quarantine)
+
+    monkeypatch.setattr(data, "snapshot_freed", counting_snapshot)
+    await env.vol("a").trim(0, chunks * chunk // 2)
+    await env.delete("b")
+    await env.vol("a").flush()
+    assert sum(batches) >= chunks // 2, batches  # (a linear origin's TRIM frees none)
+    assert max(batches) <= 1024 + 2048, batches
+    await env.assert_clean()
