@@ -866,6 +866,8 @@ class VolumeBackend:
                     n = min(ZERO_STEP, end - pos)
                     await self._write_chunks_or_wait(epochs, pos, None, False, n)
                     pos += n
+                    if pos < end:
+                        await self._next_epoch(epochs)
             else:
                 chunk = self.chunk
                 first = -(-offset // chunk)
@@ -892,9 +894,7 @@ class VolumeBackend:
         """Unmap chunks [lc, lc+count); the ones the map says must be written with zeros
         instead (a linear origin's chunk a snapshot still reads) are, waiting for freed
         space as any write does (their copies for the snapshot need chunks). The I/O
-        epoch in `epochs` begins again between steps, and other work runs there: an
-        epoch that lasted the whole TRIM would keep every chunk it frees quarantined
-        until it ends, and steps over a cached map may not yield at all."""
+        epoch in `epochs` begins again between steps (:meth:`_next_epoch`)."""
         while count > 0:
             async with self._locks.hold(lc, lc + count):  # no write of these chunks meanwhile
                 done, fill = await self.pool.run(partial(self.pool.unmap, self.vol, lc, count))
@@ -903,10 +903,18 @@ class VolumeBackend:
                                                  fcount * self.chunk)
             lc += done
             count -= done
-            if count > 0:  # no I/O of this TRIM is under way: let what it freed go
-                self.epochs.end_write(epochs.pop())
-                await asyncio.sleep(0)  # and let other requests run between steps
-                epochs.append(self.epochs.begin_write())
+            if count > 0:
+                await self._next_epoch(epochs)
+
+    async def _next_epoch(self, epochs: list[int]) -> None:
+        """Between two steps of a long TRIM or WRITE_ZEROES, which have no I/O under way
+        there, end the I/O epoch in `epochs` and begin another, letting other requests
+        run in between: one epoch over the whole request would keep every chunk freed
+        meanwhile, by any volume, quarantined until it ends (memory, and space no write
+        can take), and steps over a cached map may not yield at all."""
+        self.epochs.end_write(epochs.pop())
+        await asyncio.sleep(0)
+        epochs.append(self.epochs.begin_write())
 
     # -- flush, cache, block status ----
 

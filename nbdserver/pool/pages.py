@@ -142,8 +142,11 @@ class PageCache:
         return page
 
     def pin(self, page_no: int) -> None:
-        """Keep a page in memory for good (the state and catalog pages)."""
+        """Keep a page in memory until :meth:`unpin` (the state and catalog pages)."""
         self._pages[page_no].pins += 1
+
+    def unpin(self, page_no: int) -> None:
+        self._pages[page_no].pins -= 1
 
     def peek(self, page_no: int) -> bytearray | None:
         page = self._pages.get(page_no)

@@ -414,9 +414,10 @@ class Pool:
         return self.layout.catalog_start + vol.slot // RECORDS_PER_CATALOG_PAGE
 
     def _keep_catalog_page(self, vol: VolumeRecord) -> None:
-        """Pin the catalog page of a record just added, for good (it is in the cache,
-        dirty, right after the mini-transaction that wrote it). Only pages holding
-        records stay in memory, not the whole catalog ``--max-volumes`` sized."""
+        """Pin the catalog page of a record just added (it is in the cache, dirty, right
+        after the mini-transaction that wrote it) until its last record is buried. Only
+        pages holding records stay in memory, not the whole catalog ``--max-volumes``
+        sized."""
         page_no = self._catalog_page(vol)
         if page_no not in self._catalog_kept:
             self.cache.pin(page_no)
@@ -935,6 +936,14 @@ class Pool:
             if progress is not None:
                 progress()
         await self.cache.run(lambda: self._bury(vol))
+        self._let_go_catalog_pages()
+
+    def _let_go_catalog_pages(self) -> None:
+        """Unpin the catalog pages left without a record (by a burial just done)."""
+        holding = {self._catalog_page(v) for v in self.volumes.values()}
+        for page_no in self._catalog_kept - holding:
+            self.cache.unpin(page_no)
+            self._catalog_kept.discard(page_no)
 
     def _bury(self, vol: VolumeRecord) -> None:
         """Drop a released volume's record, or keep a tombstone while others descend from it."""

@@ -489,7 +489,7 @@ class Recount:
 
     def __init__(self, count: int) -> None:
         self.count = count
-        self.counts = array("B", bytes(count))
+        self.counts = array("B", [0]) * count  # (not from bytes: that would be twice)
         self.more: dict[int, int] = {}  # unit -> references past SATURATED
         self.outside: dict[int, int] = {}  # unit outside the table -> references
         self.referenced = 0  # units referenced at least once

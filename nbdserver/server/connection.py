@@ -261,13 +261,17 @@ class NbdConnection(asyncio.Protocol):
         self._out.append(data)
         self._out_bytes += len(data)
         if self._out_bytes >= BATCH_BYTES:
-            self._flush_out()
+            self._send_out()  # (the batch's own flush stays scheduled, for the rest)
         elif not self._out_scheduled:
             self._out_scheduled = True
             self.engine.after_completions(self._flush_out)
 
     def _flush_out(self) -> None:
+        """The end of a completion batch: send its small replies."""
         self._out_scheduled = False
+        self._send_out()
+
+    def _send_out(self) -> None:
         out, self._out = self._out, []
         self._out_bytes = 0
         if out and not self.closed and self.transport is not None:
@@ -339,7 +343,7 @@ class NbdConnection(asyncio.Protocol):
                 self._queue_reply(b"".join(parts))  # a copy: the buffer is free at once
                 result.release()
             else:
-                self._flush_out()
+                self._send_out()  # (the smaller replies before it go first)
                 self._written += sum(len(p) for p in parts)
                 transport.writelines(parts)
                 self._held.append((self._written, result))

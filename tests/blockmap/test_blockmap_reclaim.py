@@ -9,6 +9,7 @@ naming the chunk when a reference count is changed on disk behind its back.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -358,4 +359,46 @@ async def test_chunks_freed_wait_in_bounded_batches(make_pool: PoolFactory, desi
     await env.vol("a").flush()
     assert sum(batches) >= chunks // 2, batches  # (a linear origin's TRIM frees none)
     assert max(batches) <= 1024 + 2048, batches
+    await env.assert_clean()
+
+
+@pytest.mark.parametrize("design", ["radix", "extent"])
+async def test_a_long_write_zeroes_does_not_hold_other_frees_in_quarantine(
+        make_pool: PoolFactory, design: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A WRITE_ZEROES with NO_HOLE writes zeros a step (ZERO_STEP) at a time; its I/O
+    epoch begins again between steps, or every chunk freed meanwhile by any volume
+    (here another volume's TRIM, committed after every step) would stay quarantined
+    until the whole request ends."""
+    from nbdserver.blockmap import extent
+    monkeypatch.setattr(extent, "UNMAP_BUDGET", 1024)
+    env = await make_pool(design, size=128 * MiB, small=False, journal_bytes=None)
+    chunk = env.chunk_size
+    a = await env.create("a", 16 * MiB)
+    b = await env.create("b", 64 * MiB)
+    for vol, size in ((a, 16 * MiB), (b, 64 * MiB)):
+        for at in range(0, size, MiB):
+            await vol.write(at, pattern(at, MiB))
+    await a.flush()
+    pool = env.pool
+    peak = 0
+    run_step = pool.run
+
+    async def run_then_commit(op: Any) -> Any:
+        nonlocal peak
+        result = await run_step(op)
+        await pool.commit()
+        peak = max(peak, len(pool.data.quarantine))
+        return result
+
+    zeroing = asyncio.ensure_future(b.zero(0, 64 * MiB, may_trim=False))
+    await asyncio.sleep(0.01)  # (its first steps are under way)
+    monkeypatch.setattr(pool, "run", run_then_commit)
+    await a.trim(0, 16 * MiB)
+    still_zeroing = not zeroing.done()
+    await zeroing
+    monkeypatch.undo()
+    assert still_zeroing, "the WRITE_ZEROES ended before the TRIM: nothing was tested"
+    freed = 16 * MiB // chunk
+    assert peak < freed // 2, f"{peak} of {freed} freed chunks quarantined at once"
+    assert await b.read(0, MiB) == bytes(MiB)
     await env.assert_clean()

@@ -20,7 +20,8 @@ async def test_tiny_cache_with_a_large_catalog(make_pool: PoolFactory, offline: 
     """Only the catalog pages that hold records stay in memory (pinned), not the whole
     catalog `--max-volumes` sized: a 16-page cache over a 256-page catalog stays within
     its capacity, volumes created in it (each new catalog page loaded on demand) are all
-    there after a reopen, and freed slots are used again."""
+    there after a reopen, freed slots are used again, and a page whose last record
+    goes is let go."""
     env = await make_pool("radix", offline=offline, cache_bytes=TINY_CACHE, max_volumes=4096)
     cache = env.pool.cache
     assert env.pool.layout.catalog_pages == 256 > cache.capacity
@@ -41,6 +42,18 @@ async def test_tiny_cache_with_a_large_catalog(make_pool: PoolFactory, offline: 
     await env.reopen()
     assert len(env.names()) == 1 + 20 + 1
     assert (await env.vol("s").read(8192, 100 * KiB)) == pattern(3, 100 * KiB)
+    layout = env.pool.layout
+
+    def catalog_pages_pinned() -> int:
+        cache = env.pool.cache
+        return sum(1 for p in range(layout.catalog_start,
+                                    layout.catalog_start + layout.catalog_pages)
+                   if p in cache and cache._pages[p].pins)
+
+    assert catalog_pages_pinned() == 3
+    for i in range(1, 40, 2):  # every record of the last two pages goes
+        await env.delete(f"w{i}")
+    assert catalog_pages_pinned() == 1, "pages left without records stay pinned"
     await env.assert_clean()
 
 
