@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: all install deps run test test-fast lint typecheck bench instructions study crash-test fuzz soak clean
+.PHONY: all install deps run test test-fast lint typecheck bench instructions study memory crash-test fuzz soak clean
 
 all: test
 
@@ -47,6 +47,10 @@ instructions: install deps
 
 study: install deps
 	$(BIN)/python scripts/study.py
+
+# Memory the server holds beyond its page cache, under the loads that used to grow it.
+memory: install
+	$(BIN)/python scripts/memory.py
 
 crash-test: install deps
 	$(BIN)/python scripts/crash-test --iterations 200

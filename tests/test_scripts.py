@@ -72,3 +72,20 @@ def test_instructions_short_run_counts_every_workload(tmp_path: Path) -> None:
     assert all(5_000 < n < 5_000_000 for n in counts.values()), counts
     assert "file read / radix read" in proc.stdout
     assert not list(tmp_path.glob("nbd-instr-*")), "the work directory was not removed"
+
+
+def test_memory_short_run_reports_each_scenario(tmp_path: Path) -> None:
+    """`make memory`'s two quick scenarios on radix: a row each, within the budget (the
+    cache plus 32 MiB; hole READs left unread grew the server by 170 MiB before replies
+    that complete at once were put under flow control)."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "memory.py"), "--blockmap", "radix",
+         "--scenario", "hole-reads", "--scenario", "catalog", "--cache-size", "4M",
+         "--workdir", str(tmp_path), "--json"],
+        capture_output=True, text=True, timeout=300)
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["scenario"] for r in rows] == ["hole-reads", "catalog"], proc.stderr[-2000:]
+    for row in rows:
+        assert row["within_budget"], row
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not any(tmp_path.iterdir()), "the pools were not removed"
