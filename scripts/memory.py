@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -53,7 +54,13 @@ except ImportError:  # run by a Python outside the project's virtualenv: use tha
     raise
 
 from conftest import NbdServerProcess  # noqa: E402
-from nbdclient import handshake_bytes, raw_handshake, raw_socket, recv_exact, request  # noqa: E402
+from nbdclient import (  # noqa: E402
+    raw_handshake,
+    raw_socket,
+    raw_structured_handshake,
+    recv_exact,
+    request,
+)
 
 from nbdserver.protocol import constants as c  # noqa: E402
 from nbdserver.sizes import parse_size  # noqa: E402
@@ -104,17 +111,11 @@ def rss(pid: int) -> int:
     raise OSError("no VmRSS")
 
 
-def structured_socket(srv: NbdServerProcess, export: str):  # type: ignore[no-untyped-def]
+def structured_socket(srv: NbdServerProcess, export: str) -> socket.socket:
     """A raw socket in transmission with structured replies and base:allocation."""
     assert srv.socket_path is not None
     s = raw_socket(srv.socket_path)
-    s.sendall(handshake_bytes(export, meta=("base:allocation",)))
-    recv_exact(s, 18)
-    acks = 0
-    while acks < 3:  # structured replies, the meta context, GO
-        _magic, _opt, kind, length = struct.unpack(">QIII", recv_exact(s, 20))
-        recv_exact(s, length)
-        acks += kind == c.REP_ACK
+    raw_structured_handshake(s, export)
     return s
 
 
@@ -135,7 +136,7 @@ def write_blocks(srv: NbdServerProcess, export: str, offsets: list[int], data: b
     s.close()
 
 
-def drain(s, seconds: float) -> None:  # type: ignore[no-untyped-def]
+def drain(s: socket.socket, seconds: float) -> None:
     s.settimeout(seconds)
     try:
         while s.recv(1 << 20):
@@ -211,10 +212,16 @@ def cold_status(run: Run) -> tuple[int, str]:
         srv.cleanup()
 
 
-def trim(run: Run) -> tuple[int, str]:
+def written_gib(run: Run) -> NbdServerProcess:
+    """A server exporting 'v', a 1 GiB volume written whole."""
     srv = run.server({"v": "1G"})
+    write_blocks(srv, "v", list(range(0, GiB, MiB)), b"\xcd" * MiB)
+    return srv
+
+
+def trim(run: Run) -> tuple[int, str]:
+    srv = written_gib(run)
     try:
-        write_blocks(srv, "v", list(range(0, GiB, MiB)), b"\xcd" * MiB)
         s = raw_socket(srv.socket_path or "", timeout=600)
         raw_handshake(s, "v")
         with Sampler(srv.pid) as m:
@@ -240,9 +247,8 @@ def catalog(run: Run) -> tuple[int, str]:
 
 
 def check(run: Run) -> tuple[int, str]:
-    srv = run.server({"v": "1G"})
+    srv = written_gib(run)
     try:
-        write_blocks(srv, "v", list(range(0, GiB, MiB)), b"\xef" * MiB)
         pool = srv.config["pools"][0]["path"]
         with Sampler(srv.pid) as m:
             t = time.monotonic()

@@ -464,6 +464,23 @@ def wait_closed(s: socket.socket, timeout: float = 10.0) -> bytes:
         out += chunk
 
 
+def raw_structured_handshake(s: socket.socket, export: str = "",
+                             meta: Sequence[str] = ("base:allocation",)) -> None:
+    """Blocking handshake with structured replies and `meta` contexts (all sent at once;
+    the replies are read and dropped)."""
+    s.sendall(handshake_bytes(export, meta=meta))
+    greeting = recv_exact(s, 18)
+    assert struct.unpack(">QQH", greeting)[:2] == (c.NBDMAGIC, c.IHAVEOPT), greeting
+    acks = 0
+    while acks < 3:  # structured replies, the meta context, GO
+        magic, _opt, kind, length = struct.unpack(">QIII", recv_exact(s, 20))
+        assert magic == c.OPTION_REPLY_MAGIC
+        data = recv_exact(s, length)
+        if kind & c.REP_FLAG_ERROR:
+            raise OptionError(c.OPT_GO, kind, data.decode(errors="replace"))
+        acks += kind == c.REP_ACK
+
+
 def raw_handshake(s: socket.socket, export: str = "") -> ExportDetails:
     """Blocking handshake with GO and no structured replies: (size, flags)."""
     greeting = recv_exact(s, 18)

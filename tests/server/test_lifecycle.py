@@ -35,10 +35,10 @@ from nbdclient import (
     ServerClosed,
     client_flags,
     connect,
-    handshake_bytes,
     option,
     raw_handshake,
     raw_socket,
+    raw_structured_handshake,
     recv_exact,
     request,
     wait_closed,
@@ -208,13 +208,7 @@ def test_replies_that_complete_at_once_obey_flow_control(
         blob = b"".join(request(c.CMD_READ, i, (i % 1000) * MiB, 60 * KiB)
                         for i in range(8000))
     else:
-        s.sendall(handshake_bytes("vol", meta=("base:allocation",)))
-        recv_exact(s, 18)
-        acks = 0
-        while acks < 3:  # structured replies, the meta context, GO
-            _magic, _opt, kind, length = struct.unpack(">QIII", recv_exact(s, 20))
-            recv_exact(s, length)
-            acks += kind == c.REP_ACK
+        raw_structured_handshake(s, "vol")
         # a fragmented map, so that each reply is long: every other 4 KiB written
         writer = raw_socket(srv.socket_path)
         raw_handshake(writer, "vol")
