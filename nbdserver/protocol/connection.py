@@ -1065,8 +1065,9 @@ class ServerConnection:
         `extents` maps each context id to ``(length, flags)`` extents starting at
         ``request.offset``. Zero-length extents are dropped; the list stops at
         the first extent that reaches the request's end (that one may go past
-        it, as the spec allows, but is clipped at the export's end and at
-        2^32-1) or after 2^20 extents; with REQ_ONE only the first extent is
+        it, as the spec allows), at the first clipped at the export's end or at
+        2^32-1 (the next would not start where the clipped one ends), or after
+        2^20 extents; with REQ_ONE only the first extent is
         sent, clipped to the request length. Raises ValueError if a context has
         no extent or is missing from `extents`.
         """
@@ -1094,10 +1095,11 @@ class ServerConnection:
                 if req_one:
                     values += (min(length, want), status & _U32_MAX)
                     break
-                length = min(length, room - total, cap)
-                values += (length, status & _U32_MAX)
-                total += length
-                if total >= want or len(values) >= 2 * MAX_EXTENTS:
+                clipped = min(length, room - total, cap)
+                values += (clipped, status & _U32_MAX)
+                total += clipped
+                if (total >= want or clipped < length  # (the next one does not follow it)
+                        or len(values) >= 2 * MAX_EXTENTS):
                     break
             if not values:
                 raise ValueError(f"no extents for metadata context {context.name}")

@@ -360,6 +360,21 @@ def test_block_status_huge_extent_capped_to_u32_aligned() -> None:
     assert length == (1 << 32) - 4096 and flags == 3
 
 
+def test_block_status_stops_after_an_extent_clipped_at_u32() -> None:
+    """Descriptors must be consecutive: after an extent cut at 2^32-1 (rounded to the
+    minimum block), the backend's next extent starts where the uncut one ended, not
+    where the cut one does, so the reply ends with the cut one (here a request of
+    2^32-1 bytes over 8 GiB of data and then a hole: the hole was reported at 4 GiB)."""
+    huge = ExportInfo("huge", size=16 << 30, min_block=512, max_block=1 << 25)
+    server = connect(
+        structured=True, meta=("base:allocation",), export="huge", cat=Catalog(huge)
+    ).server
+    out = server.reply_block_status(
+        Request(Command.BLOCK_STATUS, 6, 0, (1 << 32) - 1), {1: [(8 << 30, 0), (1 << 20, 3)]}
+    )
+    assert status_chunks(out) == [(DONE, 1, [((1 << 32) - 512, 0)])]
+
+
 def test_block_status_drops_zero_length_extents_and_may_be_short() -> None:
     server = connect(structured=True, meta=("base:allocation",)).server
     out = server.reply_block_status(

@@ -254,6 +254,26 @@ async def test_trim_releases_only_whole_blocks(tmp_path: Path) -> None:
 
 
 @on_uvloop
+async def test_trim_where_nothing_can_be_released_succeeds(tmp_path: Path) -> None:
+    """A file system without hole punching (or a device without discard) answers
+    EOPNOTSUPP; TRIM is advisory, and the spec wants no ENOTSUP for it, so it succeeds
+    and the data simply stays. Other errors still fail the request."""
+    path = tmp_path / "f.img"
+    data = pattern(64 * KiB, seed=6)
+    path.write_bytes(data)
+    async with backend_for(path, size=None) as be:
+        def refuse(offset: int, length: int, code: int = errno.EOPNOTSUPP) -> None:
+            raise OSError(code, os.strerror(code))
+
+        be.device.discard = refuse  # type: ignore[method-assign]
+        assert await trim(be, 0, 16 * KiB) is None
+        assert await read(be, 0, 16 * KiB) == data[:16 * KiB]
+        be.device.discard = lambda o, n: refuse(o, n, errno.EIO)  # type: ignore[method-assign]
+        result = await trim(be, 0, 16 * KiB)
+        assert isinstance(result, NbdError) and result.errno == errno.EIO
+
+
+@on_uvloop
 async def test_zero(tmp_path: Path) -> None:
     path = tmp_path / "f.img"
     data = pattern(4 * MiB, seed=5)
