@@ -80,6 +80,7 @@ CANDIDATES = 3  # placements of existing pieces tried per segment
 SEARCH_PAGES = 1024  # refcount pages searched for a fresh free run (1020 chunks each)
 MIN_PIECE = 64  # chunks: a segment is split over free runs no shorter than this
 COPY_BYTES = 8 << 20  # the most one copy batch buffers
+INSTALL_PAGES_PER_MOVE = 8  # pages one installed move may change (a map page, a split, refcounts)
 GIB = 1 << 30
 
 Progress = Callable[[int, int, int], None]  # (bytes scanned, bytes in all, bytes moved)
@@ -236,9 +237,12 @@ class Defrag:
                     # A backend opened meanwhile (a new export or connection) is not
                     # paused: its writes in place may be newer than the copies. Then
                     # the window is left as it is.
-                    installed = await pool.run(
-                        lambda: self._install(lo, hi, plan.moves)
-                        if pool.backends_opened.get(vid, 0) == opened else set())
+                    step = max(1, pool.record_room() // INSTALL_PAGES_PER_MOVE)
+                    for i in range(0, len(plan.moves), step):
+                        if pool.backends_opened.get(vid, 0) != opened:
+                            break
+                        part = plan.moves[i:i + step]
+                        installed |= await pool.run(partial(self._install, part))
                 finally:
                     pool.epochs.end_write(epoch)
             finally:
@@ -417,10 +421,16 @@ class Defrag:
         engine.kick()
         return fut
 
-    def _install(self, lo: int, hi: int, moves: list[tuple[int, int, int]]) -> set[int]:
+    def _install(self, moves: list[tuple[int, int, int]]) -> set[int]:
         """Point each logical chunk at its copy, if it still maps the chunk copied and is
         still the volume's own (a mini-transaction). Returns the chunks installed. One
-        look-up of the window first: mapping one chunk changes no other's mapping."""
+        look-up of their range first: mapping one chunk changes no other's mapping.
+        A window is installed a part at a time (``INSTALL_PAGES_PER_MOVE``): each move
+        changes a map page (extent's may split one) and two refcount pages, and a
+        window's moves, from chunks scattered over the pool, could otherwise dirty
+        more pages than a journal record holds (the pool then fails)."""
+        lo = min(m[0] for m in moves)
+        hi = max(m[0] for m in moves) + 1
         now: dict[int, int] = {}
         for run in self.map.lookup(self.vol, lo, hi - lo):
             if run.pc != HOLE:

@@ -638,3 +638,26 @@ async def test_defrag_online_keeps_every_concurrent_write(nbd_server_factory: Se
         assert await client.read(off, CHUNK) == model[off], f"block {off} lost after restart"
     await client.close()
     srv.stop()
+
+
+@pytest.mark.parametrize("design", FORKING)
+async def test_a_window_is_installed_within_a_journal_record(make_pool: PoolFactory,
+                                                             design: str) -> None:
+    """With a small journal (64 pages) and deep maps (small parameters), one window's
+    remapping in a single mini-transaction dirtied 197 pages: the commit's record did
+    not fit the ring and the pool failed (every FLUSH EIO). A window is installed in
+    parts bounded by the journal now."""
+    env = await make_pool(design, size=512 * MiB, cache_bytes=8 * MiB)  # (poolkit's
+    pool = env.pool                                        # 256 KiB journal, small maps)
+    await env.create("v", 64 * MiB)
+    await env.create("w", 64 * MiB)
+    data = await write_side_by_side(env, "v", "w", 8 * MiB, seed=5)
+    result = await asyncio.wait_for(defrag_volume(pool, "v"), 120)
+    assert result["moved_bytes"] > 0
+    assert pool.failed is None
+    vol = env.vol("v")
+    await vol.flush()
+    assert await vol.read(0, len(data)) == data
+    await env.reopen()
+    assert await env.vol("v").read(0, len(data)) == data
+    await env.assert_clean()
