@@ -255,6 +255,8 @@ class ExtentMap(BlockMap):
         self.reach = max(1, HINT_REACH_BYTES // self.chunk_size)
         self.spread = max(1, SPREAD_BYTES // self.chunk_size)
         self._work = 0
+        self._dropped = 0  # see _unmap_range
+        self._dirty_stop = 0
         # Volume id -> the logical chunk its last allocation hint was for: a hint of where
         # streams are (an old value only costs placement, never correctness).
         self._last_hint: dict[int, int] = {}
@@ -891,11 +893,14 @@ class ExtentMap(BlockMap):
         return self._state(vol)[0] < 0
 
     def _unmap_range(self, vol: VolumeRecord, lo: int, hi: int, budget: int) -> int | None:
-        """Unmap [lo, hi) within `budget`; returns where it stopped, None if it finished."""
+        """Unmap [lo, hi) within `budget` (and, once something is dropped, a quarter of the
+        journal ring of dirty pages); returns where it stopped, None if it finished."""
         root, height = self._state(vol)
         if root < 0:
             return None
         self._work = 0
+        self._dropped = 0  # chunks and shared subtrees dropped so far in this step
+        self._dirty_stop = self.cache.dirty_count + self.pool.record_room()
         entries, stop = self._unmap(root, height - 1, 0, INF, lo, hi, budget)
         self._set_root(vol, entries, height)  # also when the root lost all but one child
         return stop
@@ -916,6 +921,7 @@ class ExtentMap(BlockMap):
         if self.meta.get(idx) > 1:
             if ulo <= lo and hi <= uhi:
                 self.meta.decref(idx)  # a shared subtree covered whole: drop our reference
+                self._dropped += 1
                 return [], None
             if not self._mapped_in(idx, level, lo, hi, ulo, uhi):
                 return [(lo, child)], None  # nothing to drop: do not copy the path
@@ -946,8 +952,9 @@ class ExtentMap(BlockMap):
             if clo >= uhi or stop is not None:
                 out += items[j:]
                 break
-            if self._work >= budget:
-                stop = max(ulo, clo)
+            if self._work >= budget or (self._dropped
+                                        and self.cache.dirty_count >= self._dirty_stop):
+                stop = max(ulo, clo)  # (past its budget, or past a quarter of the ring)
                 out += items[j:]
                 break
             repl, stop = self._unmap(child, level - 1, clo, chi, ulo, uhi, budget)
@@ -1007,6 +1014,7 @@ class ExtentMap(BlockMap):
                 out.append((start, s - start, pc, tag))
             self.data.decref_run(pc + s - start, take)
             self._work += take
+            self._dropped += take
             changed = True
             if s + take < end:
                 out.append((s + take, end - s - take, pc + s + take - start, tag))

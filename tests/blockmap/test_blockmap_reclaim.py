@@ -402,3 +402,28 @@ async def test_a_long_write_zeroes_does_not_hold_other_frees_in_quarantine(
     assert peak < freed // 2, f"{peak} of {freed} freed chunks quarantined at once"
     assert await b.read(0, MiB) == bytes(MiB)
     await env.assert_clean()
+
+
+@pytest.mark.parametrize("design", design_names())
+async def test_long_unmaps_fit_a_small_journal(make_pool: PoolFactory, design: str) -> None:
+    """With deep maps (small parameters: radix fan-out 4) and a 64-page journal, one
+    release step of 2,048 entries dirtied 695 pages: the delete's commit record did not
+    fit the ring and the pool failed. A step of TRIM or delete also stops at a quarter
+    of the ring of dirty pages (as linear's did), once it has dropped something."""
+    env = await make_pool(design, size=512 * MiB, cache_bytes=8 * MiB)  # (small maps and
+    chunk = env.chunk_size                                  # poolkit's 256 KiB journal)
+    piece = 16 * chunk
+    for name in ("v", "w"):
+        await env.create(name, 64 * MiB)
+    order = list(range(0, 8 * MiB, piece))
+    random.Random(3).shuffle(order)
+    for i, off in enumerate(order):  # interleaved: each volume's chunks scattered
+        await env.vol("v").write(off, pattern(off, piece))
+        await env.vol("w").write(i * piece, pattern(i, piece))
+    await env.vol("v").trim(0, 4 * MiB)
+    await env.delete("w")
+    await env.vol("v").flush()
+    assert env.pool.failed is None
+    assert await env.vol("v").read(4 * MiB, piece) == pattern(4 * MiB, piece)
+    await env.reopen()
+    await env.assert_clean()
