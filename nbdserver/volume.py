@@ -941,7 +941,8 @@ class VolumeBackend:
         except PageMiss:
             # Cold: the pages it loads stay pinned until the lookup succeeds, so describe
             # less (a reply may be shorter than asked; clients ask again from its end),
-            # and let few such lookups run at once, whatever the clients send.
+            # and let few such lookups run at once, whatever the clients send. (`answer`
+            # reads `length` when it runs: the shorter one.)
             count = min(count, COLD_STATUS_CHUNKS - (lc & (COLD_STATUS_CHUNKS - 1)))
             length = min(length, ((lc + count) << shift) - offset)
             task = asyncio.ensure_future(self._cold_lookup(lc, count))

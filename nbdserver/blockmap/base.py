@@ -175,6 +175,20 @@ class BlockMap(ABC):
         self.cache = pool.cache
         self.data = pool.data  # RefTable of data chunks
         self.meta = pool.meta  # RefTable of metadata pages
+        self._work = 0  # work of the current bounded step (each design counts its own)
+        self._dirty_stop = 0  # dirty pages at which the current step stops (_begin_step)
+
+    def _begin_step(self) -> None:
+        """Start one bounded step of long work (unmap, release). Besides its budget of
+        work, a step stops once it has dirtied a quarter of the journal ring
+        (:meth:`_dirty_full`): one step's commit record must fit the ring, and with a
+        small fan-out one entry can dirty a page or two."""
+        self._work = 0
+        self._dirty_stop = self.cache.dirty_count + self.pool.record_room()
+
+    def _dirty_full(self) -> bool:
+        """Whether the current step has dirtied as many pages as it may."""
+        return self.cache.dirty_count >= self._dirty_stop
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -254,9 +254,7 @@ class ExtentMap(BlockMap):
         self.chunk_size = self.pool.sb.chunk_size
         self.reach = max(1, HINT_REACH_BYTES // self.chunk_size)
         self.spread = max(1, SPREAD_BYTES // self.chunk_size)
-        self._work = 0
         self._dropped = 0  # see _unmap_range
-        self._dirty_stop = 0
         # Volume id -> the logical chunk its last allocation hint was for: a hint of where
         # streams are (an old value only costs placement, never correctness).
         self._last_hint: dict[int, int] = {}
@@ -898,9 +896,8 @@ class ExtentMap(BlockMap):
         root, height = self._state(vol)
         if root < 0:
             return None
-        self._work = 0
+        self._begin_step()
         self._dropped = 0  # chunks and shared subtrees dropped so far in this step
-        self._dirty_stop = self.cache.dirty_count + self.pool.record_room()
         entries, stop = self._unmap(root, height - 1, 0, INF, lo, hi, budget)
         self._set_root(vol, entries, height)  # also when the root lost all but one child
         return stop
@@ -952,8 +949,7 @@ class ExtentMap(BlockMap):
             if clo >= uhi or stop is not None:
                 out += items[j:]
                 break
-            if self._work >= budget or (self._dropped
-                                        and self.cache.dirty_count >= self._dirty_stop):
+            if self._work >= budget or (self._dropped and self._dirty_full()):
                 stop = max(ulo, clo)  # (past its budget, or past a quarter of the ring)
                 out += items[j:]
                 break

@@ -213,20 +213,11 @@ class LinearMap(BlockMap):
         self.meta_start = self.pool.layout.meta_start
         self.chunk_size = self.pool.sb.chunk_size
         self._zero_node = _Q.pack(ZERO) * self.exc_fanout
-        self._work = 0
-        self._dirty_stop = NO_BUDGET  # see _begin_work
-
-    def _begin_work(self) -> None:
-        """Start counting the work of one bounded step (unmap, release): it stops at its
-        budget, or once it has dirtied a quarter of the journal ring (with a tiny fan-out
-        one entry can dirty two pages, and one step's commit record must fit the ring)."""
-        self._work = 0
-        self._dirty_stop = self.cache.dirty_count + self.pool.record_room()
+        self._dirty_stop = NO_BUDGET  # (a walk that must finish: see _begin_step)
 
     def _spent(self, budget: int) -> bool:
         """Whether a bounded step must stop here (NO_BUDGET: never; it finishes)."""
-        return budget < NO_BUDGET and (self._work >= budget
-                                       or self.cache.dirty_count >= self._dirty_stop)
+        return budget < NO_BUDGET and (self._work >= budget or self._dirty_full())
 
     @classmethod
     def default_params(cls) -> tuple[int, int, int, int]:
@@ -502,7 +493,7 @@ class LinearMap(BlockMap):
             self._unlink(vol, sst.origin)  # first, so that no copy-out targets it any more
             if sst.root == NONE:
                 return True
-            self._begin_work()
+            self._begin_step()
             n = self.exc_fanout ** sst.height
             root, _ = self._exc_fill(sst.root, sst.height - 1, 0, 0, n, NONE, budget)
             if root != sst.root:
@@ -521,7 +512,7 @@ class LinearMap(BlockMap):
             self._set_origin(vol, st._replace(released=stop))
             return False
         if st.wm_root:
-            self._begin_work()
+            self._begin_step()
             root = self._wm_clear(st.wm_root, st.wm_height - 1, 0, 0,
                                   self._spans(st.wm_height)[-1], budget)
             self._set_origin(vol, st._replace(wm_root=root))
@@ -1009,7 +1000,7 @@ class LinearMap(BlockMap):
             self._unshare(origin, lc, lc + 1, st_s.epoch)
 
     def unmap(self, vol: VolumeRecord, lc: int, count: int) -> tuple[int, list[tuple[int, int]]]:
-        self._begin_work()
+        self._begin_step()
         if self._kind(vol) == SNAPSHOT:
             st_s = self._snap(vol)
             origin = self.pool.volumes.get(st_s.origin)
@@ -1031,8 +1022,7 @@ class LinearMap(BlockMap):
                 work += 1
                 continue
             for c in range(first, first + n):
-                if c > lc and (work >= WORK_BUDGET
-                               or self.cache.dirty_count >= self._dirty_stop):
+                if c > lc and (work >= WORK_BUDGET or self._dirty_full()):
                     break
                 work += 1 + len(snaps)
                 entry = self._wentry(st, c)
@@ -1048,7 +1038,7 @@ class LinearMap(BlockMap):
                 pos = c + 1
             if pos < first + n:
                 break
-            if work >= WORK_BUDGET or self.cache.dirty_count >= self._dirty_stop:
+            if work >= WORK_BUDGET or self._dirty_full():
                 break
         for first, n in clear:  # (the runs decided above are cleared whole)
             st = self._origin(vol)

@@ -107,8 +107,6 @@ class RadixMap(BlockMap):
         self.fanout = fanout
         self.meta_start = self.pool.layout.meta_start
         self.chunk_size = self.pool.sb.chunk_size
-        self._work = 0
-        self._dirty_stop = 0  # see _begin_work
         # Leaves reached through a writable path (this volume's alone, so only its own
         # structural changes can move them): (leaf index, volume id) -> page number. A
         # walk that hits it reads one page instead of `height`. Filled only outside a
@@ -513,18 +511,11 @@ class RadixMap(BlockMap):
             if e & TARGET_MASK:
                 self.data.decref(_target(e))
 
-    def _begin_work(self) -> None:
-        """Start one bounded step (unmap, release): it stops at its budget of entries, or,
-        once it has dropped one, at a quarter of the journal ring of dirty pages (with a
-        small fan-out an entry dirties a page, and one step's record must fit the ring)."""
-        self._work = 0
-        self._dirty_stop = self.cache.dirty_count + self.pool.record_room()
-
     def unmap(self, vol: VolumeRecord, lc: int, count: int) -> tuple[int, list[tuple[int, int]]]:
         root, height = self._root(vol)
         if not root:
             return count, []
-        self._begin_work()
+        self._begin_step()
         self._forget_leaves()  # subtrees may be freed or copied
         budget = 4 * self.fanout
         new_root, stop = self._unmap(root, height - 1, 0, lc, lc + count, budget)
@@ -561,8 +552,7 @@ class RadixMap(BlockMap):
             child = _Q.unpack_from(self.cache.get(page), off)[0]
             if not child & TARGET_MASK:
                 continue
-            if self._work >= budget or (self._work
-                                        and self.cache.dirty_count >= self._dirty_stop):
+            if self._work >= budget or (self._work and self._dirty_full()):
                 stop = max(lo, base + i * span)
                 break
             if level == 0:
@@ -589,7 +579,7 @@ class RadixMap(BlockMap):
         root, height = self._root(vol)
         if not root:
             return True
-        self._begin_work()
+        self._begin_step()
         self._forget_leaves()
         chunks = self.fanout ** height
         new_root, _ = self._unmap(root, height - 1, 0, 0, chunks, budget)

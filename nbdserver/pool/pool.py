@@ -609,8 +609,9 @@ class Pool:
         return max(32, min(self.ring.ring_pages - 8, MAX_RECORD_PAGES) // 2)
 
     def record_room(self) -> int:
-        """Pages one long metadata step (linear's unmap and release) may dirty before it
-        stops to let a commit run: a quarter of the ring, and of MAX_RECORD_PAGES."""
+        """Pages one step of long metadata work (a design's unmap and release, a defrag
+        window's install) may dirty before it stops to let a commit run: a quarter of
+        the ring, and of MAX_RECORD_PAGES."""
         return max(8, min(self.ring.ring_pages, MAX_RECORD_PAGES) // 4)
 
     async def reads_drained(self) -> None:
