@@ -112,7 +112,8 @@ def _show_volume(info: dict[str, Any]) -> None:
         ("depth", str(info["depth"])),
         ("read-only", "yes" if info["read_only"] else "no"),
         ("snapshot", "yes" if info["snapshot"] else "no"),
-        ("guarantee", f"yes ({format_size(info['reserved_bytes'])} still reserved)"
+        ("guarantee", f"yes ({format_size(info['reserved_bytes'])} still reserved, "
+                      f"{format_size(info['metadata_reserved_bytes'])} of map pages)"
          if info["guarantee"] else "no"),
         ("mapped", format_size(info["mapped_bytes"])),
         ("exclusive", format_size(info["exclusive_bytes"])),
@@ -165,15 +166,15 @@ def cmd_pool_info(args: argparse.Namespace) -> int:
         _print_json(info)
         return EXIT_OK
     for key in ("path", "uuid", "blockmap", "created"):
-        print(f"{key:<16}{info[key]}")
+        print(f"{key:<18}{info[key]}")
     for key in ("size_bytes", "allocated_bytes", "data_bytes", "used_bytes", "free_bytes",
                 "reserved_bytes", "available_bytes", "metadata_bytes", "metadata_used_bytes",
-                "journal_bytes"):
-        print(f"{key.replace('_bytes', '').replace('_', ' '):<16}{format_size(info[key])}")
-    print(f"{'chunk size':<16}{format_size(info['chunk_size'])}")
-    print(f"{'volumes':<16}{info['volumes']} (at most {info['max_volumes']})")
+                "metadata_reserved_bytes", "journal_bytes"):
+        print(f"{key.replace('_bytes', '').replace('_', ' '):<18}{format_size(info[key])}")
+    print(f"{'chunk size':<18}{format_size(info['chunk_size'])}")
+    print(f"{'volumes':<18}{info['volumes']} (at most {info['max_volumes']})")
     if info.get("failed"):
-        print(f"{'FAILED':<16}{info['failed']}: no change is made durable until the "
+        print(f"{'FAILED':<18}{info['failed']}: no change is made durable until the "
               "server restarts")
     return EXIT_OK
 

@@ -190,6 +190,20 @@ class BlockMap(ABC):
         """Whether the current step has dirtied as many pages as it may."""
         return self.cache.dirty_count >= self._dirty_stop
 
+    def _new_map_page(self, vol: VolumeRecord) -> int:
+        """A free metadata page for `vol`'s map, counted (ENOSPC when none may be taken:
+        a thin volume never takes the pages promised to guaranteed ones; see
+        :meth:`nbdserver.pool.pool.Pool.may_take_page`)."""
+        self.pool.may_take_page(vol)
+        return self.meta.allocate()
+
+    def page_bound(self, vol: VolumeRecord) -> int | None:
+        """The most metadata pages `vol`'s map can ever hold, whatever is written, trimmed
+        or shared: what a guarantee promises it beside its chunks. None when the design
+        has no such bound (its guarantee then covers chunks only). A design that gives a
+        bound must take every page of `vol`'s map through :meth:`_new_map_page`."""
+        return None
+
     # -- lifecycle ------------------------------------------------------------------------
 
     @classmethod
@@ -360,6 +374,17 @@ def design(name: str) -> type[BlockMap]:
     if name not in found:
         raise ValueError(f"unknown block map {name!r}; valid: {', '.join(sorted(found))}")
     return found[name]
+
+
+def full_tree_pages(chunks: int, leaf: int, fanout: int, height: int) -> int:
+    """Pages of a tree of `height` levels over `chunks` chunks, with `leaf` chunks per leaf
+    and `fanout` children per interior node, every possible node present (a bound for
+    :meth:`BlockMap.page_bound`): level k holds at most ceil(chunks / (leaf * fanout**k))."""
+    pages, span = 0, leaf
+    for _ in range(height):
+        pages += -(-chunks // span)
+        span *= fanout
+    return pages
 
 
 def walk_runs(runs: list[Run]) -> Iterator[tuple[int, int, int]]:

@@ -110,6 +110,7 @@ from nbdserver.blockmap.base import (
     Run,
     TargetRun,
     WriteTarget,
+    full_tree_pages,
     merge_target,
     register,
 )
@@ -269,9 +270,9 @@ class LinearMap(BlockMap):
     def _set_snap(self, vol: VolumeRecord, st: _Snap) -> None:
         self.pool.update_volume(vol, map_state=self._snap_bytes(st))
 
-    def _new_page(self) -> int:
-        """A fresh zero-filled metadata page; returns its index."""
-        index = self.meta.allocate()
+    def _new_page(self, vol: VolumeRecord) -> int:
+        """A fresh zero-filled metadata page of `vol`'s map; returns its index."""
+        index = self._new_map_page(vol)
         self.cache.create(self._page(index), PT_LINEAR)
         return index
 
@@ -329,7 +330,7 @@ class LinearMap(BlockMap):
         if len(runs) == 1:
             seg = runs[0][0]
         else:
-            seg = self._new_page()
+            seg = self._new_page(vol)
             page = self.cache.modify(self._page(seg), PT_LINEAR)
             lc = 0
             for i, (pc, count) in enumerate(runs):
@@ -440,7 +441,7 @@ class LinearMap(BlockMap):
         if why:
             raise UserError(why)
         st = self._origin(src)
-        listed = st.snaplist or self._new_page() + 1
+        listed = st.snaplist or self._new_page(src) + 1
         page = self.cache.modify(self._page(listed - 1), PT_LINEAR)
         _I.pack_into(page, PAGE_HEADER_SIZE + 4 * st.nsnap, dst.id)
         self._set_origin(src, st._replace(nsnap=st.nsnap + 1, snaplist=listed,
@@ -495,7 +496,7 @@ class LinearMap(BlockMap):
                 return True
             self._begin_step()
             n = self.exc_fanout ** sst.height
-            root, _ = self._exc_fill(sst.root, sst.height - 1, 0, 0, n, NONE, budget)
+            root, _ = self._exc_fill(vol, sst.root, sst.height - 1, 0, 0, n, NONE, budget)
             if root != sst.root:
                 self._set_snap(vol, sst._replace(root=root))
             return root == NONE
@@ -620,7 +621,7 @@ class LinearMap(BlockMap):
     def _wm_set(self, vol: VolumeRecord, st: _Origin, lc: int, epoch: int) -> None:
         """Record that chunk `lc` was first written at `epoch` (creating the path)."""
         if not st.wm_root:
-            st = st._replace(wm_root=self._new_page() + 1)
+            st = st._replace(wm_root=self._new_page(vol) + 1)
             self._set_origin(vol, st)
         spans = self._spans(st.wm_height)
         e = st.wm_root
@@ -629,7 +630,7 @@ class LinearMap(BlockMap):
             i = (lc // spans[level - 1]) % self.fanout
             child = _u32(self.cache.get(page_no), i)
             if not child:
-                child = self._new_page() + 1
+                child = self._new_page(vol) + 1
                 _I.pack_into(self.cache.modify(page_no, PT_LINEAR), PAGE_HEADER_SIZE + 4 * i,
                              child)
             e = child
@@ -723,9 +724,10 @@ class LinearMap(BlockMap):
             e = _u64(get(self._page(e - 2)), (lc // fanout ** level) % fanout)
         return e
 
-    def _exc_node(self, fill: int) -> int:
-        """A new exception-tree page whose entries are all `fill`; returns its entry."""
-        index = self._new_page()
+    def _exc_node(self, snap: VolumeRecord, fill: int) -> int:
+        """A new page of `snap`'s exception tree whose entries are all `fill`; returns its
+        entry."""
+        index = self._new_page(snap)
         if fill == ZERO:
             page = self.cache.modify(self._page(index), PT_LINEAR)
             page[PAGE_HEADER_SIZE:PAGE_HEADER_SIZE + 8 * self.exc_fanout] = self._zero_node
@@ -737,14 +739,14 @@ class LinearMap(BlockMap):
         fanout = self.exc_fanout
         e = st.root
         if e <= ZERO:
-            e = self._exc_node(e)
+            e = self._exc_node(snap, e)
             self._set_snap(snap, st._replace(root=e))
         for level in range(st.height - 1, 0, -1):
             page_no = self._page(e - 2)
             off = PAGE_HEADER_SIZE + 8 * ((lc // fanout ** level) % fanout)
             child = int(_Q.unpack_from(self.cache.get(page_no), off)[0])
             if child <= ZERO:
-                child = self._exc_node(child)
+                child = self._exc_node(snap, child)
                 _Q.pack_into(self.cache.modify(page_no, PT_LINEAR), off, child)
             e = child
         page_no = self._page(e - 2)
@@ -754,10 +756,11 @@ class LinearMap(BlockMap):
             _Q.pack_into(self.cache.modify(page_no, PT_LINEAR), off, value)
         return old
 
-    def _exc_fill(self, e: int, level: int, base: int, lo: int, hi: int, value: int,
-                  budget: int, origin: VolumeRecord | None = None,
+    def _exc_fill(self, snap: VolumeRecord, e: int, level: int, base: int, lo: int, hi: int,
+                  value: int, budget: int, origin: VolumeRecord | None = None,
                   epoch: int = 0) -> tuple[int, int | None]:
-        """Set every entry of [lo, hi) below `e` (a node of `level` covering from `base`) to
+        """Set every entry of [lo, hi) below `e` (a node of `level` covering from `base`,
+        in `snap`'s exception tree) to
         `value` (NONE or ZERO), freeing the chunks and pages this drops, within `budget`
         work (self._work). Returns the entry's new value and, if the budget ran out, the
         first chunk not done. With `origin` (a trim: ZERO), origin chunks the snapshot (of
@@ -771,7 +774,7 @@ class LinearMap(BlockMap):
             if whole and not (e == NONE and origin is not None
                               and self._sees(origin, base, base + span * fanout, epoch)):
                 return value, None
-            e = self._exc_node(e)
+            e = self._exc_node(snap, e)
             self._work += 1
         page_no = self._page(e - 2)
         stop: int | None = None
@@ -793,8 +796,8 @@ class LinearMap(BlockMap):
                 continue
             s = max(lo, base + i * span)
             t = min(hi, base + (i + 1) * span)
-            new, child_stop = self._exc_fill(child, level - 1, base + i * span, s, t, value,
-                                             budget, origin, epoch)
+            new, child_stop = self._exc_fill(snap, child, level - 1, base + i * span, s, t,
+                                             value, budget, origin, epoch)
             if new != child:
                 _Q.pack_into(self.cache.modify(page_no, PT_LINEAR), off, new)
             if child_stop is not None:
@@ -963,6 +966,14 @@ class LinearMap(BlockMap):
         A snapshot's exception store may grow to the origin's size."""
         return self._kind(vol) != ORIGIN
 
+    def page_bound(self, vol: VolumeRecord) -> int:
+        """An origin: every page of its write-epoch map, its segment page and its snapshot
+        list. A snapshot: every page of its exception tree (its pages are never shared)."""
+        n = self._chunks(vol)
+        if self._kind(vol) == ORIGIN:
+            return full_tree_pages(n, self.leaf, self.fanout, self._wm_height(n)) + 2
+        return full_tree_pages(n, self.exc_fanout, self.exc_fanout, self._exc_height(n))
+
     def can_relocate(self, vol: VolumeRecord) -> bool:
         """A thick origin's map is arithmetic: its chunks never move. A snapshot's
         exceptions may (``map`` replaces one, freeing the old)."""
@@ -1004,8 +1015,8 @@ class LinearMap(BlockMap):
         if self._kind(vol) == SNAPSHOT:
             st_s = self._snap(vol)
             origin = self.pool.volumes.get(st_s.origin)
-            root, stop = self._exc_fill(st_s.root, st_s.height - 1, 0, lc, lc + count, ZERO,
-                                        WORK_BUDGET, origin, st_s.epoch)
+            root, stop = self._exc_fill(vol, st_s.root, st_s.height - 1, 0, lc, lc + count,
+                                        ZERO, WORK_BUDGET, origin, st_s.epoch)
             if root != st_s.root:
                 self._set_snap(vol, st_s._replace(root=root))
             return (stop - lc if stop is not None else count), []

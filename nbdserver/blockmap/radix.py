@@ -49,6 +49,7 @@ from nbdserver.blockmap.base import (
     Run,
     TargetRun,
     WriteTarget,
+    full_tree_pages,
     merge_target,
     register,
 )
@@ -152,6 +153,12 @@ class RadixMap(BlockMap):
         state = bytearray(vol.map_state)
         _STATE.pack_into(state, 0, 0, self._height(vol))
         vol.map_state = bytes(state)
+
+    def page_bound(self, vol: VolumeRecord) -> int:
+        """Every node of a tree of the volume's height over its chunks (a copy on write
+        replaces a node, so the tree never holds two for one place)."""
+        chunks = max(1, -(-vol.size // self.chunk_size))
+        return full_tree_pages(chunks, self.fanout, self.fanout, self._height(vol))
 
     def clone(self, src: VolumeRecord, dst: VolumeRecord) -> None:
         root, height = self._root(src)
@@ -388,8 +395,9 @@ class RadixMap(BlockMap):
 
     # -- changes ---------------------------------------------------------------------------
 
-    def _own_node(self, e: int, level: int) -> int:
-        """Make the node `e` points at (a node of `level`) this path's alone: claim or copy.
+    def _own_node(self, vol: VolumeRecord, e: int, level: int) -> int:
+        """Make the node `e` points at (a node of `level` in `vol`'s tree) this path's
+        alone: claim or copy.
 
         Returns the writable entry to store in its parent.
         """
@@ -407,7 +415,7 @@ class RadixMap(BlockMap):
             return e | WRITABLE
         # copy: the new node shares every child, so each gains a reference
         old = self.cache.get(self._page(target))
-        new_target = self.meta.allocate()
+        new_target = self._new_map_page(vol)
         new = self.cache.create(self._page(new_target), PT_RADIX)
         children = self.data if level == 0 else self.meta
         end = PAGE_HEADER_SIZE + 8 * self.fanout
@@ -423,8 +431,8 @@ class RadixMap(BlockMap):
         self.meta.decref(target)
         return _entry(new_target, True, e >> OWNER_SHIFT)
 
-    def _new_node(self) -> int:
-        target = self.meta.allocate()
+    def _new_node(self, vol: VolumeRecord) -> int:
+        target = self._new_map_page(vol)
         self.cache.create(self._page(target), PT_RADIX)
         return _entry(target, True)
 
@@ -434,7 +442,7 @@ class RadixMap(BlockMap):
         if leaf is not None:  # known through a writable path: nothing to copy on the way
             return self.cache.modify(leaf, PT_RADIX)
         root, height = self._root(vol)
-        new_root = self._new_node() if not root else self._own_node(root, height - 1)
+        new_root = self._new_node(vol) if not root else self._own_node(vol, root, height - 1)
         if new_root != root:
             self._set_root(vol, new_root)
         e = new_root
@@ -443,8 +451,8 @@ class RadixMap(BlockMap):
             node = self.cache.get(self._page(_target(e)))  # changed below only if needed
             off = PAGE_HEADER_SIZE + 8 * ((lc // fanout ** level) % fanout)
             child = _Q.unpack_from(node, off)[0]
-            new_child = self._new_node() if not child & TARGET_MASK else self._own_node(
-                child, level - 1)
+            new_child = self._new_node(vol) if not child & TARGET_MASK else self._own_node(
+                vol, child, level - 1)
             if new_child != child:
                 node = self.cache.modify(self._page(_target(e)), PT_RADIX)
                 _Q.pack_into(node, off, new_child)
@@ -518,14 +526,15 @@ class RadixMap(BlockMap):
         self._begin_step()
         self._forget_leaves()  # subtrees may be freed or copied
         budget = 4 * self.fanout
-        new_root, stop = self._unmap(root, height - 1, 0, lc, lc + count, budget)
+        new_root, stop = self._unmap(vol, root, height - 1, 0, lc, lc + count, budget)
         if new_root != root:
             self._set_root(vol, new_root)
         return (stop - lc if stop is not None else count), []
 
-    def _unmap(self, e: int, level: int, base: int, lo: int, hi: int,
+    def _unmap(self, vol: VolumeRecord, e: int, level: int, base: int, lo: int, hi: int,
                budget: int) -> tuple[int, int | None]:
-        """Unmap [lo, hi) below entry `e` (a node of `level` covering from `base`).
+        """Unmap [lo, hi) below entry `e` (a node of `level` of `vol`'s tree covering from
+        `base`).
 
         Returns the entry's new value and, if the budget ran out, the first chunk
         not yet unmapped.
@@ -540,7 +549,7 @@ class RadixMap(BlockMap):
             self.meta.decref(target)  # drop a shared subtree without visiting it
             self._work += 1
             return 0, None
-        e = self._own_node(e, level)
+        e = self._own_node(vol, e, level)
         target = _target(e)
         page = self._page(target)
         first = (lo - base) // span
@@ -562,8 +571,8 @@ class RadixMap(BlockMap):
                 continue
             start = max(lo, base + i * span)
             end = min(hi, base + (i + 1) * span)
-            new_child, child_stop = self._unmap(child, level - 1, base + i * span, start, end,
-                                                budget)
+            new_child, child_stop = self._unmap(vol, child, level - 1, base + i * span, start,
+                                                end, budget)
             if new_child != child:
                 _Q.pack_into(self.cache.modify(page, PT_RADIX), off, new_child)
             if child_stop is not None:
@@ -582,7 +591,7 @@ class RadixMap(BlockMap):
         self._begin_step()
         self._forget_leaves()
         chunks = self.fanout ** height
-        new_root, _ = self._unmap(root, height - 1, 0, 0, chunks, budget)
+        new_root, _ = self._unmap(vol, root, height - 1, 0, 0, chunks, budget)
         if new_root != root:
             self._set_root(vol, new_root)
         return not new_root

@@ -198,6 +198,7 @@ class Pool:
         self._home_done.set()
         self._background: set[asyncio.Task[Any]] = set()
         self.in_use: dict[int, str] = {}  # volume id -> what uses it (an export)
+        self._pages_promised: int | None = None  # (see pages_promised; None: count again)
         self.quiesce: dict[int, Callable[[], Awaitable[Callable[[], None]]]] = {}
         # volume id -> backends opened on it so far: a long operation that paused the
         # volume's writes (defrag) sees whether one opened since, unpaused.
@@ -435,10 +436,13 @@ class Pool:
         old = {k: getattr(vol, k) for k in changes}
         for k, v in changes.items():
             setattr(vol, k, v)
+        if "flags" in changes:
+            self._pages_promised = None
 
         def undo() -> None:
             for k, v in old.items():
                 setattr(vol, k, v)
+            self._pages_promised = None
 
         self.cache.add_undo(undo)
         self._write_record(vol)
@@ -555,6 +559,50 @@ class Pool:
                 self.update_volume(vol, reserved=vol.reserved + again)
                 self.update_state(data_reserved=self.state.data_reserved + again)
         return result
+
+    # Metadata pages. A guaranteed volume is promised every page its map could ever hold
+    # (BlockMap.page_bound), and thin volumes never take the last pages promised (all
+    # guaranteed volumes' bounds together). That is sound without counting the pages
+    # each volume holds: a guaranteed volume's map never holds more pages of its own
+    # than its bound, so it can never need more new ones than its bound minus those it
+    # holds, and thin volumes leave all bounds free. A clone shares the guaranteed
+    # volume's map, after which it may copy every page again, so a clone is made only
+    # while every bound fits in the free pages. The cost: the pages guaranteed volumes
+    # already hold are promised again, which is little (a radix volume's whole tree is
+    # about 1/509 of its chunk count). A design with no bound (extent) promises nothing.
+
+    def page_promise(self, vol: VolumeRecord) -> int:
+        """Metadata pages promised to `vol`: its map's bound if it is guaranteed, else 0."""
+        if not vol.guaranteed or vol.deleted:
+            return 0
+        return self.map.page_bound(vol) or 0
+
+    def pages_promised(self) -> int:
+        """Metadata pages promised to guaranteed volumes, together (counted again after
+        any change of the catalog's volumes or flags)."""
+        if self._pages_promised is None:
+            self._pages_promised = sum(self.page_promise(v) for v in self.volumes.values())
+        return self._pages_promised
+
+    def may_take_page(self, vol: VolumeRecord) -> None:
+        """ENOSPC unless `vol` may take one more metadata page for its map now: a volume
+        with a promise of pages may take any free page, another only one not promised."""
+        promised = self._pages_promised
+        if promised is None:
+            promised = self.pages_promised()
+        if promised and self.meta.free <= promised and not self.page_promise(vol):
+            raise NbdError(errno.ENOSPC, f"pool {self.path.name} has no free metadata page "
+                           f"for thin volume {vol.name!r}: the last {self.meta.free} are "
+                           "promised to guaranteed volumes")
+
+    def _promise_pages(self, what: str) -> None:
+        """Refuse (inside the mini-transaction that made a promise, or shared a guaranteed
+        volume's map) unless the free metadata pages cover every promise."""
+        promised = self.pages_promised()
+        if self.meta.free < promised:
+            raise _NoRoomToPromise(
+                f"{what}: guaranteed volumes' maps may need {promised} metadata pages "
+                f"({promised * PAGE_SIZE} bytes) but only {self.meta.free} are free")
 
     def _chunks_for(self, size: int) -> int:
         return -(-size // self.chunk_size)
@@ -815,12 +863,14 @@ class Pool:
 
     def _add_record(self, vol: VolumeRecord) -> None:
         self.volumes[vol.id] = vol
+        self._pages_promised = None
         self.cache.add_undo(lambda: self._forget(vol.id))
         self.update_state(next_volume_id=vol.id + 1)
         self._write_record(vol)
 
     def _forget(self, vol_id: int) -> None:
         self.volumes.pop(vol_id, None)
+        self._pages_promised = None
 
     def _check_new_name(self, name: str) -> None:
         check_volume_name(name)
@@ -843,6 +893,8 @@ class Pool:
             self._add_record(vol)
             if guarantee:
                 self._reserve(vol, self._chunks_for(size))
+                if self.page_promise(vol):
+                    self._promise_pages(f"cannot guarantee {name!r}")
             return vol
 
         vol = await self._run_promising(op)
@@ -898,6 +950,9 @@ class Pool:
                             f"cannot clone {src.name!r}: it is guaranteed, and overwriting "
                             f"it copies its old chunks into {name!r}, which must then be "
                             f"guaranteed too; {e}") from None
+                if self.page_promise(src) or self.page_promise(vol):
+                    # (src's pages are shared now: it may need a copy of each again)
+                    self._promise_pages(f"cannot clone {src.name!r}")
                 return vol
 
             vol = await self._run_promising(op)
@@ -991,6 +1046,7 @@ class Pool:
             "available_bytes": max(0, self.available_chunks()) * chunk,
             "metadata_bytes": self.layout.meta_pages * PAGE_SIZE,
             "metadata_used_bytes": self.meta.used * PAGE_SIZE,
+            "metadata_reserved_bytes": self.pages_promised() * PAGE_SIZE,
             "journal_bytes": self.layout.journal_pages * PAGE_SIZE,
             "volumes": len(live),
             "max_volumes": self.layout.max_volumes,
@@ -1064,6 +1120,7 @@ class Pool:
             "snapshot": vol.is_snapshot,
             "guarantee": vol.guaranteed,
             "reserved_bytes": vol.reserved * self.chunk_size,
+            "metadata_reserved_bytes": self.page_promise(vol) * PAGE_SIZE,
             "depth": self.depth(vol),
             "created": _iso(vol.created_ns),
             "in_use": self.in_use.get(vol.id),

@@ -403,8 +403,10 @@ async def test_spare_chunks_count_as_free_space(make_pool: PoolFactory) -> None:
 async def test_claims_take_only_the_room_a_volume_has(make_pool: PoolFactory) -> None:
     """A claim's room (Pool._may_take, the check of every first write): a thin volume
     takes free chunks not in flight and not promised (spare ones included, as in
-    available_chunks); a guaranteed volume with chunks still promised takes those."""
-    env = await make_pool("radix")
+    available_chunks); a guaranteed volume with chunks still promised takes those.
+    (Default map parameters: with tiny nodes the pool could not promise the guaranteed
+    volume's map pages.)"""
+    env = await make_pool("radix", small=False)
     pool = env.pool
     vol = await env.create("v", 64 * KiB)
     await vol.write(0, pattern(1, 64 * KiB))
