@@ -43,7 +43,7 @@ import os
 import re
 import time
 import uuid as uuidlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -117,6 +117,18 @@ def check_volume_name(name: str) -> None:
 
 class _NoRoomToPromise(UserError):
     """A guarantee the pool cannot promise now (see Pool._reserve)."""
+
+
+@contextlib.contextmanager
+def _refused_for_lack_of_pages(what: str) -> Iterator[None]:
+    """A create or clone whose map needs a page that may not be taken (ENOSPC) is refused
+    as a UserError, as any other create or clone the pool cannot make."""
+    try:
+        yield
+    except NbdError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise UserError(f"{what}: {e}") from None
 
 
 class PoolBusy(UserError):
@@ -889,7 +901,8 @@ class Pool:
 
         def op() -> VolumeRecord:
             vol = self._new_record(name, size, flags=flags)
-            self.map.init_volume(vol)
+            with _refused_for_lack_of_pages(f"cannot create {name!r}"):
+                self.map.init_volume(vol)
             self._add_record(vol)
             if guarantee:
                 self._reserve(vol, self._chunks_for(size))
@@ -936,7 +949,8 @@ class Pool:
 
             def op() -> VolumeRecord:
                 vol = self._new_record(name, src.size, parent=src.id, flags=flags)
-                self.map.clone(src, vol)
+                with _refused_for_lack_of_pages(f"cannot clone {src.name!r}"):
+                    self.map.clone(src, vol)
                 self._add_record(vol)
                 if src.guaranteed:  # its chunks are shared now: rewriting them needs new ones
                     self._reserve(src, self._chunks_for(src.size))

@@ -98,10 +98,16 @@ async def test_a_page_promise_the_pool_cannot_keep_is_refused(make_pool: PoolFac
     env = await make_pool(design)
     chunk = env.chunk_size
     g = await env.create("g", G_CHUNKS * chunk, guarantee=True)
+    await env.create("t", 4 * chunk)  # thin, never snapshotted
     hog = await env.create("hog", HOG_CHUNKS * chunk)
     await _fill_metadata(env, hog)
     for lc in range(G_CHUNKS):
         await g.write(lc * chunk, pattern(lc, chunk))  # g takes promised pages
+    if design == "linear":  # t's first snapshot needs a page for its snapshot list
+        with pytest.raises(UserError, match=r"cannot clone 't'.*no free metadata page"):
+            await env.snapshot("t", "ts")
+    else:  # a radix clone takes no page
+        await env.snapshot("t", "ts")
     volumes = env.names()
     with pytest.raises(UserError, match=r"cannot guarantee 'g2'.*metadata pages"):
         await env.create("g2", G_CHUNKS * chunk, guarantee=True)
