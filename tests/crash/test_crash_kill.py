@@ -8,13 +8,16 @@ moments by chance; here they are hit every time.
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import SERVER_CMD, NbdServerProcess, ServerFactory, pattern, run
-from nbdclient import NbdClient, connect
+from nbdclient import NbdClient, NbdReplyError, connect
 
 from nbdserver.pool.pool import Pool
+from nbdserver.protocol import constants as c
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -124,5 +127,56 @@ async def test_claiming_a_chunk_another_volume_just_stopped_sharing_survives_kil
     assert got in ("old", "theirs"), f"v reads {got}"
     await v.close()
     await w.close()
+    srv.stop()
+    check_clean(pool)
+
+
+async def test_promised_map_pages_survive_kill(nbd_server_factory: ServerFactory,
+                                               tmp_path: Path) -> None:
+    """A guaranteed volume's promise of map pages is counted again when the pool opens
+    after a kill: the thin volume that filled the metadata area is still refused new
+    map pages, and the guaranteed one writes every chunk (radix, fan-out 4: a map page
+    per few chunks)."""
+    pool = tmp_path / "pool.img"
+    Pool.create(pool, 64 * MiB, map_params=(4, 0, 0, 0))
+    run([*SERVER_CMD, "volume", "create", pool, "g", "--size", str(64 * CHUNK), "--guarantee"])
+    run([*SERVER_CMD, "volume", "create", pool, "hog", "--size", str(3072 * CHUNK)])
+    exports = [volume_export("g"), volume_export("hog")]
+    srv = serve(nbd_server_factory, pool, exports, "first")
+    g, hog = await clients(srv, "g", "hog")
+    refused = None
+    for lc in range(0, 3072, 16):
+        try:
+            await hog.write(lc * CHUNK, pattern(CHUNK, lc))
+        except NbdReplyError as e:
+            assert e.code == errno.ENOSPC, e
+            refused = lc
+            break
+    assert refused is not None and refused > 0, "the metadata area never filled"
+    flushed = b"".join(pattern(CHUNK, 1000 + lc) for lc in range(0, 64, 2))
+    for lc in range(0, 64, 2):
+        await g.write(lc * CHUNK, pattern(CHUNK, 1000 + lc))
+    await g.flush()
+    for lc in range(1, 64, 2):  # in flight when the server dies
+        g.submit(c.CMD_WRITE, lc * CHUNK, data=pattern(CHUNK, 2000 + lc))
+    await g.drain()
+    srv.kill()
+    await g.close()
+    await hog.close()
+
+    srv = serve(nbd_server_factory, pool, exports, "after")
+    g, hog = await clients(srv, "g", "hog")
+    got = await g.read(0, 64 * CHUNK)
+    assert b"".join(got[lc * CHUNK:(lc + 1) * CHUNK] for lc in range(0, 64, 2)) == flushed
+    with pytest.raises(NbdReplyError) as exc:
+        await hog.write(refused * CHUNK, pattern(CHUNK, 7))
+    assert exc.value.code == errno.ENOSPC
+    want = b"".join(pattern(CHUNK, 3000 + lc) for lc in range(64))
+    for lc in reversed(range(64)):
+        await g.write(lc * CHUNK, want[lc * CHUNK:(lc + 1) * CHUNK])
+    await g.flush()
+    assert await g.read(0, 64 * CHUNK) == want
+    await g.close()
+    await hog.close()
     srv.stop()
     check_clean(pool)
