@@ -19,8 +19,9 @@ each iteration:
 4. runs the workload: per written volume a few pipelined "slots" sending
    writes (unaligned, sector-aligned, chunk-aligned, multi-chunk; some FUA),
    trims, write-zeroes, flushes and reads checked against the acknowledged
-   content; meanwhile the CLI snapshots, forks, creates and deletes scratch
-   volumes, and defrags any volume (written ones too: defrag moves chunks and
+   content; meanwhile the CLI snapshots, forks and creates (some guaranteed: a
+   guarantee the pool cannot promise is refused and changes nothing), and
+   deletes scratch volumes, and defrags any volume (written ones too: defrag moves chunks and
    changes no byte), through the running server;
 5. kills the server with SIGKILL, as the iteration's *trigger* says: after a
    random delay; right after the k-th FLUSH or FUA reply; in the middle of a
@@ -51,6 +52,7 @@ import contextlib
 import itertools
 import json
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -79,6 +81,7 @@ CLI_TIMEOUT = 120.0
 READ_PIECE = 1 * MiB
 TRIGGERS = ("timer", "flush", "fua", "op", "cow", "fresh")
 TRIGGER_WEIGHTS = (25, 15, 10, 25, 15, 10)
+GUARANTEED_SHARE = 0.3  # of the volumes created: guaranteed (their promises cross kills too)
 
 ServerFactory = Callable[..., NbdServerProcess]
 
@@ -115,6 +118,8 @@ class Stats:
     reads_checked: int = 0
     ops_ok: int = 0
     ops_unknown: int = 0
+    ops_refused: int = 0  # guarantees the pool could not promise
+    guaranteed: int = 0  # guaranteed volumes created or forked
     bytes_checked: int = 0
     recovery_kills: int = 0
     offline_checks: int = 0
@@ -130,7 +135,9 @@ class Stats:
                 f"{self.requests} requests ({self.acked} answered, {self.unanswered} cut off "
                 f"by a kill), {self.flushes} flushes, {self.fua} FUA writes, "
                 f"{self.reads_checked} live reads checked; volume operations: {self.ops_ok} "
-                f"answered, {self.ops_unknown} cut off, {self.defrags} defrags; "
+                f"answered ({self.guaranteed} guaranteed), {self.ops_unknown} cut off, "
+                f"{self.ops_refused} refused, "
+                f"{self.defrags} defrags; "
                 f"{self.recovery_kills} kills during recovery, {self.offline_checks} offline "
                 "checks; "
                 f"{self.bytes_checked / MiB:.0f} MiB read back and checked; "
@@ -150,6 +157,7 @@ class PendingOp:
     written: bool = False  # the source takes writes in this run
     maybe: list[Event] = field(default_factory=list)
     answered: bool = False
+    guarantee: bool = False  # (create, fork) a guaranteed volume
 
 
 class Run:
@@ -399,6 +407,7 @@ class Campaign:
         self.pool_path = self.workdir / "pool.img"
         self.models: dict[str, VolumeModel] = {}
         self.writable: set[str] = set()
+        self.guaranteed: set[str] = set()  # volumes whose clones may be refused for space
         self.uncertain: dict[str, PendingOp] = {}  # operations whose answer was cut off
         self.names = itertools.count(1)
         self.eids = itertools.count(1)
@@ -806,20 +815,23 @@ class Campaign:
         if kind == "create":
             size = rng.randint(1, self.volume_size // (64 * KiB)) * 64 * KiB
             name = f"c{next(self.names)}"
-            return PendingOp("create", name, model=VolumeModel(name, size))
+            return PendingOp("create", name, model=VolumeModel(name, size),
+                             guarantee=rng.random() < GUARANTEED_SHARE)
         sources = [n for n in self.models if self._clonable(n) and n not in self.uncertain]
         hot = [n for n in sources if n in run.written]
         if hot and (rng.random() < 0.7 or run.trigger == "cow"):
             sources = hot
         if not sources:
             return None
-        return PendingOp(kind, f"{kind[0]}{next(self.names)}", source=rng.choice(sources))
+        return PendingOp(kind, f"{kind[0]}{next(self.names)}", source=rng.choice(sources),
+                         guarantee=kind == "fork" and rng.random() < GUARANTEED_SHARE)
 
     def op_begin(self, run: Run, op: PendingOp) -> tuple[str, dict[str, Any]]:
         """The control-socket request for `op`; captures what a copy will hold."""
         if op.kind == "create":
             assert op.model is not None
-            return "volume.create", {"name": op.name, "size": op.model.size}
+            return "volume.create", {"name": op.name, "size": op.model.size,
+                                     "guarantee": op.guarantee}
         if op.kind in ("delete", "defrag"):
             return f"volume.{op.kind}", {"name": op.name}
         assert op.source is not None
@@ -830,7 +842,21 @@ class Campaign:
             op.events_from = len(src.events)
         op.model = src.clone(op.name, snapshot=op.kind == "snapshot", written=op.written,
                              maybe=[])
-        return f"volume.{op.kind}", {"source": op.source, "name": op.name}
+        args: dict[str, Any] = {"source": op.source, "name": op.name}
+        if op.guarantee:
+            args["guarantee"] = True
+        return f"volume.{op.kind}", args
+
+    def _refused(self, op: PendingOp, error: str) -> bool:
+        """Whether `op` was refused, changing nothing, because the pool could not promise a
+        guarantee: a guaranteed create, or a clone of a guaranteed volume (whose chunks
+        are then promised to it again)."""
+        if not re.search(r"cannot (guarantee|clone) .*(free|promise)", error):
+            return False
+        if not (op.guarantee or op.source in self.guaranteed):
+            return False
+        self.stats.ops_refused += 1
+        return True
 
     def op_end(self, op: PendingOp, answered: bool) -> None:
         """`op` was answered (done), or cut off by the kill (perhaps done)."""
@@ -858,18 +884,26 @@ class Campaign:
     def add_volume(self, op: PendingOp) -> None:
         assert op.model is not None
         self.models[op.name] = op.model
+        if op.guarantee or (self.design == "linear" and op.source in self.guaranteed):
+            self.guaranteed.add(op.name)  # (linear: a clone of a guaranteed origin is too)
+        if op.guarantee:
+            self.stats.guaranteed += 1
         if op.kind != "snapshot":
             self.writable.add(op.name)
 
     async def op_through_cli(self, run: Run, op: PendingOp) -> None:
         _, args = self.op_begin(run, op)
         pool = str(self.pool_path)
-        argv = {"create": ["create", pool, op.name, "--size", str(args.get("size"))],
+        argv = {"create": ["create", pool, op.name, "--size", str(args.get("size")),
+                           *(["--guarantee"] if op.guarantee else [])],
                 "delete": ["delete", pool, op.name],
                 "defrag": ["defrag", pool, op.name],
                 "snapshot": ["snapshot", pool, str(op.source), op.name],
-                "fork": ["fork", pool, str(op.source), op.name]}[op.kind]
+                "fork": ["fork", pool, str(op.source), op.name,
+                         *(["--guarantee"] if op.guarantee else [])]}[op.kind]
         rc, _, err = await self.cli("volume", *argv, "--json", check=False, run=run)
+        if rc != 0 and self._refused(op, err):
+            return
         if rc != 0 and not run.killed:
             raise self.fail(f"nbdserver volume {' '.join(argv)} failed with the server "
                             f"up:\n{err}")
@@ -906,6 +940,9 @@ class Campaign:
         finally:
             writer.close()
         reply = json.loads(line) if line else None
+        if reply is not None and not reply.get("ok") and self._refused(op,
+                                                                       str(reply.get("error"))):
+            return
         if reply is not None and not reply.get("ok"):
             raise self.fail(f"control {name} {args} failed: {reply.get('error')}")
         self.op_end(op, answered=reply is not None)
