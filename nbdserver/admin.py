@@ -442,8 +442,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("name", metavar="NAME")
     p.add_argument("--size", type=_size, required=True, help="e.g. 10G")
     p.add_argument("--guarantee", action="store_true",
-                   help="reserve every chunk the volume could need, so that its writes never "
-                        "fail for lack of space (fails now if the pool cannot promise it)")
+                   help="reserve every chunk the volume could need (and, in radix and linear "
+                        "pools, every map page), so that its writes never fail for lack of "
+                        "space (fails now if the pool cannot promise it)")
     p.set_defaults(handler=cmd_volume_create)
 
     p = vsub.add_parser("snapshot", help="a read-only point-in-time copy (instant)")
@@ -456,7 +457,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     common(p)
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("name", metavar="NAME")
-    p.add_argument("--guarantee", action="store_true", help="reserve space for the fork")
+    p.add_argument("--guarantee", action="store_true",
+                   help="reserve every chunk and map page the fork could need, as for create")
     p.set_defaults(handler=cmd_volume_fork)
 
     p = vsub.add_parser("delete", help="delete a volume and free what only it used",
