@@ -78,7 +78,9 @@ bounded (nodes visited plus chunks freed, ``UNMAP_BUDGET``), and the call
 reports how far it got. Empty nodes are freed and a root with a single child
 collapses, but **under-full nodes are not merged** with their siblings: a
 volume that is trimmed heavily keeps some sparse leaves (they cost space, not
-correctness; lookups stay O(log n) in the records ever held).
+correctness; lookups stay O(log n) in the records ever held). So a volume's map
+pages have no useful bound (a leaf per chunk at worst): ``page_bound`` is None,
+and a guarantee in an extent pool covers data chunks only.
 
 **Allocation keeps contiguity on purpose** (:meth:`ExtentMap.alloc_hint`):
 a new chunk for `lc` goes right after the chunk of `lc - 1`; if `lc - 1` is
