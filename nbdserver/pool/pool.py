@@ -599,9 +599,7 @@ class Pool:
     def may_take_page(self, vol: VolumeRecord) -> None:
         """ENOSPC unless `vol` may take one more metadata page for its map now: a volume
         with a promise of pages may take any free page, another only one not promised."""
-        promised = self._pages_promised
-        if promised is None:
-            promised = self.pages_promised()
+        promised = self.pages_promised()
         if promised and self.meta.free <= promised and not self.page_promise(vol):
             raise NbdError(errno.ENOSPC, f"pool {self.path.name} has no free metadata page "
                            f"for thin volume {vol.name!r}: the last {self.meta.free} are "

@@ -19,10 +19,10 @@ each iteration:
 4. runs the workload: per written volume a few pipelined "slots" sending
    writes (unaligned, sector-aligned, chunk-aligned, multi-chunk; some FUA),
    trims, write-zeroes, flushes and reads checked against the acknowledged
-   content; meanwhile the CLI snapshots, forks and creates (some guaranteed: a
-   guarantee the pool cannot promise is refused and changes nothing), and
-   deletes scratch volumes, and defrags any volume (written ones too: defrag moves chunks and
-   changes no byte), through the running server;
+   content; meanwhile the CLI snapshots, forks, creates (some guaranteed: a
+   guarantee the pool cannot promise is refused and changes nothing) and
+   deletes scratch volumes, and defrags any volume (written ones too: defrag
+   moves chunks and changes no byte), through the running server;
 5. kills the server with SIGKILL, as the iteration's *trigger* says: after a
    random delay; right after the k-th FLUSH or FUA reply; in the middle of a
    snapshot, fork, create, delete or defrag sent on the control socket (the
@@ -136,8 +136,7 @@ class Stats:
                 f"by a kill), {self.flushes} flushes, {self.fua} FUA writes, "
                 f"{self.reads_checked} live reads checked; volume operations: {self.ops_ok} "
                 f"answered ({self.guaranteed} guaranteed), {self.ops_unknown} cut off, "
-                f"{self.ops_refused} refused, "
-                f"{self.defrags} defrags; "
+                f"{self.ops_refused} refused, {self.defrags} defrags; "
                 f"{self.recovery_kills} kills during recovery, {self.offline_checks} offline "
                 "checks; "
                 f"{self.bytes_checked / MiB:.0f} MiB read back and checked; "
@@ -940,12 +939,11 @@ class Campaign:
         finally:
             writer.close()
         reply = json.loads(line) if line else None
-        if reply is not None and not reply.get("ok") and self._refused(op,
-                                                                       str(reply.get("error"))):
-            return
         if reply is not None and not reply.get("ok"):
-            raise self.fail(f"control {name} {args} failed: {reply.get('error')}")
-        self.op_end(op, answered=reply is not None)
+            if not self._refused(op, str(reply.get("error"))):
+                raise self.fail(f"control {name} {args} failed: {reply.get('error')}")
+        else:
+            self.op_end(op, answered=reply is not None)
         if kill and reply is not None:
             run.kill(f"right after a {op.kind} of {op.name!r} was answered")
 
