@@ -395,7 +395,12 @@ async def test_sigterm_delivers_replies_to_a_slow_reader(nbd_server_factory: Ser
     answered = [r for r in results if isinstance(r, bytes)]
     assert answered, results
     assert all(r == data for r in answered)
-    assert all(isinstance(r, (bytes, ServerClosed)) for r in results), results
+    # A request the server had received but not yet taken (flow control holds back
+    # new work while replies wait for us) is refused with ESHUTDOWN; how many were
+    # taken in the half second depends on the machine's speed.
+    assert all(isinstance(r, (bytes, ServerClosed))
+               or (isinstance(r, NbdReplyError) and r.code == c.ESHUTDOWN)
+               for r in results), results
     srv.stop()
 
 
