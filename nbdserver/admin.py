@@ -427,8 +427,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
     p = psub.add_parser("check", help="verify every reference count and checksum",
                         description="Recount every reference from every volume's map and "
-                                    "compare with the space maps. Exit 0 when clean, 1 when "
-                                    "a problem is found (each one is named).")
+                                    "compare with the space maps, and verify that each "
+                                    "guaranteed volume is promised every chunk it may still "
+                                    "need. Exit 0 when clean, 1 when a problem is found "
+                                    "(each one is named).")
     common(p)
     p.set_defaults(handler=cmd_pool_check)
 

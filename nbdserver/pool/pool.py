@@ -211,6 +211,10 @@ class Pool:
         self._background: set[asyncio.Task[Any]] = set()
         self.in_use: dict[int, str] = {}  # volume id -> what uses it (an export)
         self._pages_promised: int | None = None  # (see pages_promised; None: count again)
+        # volume id -> chunks its unmaps freed, and times it was cloned, since the pool
+        # opened (never rolled back: see _shrink_promise, for which more is only safer)
+        self._unmap_frees: dict[int, int] = {}
+        self._clones_of: dict[int, int] = {}
         self.quiesce: dict[int, Callable[[], Awaitable[Callable[[], None]]]] = {}
         # volume id -> backends opened on it so far: a long operation that paused the
         # volume's writes (defrag) sees whether one opened since, unpaused.
@@ -565,6 +569,8 @@ class Pool:
         used = self.data.used
         result = self.map.unmap(vol, lc, count)
         freed = used - self.data.used
+        if freed > 0:
+            self._unmap_frees[vol.id] = self._unmap_frees.get(vol.id, 0) + freed
         if vol.guaranteed and freed > 0:
             again = min(freed, self._chunks_for(vol.size) - vol.reserved)
             if again > 0:
@@ -616,6 +622,55 @@ class Pool:
 
     def _chunks_for(self, size: int) -> int:
         return -(-size // self.chunk_size)
+
+    # A promise grows when a guaranteed volume's chunks become shared (a snapshot or fork
+    # of it: rewriting them needs new chunks) and must shrink back once the sharing ends
+    # (the clone deleted), or the pool keeps promising space no write can need. What a
+    # guaranteed volume can still need is one chunk per chunk it does not hold alone:
+    # its size in chunks minus its exclusive chunks. After a deletion, that is counted
+    # again for every guaranteed volume of the deleted one's family (the volumes that
+    # may have shared chunks with it), a slice of the map at a time while I/O goes on.
+    # The count may then go stale in one direction only: a write during the walk adds an
+    # exclusive chunk (and consumes its promise), so it only makes the count too low,
+    # which promises more. A trim frees an exclusive chunk the walk may have counted
+    # already (and promises it again): so every chunk the volume's unmaps freed during the
+    # walk is taken off the count. A clone of the volume during the walk makes every
+    # chunk shared: then nothing is changed. Another deletion only makes chunks exclusive.
+
+    def _family(self, vol: VolumeRecord) -> list[VolumeRecord]:
+        """Volumes (deleted ones included) with the same eldest ancestor as `vol`."""
+        root = self.ancestry(vol)[-1]
+        return [v for v in self.volumes.values() if self.ancestry(v)[-1] == root]
+
+    async def _shrink_promises(self, family: list[VolumeRecord]) -> int:
+        """Shrink the promise of each guaranteed volume in `family` to what it can still
+        need (see above); returns the chunks no longer promised."""
+        dropped = 0
+        for vol in family:
+            if (vol.id in self.volumes and not vol.deleted and vol.guaranteed
+                    and vol.reserved and self.map.needs_reservation(vol)):
+                dropped += await self._shrink_promise(vol)
+        return dropped
+
+    async def _shrink_promise(self, vol: VolumeRecord) -> int:
+        frees, clones, size = (self._unmap_frees.get(vol.id, 0),
+                               self._clones_of.get(vol.id, 0), vol.size)
+        exclusive = (await self.volume_stats(vol)).exclusive_chunks
+
+        def op() -> int:
+            if (self.volumes.get(vol.id) is not vol or vol.deleted or vol.size != size
+                    or self._clones_of.get(vol.id, 0) != clones):
+                return 0
+            sole = exclusive - (self._unmap_frees.get(vol.id, 0) - frees)
+            need = self._chunks_for(size) - max(0, sole)
+            drop = vol.reserved - need
+            if drop <= 0:
+                return 0
+            self.update_volume(vol, reserved=need)
+            self.update_state(data_reserved=self.state.data_reserved - drop)
+            return drop
+
+        return await self.cache.run(op)
 
     def _reserve(self, vol: VolumeRecord, chunks: int) -> None:
         """Promise `chunks` more to `vol` (inside a mini-transaction); UserError if impossible."""
@@ -946,6 +1001,7 @@ class Pool:
                 flags |= VF_GUARANTEE
 
             def op() -> VolumeRecord:
+                self._clones_of[src.id] = self._clones_of.get(src.id, 0) + 1
                 vol = self._new_record(name, src.size, parent=src.id, flags=flags)
                 with _refused_for_lack_of_pages(f"cannot clone {src.name!r}"):
                     self.map.clone(src, vol)
@@ -995,7 +1051,9 @@ class Pool:
 
         await self.cache.run(mark)
         await self.commit()
+        family = self._family(vol)
         await self._release(vol, progress)
+        await self._shrink_promises(family)
         await self.commit()
 
     async def _release(self, vol: VolumeRecord,
@@ -1030,7 +1088,9 @@ class Pool:
         for vol in list(self.volumes.values()):
             if vol.flags & VF_DELETING:
                 log.info("%s: finishing the deletion of volume %r", self.path, vol.name)
+                family = self._family(vol)
                 await self._release(vol)
+                await self._shrink_promises(family)
         await self.commit()
 
     async def set_read_only(self, name: str, read_only: bool) -> None:
@@ -1158,6 +1218,17 @@ class Pool:
             "in_use": in_use,
         }
 
+    def _exclusive_chunks_sync(self, vol: VolumeRecord) -> int:
+        """Chunks only `vol` references (see BlockMap.exclusive_range), counted a slice at
+        a time with the check's synchronous page reader."""
+        total = self._chunks_for(vol.size)
+        step = self.stats_slice or self.map.stats_slice()
+        exclusive = 0
+        for lc in range(0, total, step):
+            n = min(step, total - lc)
+            exclusive += self.map.exclusive_range(vol, lc, n, self.map.lookup(vol, lc, n))[0]
+        return exclusive
+
     async def check(self, progress: Callable[[str, int, int, int], None] | None = None,
                     ) -> CheckReport:
         """Recount every reference and compare with the space maps; name each problem.
@@ -1199,6 +1270,12 @@ class Pool:
                 names[vol.name] = vol.id
                 try:
                     self.map.references(vol, seen, ref_page, ref_chunk, report.problems.append)
+                    if vol.guaranteed and self.map.needs_reservation(vol):
+                        need = self._chunks_for(vol.size) - self._exclusive_chunks_sync(vol)
+                        if vol.reserved < need:
+                            report.problems.append(
+                                f"volume {vol.name!r} is guaranteed but promised {vol.reserved}"
+                                f" chunks, and its holes and shared chunks need {need}")
                 except FormatError as e:
                     report.problems.append(f"volume {vol.name!r}: {e}")
             for recount, table, what in ((page_refs, self.meta, "metadata page"),

@@ -22,7 +22,9 @@ import pytest
 from poolkit import MiB, PoolEnv, PoolFactory, Vol, design_names, pattern, zero_runs
 
 from nbdserver.backend.base import STATE_HOLE
+from nbdserver.blockmap.base import MapStats
 from nbdserver.errors import NbdError, UserError
+from nbdserver.pool.format import VolumeRecord
 
 
 async def thin_hog(env: PoolEnv, name: str, chunks: int) -> Vol:
@@ -344,3 +346,145 @@ async def test_a_guarantee_right_after_a_trim_waits_for_the_freed_chunks(
         await env.create("h", 256 * c, guarantee=True)
     assert await g.read(0, 32 * c) == pattern(1, 32 * c)
     await env.assert_clean()
+
+
+# -- a promise shrinks back once the sharing that made it grow ends ------------------------
+# (Designs with clones of clones: a linear guaranteed volume that takes chunks is a
+# snapshot or fork, which cannot be cloned, so its promise never grows past its need.)
+
+SHARING = [d for d in design_names() if d != "linear"]
+N = 48  # the guaranteed volume's chunks, of which WRITTEN are written
+WRITTEN = 32
+
+
+async def _half_written(make_pool: PoolFactory,
+                        design: str) -> tuple[PoolEnv, Vol, bytearray]:
+    """A guaranteed volume "g" of N chunks, the first WRITTEN written: promised the rest."""
+    env = await make_pool(design, size=6 * MiB, small=False)
+    c = env.chunk_size
+    g = await env.create("g", N * c, guarantee=True)
+    model = bytearray(N * c)
+    model[:WRITTEN * c] = pattern(1, WRITTEN * c)
+    await g.write(0, bytes(model[:WRITTEN * c]))
+    assert env.pool.volume("g").reserved == N - WRITTEN
+    return env, g, model
+
+
+async def _promise_still_covers_every_write(env: PoolEnv, g: Vol, model: bytearray) -> None:
+    """A thin volume takes every chunk not promised; g then rewrites every chunk, whole
+    and partly, and never gets ENOSPC; its content survives a reopen."""
+    c = env.chunk_size
+    hog = await thin_hog(env, "hog", 4 * env.pool.layout.data_chunks)
+    await fill(hog, c)
+    for lc in range(N):
+        data = pattern(100 + lc, c)
+        await g.write(lc * c, data)
+        model[lc * c:(lc + 1) * c] = data
+    for lc in range(0, N, 5):
+        await g.write(lc * c + 100, b"\x77" * 50)
+        model[lc * c + 100:lc * c + 150] = b"\x77" * 50
+    assert await g.read_all() == model
+    await env.reopen()
+    assert await env.vol("g").read_all() == model
+    await env.assert_clean()
+
+
+@pytest.mark.parametrize("design", SHARING)
+async def test_deleting_the_clones_gives_a_promise_back(make_pool: PoolFactory,
+                                                        design: str) -> None:
+    """A snapshot of g makes its written chunks shared: g is promised all N again. A fork
+    of that snapshot, and the snapshot's deletion (a tombstone: the fork still shares
+    g's chunks through it), keep that promise; the fork's deletion ends the sharing,
+    and g is promised only its holes again, also after a reopen, and that is enough."""
+    env, _g, model = await _half_written(make_pool, design)
+    pool = env.pool
+    c = env.chunk_size
+    await env.snapshot("g", "s")
+    assert pool.volume("g").reserved == N
+    f = await env.fork("s", "f")
+    await f.write((WRITTEN + 4) * c, pattern(5, 4 * c))  # (where g has holes)
+    await env.delete("s")
+    assert pool.volume("g").reserved == N, "g still shares its chunks with f"
+    await env.assert_clean()
+    await env.delete("f")
+    assert pool.volume("g").reserved == N - WRITTEN
+    assert pool.state.data_reserved == N - WRITTEN
+    assert pool.info()["reserved_bytes"] == (N - WRITTEN) * c
+    await env.reopen()
+    assert env.pool.volume("g").reserved == N - WRITTEN
+    await env.assert_clean()
+    await _promise_still_covers_every_write(env, env.vol("g"), model)
+
+
+@pytest.mark.parametrize("design", SHARING)
+async def test_a_trim_while_the_promise_is_counted_is_promised_again(
+        make_pool: PoolFactory, design: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The count of g's exclusive chunks is a walk that I/O interleaves with. A trim of
+    every written chunk right after the walk counted them frees them (and promises them
+    again): the new promise must not be the stale count's, which would leave WRITTEN
+    chunks unpromised."""
+    env, g, model = await _half_written(make_pool, design)
+    pool = env.pool
+    c = env.chunk_size
+    await env.snapshot("g", "s")
+    await env.delete("s")  # (g's chunks are its own again, but still promised)
+    await env.snapshot("g", "s")
+    counted = pool.volume_stats
+
+    async def count_then_trim(vol: VolumeRecord) -> MapStats:
+        stats = await counted(vol)
+        if vol.name == "g":
+            assert stats.exclusive_chunks == WRITTEN
+            await g.trim(0, WRITTEN * c)
+        return stats
+
+    monkeypatch.setattr(pool, "volume_stats", count_then_trim)
+    await env.delete("s")
+    monkeypatch.undo()
+    model[:WRITTEN * c] = bytes(WRITTEN * c)
+    assert pool.volume("g").reserved == N
+    await env.assert_clean()
+    await _promise_still_covers_every_write(env, g, model)
+
+
+@pytest.mark.parametrize("design", SHARING)
+async def test_a_clone_while_the_promise_is_counted_keeps_it(
+        make_pool: PoolFactory, design: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot of g taken while the count walks shares every chunk again: the count
+    is void and g keeps its whole promise until that snapshot is deleted too."""
+    env, g, model = await _half_written(make_pool, design)
+    pool = env.pool
+    await env.snapshot("g", "s")
+    counted = pool.volume_stats
+
+    async def count_then_snapshot(vol: VolumeRecord) -> MapStats:
+        stats = await counted(vol)
+        if vol.name == "g":
+            await env.snapshot("g", "t")
+        return stats
+
+    monkeypatch.setattr(pool, "volume_stats", count_then_snapshot)
+    await env.delete("s")
+    monkeypatch.undo()
+    assert pool.volume("g").reserved == N
+    await env.assert_clean()
+    await env.delete("t")
+    assert pool.volume("g").reserved == N - WRITTEN
+    await _promise_still_covers_every_write(env, g, model)
+
+
+@pytest.mark.parametrize("design", SHARING)
+async def test_pool_check_names_a_promise_smaller_than_the_need(make_pool: PoolFactory,
+                                                               design: str) -> None:
+    env, _g, _model = await _half_written(make_pool, design)
+    pool = env.pool
+    vol = pool.volume("g")
+
+    def shrink_too_far() -> None:
+        pool.update_volume(vol, reserved=N - WRITTEN - 1)
+        pool.update_state(data_reserved=pool.state.data_reserved - 1)
+
+    await pool.cache.run(shrink_too_far)
+    report = await env.check()
+    assert report.problems == [f"volume 'g' is guaranteed but promised {N - WRITTEN - 1} "
+                               f"chunks, and its holes and shared chunks need {N - WRITTEN}"]

@@ -9,6 +9,7 @@ moments by chance; here they are hit every time.
 from __future__ import annotations
 
 import errno
+import json
 from pathlib import Path
 from typing import Any
 
@@ -178,5 +179,50 @@ async def test_promised_map_pages_survive_kill(nbd_server_factory: ServerFactory
     assert await g.read(0, 64 * CHUNK) == want
     await g.close()
     await hog.close()
+    srv.stop()
+    check_clean(pool)
+
+
+def _json(*args: str | Path) -> Any:
+    return json.loads(run([*SERVER_CMD, *args, "--json"]).stdout)
+
+
+async def test_a_promise_given_back_by_a_deletion_survives_kill(nbd_server_factory: ServerFactory,
+                                                                tmp_path: Path) -> None:
+    """A snapshot of the guaranteed volume g shares its chunks, so g is promised its
+    whole size; deleting the snapshot (through the running server) gives back the
+    promise of the chunks g holds alone. The server is then killed with g's writes to
+    its holes in flight. After the restart the smaller promise still covers g's need
+    exactly (pool check counts it), and g writes every chunk."""
+    pool = pool_at(tmp_path)
+    chunk = _json("pool", "info", pool)["chunk_size"]
+    n = 64
+    run([*SERVER_CMD, "volume", "create", pool, "g", "--size", str(n * chunk), "--guarantee"])
+    srv = serve(nbd_server_factory, pool, [volume_export("g")], "first")
+    (g,) = await clients(srv, "g")
+    flushed = pattern(32 * chunk, 1)
+    await g.write(0, flushed)
+    await g.flush()
+    run([*SERVER_CMD, "volume", "snapshot", pool, "g", "s"])
+    assert _json("volume", "info", pool, "g")["reserved_bytes"] == n * chunk
+    run([*SERVER_CMD, "volume", "delete", pool, "s"])
+    assert _json("volume", "info", pool, "g")["reserved_bytes"] == (n - 32) * chunk
+    for lc in range(32, n):  # in flight when the server dies
+        g.submit(c.CMD_WRITE, lc * chunk, data=pattern(chunk, 100 + lc))
+    await g.drain()
+    srv.kill()
+    await g.close()
+
+    check_clean(pool)  # (also: every guaranteed volume is promised what it may need)
+    info = _json("volume", "info", pool, "g")
+    assert info["reserved_bytes"] + info["exclusive_bytes"] == n * chunk, info
+    srv = serve(nbd_server_factory, pool, [volume_export("g")], "after")
+    (g,) = await clients(srv, "g")
+    assert await g.read(0, 32 * chunk) == flushed
+    want = pattern(n * chunk, 7)
+    await g.write(0, want)
+    await g.flush()
+    assert await g.read(0, n * chunk) == want
+    await g.close()
     srv.stop()
     check_clean(pool)
