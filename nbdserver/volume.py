@@ -505,6 +505,7 @@ class VolumeBackend:
         charged = 0  # chunks mapped, charged to a guarantee at the end (Pool.charge)
         try:
             with cache.mtr():
+                frees = data.frees
                 for fresh, _ in batch:
                     if cache.dirty_count + born_pages >= limit:
                         break  # the rest waits for a commit (see Pool.run)
@@ -514,7 +515,7 @@ class VolumeBackend:
                         born_pages += 1 if n == 1 else data.pages_spanned(pc, n)
                     installed += 1
                 if charged:
-                    pool.charge(vol, charged)
+                    pool.charge(vol, charged - (data.frees - frees))
                 data.incref_runs(born)
         except (PageMiss, NbdError):
             installed = 0  # nothing of the batch was kept
@@ -595,9 +596,11 @@ class VolumeBackend:
 
     def _install(self, fresh: list[tuple[int, int, int]]) -> None:
         """Map freshly written runs of chunks (inside a mini-transaction)."""
+        data = self.pool.data
         for lc, pc, n in fresh:
+            frees = data.frees
             self.map.map_run(self.vol, lc, pc, n)
-            self.pool.charge(self.vol, n)
+            self.pool.charge(self.vol, n - (data.frees - frees))
 
     async def _write_slow(self, offset: int, data: bytes, fua: bool) -> None:
         await self._wait_unquiesced()
@@ -687,8 +690,9 @@ class VolumeBackend:
                 if fresh:
                     def install() -> None:
                         for lc, pc in fresh.items():
+                            frees = pool.data.frees
                             self.map.map(self.vol, lc, pc)
-                            if lc not in owned:
+                            if lc not in owned and pool.data.frees == frees:
                                 pool.charge(self.vol)
 
                     await pool.run(install)

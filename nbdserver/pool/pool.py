@@ -554,9 +554,13 @@ class Pool:
             raise NbdError(errno.ENOSPC, f"pool {self.path.name} has no free space")
 
     def charge(self, vol: VolumeRecord, chunks: int = 1) -> None:
-        """Chunks were mapped into `vol`: consume its guarantee (inside the
-        mini-transaction)."""
-        if vol.guaranteed and vol.reserved > 0:
+        """`chunks` fresh chunks were mapped into `vol` where it held no chunk alone (a
+        hole, or a chunk it shared): consume its guarantee (inside the mini-transaction).
+        A fresh chunk that replaced one the volume held alone (its map change freed the
+        old one: the write was planned while it was shared, and the sharing ended before
+        it was mapped) changes nothing the volume may still need, and is not charged;
+        callers count those through ``data.frees``."""
+        if vol.guaranteed and vol.reserved > 0 and chunks > 0:
             chunks = min(chunks, vol.reserved)
             self.update_volume(vol, reserved=vol.reserved - chunks)
             self.update_state(data_reserved=self.state.data_reserved - chunks)
@@ -632,9 +636,11 @@ class Pool:
     # may have shared chunks with it), a slice of the map at a time while I/O goes on.
     # The count may then go stale in one direction only: a write during the walk adds an
     # exclusive chunk (and consumes its promise), so it only makes the count too low,
-    # which promises more. A trim frees an exclusive chunk the walk may have counted
-    # already (and promises it again): so every chunk the volume's unmaps freed during the
-    # walk is taken off the count. A clone of the volume during the walk makes every
+    # which promises more; a copy planned while its chunk was shared and mapped once
+    # the sharing ended frees the old chunk instead, and is not charged (see charge). A
+    # trim frees an exclusive chunk the walk may have counted already (and promises it
+    # again): so every chunk the volume's unmaps freed during the walk is taken off the
+    # count. A clone of the volume during the walk makes every
     # chunk shared: then nothing is changed. Another deletion only makes chunks exclusive.
 
     def _family(self, vol: VolumeRecord) -> list[VolumeRecord]:
@@ -1270,7 +1276,7 @@ class Pool:
                 names[vol.name] = vol.id
                 try:
                     self.map.references(vol, seen, ref_page, ref_chunk, report.problems.append)
-                    if vol.guaranteed and self.map.needs_reservation(vol):
+                    if vol.guaranteed and not vol.deleted and self.map.needs_reservation(vol):
                         need = self._chunks_for(vol.size) - self._exclusive_chunks_sync(vol)
                         if vol.reserved < need:
                             report.problems.append(

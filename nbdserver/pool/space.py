@@ -71,6 +71,7 @@ class RefTable:
         self.spare = range(0)  # claimed ahead, not in flight: handed out from the start
         self.quarantine: set[int] = set()
         self._freed_since_snapshot: list[int] = []
+        self.frees = 0  # units that reached a count of zero so far (undone with their change)
         self._freed_by_commit: dict[int, list[int]] = {}
         self.cursor = 0
         self.used = 0
@@ -139,9 +140,11 @@ class RefTable:
         held = units if self.quarantine_frees else []
         self.quarantine.update(held)
         n = len(units)
+        self.frees += n
 
         def undo() -> None:
             del freed[-n:]
+            self.frees -= n
             self.quarantine.difference_update(held)
 
         self.cache.add_undo(undo)

@@ -18,7 +18,8 @@ After every step (:meth:`PoolModel.check_everything`):
   a nonzero byte, and ``qemu:allocation-depth`` 0 means the model reads zeros;
 - ``pool.check()`` is clean: no problem, no leaked chunk or page, the
   volumes' reservations add up to the pool's, and a guaranteed volume holds
-  at most its size in promises;
+  at most its size in promises and at least what it may need; right after a
+  deletion, the guaranteed volumes of its family hold exactly that need;
 - with no volume left at all, every data chunk is free again (reclamation).
 
 Designs with documented limits refuse operations with ``UserError`` exactly
@@ -342,7 +343,17 @@ class PoolModel(RuleBasedStateMachine):
             assert self._snapshot_state() == before
             assert name in self.env.names()
             return
+        root = pool.ancestry(pool.volume(name))[-1]
         self.run(self.env.delete(name))
+        # The guaranteed volumes of its family are promised exactly what they may still
+        # need again: a chunk per chunk they do not hold alone (nothing else runs now).
+        for vol in pool.live_volumes():
+            if (vol.guaranteed and pool.map.needs_reservation(vol)
+                    and pool.ancestry(vol)[-1] == root):
+                sole = self.run(pool.volume_stats(vol)).exclusive_chunks
+                assert vol.reserved == -(-vol.size // self.chunk) - sole, (
+                    f"after deleting {name!r}, {vol.name!r} is promised {vol.reserved} "
+                    f"chunks but holds {sole} of its {-(-vol.size // self.chunk)} alone")
         del self.model[name]
         self.read_only.discard(name)
         parent = self.parent.pop(name)

@@ -17,14 +17,25 @@ import errno
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import pytest
-from poolkit import MiB, PoolEnv, PoolFactory, Vol, design_names, pattern, zero_runs
+from poolkit import (
+    HoldingEngine,
+    MiB,
+    PoolEnv,
+    PoolFactory,
+    Vol,
+    design_names,
+    pattern,
+    zero_runs,
+)
 
 from nbdserver.backend.base import STATE_HOLE
 from nbdserver.blockmap.base import MapStats
 from nbdserver.errors import NbdError, UserError
 from nbdserver.pool.format import VolumeRecord
+from nbdserver.pool.pool import CheckReport
 
 
 async def thin_hog(env: PoolEnv, name: str, chunks: int) -> Vol:
@@ -488,3 +499,67 @@ async def test_pool_check_names_a_promise_smaller_than_the_need(make_pool: PoolF
     report = await env.check()
     assert report.problems == [f"volume 'g' is guaranteed but promised {N - WRITTEN - 1} "
                                f"chunks, and its holes and shared chunks need {N - WRITTEN}"]
+
+
+@pytest.mark.parametrize("design", SHARING)
+async def test_copies_in_flight_while_the_promise_shrinks_are_not_charged(
+        make_pool: PoolFactory, design: str) -> None:
+    """g's writes over chunks it shares with the snapshot s are planned as copies (a fresh
+    chunk each), and held at the device while s is deleted: the promise shrinks to g's
+    holes, the old chunks being g's alone now. Mapping the copies then frees those old
+    chunks, which changes nothing g may need, so they must not consume its promise
+    (they did: g was left a chunk short per copy, and its last writes got ENOSPC)."""
+    env, g, model = await _half_written(make_pool, design)
+    pool = env.pool
+    c = env.chunk_size
+    await env.snapshot("g", "s")
+    await env.release("g")
+    holder = HoldingEngine(pool.engine)
+    pool.engine = holder  # (before the volume's backend is made again)
+    g = env.vol("g")
+    holder.hold_writes(pool.layout.data_start, 1 << 62)
+    writes = [(lc * c, pattern(200 + lc, c)) for lc in range(8)]  # a chunk each
+    writes.append((8 * c, pattern(300, 4 * c)))  # four chunks in one request
+    writes.append((12 * c + 100, b"\x55" * 50))  # part of a chunk
+    tasks = [asyncio.ensure_future(g.write(offset, data)) for offset, data in writes]
+    deadline = time.monotonic() + 30
+    while len(holder.held_writes) < len(writes):
+        assert time.monotonic() < deadline, f"{len(holder.held_writes)} writes held"
+        await asyncio.sleep(0.01)
+    await env.delete("s")
+    assert pool.volume("g").reserved == N - WRITTEN
+    holder.release()
+    await asyncio.gather(*tasks)
+    for offset, data in writes:
+        model[offset:offset + len(data)] = data
+    assert pool.volume("g").reserved == N - WRITTEN
+    await env.assert_clean()
+    await _promise_still_covers_every_write(env, g, model)
+
+
+@pytest.mark.parametrize("design", design_names())
+async def test_pool_check_during_the_deletion_of_a_guaranteed_volume(
+        make_pool: PoolFactory, design: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A volume being deleted has given its promise back while its map is still there:
+    that is no problem for pool check (a running server answers one between the steps
+    of a long deletion)."""
+    env = await make_pool(design, size=6 * MiB, small=False)
+    pool = env.pool
+    c = env.chunk_size
+    g = await env.create("g", N * c, guarantee=True)
+    await g.write(0, pattern(1, WRITTEN * c))
+    victim = "g"
+    if design == "linear":  # (an origin needs no promise: a guaranteed fork does)
+        f = await env.fork("g", "f", guarantee=True)
+        await f.write(0, pattern(2, WRITTEN * c))
+        victim = "f"
+    release = pool._release
+    reports: list[CheckReport] = []
+
+    async def check_first(vol: VolumeRecord, progress: Callable[[], None] | None = None) -> None:
+        reports.append(await pool.check())
+        await release(vol, progress)
+
+    monkeypatch.setattr(pool, "_release", check_first)
+    await env.delete(victim)
+    assert reports and reports[0].ok, reports[0].problems

@@ -371,21 +371,47 @@ class HoldingEngine:
 
     ``hold(start, end)`` makes every later read overlapping [start, end) wait, not
     issued to the device, until ``release()``: the read then really happens, late,
-    as a slow device (or the kernel's reordering) may do. Everything else goes
-    straight to the real engine. Install with ``pool.engine = HoldingEngine(...)``
-    before making the backends (they keep the pool's engine).
+    as a slow device (or the kernel's reordering) may do; ``hold_writes(start, end)``
+    does the same for writes. Everything else goes straight to the real engine.
+    Install with ``pool.engine = HoldingEngine(...)`` before making the backends
+    (they keep the pool's engine).
     """
 
     def __init__(self, engine: IoEngine) -> None:
         self._engine = engine
         self._range: tuple[int, int] | None = None
+        self._write_range: tuple[int, int] | None = None
         self.held: list[tuple[Any, ...]] = []
+        self.held_writes: list[tuple[Any, ...]] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._engine, name)
 
     def hold(self, start: int, end: int) -> None:
         self._range = (start, end)
+
+    def hold_writes(self, start: int, end: int) -> None:
+        self._write_range = (start, end)
+
+    def write(self, fd: int, buf: Any, buf_offset: int, length: int, offset: int,
+              callback: Callable[[int], None], dsync: bool = False) -> None:
+        rng = self._write_range
+        if rng is not None and offset < rng[1] and rng[0] < offset + length:
+            self.held_writes.append((fd, buf, buf_offset, length, offset, callback, dsync))
+            return
+        self._engine.write(fd, buf, buf_offset, length, offset, callback, dsync)
+
+    async def awrite(self, fd: int, buf: Any, buf_offset: int, length: int, offset: int,
+                     dsync: bool = False) -> int:
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.write(fd, buf, buf_offset, length, offset,
+                   lambda res: fut.done() or fut.set_result(res),  # type: ignore[func-returns-value]
+                   dsync)
+        self._engine.kick()
+        res = await fut
+        if res < 0:
+            raise OSError(-res, f"write at {offset}")
+        return res
 
     def read(self, fd: int, buf: Any, buf_offset: int, length: int, offset: int,
              callback: Callable[[int], None]) -> None:
@@ -406,10 +432,13 @@ class HoldingEngine:
         return res
 
     def release(self) -> None:
-        self._range = None
+        self._range = self._write_range = None
         held, self.held = self.held, []
         for args in held:
             self._engine.read(*args)
+        writes, self.held_writes = self.held_writes, []
+        for args in writes:
+            self._engine.write(*args)
         self._engine.kick()
 
 
