@@ -655,7 +655,13 @@ class Pool:
         for vol in family:
             if (vol.id in self.volumes and not vol.deleted and vol.guaranteed
                     and vol.reserved and self.map.needs_reservation(vol)):
-                dropped += await self._shrink_promise(vol)
+                try:
+                    dropped += await self._shrink_promise(vol)
+                except (OSError, NbdError, FormatError) as e:
+                    # (the larger promise is safe: a deletion, or the pool's opening,
+                    # must not fail for what only gives space back)
+                    log.warning("%s: the promise of volume %r was not counted again: %s",
+                                self.path, vol.name, _describe(e))
         return dropped
 
     async def _shrink_promise(self, vol: VolumeRecord) -> int:
@@ -1085,6 +1091,8 @@ class Pool:
             return
         self.update_volume(vol, flags=0)
         self.volumes.pop(vol.id)
+        self._unmap_frees.pop(vol.id, None)  # (ids are never used again)
+        self._clones_of.pop(vol.id, None)
         self.cache.add_undo(lambda: self.volumes.__setitem__(vol.id, vol))
         parent = self.volumes.get(vol.parent)
         if parent is not None and parent.flags & VF_DELETED:

@@ -563,3 +563,23 @@ async def test_pool_check_during_the_deletion_of_a_guaranteed_volume(
     monkeypatch.setattr(pool, "_release", check_first)
     await env.delete(victim)
     assert reports and reports[0].ok, reports[0].problems
+
+
+@pytest.mark.parametrize("design", SHARING)
+async def test_a_failed_count_keeps_the_promise_and_the_deletion(
+        make_pool: PoolFactory, design: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device error while counting g's exclusive chunks fails neither the deletion nor
+    anything else: g keeps its larger promise, which is safe."""
+    env, _g, _model = await _half_written(make_pool, design)
+    pool = env.pool
+    await env.snapshot("g", "s")
+
+    async def broken(vol: VolumeRecord) -> MapStats:
+        raise OSError(errno.EIO, "read of a map page")
+
+    monkeypatch.setattr(pool, "volume_stats", broken)
+    await env.delete("s")
+    monkeypatch.undo()
+    assert "s" not in env.names()
+    assert pool.volume("g").reserved == N
+    await env.assert_clean()
