@@ -55,7 +55,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.info("configuration %s", path)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         clean = runner.run(serve(config))
+        _ignore_late_stops(runner.get_loop())
     return EXIT_OK if clean else EXIT_FAILED
+
+
+def _ignore_late_stops(loop: asyncio.AbstractEventLoop) -> None:
+    """Once stopped, a repeated SIGTERM or SIGHUP (a supervisor's, a script's) changes
+    nothing, also while the process exits: closing the loop would give them back their
+    default action, which kills (status -15 instead of the stop's own). The signals are
+    blocked while the loop's handlers give way to SIG_IGN, so none slips in between."""
+    import signal
+
+    late = {signal.SIGTERM, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, late)
+    try:
+        for sig in late:
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, late)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

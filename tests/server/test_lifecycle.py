@@ -7,6 +7,7 @@ non-zero exit, never a traceback (``nbdserver.cli``: tracebacks are for bugs).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -45,7 +46,7 @@ from nbdclient import (
 )
 
 from nbdserver.protocol import constants as c
-from nbdserver.server.connection import LINGER_SECONDS
+from nbdserver.server.connection import LINGER_SECONDS, SEND_BUFFER, WRITE_HIGH_WATER
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -105,23 +106,39 @@ def test_handshake_timeout_closes_idle_client(nbd_server_factory: ServerFactory,
     assert "handshake not finished" in srv.stderr
 
 
-def _flood_options_without_reading(path: Path | None) -> socket.socket:
-    """A client that sends thousands of options whose error replies (naming a long
-    export name) it never reads: they fill the socket and queue up in the server."""
+def _flood_options_without_reading(path: Path | None, count: int = 4000, *,
+                                   then: bytes = b"") -> socket.socket:
+    """A client that sends `count` options whose error replies (naming a long export
+    name, about 4 KiB each) it never reads: they fill the socket and queue up in the
+    server. With `then` (bytes sent after them), `count` must leave the server reading:
+    every byte is sent, however long it takes; else sending stops after 1.5 s."""
     s = raw_socket(path)
     recv_exact(s, 18)
     name = b"x" * 4000
     go = option(c.OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
-    blob = client_flags() + go * 4000
+    blob = client_flags() + go * count + then
     s.setblocking(False)
-    sent, deadline = 0, time.monotonic() + 1.5
+    sent, deadline = 0, time.monotonic() + (30 if then else 1.5)
     while sent < len(blob) and time.monotonic() < deadline:
         try:
             sent += s.send(blob[sent:sent + 65536])
         except BlockingIOError:
             time.sleep(0.01)  # the server's replies are stuck: it stopped reading
+    if then:
+        assert sent == len(blob), f"only {sent} of {len(blob)} bytes sent"
     assert sent > 1 * MiB, f"only {sent} bytes sent: the server stopped reading early"
     return s
+
+
+def _options_that_overflow_the_socket_only() -> int:
+    """How many flooding options make replies more than the server's socket holds but
+    less than its write buffer takes before it stops reading (see connection.py)."""
+    try:
+        wmem_max = int(Path("/proc/sys/net/core/wmem_max").read_text())
+    except (OSError, ValueError):
+        wmem_max = 212992
+    socket_holds = 2 * min(SEND_BUFFER, wmem_max)  # (the kernel doubles what is asked)
+    return (socket_holds + WRITE_HIGH_WATER // 2) // 4000 + 1
 
 
 def test_handshake_timeout_frees_the_slot_of_a_client_that_never_reads(
@@ -145,18 +162,26 @@ def test_protocol_violation_frees_the_slot_of_a_client_that_never_reads(
     """The same after a protocol violation (a bad option magic): the error and the
     queued replies get LINGER_SECONDS to be taken, then the connection goes."""
     srv = nbd_server_factory([file_export("disk", tmp_path / "d.img", "1M")],
-                             server={"max-connections": 1})
-    hog = _flood_options_without_reading(srv.socket_path)
-    hog.setblocking(True)
-    hog.sendall(option(c.OPT_LIST, magic=0x1234))  # (read once the server reads again)
+                             server={"max-connections": 1, "handshake-timeout": "120s"})
+    hog = _flood_options_without_reading(srv.socket_path, _options_that_overflow_the_socket_only(),
+                                         then=option(c.OPT_LIST, magic=0x1234))
     deadline = time.monotonic() + LINGER_SECONDS + 10
     while "closing connection" not in srv.stderr:
         assert time.monotonic() < deadline, "the server never saw the violation"
         time.sleep(0.1)
-    time.sleep(LINGER_SECONDS + 1.5)
-    late = raw_socket(srv.socket_path)
-    raw_handshake(late, "disk")
-    late.close()
+    time.sleep(LINGER_SECONDS)
+    deadline = time.monotonic() + 30
+    while True:  # the slot frees once the linger time is over
+        late = raw_socket(srv.socket_path)
+        try:
+            raw_handshake(late, "disk")
+            break
+        except (AssertionError, OSError, ServerClosed):
+            assert time.monotonic() < deadline, "the slot was never freed"
+            time.sleep(0.2)
+        finally:
+            late.close()
+    hog.close()
     hog.close()
 
 
@@ -446,6 +471,26 @@ def test_signal_stops_idle_server_cleanly(nbd_server_factory: ServerFactory, tmp
     assert time.monotonic() - start < LINGER_SECONDS  # it did not wait the client out
     assert "Traceback" not in srv.stderr
     assert not srv.socket_path.exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_repeated_until_the_server_exits_changes_nothing(
+        nbd_server_factory: ServerFactory, tmp_path: Path, sig: int) -> None:
+    """A supervisor that repeats its SIGTERM (or SIGHUP) every millisecond until the
+    server is gone: the server still stops cleanly with status 0. It used to die of
+    one that came after the event loop closed (its handlers gone), status -15."""
+    srv = nbd_server_factory([file_export("disk", tmp_path / "d.img", "1M")])
+    deadline = time.monotonic() + 30
+    sent = 0
+    while srv.alive():
+        assert time.monotonic() < deadline, "the server did not stop"
+        with contextlib.suppress(ProcessLookupError):
+            srv.signal(sig)
+            sent += 1
+        time.sleep(0.001)
+    assert sent > 1
+    assert srv.wait(5) == 0, srv.stderr
+    assert "Traceback" not in srv.stderr
 
 
 def test_sighup_ignored_at_start_is_left_ignored(tmp_path: Path) -> None:
