@@ -809,7 +809,9 @@ class VolumeBackend:
 
         Holds that volume's chunk lock if it is exported here, so that its own write of
         the chunk cannot interleave with the copy; skipped if, by then, it no longer needs
-        the copy (it wrote the chunk meanwhile, or it is being deleted).
+        the copy (it wrote the chunk meanwhile, or it is being deleted). A backend of it
+        opened during the copy has locks this one does not hold, so the copy is mapped
+        only if, at that moment, the volume still reads this chunk (see _copy_out).
         """
         pool = self.pool
         locks = _CHUNK_LOCKS.get(pool, {}).get(vid)
@@ -837,14 +839,23 @@ class VolumeBackend:
             finally:
                 self.buffers.put(buf)
 
-            def install() -> None:
+            def install() -> bool:
+                # Still needed? A backend of the snapshot (a fork) opened after _preserve
+                # looked for its chunk locks may have written the chunk meanwhile: its
+                # own write must stay, and mapping the copy would throw it away.
+                target = self.map.write_target(self.vol, lc)
+                if not isinstance(target, CopyOut) or snap.id not in target.preserve:
+                    return False
                 self.map.map(snap, lc, new)
                 pool.charge(snap)
+                return True
 
-            await pool.run(install)
+            installed = await pool.run(install)
         except BaseException:
             pool.data.unclaim(new)
             raise
+        if not installed:
+            pool.data.unclaim(new)
 
     # -- trim and zero ---------------------------------------------------------------------------
 

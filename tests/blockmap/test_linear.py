@@ -16,12 +16,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from poolkit import PoolEnv, PoolFactory, pattern
+from poolkit import HoldingEngine, PoolEnv, PoolFactory, pattern
+from test_blockmap_space import fill, thin_hog
 
 from nbdserver.backend.base import ALLOCATION_DEPTH, BASE_ALLOCATION, STATE_HOLE, STATE_ZERO
 from nbdserver.blockmap.base import HOLE, Claim, CopyOut, InPlace, Redirect
 from nbdserver.blockmap.linear import LinearMap
-from nbdserver.errors import UserError
+from nbdserver.errors import NbdError, UserError
 
 CHUNK = 4096
 KiB = 1024
@@ -507,4 +508,54 @@ async def test_one_step_of_a_big_unmap_fits_the_journal(make_pool: PoolFactory,
     assert pool.failed is None, pool.failed
     assert await o.read(0, size) == pattern(1, size)
     await env.reopen()
+    await env.assert_clean()
+
+
+async def test_a_copy_out_keeps_a_write_of_the_fork_opened_meanwhile(
+        make_pool: PoolFactory) -> None:
+    """The origin's write copies chunk 0 out into its guaranteed fork f, which no client
+    had open when the copy began (so the copy found no chunk lock of f's to hold). While
+    the copy's read of the origin is slow, a client opens f and writes chunk 0 itself.
+    The copy must then be dropped: mapping it threw f's write away (f read the origin's
+    old data) and charged f's promise twice, and f's last write later got ENOSPC."""
+    from poolkit import MiB
+
+
+    n = 16
+    env = await make_pool("linear", size=6 * MiB, small=False)
+    pool = env.pool
+    c = env.chunk_size
+    o = await env.create("o", n * c, guarantee=True)
+    await o.write(0, pattern(1, n * c))
+    await env.fork("o", "f", guarantee=True)
+    await env.release("f")  # exported, with no client yet
+    await env.release("o")
+    holder = HoldingEngine(pool.engine)
+    pool.engine = holder  # (before the backends are made again)
+    o = env.vol("o")
+    first = pool.layout.data_start + pool.map.lookup(pool.volume("o"), 0, 1)[0].pc * c
+    holder.hold(first, first + c)  # the copy's read of the origin's chunk 0
+    origin_write = asyncio.ensure_future(o.write(0, pattern(2, c)))
+    for _ in range(1000):
+        if holder.held:
+            break
+        await asyncio.sleep(0.005)
+    assert holder.held, "the copy never read the origin"
+    f = env.vol("f")  # a client opens f now
+    await f.write(0, pattern(3, c))
+    promised = pool.volume("f").reserved
+    holder.release()
+    await origin_write
+    assert await f.read(0, c) == pattern(3, c), "the copy-out threw the fork's write away"
+    assert await o.read(0, c) == pattern(2, c)
+    assert pool.volume("f").reserved == promised
+    await env.assert_clean()
+    await pool.commit()
+    hog = await thin_hog(env, "hog", 4 * pool.layout.data_chunks)
+    await fill(hog, c)
+    for lc in range(1, n):  # f's other chunks, in a full pool: none may fail
+        try:
+            await f.write(lc * c, pattern(50 + lc, c))
+        except NbdError as e:
+            raise AssertionError(f"f's write of chunk {lc}: {e}") from None
     await env.assert_clean()
