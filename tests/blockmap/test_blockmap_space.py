@@ -16,6 +16,7 @@ import asyncio
 import errno
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -312,23 +313,26 @@ async def test_a_linear_snapshot_being_deleted_takes_no_copies(make_pool: PoolFa
     hog = await thin_hog(env, "hog", 4 * pool.layout.data_chunks)
     lc = await fill(hog, c)
     await pool.commit()
-    slow = [True]
+    fast = threading.Event()
     plain = pool.device.flush
 
-    def flush() -> None:  # the data fdatasync of a commit takes a while
-        if slow[0]:
-            time.sleep(1.0)
+    def flush() -> None:  # the data fdatasync of a commit takes a while (until `fast`)
+        fast.wait(15)
         plain()
 
     pool.device.flush = flush  # type: ignore[method-assign]
     await env.release("s")
     delete = asyncio.ensure_future(pool.delete_volume("s"))
-    await asyncio.sleep(0.2)  # the mark is made; its commit is in its fdatasync
-    assert pool.state.data_reserved == 0  # s's promise was given back
+    deadline = time.monotonic() + 10
+    while pool.state.data_reserved:  # the mark is made; its commit is in its fdatasync
+        assert time.monotonic() < deadline, "s's promise was never given back"
+        await asyncio.sleep(0.01)
     await fill(hog, c, start=lc)  # the thin volume takes what s no longer holds
     assert not delete.done()  # (still in the window)
-    await o.write(0, pattern(9, c))  # copies chunk 0 for s first? not once s is gone
-    slow[0] = False
+    write = asyncio.ensure_future(o.write(0, pattern(9, c)))  # copies chunk 0 for s
+    await asyncio.sleep(0.2)  # first? not once s is gone: it waits for the mark
+    fast.set()
+    await write
     await delete
     assert await o.read(0, 2 * c) == pattern(9, c) + pattern(1, 256 * c)[c:2 * c]
     await env.assert_clean()
