@@ -248,9 +248,20 @@ class NbdConnection(asyncio.Protocol):
     # -- output -----------------------------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
-        assert self.transport is not None
+        transport = self.transport
+        assert transport is not None
         self._written += len(data)
-        self.transport.write(data)
+        transport.write(data)
+        if transport.is_closing():
+            self._peer_gone()
+
+    def _peer_gone(self) -> None:
+        """A write failed (the client closed or reset the connection): the transport is
+        closing and connection_lost follows. Take no more requests meanwhile: those that
+        complete at once (BLOCK_STATUS, READs of holes) would otherwise go on being taken
+        and answered into the void for as long as the received ones last, since no
+        reply ever fills the write buffer to stop them."""
+        self._writing_paused = True
 
     def _queue_reply(self, data: bytes) -> None:
         """Send a small reply with the others of this completion batch.
@@ -348,6 +359,8 @@ class NbdConnection(asyncio.Protocol):
                 transport.writelines(parts)
                 self._held.append((self._written, result))
                 self._release_held()
+                if transport.is_closing():
+                    self._peer_gone()
         self._finished(req)
 
     def _done(self, req: Request, error: NbdError | None) -> None:
