@@ -50,6 +50,8 @@ class _SlowWrites:
     def write(self, fd, buf, buf_offset, length, offset, callback, dsync=False):
         if os.path.exists(_trigger):
             real = callback
+            with open(_trigger + ".held", "a") as held:  # (tests wait for it)
+                held.write("x ")
 
             def callback(res):
                 self._real.loop.call_later({delay!r}, real, res)
@@ -86,6 +88,22 @@ def _slow_server(factory: ServerFactory, tmp_path: Path, stop_timeout: str) -> t
     return srv, pool, trigger
 
 
+async def _writes_held(trigger: Path, count: int) -> None:
+    """Wait until the slow device holds `count` data writes (they were taken)."""
+    held = Path(f"{trigger}.held")
+    deadline = time.monotonic() + 15
+    while not held.exists() or len(held.read_text().split()) < count:
+        assert time.monotonic() < deadline, "the writes never reached the device"
+        await asyncio.sleep(0.02)
+
+
+async def _stderr_says(srv: NbdServerProcess, text: str) -> None:
+    deadline = time.monotonic() + 15
+    while text not in srv.stderr:
+        assert time.monotonic() < deadline, f"the server never logged {text!r}"
+        await asyncio.sleep(0.02)
+
+
 async def _flushed_then_slow(v: NbdClient, trigger: Path, seed: int) -> bytes:
     """Write and flush 64 KiB at 0 (returned), then make the device slow."""
     flushed = pattern(64 * KiB, seed)
@@ -103,7 +121,7 @@ async def test_stop_timeout_drops_requests_in_flight_and_commits_what_they_wrote
     late = pattern(4 * KiB, 2)
     fresh = v.submit(c.CMD_WRITE, 1024 * KiB, data=late)  # a new chunk: maps when it ends
     await v.drain()
-    await asyncio.sleep(0.3)
+    await _writes_held(trigger, 1)  # taken: in flight, not refused with ESHUTDOWN
     start = time.monotonic()
     srv.signal(signal.SIGTERM)
     with pytest.raises(ServerClosed):  # never acknowledged
@@ -131,13 +149,12 @@ async def test_sigint_during_a_stop_exits_at_once_and_a_restart_recovers(
     for i in range(8):  # in flight for DELAY seconds each
         v.submit(c.CMD_WRITE, (1024 + 4 * i) * KiB, data=pattern(4 * KiB, 10 + i))
     await v.drain()
-    await asyncio.sleep(0.3)
+    await _writes_held(trigger, 8)
     srv.signal(signal.SIGTERM)
-    await asyncio.sleep(0.3)
+    await _stderr_says(srv, "stopping: finishing")
     srv.signal(signal.SIGTERM)  # a repeated SIGTERM: still a clean stop, waiting
-    await asyncio.sleep(0.3)
+    await _stderr_says(srv, "already stopping")
     assert srv.proc is not None and srv.proc.poll() is None
-    assert "already stopping" in srv.stderr
     start = time.monotonic()
     srv.signal(signal.SIGINT)
     assert srv.wait(DELAY) == 1  # at once, not after the writes or the stop timeout
