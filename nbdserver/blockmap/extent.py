@@ -76,11 +76,23 @@ records being dropped (no increment then decrement); owned subtrees are
 walked and their chunks freed a refcount page at a time. Work per call is
 bounded (nodes visited plus chunks freed, ``UNMAP_BUDGET``), and the call
 reports how far it got. Empty nodes are freed and a root with a single child
-collapses, but **under-full nodes are not merged** with their siblings: a
-volume that is trimmed heavily keeps some sparse leaves (they cost space, not
-correctness; lookups stay O(log n) in the records ever held). So a volume's map
-pages have no useful bound (a leaf per chunk at worst): ``page_bound`` is None,
-and a guarantee in an extent pool covers data chunks only.
+collapses.
+
+**Every node but the root is at least half full** (``_fill_min``: 84 of 169
+records, 127 of 254 children), which bounds a volume's map pages
+(:meth:`ExtentMap.page_bound`: at most one record per chunk, so at most
+chunks / 84 leaves, about 1/83 of the chunk count in all) and lets a
+guarantee promise them. Splits leave both halves so (a sequential append's
+split fills the first full and the last to half). A node that a trim, or a
+write that joined records (or a claim), leaves short is joined with a
+neighbour (``_join``): into one node if both fit, else into two evenly
+filled ones. A neighbour still shared is not changed: what it points at
+gains a reference and this path drops it (so a join may take a page, as a
+copy on write does). Joining two interior nodes puts the children either
+side of the seam next to each other, and a short child can only have
+survived there (as the single child of its node), so the seam is joined
+too, down the tree. A deleted volume's release skips all this: it must never
+need a page, and its nodes are going.
 
 **Allocation keeps contiguity on purpose** (:meth:`ExtentMap.alloc_hint`):
 a new chunk for `lc` goes right after the chunk of `lc - 1`; if `lc - 1` is
@@ -221,13 +233,24 @@ def _marked(entries: list[Entry], writable: bool) -> list[Entry]:
 
 
 def _split_sizes(n: int, cap: int, append: bool) -> list[int]:
-    """How to cut `n` entries into nodes of at most `cap`: evenly, or, when the node
-    grew at its end (sequential writes), filling the first nodes full."""
+    """How to cut `n` (> `cap`) entries into nodes of at most `cap` and at least half of
+    it (:func:`_fill_min`): evenly, or, when the node grew at its end (sequential
+    writes), filling the first nodes full and the last one to that half at least."""
     pieces = -(-n // cap)
     if append:
-        return [cap] * (pieces - 1) + [n - cap * (pieces - 1)]
+        sizes = [cap] * (pieces - 1) + [n - cap * (pieces - 1)]
+        short = _fill_min(cap) - sizes[-1]
+        if short > 0:  # the one before has cap entries: it can spare them
+            sizes[-2] -= short
+            sizes[-1] += short
+        return sizes
     base, extra = divmod(n, pieces)
     return [base + (1 if i < extra else 0) for i in range(pieces)]
+
+
+def _fill_min(cap: int) -> int:
+    """The fewest entries a node other than the root holds, with room for `cap`."""
+    return cap // 2
 
 
 @register
@@ -245,6 +268,8 @@ class ExtentMap(BlockMap):
         self.leaf_cap = leaf or MAX_LEAF
         self.inner_cap = inner or (min(leaf, MAX_INNER) if leaf else MAX_INNER)
         self.max_extent = longest or DEFAULT_MAX_EXTENT
+        self.leaf_min = _fill_min(self.leaf_cap)
+        self.inner_min = _fill_min(self.inner_cap)
         if not 2 <= self.leaf_cap <= MAX_LEAF:
             raise ValueError(f"extent leaf capacity {self.leaf_cap} out of range 2..{MAX_LEAF}")
         if not 2 <= self.inner_cap <= MAX_INNER:
@@ -257,6 +282,11 @@ class ExtentMap(BlockMap):
         self.reach = max(1, HINT_REACH_BYTES // self.chunk_size)
         self.spread = max(1, SPREAD_BYTES // self.chunk_size)
         self._dropped = 0  # see _unmap_range
+        self._refilling = True  # see _unmap_range
+        self._node_writes = 0  # nodes rewritten by unmapping so far (see _unmap_inner)
+        # The volume whose map the current operation changes (set where each operation
+        # that can take pages starts: _own_path and _unmap_range), for _new_page.
+        self._taker: VolumeRecord | None = None
         # Volume id -> the logical chunk its last allocation hint was for: a hint of where
         # streams are (an old value only costs placement, never correctness).
         self._last_hint: dict[int, int] = {}
@@ -289,6 +319,20 @@ class ExtentMap(BlockMap):
         state = bytearray(vol.map_state)
         _STATE.pack_into(state, 0, 0, 0)
         vol.map_state = bytes(state)
+
+    def page_bound(self, vol: VolumeRecord) -> int | None:
+        """The most nodes a tree over the volume's chunks can hold: at most one record
+        per chunk, every node but the root at least half full (see ``_join``), and a
+        root of height > 1 with two children at least (a root left with one goes). None
+        when the nodes are so small that half full is one entry (no bound then)."""
+        if self.leaf_min < 2 or self.inner_min < 2:
+            return None
+        chunks = max(1, -(-vol.size // self.chunk_size))
+        pages, nodes = 1, chunks // self.leaf_min  # the root; the most leaves below one
+        while nodes >= 2:  # a level below the root has two nodes at least
+            pages += nodes
+            nodes //= self.inner_min
+        return pages
 
     def clone(self, src: VolumeRecord, dst: VolumeRecord) -> None:
         root, height = self._state(src)
@@ -589,6 +633,10 @@ class ExtentMap(BlockMap):
     # -- changing the tree -------------------------------------------------------------------
 
     def _new_page(self, near: int | None = None) -> tuple[int, bytearray]:
+        """A free metadata page for the map of the volume being changed (``_taker``: a
+        thin one never takes the pages promised to guaranteed ones)."""
+        if self._taker is not None:
+            self.pool.may_take_page(self._taker)
         idx = self.meta.allocate(None if near is None else near & IDX_MASK)
         return idx, self.cache.create(self._page(idx), PT_EXTENT)
 
@@ -642,6 +690,7 @@ class ExtentMap(BlockMap):
             flat = _flat_entries(piece) if level else _flat_records(piece)  # type: ignore[arg-type]
             _write_node(page, level, flat)
             out.append((lo if k == 0 else piece[0][0], node_idx))
+        self._node_writes += 1
         return out
 
     def _set_root(self, vol: VolumeRecord, entries: list[Entry], height: int) -> None:
@@ -668,9 +717,111 @@ class ExtentMap(BlockMap):
         if (root, height) != self._state(vol):
             self._set_state(vol, root, height)
 
+    # -- keeping nodes at least half full ---------------------------------------------------
+
+    def _join(self, left: Entry, right: Entry, level: int) -> list[Entry]:
+        """Two neighbouring children of one node (entries, `right`'s key its range's lower
+        bound) rebuilt as one node of `level` if their entries fit, else as two evenly
+        filled. Returns the entries replacing them, writable: the nodes are this path's
+        own. A node of one reference gives its page; a shared one stays as it was for
+        its other holders (what it points at gains a reference) and this path drops it.
+        Bits are kept only from a node reached through a writable entry and solely held
+        (they are then as trustworthy as before); all others are cleared."""
+        cap, width = (self.inner_cap, 2) if level else (self.leaf_cap, 3)
+        flat: list[int] = []  # the entries of both, as u64s (see _leaf_view, _inner_view)
+        own: list[int] = []  # pages to reuse, left first
+        shared: list[int] = []
+        for key, child in (left, right):
+            idx = child & IDX_MASK
+            refs = self.meta.get(idx)
+            node = self.cache.get(self._page(idx))
+            q = (_inner_view(node) if level else _leaf_view(node)).tolist()
+            if flat and level:  # routing ignores key 0: the right node's range starts at key
+                q[0] = key
+            if refs > 1:
+                if level:
+                    for c in q[1::2]:
+                        self.meta.incref(c & IDX_MASK)
+                else:
+                    for j in range(0, len(q), 3):
+                        self.data.incref_run(q[j + 1], q[j + 2] & LEN_MASK)
+            if not (child & WRITABLE and refs == 1):  # (bit 63: a child's, a record's tag)
+                q[width - 1::width] = [w & IDX_MASK for w in q[width - 1::width]]
+            if level and not flat:
+                seam = len(q) // 2  # the left node's children come first
+            flat += q
+            (own if refs == 1 else shared).append(idx)
+        if level:
+            # A child short of half full survives only as the single child of its node
+            # (no neighbour to join): that node is one of these two, so the child is at
+            # the seam, where it has neighbours now.
+            items = [(flat[j], flat[j + 1]) for j in range(0, len(flat), 2)]
+            marks = [False] * len(items)
+            marks[seam - 1] = marks[seam] = True
+            if self._refill(items, level, marks):
+                flat = _flat_entries(items)
+        n = len(flat) // width
+        sizes = [n] if n <= cap else _split_sizes(n, cap, False)
+        out: list[Entry] = []
+        pos = 0
+        for size in sizes:
+            if own:
+                idx = own.pop(0)
+                page = self.cache.modify(self._page(idx), PT_EXTENT)
+            else:
+                idx, page = self._new_page(left[1])
+            _write_node(page, level, flat[width * pos:width * (pos + size)])
+            out.append((left[0] if pos == 0 else flat[width * pos], idx | WRITABLE))
+            pos += size
+        self._node_writes += 1
+        for idx in own + shared:  # a spare page of ours is freed; a shared one loses us
+            self.meta.decref(idx)
+        return out
+
+    def _refill(self, items: list[Entry], level: int, changed: list[bool]) -> bool:
+        """Bring every `changed` child of a node of `level` (its entries `items`, changed
+        in place) that is under half full up to that, joining it with a neighbour.
+        Returns whether any was."""
+        child_level = level - 1
+        least = self.inner_min if child_level else self.leaf_min
+        joined_any = False
+        p = 0
+        while p < len(items) and len(items) > 1:
+            if not changed[p] or _count(self.cache.get(self._page(items[p][1]))) >= least:
+                p += 1
+                continue
+            a = p if p + 1 < len(items) else p - 1
+            joined = self._join(items[a], items[a + 1], child_level)
+            items[a:a + 2] = joined
+            # One node may still be short (its neighbour was too); two are half full.
+            changed[a:a + 2] = [len(joined) == 1] * len(joined)
+            joined_any = True
+            p = a
+        return joined_any
+
+    def _refill_path(self, vol: VolumeRecord, path: list[tuple[int, int, int]]) -> None:
+        """After the writable path's leaf lost records: join it (and then each ancestor
+        left under half full) with a neighbour; a root left with one child goes."""
+        for k in range(len(path) - 2, -1, -1):
+            level = len(path) - 1 - k  # the parent's
+            node = self.cache.get(self._page(path[k + 1][0]))
+            if _count(node) >= (self.inner_min if level > 1 else self.leaf_min):
+                return
+            parent, pos, _ = path[k]
+            items = _entries(self.cache.get(self._page(parent)))
+            if len(items) > 1:
+                a = pos if pos + 1 < len(items) else pos - 1
+                items[a:a + 2] = self._join(items[a], items[a + 1], level - 1)
+                _write_node(self.cache.modify(self._page(parent), PT_EXTENT), level,
+                            _flat_entries(items))
+        root, height = self._state(vol)
+        if height > 1:
+            self._set_root(vol, [(0, root)], height)
+
     def _own_path(self, vol: VolumeRecord, lc: int) -> list[tuple[int, int, int]]:
         """The path from the root to the leaf for `lc`, made writable (taking nodes,
         creating the root). Items: (node, position of the child in it, its range's lo)."""
+        self._taker = vol
         root, height = self._state(vol)
         if root < 0:
             idx, page = self._new_page()
@@ -781,6 +932,8 @@ class ExtentMap(BlockMap):
             page[_COUNT + 1] = grown >> 8
         packer = _RECS[k] if k < len(_RECS) else struct.Struct("<" + "QQQ" * k)
         packer.pack_into(page, ENTRIES + LEAF_ENTRY * a, *merged)
+        if grown < count and grown < self.leaf_min and len(path) > 1:
+            self._refill_path(vol, path)  # records joined: the leaf may be under half full
 
     def map_run(self, vol: VolumeRecord, lc: int, pc: int, count: int) -> None:
         """:meth:`map` a run: per leaf, one descent and one splice of its records (the
@@ -847,6 +1000,8 @@ class ExtentMap(BlockMap):
         leaf, _, lo = path[-1]
         if len(flat) <= 3 * self.leaf_cap:
             _write_node(self.cache.modify(self._page(leaf), PT_EXTENT), 0, flat)
+            if len(flat) < 3 * self.leaf_min and len(path) > 1:
+                self._refill_path(vol, path)
             return
         recs = [(flat[j], flat[j + 2] & LEN_MASK, flat[j + 1], flat[j + 2] >> 32)
                 for j in range(0, len(flat), 3)]
@@ -899,7 +1054,11 @@ class ExtentMap(BlockMap):
         if root < 0:
             return None
         self._begin_step()
+        self._taker = vol
         self._dropped = 0  # chunks and shared subtrees dropped so far in this step
+        # Nodes left under half full are joined with a neighbour, except while a deleted
+        # volume's map is released: that must never need a page, and no bound matters.
+        self._refilling = hi < INF
         entries, stop = self._unmap(root, height - 1, 0, INF, lo, hi, budget)
         self._set_root(vol, entries, height)  # also when the root lost all but one child
         return stop
@@ -942,6 +1101,7 @@ class ExtentMap(BlockMap):
         out: list[Entry] = []
         stop: int | None = None
         changed = False
+        touched: list[int] = []  # positions in `out` of children that changed
         first = max(0, bisect_right([e[0] for e in items], ulo) - 1)
         out += items[:first]
         for j in range(first, len(items)):
@@ -955,14 +1115,22 @@ class ExtentMap(BlockMap):
                 stop = max(ulo, clo)  # (past its budget, or past a quarter of the ring)
                 out += items[j:]
                 break
+            writes = self._node_writes
             repl, stop = self._unmap(child, level - 1, clo, chi, ulo, uhi, budget)
             if repl != [(clo, child)]:
                 changed = True
+            if self._node_writes != writes:  # rewritten (in place too): it may be short
+                touched += range(len(out), len(out) + len(repl))
             out += [(key, c) if k == 0 else (ck, c) for k, (ck, c) in enumerate(repl)]
-        if not changed:
-            return None, stop
         if out and out[0][0] != lo:
             out[0] = (lo, out[0][1])  # the first child's range starts where ours does
+        if self._refilling and touched and len(out) > 1:
+            marks = [False] * len(out)
+            for p in touched:
+                marks[p] = True
+            changed = self._refill(out, level, marks) or changed
+        if not changed:
+            return None, stop
         return self._store(idx, level, out, lo), stop
 
     def _mapped_in(self, idx: int, level: int, lo: int, hi: int, ulo: int, uhi: int) -> bool:
@@ -1054,14 +1222,18 @@ class ExtentMap(BlockMap):
             return
         limit = -(-vol.size // self.chunk_size)
         ref_page(root & IDX_MASK)
+        # A deleted volume's map is released without keeping its nodes half full.
+        fill = 0 if vol.deleted else -1
         self._refs(root, height - 1, 0, INF, limit, seen, ref_page, ref_chunk, problem,
-                   vol.name)
+                   vol.name, fill)
 
     def _refs(self, child: int, level: int, lo: int, hi: int, limit: int, seen: set[int],
               ref_page: Callable[[int], None], ref_chunk: Callable[[int], None],
-              problem: Callable[[str], None], name: str) -> None:
+              problem: Callable[[str], None], name: str, fill: int) -> None:
         """Check the subtree of entry `child`. Its writable bit claims the subtree is this
-        volume's alone: a shared node or chunk under a writable path is a problem."""
+        volume's alone: a shared node or chunk under a writable path is a problem. Nodes
+        other than the root (`fill` 1: -1 for the root, 0 to skip) hold at least half
+        their capacity, what bounds a map's pages (:meth:`page_bound`)."""
         idx = child & IDX_MASK
         trusted = bool(child & WRITABLE)
         where = f"volume {name!r}: extent node {idx}"
@@ -1084,6 +1256,9 @@ class ExtentMap(BlockMap):
             problem(f"{where}: {count} entries (capacity {cap})")
             if count > (MAX_INNER if level else MAX_LEAF):
                 return
+        elif fill > 0 and count < _fill_min(cap):
+            problem(f"{where}: {count} entries, under the {_fill_min(cap)} every node but "
+                    "the root holds")
         if level:
             items = _entries(node)
             if items and items[0][0] < lo:  # ranges only grow: it may be above lo
@@ -1095,7 +1270,8 @@ class ExtentMap(BlockMap):
                 chi = items[j + 1][0] if j + 1 < len(items) else hi
                 ref_page(grandchild & IDX_MASK)
                 self._refs(grandchild if trusted else grandchild & IDX_MASK, level - 1,
-                           key if j else lo, chi, limit, seen, ref_page, ref_chunk, problem, name)
+                           key if j else lo, chi, limit, seen, ref_page, ref_chunk, problem, name,
+                           1 if fill else 0)
             return
         prev_end = lo
         for start, n, pc, tag in _records(node):

@@ -591,7 +591,8 @@ class Pool:
     # volume's map, after which it may copy every page again, so a clone is made only
     # while every bound fits in the free pages. The cost: the pages guaranteed volumes
     # already hold are promised again, which is little (a radix volume's whole tree is
-    # about 1/509 of its chunk count). A design with no bound (extent) promises nothing.
+    # about 1/509 of its chunk count, an extent volume's 1/83). A design with no bound
+    # (extent with nodes of fewer than 4 entries, in tests) promises nothing.
 
     def page_promise(self, vol: VolumeRecord) -> int:
         """Metadata pages promised to `vol`: its map's bound if it is guaranteed, else 0."""

@@ -99,6 +99,24 @@ def tree(pool: Pool, vol: VolumeRecord) -> tuple[int, list[list[ext.Rec]]]:
     return height, leaves
 
 
+def map_pages(pool: Pool, vol: VolumeRecord) -> tuple[int, list[int]]:
+    """(the pages of the volume's tree, the entries of each node but the root)."""
+    bm = pool.map
+    assert isinstance(bm, ext.ExtentMap)
+    root, height = bm._state(vol)
+    counts: list[int] = []
+
+    def walk(idx: int, level: int) -> int:
+        node = pool.cache.get(bm._page(idx))
+        if idx & ext.IDX_MASK != root & ext.IDX_MASK:
+            counts.append(ext._count(node))
+        if not level:
+            return 1
+        return 1 + sum(walk(child, level - 1) for _, child in ext._entries(node))
+
+    return (walk(root, height - 1) if root >= 0 else 0), counts
+
+
 async def extents(pool: Pool, vol: VolumeRecord) -> int:
     return (await pool.volume_stats(vol)).extents
 
@@ -221,7 +239,8 @@ async def test_merges_splits_and_collapse(make_pool: PoolFactory) -> None:
     assert (height, [len(leaf) for leaf in leaves]) == (1, [4])
     assert [(r[0], r[1], r[2]) for r in leaves[0]] == [(0, 4, 100), (4, 4, 104),
                                                          (8, 4, 108), (12, 4, 112)]
-    for lc in range(16, 32):  # a fifth record: the full leaf splits (append: 4 + 1)
+    for lc in range(16, 32):  # a fifth record: the full leaf splits (append: 3 + 2, the
+        # last piece half full like every node but the root)
         await put(pool, vol, lc, base + lc)
     height, leaves = tree(pool, vol)
     assert height == 2 and sum(len(leaf) for leaf in leaves) == 8
@@ -301,6 +320,13 @@ async def test_random_operations_match_a_model(make_pool: PoolFactory,
             for v in vols.values():
                 assert await mapping(pool, v) == model[v.id]
                 heights.append(pool.map._state(v)[1])  # type: ignore[attr-defined]
+                # Every node but the root half full; so the pages stay under the bound a
+                # guarantee promises (none for TINY: half of 2 is 1).
+                pages, counts = await pool.cache.run(partial(map_pages, pool, v))
+                assert min(counts, default=2) >= params[0] // 2
+                bound = pool.map.page_bound(v)
+                assert (bound is None) == (params == TINY)
+                assert bound is None or pages <= bound, (pages, bound)
                 for lc in rng.sample(range(chunks), 10):
                     run = (await pool.cache.run(lambda v=v, lc=lc: pool.map.lookup(v, lc, 1)))[0]
                     assert run.lc == lc and run.count == 1

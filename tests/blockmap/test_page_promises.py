@@ -6,13 +6,14 @@ can fill it long before the data area (a map page or two per isolated chunk with
 tiny nodes used here). Before page promises, the guaranteed volume's next map page
 then failed with ENOSPC ("no free metadata page") although its chunks were promised.
 
-The extent design has no bound on a volume's map pages (its nodes are never merged),
-so its guarantee covers chunks only: its case is marked as an expected failure.
+The extent design bounds them by keeping every node but the root at least half full
+(ExtentMap._join).
 """
 
 from __future__ import annotations
 
 import errno
+import random
 
 import pytest
 from poolkit import PoolEnv, PoolFactory, Vol, design_names, pattern
@@ -25,14 +26,6 @@ HOG_CHUNKS = 3072  # logical size of the thin volume (linear: thick, so its data
 # The hog writes one chunk in STRIDE: a new leaf (and more) per write. (Extent's tiny
 # leaves hold 4 records, one per isolated chunk.)
 STRIDE = {"extent": 2}
-
-
-def _designs() -> list[object]:
-    return [pytest.param(d, marks=pytest.mark.xfail(
-                strict=True, raises=NbdError,
-                reason="extent: no bound on a volume's map pages, so its guarantee covers "
-                       "chunks only (docs/design.md)"))
-            if d == "extent" else d for d in design_names()]
 
 
 async def _fill_metadata(env: PoolEnv, hog: Vol) -> tuple[int, bytearray]:
@@ -53,7 +46,7 @@ async def _fill_metadata(env: PoolEnv, hog: Vol) -> tuple[int, bytearray]:
     raise AssertionError("the thin volume never ran out of metadata pages")
 
 
-@pytest.mark.parametrize("design", _designs())
+@pytest.mark.parametrize("design", design_names())
 async def test_a_guaranteed_volume_gets_the_map_pages_thin_ones_may_not_take(
         make_pool: PoolFactory, design: str) -> None:
     env = await make_pool(design)  # tiny nodes: many map pages per chunk
@@ -61,7 +54,7 @@ async def test_a_guaranteed_volume_gets_the_map_pages_thin_ones_may_not_take(
     chunk = env.chunk_size
     g = await env.create("g", G_CHUNKS * chunk, guarantee=True)
     bound = pool.map.page_bound(pool.volume("g")) or 0
-    assert bound or design == "extent"
+    assert bound
     assert pool.info()["metadata_reserved_bytes"] == bound * PAGE_SIZE
     info = await pool.volume_info(pool.volume("g"))
     assert info["metadata_reserved_bytes"] == bound * PAGE_SIZE
@@ -76,6 +69,19 @@ async def test_a_guaranteed_volume_gets_the_map_pages_thin_ones_may_not_take(
         data = pattern(lc, chunk)
         await g.write(lc * chunk, data)
         model[lc * chunk:(lc + 1) * chunk] = data
+    # Trims and rewrites at random reshape g's map (extent: records cut and joined, nodes
+    # emptied and refilled): it still never needs a page beyond its promise.
+    rng = random.Random(f"reshape-{design}")
+    for step in range(300):
+        lc = rng.randrange(G_CHUNKS)
+        n = min(G_CHUNKS - lc, rng.choice((1, 1, 2, 5)))
+        if rng.random() < 0.4:
+            await g.trim(lc * chunk, n * chunk)
+            model[lc * chunk:(lc + n) * chunk] = bytes(n * chunk)
+        else:
+            data = pattern(2000 + step, n * chunk)
+            await g.write(lc * chunk, data)
+            model[lc * chunk:(lc + n) * chunk] = data
     await g.flush()
     assert await g.read_all() == model
     assert await hog.read_all() == hog_model
@@ -90,7 +96,7 @@ async def test_a_guaranteed_volume_gets_the_map_pages_thin_ones_may_not_take(
     await env.assert_clean()
 
 
-@pytest.mark.parametrize("design", [d for d in design_names() if d != "extent"])
+@pytest.mark.parametrize("design", design_names())
 async def test_a_page_promise_the_pool_cannot_keep_is_refused(make_pool: PoolFactory,
                                                              design: str) -> None:
     """A guaranteed create, and a clone of a guaranteed volume (its map becomes shared,
@@ -106,7 +112,7 @@ async def test_a_page_promise_the_pool_cannot_keep_is_refused(make_pool: PoolFac
     if design == "linear":  # t's first snapshot needs a page for its snapshot list
         with pytest.raises(UserError, match=r"cannot clone 't'.*no free metadata page"):
             await env.snapshot("t", "ts")
-    else:  # a radix clone takes no page
+    else:  # a radix or extent clone takes no page
         await env.snapshot("t", "ts")
     volumes = env.names()
     with pytest.raises(UserError, match=r"cannot guarantee 'g2'.*metadata pages"):
