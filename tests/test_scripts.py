@@ -89,3 +89,18 @@ def test_memory_short_run_reports_each_scenario(tmp_path: Path) -> None:
         assert row["within_budget"], row
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not any(tmp_path.iterdir()), "the pools were not removed"
+
+
+def test_trim_cost_short_run_reports_each_design(tmp_path: Path) -> None:
+    """`scripts/trim-cost.py` on a tiny volume: a row per design, the pool clean after."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "trim-cost.py"), "--chunks", "256",
+         "--workdir", str(tmp_path), "--json"],
+        capture_output=True, text=True, timeout=300)
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["design"] for r in rows] == ["extent", "radix", "linear"], proc.stderr[-2000:]
+    for row in rows:
+        assert row["check_ok"] and row["trims"] == 230, row
+        assert row["user_us_per_trim"] > 0 and row["meta_pages_before"] > 0, row
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not any(tmp_path.iterdir()), "the pools were not removed"

@@ -83,7 +83,10 @@ records, 127 of 254 children), which bounds a volume's map pages
 (:meth:`ExtentMap.page_bound`: at most one record per chunk, so at most
 chunks / 84 leaves, about 1/83 of the chunk count in all) and lets a
 guarantee promise them. Splits leave both halves so (a sequential append's
-split fills the first full and the last to half). A node that a trim, or a
+split fills the first full and the last to half; before splitting, a leaf
+that overflows at its end gives its first records to its left neighbour if
+that is this path's own and has room, so a stream of records fills all but its
+last two leaves, ``_shift_left``). A node that a trim, or a
 write that joined records (or a claim), leaves short is joined with a
 neighbour (``_join``): into one node if both fit, else into two evenly
 filled ones. A neighbour still shared is not changed: what it points at
@@ -1003,10 +1006,37 @@ class ExtentMap(BlockMap):
             if len(flat) < 3 * self.leaf_min and len(path) > 1:
                 self._refill_path(vol, path)
             return
+        append = flat[-3] <= lc
+        if append and len(path) > 1 and self._shift_left(path, flat):
+            return
         recs = [(flat[j], flat[j + 2] & LEN_MASK, flat[j + 1], flat[j + 2] >> 32)
                 for j in range(0, len(flat), 3)]
-        entries = self._store(leaf, 0, recs, lo, append=recs[-1][0] <= lc)
+        entries = self._store(leaf, 0, recs, lo, append=append)
         self._grow(vol, path, _marked(entries, True))
+
+    def _shift_left(self, path: list[tuple[int, int, int]], flat: list[int]) -> bool:
+        """The writable path's leaf overflows at its end (sequential writes): move its first
+        records into its left neighbour instead of splitting, if that is this path's own
+        and has the room. An append's split leaves its last leaf only half full (as
+        every node must be); with this, a stream fills all but its last two leaves."""
+        parent, pos, _ = path[-2]
+        if pos == 0:
+            return False
+        items = _entries(self.cache.get(self._page(parent)))
+        left = items[pos - 1][1]
+        if not left & WRITABLE or self.meta.get(left & IDX_MASK) != 1:
+            return False  # shared (or not known to be ours): split instead
+        node = self.cache.get(self._page(left))
+        n = len(flat) // 3
+        move = min(self.leaf_cap - _count(node), n - self.leaf_min)
+        if move < n - self.leaf_cap:
+            return False
+        _write_node(self.cache.modify(self._page(left), PT_EXTENT), 0,
+                    _leaf_view(node).tolist() + flat[:3 * move])
+        _write_node(self.cache.modify(self._page(path[-1][0]), PT_EXTENT), 0, flat[3 * move:])
+        items[pos] = (flat[3 * move], items[pos][1])  # this leaf's range starts later
+        _write_node(self.cache.modify(self._page(parent), PT_EXTENT), 1, _flat_entries(items))
+        return True
 
     def _grow(self, vol: VolumeRecord, path: list[tuple[int, int, int]],
               entries: list[Entry]) -> None:

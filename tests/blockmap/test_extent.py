@@ -228,6 +228,22 @@ async def test_fork_rewrites_split_extents_and_keep_neighbours_adjacent(
 # -- the tree -----------------------------------------------------------------------------------
 
 
+async def test_a_stream_of_records_fills_its_leaves(make_pool: PoolFactory) -> None:
+    """Sequential writes whose chunks are not contiguous (a record each) fill every leaf
+    but the last two: an overflowing leaf gives its first records to its left neighbour
+    before it splits (a split must leave both halves half full)."""
+    env = await make(make_pool, (8, 4, 8, 0))
+    pool = env.pool
+    vol = await pool.create_volume("v", 4 * MiB)
+    for lc in range(200):
+        await put(pool, vol, lc, 1000 + 2 * lc)  # a gap between chunks: no two join
+    _, leaves = tree(pool, vol)
+    counts = [len(leaf) for leaf in leaves]
+    assert sum(counts) == 200 and all(c == 8 for c in counts[:-2]), counts
+    assert len(counts) <= 200 // 8 + 1, counts
+    await env.assert_clean()
+
+
 async def test_merges_splits_and_collapse(make_pool: PoolFactory) -> None:
     env = await make(make_pool, (4, 4, 4, 0))
     pool = env.pool
@@ -379,27 +395,27 @@ async def test_writes_after_a_fork_copy_the_path_once(make_pool: PoolFactory) ->
     env = await make(make_pool, (6, 4, 16, 0))
     pool = env.pool
     vol = await pool.create_volume("v", 4 * MiB)
-    for lc in range(256):  # 16 records of 16 chunks in leaves of 6, 6 and 4: height 2
+    for lc in range(256):  # 16 records of 16 chunks in leaves of 6, 4 and 6: height 2
         await put(pool, vol, lc)
     assert tree(pool, vol)[0] == 2
     fork = await pool.clone_volume("v", "f", snapshot=False)
-    target = await pool.cache.run(lambda: pool.map.write_target(fork, 250))
-    assert isinstance(target, Redirect) and target.old == (await mapping(pool, vol))[250]
+    target = await pool.cache.run(lambda: pool.map.write_target(fork, 150))
+    assert isinstance(target, Redirect) and target.old == (await mapping(pool, vol))[150]
     pages = pool.meta.used
-    pc = await put(pool, fork, 250)
+    pc = await put(pool, fork, 150)  # the middle leaf: room for the record's pieces
     assert pool.meta.used == pages + 2  # the root and the leaf were copied, once
-    target = await pool.cache.run(lambda: pool.map.write_target(fork, 250))
+    target = await pool.cache.run(lambda: pool.map.write_target(fork, 150))
     assert target == InPlace(pc)
-    assert await put(pool, fork, 251) == pc + 1  # next to its neighbour
+    assert await put(pool, fork, 151) == pc + 1  # next to its neighbour
     assert pool.meta.used == pages + 2  # same leaf, same path: nothing copied again
-    # the original still shares every other chunk and reads its own chunk 250
+    # the original still shares every other chunk and reads its own chunk 150
     assert isinstance(await pool.cache.run(lambda: pool.map.write_target(vol, 12)), Redirect)
     assert isinstance(await pool.cache.run(lambda: pool.map.write_target(fork, 12)), Redirect)
-    assert (await mapping(pool, vol))[250] != pc
+    assert (await mapping(pool, vol))[150] != pc
     stats = await pool.volume_stats(fork)
     assert stats.exclusive_chunks == 2 and stats.mapped_chunks == 256
     # the other leaves are still shared: one page each, counted twice
-    assert (await pool.volume_stats(vol)).exclusive_chunks == 2  # its old 250 and 251
+    assert (await pool.volume_stats(vol)).exclusive_chunks == 2  # its old 150 and 151
     await env.assert_clean()
 
 
