@@ -211,6 +211,12 @@ class BlockMap(ABC):
         """Design parameters stored in the superblock (e.g. the radix fan-out)."""
         return (0, 0, 0, 0)
 
+    @classmethod
+    def new_pool_params(cls, params: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+        """What a new pool stores: `params` with any feature the design marks in every
+        pool it makes (a pool made before the feature lacks the mark)."""
+        return params
+
     @abstractmethod
     def init_volume(self, vol: VolumeRecord) -> None:
         """Give a new, empty volume its map (sets ``vol.map_state``)."""

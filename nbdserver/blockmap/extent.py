@@ -11,8 +11,8 @@
 
 A leaf holds up to 169 records, an interior node up to 254 children (tests
 shrink both through ``map_params`` = (leaf capacity, interior capacity,
-longest extent, 0)). Entries are sorted and records do not overlap. Key j > 0
-of an interior node is the lower bound of child j's range; a node's range
+longest extent, features)). Entries are sorted and records do not overlap.
+Key j > 0 of an interior node is the lower bound of child j's range; a node's range
 comes from its parent, and routing ignores key 0 (written as the node's lower
 bound; a shared node's range can grow when a sibling is removed from one
 volume's copy of the parent, so key 0 may then lie above it). A record never
@@ -95,7 +95,9 @@ copy on write does). Joining two interior nodes puts the children either
 side of the seam next to each other, and a short child can only have
 survived there (as the single child of its node), so the seam is joined
 too, down the tree. A deleted volume's release skips all this: it must never
-need a page, and its nodes are going.
+need a page, and its nodes are going. Pools made since carry ``HALF_FULL`` in
+their features; an older pool's maps may hold short nodes, so its volumes get
+no bound (and ``pool check`` does not ask for half-full nodes there).
 
 **Allocation keeps contiguity on purpose** (:meth:`ExtentMap.alloc_hint`):
 a new chunk for `lc` goes right after the chunk of `lc - 1`; if `lc - 1` is
@@ -161,6 +163,9 @@ SPREAD_BYTES = 4 << 20  # how far into a free run a displaced chunk goes
 NEAR_PAGES = 4  # refcount pages searched for a nearby free run (4080 chunks)
 STREAM_STEP = 64  # a volume allocating this close after its last allocation is streaming
 _STATE = struct.Struct("<QB")  # root (meta index + 1, | WRITABLE), height
+# map_params[3], features: every node but the root is half full in every map of the pool
+# (set in pools made since; an older pool's maps may hold short nodes).
+HALF_FULL = 1
 
 Rec = tuple[int, int, int, int]  # lc, count, pc, tag (owner | TAG_WRITABLE)
 Path = tuple[bool, bool]  # of the path to a leaf: writable, every node on it sole
@@ -267,7 +272,12 @@ class ExtentMap(BlockMap):
 
     def __init__(self, pool: object) -> None:
         super().__init__(pool)  # type: ignore[arg-type]
-        leaf, inner, longest, _ = self.pool.sb.map_params
+        leaf, inner, longest, features = self.pool.sb.map_params
+        if features & ~HALF_FULL:
+            raise ValueError(f"extent features {features:#x} unknown to this version")
+        # Pools made before nodes were kept half full may hold short ones: their maps
+        # have no bound (page_bound) and pool check does not ask for it.
+        self.half_full = bool(features & HALF_FULL)
         self.leaf_cap = leaf or MAX_LEAF
         self.inner_cap = inner or (min(leaf, MAX_INNER) if leaf else MAX_INNER)
         self.max_extent = longest or DEFAULT_MAX_EXTENT
@@ -296,7 +306,11 @@ class ExtentMap(BlockMap):
 
     @classmethod
     def default_params(cls) -> tuple[int, int, int, int]:
-        return (MAX_LEAF, MAX_INNER, DEFAULT_MAX_EXTENT, 0)
+        return (MAX_LEAF, MAX_INNER, DEFAULT_MAX_EXTENT, HALF_FULL)
+
+    @classmethod
+    def new_pool_params(cls, params: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+        return (*params[:3], params[3] | HALF_FULL)
 
     # -- map state ------------------------------------------------------------------------
 
@@ -327,8 +341,8 @@ class ExtentMap(BlockMap):
         """The most nodes a tree over the volume's chunks can hold: at most one record
         per chunk, every node but the root at least half full (see ``_join``), and a
         root of height > 1 with two children at least (a root left with one goes). None
-        when the nodes are so small that half full is one entry (no bound then)."""
-        if self.leaf_min < 2 or self.inner_min < 2:
+        when that is not known (:meth:`_bounded`): the guarantee then covers chunks only."""
+        if not self._bounded():
             return None
         chunks = max(1, -(-vol.size // self.chunk_size))
         pages, nodes = 1, chunks // self.leaf_min  # the root; the most leaves below one
@@ -336,6 +350,12 @@ class ExtentMap(BlockMap):
             pages += nodes
             nodes //= self.inner_min
         return pages
+
+    def _bounded(self) -> bool:
+        """Whether every map of the pool keeps its nodes half full, and that means two
+        entries at least (with one, a node of one child is not short, so its single
+        child, short, has no neighbour to join)."""
+        return self.half_full and self.leaf_min >= 2 and self.inner_min >= 2
 
     def clone(self, src: VolumeRecord, dst: VolumeRecord) -> None:
         root, height = self._state(src)
@@ -1253,7 +1273,7 @@ class ExtentMap(BlockMap):
         limit = -(-vol.size // self.chunk_size)
         ref_page(root & IDX_MASK)
         # A deleted volume's map is released without keeping its nodes half full.
-        fill = 0 if vol.deleted else -1
+        fill = -1 if self._bounded() and not vol.deleted else 0
         self._refs(root, height - 1, 0, INF, limit, seen, ref_page, ref_chunk, problem,
                    vol.name, fill)
 

@@ -293,7 +293,7 @@ class Pool:
             head = layout.meta_start * PAGE_SIZE
             if device.is_block_device:
                 device.write_zeroes(0, head, may_deallocate=False)
-            params = map_params or cls.default_params()
+            params = cls.new_pool_params(map_params or cls.default_params())
             sb = Superblock(uuid=uuidlib.uuid4().bytes, seq=1, page_size=PAGE_SIZE,
                             chunk_size=chunk_size, blockmap=blockmap, size=device.size,
                             layout=layout, journal_tail=0, journal_seq=1,

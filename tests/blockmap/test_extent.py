@@ -611,10 +611,54 @@ async def test_params_are_validated(tmp_path: Any) -> None:
     engine = make_engine(asyncio.get_running_loop())
     try:
         for bad in ((1, 0, 0, 0), (ext.MAX_LEAF + 1, 0, 0, 0), (4, 1, 0, 0),
-                    (4, ext.MAX_INNER + 1, 0, 0)):
-            path = tmp_path / f"p{bad[0]}-{bad[1]}.img"
+                    (4, ext.MAX_INNER + 1, 0, 0), (4, 4, 8, 2)):
+            path = tmp_path / f"p{bad[0]}-{bad[1]}-{bad[3]}.img"
             Pool.create(path, 16 * MiB, blockmap="extent", map_params=bad, max_volumes=16)
-            with pytest.raises(ValueError, match="out of range"):
+            with pytest.raises(ValueError, match="out of range" if bad[3] < 2 else
+                               "extent features 0x3 unknown to this version"):
                 await Pool.open(path, engine, BufferPool(), offline=True)
     finally:
         engine.close()
+
+
+async def test_a_short_leaf_under_an_only_child_is_no_problem_with_binary_nodes(
+        make_pool: PoolFactory) -> None:
+    """With interior nodes of 2 (half full is one child), a node of one child is not
+    short, so its single short leaf has no neighbour to join: such maps have no bound,
+    and pool check does not ask for half-full nodes."""
+    env = await make(make_pool, (4, 2, 8, 0))
+    pool = env.pool
+    vol = await pool.create_volume("v", 64 * CHUNK)
+    for lc in range(16):
+        await put(pool, vol, lc, 100 + 2 * lc)  # a record each
+    await unmap_all(pool, vol, 0, 6)
+    assert len(tree(pool, vol)[1][0]) == 1  # the first leaf: short, and alone
+    assert pool.map.page_bound(vol) is None
+    await env.assert_clean()
+
+
+async def test_a_pool_made_before_half_full_nodes_keeps_its_old_rules(
+        make_pool: PoolFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool whose parameters lack the HALF_FULL mark (made by an older version) may hold
+    short nodes: its maps get no bound (a guarantee covers chunks only, as then) and pool
+    check does not ask for half-full nodes. Pools made now carry the mark."""
+    env = await make(make_pool, SMALL)
+    assert env.pool.sb.map_params == (*SMALL[:3], ext.HALF_FULL)
+    monkeypatch.setattr(ext.ExtentMap, "new_pool_params", classmethod(lambda cls, p: p))
+    env = await make(make_pool, SMALL)
+    pool = env.pool
+    assert pool.sb.map_params == SMALL
+    g = await pool.create_volume("g", 64 * CHUNK, guarantee=True)
+    assert pool.map.page_bound(g) is None and pool.pages_promised() == 0
+    # Short leaves, as the older version left them (it never joined nodes).
+    with monkeypatch.context() as m:
+        m.setattr(ext.ExtentMap, "_refill", lambda self, items, level, changed: False)
+        for lc in range(32):
+            await put(pool, g, lc, 200 + 2 * lc)
+        await unmap_all(pool, g, 1, 30)
+    counts = map_pages(pool, g)[1]
+    assert min(counts) < SMALL[0] // 2, counts
+    await env.assert_clean()
+    await env.reopen()
+    assert env.pool.map.page_bound(env.pool.volume("g")) is None
+    await env.assert_clean()
