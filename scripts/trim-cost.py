@@ -69,7 +69,7 @@ async def measure(design: str, chunks: int, share: float, workdir: Path,
                 "meta_pages_before": pages_before, "meta_pages_after": env.pool.meta.used,
                 "check_ok": report.ok}
     finally:
-        await env.close()
+        await env.shutdown()
 
 
 def main() -> int:
@@ -86,8 +86,8 @@ def main() -> int:
                          "removed after); default: a new directory in /var/tmp")
     ap.add_argument("--json", action="store_true", help="one JSON object per design")
     args = ap.parse_args()
-    if not 0 < args.share <= 1:
-        ap.error("--share must be in (0, 1]")
+    if not 0 < args.share <= 1 or int(args.chunks * args.share) < 1:
+        ap.error("--share must be in (0, 1] and leave at least one chunk to trim")
     workdir = Path(tempfile.mkdtemp(prefix="trim-cost-", dir=args.workdir or "/var/tmp"))
     failed = False
     try:

@@ -212,6 +212,13 @@ class BlockMap(ABC):
         return (0, 0, 0, 0)
 
     @classmethod
+    def check_params(cls, params: tuple[int, int, int, int]) -> None:
+        """ValueError naming what is wrong with `params` for this design (checked when a
+        pool is made, and when it is opened: a pool of a newer version may set more).
+        The default accepts any."""
+        return None
+
+    @classmethod
     def new_pool_params(cls, params: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
         """What a new pool stores: `params` with any feature the design marks in every
         pool it makes (a pool made before the feature lacks the mark)."""

@@ -261,6 +261,25 @@ def _fill_min(cap: int) -> int:
     return cap // 2
 
 
+
+def _resolve(params: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """The parameters with 0 read as the default: leaf capacity, interior capacity,
+    longest extent, features. ValueError when one is out of range or unknown."""
+    leaf, inner, longest, features = params
+    leaf_cap = leaf or MAX_LEAF
+    inner_cap = inner or (min(leaf, MAX_INNER) if leaf else MAX_INNER)
+    max_extent = longest or DEFAULT_MAX_EXTENT
+    if not 2 <= leaf_cap <= MAX_LEAF:
+        raise ValueError(f"extent leaf capacity {leaf_cap} out of range 2..{MAX_LEAF}")
+    if not 2 <= inner_cap <= MAX_INNER:
+        raise ValueError(f"extent interior capacity {inner_cap} out of range 2..{MAX_INNER}")
+    if not 1 <= max_extent <= LEN_MASK:
+        raise ValueError(f"extent length cap {max_extent} out of range")
+    if features & ~HALF_FULL:
+        raise ValueError(f"extent features {features:#x} unknown to this version "
+                         "(a pool made by a newer one?)")
+    return leaf_cap, inner_cap, max_extent, features
+
 @register
 class ExtentMap(BlockMap):
     """Copy-on-write B+tree of extents per volume; see the module note."""
@@ -272,24 +291,13 @@ class ExtentMap(BlockMap):
 
     def __init__(self, pool: object) -> None:
         super().__init__(pool)  # type: ignore[arg-type]
-        leaf, inner, longest, features = self.pool.sb.map_params
-        if features & ~HALF_FULL:
-            raise ValueError(f"extent features {features:#x} unknown to this version")
+        self.leaf_cap, self.inner_cap, self.max_extent, features = _resolve(
+            self.pool.sb.map_params)
         # Pools made before nodes were kept half full may hold short ones: their maps
         # have no bound (page_bound) and pool check does not ask for it.
         self.half_full = bool(features & HALF_FULL)
-        self.leaf_cap = leaf or MAX_LEAF
-        self.inner_cap = inner or (min(leaf, MAX_INNER) if leaf else MAX_INNER)
-        self.max_extent = longest or DEFAULT_MAX_EXTENT
         self.leaf_min = _fill_min(self.leaf_cap)
         self.inner_min = _fill_min(self.inner_cap)
-        if not 2 <= self.leaf_cap <= MAX_LEAF:
-            raise ValueError(f"extent leaf capacity {self.leaf_cap} out of range 2..{MAX_LEAF}")
-        if not 2 <= self.inner_cap <= MAX_INNER:
-            raise ValueError(f"extent interior capacity {self.inner_cap} out of range "
-                             f"2..{MAX_INNER}")
-        if not 1 <= self.max_extent <= LEN_MASK:
-            raise ValueError(f"extent length cap {self.max_extent} out of range")
         self.meta_start = self.pool.layout.meta_start
         self.chunk_size = self.pool.sb.chunk_size
         self.reach = max(1, HINT_REACH_BYTES // self.chunk_size)
@@ -307,6 +315,10 @@ class ExtentMap(BlockMap):
     @classmethod
     def default_params(cls) -> tuple[int, int, int, int]:
         return (MAX_LEAF, MAX_INNER, DEFAULT_MAX_EXTENT, HALF_FULL)
+
+    @classmethod
+    def check_params(cls, params: tuple[int, int, int, int]) -> None:
+        _resolve(params)
 
     @classmethod
     def new_pool_params(cls, params: tuple[int, int, int, int]) -> tuple[int, int, int, int]:

@@ -183,6 +183,26 @@ def _u32(page: bytes | bytearray, i: int) -> int:
     return int(_I.unpack_from(page, PAGE_HEADER_SIZE + 4 * i)[0])
 
 
+
+def _resolve(params: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """The parameters with 0 read as the default: exception fan-out, write-epoch leaf,
+    write-epoch fan-out, segment limit. ValueError when one is out of range."""
+    exc_fanout = params[0] or MAX_EXC_FANOUT
+    leaf = params[1] or MAX_LEAF
+    fanout = params[2] or MAX_FANOUT
+    max_segments = params[3] or MAX_SEGMENTS
+    if not 2 <= exc_fanout <= MAX_EXC_FANOUT:
+        raise ValueError(f"linear exception fan-out {exc_fanout} out of range "
+                         f"2..{MAX_EXC_FANOUT}")
+    if not 2 <= leaf <= MAX_LEAF:
+        raise ValueError(f"linear write-epoch leaf of {leaf} entries out of range 2..{MAX_LEAF}")
+    if not 2 <= fanout <= MAX_FANOUT:
+        raise ValueError(f"linear write-epoch fan-out {fanout} out of range 2..{MAX_FANOUT}")
+    if not 1 <= max_segments <= MAX_SEGMENTS:
+        raise ValueError(f"linear segment limit {max_segments} out of range 1..{MAX_SEGMENTS}")
+    return exc_fanout, leaf, fanout, max_segments
+
+
 @register
 class LinearMap(BlockMap):
     """LVM2 classic snapshots: thick origins, per-snapshot exception stores."""
@@ -192,25 +212,14 @@ class LinearMap(BlockMap):
                                   "write copies the old chunk into every snapshot")
     supports_clone_of_clone: ClassVar[bool] = False
 
+    @classmethod
+    def check_params(cls, params: tuple[int, int, int, int]) -> None:
+        _resolve(params)
+
     def __init__(self, pool: object) -> None:
         super().__init__(pool)  # type: ignore[arg-type]
-        p = self.pool.sb.map_params
-        self.exc_fanout = p[0] or MAX_EXC_FANOUT
-        self.leaf = p[1] or MAX_LEAF
-        self.fanout = p[2] or MAX_FANOUT
-        self.max_segments = p[3] or MAX_SEGMENTS
-        if not 2 <= self.exc_fanout <= MAX_EXC_FANOUT:
-            raise ValueError(f"linear exception fan-out {self.exc_fanout} out of range "
-                             f"2..{MAX_EXC_FANOUT}")
-        if not 2 <= self.leaf <= MAX_LEAF:
-            raise ValueError(f"linear write-epoch leaf of {self.leaf} entries out of range "
-                             f"2..{MAX_LEAF}")
-        if not 2 <= self.fanout <= MAX_FANOUT:
-            raise ValueError(f"linear write-epoch fan-out {self.fanout} out of range "
-                             f"2..{MAX_FANOUT}")
-        if not 1 <= self.max_segments <= MAX_SEGMENTS:
-            raise ValueError(f"linear segment limit {self.max_segments} out of range "
-                             f"1..{MAX_SEGMENTS}")
+        self.exc_fanout, self.leaf, self.fanout, self.max_segments = _resolve(
+            self.pool.sb.map_params)
         self.meta_start = self.pool.layout.meta_start
         self.chunk_size = self.pool.sb.chunk_size
         self._zero_node = _Q.pack(ZERO) * self.exc_fanout

@@ -102,10 +102,8 @@ class RadixMap(BlockMap):
 
     def __init__(self, pool: object) -> None:
         super().__init__(pool)  # type: ignore[arg-type]
-        fanout = self.pool.sb.map_params[0] or MAX_FANOUT
-        if not 2 <= fanout <= MAX_FANOUT:
-            raise ValueError(f"radix fan-out {fanout} out of range 2..{MAX_FANOUT}")
-        self.fanout = fanout
+        self.check_params(self.pool.sb.map_params)
+        self.fanout = fanout = self.pool.sb.map_params[0] or MAX_FANOUT
         self.meta_start = self.pool.layout.meta_start
         self.chunk_size = self.pool.sb.chunk_size
         # Leaves reached through a writable path (this volume's alone, so only its own
@@ -153,6 +151,12 @@ class RadixMap(BlockMap):
         state = bytearray(vol.map_state)
         _STATE.pack_into(state, 0, 0, self._height(vol))
         vol.map_state = bytes(state)
+
+    @classmethod
+    def check_params(cls, params: tuple[int, int, int, int]) -> None:
+        fanout = params[0] or MAX_FANOUT
+        if not 2 <= fanout <= MAX_FANOUT:
+            raise ValueError(f"radix fan-out {fanout} out of range 2..{MAX_FANOUT}")
 
     def page_bound(self, vol: VolumeRecord) -> int:
         """Every node of a tree of the volume's height over its chunks (a copy on write

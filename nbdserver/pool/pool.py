@@ -201,7 +201,10 @@ class Pool:
         self._catalog_kept: set[int] = set()  # catalog pages pinned: those holding records
         # block-status lookups loading map pages, which stay pinned until each succeeds
         self.cold_lookups = asyncio.Semaphore(COLD_LOOKUPS)
-        self.map: BlockMap = design(sb.blockmap)(self)
+        try:
+            self.map: BlockMap = design(sb.blockmap)(self)
+        except ValueError as e:  # (parameters out of range, or unknown features)
+            raise FormatError(f"block map {sb.blockmap!r}: {e}") from None
         self.ring = journal.JournalRing(self.layout.journal_pages, sb.journal_tail,
                                         sb.journal_tail, sb.journal_seq)
         self._commit_lock = asyncio.Lock()
@@ -242,6 +245,8 @@ class Pool:
         path = Path(path)
         try:
             cls = design(blockmap)
+            params = cls.new_pool_params(map_params or cls.default_params())
+            cls.check_params(params)
         except ValueError as e:
             raise UserError(str(e)) from None
         if not 1 <= max_volumes <= MAX_VOLUMES:
@@ -293,7 +298,6 @@ class Pool:
             head = layout.meta_start * PAGE_SIZE
             if device.is_block_device:
                 device.write_zeroes(0, head, may_deallocate=False)
-            params = cls.new_pool_params(map_params or cls.default_params())
             sb = Superblock(uuid=uuidlib.uuid4().bytes, seq=1, page_size=PAGE_SIZE,
                             chunk_size=chunk_size, blockmap=blockmap, size=device.size,
                             layout=layout, journal_tail=0, journal_seq=1,

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
+import sys
 from functools import partial
 from typing import Any
 
@@ -20,10 +22,17 @@ from poolkit import TINY_CACHE, MiB, PoolEnv, PoolFactory, pattern
 
 from nbdserver.blockmap import extent as ext
 from nbdserver.blockmap.base import HOLE, Claim, InPlace, Redirect
+from nbdserver.errors import UserError
 from nbdserver.pool.format import PAGE_HEADER_SIZE, VolumeRecord
 from nbdserver.pool.pool import Pool
 
 CHUNK = 4096
+
+
+def cli(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "nbdserver", *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
 TINY = (2, 2, 3, 0)  # leaves of 2 records, binary interior nodes, extents of 3 chunks
 SMALL = (4, 4, 8, 0)
 
@@ -604,21 +613,40 @@ async def test_check_reports_structural_problems(make_pool: PoolFactory, damage:
     await env.assert_clean()
 
 
-async def test_params_are_validated(tmp_path: Any) -> None:
+async def test_params_are_validated(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bad parameters are refused when the pool is made (nothing is written), and a pool
+    with features this version does not know (made by a newer one) when it is opened:
+    a clear error naming the pool, not a traceback."""
     from nbdserver.storage.buffers import BufferPool
     from nbdserver.storage.engine import make_engine
 
+    for bad, why in (((1, 0, 0, 0), "leaf capacity 1 out of range"),
+                     ((ext.MAX_LEAF + 1, 0, 0, 0), "leaf capacity 170 out of range"),
+                     ((4, 1, 0, 0), "interior capacity 1 out of range"),
+                     ((4, ext.MAX_INNER + 1, 0, 0), "interior capacity 255 out of range"),
+                     ((4, 4, 8, 2), "features 0x3 unknown to this version")):
+        path = tmp_path / f"p{bad[0]}-{bad[1]}-{bad[3]}.img"
+        with pytest.raises(UserError, match=why):
+            Pool.create(path, 16 * MiB, blockmap="extent", map_params=bad, max_volumes=16)
+        assert not path.exists()
+    path = tmp_path / "newer.img"
+    with monkeypatch.context() as m:
+        m.setattr(ext.ExtentMap, "check_params", classmethod(lambda cls, p: None))
+        Pool.create(path, 16 * MiB, blockmap="extent", map_params=(4, 4, 8, 4), max_volumes=16)
     engine = make_engine(asyncio.get_running_loop())
     try:
-        for bad in ((1, 0, 0, 0), (ext.MAX_LEAF + 1, 0, 0, 0), (4, 1, 0, 0),
-                    (4, ext.MAX_INNER + 1, 0, 0), (4, 4, 8, 2)):
-            path = tmp_path / f"p{bad[0]}-{bad[1]}-{bad[3]}.img"
-            Pool.create(path, 16 * MiB, blockmap="extent", map_params=bad, max_volumes=16)
-            with pytest.raises(ValueError, match="out of range" if bad[3] < 2 else
-                               "extent features 0x3 unknown to this version"):
-                await Pool.open(path, engine, BufferPool(), offline=True)
+        with pytest.raises(UserError, match=r"newer.img: block map 'extent': extent features "
+                                            r"0x5 unknown to this version"):
+            await Pool.open(path, engine, BufferPool(), offline=True)
     finally:
         engine.close()
+    proc = cli("pool", "create", tmp_path / "cli.img", "--size", "16M", "--blockmap", "extent",
+               "--fanout", "1")
+    assert proc.returncode == 1 and "leaf capacity 1 out of range" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "cli.img").exists()
+    proc = cli("pool", "info", path)
+    assert proc.returncode == 1 and "unknown to this version" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 async def test_a_short_leaf_under_an_only_child_is_no_problem_with_binary_nodes(
