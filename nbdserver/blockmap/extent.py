@@ -261,7 +261,6 @@ def _fill_min(cap: int) -> int:
     return cap // 2
 
 
-
 def _resolve(params: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
     """The parameters with 0 read as the default: leaf capacity, interior capacity,
     longest extent, features. ValueError when one is out of range or unknown."""
@@ -279,6 +278,7 @@ def _resolve(params: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
         raise ValueError(f"extent features {features:#x} unknown to this version "
                          "(a pool made by a newer one?)")
     return leaf_cap, inner_cap, max_extent, features
+
 
 @register
 class ExtentMap(BlockMap):
@@ -1186,7 +1186,7 @@ class ExtentMap(BlockMap):
             out += [(key, c) if k == 0 else (ck, c) for k, (ck, c) in enumerate(repl)]
         if out and out[0][0] != lo:
             out[0] = (lo, out[0][1])  # the first child's range starts where ours does
-        if self._refilling and touched and len(out) > 1:
+        if self._refilling and touched:
             marks = [False] * len(out)
             for p in touched:
                 marks[p] = True
@@ -1285,17 +1285,18 @@ class ExtentMap(BlockMap):
         limit = -(-vol.size // self.chunk_size)
         ref_page(root & IDX_MASK)
         # A deleted volume's map is released without keeping its nodes half full.
-        fill = -1 if self._bounded() and not vol.deleted else 0
+        fill = self._bounded() and not vol.deleted
         self._refs(root, height - 1, 0, INF, limit, seen, ref_page, ref_chunk, problem,
-                   vol.name, fill)
+                   vol.name, fill, root=True)
 
     def _refs(self, child: int, level: int, lo: int, hi: int, limit: int, seen: set[int],
               ref_page: Callable[[int], None], ref_chunk: Callable[[int], None],
-              problem: Callable[[str], None], name: str, fill: int) -> None:
+              problem: Callable[[str], None], name: str, fill: bool,
+              root: bool = False) -> None:
         """Check the subtree of entry `child`. Its writable bit claims the subtree is this
-        volume's alone: a shared node or chunk under a writable path is a problem. Nodes
-        other than the root (`fill` 1: -1 for the root, 0 to skip) hold at least half
-        their capacity, what bounds a map's pages (:meth:`page_bound`)."""
+        volume's alone: a shared node or chunk under a writable path is a problem. With
+        `fill`, every node but the `root` holds at least half its capacity, what bounds
+        a map's pages (:meth:`page_bound`)."""
         idx = child & IDX_MASK
         trusted = bool(child & WRITABLE)
         where = f"volume {name!r}: extent node {idx}"
@@ -1318,7 +1319,7 @@ class ExtentMap(BlockMap):
             problem(f"{where}: {count} entries (capacity {cap})")
             if count > (MAX_INNER if level else MAX_LEAF):
                 return
-        elif fill > 0 and count < _fill_min(cap):
+        elif fill and not root and count < _fill_min(cap):
             problem(f"{where}: {count} entries, under the {_fill_min(cap)} every node but "
                     "the root holds")
         if level:
@@ -1333,7 +1334,7 @@ class ExtentMap(BlockMap):
                 ref_page(grandchild & IDX_MASK)
                 self._refs(grandchild if trusted else grandchild & IDX_MASK, level - 1,
                            key if j else lo, chi, limit, seen, ref_page, ref_chunk, problem, name,
-                           1 if fill else 0)
+                           fill)
             return
         prev_end = lo
         for start, n, pc, tag in _records(node):

@@ -183,7 +183,6 @@ def _u32(page: bytes | bytearray, i: int) -> int:
     return int(_I.unpack_from(page, PAGE_HEADER_SIZE + 4 * i)[0])
 
 
-
 def _resolve(params: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
     """The parameters with 0 read as the default: exception fan-out, write-epoch leaf,
     write-epoch fan-out, segment limit. ValueError when one is out of range."""

@@ -518,9 +518,6 @@ async def test_a_copy_out_keeps_a_write_of_the_fork_opened_meanwhile(
     the copy's read of the origin is slow, a client opens f and writes chunk 0 itself.
     The copy must then be dropped: mapping it threw f's write away (f read the origin's
     old data) and charged f's promise twice, and f's last write later got ENOSPC."""
-    from poolkit import MiB
-
-
     n = 16
     env = await make_pool("linear", size=6 * MiB, small=False)
     pool = env.pool
