@@ -34,6 +34,7 @@ their chunks, in bounded steps.
 from __future__ import annotations
 
 import struct
+import sys
 from array import array
 from collections.abc import Callable, Iterator
 from typing import ClassVar
@@ -54,6 +55,7 @@ from nbdserver.blockmap.base import (
     register,
 )
 from nbdserver.pool.format import PAGE_HEADER_SIZE, PAGE_SIZE, PT_RADIX, VolumeRecord
+from nbdserver.pool.pages import Page
 
 MAX_FANOUT = (PAGE_SIZE - PAGE_HEADER_SIZE) // 8  # 510
 TARGET_MASK = (1 << 40) - 1
@@ -63,6 +65,9 @@ MAX_OWNER = (1 << 23) - 1
 _VOLUME_IDS = MAX_OWNER + 1  # leaf-memory keys: leaf index * _VOLUME_IDS + volume id
 LEAF_MEMORY = 1 << 16  # leaves remembered at most (then forgotten all at once)
 _Q = struct.Struct("<Q")
+_HEADER_WORDS = PAGE_HEADER_SIZE // 8  # a node's entry k is its page's word k + this
+# The leaf memory reads entries as native words (Page.words): little-endian hosts only.
+_KEEP_LEAVES = sys.byteorder == "little"
 _STATE = struct.Struct("<QB")  # root entry, height
 
 
@@ -107,11 +112,12 @@ class RadixMap(BlockMap):
         self.meta_start = self.pool.layout.meta_start
         self.chunk_size = self.pool.sb.chunk_size
         # Leaves reached through a writable path (this volume's alone, so only its own
-        # structural changes can move them): (leaf index, volume id) -> page number. A
-        # walk that hits it reads one page instead of `height`. Filled only outside a
-        # mini-transaction (what it sees is complete), emptied by every change of a root
-        # or of interior nodes (_forget_leaves).
-        self._leaves: dict[int, int] = {}
+        # structural changes can move them): (leaf index, volume id) -> the cached page
+        # (PageCache.keep). A walk that hits it reads one entry instead of `height`
+        # pages, without even the cache's lookup while the page stays cached. Filled
+        # only outside a mini-transaction (what it sees is complete), emptied by every
+        # change of a root or of interior nodes (_forget_leaves).
+        self._leaves: dict[int, Page] = {}
         # height -> chunks below one entry at each level, root first (fanout**level).
         self._spans = [tuple(fanout ** level for level in range(h - 1, -1, -1))
                        for h in range(65)]  # 64 levels cover 2**64 chunks at fan-out 2
@@ -185,9 +191,9 @@ class RadixMap(BlockMap):
         fanout = self.fanout
         key = lc // fanout * _VOLUME_IDS + vol.id
         leaf = self._leaves.get(key)
-        if leaf is not None:
-            return int(_Q.unpack_from(self.cache.get(leaf),
-                                      PAGE_HEADER_SIZE + 8 * (lc % fanout))[0])
+        if leaf is not None and leaf.cached:
+            leaf.recent = True
+            return leaf.words[_HEADER_WORDS + lc % fanout]  # type: ignore[index]
         e, height = _STATE.unpack_from(vol.map_state)
         if not e:
             return 0
@@ -209,8 +215,9 @@ class RadixMap(BlockMap):
     def chunk_at(self, vol: VolumeRecord, lc: int) -> int:
         fanout = self.fanout
         leaf = self._leaves.get(lc // fanout * _VOLUME_IDS + vol.id)
-        if leaf is not None:  # (the walk's first step, inlined: this is every 4 KiB read)
-            e = _Q.unpack_from(self.cache.get(leaf), PAGE_HEADER_SIZE + 8 * (lc % fanout))[0]
+        if leaf is not None and leaf.cached:  # (_entry_at, inlined: every 4 KiB read)
+            leaf.recent = True
+            e = leaf.words[_HEADER_WORDS + lc % fanout]  # type: ignore[index]
         else:
             e = self._entry_at(vol, lc)
         return int(e & TARGET_MASK) - 1  # (an empty entry gives HOLE)
@@ -289,8 +296,9 @@ class RadixMap(BlockMap):
         unpack = _Q.unpack_from
         key = lc // fanout * _VOLUME_IDS + vol.id
         leaf = self._leaves.get(key)
-        if leaf is not None:  # a writable path: the leaf entry decides
-            e = unpack(get(leaf), PAGE_HEADER_SIZE + 8 * (lc % fanout))[0]
+        if leaf is not None and leaf.cached:  # a writable path: the leaf entry decides
+            leaf.recent = True
+            e = leaf.words[_HEADER_WORDS + lc % fanout]  # type: ignore[index]
             if not e & TARGET_MASK:
                 return Redirect(HOLE)
             pc = (e & TARGET_MASK) - 1
@@ -327,9 +335,10 @@ class RadixMap(BlockMap):
     def write_chunk(self, vol: VolumeRecord, lc: int) -> int:
         fanout = self.fanout
         leaf = self._leaves.get(lc // fanout * _VOLUME_IDS + vol.id)
-        if leaf is None:
+        if leaf is None or not leaf.cached:
             return super().write_chunk(vol, lc)  # a walk, which may learn the leaf
-        e = _Q.unpack_from(self.cache.get(leaf), PAGE_HEADER_SIZE + 8 * (lc % fanout))[0]
+        leaf.recent = True
+        e = leaf.words[_HEADER_WORDS + lc % fanout]  # type: ignore[index]
         if not e & TARGET_MASK:
             return FRESH
         if e & WRITABLE:
@@ -338,10 +347,10 @@ class RadixMap(BlockMap):
 
     def _know_leaf(self, key: int, page: int) -> None:
         """Remember a leaf reached through a writable path (see __init__)."""
-        if not self.cache.in_mtr:
+        if _KEEP_LEAVES and not self.cache.in_mtr:
             if len(self._leaves) >= LEAF_MEMORY:
                 self._leaves.clear()
-            self._leaves[key] = page
+            self._leaves[key] = self.cache.keep(page)
 
     def write_runs(self, vol: VolumeRecord, lc: int, count: int) -> list[TargetRun]:
         """:meth:`write_target` over a range: one walk per leaf, and a leaf's stretch of
@@ -444,7 +453,7 @@ class RadixMap(BlockMap):
         """The leaf page holding `lc`, made this volume's alone (creating the path)."""
         leaf = self._leaves.get(lc // self.fanout * _VOLUME_IDS + vol.id)
         if leaf is not None:  # known through a writable path: nothing to copy on the way
-            return self.cache.modify(leaf, PT_RADIX)
+            return self.cache.modify(leaf.no, PT_RADIX)
         root, height = self._root(vol)
         new_root = self._new_node(vol) if not root else self._own_node(vol, root, height - 1)
         if new_root != root:

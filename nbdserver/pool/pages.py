@@ -38,7 +38,12 @@ they are used, and verifying them would multiply the cost of every miss
 most of its CPU verifying pages read ahead and evicted unused).
 
 Cost: :meth:`get` is a dict lookup plus an LRU bump; :meth:`modify` copies
-the 4 KiB page once per mini-transaction.
+the 4 KiB page once per mini-transaction. The hottest readers (a radix volume's
+leaves, read for every 4 KiB request) skip even that: they keep the
+:class:`Page` (:meth:`keep`), check that it is still cached and mark it
+``recent``, and eviction gives a recent page a second chance (moves it to the
+hot end) instead of evicting it: the LRU bump, paid only when the page reaches
+the cold end.
 """
 
 from __future__ import annotations
@@ -80,15 +85,32 @@ class _MiniTransaction:
 
 
 class Page:
-    __slots__ = ("data", "dirty", "home_pending", "no", "pins", "ptype")
+    """One cached page. A reader that keeps the Page itself (a block map's memory of
+    hot pages, to skip :meth:`PageCache.get`) must check ``cached`` before each use
+    and set ``recent`` instead of the LRU bump (see :meth:`PageCache.keep`)."""
+
+    __slots__ = ("cached", "data", "dirty", "home_pending", "no", "pins", "ptype", "recent",
+                 "words")
 
     def __init__(self, no: int, data: bytearray, ptype: int) -> None:
         self.no = no
-        self.data = data
+        self.data = data  # the same bytearray for as long as the page is cached
         self.ptype = ptype
         self.dirty = False
         self.home_pending = 0
         self.pins = 0
+        self.cached = True  # False once evicted or dropped: a kept Page is then stale
+        self.recent = False  # used since it was last spared at the cold end (second chance)
+        self.words: memoryview | None = None  # data as 64-bit words (see keep)
+
+    def leave(self) -> None:
+        """The page has left the cache: a reader that kept it must see that, and its
+        bytes must not outlive it there (the cache's memory bound)."""
+        self.cached = False
+        if self.words is not None:
+            self.words.release()
+            self.words = None
+            self.data = bytearray()
 
 
 class PageCache:
@@ -132,6 +154,21 @@ class PageCache:
         page.pins += 1  # (evict others, not the page the caller is about to use)
         self._evict()
         page.pins -= 1
+        return page
+
+    def keep(self, page_no: int) -> Page:
+        """The cached page itself (raises PageMiss), for a reader that keeps it to read
+        again without :meth:`get`: each such read checks ``page.cached`` (False once
+        the page has left the cache, whose next copy is another Page) and sets
+        ``page.recent``, which :meth:`_evict` honours as an LRU bump. ``page.words``
+        views the page as native 64-bit words (the block maps' little-endian entries,
+        on a little-endian host)."""
+        page = self._pages.get(page_no)
+        if page is None:
+            page = self._miss(page_no)
+        self._pages.move_to_end(page_no)
+        if page.words is None:
+            page.words = memoryview(page.data).cast("Q")
         return page
 
     def _add_loaded(self, page_no: int, raw: bytes) -> Page:
@@ -283,6 +320,7 @@ class PageCache:
                     self._dirty.pop(page_no, None)
             else:
                 del self._pages[page_no]
+                page.leave()
                 self._dirty.pop(page_no, None)
 
     def modify(self, page_no: int, ptype: int | None = None) -> bytearray:
@@ -373,24 +411,35 @@ class PageCache:
 
     def _evict(self) -> None:
         excess = len(self._pages) - self.capacity
-        if excess <= 0:
-            return
-        victims = []  # from the cold end, stopping as soon as there are enough
-        for page_no, page in self._pages.items():
-            if page.dirty or page.home_pending or page.pins:
-                continue
-            victims.append(page_no)
-            if len(victims) >= excess:
-                break
-        for page_no in victims:
-            del self._pages[page_no]
-            self.evictions += 1
-            for watch in self._evicted_during.values():
-                watch.add(page_no)
+        while excess > 0:
+            victims = []  # from the cold end, stopping as soon as there are enough
+            spared = []  # used through a kept Page since they last came here: bumped now
+            for page_no, page in self._pages.items():
+                if page.dirty or page.home_pending or page.pins:
+                    continue
+                if page.recent:
+                    page.recent = False
+                    spared.append(page_no)
+                    continue
+                victims.append(page_no)
+                if len(victims) >= excess:
+                    break
+            for page_no in spared:
+                self._pages.move_to_end(page_no)
+            for page_no in victims:
+                self._pages.pop(page_no).leave()
+                self.evictions += 1
+                for watch in self._evicted_during.values():
+                    watch.add(page_no)
+            if not spared:
+                return  # (what is left over is dirty, being written home or pinned)
+            excess -= len(victims)
 
     def over_capacity(self) -> bool:
         return len(self._pages) > self.capacity
 
     def drop_all(self) -> None:
+        for page in self._pages.values():
+            page.leave()
         self._pages.clear()
         self._dirty.clear()

@@ -260,6 +260,50 @@ async def test_eviction_is_lru(device: BlockDevice) -> None:
     assert cache.evictions == 1
 
 
+async def test_a_kept_page_marked_recent_gets_a_second_chance(device: BlockDevice) -> None:
+    """A reader that keeps a Page (the radix leaf memory) bumps it by marking it recent,
+    not by moving it: eviction then spares it once, as if it had been bumped."""
+    cache = make_cache(device)
+    cache.sync_reader = lambda no: _read_pages_sync(device, no, 1)
+    kept = cache.keep(0)
+    assert kept.words is not None and kept.words.format == "Q"
+    for no in range(1, 16):
+        await cache.load(no)  # 0 is now the least recently used
+    kept.recent = True  # read through the kept page
+    await cache.load(20)
+    assert 0 in cache and 1 not in cache, "the recent page was spared, the next one went"
+    assert not kept.recent and kept.cached
+    await cache.load(21)
+    assert 2 not in cache and 0 in cache, "spared pages moved to the hot end"
+    for no in range(22, 40):  # not marked again: it ages out like any page
+        await cache.load(no)
+    assert 0 not in cache
+
+
+async def test_a_kept_page_that_leaves_the_cache_says_so_and_frees_its_bytes(
+        device: BlockDevice) -> None:
+    """Once evicted (or dropped), a kept Page is stale: the next copy of the page is
+    another Page, so `cached` turns False and the old bytes are let go (the kept Page
+    must not hold memory beyond the cache's bound)."""
+    cache = make_cache(device)
+    cache.sync_reader = lambda no: _read_pages_sync(device, no, 1)
+    kept = cache.keep(3)
+    assert kept.words is not None
+    assert kept.words[2] == int.from_bytes(content(3)[16:24], "little")
+    for no in range(20, 40):
+        await cache.load(no)
+    assert 3 not in cache
+    assert not kept.cached and kept.words is None and len(kept.data) == 0
+    with cache.mtr():  # changed after it came back: the new Page has it, the old never
+        cache.modify(3)[16] ^= 0xFF
+    again = cache.keep(3)
+    assert again is not kept and again.cached
+    assert again.words is not None and again.words[2] != int.from_bytes(content(3)[16:24],
+                                                                      "little")
+    cache.drop_all()
+    assert not again.cached and again.words is None
+
+
 async def test_eviction_never_drops_dirty_or_home_pending_pages(device: BlockDevice) -> None:
     cache = make_cache(device)
     for no in range(20):
