@@ -81,6 +81,7 @@ from nbdserver.backend.base import (
 from nbdserver.backend.ranges import RangeLocks
 from nbdserver.blockmap.base import ASK, FRESH, HOLE, Claim, CopyOut, InPlace, Redirect, Run
 from nbdserver.errors import NbdError
+from nbdserver.pool.epochs import Epoch
 from nbdserver.pool.format import FormatError, VolumeRecord
 from nbdserver.pool.pages import PageMiss
 from nbdserver.pool.pool import Pool
@@ -615,7 +616,7 @@ class VolumeBackend:
                 self.epochs.end_write(epoch)
             self._write_ended()
 
-    async def _write_chunks_or_wait(self, epochs: list[int], offset: int,
+    async def _write_chunks_or_wait(self, epochs: list[Epoch], offset: int,
                                     data: bytes | None, fua: bool, length: int = 0) -> bool:
         """:meth:`_write_chunks`; on ENOSPC while chunks a trim freed wait for the commit
         that makes the trim durable (the only free space right after a trim in a full
@@ -905,7 +906,7 @@ class VolumeBackend:
                 self.epochs.end_write(epoch)
             self._write_ended()
 
-    async def _unmap(self, epochs: list[int], lc: int, count: int) -> None:
+    async def _unmap(self, epochs: list[Epoch], lc: int, count: int) -> None:
         """Unmap chunks [lc, lc+count); the ones the map says must be written with zeros
         instead (a linear origin's chunk a snapshot still reads) are, waiting for freed
         space as any write does (their copies for the snapshot need chunks). The I/O
@@ -921,7 +922,7 @@ class VolumeBackend:
             if count > 0:
                 await self._next_epoch(epochs)
 
-    async def _next_epoch(self, epochs: list[int]) -> None:
+    async def _next_epoch(self, epochs: list[Epoch]) -> None:
         """Between two steps of a long TRIM or WRITE_ZEROES, which have no I/O under way
         there, end the I/O epoch in `epochs` and begin another, letting other requests
         run in between: one epoch over the whole request would keep every chunk freed

@@ -16,6 +16,12 @@ a transfer costs one counter update when it begins and one when it ends
 (``begin_read``/``end_read``, ``begin_write``/``end_write``), whichever waits
 may follow. Writes here mean every transfer that is not a client read (copies
 made by defrag, zeroing).
+
+An epoch is an object holding its two counts, handed to the transfer when it
+begins and back when it ends: beginning or ending is one attribute update, and
+only an epoch that has been closed (by a wait) and whose last transfer just
+ended looks at the waits. Closed epochs with transfers still going are kept,
+oldest first, until they have none.
 """
 
 from __future__ import annotations
@@ -23,37 +29,43 @@ from __future__ import annotations
 from collections.abc import Callable
 
 
+class Epoch:
+    """The transfers begun in one epoch and not yet ended."""
+
+    __slots__ = ("number", "reads", "writes")
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.reads = 0
+        self.writes = 0
+
+
 class IoEpochs:
     """Counts reads and writes per epoch; see the module note."""
 
     def __init__(self) -> None:
-        self.epoch = 0
-        self._reads: dict[int, int] = {0: 0}  # epoch -> reads begun in it, still going
-        self._writes: dict[int, int] = {0: 0}
+        self.current = Epoch(0)
+        self._closed: list[Epoch] = []  # closed, with transfers still going; oldest first
         self._deferred: list[tuple[int, bool, Callable[[], None]]] = []  # (epoch, reads only, fn)
 
-    def begin_read(self) -> int:
-        epoch = self.epoch
-        self._reads[epoch] += 1
+    def begin_read(self) -> Epoch:
+        epoch = self.current
+        epoch.reads += 1
         return epoch
 
-    def end_read(self, epoch: int) -> None:
-        left = self._reads[epoch] - 1
-        self._reads[epoch] = left
-        if left == 0 and epoch != self.epoch:
-            del self._reads[epoch]
+    def end_read(self, epoch: Epoch) -> None:
+        epoch.reads -= 1
+        if not epoch.reads and epoch is not self.current:
             self._run()
 
-    def begin_write(self) -> int:
-        epoch = self.epoch
-        self._writes[epoch] += 1
+    def begin_write(self) -> Epoch:
+        epoch = self.current
+        epoch.writes += 1
         return epoch
 
-    def end_write(self, epoch: int) -> None:
-        left = self._writes[epoch] - 1
-        self._writes[epoch] = left
-        if left == 0 and epoch != self.epoch:
-            del self._writes[epoch]
+    def end_write(self, epoch: Epoch) -> None:
+        epoch.writes -= 1
+        if not epoch.writes and epoch is not self.current:
             self._run()
 
     def defer(self, fn: Callable[[], None]) -> None:
@@ -65,19 +77,18 @@ class IoEpochs:
         self._defer(fn, True)
 
     def _defer(self, fn: Callable[[], None], reads_only: bool) -> None:
-        epoch = self.epoch
-        self.epoch += 1
-        for counts in (self._reads, self._writes):
-            counts[self.epoch] = 0
-            if counts.get(epoch) == 0:
-                del counts[epoch]
-        self._deferred.append((epoch, reads_only, fn))
+        closed = self.current
+        self.current = Epoch(closed.number + 1)
+        if closed.reads or closed.writes:
+            self._closed.append(closed)
+        self._deferred.append((closed.number, reads_only, fn))
         self._run()
 
     def _run(self) -> None:
-        reads = min((e for e, n in self._reads.items() if n), default=self.epoch)
-        writes = min((e for e, n in self._writes.items() if n), default=self.epoch)
-        every = min(reads, writes)
+        closed = self._closed = [e for e in self._closed if e.reads or e.writes]
+        now = self.current.number
+        reads = next((e.number for e in closed if e.reads), now)  # the oldest still reading
+        every = closed[0].number if closed else now
         ready = [fn for e, reads_only, fn in self._deferred if e < (reads if reads_only else every)]
         if ready:
             self._deferred = [(e, reads_only, fn) for e, reads_only, fn in self._deferred
@@ -87,8 +98,8 @@ class IoEpochs:
 
     @property
     def in_flight(self) -> int:
-        return sum(self._reads.values()) + sum(self._writes.values())
+        return sum(e.reads + e.writes for e in (*self._closed, self.current))
 
     @property
     def reads_in_flight(self) -> int:
-        return sum(self._reads.values())
+        return sum(e.reads for e in (*self._closed, self.current))
