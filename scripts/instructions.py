@@ -17,13 +17,16 @@ What it does (``make instructions``, or ``.venv/bin/python scripts/instructions.
    counters (``callgrind_control -z``), runs ``--ios`` requests, and dumps the
    counters (``callgrind_control -d``): instructions / requests. Workloads:
    4 KiB random reads and writes at queue depth 16 on every export; then each
-   volume is snapshotted through the running server's control socket and
-   written again (*first writes*: fio's random map sends each write to a chunk
-   not written since the snapshot, so each is a copy-on-write into a new chunk).
+   volume is snapshotted through the running server's control socket, read
+   again (*reads after a snapshot*: its whole tree is now shared, as a fork's
+   is with its parent) and written again (*first writes*: fio's random map
+   sends each write to a chunk not written since the snapshot, so each is a
+   copy-on-write into a new chunk).
 3. Prints a table: instructions per I/O for each server, and the ratios the
    project's speed targets are about, in instructions: file export / volume
    (the volume's own cost), in place / first write (the cost of a
-   copy-on-write), and candidate / nbdserver.
+   copy-on-write), read / read after a snapshot (what sharing costs a read),
+   and candidate / nbdserver.
 
 A count includes everything the server process runs in user space for the
 requests (protocol, event loop, Python interpreter, libc); not the kernel's
@@ -215,7 +218,8 @@ def measures(designs: list[str]) -> tuple[list[Measure], list[Measure]]:
     for d in designs:
         before += [Measure(f"{d} read", d, "randread"),
                    Measure(f"{d} write in place", d, "randwrite")]
-    after = [Measure(f"{d} first write", d, "randwrite") for d in designs]
+    after = [Measure(f"{d} read after a snapshot", d, "randread") for d in designs]
+    after += [Measure(f"{d} first write", d, "randwrite") for d in designs]
     return before, after
 
 
@@ -262,6 +266,9 @@ def table(results: dict[str, dict[str, float]], designs: list[str]) -> list[list
                         + [""] * (len(names) * 2 - 2))
             rows.append([f"{n}: {d} in place / first write",
                          f"{r[f'{d} write in place'] / r[f'{d} first write']:.3f}"]
+                        + [""] * (len(names) * 2 - 2))
+            rows.append([f"{n}: {d} read / read after a snapshot",
+                         f"{r[f'{d} read'] / r[f'{d} read after a snapshot']:.3f}"]
                         + [""] * (len(names) * 2 - 2))
     return rows
 

@@ -66,11 +66,12 @@ def test_instructions_short_run_counts_every_workload(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     counts = json.loads(out.read_text())["instructions_per_io"]["nbdserver"]
     assert set(counts) == {"file read", "file write", "radix read", "radix write in place",
-                           "radix first write"}
+                           "radix read after a snapshot", "radix first write"}
     # Each count is a real measurement (a 4 KiB request costs the server tens of
     # thousands of instructions), not a zero or an empty dump.
     assert all(5_000 < n < 5_000_000 for n in counts.values()), counts
     assert "file read / radix read" in proc.stdout
+    assert "radix read / read after a snapshot" in proc.stdout
     assert not list(tmp_path.glob("nbd-instr-*")), "the work directory was not removed"
 
 

@@ -63,7 +63,7 @@ WRITABLE = 1 << 40
 OWNER_SHIFT = 41
 MAX_OWNER = (1 << 23) - 1
 _VOLUME_IDS = MAX_OWNER + 1  # leaf-memory keys: leaf index * _VOLUME_IDS + volume id
-LEAF_MEMORY = 1 << 16  # leaves remembered at most (then forgotten all at once)
+LEAF_MEMORY = 1 << 16  # leaves remembered at most (then forgotten all at once)...
 _Q = struct.Struct("<Q")
 _HEADER_WORDS = PAGE_HEADER_SIZE // 8  # a node's entry k is its page's word k + this
 # The leaf memory reads entries as native words (Page.words): little-endian hosts only.
@@ -118,6 +118,17 @@ class RadixMap(BlockMap):
         # only outside a mini-transaction (what it sees is complete), emptied by every
         # change of a root or of interior nodes (_forget_leaves).
         self._leaves: dict[int, Page] = {}
+        # Every leaf a lookup reached, through a writable path or not (a fork reading
+        # what it shares): for reads only, since a shared leaf's entries keep the
+        # writable bits of the volume that wrote them. A node another volume can reach
+        # never changes in place (a writer copies it, or claims it once it is the only
+        # path to it, and both forget every leaf), so what these pages say stays true
+        # for the volume that reached them until its own tree changes (a root, a copy,
+        # a claim, an unmap, a release: _forget_leaves).
+        self._read_leaves: dict[int, Page] = {}
+        # ...and no more than the cache holds: a remembered page that has left the cache
+        # is of no use, and the memory it takes is no longer the cache's.
+        self._leaf_limit = min(LEAF_MEMORY, self.cache.capacity)
         # height -> chunks below one entry at each level, root first (fanout**level).
         self._spans = [tuple(fanout ** level for level in range(h - 1, -1, -1))
                        for h in range(65)]  # 64 levels cover 2**64 chunks at fan-out 2
@@ -142,6 +153,7 @@ class RadixMap(BlockMap):
 
     def _forget_leaves(self) -> None:
         self._leaves.clear()
+        self._read_leaves.clear()
 
     def _set_root(self, vol: VolumeRecord, root: int) -> None:
         self._forget_leaves()
@@ -185,12 +197,11 @@ class RadixMap(BlockMap):
     # -- lookups ---------------------------------------------------------------------------
 
     def _entry_at(self, vol: VolumeRecord, lc: int) -> int:
-        """The leaf entry of chunk `lc` (0 when nothing is mapped there): one page of a
-        known leaf, or one walk from the root (which learns the leaf if the path is
-        writable)."""
+        """The leaf entry of chunk `lc` (0 when nothing is mapped there): one word of a
+        known leaf, or one walk from the root (which learns the leaf)."""
         fanout = self.fanout
         key = lc // fanout * _VOLUME_IDS + vol.id
-        leaf = self._leaves.get(key)
+        leaf = self._read_leaves.get(key)
         if leaf is not None and leaf.cached:
             leaf.recent = True
             return leaf.words[_HEADER_WORDS + lc % fanout]  # type: ignore[index]
@@ -204,9 +215,9 @@ class RadixMap(BlockMap):
         for span in self._spans[height]:
             page = pages + (e & TARGET_MASK)
             e = unpack(get(page), PAGE_HEADER_SIZE + 8 * ((lc // span) % fanout))[0]
-            if writable:
-                if span == 1:
-                    self._know_leaf(key, page)
+            if span == 1:
+                self._know_leaf(key, page, bool(writable))
+            elif writable:
                 writable = e & WRITABLE
             if not e & TARGET_MASK:
                 return 0
@@ -214,7 +225,7 @@ class RadixMap(BlockMap):
 
     def chunk_at(self, vol: VolumeRecord, lc: int) -> int:
         fanout = self.fanout
-        leaf = self._leaves.get(lc // fanout * _VOLUME_IDS + vol.id)
+        leaf = self._read_leaves.get(lc // fanout * _VOLUME_IDS + vol.id)
         if leaf is not None and leaf.cached:  # (_entry_at, inlined: every 4 KiB read)
             leaf.recent = True
             e = leaf.words[_HEADER_WORDS + lc % fanout]  # type: ignore[index]
@@ -319,11 +330,11 @@ class RadixMap(BlockMap):
             e = unpack(get(page), PAGE_HEADER_SIZE + 8 * ((lc // span) % fanout))[0]
             if not e & TARGET_MASK:
                 if writable and span == 1:
-                    self._know_leaf(key, page)
+                    self._know_leaf(key, page, True)
                 return Redirect(HOLE)
             if writable:
                 if span == 1:
-                    self._know_leaf(key, page)
+                    self._know_leaf(key, page, True)
                 writable = e & WRITABLE
         pc = (e & TARGET_MASK) - 1
         if writable:
@@ -345,12 +356,15 @@ class RadixMap(BlockMap):
             return int(e & TARGET_MASK) - 1
         return ASK if self.data.get((e & TARGET_MASK) - 1) == 1 else FRESH  # Claim : Redirect
 
-    def _know_leaf(self, key: int, page: int) -> None:
-        """Remember a leaf reached through a writable path (see __init__)."""
+    def _know_leaf(self, key: int, page: int, writable: bool) -> None:
+        """Remember a leaf a walk reached, for writes too if through a writable path
+        (see __init__)."""
         if _KEEP_LEAVES and not self.cache.in_mtr:
-            if len(self._leaves) >= LEAF_MEMORY:
-                self._leaves.clear()
-            self._leaves[key] = self.cache.keep(page)
+            if len(self._read_leaves) >= self._leaf_limit:
+                self._forget_leaves()
+            kept = self._read_leaves[key] = self.cache.keep(page)
+            if writable:
+                self._leaves[key] = kept
 
     def write_runs(self, vol: VolumeRecord, lc: int, count: int) -> list[TargetRun]:
         """:meth:`write_target` over a range: one walk per leaf, and a leaf's stretch of
@@ -416,7 +430,7 @@ class RadixMap(BlockMap):
         """
         if e & WRITABLE:
             return e
-        self._forget_leaves()  # (none below was known: the path was not writable)
+        self._forget_leaves()  # (a copy or a claim changes which leaves are whose)
         target = _target(e)
         if self.meta.get(target) == 1:  # claim: clear the stale writable bits below
             node = self.cache.modify(self._page(target), PT_RADIX)

@@ -12,7 +12,7 @@ next read must see the change; memory of kept pages must not outlive the cache.
 
 from __future__ import annotations
 
-from poolkit import PoolFactory, pattern
+from poolkit import PoolFactory, Vol, pattern
 
 
 async def test_a_leaf_evicted_then_changed_is_read_afresh(make_pool: PoolFactory) -> None:
@@ -39,5 +39,61 @@ async def test_a_leaf_evicted_then_changed_is_read_afresh(make_pool: PoolFactory
     await vol.write(hole * chunk, data)  # maps a chunk in leaf 0: a new copy of the page
     assert await vol.read(hole * chunk, chunk) == data
     assert await vol.read(0, chunk) == pattern(0, chunk)
+    await env.pool.commit()
+    await env.assert_clean()
+
+
+async def test_a_fork_reads_shared_leaves_from_memory_and_never_writes_through_them(
+        make_pool: PoolFactory) -> None:
+    """A fork reading what it shares learns those leaves for reads only: their entries
+    keep the writable bits of the volume that wrote them, so a write through them would
+    land in the origin's chunk. After the fork has read a leaf, writes by the fork, by
+    the origin and the origin's deletion must each leave both volumes reading their own
+    bytes."""
+    env = await make_pool("radix", cache_bytes=1 << 20)  # every page stays cached
+    chunk = env.chunk_size
+    fanout = env.pool.map.fanout
+    chunks = 8 * fanout
+    origin = await env.create("o", chunks * chunk)
+    base = pattern(1, chunks * chunk)
+    await origin.write(0, base)
+    fork = await env.fork("o", "f")
+    bmap = env.pool.map
+    fid = env.pool.volume("f").id
+
+    async def chunk_by_chunk(vol: Vol) -> bytes:
+        """The volume read one chunk per request: the path that uses the leaf memory."""
+        return b"".join([await vol.read(lc * chunk, chunk) for lc in range(chunks)])
+
+    def known(vid: int) -> tuple[set[int], set[int]]:
+        """The leaf indexes the map remembers for the volume: for reads, for writes."""
+        return ({k >> 23 for k in bmap._read_leaves if k % (1 << 23) == vid},
+                {k >> 23 for k in bmap._leaves if k % (1 << 23) == vid})
+
+    for lc in range(0, chunks, fanout):  # the fork reads one chunk of every leaf
+        assert await fork.read(lc * chunk, chunk) == base[lc * chunk:(lc + 1) * chunk]
+    reads, writes = known(fid)
+    assert reads == set(range(8)) and writes == set(), "shared leaves: for reads only"
+    for lc in range(0, chunks, fanout):  # served from memory now: the same bytes
+        assert await fork.read(lc * chunk + chunk, chunk) == base[(lc + 1) * chunk:
+                                                                   (lc + 2) * chunk]
+    want_f = bytearray(base)
+    want_o = bytearray(base)
+    await fork.write(3 * chunk, pattern(2, chunk))  # a copy on write, not in place
+    want_f[3 * chunk:4 * chunk] = pattern(2, chunk)
+    await origin.write(fanout * chunk, pattern(3, chunk))  # the origin's own copy
+    want_o[fanout * chunk:(fanout + 1) * chunk] = pattern(3, chunk)
+    for lc in range(0, chunks, fanout // 2):  # the fork learns again, then the origin goes
+        await fork.read(lc * chunk, chunk)
+    assert await chunk_by_chunk(origin) == want_o
+    assert await chunk_by_chunk(fork) == want_f
+    assert await origin.read_all() == want_o  # (runs of chunks: walks)
+    assert await fork.read_all() == want_f
+    await env.delete("o")  # the fork is now the only path to what it shared
+    for lc in range(0, chunks, fanout // 2):
+        await fork.read(lc * chunk, chunk)
+    await fork.write(5 * fanout * chunk, pattern(4, chunk))  # claims, in place
+    want_f[5 * fanout * chunk:(5 * fanout + 1) * chunk] = pattern(4, chunk)
+    assert await chunk_by_chunk(fork) == want_f
     await env.pool.commit()
     await env.assert_clean()
