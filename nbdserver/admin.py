@@ -84,7 +84,7 @@ def run_pool_op(pool_path: str, op: str, args: dict[str, Any],
         from nbdserver.pool.pool import read_superblock
 
         sb = read_superblock(pool_path)
-        return call(socket_path(sb.uuid_str), op, args)
+        return call(socket_path(sb.uuid_str, pool_path), op, args)
 
 
 def _parent_text(info: dict[str, Any]) -> str:

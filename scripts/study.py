@@ -346,7 +346,7 @@ class Workspace:
                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                cwd=str(REPO))
         server = Server(f"nbdserver[{tag}]", proc, sock, log_path, pool,
-                        socket_path(read_superblock(pool).uuid_str))
+                        socket_path(read_superblock(pool).uuid_str, pool))
         self.servers.append(server)
         wait_listening(server)
         return server

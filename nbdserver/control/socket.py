@@ -3,20 +3,28 @@
 Request: ``{"op": "volume.fork", "args": {"source": "golden", "name": "vm7"}}``
 Reply:   ``{"ok": true, "result": {...}}`` or ``{"ok": false, "error": "message"}``
 
-The socket lives at ``$XDG_RUNTIME_DIR/nbdserver/pool-<uuid>.sock`` (or under
+The socket lives at ``$XDG_RUNTIME_DIR/nbdserver/pool-<id>.sock`` (or under
 ``/tmp/nbdserver-<uid>/`` without XDG_RUNTIME_DIR), so a CLI that only knows
-the pool's path finds it by reading the pool's UUID. Only the user who runs
-the server may connect (the directory is mode 0700).
+the pool's path finds it by reading the pool's UUID and looking the file up:
+``<id>`` is a digest of the UUID and of the file's device and inode numbers (a
+block device's device number), so a copy of a pool file, which has the same
+UUID, gets a socket of its own, and every path to one pool (symbolic links,
+hard links) finds the same socket. (A digest: a socket's path must fit in 107
+bytes.) Only the user who runs the server may connect: the directory must be
+that user's, mode 0700. A server never takes over a socket another server
+answers on, and removes only its own when it stops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import socket
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +44,37 @@ def runtime_dir() -> Path:
     return path
 
 
-def socket_path(pool_uuid: str) -> Path:
-    return runtime_dir() / f"pool-{pool_uuid}.sock"
+def socket_path(pool_uuid: str, pool_path: Path | str) -> Path:
+    """The control socket of the pool with this UUID in the file (or block device) at
+    `pool_path` (see the module note)."""
+    st = os.stat(pool_path)
+    where = f"b{st.st_rdev}" if stat.S_ISBLK(st.st_mode) else f"{st.st_dev}:{st.st_ino}"
+    digest = hashlib.sha256(f"{pool_uuid} {where}".encode()).hexdigest()[:20]
+    return runtime_dir() / f"pool-{digest}.sock"
+
+
+def _own_directory(path: Path) -> None:
+    """Make the socket directory, or check one that exists: this user's, nobody else's
+    to enter (mode 0700; a looser mode of our own directory is tightened)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise UserError(f"control socket directory {path} is not a directory of this user "
+                        f"(uid {os.getuid()}); remove it, or set XDG_RUNTIME_DIR to a "
+                        "directory of your own")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
+def _answers(path: Path) -> bool:
+    """Whether a server listens on the Unix socket at `path`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 class ControlServer:
@@ -45,18 +82,27 @@ class ControlServer:
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
-        self.path = socket_path(pool.sb.uuid_str)
+        self.path = socket_path(pool.sb.uuid_str, pool.path)
         self._server: asyncio.AbstractServer | None = None
+        self._inode: int | None = None  # of the socket file this server made
         self._lock = asyncio.Lock()  # one operation at a time per pool
         self._clients: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()  # the pool lock is ours, so any old socket is stale
-        self._server = await asyncio.start_unix_server(self._client, str(self.path),
-                                                       limit=MAX_REQUEST)
-        os.chmod(self.path, 0o600)
+        try:
+            _own_directory(self.path.parent)
+            if os.path.lexists(self.path):
+                if _answers(self.path):
+                    raise UserError(f"another server answers on the control socket "
+                                    f"{self.path} of pool {self.pool.path}")
+                self.path.unlink()  # a socket left by a server that was killed
+            self._server = await asyncio.start_unix_server(self._client, str(self.path),
+                                                           limit=MAX_REQUEST)
+            os.chmod(self.path, 0o600)
+            self._inode = os.stat(self.path).st_ino
+        except OSError as e:
+            raise UserError(f"pool {self.pool.path}: cannot make its control socket "
+                            f"{self.path}: {e.strerror or e}") from None
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -119,7 +165,8 @@ class ControlServer:
         if self._server is not None:
             await self._server.wait_closed()
         with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+            if os.stat(self.path).st_ino == self._inode:  # still ours, not a successor's
+                self.path.unlink()
 
 
 def call(path: Path, op: str, args: dict[str, Any], timeout: float = CLIENT_TIMEOUT) -> Any:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 from pathlib import Path
 
@@ -42,7 +45,7 @@ def test_cli_goes_through_the_running_server(nbd_server_factory: ServerFactory,
 def test_an_idle_control_connection_does_not_hold_up_or_break_a_stop(
         nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
     srv, pool = _pool_server(nbd_server_factory, tmp_path)
-    path = socket_path(read_superblock(pool).uuid_str)
+    path = socket_path(read_superblock(pool).uuid_str, pool)
     idle = socket.socket(socket.AF_UNIX)
     idle.connect(str(path))
     try:
@@ -79,7 +82,7 @@ def test_a_server_that_dies_mid_call_is_a_clear_error(tmp_path: Path) -> None:
 def test_bad_requests_get_an_error_not_a_hang(nbd_server_factory: ServerFactory,
                                               tmp_path: Path) -> None:
     srv, pool = _pool_server(nbd_server_factory, tmp_path)
-    path = socket_path(read_superblock(pool).uuid_str)
+    path = socket_path(read_superblock(pool).uuid_str, pool)
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(10)
         s.connect(str(path))
@@ -125,7 +128,7 @@ def test_bad_arguments_are_named_and_change_nothing(nbd_server_factory: ServerFa
                                                     tmp_path: Path, op: str,
                                                     args: dict[str, object], needle: str) -> None:
     srv, pool = _pool_server(nbd_server_factory, tmp_path)
-    path = socket_path(read_superblock(pool).uuid_str)
+    path = socket_path(read_superblock(pool).uuid_str, pool)
     with pytest.raises(UserError) as err:
         call(path, op, args)
     assert needle in str(err.value), str(err.value)
@@ -133,3 +136,62 @@ def test_bad_arguments_are_named_and_change_nothing(nbd_server_factory: ServerFa
     srv.assert_alive()
     assert "Traceback" not in srv.stderr
     srv.stop()
+
+
+def test_a_copy_of_a_pool_file_gets_a_control_socket_of_its_own(
+        nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
+    """A copied pool file has the original's UUID. Served side by side, each server must
+    answer for its own file: a command given one path must change that pool and no other,
+    and the copy's server stopping must not take the original's socket with it."""
+    a = tmp_path / "a.img"
+    b = tmp_path / "b.img"
+    run([*SERVER_CMD, "pool", "create", str(a), "--size", "128M"])
+    run([*SERVER_CMD, "volume", "create", str(a), "g", "--size", "1M"])
+    b.write_bytes(a.read_bytes())
+    assert read_superblock(a).uuid_str == read_superblock(b).uuid_str
+    link = tmp_path / "a-link.img"
+    link.symlink_to(a)
+    exports = [{"name": "g", "pool": "p", "volume": "g"}]
+    srv_a = nbd_server_factory(exports, pools=[{"name": "p", "path": a}])
+    srv_b = nbd_server_factory(exports, pools=[{"name": "p", "path": b}], name="other")
+    uuid = read_superblock(a).uuid_str
+    assert socket_path(uuid, a) != socket_path(uuid, b)
+    assert socket_path(uuid, link) == socket_path(uuid, a)  # any path to the same file
+    run([*SERVER_CMD, "volume", "create", str(a), "made-for-a", "--size", "1M"])
+    run([*SERVER_CMD, "volume", "create", str(link), "also-a", "--size", "1M"])
+    run([*SERVER_CMD, "volume", "create", str(b), "made-for-b", "--size", "1M"])
+    srv_b.stop()
+    assert socket_path(uuid, a).exists(), "stopping the copy's server removed a's socket"
+    names_a = {v["name"] for v in json.loads(
+        run([*SERVER_CMD, "volume", "list", str(a), "--json"]).stdout)}
+    assert names_a == {"g", "made-for-a", "also-a"}
+    srv_a.stop()
+    names_b = {v["name"] for v in json.loads(
+        run([*SERVER_CMD, "volume", "list", str(b), "--json"]).stdout)}
+    assert names_b == {"g", "made-for-b"}
+
+
+def test_the_control_socket_directory_is_kept_private_and_bad_ones_are_named(
+        nbd_server_factory: ServerFactory, tmp_path: Path,
+        request: pytest.FixtureRequest) -> None:
+    """The socket directory is tightened to 0700 if it is ours and looser; a runtime
+    directory the socket cannot be made in is a one-line error naming the socket."""
+    runtime = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # (short: a socket path)
+    request.addfinalizer(lambda: shutil.rmtree(runtime, ignore_errors=True))
+    (runtime / "nbdserver").mkdir(parents=True, mode=0o777)
+    (runtime / "nbdserver").chmod(0o777)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+    srv, pool = _pool_server(lambda *a, **k: nbd_server_factory(*a, env=env, **k), tmp_path)
+    assert (runtime / "nbdserver").stat().st_mode & 0o777 == 0o700
+    out = run([*SERVER_CMD, "volume", "list", str(pool), "--json"], env=env).stdout
+    assert [v["name"] for v in json.loads(out)] == ["v"]
+    srv.stop()
+    deep = tmp_path / ("d" * 120)  # longer than a Unix socket address can be
+    deep.mkdir()
+    srv = nbd_server_factory([{"name": "v", "pool": "p", "volume": "v"}],
+                             pools=[{"name": "p", "path": pool}], name="deep", start=False,
+                             env={**os.environ, "XDG_RUNTIME_DIR": str(deep)})
+    proc = run([*SERVER_CMD, "serve", "-c", str(srv.config_path)], check=False,
+               env={**os.environ, "XDG_RUNTIME_DIR": str(deep)})
+    assert proc.returncode != 0
+    assert "control socket" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -443,7 +443,7 @@ class Campaign:
                        "cache": rng.choice(("128K", "1M", "4M", "64M"))}
         Pool.create(self.pool_path, self.pool_size, blockmap=self.design,
                     map_params=(fanout, 0, 0, 0) if fanout else None, journal_bytes=journal)
-        self.control = socket_path(read_superblock(self.pool_path).uuid_str)
+        self.control = socket_path(read_superblock(self.pool_path).uuid_str, self.pool_path)
 
     async def cli(self, *args: str, check: bool = True,
                   run: Run | None = None) -> tuple[int, Any, str]:
