@@ -277,7 +277,10 @@ class Pool:
             plan(size)  # a mistake found before anything is written
             made = _create_exclusive(path)
             try:
-                holder = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    holder = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                except OSError as e:
+                    raise UserError(f"{path}: cannot open: {e.strerror}") from None
                 _flock(holder, path)  # before growing: another process may hold it
                 if os.fstat(holder).st_size:  # filled by another process meanwhile
                     raise UserError(f"{path} already exists; refusing to overwrite it")
@@ -1359,8 +1362,17 @@ def _create_exclusive(path: Path) -> bool:
     meanwhile)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # (exist_ok covers directories only)
+        raise UserError(f"{path}: cannot create: {path.parent} is not a directory") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot create {path.parent}: {e.strerror}") from None
+    try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
     except FileExistsError:
+        if path.is_symlink() and not path.exists():
+            raise UserError(f"{path}: cannot create: it is a symbolic link to "
+                            f"{os.readlink(path)}, which does not exist (create the pool "
+                            "there, or remove the link)") from None
         return False
     except OSError as e:
         raise UserError(f"{path}: cannot create: {e.strerror}") from None

@@ -219,3 +219,17 @@ def test_pool_create_without_size_is_a_usage_error(tmp_path: Path) -> None:
     assert status == 2, (status, out, err)
     assert "--size is required" in err and "p.img" in err
     assert not (tmp_path / "p.img").exists()  # nothing made
+
+
+def test_pool_create_where_no_file_can_be_made_is_a_one_line_error(tmp_path: Path) -> None:
+    """A dangling symbolic link, or a path below a regular file: the error names the path
+    and why, with no traceback, and nothing is made."""
+    (tmp_path / "dangling.img").symlink_to(tmp_path / "missing" / "pool.img")
+    (tmp_path / "afile").write_bytes(b"x")
+    for path, why in ((tmp_path / "dangling.img", "symbolic link to"),
+                      (tmp_path / "afile" / "p.img", "is not a directory")):
+        status, out, err = nbdserver("pool", "create", path, "--size", "64M")
+        assert status == 1, (status, out, err)
+        assert str(path) in err and why in err and "Traceback" not in err, err
+    assert not (tmp_path / "missing").exists()
+    assert (tmp_path / "afile").read_bytes() == b"x"
