@@ -785,7 +785,7 @@ class _Parser:
     def pools(self, node: Node | None) -> tuple[PoolConfig, ...]:
         out: list[PoolConfig] = []
         names: dict[str, tuple[str, int]] = {}
-        files: dict[str, tuple[str, str, int]] = {}  # real path -> (key, name, line)
+        files: dict[object, tuple[str, str, int]] = {}  # file -> (key, name, line)
         for i, item in enumerate(self.sequence(node, "pools", "pools")):
             path = f"pools[{i}]"
             m = _Map(self, item, path, _POOL_KEYS, "a mapping with name, path and create")
@@ -801,7 +801,7 @@ class _Parser:
             if pool_path.is_dir():
                 self.fail(path_node, m.sub("path"),
                           f"{pool_path} is a directory; expected a file or block device")
-            real = os.path.realpath(pool_path)  # (symbolic links too)
+            real = _file_identity(pool_path)
             if real in files:
                 other, other_name, line = files[real]
                 self.fail(path_node, m.sub("path"),
@@ -842,7 +842,7 @@ class _Parser:
                 pools: tuple[PoolConfig, ...]) -> tuple[ExportConfig, ...]:
         out: list[ExportConfig] = []
         names: dict[str, tuple[str, int]] = {}
-        pool_paths = {p.path: p for p in pools}
+        pool_files = {_file_identity(p.path): p for p in pools}
         exported: dict[tuple[str, str], tuple[str, str, int]] = {}  # -> (key, name, line)
         for i, item in enumerate(self.sequence(node, "exports", "exports")):
             path = f"exports[{i}]"
@@ -895,6 +895,10 @@ class _Parser:
                 file = self.path(file_node, m.sub("file"))
                 if (v := m.get("size")) is not None:
                     size = self.size(v, m.sub("size"))
+                    if size % 512:
+                        self.fail(v, m.sub("size"), f"a file export's size must be a "
+                                                    f"multiple of 512 bytes, got {size} (for "
+                                                    f"example {-(-size // 512) * 512})")
                 if "create" in m:
                     self.fail(m.key_node("create"), m.sub("create"),
                               "create is for pool volumes; a file export is created "
@@ -908,11 +912,11 @@ class _Parser:
                     self.fail(file_node, m.sub("file"),
                               f"{file} does not exist; add 'size' (for example size: 1G) "
                               "to create it")
-                if file in pool_paths:
+                if (of := pool_files.get(_file_identity(file))) is not None:
                     self.fail(file_node, m.sub("file"),
-                              f"{file} is the file of pool {pool_paths[file].name!r} "
-                              f"({pool_paths[file].key}); export one of its volumes with "
-                              "pool: and volume: instead")
+                              f"{file} is the file of pool {of.name!r} ({of.key}: "
+                              f"{of.path}); export one of its volumes with pool: and "
+                              "volume: instead")
             else:
                 if "size" in m:
                     self.fail(m.key_node("size"), m.sub("size"),
@@ -935,6 +939,12 @@ class _Parser:
                 exported[(pool, volume)] = (path, name, volume_node.start_mark.line + 1)
                 if (v := m.get("create")) is not None:
                     create = self.volume_create(v, m.sub("create"), volume)
+                    if create.snapshot is not None:  # (a snapshot is read-only)
+                        if (ro := m.get("read-only")) is not None and not read_only:
+                            self.fail(ro, m.sub("read-only"), "the volume is created as a "
+                                      "snapshot, which is read-only; to write to a copy "
+                                      f"use create: {{fork: {create.snapshot}}}")
+                        read_only = True
             out.append(ExportConfig(
                 name=name, description=description, read_only=read_only,
                 min_block_size=min_block, file=file, size=size, pool=pool, volume=volume,
@@ -1052,6 +1062,19 @@ def config_warnings(config: Config) -> list[str]:
                        f"({other.name!r}); writes through one show in the other")
         files.setdefault(export.file, export)
     return out
+
+
+def _file_identity(path: Path) -> object:
+    """What tells two paths to one file apart from two files: the device and inode
+    numbers of an existing file (through symbolic and hard links alike), a block
+    device's device number, else the path with its links resolved."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return os.path.realpath(path)
+    if stat.S_ISBLK(st.st_mode):
+        return ("block", st.st_rdev)
+    return ("file", st.st_dev, st.st_ino)
 
 
 def describe(config: Config) -> str:

@@ -248,7 +248,6 @@ def test_full_config(tmp_path: Path) -> None:
             pool: main
             volume: vm2
             create: {snapshot: golden}
-            read-only: false
           - name: golden
             pool: other
             volume: golden
@@ -268,7 +267,7 @@ def test_full_config(tmp_path: Path) -> None:
     assert (disk.read_only, disk.description, disk.min_block_size, disk.size) == (
         True, "a disk", 4096, None)
     assert vm1.create == VolumeCreate(fork="golden")
-    assert vm2.create == VolumeCreate(snapshot="golden")
+    assert vm2.create == VolumeCreate(snapshot="golden") and vm2.read_only
     assert golden.create is None and golden.pool == "other"
 
 
@@ -279,7 +278,7 @@ def test_plain_scalars_taken_as_written(tmp_path: Path) -> None:
 
 
 def test_sizes_in_many_spellings(tmp_path: Path) -> None:
-    for text, expected in [("4096", 4096), ("4_096", 4096), ('"01000"', 1000),
+    for text, expected in [("4096", 4096), ("4_096", 4096), ('"01024"', 1024),
                            ("1.5G", 3 << 29), ("20GiB", 20 << 30), ('"64 KiB"', 64 << 10),
                            ("1t", 1 << 40)]:
         config = load(tmp_path, MINIMAL.replace("size: 1M", f"size: {text}"))
@@ -561,8 +560,8 @@ def test_too_large_size_message_is_exact(tmp_path: Path) -> None:
                      "exports[0].size", f"'{value}' is too large",
                      "less than 8 EiB", f"at most {(1 << 63) - 1} bytes")
         assert "8.00" not in msg
-    config = load(tmp_path, MINIMAL.replace("size: 1M", f"size: {(1 << 63) - 1}"))
-    assert config.exports[0].size == (1 << 63) - 1
+    config = load(tmp_path, MINIMAL.replace("size: 1M", f"size: {(1 << 63) - 512}"))
+    assert config.exports[0].size == (1 << 63) - 512
 
 
 @pytest.mark.parametrize(("value", "reading"), [
@@ -743,8 +742,14 @@ def test_pool_path_is_a_directory(tmp_path: Path) -> None:
     expect(tmp_path, POOLED, "path: pool.img", "pools[0].path", "is a directory")
 
 
-def test_file_export_of_a_pool_file(tmp_path: Path) -> None:
-    text = POOLED.replace("file: disk.img", "file: ./pool.img")
+@pytest.mark.parametrize("path", ["./pool.img", "sym.img", "hard.img"])
+def test_file_export_of_a_pool_file(tmp_path: Path, path: str) -> None:
+    """Through any path to it, links included: a raw export of a pool's file lets a
+    client overwrite the pool's metadata under the server that serves the pool."""
+    (tmp_path / "pool.img").write_bytes(b"")
+    (tmp_path / "sym.img").symlink_to("pool.img")
+    (tmp_path / "hard.img").hardlink_to(tmp_path / "pool.img")
+    text = POOLED.replace("file: disk.img", f"file: {path}")
     expect(tmp_path, text, "file:", "exports[0].file", "is the file of pool 'main'")
 
 
@@ -826,12 +831,14 @@ def test_pool_minimum_size_is_what_pool_create_needs(tmp_path: Path, chunk: str)
 
 
 @pytest.mark.parametrize("second", ["pool.img", "./sub/../pool.img", "~/pool.img",
-                                    "link.img"])
+                                    "link.img", "hard.img"])
 def test_two_pools_with_one_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                  second: str) -> None:
     """Serve would find the pool locked by itself, wait, and blame another process."""
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "link.img").symlink_to("pool.img")
+    (tmp_path / "pool.img").write_bytes(b"")
+    (tmp_path / "hard.img").hardlink_to(tmp_path / "pool.img")
     text = POOLED.replace("exports:", f"  - name: other\n    path: {second}\nexports:")
     expect(tmp_path, text, f"path: {second}", "pools[1].path",
            "is the file of pool 'main' too",
@@ -1045,3 +1052,25 @@ def test_config_to_json(tmp_path: Path) -> None:
 
 def test_config_to_json_without_source() -> None:
     assert config_to_json(parse_config(MINIMAL))["source"] is None
+
+
+def test_file_export_size_must_be_a_multiple_of_512(tmp_path: Path) -> None:
+    """A size no client can address whole (the export is served in 512-byte sectors):
+    refused, with the next size that is, instead of a file served short."""
+    text = MINIMAL.replace("size: 1M", "size: 1000")
+    expect(tmp_path, text, "size: 1000", "exports[0].size", "multiple of 512 bytes",
+           "got 1000", "for example 1024")
+
+
+def test_a_volume_created_as_a_snapshot_is_exported_read_only(tmp_path: Path) -> None:
+    """check-config and --json must say what serve does: a snapshot is read-only."""
+    text = POOLED.replace("create: {size: 1G}", "create: {snapshot: golden}")
+    (export,) = [e for e in load(tmp_path, text).exports if e.name == "vm1"]
+    assert export.read_only
+    text = POOLED.replace("    create: {size: 1G}",
+                          "    read-only: false\n    create: {snapshot: golden}")
+    expect(tmp_path, text, "read-only: false", "exports[1].read-only", "snapshot",
+           "read-only", "create: {fork: golden}")
+    text = POOLED.replace("    create: {size: 1G}",
+                          "    read-only: true\n    create: {snapshot: golden}")
+    assert [e.read_only for e in load(tmp_path, text).exports] == [False, True]
