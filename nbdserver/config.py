@@ -226,6 +226,11 @@ class VolumeCreate:
     fork: str | None = None
     snapshot: str | None = None
 
+    @property
+    def source(self) -> str | None:
+        """The volume it is copied from (fork or snapshot), or None."""
+        return self.fork if self.fork is not None else self.snapshot
+
 
 @dataclass(frozen=True, slots=True)
 class ExportConfig:
@@ -844,6 +849,7 @@ class _Parser:
         names: dict[str, tuple[str, int]] = {}
         pool_files = {_file_identity(p.path): p for p in pools}
         exported: dict[tuple[str, str], tuple[str, str, int]] = {}  # -> (key, name, line)
+        creates: dict[tuple[str, str], tuple[str, Node]] = {}  # -> (key, create node)
         for i, item in enumerate(self.sequence(node, "exports", "exports")):
             path = f"exports[{i}]"
             m = _Map(self, item, path, _EXPORT_KEYS, "a mapping with name and file "
@@ -939,6 +945,7 @@ class _Parser:
                 exported[(pool, volume)] = (path, name, volume_node.start_mark.line + 1)
                 if (v := m.get("create")) is not None:
                     create = self.volume_create(v, m.sub("create"), volume)
+                    creates[(pool, volume)] = (path, v)
                     if create.snapshot is not None:  # (a snapshot is read-only)
                         if (ro := m.get("read-only")) is not None and not read_only:
                             self.fail(ro, m.sub("read-only"), "the volume is created as a "
@@ -949,7 +956,27 @@ class _Parser:
                 name=name, description=description, read_only=read_only,
                 min_block_size=min_block, file=file, size=size, pool=pool, volume=volume,
                 create=create, key=path))
+        self._no_copy_cycles(out, creates)
         return tuple(out)
+
+    def _no_copy_cycles(self, exports: list[ExportConfig],
+                        creates: dict[tuple[str, str], tuple[str, Node]]) -> None:
+        """Refuse exports whose volumes would each be created as a copy of another's,
+        round in a circle (none could be made first)."""
+        source = {(e.pool, e.volume): (e.pool, e.create.source) for e in exports
+                  if e.create is not None and e.create.source is not None}
+        for start in source:
+            seen = [start]
+            at = source[start]
+            while at in source and at not in seen:
+                seen.append(at)
+                at = source[at]
+            if at == start:
+                key, node = creates[start]  # type: ignore[index]
+                chain = " -> ".join(repr(v) for _, v in [*seen, start])
+                self.fail(node, f"{key}.create", f"volumes created from each other in a "
+                          f"circle ({chain}); one of them must be created from a size or "
+                          "exist already")
 
     def volume_name(self, node: Node, key: str) -> str:
         """A name a pool volume can have (what ``volume create`` accepts)."""
@@ -1061,6 +1088,29 @@ def config_warnings(config: Config) -> list[str]:
             out.append(f"{export.key}.file: {export.file} is also exported by {other.key} "
                        f"({other.name!r}); writes through one show in the other")
         files.setdefault(export.file, export)
+    return out
+
+
+def creation_order(exports: tuple[ExportConfig, ...]) -> list[ExportConfig]:
+    """`exports` reordered so that an export whose volume is created as a copy of a
+    volume another export creates comes after that export (otherwise in config order;
+    the config has no circles, see _no_copy_cycles)."""
+    makes = {(e.pool, e.volume): e for e in exports if e.create is not None}
+    out: list[ExportConfig] = []
+    placed: set[str] = set()
+
+    def place(e: ExportConfig) -> None:
+        if e.key in placed:
+            return
+        placed.add(e.key)
+        if e.create is not None and e.create.source is not None:
+            first = makes.get((e.pool, e.create.source))
+            if first is not None:
+                place(first)
+        out.append(e)
+
+    for e in exports:
+        place(e)
     return out
 
 

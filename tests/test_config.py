@@ -21,6 +21,7 @@ from nbdserver.config import (
     VolumeCreate,
     config_to_json,
     config_warnings,
+    creation_order,
     describe,
     load_config,
     parse_config,
@@ -1074,3 +1075,28 @@ def test_a_volume_created_as_a_snapshot_is_exported_read_only(tmp_path: Path) ->
     text = POOLED.replace("    create: {size: 1G}",
                           "    read-only: true\n    create: {snapshot: golden}")
     assert [e.read_only for e in load(tmp_path, text).exports] == [False, True]
+
+
+def test_copies_are_created_after_what_they_copy_and_circles_are_refused(
+        tmp_path: Path) -> None:
+    """An export may name, in create, a volume a later export creates: serve creates in
+    dependency order (config order otherwise). Volumes created from each other in a
+    circle can never be made, so check-config refuses them."""
+    text = """\
+        listen: [{unix: nbd.sock}]
+        pools: [{name: p, path: pool.img, create: {size: 1G}}]
+        exports:
+          - {name: vm2, pool: p, volume: vm2, create: {fork: vm1}}
+          - {name: vm1, pool: p, volume: vm1, create: {fork: golden}}
+          - {name: other, pool: p, volume: other, create: {size: 1M}}
+          - {name: golden, pool: p, volume: golden, create: {size: 1G}}
+          - {name: snap, pool: p, volume: snap, create: {snapshot: golden}}
+        """
+    config = load(tmp_path, text)
+    assert [e.name for e in config.exports] == ["vm2", "vm1", "other", "golden", "snap"]
+    assert [e.name for e in creation_order(config.exports)] == [
+        "golden", "vm1", "vm2", "other", "snap"]
+    circle = text.replace("create: {size: 1G}}\n          - {name: snap",
+                          "create: {snapshot: vm2}}\n          - {name: snap")
+    expect(tmp_path, circle, "name: vm2", "exports[0].create", "in a circle",
+           "'vm2' -> 'vm1' -> 'golden' -> 'vm2'")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from nbdserver.backend.base import Backend
 from nbdserver.backend.file import FileBackend
-from nbdserver.config import Config, ExportConfig, Listener
+from nbdserver.config import Config, ExportConfig, Listener, creation_order
 from nbdserver.errors import UserError
 from nbdserver.exports import Export, ExportTable, export_info
 from nbdserver.pools import OpenPools
@@ -97,10 +97,12 @@ class NbdServer:
 
     async def open_exports(self) -> None:
         await self.pools.open_all()
-        for ec in self.config.exports:
-            backend = await self._open_export(ec)
-            info = export_info(ec.name, backend, min_block=ec.min_block_size)
-            self.exports.add(Export(info, backend))
+        backends: dict[str, Backend] = {}
+        for ec in creation_order(self.config.exports):  # a copy after what it copies
+            backends[ec.key] = await self._open_export(ec)
+        for ec in self.config.exports:  # (listed in config order)
+            info = export_info(ec.name, backends[ec.key], min_block=ec.min_block_size)
+            self.exports.add(Export(info, backends[ec.key]))
 
     # -- listeners ----------------------------------------------------------------------
 

@@ -799,3 +799,20 @@ def test_ipv6_tcp_listener(nbd_server_factory: ServerFactory, tmp_path: Path) ->
     assert len(uris) == 1 and uris[0].startswith("nbd://[::1]:"), srv.stdout
     assert run(["nbdinfo", "--size", uris[0]]).stdout.strip() == str(8 * MiB)
     srv.stop()
+
+
+def test_an_export_may_copy_a_volume_a_later_export_creates(
+        nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
+    """vm1 is a fork of golden, listed first: serve creates golden first, lists the exports
+    in config order, and vm1 is a fork of golden."""
+    pool = tmp_path / "pool.img"
+    srv = nbd_server_factory(
+        [{"name": "vm1", "pool": "p", "volume": "vm1", "create": {"fork": "golden"}},
+         {"name": "golden", "pool": "p", "volume": "golden", "create": {"size": "1M"}}],
+        pools=[{"name": "p", "path": pool, "create": {"size": "128M"}}])
+    listed = json.loads(run(["nbdinfo", "--list", "--json", srv.unix_uri()]).stdout)
+    assert [e["export-name"] for e in listed["exports"]] == ["vm1", "golden"]
+    vols = {v["name"]: v for v in json.loads(
+        run([*SERVER_CMD, "volume", "list", str(pool), "--json"]).stdout)}
+    assert vols["vm1"]["parent"] == "golden" and vols["golden"]["parent"] is None
+    srv.stop()
