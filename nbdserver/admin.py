@@ -43,6 +43,45 @@ def _count(text: str) -> int:
     return value
 
 
+def _chunk_size(text: str) -> int:
+    from nbdserver.pool.format import MAX_CHUNK, MIN_CHUNK
+
+    value = _size(text)
+    if not MIN_CHUNK <= value <= MAX_CHUNK or value & (value - 1):
+        raise argparse.ArgumentTypeError(
+            f"expected a power of two from {format_size(MIN_CHUNK)} to "
+            f"{format_size(MAX_CHUNK)}, got {text!r}")
+    return value
+
+
+def _max_volumes(text: str) -> int:
+    from nbdserver.pool.pool import MAX_VOLUMES
+
+    value = _count(text)
+    if value > MAX_VOLUMES:
+        raise argparse.ArgumentTypeError(f"at most {MAX_VOLUMES}, got {value}")
+    return value
+
+
+def _new_volume_name(text: str) -> str:
+    from nbdserver.pool.pool import check_volume_name
+
+    try:
+        check_volume_name(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _volume_size(text: str) -> int:
+    value = _size(text)
+    if value % 512:
+        raise argparse.ArgumentTypeError(
+            f"a volume's size must be a multiple of 512 bytes, got {value} (for example "
+            f"{-(-value // 512) * 512})")
+    return value
+
+
 def run_pool_op(pool_path: str, op: str, args: dict[str, Any],
                 local: dict[str, Any] | None = None) -> Any:
     """Run `op` on the pool at `pool_path`: directly, or through its server if it is open.
@@ -408,9 +447,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                    help="block-map design: radix (Parallax tree, O(1) forks), extent (extent "
                         "lists that keep data contiguous), linear (LVM classic snapshots); "
                         "default radix")
-    p.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK,
+    p.add_argument("--chunk-size", type=_chunk_size, default=DEFAULT_CHUNK,
                    help="allocation unit, a power of two from 4K to 1M (default 4K)")
-    p.add_argument("--max-volumes", type=_count, default=4096,
+    p.add_argument("--max-volumes", type=_max_volumes, default=4096,
                    help="volumes the catalog holds at most (default 4096)")
     p.add_argument("--preallocate", action="store_true",
                    help="allocate the whole file now (fallocate: quick, writes nothing), so "
@@ -441,8 +480,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
     p = vsub.add_parser("create", help="create an empty (all zeros) thin volume")
     common(p)
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("--size", type=_size, required=True, help="e.g. 10G")
+    p.add_argument("name", metavar="NAME", type=_new_volume_name)
+    p.add_argument("--size", type=_volume_size, required=True,
+                   help="e.g. 10G (a multiple of 512 bytes)")
     p.add_argument("--guarantee", action="store_true",
                    help="reserve every chunk the volume could need (and, in radix and linear "
                         "pools, every map page), so that its writes never fail for lack of "
@@ -452,13 +492,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p = vsub.add_parser("snapshot", help="a read-only point-in-time copy (instant)")
     common(p)
     p.add_argument("source", metavar="SOURCE")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", type=_new_volume_name)
     p.set_defaults(handler=cmd_volume_snapshot)
 
     p = vsub.add_parser("fork", help="a writable copy that shares unchanged data (instant)")
     common(p)
     p.add_argument("source", metavar="SOURCE")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", type=_new_volume_name)
     p.add_argument("--guarantee", action="store_true",
                    help="reserve every chunk and map page the fork could need, as for create")
     p.set_defaults(handler=cmd_volume_fork)

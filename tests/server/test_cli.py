@@ -233,3 +233,25 @@ def test_pool_create_where_no_file_can_be_made_is_a_one_line_error(tmp_path: Pat
         assert str(path) in err and why in err and "Traceback" not in err, err
     assert not (tmp_path / "missing").exists()
     assert (tmp_path / "afile").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["pool", "create", "{p}", "--size", "64M", "--chunk-size", "3K"],
+     "argument --chunk-size: expected a power of two from 4 KiB to 1 MiB, got '3K'"),
+    (["pool", "create", "{p}", "--size", "64M", "--max-volumes", "2000000"],
+     "argument --max-volumes: at most"),
+    (["volume", "create", "{p}", "bad/name", "--size", "1M"],
+     "argument NAME: invalid volume name 'bad/name'"),
+    (["volume", "create", "{p}", "ok", "--size", "1000"],
+     "argument --size: a volume's size must be a multiple of 512 bytes, got 1000"),
+    (["volume", "fork", "{p}", "golden", "bad!"], "argument NAME: invalid volume name"),
+    (["volume", "snapshot", "{p}", "golden", ""], "argument NAME: invalid volume name"),
+])
+def test_bad_arguments_are_usage_errors_naming_the_argument(
+        tmp_path: Path, args: list[str], fragment: str) -> None:
+    """Exit 2 (docs/cli.md), the argument named, and nothing made or opened."""
+    pool = tmp_path / "p.img"
+    status, out, err = nbdserver(*[a.replace("{p}", str(pool)) for a in args])
+    assert status == 2, (status, out, err)
+    assert fragment in err and "Traceback" not in err, err
+    assert not pool.exists()
