@@ -85,7 +85,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from nbdserver.errors import ConfigError, UserError
-from nbdserver.pool.format import plan_layout
+from nbdserver.pool.format import min_pool_size
 from nbdserver.sizes import format_duration, format_size, parse_duration, parse_size
 
 __all__ = [
@@ -427,33 +427,6 @@ def _suggest(word: str, valid: Sequence[str]) -> str:
 
 def _one_of(valid: Sequence[str]) -> str:
     return ", ".join(valid)
-
-
-def _fits(size: int, chunk: int) -> bool:
-    """Whether ``Pool.create`` can lay out a pool of `size` bytes with `chunk`-byte chunks
-    (with its defaults: 4096 volumes, the journal sized from the pool)."""
-    try:
-        plan_layout(size, chunk)
-    except ValueError:
-        return False
-    return True
-
-
-def _min_pool_size(size: int, chunk: int) -> int | None:
-    """None if a pool of `size` bytes can be created; else the smallest size above it
-    that can (found by bisection over the pool's own layout code)."""
-    if _fits(size, chunk):
-        return None
-    low, high = size, max(2 * size, 64 << 20)  # `low` does not fit, `high` does
-    while not _fits(high, chunk):
-        low, high = high, 2 * high
-    while high - low > 1:
-        mid = (low + high) // 2
-        if _fits(mid, chunk):
-            high = mid
-        else:
-            low = mid
-    return high
 
 
 class _Map:
@@ -832,7 +805,7 @@ class _Parser:
             if not (MIN_CHUNK_SIZE <= chunk <= MAX_CHUNK_SIZE) or chunk & (chunk - 1):
                 self.fail(v, m.sub("chunk-size"),
                           f"expected a power of two from 4K to 1M, got {_got(v)}")
-        if (least := _min_pool_size(size, chunk)) is not None:
+        if (least := min_pool_size(size, chunk)) is not None:
             self.fail(m.get("size") or node, m.sub("size"),
                       f"a pool of {format_size(size)} is too small: with "
                       f"{format_size(chunk)} chunks it needs at least {least} bytes "

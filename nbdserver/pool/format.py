@@ -129,6 +129,31 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def min_pool_size(size: int, chunk_size: int, *, max_volumes: int = 4096,
+                  journal_bytes: int | None = None) -> int | None:
+    """None if a pool of `size` bytes can be laid out (:func:`plan_layout`, the same
+    arguments); else the smallest size above it that can (by bisection)."""
+    def fits(n: int) -> bool:
+        try:
+            plan_layout(n, chunk_size, max_volumes=max_volumes, journal_bytes=journal_bytes)
+        except ValueError:
+            return False
+        return True
+
+    if fits(size):
+        return None
+    low, high = size, max(2 * size, 64 << 20)  # `low` does not fit, `high` does
+    while not fits(high):
+        low, high = high, 2 * high
+    while high - low > 1:
+        mid = (low + high) // 2
+        if fits(mid):
+            high = mid
+        else:
+            low = mid
+    return high
+
+
 def plan_layout(size: int, chunk_size: int, *, max_volumes: int = 4096,
                 meta_fraction: float = 1 / 64, journal_bytes: int | None = None) -> Layout:
     """Cut a pool of `size` bytes into regions. Raises ValueError if it is too small."""

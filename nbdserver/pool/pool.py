@@ -75,11 +75,13 @@ from nbdserver.pool.format import (
     PoolState,
     Superblock,
     VolumeRecord,
+    min_pool_size,
     plan_layout,
     verify_page,
 )
 from nbdserver.pool.pages import PageCache
 from nbdserver.pool.space import Recount, RefTable
+from nbdserver.sizes import format_size
 from nbdserver.storage.buffers import MAX_CLASS_SHIFT, AlignedBuffer, BufferPool
 from nbdserver.storage.device import BlockDevice, open_device
 from nbdserver.storage.engine import IoEngine
@@ -260,7 +262,16 @@ class Pool:
                 return plan_layout(size, chunk_size, max_volumes=max_volumes,
                                    journal_bytes=journal_bytes)
             except ValueError as e:
-                raise UserError(f"{path}: {e}") from None
+                least = None
+                if "too small" in str(e):
+                    least = min_pool_size(size, chunk_size, max_volumes=max_volumes,
+                                          journal_bytes=journal_bytes)
+                if least is None:
+                    raise UserError(f"{path}: {e}") from None
+                raise UserError(f"{path}: a pool of {format_size(size)} is too small: with "
+                                f"{format_size(chunk_size)} chunks and room for "
+                                f"{max_volumes} volumes it needs at least {least} bytes (for "
+                                f"example {-(-least // (1 << 20))}M)") from None
 
         made = grown = False  # (what to undo if the create fails)
         holder: int | None = None  # a file's descriptor holding the lock while it is made

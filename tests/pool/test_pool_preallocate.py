@@ -83,10 +83,13 @@ def test_a_failed_preallocation_leaves_no_file(tmp_path: Path) -> None:
     (("--size", "7E"), 1, "File too large"),  # past the filesystem's limit
     (("--size", "1G", "--max-volumes", "0"), 2, "argument --max-volumes: must be at least 1"),
     (("--size", "1G", "--max-volumes", "-5"), 2, "must be at least 1"),
-    (("--size", "1G", "--max-volumes", "100000000"), 1, "max volumes must be from 1 to"),
-    (("--size", "1G", "--chunk-size", "3K"), 1, "chunk size must be a power of two"),
-    (("--size", "1G", "--chunk-size", "3K", "--preallocate"), 1, "chunk size must be"),
-    (("--size", "64K"), 1, "is too small"),
+    (("--size", "1G", "--max-volumes", "100000000"), 2,
+     "argument --max-volumes: at most 1048576, got 100000000"),
+    (("--size", "1G", "--chunk-size", "3K"), 2,
+     "argument --chunk-size: expected a power of two"),
+    (("--size", "1G", "--chunk-size", "3K", "--preallocate"), 2, "a power of two"),
+    (("--size", "64K"), 1, "is too small: with 4 KiB chunks and room for 4096 volumes it "
+                           "needs at least 6377472 bytes (for example 7M)"),
 ])
 def test_a_refused_pool_create_says_why_and_leaves_nothing(
         tmp_path: Path, args: tuple[str, ...], status: int, needle: str) -> None:
