@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import socket
@@ -91,6 +92,14 @@ class NbdServer:
                 device = open_device(ec.file, read_only=ec.read_only, create_size=ec.size)
             except UserError as e:
                 raise UserError(f"{ec.key}: {e}") from e
+            try:  # shared with other raw exports; a pool's lock (exclusive) conflicts
+                fcntl.flock(device.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                device.close()
+                raise UserError(f"{ec.key}.file: {ec.file} is in use by another process "
+                                "that locks it (a server that has it open as a pool?); "
+                                "a pool's volumes are exported with pool: and "
+                                "volume:") from None
             return FileBackend(device, self.engine, self.buffers, description=ec.description,
                                read_only=ec.read_only)
         return await self.pools.backend(ec)

@@ -816,3 +816,28 @@ def test_an_export_may_copy_a_volume_a_later_export_creates(
         run([*SERVER_CMD, "volume", "list", str(pool), "--json"]).stdout)}
     assert vols["vm1"]["parent"] == "golden" and vols["golden"]["parent"] is None
     srv.stop()
+
+
+def test_a_pool_another_server_has_open_cannot_be_exported_raw(
+        nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
+    """Served raw by a second server, a pool's file could be overwritten under the server
+    that has it open (the config check only sees pools of its own config). Raw exports
+    take a shared lock, which the pool's exclusive one refuses, and the other way round."""
+    pool = tmp_path / "pool.img"
+    owner = nbd_server_factory(
+        [{"name": "v", "pool": "p", "volume": "v", "create": {"size": "1M"}}],
+        pools=[{"name": "p", "path": pool, "create": {"size": "128M"}}])
+    head = pool.read_bytes()[:4096]
+    raw = nbd_server_factory([file_export("raw", pool, None)], name="raw", start=False)
+    proc = run([*SERVER_CMD, "serve", "-c", raw.config_path], check=False, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert f"exports[0].file: {pool} is in use by another process" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    owner.stop()
+    assert pool.read_bytes()[:4096] == head
+    raw = nbd_server_factory([file_export("raw", pool, None, read_only=True)], name="raw2")
+    busy = run([*SERVER_CMD, "volume", "create", pool, "w", "--size", "1M"], check=False)
+    assert busy.returncode == 1, busy.stderr
+    assert "in use by another process" in busy.stderr and "Traceback" not in busy.stderr
+    raw.stop()
+    run([*SERVER_CMD, "volume", "create", pool, "w", "--size", "1M"])  # free again
