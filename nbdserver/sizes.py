@@ -79,7 +79,8 @@ def parse_size(text: str | int, *, what: str, allow_zero: bool = False) -> int:
 
 
 def format_size(n: int) -> str:
-    """``1 GiB``, ``64 KiB``, ``1.5 GiB``, ``123 B``: `n` bytes for people to read."""
+    """``1 GiB``, ``64 KiB``, ``1.5 GiB``, ``123 B``: `n` bytes for people to read
+    (inexact: two decimals, cut; ``(1 << 63) - 1`` is ``7.99 EiB``, not 8)."""
     if n < 0:
         return "-" + format_size(-n)
     unit, mult = "", 1
@@ -93,7 +94,8 @@ def format_size(n: int) -> str:
         if "." in text:
             text = text.rstrip("0").rstrip(".")
         return f"{text} {unit}iB"
-    return f"{n / mult:.2f} {unit}iB"
+    hundredths = n * 100 // mult  # cut, not rounded: never more than there is
+    return f"{hundredths // 100}.{hundredths % 100:02d} {unit}iB"
 
 
 _DURATION_UNITS: dict[str, Decimal] = {

@@ -80,7 +80,9 @@ def test_parse_size_allow_zero() -> None:
     (256 * M, "256 MiB"),
     (4 * T, "4 TiB"),
     (P, "1 PiB"),
-    (1025, "1.00 KiB"),          # rounded: always two decimals
+    (1025, "1.00 KiB"),          # inexact: always two decimals
+    (2 * K - 1, "1.99 KiB"),     # cut, not rounded up to a size it is not
+    ((1 << 63) - 1, "7.99 EiB"),
     (500107862016, "465.76 GiB"),
     (-K, "-1 KiB"),
 ])
@@ -95,7 +97,8 @@ def test_round_trip_exact(n: int) -> None:
 
 @given(st.integers(min_value=0, max_value=1 << 62))
 def test_format_then_parse(n: int) -> None:
-    """Exact when two decimals suffice, else within half a hundredth of the unit."""
+    """Exact when two decimals suffice, else cut to two decimals: never more than `n`,
+    less than a hundredth of the unit below it."""
     unit = 1 << (10 * min(6, max(0, (n.bit_length() - 1) // 10))) if n else 1
     text = format_size(n)
     if (n * 100) % unit == 0:
@@ -104,7 +107,9 @@ def test_format_then_parse(n: int) -> None:
         number, suffix = text.split()
         assert suffix == ("B" if unit == 1 else "KMGTPE"[unit.bit_length() // 10 - 1] + "iB")
         assert len(number.split(".")[1]) == 2
-        assert abs(float(number) * unit - n) <= unit / 200 * 1.0001
+        whole, cents = number.split(".")
+        shown = (int(whole) * 100 + int(cents)) * unit  # a hundred times what is shown
+        assert shown <= 100 * n < shown + unit
 
 
 @pytest.mark.parametrize(("text", "expected"), [
