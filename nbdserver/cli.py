@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from nbdserver import __version__
 from nbdserver.errors import ConfigError, NbdError, UsageError, UserError
@@ -92,8 +93,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, as every other error (the usage is one --help away);
+    subcommand parsers are made of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("nbdserver").strip()
+        where = f"{command}: " if command else ""
+        self.exit(EXIT_USAGE, f"nbdserver: error: {where}{message} (see '{self.prog} "
+                              "--help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nbdserver",
         description="An NBD server that exports forkable volumes for virtual machines.",
         epilog=(
@@ -147,7 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the command they were given to, not by nbdserver's parser
+        words = [w for w in (args.command, getattr(args, "pool_command", None),
+                             getattr(args, "volume_command", None)) if w]
+        _Parser(prog=" ".join(["nbdserver", *words])).error(
+            f"unrecognized arguments: {' '.join(extra)}")
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()

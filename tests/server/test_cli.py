@@ -255,3 +255,15 @@ def test_bad_arguments_are_usage_errors_naming_the_argument(
     assert status == 2, (status, out, err)
     assert fragment in err and "Traceback" not in err, err
     assert not pool.exists()
+
+
+@pytest.mark.parametrize("args", [("volume", "create"), ("bogus",),
+                                  ("pool", "create", "p.img", "--size", "64M", "--bad")])
+def test_a_usage_error_is_one_line_naming_the_command_and_its_help(
+        tmp_path: Path, args: tuple[str, ...]) -> None:
+    status, out, err = nbdserver(*args)
+    assert status == 2 and not out
+    (line,) = err.splitlines()
+    assert line.startswith("nbdserver: error: "), line
+    command = " ".join(a for a in args[:2] if a in ("volume", "pool", "create"))
+    assert line.endswith(f"(see '{' '.join(['nbdserver', command]).strip()} --help')"), line
