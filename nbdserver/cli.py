@@ -13,9 +13,10 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from nbdserver import __version__
 from nbdserver.errors import ConfigError, NbdError, UsageError, UserError
@@ -96,6 +97,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line, as every other error (the usage is one --help away);
     subcommand parsers are made of this class too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # "--size -1G" gives the option a negative size (refused with a message that
+        # says so), not an unknown option "-1G": argparse's pattern, with a unit.
+        self._negative_number_matcher = re.compile(r"^-\d+(\.\d+)?[A-Za-z]*$")
 
     def error(self, message: str) -> NoReturn:
         command = self.prog.removeprefix("nbdserver").strip()

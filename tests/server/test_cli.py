@@ -246,6 +246,8 @@ def test_pool_create_where_no_file_can_be_made_is_a_one_line_error(tmp_path: Pat
      "argument --size: a volume's size must be a multiple of 512 bytes, got 1000"),
     (["volume", "fork", "{p}", "golden", "bad!"], "argument NAME: invalid volume name"),
     (["volume", "snapshot", "{p}", "golden", ""], "argument NAME: invalid volume name"),
+    (["pool", "create", "{p}", "--size", "-1G"],
+     "argument --size: a size cannot be negative, got '-1G'"),
 ])
 def test_bad_arguments_are_usage_errors_naming_the_argument(
         tmp_path: Path, args: list[str], fragment: str) -> None:
