@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from nbdserver.errors import UsageError, UserError
-from nbdserver.sizes import format_size, parse_size
+from nbdserver.sizes import format_size, not_whole_sectors, parse_size
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
@@ -44,10 +44,10 @@ def _count(text: str) -> int:
 
 
 def _chunk_size(text: str) -> int:
-    from nbdserver.pool.format import MAX_CHUNK, MIN_CHUNK
+    from nbdserver.pool.format import MAX_CHUNK, MIN_CHUNK, valid_chunk_size
 
     value = _size(text)
-    if not MIN_CHUNK <= value <= MAX_CHUNK or value & (value - 1):
+    if not valid_chunk_size(value):
         raise argparse.ArgumentTypeError(
             f"expected a power of two from {format_size(MIN_CHUNK)} to "
             f"{format_size(MAX_CHUNK)}, got {text!r}")
@@ -75,10 +75,8 @@ def _new_volume_name(text: str) -> str:
 
 def _volume_size(text: str) -> int:
     value = _size(text)
-    if value % 512:
-        raise argparse.ArgumentTypeError(
-            f"a volume's size must be a multiple of 512 bytes, got {value} (for example "
-            f"{-(-value // 512) * 512})")
+    if (why := not_whole_sectors(value, "a volume's size")) is not None:
+        raise argparse.ArgumentTypeError(why)
     return value
 
 

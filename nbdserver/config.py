@@ -85,8 +85,15 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from nbdserver.errors import ConfigError, UserError
-from nbdserver.pool.format import min_pool_size
-from nbdserver.sizes import format_duration, format_size, parse_duration, parse_size
+from nbdserver.pool.format import min_pool_size, valid_chunk_size
+from nbdserver.sizes import (
+    format_duration,
+    format_size,
+    not_whole_sectors,
+    parse_duration,
+    parse_size,
+)
+from nbdserver.storage.device import file_identity
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -126,8 +133,6 @@ DEFAULT_CACHE_SIZE = 64 << 20
 MIN_CACHE_SIZE = 64 << 10  # the page cache's floor: 16 pages
 DEFAULT_BLOCKMAP = "radix"
 DEFAULT_CHUNK_SIZE = 4 << 10
-MIN_CHUNK_SIZE = 4 << 10
-MAX_CHUNK_SIZE = 1 << 20
 DEFAULT_MIN_BLOCK_SIZE = 512
 MAX_MIN_BLOCK_SIZE = 65536
 MAX_EXPORT_NAME_BYTES = 4096  # the NBD protocol's limit on export names (and descriptions)
@@ -802,7 +807,7 @@ class _Parser:
         chunk = DEFAULT_CHUNK_SIZE
         if (v := m.get("chunk-size")) is not None:
             chunk = self.size(v, m.sub("chunk-size"))
-            if not (MIN_CHUNK_SIZE <= chunk <= MAX_CHUNK_SIZE) or chunk & (chunk - 1):
+            if not valid_chunk_size(chunk):
                 self.fail(v, m.sub("chunk-size"),
                           f"expected a power of two from 4K to 1M, got {_got(v)}")
         if (least := min_pool_size(size, chunk)) is not None:
@@ -874,10 +879,8 @@ class _Parser:
                 file = self.path(file_node, m.sub("file"))
                 if (v := m.get("size")) is not None:
                     size = self.size(v, m.sub("size"))
-                    if size % 512:
-                        self.fail(v, m.sub("size"), f"a file export's size must be a "
-                                                    f"multiple of 512 bytes, got {size} (for "
-                                                    f"example {-(-size // 512) * 512})")
+                    if (why := not_whole_sectors(size, "a file export's size")) is not None:
+                        self.fail(v, m.sub("size"), why)
                 if "create" in m:
                     self.fail(m.key_node("create"), m.sub("create"),
                               "create is for pool volumes; a file export is created "
@@ -972,10 +975,8 @@ class _Parser:
         kind, (_, v) = next(iter(m.items.items()))
         if kind == "size":
             size = self.size(v, m.sub("size"))
-            if size % 512:
-                self.fail(v, m.sub("size"), f"a volume's size must be a multiple of 512 "
-                                            f"bytes, got {size} (for example "
-                                            f"{-(-size // 512) * 512})")
+            if (why := not_whole_sectors(size, "a volume's size")) is not None:
+                self.fail(v, m.sub("size"), why)
             return VolumeCreate(size=size)
         origin = self.volume_name(v, m.sub(kind))
         if origin == volume:
@@ -1088,16 +1089,12 @@ def creation_order(exports: tuple[ExportConfig, ...]) -> list[ExportConfig]:
 
 
 def _file_identity(path: Path) -> object:
-    """What tells two paths to one file apart from two files: the device and inode
-    numbers of an existing file (through symbolic and hard links alike), a block
-    device's device number, else the path with its links resolved."""
+    """What tells two paths to one file apart from two files (file_identity), or for a
+    file not made yet, the path with its links resolved."""
     try:
-        st = os.stat(path)
+        return file_identity(path)
     except OSError:
         return os.path.realpath(path)
-    if stat.S_ISBLK(st.st_mode):
-        return ("block", st.st_rdev)
-    return ("file", st.st_dev, st.st_ino)
 
 
 def describe(config: Config) -> str:

@@ -78,6 +78,15 @@ def parse_size(text: str | int, *, what: str, allow_zero: bool = False) -> int:
     return value
 
 
+def not_whole_sectors(size: int, what: str) -> str | None:
+    """Why `size` bytes cannot be the size of `what` (a volume, a file export: served
+    in 512-byte sectors), or None if it can."""
+    if not size % 512:
+        return None
+    return (f"{what} must be a multiple of 512 bytes, got {size} (for example "
+            f"{-(-size // 512) * 512})")
+
+
 def format_size(n: int) -> str:
     """``1 GiB``, ``64 KiB``, ``1.5 GiB``, ``123 B``: `n` bytes for people to read
     (inexact: two decimals, cut; ``(1 << 63) - 1`` is ``7.99 EiB``, not 8)."""

@@ -31,6 +31,7 @@ from typing import Any
 from nbdserver.control.ops import run_op
 from nbdserver.errors import NbdError, UserError
 from nbdserver.pool.pool import Pool
+from nbdserver.storage.device import file_identity
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,8 @@ def runtime_dir() -> Path:
 def socket_path(pool_uuid: str, pool_path: Path | str) -> Path:
     """The control socket of the pool with this UUID in the file (or block device) at
     `pool_path` (see the module note)."""
-    st = os.stat(pool_path)
-    where = f"b{st.st_rdev}" if stat.S_ISBLK(st.st_mode) else f"{st.st_dev}:{st.st_ino}"
-    digest = hashlib.sha256(f"{pool_uuid} {where}".encode()).hexdigest()[:20]
+    kind, a, b = file_identity(pool_path)
+    digest = hashlib.sha256(f"{pool_uuid} {kind} {a}:{b}".encode()).hexdigest()[:20]
     return runtime_dir() / f"pool-{digest}.sock"
 
 

@@ -129,14 +129,24 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+class PoolTooSmall(ValueError):
+    """A pool of that size leaves no room for data (:func:`plan_layout`)."""
+
+
+def valid_chunk_size(n: int) -> bool:
+    """Whether `n` bytes can be a pool's chunk: a power of two, MIN_CHUNK to MAX_CHUNK."""
+    return MIN_CHUNK <= n <= MAX_CHUNK and not n & (n - 1)
+
+
 def min_pool_size(size: int, chunk_size: int, *, max_volumes: int = 4096,
                   journal_bytes: int | None = None) -> int | None:
     """None if a pool of `size` bytes can be laid out (:func:`plan_layout`, the same
-    arguments); else the smallest size above it that can (by bisection)."""
+    arguments); else the smallest size above it that can (by bisection). Raises
+    ValueError for arguments no size can fix (a bad chunk size)."""
     def fits(n: int) -> bool:
         try:
             plan_layout(n, chunk_size, max_volumes=max_volumes, journal_bytes=journal_bytes)
-        except ValueError:
+        except PoolTooSmall:
             return False
         return True
 
@@ -156,8 +166,9 @@ def min_pool_size(size: int, chunk_size: int, *, max_volumes: int = 4096,
 
 def plan_layout(size: int, chunk_size: int, *, max_volumes: int = 4096,
                 meta_fraction: float = 1 / 64, journal_bytes: int | None = None) -> Layout:
-    """Cut a pool of `size` bytes into regions. Raises ValueError if it is too small."""
-    if chunk_size & (chunk_size - 1) or not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
+    """Cut a pool of `size` bytes into regions. Raises PoolTooSmall if it is too small,
+    ValueError if the chunk size is not one."""
+    if not valid_chunk_size(chunk_size):
         raise ValueError(f"chunk size must be a power of two from {MIN_CHUNK} to {MAX_CHUNK}")
     total_pages = size // PAGE_SIZE
     if journal_bytes is None:
@@ -178,7 +189,7 @@ def plan_layout(size: int, chunk_size: int, *, max_volumes: int = 4096,
             break
         chunks -= max(1, (data_start + chunks * chunk_size - size) // chunk_size)
     if chunks < 16:
-        raise ValueError(f"a pool of {size} bytes is too small: it leaves no room for data")
+        raise PoolTooSmall(f"a pool of {size} bytes is too small: it leaves no room for data")
     data_ref_pages = _ceil_div(chunks, REFS_PER_PAGE)
     journal_start = SUPERBLOCK_COPIES
     state_page = journal_start + journal_pages

@@ -73,6 +73,7 @@ from nbdserver.pool.format import (
     FormatError,
     Layout,
     PoolState,
+    PoolTooSmall,
     Superblock,
     VolumeRecord,
     min_pool_size,
@@ -81,7 +82,7 @@ from nbdserver.pool.format import (
 )
 from nbdserver.pool.pages import PageCache
 from nbdserver.pool.space import Recount, RefTable
-from nbdserver.sizes import format_size
+from nbdserver.sizes import format_size, not_whole_sectors
 from nbdserver.storage.buffers import MAX_CLASS_SHIFT, AlignedBuffer, BufferPool
 from nbdserver.storage.device import BlockDevice, open_device
 from nbdserver.storage.engine import IoEngine
@@ -261,17 +262,16 @@ class Pool:
             try:
                 return plan_layout(size, chunk_size, max_volumes=max_volumes,
                                    journal_bytes=journal_bytes)
-            except ValueError as e:
-                least = None
-                if "too small" in str(e):
-                    least = min_pool_size(size, chunk_size, max_volumes=max_volumes,
-                                          journal_bytes=journal_bytes)
-                if least is None:
-                    raise UserError(f"{path}: {e}") from None
+            except PoolTooSmall:
+                least = min_pool_size(size, chunk_size, max_volumes=max_volumes,
+                                      journal_bytes=journal_bytes)
+                assert least is not None  # (this size did not fit)
                 raise UserError(f"{path}: a pool of {format_size(size)} is too small: with "
                                 f"{format_size(chunk_size)} chunks and room for "
                                 f"{max_volumes} volumes it needs at least {least} bytes (for "
                                 f"example {-(-least // (1 << 20))}M)") from None
+            except ValueError as e:
+                raise UserError(f"{path}: {e}") from None
 
         made = grown = False  # (what to undo if the create fails)
         holder: int | None = None  # a file's descriptor holding the lock while it is made
@@ -979,8 +979,8 @@ class Pool:
         self._check_new_name(name)
         if size <= 0:
             raise UserError("a volume's size must be positive")
-        if size % 512:
-            raise UserError(f"a volume's size must be a multiple of 512 bytes (got {size})")
+        if (why := not_whole_sectors(size, "a volume's size")) is not None:
+            raise UserError(why)
         flags = (VF_GUARANTEE if guarantee else 0) | (VF_READ_ONLY if read_only else 0)
 
         def op() -> VolumeRecord:

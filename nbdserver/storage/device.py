@@ -210,6 +210,16 @@ def _probe_alignment(fd: int, path: Path) -> int:
         buf.close()
 
 
+def file_identity(path: str | Path) -> tuple[str, int, int]:
+    """What every path to one file or device shares (symbolic and hard links alike)
+    and no other has: a block device's device number, a file's device and inode
+    numbers. Raises OSError (a missing file, say)."""
+    st = os.stat(path)
+    if stat.S_ISBLK(st.st_mode):
+        return ("block", st.st_rdev, 0)
+    return ("file", st.st_dev, st.st_ino)
+
+
 def open_device(path: str | Path, *, read_only: bool = False,
                 create_size: int | None = None) -> BlockDevice:
     """Open `path` with O_DIRECT, creating a sparse file of `create_size` bytes if missing.
