@@ -176,10 +176,13 @@ class VolumeBackend:
         buffers = self.buffers
         buf = buffers.get(length)
         epochs = self.epochs
-        epoch = epochs.begin_read()
+        epoch = epochs.current  # epochs.begin_read(), inline (the hottest path)
+        epoch.reads += 1
 
         def complete(res: int) -> None:
-            epochs.end_read(epoch)
+            epoch.reads -= 1  # epochs.end_read(epoch), inline
+            if not epoch.reads and epoch is not epochs.current:
+                epochs.retire()
             if res != length:
                 buffers.put(buf)
                 err = -res if res < 0 else errno.EIO
@@ -330,8 +333,31 @@ class VolumeBackend:
                     pc = ASK
                 if pc >= 0:
                     if not (fua and self.pool.metadata_pending()):
-                        self._write_in_place(offset, data, self._data_start + offset
-                                             + ((pc - lc) << shift), done, fua)
+                        # In place: one device write of the whole request, inline.
+                        buffers = self.buffers
+                        buf = buffers.get(length)
+                        buf.view[:length] = data
+                        epochs = self.epochs
+                        epoch = epochs.current  # epochs.begin_write(), inline
+                        epoch.writes += 1
+                        self._writes += 1
+
+                        def complete(res: int) -> None:
+                            epoch.writes -= 1  # epochs.end_write(epoch), inline
+                            if not epoch.writes and epoch is not epochs.current:
+                                epochs.retire()
+                            buffers.put(buf)
+                            self._writes -= 1  # self._write_ended(), inline
+                            if not self._writes and self._drained is not None:
+                                self._writes_drained()
+                            if res == length:
+                                done(None)
+                            else:
+                                err = -res if res < 0 else errno.EIO
+                                done(NbdError(err, f"write at {offset}: error {err}"))
+
+                        self.engine.write(self._fd, buf, 0, length, self._data_start + offset
+                                          + ((pc - lc) << shift), complete, fua)
                         return
                 elif (pc == FRESH and length == self.chunk and not fua
                       and self._write_fresh(lc, data, done)):
@@ -415,30 +441,6 @@ class VolumeBackend:
                 writes.append((s, e - s, dev))
         return writes, fresh
 
-    def _write_in_place(self, offset: int, data: memoryview, dev: int, done: Done,
-                        fua: bool) -> None:
-        """One device write of the whole request, at `dev` (the chunks are the volume's
-        alone and need no map change): the leanest path, for small in-place writes."""
-        length = len(data)
-        buffers = self.buffers
-        buf = buffers.get(length)
-        buf.view[:length] = data
-        epochs = self.epochs
-        epoch = epochs.begin_write()
-        self._writes += 1
-
-        def complete(res: int) -> None:
-            epochs.end_write(epoch)
-            buffers.put(buf)
-            self._write_ended()
-            if res == length:
-                done(None)
-            else:
-                err = -res if res < 0 else errno.EIO
-                done(NbdError(err, f"write at {offset}: error {err}"))
-
-        self.engine.write(self._fd, buf, 0, length, dev, complete, fua)
-
     def _write_fresh(self, lc: int, data: memoryview, done: Done) -> bool:
         """Write one whole chunk into a fresh chunk (a 4 KiB copy-on-write, or a first
         write): claim it, write it, and map it with the other installs of this batch of
@@ -461,16 +463,21 @@ class VolumeBackend:
         locks = self._locks
         lock = locks.hold_unit(lc)  # write() saw it free, synchronously
         epochs = self.epochs
-        epoch = epochs.begin_write()
+        epoch = epochs.current  # epochs.begin_write(), inline
+        epoch.writes += 1
         self._writes += 1
 
         def finish(error: NbdError | None) -> None:
             if error is not None:
                 pool.data.unclaim(pc)
             locks.release(lock)
-            epochs.end_write(epoch)
+            epoch.writes -= 1  # epochs.end_write(epoch), inline
+            if not epoch.writes and epoch is not epochs.current:
+                epochs.retire()
             buffers.put(buf)
-            self._write_ended()
+            self._writes -= 1  # self._write_ended(), inline
+            if not self._writes and self._drained is not None:
+                self._writes_drained()
             done(error)
 
         def complete(res: int) -> None:
@@ -1032,8 +1039,12 @@ class VolumeBackend:
     def _write_ended(self) -> None:
         self._writes -= 1
         if not self._writes and self._drained is not None:
-            self._drained.set()
-            self._drained = None
+            self._writes_drained()
+
+    def _writes_drained(self) -> None:
+        assert self._drained is not None
+        self._drained.set()
+        self._drained = None
 
     # -- plumbing ---------------------------------------------------------------------------------
 
