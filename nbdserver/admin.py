@@ -54,6 +54,10 @@ def _chunk_size(text: str) -> int:
     return value
 
 
+NEW_NAME_HELP = ("the new volume's name: 1 to 128 ASCII letters, digits, '.', '_', '+' or "
+                 "'-', starting with a letter or digit")
+
+
 def _max_volumes(text: str) -> int:
     from nbdserver.pool.pool import MAX_VOLUMES
 
@@ -121,7 +125,12 @@ def run_pool_op(pool_path: str, op: str, args: dict[str, Any],
         from nbdserver.pool.pool import read_superblock
 
         sb = read_superblock(pool_path)
-        return call(socket_path(sb.uuid_str, pool_path), op, args)
+        try:
+            return call(socket_path(sb.uuid_str, pool_path), op, args)
+        except UserError as e:
+            if str(e).startswith(str(pool_path)):
+                raise
+            raise UserError(f"{pool_path}: {e}") from None
 
 
 def _parent_text(info: dict[str, Any]) -> str:
@@ -448,7 +457,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--chunk-size", type=_chunk_size, default=DEFAULT_CHUNK,
                    help="allocation unit, a power of two from 4K to 1M (default 4K)")
     p.add_argument("--max-volumes", type=_max_volumes, default=4096,
-                   help="volumes the catalog holds at most (default 4096)")
+                   help="volumes the catalog holds at most, rounded up to a multiple of 16 "
+                        "(a catalog page); default 4096")
     p.add_argument("--preallocate", action="store_true",
                    help="allocate the whole file now (fallocate: quick, writes nothing), so "
                         "that first writes do not wait for the filesystem to allocate blocks "
@@ -478,25 +488,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
     p = vsub.add_parser("create", help="create an empty (all zeros) thin volume")
     common(p)
-    p.add_argument("name", metavar="NAME", type=_new_volume_name)
+    p.add_argument("name", metavar="NAME", type=_new_volume_name, help=NEW_NAME_HELP)
     p.add_argument("--size", type=_volume_size, required=True,
                    help="e.g. 10G (a multiple of 512 bytes)")
     p.add_argument("--guarantee", action="store_true",
-                   help="reserve every chunk the volume could need (and, in radix and linear "
-                        "pools, every map page), so that its writes never fail for lack of "
+                   help="reserve every chunk the volume could need (and every map page its "
+                        "map could hold), so that its writes never fail for lack of "
                         "space (fails now if the pool cannot promise it)")
     p.set_defaults(handler=cmd_volume_create)
 
     p = vsub.add_parser("snapshot", help="a read-only point-in-time copy (instant)")
     common(p)
-    p.add_argument("source", metavar="SOURCE")
-    p.add_argument("name", metavar="NAME", type=_new_volume_name)
+    p.add_argument("source", metavar="SOURCE", help="the volume to copy")
+    p.add_argument("name", metavar="NAME", type=_new_volume_name, help=NEW_NAME_HELP)
     p.set_defaults(handler=cmd_volume_snapshot)
 
     p = vsub.add_parser("fork", help="a writable copy that shares unchanged data (instant)")
     common(p)
-    p.add_argument("source", metavar="SOURCE")
-    p.add_argument("name", metavar="NAME", type=_new_volume_name)
+    p.add_argument("source", metavar="SOURCE", help="the volume to copy")
+    p.add_argument("name", metavar="NAME", type=_new_volume_name, help=NEW_NAME_HELP)
     p.add_argument("--guarantee", action="store_true",
                    help="reserve every chunk and map page the fork could need, as for create")
     p.set_defaults(handler=cmd_volume_fork)

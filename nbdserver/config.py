@@ -75,6 +75,7 @@ import difflib
 import ipaddress
 import os
 import re
+import socket
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -358,6 +359,8 @@ def _parse(text: str, *, source: Path | None, shown: str | None, base_dir: Path,
         raise ConfigError(_yaml_error(where, text, e)) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: invalid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: invalid YAML: nested too deeply") from None
     if root is None:
         raise ConfigError(
             f"{where}: the config is empty; it needs at least 'listen' and 'exports' "
@@ -735,6 +738,12 @@ class _Parser:
         if port > 65535:
             self.fail(node, key, f"port {port} is out of range (0 to 65535; 0 picks a free "
                                  "port)")
+        if m[1] is None and not _is_ip_address(host):
+            try:  # (serve would fail to listen: say so here, with the line)
+                socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+            except (OSError, UnicodeError) as e:
+                why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                self.fail(node, key, f"cannot resolve host name {host!r}: {why}")
         return host, port
 
     def server(self, node: Node | None) -> ServerSettings:
@@ -794,8 +803,21 @@ class _Parser:
             create = None
             if (c := m.get("create")) is not None:
                 create = self.pool_create(c, m.sub("create"))
+            if _stat(pool_path)[0] in ("file", "block") and not (
+                    create is not None and _stat(pool_path) == ("file", 0)):
+                self.existing_pool(path_node, m.sub("path"), pool_path)
             out.append(PoolConfig(name=name, path=pool_path, create=create, key=path))
         return tuple(out)
+
+    def existing_pool(self, node: Node, key: str, path: Path) -> None:
+        """An existing file or device named as a pool must hold one (serve would refuse
+        it when it opens the pool): its superblock is read, with no lock taken."""
+        from nbdserver.pool.pool import read_superblock  # (heavy import)
+
+        try:
+            read_superblock(path)
+        except UserError as e:
+            self.fail(node, key, str(e))
 
     def pool_create(self, node: Node, path: str) -> PoolCreate:
         m = _Map(self, node, path, _POOL_CREATE_KEYS,
@@ -881,6 +903,8 @@ class _Parser:
                     size = self.size(v, m.sub("size"))
                     if (why := not_whole_sectors(size, "a file export's size")) is not None:
                         self.fail(v, m.sub("size"), why)
+                    if size % min_block:
+                        self.fail(v, m.sub("size"), _not_whole_blocks(size, min_block))
                 if "create" in m:
                     self.fail(m.key_node("create"), m.sub("create"),
                               "create is for pool volumes; a file export is created "
@@ -922,12 +946,23 @@ class _Parser:
                 if (v := m.get("create")) is not None:
                     create = self.volume_create(v, m.sub("create"), volume)
                     creates[(pool, volume)] = (path, v)
+                    if create.size is not None and create.size % min_block:
+                        self.fail(v, _join(m.sub("create"), "size"),
+                                  _not_whole_blocks(create.size, min_block))
                     if create.snapshot is not None:  # (a snapshot is read-only)
                         if (ro := m.get("read-only")) is not None and not read_only:
                             self.fail(ro, m.sub("read-only"), "the volume is created as a "
                                       "snapshot, which is read-only; to write to a copy "
                                       f"use create: {{fork: {create.snapshot}}}")
                         read_only = True
+                else:
+                    of = next(p for p in pools if p.name == pool)
+                    if of.create is not None and _stat(of.path)[0] == "missing":
+                        # (serve would make the pool, empty, then find no such volume)
+                        self.fail(volume_node, m.sub("volume"),
+                                  f"pool {pool!r} does not exist yet ({of.path}): serve "
+                                  f"creates it empty, with no volume {volume!r}; add create: "
+                                  "{size: ...} (or fork: or snapshot:) to make the volume")
             out.append(ExportConfig(
                 name=name, description=description, read_only=read_only,
                 min_block_size=min_block, file=file, size=size, pool=pool, volume=volume,
@@ -1055,6 +1090,13 @@ def config_warnings(config: Config) -> list[str]:
                        f"{format_size(export.size)}")
         if kind == "file" and size == 0:
             out.append(f"{export.key}.file: {export.file} is empty; serving it will fail")
+        elif kind == "file" and size is not None and size % 512:
+            out.append(f"{export.key}.file: {export.file} is {size} bytes, not a multiple of "
+                       f"512: only the first {size - size % 512} are served (an unaligned "
+                       "tail cannot be written with O_DIRECT)")
+        elif kind in ("file", "block") and size and size % export.min_block_size:
+            out.append(f"{export.key}.file: {export.file}: "
+                       + _not_whole_blocks(size, export.min_block_size))
         if kind == "other" or kind.startswith("error"):
             out.append(f"{export.key}.file: {export.file}: {_describe_file(kind, size)}")
         other = files.get(export.file)
@@ -1229,3 +1271,17 @@ def config_to_json(config: Config) -> dict[str, Any]:
             for e in config.exports
         ],
     }
+
+
+def _not_whole_blocks(size: int, min_block: int) -> str:
+    return (f"{format_size(size)} ({size} bytes) is not a multiple of min-block-size "
+            f"{min_block}: a client that keeps to the block size could not reach the last "
+            f"{size % min_block} bytes")
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

@@ -41,13 +41,14 @@ class OpenPools:
             log.info("pool %s: control socket %s", pc.name, control.path)
 
     async def _open(self, pc: PoolConfig) -> Pool:
-        if not pc.path.exists() and pc.create is not None:
+        if pc.create is not None and (not pc.path.exists() or (
+                pc.path.is_file() and not pc.path.stat().st_size)):  # (as pool create does)
             log.info("creating pool %s at %s (%s, %d bytes)", pc.name, pc.path,
                      pc.create.blockmap, pc.create.size)
             try:
                 Pool.create(pc.path, pc.create.size, blockmap=pc.create.blockmap,
                             chunk_size=pc.create.chunk_size,
-                            preallocate=pc.create.preallocate)
+                            preallocate=pc.create.preallocate, make_parents=True)
             except UserError as e:
                 raise UserError(f"{pc.key}.create: {e}") from e
         try:

@@ -27,6 +27,7 @@ from nbdserver.config import (
     parse_config,
 )
 from nbdserver.errors import ConfigError, UserError
+from nbdserver.pool.pool import Pool
 
 EXAMPLES = DEFAULT_CONFIG_PATH.parent / "examples"
 
@@ -306,6 +307,7 @@ def test_merge_keys(tmp_path: Path) -> None:
             name: a
             pool: main
             volume: a
+            create: {size: 1M}
             read-only: true
           - <<: *base
             name: b
@@ -964,7 +966,7 @@ def test_describe_default_config_shape(tmp_path: Path) -> None:
 
 def test_describe_existing_files_and_warnings(tmp_path: Path) -> None:
     (tmp_path / "disk.img").write_bytes(b"\0" * 8192)
-    (tmp_path / "pool.img").write_bytes(b"\0" * 8192)
+    Pool.create(tmp_path / "pool.img", 16 << 20)  # (a file that is no pool is refused)
     (tmp_path / "empty.img").write_bytes(b"")
     config = load(tmp_path, """\
         listen: [{unix: s.sock}, {tcp: "[::1]:0"}]
@@ -1100,3 +1102,65 @@ def test_copies_are_created_after_what_they_copy_and_circles_are_refused(
                           "create: {snapshot: vm2}}\n          - {name: snap")
     expect(tmp_path, circle, "name: vm2", "exports[0].create", "in a circle",
            "'vm2' -> 'vm1' -> 'golden' -> 'vm2'")
+
+
+def test_what_serve_would_refuse_when_it_opens_is_refused_here(tmp_path: Path) -> None:
+    """check-config and serve agree: a pool file that holds no pool, a volume without
+    create in a pool the config creates (serve would make the pool, then find no volume),
+    a host name that does not resolve, and sizes a client keeping to min-block-size could
+    not wholly reach; each refusal names the key and line."""
+    (tmp_path / "noise.img").write_bytes(os.urandom(1 << 20))
+    msg = error(tmp_path, """\
+        listen: [{unix: s.sock}]
+        pools: [{name: p, path: noise.img}]
+        exports: []
+        """)
+    assert ":2: pools[0].path:" in msg and "not an nbdserver pool" in msg, msg
+    msg = error(tmp_path, """\
+        listen: [{unix: s.sock}]
+        pools: [{name: p, path: new.img, create: {size: 64M}}]
+        exports: [{name: v, pool: p, volume: v}]
+        """)
+    assert ":3: exports[0].volume:" in msg and "no volume 'v'" in msg, msg
+    assert not (tmp_path / "new.img").exists()
+    msg = error(tmp_path, 'listen: [{tcp: "no-such-host.invalid:10809"}]\nexports: []\n')
+    assert ":1: listen[0].tcp: cannot resolve host name 'no-such-host.invalid'" in msg, msg
+    msg = error(tmp_path, """\
+        listen: [{unix: s.sock}]
+        exports: [{name: e, file: e.img, size: 6K, min-block-size: 4096}]
+        """)
+    assert "exports[0].size:" in msg and "not a multiple of min-block-size 4096" in msg, msg
+    msg = error(tmp_path, """\
+        listen: [{unix: s.sock}]
+        pools: [{name: p, path: new.img, create: {size: 64M}}]
+        exports: [{name: v, pool: p, volume: v, min-block-size: 4K, create: {size: 6K}}]
+        """)
+    assert "exports[0].create.size:" in msg and "min-block-size" in msg, msg
+    # An empty file named as a pool with create is sized by serve, as pool create does.
+    (tmp_path / "empty.img").write_bytes(b"")
+    load(tmp_path, """\
+        listen: [{unix: s.sock}]
+        pools: [{name: p, path: empty.img, create: {size: 64M}}]
+        exports: [{name: v, pool: p, volume: v, create: {size: 1M}}]
+        """)
+
+
+def test_existing_files_that_serve_would_cut_are_warned_about(tmp_path: Path) -> None:
+    (tmp_path / "odd.img").write_bytes(bytes(1000))
+    (tmp_path / "six.img").write_bytes(bytes(6144))
+    config = load(tmp_path, """\
+        listen: [{unix: s.sock}]
+        exports:
+          - {name: odd, file: odd.img}
+          - {name: six, file: six.img, min-block-size: 4096}
+        """)
+    warnings = config_warnings(config)
+    assert any(w.startswith("exports[0].file:") and "only the first 512 are served" in w
+               for w in warnings), warnings
+    assert any(w.startswith("exports[1].file:") and "min-block-size 4096" in w
+               for w in warnings), warnings
+
+
+def test_deeply_nested_yaml_is_a_one_line_error(tmp_path: Path) -> None:
+    msg = error(tmp_path, "a: " + "[" * 2000 + "]" * 2000 + "\n")
+    assert "nested too deeply" in msg, msg

@@ -179,8 +179,9 @@ def call(path: Path, op: str, args: dict[str, Any], timeout: float = CLIENT_TIME
             raise UserError(
                 f"the pool is in use by another process, and no server answers on its "
                 f"control socket {path} ({e.strerror}): another nbdserver command (wait for "
-                "it), or a server that cannot be reached (one started with another "
-                "XDG_RUNTIME_DIR or user, or stopping)") from e
+                "it), a server exporting the file raw (a file: export), or a server that "
+                "cannot be reached (one started with another XDG_RUNTIME_DIR or user, or "
+                "stopping)") from e
         data = b""
         try:
             sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")

@@ -41,6 +41,7 @@ import fcntl
 import logging
 import os
 import re
+import stat
 import time
 import uuid as uuidlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -242,9 +243,13 @@ class Pool:
     def create(path: str | Path, size: int | None, *, blockmap: str = "radix",
                chunk_size: int = DEFAULT_CHUNK, map_params: tuple[int, int, int, int] | None = None,
                max_volumes: int = 4096, journal_bytes: int | None = None,
-               preallocate: bool = False) -> Superblock:
+               preallocate: bool = False, make_parents: bool = False) -> Superblock:
         """Write a new, empty pool to `path` (a new file, or a block device). Blocking.
-        A new file is sparse unless `preallocate` (see BlockDevice.preallocate)."""
+        A new file is sparse unless `preallocate` (see BlockDevice.preallocate). With
+        `make_parents`, missing directories above a new file are made (and removed
+        again if the create fails); without, a missing directory is an error."""
+        if not str(path):
+            raise UserError("the pool path is empty")
         path = Path(path)
         try:
             cls = design(blockmap)
@@ -254,6 +259,11 @@ class Pool:
             raise UserError(str(e)) from None
         if not 1 <= max_volumes <= MAX_VOLUMES:
             raise UserError(f"max volumes must be from 1 to {MAX_VOLUMES}, got {max_volumes}")
+        if path.is_dir():
+            raise UserError(f"{path} is a directory (give the path of a new file or of a "
+                            "block device)")
+        if path.exists() and not (path.is_file() or path.is_block_device()):
+            raise UserError(f"{path}: not a regular file or block device")
         if path.exists() and not path.is_block_device() and path.stat().st_size:
             raise UserError(f"{path} already exists; refusing to overwrite it "
                             "(delete it first to create a new pool)")
@@ -274,6 +284,7 @@ class Pool:
                 raise UserError(f"{path}: {e}") from None
 
         made = grown = False  # (what to undo if the create fails)
+        dirs: list[Path] = []  # directories made for the file, deepest last
         holder: int | None = None  # a file's descriptor holding the lock while it is made
         if path.exists() and path.is_block_device():
             device = open_device(path)
@@ -286,7 +297,7 @@ class Pool:
             if size is None:
                 raise UserError("--size is required to create a pool in a file")
             plan(size)  # a mistake found before anything is written
-            made = _create_exclusive(path)
+            made = _create_exclusive(path, dirs if make_parents else None)
             try:
                 try:
                     holder = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -303,7 +314,7 @@ class Pool:
                 grown = True
                 device = open_device(path)
             except BaseException:
-                _undo_create(path, holder, made, grown)
+                _undo_create(path, holder, made, grown, dirs)
                 raise
         try:
             layout = plan(device.size)
@@ -331,11 +342,12 @@ class Pool:
                 _write_page_sync(device, copy, replace(sb, seq=SUPERBLOCK_COPIES - copy).pack())
             device.flush()
             made = grown = False  # a pool now: kept
+            dirs.clear()
             return replace(sb, seq=SUPERBLOCK_COPIES)
         finally:
             device.close()
             if holder is not None:
-                _undo_create(path, holder, made, grown)
+                _undo_create(path, holder, made, grown, dirs)
 
     @classmethod
     async def open(cls, path: str | Path, engine: IoEngine, buffers: BufferPool, *,
@@ -343,6 +355,7 @@ class Pool:
                    lock_wait: float = 0.0) -> Pool:
         """Open (and if needed recover) the pool at `path`. Raises UserError, PoolBusy
         if another process still holds the pool after `lock_wait` seconds."""
+        _not_empty(path)
         device = open_device(path)
         try:
             deadline = time.monotonic() + lock_wait
@@ -1367,16 +1380,31 @@ def _flock(fd: int, path: str | Path) -> None:
                        "(a running nbdserver?)") from None
 
 
-def _create_exclusive(path: Path) -> bool:
+def _create_exclusive(path: Path, made_dirs: list[Path] | None) -> bool:
     """Create `path` empty if it does not exist; whether this call created it (so that
     only the file it made is removed if the create fails, not one another process made
-    meanwhile)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:  # (exist_ok covers directories only)
-        raise UserError(f"{path}: cannot create: {path.parent} is not a directory") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot create {path.parent}: {e.strerror}") from None
+    meanwhile). Missing directories above it are made only if `made_dirs` is a list (the
+    ones made are appended, so that a failed create can remove them)."""
+    missing: list[Path] = []
+    parent = path.parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    if missing and made_dirs is None:
+        raise UserError(f"{path}: cannot create: directory {path.parent} does not exist")
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            if not d.is_dir():
+                raise UserError(f"{path}: cannot create: {d} is not a directory") from None
+            continue  # made by another process meanwhile: not ours to remove
+        except OSError as e:
+            raise UserError(f"{path}: cannot create {d}: {e.strerror}") from None
+        assert made_dirs is not None
+        made_dirs.append(d)
+    if not path.parent.is_dir():
+        raise UserError(f"{path}: cannot create: {path.parent} is not a directory")
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
     except FileExistsError:
@@ -1390,9 +1418,11 @@ def _create_exclusive(path: Path) -> bool:
     return True
 
 
-def _undo_create(path: Path, holder: int | None, made: bool, grown: bool) -> None:
+def _undo_create(path: Path, holder: int | None, made: bool, grown: bool,
+                 dirs: list[Path]) -> None:
     """After a failed create, leave the file as it was: removed if the create made it,
-    empty again if it grew an empty one; then close the holder (and so unlock)."""
+    empty again if it grew an empty one; then close the holder (and so unlock), and
+    remove the directories made for it (those still empty)."""
     try:
         if made:
             path.unlink(missing_ok=True)
@@ -1402,6 +1432,9 @@ def _undo_create(path: Path, holder: int | None, made: bool, grown: bool) -> Non
     finally:
         if holder is not None:
             os.close(holder)
+        for d in reversed(dirs):
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 async def _ended(epochs: IoEpochs, *, reads_only: bool = False) -> None:
@@ -1447,8 +1480,19 @@ def _write_superblock(device: BlockDevice, sb: Superblock) -> None:
     device.flush()
 
 
+def _not_empty(path: str | Path) -> None:
+    """An empty file named as a pool: say that it holds none (open_device's message
+    about sizes is for file exports)."""
+    with contextlib.suppress(OSError):
+        st = os.stat(path)
+        if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+            raise UserError(f"{path}: not an nbdserver pool (the file is empty); create one "
+                            "with 'nbdserver pool create'")
+
+
 def read_superblock(path: str | Path) -> Superblock:
     """The current superblock of the pool at `path` (no lock needed). Raises UserError."""
+    _not_empty(path)
     device = open_device(path, read_only=True)
     try:
         return _read_superblock(device)

@@ -8,6 +8,7 @@ the commands print and return.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -233,6 +234,41 @@ def test_pool_create_where_no_file_can_be_made_is_a_one_line_error(tmp_path: Pat
         assert str(path) in err and why in err and "Traceback" not in err, err
     assert not (tmp_path / "missing").exists()
     assert (tmp_path / "afile").read_bytes() == b"x"
+
+
+def test_pool_create_refuses_a_missing_directory_a_directory_and_a_fifo(
+        tmp_path: Path) -> None:
+    """The CLI makes no directories (a typo in a path must not make a tree), and a path
+    that is a directory, a FIFO or empty is named for what it is."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path, why in ((tmp_path / "a" / "b" / "p.img", "directory"),
+                      (tmp_path, "is a directory"),
+                      (fifo, "not a regular file or block device")):
+        status, out, err = nbdserver("pool", "create", path, "--size", "64M")
+        assert status == 1, (status, out, err)
+        assert str(path) in err and why in err and "Traceback" not in err, err
+    assert not (tmp_path / "a").exists()
+    status, _, err = nbdserver("pool", "create", "", "--size", "64M")
+    assert status == 1 and "the pool path is empty" in err, err
+
+
+def test_config_pool_create_makes_its_directories_and_removes_them_on_failure(
+        tmp_path: Path) -> None:
+    """A pool created by a config may live in directories that do not exist yet (the
+    default config's ./data): they are made, and removed again if the create fails."""
+    from nbdserver.errors import UserError
+    from nbdserver.pool.pool import Pool
+
+    made = tmp_path / "x" / "y" / "pool.img"
+    Pool.create(made, 64 << 20, make_parents=True)
+    assert made.stat().st_size == 64 << 20
+    failed = tmp_path / "u" / "v" / "pool.img"
+    with pytest.raises(UserError, match="too small"):
+        Pool.create(failed, 1 << 20, make_parents=True)  # planned before anything is made
+    with pytest.raises(UserError, match="cannot grow"):
+        Pool.create(failed, 1 << 62, make_parents=True)  # made, then too large to grow
+    assert not (tmp_path / "u").exists()
 
 
 @pytest.mark.parametrize(("args", "fragment"), [

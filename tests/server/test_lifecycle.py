@@ -839,5 +839,6 @@ def test_a_pool_another_server_has_open_cannot_be_exported_raw(
     busy = run([*SERVER_CMD, "volume", "create", pool, "w", "--size", "1M"], check=False)
     assert busy.returncode == 1, busy.stderr
     assert "in use by another process" in busy.stderr and "Traceback" not in busy.stderr
+    assert f"error: {pool}: " in busy.stderr and "exporting the file raw" in busy.stderr
     raw.stop()
     run([*SERVER_CMD, "volume", "create", pool, "w", "--size", "1M"])  # free again
