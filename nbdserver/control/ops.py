@@ -114,11 +114,11 @@ async def volume_fork(pool: Pool, args: dict[str, Any]) -> Any:
 async def volume_delete(pool: Pool, args: dict[str, Any]) -> Any:
     """An in-process caller may pass `progress(freed bytes so far)` (never over the socket:
     JSON)."""
-    before = pool.data.free
     progress = args["progress"]
-    await pool.delete_volume(args["name"], None if progress is None else (
-        lambda: progress((pool.data.free - before) * pool.chunk_size)))
-    return {"name": args["name"], "freed_bytes": (pool.data.free - before) * pool.chunk_size}
+    chunk = pool.chunk_size
+    freed = await pool.delete_volume(args["name"], None if progress is None else (
+        lambda chunks: progress(chunks * chunk)))
+    return {"name": args["name"], "freed_bytes": freed * chunk}
 
 
 async def volume_list(pool: Pool, args: dict[str, Any]) -> Any:

@@ -23,8 +23,8 @@ only an epoch that has been closed (by a wait) and whose last transfer just
 ended looks at the waits. Closed epochs with transfers still going are kept,
 oldest first, until they have none.
 
-The volume's one-chunk read and write paths (every 4 KiB request) count
-inline, saving two calls per request: ``epoch = epochs.current; epoch.writes
+The volume's one-chunk read and in-place write paths (most 4 KiB requests)
+count inline, saving two calls per request: ``epoch = epochs.current; epoch.writes
 += 1`` to begin, and to end ``epoch.writes -= 1`` then, if that was its last
 transfer and it is no longer current, ``epochs.retire()``, exactly what
 ``begin_write``/``end_write`` do.

@@ -1076,9 +1076,11 @@ class Pool:
                 resume()
 
     async def delete_volume(self, name: str,
-                            progress: Callable[[], None] | None = None) -> None:
+                            progress: Callable[[int], None] | None = None) -> int:
         """Delete a volume, freeing every chunk and page no other volume references;
-        `progress` is called after each step of the release (a long one for a big map)."""
+        `progress` is called after each step of the release (a long one for a big map)
+        with the data chunks freed so far. Returns the data chunks the delete freed
+        (counted in its own steps: what other volumes take or free meanwhile is not)."""
         vol = self.volume(name)
         if vol.id in self.in_use:
             raise UserError(f"volume {name!r} is in use ({self.in_use[vol.id]}); "
@@ -1096,17 +1098,29 @@ class Pool:
         await self.cache.run(mark)
         await self.commit()
         family = self._family(vol)
-        await self._release(vol, progress)
+        freed = await self._release(vol, progress)
         await self._shrink_promises(family)
         await self.commit()
+        return freed
 
     async def _release(self, vol: VolumeRecord,
-                       progress: Callable[[], None] | None = None) -> None:
-        while not await self.run(lambda: self.map.release(vol, RELEASE_BUDGET)):
+                       progress: Callable[[int], None] | None = None) -> int:
+        """Release `vol`'s map in steps; the data chunks that freed."""
+        freed = 0
+
+        def step() -> bool:
+            nonlocal freed
+            used = self.data.used
+            done = self.map.release(vol, RELEASE_BUDGET)
+            freed += used - self.data.used  # (synchronous: only this step's frees)
+            return done
+
+        while not await self.run(step):
             if progress is not None:
-                progress()
+                progress(freed)
         await self.cache.run(lambda: self._bury(vol))
         self._let_go_catalog_pages()
+        return freed
 
     def _let_go_catalog_pages(self) -> None:
         """Unpin the catalog pages left without a record (by a burial just done)."""

@@ -432,3 +432,49 @@ async def test_long_unmaps_fit_a_small_journal(make_pool: PoolFactory, design: s
     assert await env.vol("v").read(4 * MiB, piece) == pattern(4 * MiB, piece)
     await env.reopen()
     await env.assert_clean()
+
+
+@pytest.mark.parametrize("design", design_names())
+async def test_delete_reports_what_it_freed_while_other_volumes_are_written(
+        make_pool: PoolFactory, design: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """freed_bytes is what the delete itself freed: writes to another volume that take
+    chunks during the delete's steps and commits do not count (they made it negative)."""
+    from nbdserver.control.ops import run_op
+    from nbdserver.pool import pool as pool_module
+
+    monkeypatch.setattr(pool_module, "RELEASE_BUDGET", 64)  # many steps, with awaits
+    env = await make_pool(design, journal_bytes=None)
+    chunk = env.chunk_size
+    a = await env.create("a", 256 * chunk)
+    await a.write(0, pattern(1, 256 * chunk))
+    await env.snapshot("a", "s")  # shares every chunk of a: frees nothing when deleted
+    await env.release("s")
+    own = await env.create("own", 64 * chunk)
+    await own.write(0, pattern(2, 64 * chunk))  # 64 chunks of its own
+    await env.release("own")
+    other = await env.create("other", 2048 * chunk)
+    stop = asyncio.Event()
+    written = [0]
+
+    async def writer() -> None:  # first writes into other: each takes a new chunk
+        at = 0
+        while not stop.is_set() and at < 2048 * chunk:
+            await other.write(at, pattern(at, chunk))
+            written[0] += 1
+            at += chunk
+
+    task = asyncio.ensure_future(writer())
+    await asyncio.sleep(0)
+    try:
+        before = written[0]
+        snap = await run_op(env.pool, "volume.delete", {"name": "s", "progress": None})
+        mid = written[0]
+        mine = await run_op(env.pool, "volume.delete", {"name": "own", "progress": None})
+        assert written[0] > before, "the writer ran during the deletes"
+        assert mid > before or written[0] > mid
+    finally:
+        stop.set()
+        await task
+    assert snap["freed_bytes"] == 0, snap
+    assert mine["freed_bytes"] == 64 * chunk, mine
+    await env.assert_clean()
