@@ -231,7 +231,7 @@ class RadixMap(BlockMap):
             e = leaf.words[_HEADER_WORDS + lc % fanout]  # type: ignore[index]
         else:
             e = self._entry_at(vol, lc)
-        return int(e & TARGET_MASK) - 1  # (an empty entry gives HOLE)
+        return (e & TARGET_MASK) - 1  # (an empty entry gives HOLE)
 
     def lookup(self, vol: VolumeRecord, lc: int, count: int) -> list[Run]:
         if count == 1:
@@ -350,10 +350,10 @@ class RadixMap(BlockMap):
             return super().write_chunk(vol, lc)  # a walk, which may learn the leaf
         leaf.recent = True
         e = leaf.words[_HEADER_WORDS + lc % fanout]  # type: ignore[index]
+        if e & WRITABLE and e & TARGET_MASK:  # (the common case first)
+            return (e & TARGET_MASK) - 1
         if not e & TARGET_MASK:
             return FRESH
-        if e & WRITABLE:
-            return int(e & TARGET_MASK) - 1
         return ASK if self.data.get((e & TARGET_MASK) - 1) == 1 else FRESH  # Claim : Redirect
 
     def _know_leaf(self, key: int, page: int, writable: bool) -> None:
