@@ -121,15 +121,13 @@ def run_pool_op(pool_path: str, op: str, args: dict[str, Any],
     try:
         return uvloop.run(offline())
     except PoolBusy:
-        from nbdserver.control.socket import call, socket_path
+        from nbdserver.control.socket import ServerUnreachable, call, socket_path
         from nbdserver.pool.pool import read_superblock
 
         sb = read_superblock(pool_path)
         try:
             return call(socket_path(sb.uuid_str, pool_path), op, args)
-        except UserError as e:
-            if str(e).startswith(str(pool_path)):
-                raise
+        except ServerUnreachable as e:  # (a server's own error replies name the pool)
             raise UserError(f"{pool_path}: {e}") from None
 
 

@@ -738,12 +738,6 @@ class _Parser:
         if port > 65535:
             self.fail(node, key, f"port {port} is out of range (0 to 65535; 0 picks a free "
                                  "port)")
-        if m[1] is None and not _is_ip_address(host):
-            try:  # (serve would fail to listen: say so here, with the line)
-                socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-            except (OSError, UnicodeError) as e:
-                why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-                self.fail(node, key, f"cannot resolve host name {host!r}: {why}")
         return host, port
 
     def server(self, node: Node | None) -> ServerSettings:
@@ -804,7 +798,7 @@ class _Parser:
             if (c := m.get("create")) is not None:
                 create = self.pool_create(c, m.sub("create"))
             if _stat(pool_path)[0] in ("file", "block") and not (
-                    create is not None and _stat(pool_path) == ("file", 0)):
+                    create is not None and _made_by_serve(pool_path)):
                 self.existing_pool(path_node, m.sub("path"), pool_path)
             out.append(PoolConfig(name=name, path=pool_path, create=create, key=path))
         return tuple(out)
@@ -957,11 +951,12 @@ class _Parser:
                         read_only = True
                 else:
                     of = next(p for p in pools if p.name == pool)
-                    if of.create is not None and _stat(of.path)[0] == "missing":
+                    if of.create is not None and _made_by_serve(of.path):
                         # (serve would make the pool, empty, then find no such volume)
                         self.fail(volume_node, m.sub("volume"),
-                                  f"pool {pool!r} does not exist yet ({of.path}): serve "
-                                  f"creates it empty, with no volume {volume!r}; add create: "
+                                  f"pool {pool!r} is made when serve starts ({of.path} is "
+                                  f"{'an empty file' if of.path.exists() else 'not there'}), "
+                                  f"empty, so it has no volume {volume!r}; add create: "
                                   "{size: ...} (or fork: or snapshot:) to make the volume")
             out.append(ExportConfig(
                 name=name, description=description, read_only=read_only,
@@ -1048,6 +1043,13 @@ def _stat(path: Path) -> tuple[str, int | None]:
     return "other", None
 
 
+def _made_by_serve(path: Path) -> bool:
+    """Whether serve makes a pool at `path` when the pool has `create` (as pools.py does:
+    no file there, or an empty one)."""
+    kind, size = _stat(path)
+    return kind == "missing" or (kind == "file" and size == 0)
+
+
 def _describe_file(kind: str, size: int | None) -> str:
     if kind == "file":
         return f"an existing file of {format_size(size or 0)}"
@@ -1067,6 +1069,15 @@ def config_warnings(config: Config) -> list[str]:
                    "through systemd socket activation")
     if not config.exports:
         out.append("exports: no exports are configured; clients will find nothing to use")
+    for listener in config.listen:
+        if listener.host is not None and not _is_ip_address(listener.host.strip("[]")):
+            try:  # (not an error: under socket activation the listeners are not used)
+                socket.getaddrinfo(listener.host, None, type=socket.SOCK_STREAM)
+            except (OSError, UnicodeError) as e:
+                why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                out.append(f"{listener.key}: cannot resolve host name {listener.host!r} "
+                           f"({why}): serve will fail to listen there unless started "
+                           "through socket activation")
     for pool in config.pools:
         kind, _ = _stat(pool.path)
         if kind == "missing" and pool.create is None:
@@ -1092,8 +1103,9 @@ def config_warnings(config: Config) -> list[str]:
             out.append(f"{export.key}.file: {export.file} is empty; serving it will fail")
         elif kind == "file" and size is not None and size % 512:
             out.append(f"{export.key}.file: {export.file} is {size} bytes, not a multiple of "
-                       f"512: only the first {size - size % 512} are served (an unaligned "
-                       "tail cannot be written with O_DIRECT)")
+                       "512: serve cuts the export to whole blocks of the file's direct-I/O "
+                       f"alignment (512 or 4096 bytes: at most the first {size - size % 512} "
+                       "are served; an unaligned tail cannot be written with O_DIRECT)")
         elif kind in ("file", "block") and size and size % export.min_block_size:
             out.append(f"{export.key}.file: {export.file}: "
                        + _not_whole_blocks(size, export.min_block_size))

@@ -169,6 +169,10 @@ class ControlServer:
                 self.path.unlink()
 
 
+class ServerUnreachable(UserError):
+    """The pool is locked, and no server answers on its control socket."""
+
+
 def call(path: Path, op: str, args: dict[str, Any], timeout: float = CLIENT_TIMEOUT) -> Any:
     """Send one operation to a running server's control socket (blocking)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -176,7 +180,7 @@ def call(path: Path, op: str, args: dict[str, Any], timeout: float = CLIENT_TIME
         try:
             sock.connect(str(path))
         except OSError as e:
-            raise UserError(
+            raise ServerUnreachable(
                 f"the pool is in use by another process, and no server answers on its "
                 f"control socket {path} ({e.strerror}): another nbdserver command (wait for "
                 "it), a server exporting the file raw (a file: export), or a server that "

@@ -109,11 +109,11 @@ RELEASE_BUDGET = 2048  # map entries released per mini-transaction when deleting
 # it a server has the pool open, and it asks that server instead.)
 SERVER_LOCK_WAIT_SECONDS = 3.0
 LOCK_RETRY_SECONDS = 0.02
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # (fullmatch: no trailing newline)
 
 
 def check_volume_name(name: str) -> None:
-    if not NAME_RE.match(name) or len(name.encode()) > MAX_VOLUME_NAME:
+    if not NAME_RE.fullmatch(name) or len(name.encode()) > MAX_VOLUME_NAME:
         raise UserError(
             f"invalid volume name {name!r}: use 1 to {MAX_VOLUME_NAME} letters, digits, '.', '_', "
             "'+' or '-', starting with a letter or digit")
@@ -297,7 +297,11 @@ class Pool:
             if size is None:
                 raise UserError("--size is required to create a pool in a file")
             plan(size)  # a mistake found before anything is written
-            made = _create_exclusive(path, dirs if make_parents else None)
+            try:
+                made = _create_exclusive(path, dirs if make_parents else None)
+            except BaseException:
+                _undo_create(path, None, False, False, dirs)  # (the directories it made)
+                raise
             try:
                 try:
                     holder = os.open(path, os.O_RDWR | os.O_CLOEXEC)

@@ -39,6 +39,10 @@ def test_cli_goes_through_the_running_server(nbd_server_factory: ServerFactory,
     refused = run([*SERVER_CMD, "volume", "delete", str(pool), "v"], check=False)
     assert refused.returncode == 1
     assert "in use" in refused.stderr and "Traceback" not in refused.stderr
+    # The server's own errors read as offline: one line, not prefixed again with the pool.
+    missing = run([*SERVER_CMD, "volume", "info", str(pool), "nosuch"], check=False)
+    assert missing.returncode == 1
+    assert missing.stderr.startswith("nbdserver: error: no volume 'nosuch'"), missing.stderr
     srv.stop()
 
 

@@ -269,6 +269,9 @@ def test_config_pool_create_makes_its_directories_and_removes_them_on_failure(
     with pytest.raises(UserError, match="cannot grow"):
         Pool.create(failed, 1 << 62, make_parents=True)  # made, then too large to grow
     assert not (tmp_path / "u").exists()
+    with pytest.raises(UserError, match="cannot create"):  # the file itself cannot be made
+        Pool.create(tmp_path / "u" / "v" / ("n" * 300), 64 << 20, make_parents=True)
+    assert not (tmp_path / "u").exists()
 
 
 @pytest.mark.parametrize(("args", "fragment"), [
@@ -282,6 +285,7 @@ def test_config_pool_create_makes_its_directories_and_removes_them_on_failure(
      "argument --size: a volume's size must be a multiple of 512 bytes, got 1000"),
     (["volume", "fork", "{p}", "golden", "bad!"], "argument NAME: invalid volume name"),
     (["volume", "snapshot", "{p}", "golden", ""], "argument NAME: invalid volume name"),
+    (["volume", "create", "{p}", "nl\n", "--size", "1M"], "argument NAME: invalid volume name"),
     (["pool", "create", "{p}", "--size", "-1G"],
      "argument --size: a size cannot be negative, got '-1G'"),
 ])
