@@ -54,10 +54,6 @@ def _chunk_size(text: str) -> int:
     return value
 
 
-NEW_NAME_HELP = ("the new volume's name: 1 to 128 ASCII letters, digits, '.', '_', '+' or "
-                 "'-', starting with a letter or digit")
-
-
 def _max_volumes(text: str) -> int:
     from nbdserver.pool.pool import MAX_VOLUMES
 
@@ -431,7 +427,9 @@ def cmd_volume_defrag(args: argparse.Namespace) -> int:
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add the ``pool`` and ``volume`` command groups to the top-level parser."""
     from nbdserver.blockmap.base import designs
-    from nbdserver.pool.format import DEFAULT_CHUNK
+    from nbdserver.pool.format import DEFAULT_CHUNK, VOLUME_NAME_RULE
+
+    new_name_help = f"the new volume's name: {VOLUME_NAME_RULE}"
 
     def common(p: argparse.ArgumentParser, json_help: str = "print JSON") -> None:
         p.add_argument("pool", metavar="POOL", help="the pool's file or block device")
@@ -486,7 +484,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
     p = vsub.add_parser("create", help="create an empty (all zeros) thin volume")
     common(p)
-    p.add_argument("name", metavar="NAME", type=_new_volume_name, help=NEW_NAME_HELP)
+    p.add_argument("name", metavar="NAME", type=_new_volume_name, help=new_name_help)
     p.add_argument("--size", type=_volume_size, required=True,
                    help="e.g. 10G (a multiple of 512 bytes)")
     p.add_argument("--guarantee", action="store_true",
@@ -498,13 +496,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p = vsub.add_parser("snapshot", help="a read-only point-in-time copy (instant)")
     common(p)
     p.add_argument("source", metavar="SOURCE", help="the volume to copy")
-    p.add_argument("name", metavar="NAME", type=_new_volume_name, help=NEW_NAME_HELP)
+    p.add_argument("name", metavar="NAME", type=_new_volume_name, help=new_name_help)
     p.set_defaults(handler=cmd_volume_snapshot)
 
     p = vsub.add_parser("fork", help="a writable copy that shares unchanged data (instant)")
     common(p)
     p.add_argument("source", metavar="SOURCE", help="the volume to copy")
-    p.add_argument("name", metavar="NAME", type=_new_volume_name, help=NEW_NAME_HELP)
+    p.add_argument("name", metavar="NAME", type=_new_volume_name, help=new_name_help)
     p.add_argument("--guarantee", action="store_true",
                    help="reserve every chunk and map page the fork could need, as for create")
     p.set_defaults(handler=cmd_volume_fork)

@@ -110,8 +110,10 @@ __all__ = [
     "VolumeCreate",
     "config_to_json",
     "config_warnings",
+    "creation_order",
     "describe",
     "load_config",
+    "made_by_serve",
     "parse_config",
 ]
 
@@ -798,7 +800,7 @@ class _Parser:
             if (c := m.get("create")) is not None:
                 create = self.pool_create(c, m.sub("create"))
             if _stat(pool_path)[0] in ("file", "block") and not (
-                    create is not None and _made_by_serve(pool_path)):
+                    create is not None and made_by_serve(pool_path)):
                 self.existing_pool(path_node, m.sub("path"), pool_path)
             out.append(PoolConfig(name=name, path=pool_path, create=create, key=path))
         return tuple(out)
@@ -951,7 +953,7 @@ class _Parser:
                         read_only = True
                 else:
                     of = next(p for p in pools if p.name == pool)
-                    if of.create is not None and _made_by_serve(of.path):
+                    if of.create is not None and made_by_serve(of.path):
                         # (serve would make the pool, empty, then find no such volume)
                         self.fail(volume_node, m.sub("volume"),
                                   f"pool {pool!r} is made when serve starts ({of.path} is "
@@ -1043,9 +1045,9 @@ def _stat(path: Path) -> tuple[str, int | None]:
     return "other", None
 
 
-def _made_by_serve(path: Path) -> bool:
-    """Whether serve makes a pool at `path` when the pool has `create` (as pools.py does:
-    no file there, or an empty one)."""
+def made_by_serve(path: Path) -> bool:
+    """Whether serve makes a pool at `path` when the pool has `create`: no file there,
+    or an empty one (as ``pool create`` sizes an empty file)."""
     kind, size = _stat(path)
     return kind == "missing" or (kind == "file" and size == 0)
 
@@ -1070,7 +1072,7 @@ def config_warnings(config: Config) -> list[str]:
     if not config.exports:
         out.append("exports: no exports are configured; clients will find nothing to use")
     for listener in config.listen:
-        if listener.host is not None and not _is_ip_address(listener.host.strip("[]")):
+        if listener.host is not None and not _is_ip_address(listener.host):
             try:  # (not an error: under socket activation the listeners are not used)
                 socket.getaddrinfo(listener.host, None, type=socket.SOCK_STREAM)
             except (OSError, UnicodeError) as e:

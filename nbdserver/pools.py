@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from nbdserver.config import Config, ExportConfig, PoolConfig
+from nbdserver.config import Config, ExportConfig, PoolConfig, made_by_serve
 from nbdserver.control.socket import ControlServer
 from nbdserver.errors import UserError
 from nbdserver.pool.pool import SERVER_LOCK_WAIT_SECONDS, Pool
@@ -41,8 +41,7 @@ class OpenPools:
             log.info("pool %s: control socket %s", pc.name, control.path)
 
     async def _open(self, pc: PoolConfig) -> Pool:
-        if pc.create is not None and (not pc.path.exists() or (
-                pc.path.is_file() and not pc.path.stat().st_size)):  # (as pool create does)
+        if pc.create is not None and made_by_serve(pc.path):
             log.info("creating pool %s at %s (%s, %d bytes)", pc.name, pc.path,
                      pc.create.blockmap, pc.create.size)
             try:

@@ -63,7 +63,7 @@ WRITABLE = 1 << 40
 OWNER_SHIFT = 41
 MAX_OWNER = (1 << 23) - 1
 _VOLUME_IDS = MAX_OWNER + 1  # leaf-memory keys: leaf index * _VOLUME_IDS + volume id
-LEAF_MEMORY = 1 << 16  # leaves remembered at most (then forgotten all at once)...
+LEAF_MEMORY = 1 << 16  # leaves remembered at most, then forgotten all at once (see __init__)
 _Q = struct.Struct("<Q")
 _HEADER_WORDS = PAGE_HEADER_SIZE // 8  # a node's entry k is its page's word k + this
 # The leaf memory reads entries as native words (Page.words): little-endian hosts only.

@@ -57,6 +57,8 @@ REFS_PER_PAGE = PAGE_PAYLOAD // 4  # 1020 u32 reference counts per refcount page
 CATALOG_RECORD_SIZE = 254
 RECORDS_PER_CATALOG_PAGE = PAGE_PAYLOAD // CATALOG_RECORD_SIZE  # 16
 MAX_VOLUME_NAME = 128
+VOLUME_NAME_RULE = (f"1 to {MAX_VOLUME_NAME} ASCII letters, digits, '.', '_', '+' or '-', "
+                    "starting with a letter or digit")
 MAP_STATE_SIZE = 64
 
 MIN_CHUNK = 4096

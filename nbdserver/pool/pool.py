@@ -71,6 +71,7 @@ from nbdserver.pool.format import (
     VF_IN_USE,
     VF_READ_ONLY,
     VF_SNAPSHOT,
+    VOLUME_NAME_RULE,
     FormatError,
     Layout,
     PoolState,
@@ -115,8 +116,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # (fullmatch: no trailing 
 def check_volume_name(name: str) -> None:
     if not NAME_RE.fullmatch(name) or len(name.encode()) > MAX_VOLUME_NAME:
         raise UserError(
-            f"invalid volume name {name!r}: use 1 to {MAX_VOLUME_NAME} letters, digits, '.', '_', "
-            "'+' or '-', starting with a letter or digit")
+            f"invalid volume name {name!r}: use {VOLUME_NAME_RULE}")
 
 
 class _NoRoomToPromise(UserError):
