@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import stat
+import sys
 from pathlib import Path
 
 from nbdserver.backend.base import Backend
@@ -74,6 +75,9 @@ class NbdServer:
         self.connections: set[NbdConnection] = set()
         self.stopping = False  # set by stop(): a connection accepted after that is aborted
         self._listeners: list[asyncio.AbstractServer] = []
+        # Started by socket activation: stdout then belongs to the program that started
+        # us (nbdcopy may be writing an image there), so nothing is printed on it.
+        self.activated = False
         self._unix_paths: list[Path] = []
         self.uris: list[tuple[str, str]] = []  # (export name, URI)
         self.pools = OpenPools(config, self.engine, self.buffers)
@@ -177,6 +181,7 @@ class NbdServer:
         socks = activation_sockets()
         await self.open_exports()
         if socks:
+            self.activated = True
             log.info("socket activation: serving on %d passed socket(s)", len(socks))
             await self._listen_activated(socks)
             return
@@ -189,6 +194,9 @@ class NbdServer:
                 await self._listen_tcp(listener)
 
     def describe(self) -> str:
+        if not self.exports:
+            return (f"nbdserver listening with the {self.engine.name} I/O engine, with no "
+                    "exports configured (clients can connect but find nothing to open)")
         lines = [f"nbdserver serving {len(self.exports)} export(s) with the {self.engine.name} "
                  "I/O engine; connect with:"]
         for export in self.exports:
@@ -263,7 +271,8 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> bool:
     except BaseException:
         await server.stop(grace=0)
         raise
-    print(server.describe(), flush=True)
+    # The URIs go to stdout for a person or a script, unless stdout is not ours.
+    print(server.describe(), file=sys.stderr if server.activated else sys.stdout, flush=True)
     if ready is not None:
         ready.set()
     await stop.wait()

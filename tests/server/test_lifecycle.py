@@ -700,14 +700,6 @@ def test_o_direct_refused_is_a_clear_error(tmp_path: Path) -> None:
 # -- socket activation ------------------------------------------------------------------------
 
 
-def _nbdinfo_json(stdout: str) -> dict[str, object]:
-    """nbdinfo's JSON; the server it started shares its stdout and prints its URIs first."""
-    start = stdout.index("\n{\n") + 1 if not stdout.startswith("{") else 0
-    data = json.loads(stdout[start:])
-    assert isinstance(data, dict)
-    return data
-
-
 def test_socket_activation_with_nbdinfo(tmp_path: Path) -> None:
     """``nbdinfo -- [ nbdserver serve ]`` passes a listening socket with LISTEN_FDS; the
     config's own listeners are then not opened."""
@@ -720,13 +712,14 @@ def test_socket_activation_with_nbdinfo(tmp_path: Path) -> None:
     })
     proc = run(["nbdinfo", "--json", "--", "[", *SERVER_CMD, "serve", "-c", cfg, "]"],
                timeout=60)
-    info = _nbdinfo_json(proc.stdout)
+    info = json.loads(proc.stdout)  # the server shares nbdinfo's stdout and prints nothing
     exports = info["exports"]
     assert isinstance(exports, list) and len(exports) == 1
     assert exports[0]["export-size"] == 2 * MiB
     assert exports[0]["description"] == "activated"
     assert not configured.exists(), "a configured listener was opened under activation"
     assert "socket activation" in proc.stderr
+    assert "nbdserver serving 1 export(s)" in proc.stderr  # its banner goes to stderr
     assert "Traceback" not in proc.stderr
     assert "stopped" in proc.stderr  # libnbd stopped it with a signal: clean exit
 
@@ -740,6 +733,11 @@ def test_socket_activation_without_listen_and_data_round_trip(tmp_path: Path) ->
     src.write_bytes(pattern(4 * MiB, seed=11))
     run(["nbdcopy", "--", src, "[", *SERVER_CMD, "serve", "-c", cfg, "]"], timeout=60)
     assert image.read_bytes() == src.read_bytes()
+    # and back out to nbdcopy's stdout, which the server it started shares: not a byte
+    # of the server's own output may land in the copy
+    out = subprocess.run(["nbdcopy", "--", "[", *SERVER_CMD, "serve", "-c", cfg, "]", "-"],
+                         capture_output=True, timeout=60, check=True)
+    assert out.stdout == src.read_bytes()
 
 
 @pytest.mark.parametrize("listen", [None, []], ids=["missing", "empty"])
