@@ -183,7 +183,8 @@ def cmd_pool_create(args: argparse.Namespace) -> int:
             params = (args.fanout, 0, 0, 0)
         sb = Pool.create(args.pool, args.size, blockmap=args.blockmap,
                          chunk_size=args.chunk_size, max_volumes=args.max_volumes,
-                         map_params=params, preallocate=args.preallocate)
+                         map_params=params, preallocate=args.preallocate,
+                         force=args.force)
     except ValueError as e:
         raise UserError(str(e)) from None
     info = run_pool_op(args.pool, "pool.info", {})
@@ -444,7 +445,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                         description="Create a new, empty pool in a file (of --size bytes) or "
                                     "on a block device (its whole size).")
     common(p)
-    p.add_argument("--size", type=_size, help="pool size for a file, e.g. 20G")
+    p.add_argument("--size", type=_size, help="pool size for a file, e.g. 20G (a block "
+                                              "device is used whole: leave it out)")
     names = sorted(designs())
     p.add_argument("--blockmap", default="radix", choices=names,
                    help="block-map design: radix (Parallax tree, O(1) forks), extent (extent "
@@ -461,6 +463,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                         "and a full host filesystem cannot fail them later; by default the "
                         "file is sparse and grows as data is written (a block device is "
                         "always whole)")
+    p.add_argument("--force", action="store_true",
+                   help="on a block device: write the new pool even over an existing pool "
+                        "or other data (a file system, a partition table) in its first MiB, "
+                        "which is otherwise refused; destroys every volume there (an existing "
+                        "file is always refused)")
     p.add_argument("--fanout", type=int, default=0, help=argparse.SUPPRESS)
     p.set_defaults(handler=cmd_pool_create)
 

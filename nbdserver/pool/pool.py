@@ -105,6 +105,7 @@ STATS_TURN = 0.002  # volume_stats: seconds of work between two turns of the eve
 # the cache keeps them (the data table's first: allocations and sharing changes read them).
 PRELOAD_SHARE = 4
 RELEASE_BUDGET = 2048  # map entries released per mini-transaction when deleting
+OVERWRITE_CHECK_BYTES = 1 << 20  # pool create: a block device must be zeros this far
 # A server waits this long for the pool's lock: a process killed a moment ago may hold it
 # until the kernel has finished with its files. (The CLI does not wait: a held lock tells
 # it a server has the pool open, and it asks that server instead.)
@@ -243,11 +244,14 @@ class Pool:
     def create(path: str | Path, size: int | None, *, blockmap: str = "radix",
                chunk_size: int = DEFAULT_CHUNK, map_params: tuple[int, int, int, int] | None = None,
                max_volumes: int = 4096, journal_bytes: int | None = None,
-               preallocate: bool = False, make_parents: bool = False) -> Superblock:
+               preallocate: bool = False, make_parents: bool = False,
+               force: bool = False) -> Superblock:
         """Write a new, empty pool to `path` (a new file, or a block device). Blocking.
         A new file is sparse unless `preallocate` (see BlockDevice.preallocate). With
         `make_parents`, missing directories above a new file are made (and removed
-        again if the create fails); without, a missing directory is an error."""
+        again if the create fails); without, a missing directory is an error. A block
+        device is used whole (`size` must be None or its size), and one that holds a
+        pool or any other data in its first MiB is refused unless `force`."""
         if not str(path):
             raise UserError("the pool path is empty")
         path = Path(path)
@@ -290,6 +294,11 @@ class Pool:
             device = open_device(path)
             try:
                 _lock(device)
+                if size is not None and size != device.size:
+                    raise UserError(f"{path} is a block device of {format_size(device.size)}: "
+                                    "a pool takes the whole device (leave out --size)")
+                if not force:
+                    _refuse_to_overwrite(device, path)
             except BaseException:
                 device.close()
                 raise
@@ -1518,6 +1527,26 @@ def read_superblock(path: str | Path) -> Superblock:
         raise UserError(f"{path}: {e}") from None
     finally:
         device.close()
+
+
+def _refuse_to_overwrite(device: BlockDevice, path: Path) -> None:
+    """UserError unless the first MiB of the block device `device` holds only zeros:
+    it may be a pool, a file system or a partition table (pool create --force)."""
+    try:
+        sb: Superblock | None = _read_superblock(device)
+    except FormatError:
+        sb = None
+    if sb is not None:
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(sb.created_ns / 1e9))
+        raise UserError(f"{path} holds an nbdserver pool ({sb.blockmap}, "
+                        f"{format_size(sb.size)}, created {created}); refusing to overwrite "
+                        "it (--force destroys it and every volume in it)")
+    head = _read_pages_sync(device, 0, min(OVERWRITE_CHECK_BYTES, device.size) // PAGE_SIZE)
+    if head != bytes(len(head)):
+        raise UserError(f"{path} holds data in its first "
+                        f"{format_size(OVERWRITE_CHECK_BYTES)} (a file system or a partition "
+                        "table?); refusing to overwrite it (--force writes a new pool over "
+                        "it)")
 
 
 def _read_superblock(device: BlockDevice) -> Superblock:

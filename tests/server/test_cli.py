@@ -11,6 +11,7 @@ import json
 import os
 import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -251,6 +252,38 @@ def test_pool_create_refuses_a_missing_directory_a_directory_and_a_fifo(
     assert not (tmp_path / "a").exists()
     status, _, err = nbdserver("pool", "create", "", "--size", "64M")
     assert status == 1 and "the pool path is empty" in err, err
+
+
+def test_pool_create_on_a_block_device_refuses_a_pool_or_data_there(
+        loop_device: Callable[..., Path], tmp_path: Path) -> None:
+    """A block device is used whole: a zeroed one becomes a pool; one holding a pool (its
+    volumes intact) or other data is refused, naming what is there, unless --force; a
+    --size that is not the device's is refused."""
+    dev = loop_device("32M")
+    status, out, err = nbdserver("pool", "create", dev, "--size", "16M")
+    assert status == 1 and "a pool takes the whole device (leave out --size)" in err, err
+    assert nbdserver("pool", "create", dev, "--blockmap", "extent")[0] == 0
+    assert nbdserver("volume", "create", dev, "precious", "--size", "1M")[0] == 0
+    status, out, err = nbdserver("pool", "create", dev)
+    assert status == 1, (status, out, err)
+    assert f"{dev} holds an nbdserver pool (extent, 32 MiB" in err and "--force" in err, err
+    status, out, _ = nbdserver("volume", "list", dev, "--json")
+    assert status == 0 and [v["name"] for v in json.loads(out)] == ["precious"]
+    assert nbdserver("pool", "create", dev, "--force")[0] == 0
+    status, out, _ = nbdserver("volume", "list", dev, "--json")
+    assert status == 0 and json.loads(out) == []
+    # not a pool, but anything else in the first MiB (a file system, say)
+    run(["dd", "if=/dev/zero", f"of={dev}", "bs=1M", "count=1", "oflag=direct",
+         "status=none"])
+    assert nbdserver("pool", "create", dev)[0] == 0  # all zeros again: taken
+    run(["dd", "if=/dev/zero", f"of={dev}", "bs=1M", "count=1", "oflag=direct",
+         "status=none"])
+    run(["dd", "if=/dev/urandom", f"of={dev}", "bs=4096", "count=1", "seek=200",
+         "oflag=direct", "status=none"])
+    status, out, err = nbdserver("pool", "create", dev)
+    assert status == 1 and "holds data in its first 1 MiB" in err, err
+    assert nbdserver("pool", "create", dev, "--force")[0] == 0
+    assert nbdserver("pool", "check", dev)[0] == 0
 
 
 def test_config_pool_create_makes_its_directories_and_removes_them_on_failure(
