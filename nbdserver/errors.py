@@ -34,3 +34,8 @@ class UsageError(UserError):
 
 class ConfigError(UserError):
     """The YAML configuration is invalid; the message names the key (and line)."""
+
+
+class PoolDamaged(UserError):
+    """An operation met a pool page that fails its checks (a checksum, say): the pool's
+    metadata is damaged, not the request; a server logs it as an error."""

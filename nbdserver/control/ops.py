@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from nbdserver.errors import UserError
+from nbdserver.errors import PoolDamaged, UserError
+from nbdserver.pool.format import FormatError
 from nbdserver.pool.pool import Pool
 
 Op = Callable[[Pool, dict[str, Any]], Awaitable[Any]]
@@ -156,4 +157,9 @@ async def run_op(pool: Pool, op: str, args: dict[str, Any]) -> Any:
     fn = OPS.get(op)
     if fn is None:
         raise UserError(f"unknown operation {op!r}; valid: {', '.join(sorted(OPS))}")
-    return await fn(pool, check_args(op, args))
+    checked = check_args(op, args)
+    try:
+        return await fn(pool, checked)
+    except FormatError as e:  # a map or catalog page that fails its checksum, say
+        raise PoolDamaged(f"pool {pool.path}: damaged metadata: {e} ('nbdserver pool check "
+                        f"{pool.path}' lists what is damaged)") from None

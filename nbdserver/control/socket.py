@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from nbdserver.control.ops import run_op
-from nbdserver.errors import NbdError, UserError
+from nbdserver.errors import NbdError, PoolDamaged, UserError
 from nbdserver.pool.pool import Pool
 from nbdserver.storage.device import file_identity
 
@@ -143,6 +143,9 @@ class ControlServer:
         try:
             async with self._lock:
                 return {"ok": True, "result": await run_op(self.pool, op, args)}
+        except PoolDamaged as e:
+            log.error("control operation %s failed: %s", op, e)
+            return {"ok": False, "error": str(e)}
         except UserError as e:
             return {"ok": False, "error": str(e)}
         except NbdError as e:  # an I/O error or a full pool: the message says which

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from nbdserver.blockmap.base import HOLE, BlockMap, MapStats, Run, design
-from nbdserver.errors import NbdError, UserError
+from nbdserver.errors import NbdError, PoolDamaged, UserError
 from nbdserver.pool import journal
 from nbdserver.pool.epochs import IoEpochs
 from nbdserver.pool.format import (
@@ -1111,7 +1111,13 @@ class Pool:
         await self.cache.run(mark)
         await self.commit()
         family = self._family(vol)
-        freed = await self._release(vol, progress)
+        try:
+            freed = await self._release(vol, progress)
+        except FormatError as e:
+            raise PoolDamaged(f"volume {name!r} is deleted, but not all of its space could "
+                              f"be freed: {e} (the pool tries again each time it is opened; "
+                              f"'nbdserver pool check {self.path}' names what is damaged)"
+                              ) from None
         await self._shrink_promises(family)
         await self.commit()
         return freed
@@ -1162,7 +1168,13 @@ class Pool:
             if vol.flags & VF_DELETING:
                 log.info("%s: finishing the deletion of volume %r", self.path, vol.name)
                 family = self._family(vol)
-                await self._release(vol)
+                try:
+                    await self._release(vol)
+                except FormatError as e:  # the pool still opens: the rest is unharmed
+                    log.error("%s: the deletion of volume %r cannot finish: %s; what it "
+                              "still holds stays allocated ('nbdserver pool check' names "
+                              "what is damaged)", self.path, vol.name, e)
+                    continue
                 await self._shrink_promises(family)
         await self.commit()
 
@@ -1326,6 +1338,7 @@ class Pool:
 
         names: dict[str, int] = {}
         seen: set[int] = set()
+        complete = True  # every map was read whole (else a lower count proves no leak)
         old_reader = self.cache.sync_reader
         self.cache.sync_reader = self._read_page_sync
         try:
@@ -1351,9 +1364,11 @@ class Pool:
                                 f" chunks, and its holes and shared chunks need {need}")
                 except FormatError as e:
                     report.problems.append(f"volume {vol.name!r}: {e}")
+                    complete = False
             for recount, table, what in ((page_refs, self.meta, "metadata page"),
                                          (chunk_refs, self.data, "data chunk")):
-                problems, leaked, _used = recount.compare(table, self.cache.get, what)
+                problems, leaked, _used = recount.compare(table, self.cache.get, what,
+                                                          complete)
                 report.problems += problems
                 if table is self.data:
                     report.leaked_chunks = leaked

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import os
 import struct
@@ -11,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import SERVER_CMD, run
 from poolkit import KiB, MiB, PoolFactory, pattern
 
 from nbdserver.errors import NbdError, UserError
@@ -250,6 +252,51 @@ async def test_misdirected_map_page_on_disk_is_reported(make_pool: PoolFactory,
     assert not report.ok
     assert any(f"metadata page {page_a}: checksum mismatch" in p and "'a'" in p
                for p in report.problems), report.problems
+
+
+async def test_a_damaged_map_page_is_one_line_in_the_cli_and_no_leak_in_check(
+        make_pool: PoolFactory) -> None:
+    """A map page that fails its checksum: the volume commands that walk that map fail
+    with one line naming the pool and pool check (no traceback); a delete that cannot
+    finish says so, and the pool still opens (the deletion is retried and logged at each
+    open); the other volume still answers; check names the page and does not call the
+    chunks below it leaked."""
+    env = await make_pool("radix")
+    a = await env.create("a", 256 * KiB)
+    b = await env.create("b", 256 * KiB)
+    await a.write(0, pattern(1, 256 * KiB))
+    await b.write(0, pattern(2, 64 * KiB))
+    pool = env.pool
+    root_a = pool.map._root(pool.volume("a"))[0]
+    page_a = pool.layout.meta_page((root_a & ((1 << 40) - 1)) - 1)
+    await env.close()
+    _write_raw(env.path, page_a * PAGE_SIZE + 300, b"\x5a")
+    for args in (("volume", "info", env.path, "a"), ("volume", "list", env.path)):
+        proc = run([*SERVER_CMD, *args], check=False)
+        assert proc.returncode == 1, (args, proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.count("\n") == 1, proc.stderr
+        assert f"pool {env.path}: damaged metadata: metadata page {page_a}: checksum " \
+               f"mismatch ('nbdserver pool check {env.path}'" in proc.stderr, proc.stderr
+    proc = run([*SERVER_CMD, "volume", "delete", env.path, "a"], check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"volume 'a' is deleted, but not all of its space could be freed: metadata page " \
+           f"{page_a}: checksum mismatch" in proc.stderr, proc.stderr
+    proc = run([*SERVER_CMD, "volume", "info", env.path, "b", "--json"])
+    assert json.loads(proc.stdout)["name"] == "b"
+    assert "the deletion of volume 'a' cannot finish" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    proc = run([*SERVER_CMD, "volume", "list", env.path, "--json"])
+    assert [v["name"] for v in json.loads(proc.stdout)] == ["b"]
+    await env.open()
+    report = await env.check()
+    assert any(f"metadata page {page_a}: checksum mismatch" in p and "'a'" in p
+               for p in report.problems), report.problems
+    assert not any("leaked" in p and "not counted as leaked" not in p
+                   for p in report.problems), report.problems
+    assert any(p.startswith("data chunks: ") and "not counted as leaked" in p
+               for p in report.problems), report.problems
+    assert report.leaked_chunks == 0 and report.leaked_pages == 0
 
 
 async def test_bad_catalog_page_refuses_open(make_pool: PoolFactory) -> None:
