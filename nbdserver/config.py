@@ -964,8 +964,27 @@ class _Parser:
                 name=name, description=description, read_only=read_only,
                 min_block_size=min_block, file=file, size=size, pool=pool, volume=volume,
                 create=create, key=path))
+        self._sources_in_new_pools(out, pools, creates)
         self._no_copy_cycles(out, creates)
         return tuple(out)
+
+    def _sources_in_new_pools(self, exports: list[ExportConfig], pools: Sequence[PoolConfig],
+                              creates: dict[tuple[str, str], tuple[str, Node]]) -> None:
+        """Refuse a fork or snapshot of a volume that no export creates, in a pool serve
+        makes (empty: the source can only be a volume the config itself creates)."""
+        new_pools = {p.name: p for p in pools if p.create is not None and made_by_serve(p.path)}
+        for e in exports:
+            if e.create is None or e.create.source is None or e.pool not in new_pools:
+                continue
+            if (e.pool, e.create.source) not in creates:
+                key, node = creates[(e.pool, e.volume)]  # type: ignore[index]
+                kind = "fork" if e.create.fork is not None else "snapshot"
+                of = new_pools[e.pool]
+                self.fail(node, f"{key}.create.{kind}",
+                          f"pool {e.pool!r} is made when serve starts ({of.path} is "
+                          f"{'an empty file' if of.path.exists() else 'not there'}), empty, "
+                          f"and no export creates volume {e.create.source!r} in it, so there "
+                          f"is nothing to {kind}")
 
     def _no_copy_cycles(self, exports: list[ExportConfig],
                         creates: dict[tuple[str, str], tuple[str, Node]]) -> None:

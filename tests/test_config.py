@@ -251,8 +251,12 @@ def test_full_config(tmp_path: Path) -> None:
             volume: vm2
             create: {snapshot: golden}
           - name: golden
-            pool: other
+            pool: main
             volume: golden
+            create: {size: 1G}
+          - name: archive
+            pool: other
+            volume: archive
         """)
     assert [(li.kind, li.host, li.port, li.key) for li in config.listen] == [
         ("unix", None, None, "listen[0].unix"),
@@ -265,12 +269,13 @@ def test_full_config(tmp_path: Path) -> None:
     assert config.server == ServerSettings("threads", 4, 0.5, "debug", 1 << 30, 120.0)
     assert config.pools[0].create == PoolCreate(20 << 30, "extent", 64 << 10)
     assert config.pools[1].create is None
-    disk, vm1, vm2, golden = config.exports
+    disk, vm1, vm2, golden, archive = config.exports
     assert (disk.read_only, disk.description, disk.min_block_size, disk.size) == (
         True, "a disk", 4096, None)
     assert vm1.create == VolumeCreate(fork="golden")
     assert vm2.create == VolumeCreate(snapshot="golden") and vm2.read_only
-    assert golden.create is None and golden.pool == "other"
+    assert golden.create == VolumeCreate(size=1 << 30) and golden.pool == "main"
+    assert archive.create is None and archive.pool == "other"
 
 
 def test_plain_scalars_taken_as_written(tmp_path: Path) -> None:
@@ -1067,16 +1072,17 @@ def test_file_export_size_must_be_a_multiple_of_512(tmp_path: Path) -> None:
 
 def test_a_volume_created_as_a_snapshot_is_exported_read_only(tmp_path: Path) -> None:
     """check-config and --json must say what serve does: a snapshot is read-only."""
-    text = POOLED.replace("create: {size: 1G}", "create: {snapshot: golden}")
+    golden = "  - {name: golden, pool: main, volume: golden, create: {size: 1G}}\n"
+    text = POOLED.replace("create: {size: 1G}", "create: {snapshot: golden}") + golden
     (export,) = [e for e in load(tmp_path, text).exports if e.name == "vm1"]
     assert export.read_only
     text = POOLED.replace("    create: {size: 1G}",
-                          "    read-only: false\n    create: {snapshot: golden}")
+                          "    read-only: false\n    create: {snapshot: golden}") + golden
     expect(tmp_path, text, "read-only: false", "exports[1].read-only", "snapshot",
            "read-only", "create: {fork: golden}")
     text = POOLED.replace("    create: {size: 1G}",
-                          "    read-only: true\n    create: {snapshot: golden}")
-    assert [e.read_only for e in load(tmp_path, text).exports] == [False, True]
+                          "    read-only: true\n    create: {snapshot: golden}") + golden
+    assert [e.read_only for e in load(tmp_path, text).exports] == [False, True, False]
 
 
 def test_copies_are_created_after_what_they_copy_and_circles_are_refused(
@@ -1130,6 +1136,24 @@ def test_what_serve_would_refuse_when_it_opens_is_refused_here(tmp_path: Path) -
         exports: [{name: v, pool: p, volume: v}]
         """)
     assert ":3: exports[0].volume:" in msg and "an empty file" in msg, msg
+    # a fork or snapshot of a volume no export creates in such a pool
+    for kind in ("fork", "snapshot"):
+        msg = error(tmp_path, f"""\
+            listen: [{{unix: s.sock}}]
+            pools: [{{name: p, path: new.img, create: {{size: 64M}}}}]
+            exports:
+              - {{name: v, pool: p, volume: v, create: {{{kind}: w}}}}
+            """)
+        assert f"exports[0].create.{kind}:" in msg and "no export creates volume 'w'" in msg, msg
+    assert not (tmp_path / "new.img").exists()
+    config = load(tmp_path, """\
+        listen: [{unix: s.sock}]
+        pools: [{name: p, path: new.img, create: {size: 64M}}]
+        exports:
+          - {name: v, pool: p, volume: v, create: {fork: w}}
+          - {name: w, pool: p, volume: w, create: {size: 1M}}
+        """)
+    assert [e.name for e in config.exports] == ["v", "w"]  # the source is created too
     msg = error(tmp_path, """\
         listen: [{unix: s.sock}]
         exports: [{name: e, file: e.img, size: 6K, min-block-size: 4096}]
