@@ -174,7 +174,8 @@ def _show_volume(info: dict[str, Any]) -> None:
 def cmd_pool_create(args: argparse.Namespace) -> int:
     from nbdserver.pool.pool import Pool
 
-    if args.size is None and not Path(args.pool).is_block_device():
+    path = Path(args.pool)
+    if args.size is None and (not path.exists() or path.is_file()):
         raise UsageError(f"{args.pool}: --size is required to create a pool in a file "
                          "(a block device is used whole)")
     try:

@@ -21,7 +21,7 @@ can connect to)::
     exports:
       - name: disk
         file: ../data/disk.img        # raw file or block device
-        size: 1G                      # create the file at this size if missing
+        size: 1G                      # create the file at this size if missing (or empty)
       - name: vm1
         pool: main
         volume: vm1
@@ -1115,13 +1115,14 @@ def config_warnings(config: Config) -> list[str]:
         if kind == "missing" and export.read_only:
             out.append(f"{export.key}: read-only, but the file does not exist yet: it will "
                        "be created full of zeros")
-        if kind in ("file", "block") and export.size is not None and size is not None \
+        if kind in ("file", "block") and export.size is not None and size \
                 and size != export.size:
             out.append(f"{export.key}.size: ignored: {export.file} already exists "
                        f"({format_size(size)}), so it is not created at "
                        f"{format_size(export.size)}")
-        if kind == "file" and size == 0:
-            out.append(f"{export.key}.file: {export.file} is empty; serving it will fail")
+        if kind == "file" and size == 0 and export.size is None:
+            out.append(f"{export.key}.file: {export.file} is empty; serving it will fail "
+                       "(give a size: to have serve size it)")
         elif kind == "file" and size is not None and size % 512:
             out.append(f"{export.key}.file: {export.file} is {size} bytes, not a multiple of "
                        "512: serve cuts the export to whole blocks of the file's direct-I/O "
@@ -1203,7 +1204,7 @@ def describe(config: Config) -> str:
             if pool.create is not None:
                 c = pool.create
                 lines.append(f"    does not exist yet; it will be created at "
-                             f"{format_size(c.size)} with a {c.blockmap} block map and "
+                             f"{format_size(c.size)} with the {c.blockmap} block map and "
                              f"{format_size(c.chunk_size)} chunks"
                              + (", preallocated" if c.preallocate else ""))
             else:

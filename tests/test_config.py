@@ -958,7 +958,7 @@ def test_describe_default_config_shape(tmp_path: Path) -> None:
     assert "aio I/O, up to 256 connections, handshake timeout 10 s, stop timeout 30 s, " \
            "log level info, block-map cache 64 MiB" in out
     assert f"main: {data / 'pool.img'}  [pools[0]]" in out
-    assert "does not exist yet; it will be created at 4 GiB with a radix block map and " \
+    assert "does not exist yet; it will be created at 4 GiB with the radix block map and " \
            "4 KiB chunks" in out
     assert "'demo': read-write" in out
     assert f"volume 'demo' of pool 'main' ({data / 'pool.img'})" in out

@@ -252,6 +252,8 @@ def test_pool_create_refuses_a_missing_directory_a_directory_and_a_fifo(
     assert not (tmp_path / "a").exists()
     status, _, err = nbdserver("pool", "create", "", "--size", "64M")
     assert status == 1 and "the pool path is empty" in err, err
+    status, _, err = nbdserver("pool", "create", "/dev/null")  # (no --size: not asked for)
+    assert status == 1 and "/dev/null: not a regular file or block device" in err, err
 
 
 def test_pool_create_on_a_block_device_refuses_a_pool_or_data_there(
