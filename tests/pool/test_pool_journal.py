@@ -398,6 +398,7 @@ async def test_a_commit_after_a_slow_fdatasync_fits_one_buffer(tmp_path: Path) -
     engine = pool.engine
     plain_call, plain_commit = engine.call_blocking, Pool._commit_locked
     slowed: list[int] = []
+    waited: list[int] = []  # the dirty pages when the slow fdatasync ended
 
     async def slow(fn: Any, *args: Any) -> Any:  # the first fdatasync lasts until the
         if getattr(fn, "__name__", "") == "flush" and not slowed:  # limit is reached
@@ -405,18 +406,19 @@ async def test_a_commit_after_a_slow_fdatasync_fits_one_buffer(tmp_path: Path) -
             end = time.monotonic() + 30
             while pool.cache.dirty_count < limit - 16 and time.monotonic() < end:
                 await asyncio.sleep(0.05)
+            waited.append(pool.cache.dirty_count)
         return await plain_call(fn, *args)
 
     async def watching(self: Pool) -> None:
         largest[0] = max(largest[0], self.cache.dirty_count)
         await plain_commit(self)
 
-    engine.call_blocking = slow  # type: ignore[method-assign]
+    fanout = 510  # first writes 2 MiB apart: each dirties a leaf of its own
+    writes = pool.commit_threshold() + limit + 600
+    vol = await env.create("v", writes * fanout * 4096 + (1 << 20))
+    engine.call_blocking = slow  # type: ignore[method-assign]  # (after the create's commit)
     Pool._commit_locked = watching  # type: ignore[method-assign]
     try:
-        fanout = 510  # first writes 2 MiB apart: each dirties a leaf of its own
-        writes = pool.commit_threshold() + limit + 600
-        vol = await env.create("v", writes * fanout * 4096 + (1 << 20))
         room = asyncio.Semaphore(256)
 
         async def write(i: int) -> None:
@@ -428,6 +430,7 @@ async def test_a_commit_after_a_slow_fdatasync_fits_one_buffer(tmp_path: Path) -
     finally:
         engine.call_blocking = plain_call  # type: ignore[method-assign]
         Pool._commit_locked = plain_commit  # type: ignore[method-assign]
-    assert slowed and largest[0] >= limit - 16  # the commit really held that many
+    assert waited and waited[0] >= limit - 16, (waited, limit)  # they piled up meanwhile
+    assert largest[0] >= limit - 16  # and the commit after it really held that many
     assert pool.failed is None
     await env.close()
