@@ -3,6 +3,10 @@
 # packages of the real NBD clients the tests drive).
 
 PYTHON ?= python3
+# pytest workers: the suite spends much of its time waiting (servers, clients, fsync),
+# so two workers on two cores halve it; a fixed number, since a container's core
+# count can overstate the CPU it may use.
+TEST_JOBS ?= 2
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -33,10 +37,10 @@ typecheck: install
 	$(BIN)/mypy
 
 test: install deps lint typecheck
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_JOBS)
 
 test-fast: install
-	$(BIN)/pytest -q -m "not slow and not vm"
+	$(BIN)/pytest -q -n $(TEST_JOBS) -m "not slow and not vm"
 
 bench: install deps
 	$(BIN)/python scripts/bench.py
