@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import SERVER_CMD, run
-from poolkit import KiB, MiB, PoolFactory, pattern
+from poolkit import KiB, MiB, PoolEnv, PoolFactory, pattern
 
 from nbdserver.errors import NbdError, UserError
 from nbdserver.pool.format import (
@@ -225,20 +225,25 @@ def test_misdirected_page_is_detected() -> None:
             verify_page(wrong, page)
 
 
+async def _two_written_volumes(env: PoolEnv, b_bytes: int) -> tuple[int, int]:
+    """Radix volumes 'a' (256 KiB of pattern 1) and 'b' (`b_bytes` of pattern 2); the
+    metadata page numbers of their map roots."""
+    a = await env.create("a", 256 * KiB)
+    b = await env.create("b", 256 * KiB)
+    await a.write(0, pattern(1, 256 * KiB))
+    await b.write(0, pattern(2, b_bytes))
+    pool = env.pool
+    roots = (pool.map._root(pool.volume(name))[0] for name in ("a", "b"))
+    page_a, page_b = (pool.layout.meta_page((root & ((1 << 40) - 1)) - 1) for root in roots)
+    return page_a, page_b
+
+
 async def test_misdirected_map_page_on_disk_is_reported(make_pool: PoolFactory,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     """Overwrite one block-map page on disk with another's image: reading the volume
     fails loudly (EIO, never the wrong data) and `check` names the problem."""
     env = await make_pool("radix", offline=False)
-    a = await env.create("a", 256 * KiB)
-    b = await env.create("b", 256 * KiB)
-    await a.write(0, pattern(1, 256 * KiB))
-    await b.write(0, pattern(2, 256 * KiB))
-    pool = env.pool
-    root_a = pool.map._root(pool.volume("a"))[0]
-    root_b = pool.map._root(pool.volume("b"))[0]
-    page_a = pool.layout.meta_page((root_a & ((1 << 40) - 1)) - 1)
-    page_b = pool.layout.meta_page((root_b & ((1 << 40) - 1)) - 1)
+    page_a, page_b = await _two_written_volumes(env, 256 * KiB)
     await env.close()
     _write_raw(env.path, page_a * PAGE_SIZE, _read_raw(env.path, page_b * PAGE_SIZE, PAGE_SIZE))
     await env.open()
@@ -262,13 +267,7 @@ async def test_a_damaged_map_page_is_one_line_in_the_cli_and_no_leak_in_check(
     open); the other volume still answers; check names the page and does not call the
     chunks below it leaked."""
     env = await make_pool("radix")
-    a = await env.create("a", 256 * KiB)
-    b = await env.create("b", 256 * KiB)
-    await a.write(0, pattern(1, 256 * KiB))
-    await b.write(0, pattern(2, 64 * KiB))
-    pool = env.pool
-    root_a = pool.map._root(pool.volume("a"))[0]
-    page_a = pool.layout.meta_page((root_a & ((1 << 40) - 1)) - 1)
+    page_a, _ = await _two_written_volumes(env, 64 * KiB)
     await env.close()
     _write_raw(env.path, page_a * PAGE_SIZE + 300, b"\x5a")
     for args in (("volume", "info", env.path, "a"), ("volume", "list", env.path)):
