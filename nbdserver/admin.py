@@ -81,10 +81,11 @@ def _volume_size(text: str) -> int:
 
 
 def run_pool_op(pool_path: str, op: str, args: dict[str, Any],
-                local: dict[str, Any] | None = None) -> Any:
+                local: dict[str, Any] | None = None, *, online: bool = False) -> Any:
     """Run `op` on the pool at `pool_path`: directly, or through its server if it is open.
     `local` arguments override `args` when the pool is opened here (a progress callback,
-    say), and are not sent to a server."""
+    say), and are not sent to a server. `online`: a server was found to have the pool open
+    a moment ago; ask it at once (trying to open the pool here first costs tens of ms)."""
     import uvloop
 
     from nbdserver.pool.pool import PoolBusy
@@ -114,17 +115,21 @@ def run_pool_op(pool_path: str, op: str, args: dict[str, Any],
         finally:
             engine.close()
 
-    try:
-        return uvloop.run(offline())
-    except PoolBusy:
-        from nbdserver.control.socket import ServerUnreachable, call, socket_path
-        from nbdserver.pool.pool import read_superblock
-
-        sb = read_superblock(pool_path)
+    if not online:
         try:
-            return call(socket_path(sb.uuid_str, pool_path), op, args)
-        except ServerUnreachable as e:  # (a server's own error replies name the pool)
-            raise UserError(f"{pool_path}: {e}") from None
+            return uvloop.run(offline())
+        except PoolBusy:
+            pass  # a server has it open: ask that server
+    from nbdserver.control.socket import ServerUnreachable, call, socket_path
+    from nbdserver.pool.pool import read_superblock
+
+    sb = read_superblock(pool_path)
+    try:
+        return call(socket_path(sb.uuid_str, pool_path), op, args)
+    except ServerUnreachable as e:  # (a server's own error replies name the pool)
+        if online:  # the server has gone since: open the pool here after all
+            return run_pool_op(pool_path, op, args, local)
+        raise UserError(f"{pool_path}: {e}") from None
 
 
 def _parent_text(info: dict[str, Any]) -> str:
@@ -382,6 +387,8 @@ DEFRAG_SLICE = 1 << 30  # bytes per call to a running server (progress between c
 
 def cmd_volume_defrag(args: argparse.Namespace) -> int:
     """Offline: one call, with progress. Online: slices of DEFRAG_SLICE, progress between."""
+    from nbdserver.defrag import MIN_PIECE
+
     progress = _Progress(f"defrag {args.name}")
     start = moved = 0
     total: dict[str, Any] = {}
@@ -392,7 +399,8 @@ def cmd_volume_defrag(args: argparse.Namespace) -> int:
                 {"name": args.name, "start": start, "limit": DEFRAG_SLICE},
                 local={"limit": None,
                        "progress": lambda done, size, now, base=moved: progress(done, size,
-                                                                                 base + now)})
+                                                                                 base + now)},
+                online=bool(total))  # (a call after the first: a server answered it)
             moved += result["moved_bytes"]
             if not total:
                 total = dict(result)
@@ -419,7 +427,8 @@ def cmd_volume_defrag(args: argparse.Namespace) -> int:
           "shared in place")
     if total["no_space_bytes"]:
         print(f"warning: {format_size(total['no_space_bytes'])} could not be moved for lack "
-              "of free space", file=sys.stderr)
+              f"of free runs of {MIN_PIECE} chunks or more (free space in shorter runs is "
+              "not used)", file=sys.stderr)
     return EXIT_OK
 
 

@@ -530,6 +530,9 @@ async def test_defrag_command_interrupted_or_failing_says_so(tmp_path: Path, how
     assert "Traceback" not in out.stderr, out.stderr
     if how == "sigint":
         assert out.returncode == 130, out.stderr
+        # an interruption, not a device fault: no server-style "restart the server" error
+        assert "interrupted; the pool recovers its last commit" in out.stderr, out.stderr
+        assert "durable any more" not in out.stderr and "ERROR" not in out.stderr, out.stderr
     else:
         assert out.returncode == 1, out.stderr
         assert "No space left on device" in out.stderr

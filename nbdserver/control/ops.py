@@ -131,7 +131,7 @@ async def volume_info(pool: Pool, args: dict[str, Any]) -> Any:
 
 
 async def volume_defrag(pool: Pool, args: dict[str, Any]) -> Any:
-    """Make the volume's own chunks contiguous; `start`/`limit` (logical chunks) run a slice.
+    """Make the volume's own chunks contiguous; `start`/`limit` (bytes) run a slice.
     An in-process caller may pass a `progress` callable (never over the socket: JSON)."""
     from nbdserver.defrag import defrag_volume
 

@@ -839,14 +839,22 @@ class Pool:
             self._raise_if_failed()
             try:
                 await self._commit_locked()
-            except BaseException as e:  # (also a cancellation: its snapshot is gone too)
+            except asyncio.CancelledError:  # (the process is interrupted: Ctrl-C)
+                self._fail(f"the {self._stage} of a commit was cancelled", quiet=True)
+                raise
+            except BaseException as e:
                 self._fail(f"the {self._stage} of a commit failed ({_describe(e)})")
                 raise
 
-    def _fail(self, why: str) -> None:
-        """Stop committing for good (see the module note); the first reason is kept."""
+    def _fail(self, why: str, quiet: bool = False) -> None:
+        """Stop committing for good (see the module note); the first reason is kept.
+        `quiet`: an interruption, not a fault (logged at info level: the caller says it)."""
         if self.failed is None:
             self.failed = why
+            if quiet:
+                log.info("pool %s: %s; it recovers its last durable commit when next opened",
+                         self.path, why)
+                return
             log.error("pool %s: %s; no change is made durable any more (FLUSH and FUA "
                       "fail with EIO): restart the server to recover the last durable "
                       "commit from the journal", self.path, why)
