@@ -27,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
 sys.path.insert(0, str(REPO / "tests"))
+import argtypes  # noqa: E402  (beside this script)
 
 try:
     import uvloop
@@ -49,12 +50,15 @@ from nbdfuzz import (  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=None,
+    parser.add_argument("--minutes", type=argtypes.amount(0), default=None,
                         help="how long to fuzz (default 1, unless --cases is given)")
-    parser.add_argument("--cases", type=int, default=None, help="stop after this many cases")
+    parser.add_argument("--cases", type=argtypes.count(1), default=None,
+                        help="stop after this many cases (the server is checked every 64 "
+                             "and after the last)")
     parser.add_argument("--seed", type=int, default=None, help="first case seed")
-    parser.add_argument("--concurrency", type=int, default=16, help="connections at once")
-    parser.add_argument("--rss-limit", type=int, default=512,
+    parser.add_argument("--concurrency", type=argtypes.count(1), default=16,
+                        help="connections at once (default 16)")
+    parser.add_argument("--rss-limit", type=argtypes.count(1), default=512,
                         help="MiB the server's RSS may grow by (default 512)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = parser.parse_args()

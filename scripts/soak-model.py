@@ -25,6 +25,8 @@ import time
 import traceback
 from pathlib import Path
 
+import argtypes  # (beside this script)
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -44,11 +46,12 @@ def main() -> int:
                     "default: every registered one)")
     ap.add_argument("--variant", action="append", choices=["4k-offline", "4k-tiny", "16k-tiny"],
                     help="pool variant (repeatable; default: all three)")
-    ap.add_argument("--examples", type=int, default=300, help="examples per configuration")
-    ap.add_argument("--steps", type=int, default=80, help="steps per example")
-    ap.add_argument("--minutes", type=float, default=0,
+    ap.add_argument("--examples", type=argtypes.count(1), default=300,
+                    help="examples per configuration")
+    ap.add_argument("--steps", type=argtypes.count(1), default=80, help="steps per example")
+    ap.add_argument("--minutes", type=argtypes.amount(0, above=False), default=0,
                     help="repeat rounds (new random examples) until this much time has passed")
-    ap.add_argument("--dir", type=Path, default=REPO / "data" / "soak-model",
+    ap.add_argument("--dir", type=argtypes.work_dir, default=REPO / "data" / "soak-model",
                     help="where the pools and the failure database go")
     args = ap.parse_args()
 

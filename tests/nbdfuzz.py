@@ -286,8 +286,9 @@ async def fuzz(socket_path: Path, keep: bytes, *, alive: Callable[[], bool],
             break
         if seconds is not None and time.monotonic() - start >= seconds:
             break
-        batch = [make_case(s) for s in range(seed, seed + check_every)]
-        seed += check_every
+        n = check_every if cases is None else min(check_every, cases - stats.cases)
+        batch = [make_case(s) for s in range(seed, seed + n)]
+        seed += n
         try:
             await asyncio.gather(*(_run_limited(sem, socket_path, case, stats)
                                    for case in batch))

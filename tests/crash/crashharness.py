@@ -420,7 +420,10 @@ class Campaign:
     def fail(self, message: str) -> Violation:
         v = Violation(f"[{self.design} seed={self.seed} iteration {self.iteration}] "
                       f"{message}\n(rerun: scripts/crash-test --blockmap {self.design} "
-                      f"--seed {self.seed} --iterations {self.iterations})")
+                      f"--seed {self.seed} --iterations {self.iterations} "
+                      f"--volume-size {self.volume_size // MiB} "
+                      f"--pool-size {self.pool_size // MiB} "
+                      f"--max-seconds {self.run_seconds[1]:g})")
         v.located = True
         return v
 
