@@ -323,19 +323,24 @@ def cmd_volume_delete(args: argparse.Namespace) -> int:
 
 def cmd_volume_list(args: argparse.Namespace) -> int:
     vols = run_pool_op(args.pool, "volume.list", {})
+    damaged = [v for v in vols if v.get("damaged")]
     if args.json:
         _print_json(vols)
-        return EXIT_OK
-    if not vols:
+    elif not vols:
         print("no volumes")
-        return EXIT_OK
-    rows = [["NAME", "SIZE", "PARENT", "DEPTH", "RO", "EXCLUSIVE", "SHARED"]]
-    for v in vols:
-        rows.append([v["name"], format_size(v["size"]), _parent_text(v), str(v["depth"]),
-                     "yes" if v["read_only"] else "no", format_size(v["exclusive_bytes"]),
-                     format_size(v["shared_bytes"])])
-    print(_table(rows))
-    return EXIT_OK
+    else:
+        rows = [["NAME", "SIZE", "PARENT", "DEPTH", "RO", "EXCLUSIVE", "SHARED"]]
+        for v in vols:
+            ok = not v.get("damaged")
+            rows.append([v["name"], format_size(v["size"]), _parent_text(v), str(v["depth"]),
+                         "yes" if v["read_only"] else "no",
+                         format_size(v["exclusive_bytes"]) if ok else "?",
+                         format_size(v["shared_bytes"]) if ok else "?"])
+        print(_table(rows))
+    for v in damaged:  # (listed all the same: the catalog is whole)
+        print(f"nbdserver: error: volume {v['name']!r}: {v['damaged']} ('nbdserver pool check "
+              f"{args.pool}' lists what is damaged)", file=sys.stderr)
+    return EXIT_PROBLEMS if damaged else EXIT_OK
 
 
 def cmd_volume_info(args: argparse.Namespace) -> int:

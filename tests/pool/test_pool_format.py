@@ -270,13 +270,25 @@ async def test_a_damaged_map_page_is_one_line_in_the_cli_and_no_leak_in_check(
     page_a, _ = await _two_written_volumes(env, 64 * KiB)
     await env.close()
     _write_raw(env.path, page_a * PAGE_SIZE + 300, b"\x5a")
-    for args in (("volume", "info", env.path, "a"), ("volume", "list", env.path)):
-        proc = run([*SERVER_CMD, *args], check=False)
-        assert proc.returncode == 1, (args, proc.stdout, proc.stderr)
-        assert "Traceback" not in proc.stderr, proc.stderr
-        assert proc.stderr.count("\n") == 1, proc.stderr
-        assert f"pool {env.path}: damaged metadata: metadata page {page_a}: checksum " \
-               f"mismatch ('nbdserver pool check {env.path}'" in proc.stderr, proc.stderr
+    proc = run([*SERVER_CMD, "volume", "info", env.path, "a"], check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert f"pool {env.path}: damaged metadata: metadata page {page_a}: checksum " \
+           f"mismatch ('nbdserver pool check {env.path}'" in proc.stderr, proc.stderr
+    # volume list still lists every volume (the catalog is whole), says which one it could
+    # not walk, and exits 1
+    damage = f"volume 'a': damaged metadata: metadata page {page_a}: checksum mismatch"
+    for json_out in (False, True):
+        proc = run([*SERVER_CMD, "volume", "list", env.path, *(["--json"] * json_out)],
+                   check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.count("\n") == 1 and damage in proc.stderr, proc.stderr
+        if json_out:
+            listed = {v["name"]: v for v in json.loads(proc.stdout)}
+            assert listed["a"]["exclusive_bytes"] is None and "checksum" in listed["a"]["damaged"]
+            assert listed["b"]["exclusive_bytes"] == 64 * KiB and "damaged" not in listed["b"]
+        else:
+            assert [line.split()[0] for line in proc.stdout.splitlines()] == ["NAME", "a", "b"]
     proc = run([*SERVER_CMD, "volume", "delete", env.path, "a"], check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert f"volume 'a' is deleted, but not all of its space could be freed: metadata page " \
