@@ -67,6 +67,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import argtypes  # the scripts' shared argparse types (scripts/ is on sys.path)
+
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
 SOCKET_TIMEOUT = 20.0  # seconds a server may take to start listening
@@ -225,16 +227,28 @@ def host_cpu() -> tuple[int, int, int]:
 
 
 def parse_size(text: str) -> int:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
-    try:
-        value = int(float(num) * units[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad size {text!r} (use e.g. 1G, 512M)") from None
+    """A test file size (an argparse type): a whole number of MiB, at least 16 MiB."""
+    value = argtypes.size()(text)
     if value < 16 * MiB or value % MiB:
-        raise argparse.ArgumentTypeError(f"size {text!r} must be a multiple of 1M, at least 16M")
+        raise argparse.ArgumentTypeError(f"must be a multiple of 1M, at least 16M, got {text}")
     return value
+
+
+def json_out(text: str) -> Path | str:
+    """--json's FILE (an argparse type): ``-`` for stdout, else a file checked now
+    (argtypes.out_file), written at the end."""
+    return text if text == "-" else argtypes.out_file(text)
+
+
+def make_dir(p: argparse.ArgumentParser, flag: str, path: Path) -> None:
+    """Create the work directory `path` of option `flag` (absolute: argtypes.work_dir);
+    one that cannot be created or written in is a usage error naming `flag`."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        p.error(f"argument {flag}: cannot create {path}: {e.strerror or e}")
+    if not os.access(path, os.W_OK | os.X_OK):
+        p.error(f"argument {flag}: cannot write in {path}")
 
 
 def drop_cache(path: Path) -> None:
@@ -632,10 +646,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "(fio's nbd engine over Unix sockets). See the module docstring.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--size", type=parse_size, default=parse_size("1G"),
-                   help="test file size (e.g. 1G, 512M)")
-    p.add_argument("--seconds", type=int, default=8, help="seconds per fio run")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--size", type=parse_size, default="1G",
+                   help="test file size (e.g. 1G, 512M; a multiple of 1M, at least 16M)")
+    p.add_argument("--seconds", type=argtypes.count(1), default=8, help="seconds per fio run")
+    p.add_argument("--rounds", type=argtypes.count(1), default=3,
                    help="interleaved repetitions of every server/workload; the median is shown")
     p.add_argument("--io", choices=("aio", "threads"), default="aio",
                    help="nbdserver I/O engine")
@@ -643,15 +657,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"comma-separated targets, from {','.join(TARGETS)}")
     p.add_argument("--workloads", default=",".join(WORKLOADS),
                    help=f"comma-separated workloads, from {','.join(WORKLOADS)}")
-    p.add_argument("--dir", type=Path, default=REPO / "bench-results",
-                   help="where the test file goes (not tmpfs)")
+    p.add_argument("--dir", type=argtypes.work_dir, default=REPO / "bench-results",
+                   help="where the test file goes (not tmpfs); created if need be")
     p.add_argument("--keep", action="store_true",
                    help="keep the test file (reused by later runs of the same size) and logs")
-    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+    p.add_argument("--json", type=json_out, nargs="?", const="-", metavar="FILE",
                    help="write samples and medians as JSON to FILE (no FILE: JSON on stdout, "
                         "table on stderr)")
-    p.add_argument("--markdown", type=Path, metavar="FILE", help="write the tables as Markdown")
-    p.add_argument("--plot", type=Path, metavar="PNG", help="bar chart (needs matplotlib)")
+    p.add_argument("--markdown", type=argtypes.out_file, metavar="FILE",
+                   help="write the tables as Markdown")
+    p.add_argument("--plot", type=argtypes.out_file, metavar="PNG",
+                   help="bar chart (needs matplotlib)")
     p.add_argument("--volumes", default="", metavar="DESIGNS",
                    help="also serve a pool volume of each of these block-map designs "
                         f"(from {','.join(DESIGNS)}) as target vol-DESIGN, filled with the "
@@ -686,8 +702,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ] + [t for t in args.targets if t != "nbdserver"]
     args.workload_list = [WORKLOADS[n]
                           for n in names_from(p, "--workloads", args.workloads, WORKLOADS)]
-    if args.seconds < 1 or args.rounds < 1:
-        p.error("--seconds and --rounds must be at least 1")
+    if args.plot:  # refused now, not after the whole run
+        try:
+            import matplotlib  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
+        except ImportError:
+            p.error("argument --plot: needs matplotlib (pip install matplotlib)")
+    make_dir(p, "--dir", args.dir)  # last: no directory made for a refused command line
     return args
 
 
@@ -710,7 +730,6 @@ def check_tools(targets: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_tools(args.targets)
-    args.dir.mkdir(parents=True, exist_ok=True)
     kind = fs_type(args.dir)
     if kind in ("tmpfs", "ramfs"):
         raise BenchError(f"--dir {args.dir} is on {kind}; O_DIRECT figures need a real disk")

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import argtypes  # the scripts' shared argparse types
 import bench  # helpers shared with scripts/bench.py
 
 REPO = bench.REPO
@@ -79,20 +80,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Count the instructions the server executes per 4 KiB I/O (callgrind), "
                     "for the raw file export and pool volumes; see the module docstring.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ios", type=int, default=3000,
-                   help="requests counted per workload (more: steadier, slower)")
-    p.add_argument("--size", default="256M", help="size of the file export and of each volume")
+    p.add_argument("--ios", type=argtypes.count(100), default=3000,
+                   help="requests counted per workload, at least 100 (more: steadier, slower)")
+    p.add_argument("--size", dest="size_bytes", type=bench.parse_size, default="256M",
+                   metavar="SIZE", help="size of the file export and of each volume (a "
+                                        "multiple of 1M, at least 16M)")
     p.add_argument("--designs", default="radix,extent",
                    help=f"volume designs, comma-separated, from {','.join(DESIGNS)}")
     p.add_argument("--candidate", action="append", default=[], metavar="NAME=DIR",
                    help="also count the nbdserver package found in DIR; repeatable")
-    p.add_argument("--dir", type=Path, default=REPO / "bench-results",
-                   help="where the files and pools go (not tmpfs: the server uses O_DIRECT)")
-    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+    p.add_argument("--dir", type=argtypes.work_dir, default=REPO / "bench-results",
+                   help="where the files and pools go (not tmpfs: the server uses O_DIRECT); "
+                        "created if need be")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the test file (reused by later runs of the same size)")
+    p.add_argument("--json", type=bench.json_out, nargs="?", const="-", metavar="FILE",
                    help="write the counts as JSON to FILE (no FILE: stdout)")
-    p.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
+    p.add_argument("--markdown", type=argtypes.out_file, metavar="FILE",
+                   help="also write the table as Markdown")
     args = p.parse_args(argv)
-    args.size_bytes = bench.parse_size(args.size)
     designs = [d for d in args.designs.split(",") if d]
     bad = [d for d in designs if d not in DESIGNS]
     if bad or not designs:
@@ -107,8 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not (path / "nbdserver" / "__main__.py").is_file():
             p.error(f"--candidate {spec!r}: {path} holds no nbdserver package")
         args.sources[name] = path
-    if args.ios < 100:
-        p.error("--ios must be at least 100")
+    bench.make_dir(p, "--dir", args.dir)  # last: no directory made for a refused command line
     return args
 
 
@@ -152,7 +157,11 @@ class CountedServer:
                 cwd=str(src), env=self.env)
         deadline = time.monotonic() + START_TIMEOUT
         while not self.sock.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
+            if self.proc.poll() is not None:  # say so now, not after the timeout
+                raise bench.BenchError(f"the server under valgrind exited with status "
+                                       f"{self.proc.returncode} before listening"
+                                       f"{bench.log_tail(self.log_path)}")
+            if time.monotonic() > deadline:
                 raise bench.BenchError(f"the server under valgrind did not listen within "
                                        f"{START_TIMEOUT:.0f}s{bench.log_tail(self.log_path)}")
             time.sleep(0.5)
@@ -282,14 +291,20 @@ def main(argv: list[str] | None = None) -> int:
         if kind in ("tmpfs", "ramfs"):
             raise bench.BenchError(f"--dir {args.dir} is on {kind}: O_DIRECT needs a real disk")
         file = args.dir / f"bench-{args.size_bytes // MiB}M.img"
-        bench.make_test_file(file, args.size_bytes)
+        # a test file already there (kept by bench.py or --keep) is reused and left there
+        made = not (file.exists() and file.stat().st_size == args.size_bytes)
         workdir = Path(tempfile.mkdtemp(prefix="nbd-instr-", dir=args.dir))
         try:
+            bench.make_test_file(file, args.size_bytes)
             results = {name: run_source(name, src, args, file, workdir)
                        for name, src in args.sources.items()}
         finally:
             bench.kill_all()
             shutil.rmtree(workdir, ignore_errors=True)
+            if made and not args.keep:  # also a half-written one (Ctrl-C)
+                for f in (file, file.with_suffix(".partial")):
+                    with contextlib.suppress(OSError):
+                        f.unlink()
     except bench.BenchError as e:
         print(f"instructions: {e}", file=sys.stderr)
         return 2

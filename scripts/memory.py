@@ -53,6 +53,7 @@ except ImportError:  # run by a Python outside the project's virtualenv: use tha
         os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), __file__, *sys.argv[1:]])
     raise
 
+import argtypes  # noqa: E402  # the scripts' shared argparse types (scripts/ is on sys.path)
 from conftest import NbdServerProcess  # noqa: E402
 from nbdclient import (  # noqa: E402
     raw_handshake,
@@ -62,8 +63,9 @@ from nbdclient import (  # noqa: E402
     request,
 )
 
+from nbdserver.config import MIN_CACHE_SIZE  # noqa: E402
 from nbdserver.protocol import constants as c  # noqa: E402
-from nbdserver.sizes import parse_size  # noqa: E402
+from nbdserver.sizes import format_size  # noqa: E402
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -274,13 +276,21 @@ def main() -> int:
                    help="design (repeatable; default both; linear's origins are thick)")
     p.add_argument("--scenario", action="append", choices=sorted(SCENARIOS),
                    help="scenario (repeatable; default all)")
-    p.add_argument("--cache-size", default="8M", help="server.cache-size (default 8M)")
-    p.add_argument("--workdir", type=Path, help="where pools go (default: a new directory "
-                   "under the current one; it must allow O_DIRECT, so not tmpfs)")
+    p.add_argument("--cache-size", type=argtypes.size(MIN_CACHE_SIZE), default="8M",
+                   help=f"server.cache-size, at least {format_size(MIN_CACHE_SIZE)} "
+                        "(default 8M)")
+    p.add_argument("--workdir", type=argtypes.work_dir, help="where pools go, in a new "
+                   "directory made there (default: the current directory; it must allow "
+                   "O_DIRECT, so not tmpfs); created if need be")
     p.add_argument("--json", action="store_true", help="one JSON object per scenario")
     args = p.parse_args()
-    cache = parse_size(args.cache_size, what="--cache-size")
-    workdir = Path(tempfile.mkdtemp(prefix="memory-", dir=args.workdir or Path.cwd()))
+    cache: int = args.cache_size
+    base: Path = args.workdir or Path.cwd()
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        workdir = Path(tempfile.mkdtemp(prefix="memory-", dir=base))
+    except OSError as e:
+        p.error(f"argument --workdir: cannot create a directory in {base}: {e.strerror or e}")
     over = False
     try:
         for design in args.blockmap or ["radix", "extent"]:

@@ -63,6 +63,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import argtypes  # the scripts' shared argparse types
 import bench  # helpers shared with scripts/bench.py
 
 REPO = Path(__file__).resolve().parent.parent
@@ -131,6 +132,7 @@ QUICK = Params(region=64 * MiB, seconds=1, snapshot_counts=[0, 2], depths=[0, 2]
                rewrite_chunks=32, fractions=[0, 10], sizes=[1 * GiB, 16 * GiB],
                spread_data=4 * MiB, creation_repeats=1, linear_max_size=1 * GiB,
                pool_size=2 * GiB)
+VM_ROUNDS, QUICK_VM_ROUNDS = 3, 1  # rounds of scripts/vm-demo (experiment 6)
 
 
 # -- processes ---------------------------------------------------------------------------
@@ -977,7 +979,7 @@ class Study:
         demo = REPO / "scripts" / "vm-demo"
         out: dict[str, Any] = {}
         self.results["vm"] = out
-        rounds = self.args.vm_rounds or (1 if self.args.quick else 3)
+        rounds = self.args.vm_rounds or (QUICK_VM_ROUNDS if self.args.quick else VM_ROUNDS)
         # --quick only checks that vm-demo runs: one design, no reference boot
         designs = self.designs[:1] if self.args.quick else self.designs
         log(f"== 6. VM boot from forks (scripts/vm-demo, {', '.join(designs)}, "
@@ -1627,17 +1629,74 @@ def default_out(quick: bool) -> Path:
     return REPO / "study-work" / "quick" / "study.md" if quick else REPO / "docs" / "study.md"
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown, but not None: such an option says its defaults (full and quick) in
+    its help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def count_list(least: int) -> Callable[[str], list[int]]:
+    """An argparse type: comma-separated whole numbers of at least `least`, sorted, once
+    each."""
+    one = argtypes.count(least)
+
+    def parse(text: str) -> list[int]:
+        values = sorted({one(x.strip()) for x in text.split(",") if x.strip()})
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, "
+                                             f"got {text!r}")
+        return values
+    return parse
+
+
+def report_file(text: str) -> Path:
+    """--out (an argparse type): the report, absolute; its directory is made later
+    (bench.make_dir, before the run)."""
+    path = Path(text).resolve()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory")
+    return path
+
+
+def load_run(path: Path) -> tuple[dict[str, Any], Params]:
+    """The JSON of an earlier run (``--json FILE``) and its parameters, for --render;
+    ValueError says why it is not one."""
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:  # not UTF-8, or not JSON
+        raise ValueError(f"{path} is not JSON ({e})") from None
+    keys = ("machine", "params", "designs", "results")
+    if not isinstance(doc, dict) or not all(k in doc for k in keys):
+        raise ValueError(f"{path} is not the JSON of a study run (--json FILE): it wants "
+                         f"the keys {', '.join(keys)}")
+    try:
+        return doc, Params(**doc["params"])
+    except TypeError:
+        raise ValueError(f"{path}: its params are not those of this study.py") from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from nbdserver.blockmap.base import designs as registered
+
+    def points(values: list[int]) -> str:
+        return ",".join(map(str, values))
 
     known = sorted(registered())
     p = argparse.ArgumentParser(
         description="Compare the block-map designs (and a qcow2 chain under qemu-nbd) with "
                     "numbers and plots; see the module docstring.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="small sizes and few points (a few minutes): checks that it works")
-    p.add_argument("--seconds", type=int, help="seconds per timed fio run (default 10, quick 2)")
+    p.add_argument("--seconds", type=argtypes.count(1),
+                   help=f"seconds per timed fio run (default {FULL.seconds}, "
+                        f"quick {QUICK.seconds})")
     p.add_argument("--designs", default=",".join(d for d in ("radix", "extent", "linear")
                                                  if d in known) or ",".join(known),
                    help=f"comma-separated block maps, from {', '.join(known)}")
@@ -1645,26 +1704,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="which experiments to run (5 comes with 3); default 1,2,3,4,6, "
                         "with --quick 1,2,3,4 (scripts/vm-demo has its own test)")
     p.add_argument("--no-qcow2", action="store_true", help="leave the qcow2 anchor out")
-    p.add_argument("--region", help="volume size of experiments 1-3 (default 1G, quick 128M)")
-    p.add_argument("--snapshot-counts", help="experiment 1's points, e.g. 0,1,8,64")
-    p.add_argument("--depths", help="experiment 2's points, e.g. 0,1,16")
-    p.add_argument("--rounds", type=int, default=1,
+    p.add_argument("--region", type=bench.parse_size,
+                   help="volume size of experiments 1-3, a multiple of 1M, at least 16M "
+                        f"(default {size_arg(FULL.region)}, quick {size_arg(QUICK.region)})")
+    p.add_argument("--snapshot-counts", type=count_list(0),
+                   help="experiment 1's points, e.g. 0,1,8,64 "
+                        f"(default {points(FULL.snapshot_counts)}, "
+                        f"quick {points(QUICK.snapshot_counts)})")
+    p.add_argument("--depths", type=count_list(0),
+                   help=f"experiment 2's points, e.g. 0,1,16 (default {points(FULL.depths)}, "
+                        f"quick {points(QUICK.depths)})")
+    p.add_argument("--rounds", type=argtypes.count(1), default=1,
                    help="repeat experiment 1 (fresh volumes each time, interleaved) and report "
                         "the median of the rounds")
-    p.add_argument("--vm-rounds", type=int, help="rounds of scripts/vm-demo (default 3, quick 1)")
-    p.add_argument("--out", type=Path,
+    p.add_argument("--vm-rounds", type=argtypes.count(1),
+                   help=f"rounds of scripts/vm-demo, at least 1 (default {VM_ROUNDS}, "
+                        f"quick {QUICK_VM_ROUNDS})")
+    p.add_argument("--out", type=report_file,
                    help="the Markdown report; PNGs go to a directory named after it "
                         "(default docs/study.md, with --quick study-work/quick/study.md)")
-    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+    p.add_argument("--json", type=bench.json_out, nargs="?", const="-", metavar="FILE",
                    help="also write every result as JSON to FILE (no FILE: stdout)")
-    p.add_argument("--dir", type=Path, default=REPO / "study-work",
-                   help="where pools and images go (a real disk, not tmpfs)")
+    p.add_argument("--dir", type=argtypes.work_dir, default=REPO / "study-work",
+                   help="where pools and images go (a real disk, not tmpfs); created if need "
+                        "be")
     p.add_argument("--keep", action="store_true", help="keep the pools, images and logs")
     p.add_argument("--sparse", action="store_true",
                    help="pools in sparse files (`pool create` without --preallocate): first "
                         "writes then also wait for the filesystem to allocate blocks; by "
                         "default the pools are preallocated, as a block device is")
-    p.add_argument("--render", type=Path, metavar="JSON",
+    p.add_argument("--render", type=argtypes.in_file, metavar="JSON",
                    help="measure nothing: write the report (and plots) again from the JSON "
                         "of an earlier run (--json FILE)")
     args = p.parse_args(argv)
@@ -1678,33 +1747,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     try:
         args.exp = {int(x) for x in args.experiments.split(",") if x.strip()}
     except ValueError:
-        p.error("--experiments: numbers from 1 to 6, e.g. 1,3")
+        p.error("argument --experiments: numbers from 1 to 6, e.g. 1,3")
     if not args.exp or not args.exp <= {1, 2, 3, 4, 5, 6}:
-        p.error("--experiments: numbers from 1 to 6, e.g. 1,3")
+        p.error("argument --experiments: numbers from 1 to 6, e.g. 1,3")
     if 5 in args.exp:
         args.exp.add(3)
     args.out_given = args.out is not None
     if args.out is None:
         args.out = default_out(args.quick)
-    if args.seconds is not None and args.seconds < 1:
-        p.error("--seconds must be at least 1")
-    if args.rounds < 1:
-        p.error("--rounds must be at least 1")
     params = replace(QUICK if args.quick else FULL)
-    if args.seconds:
+    if args.seconds is not None:
         params.seconds = args.seconds
-    try:
-        if args.region:
-            params.region = bench.parse_size(args.region)
-        if args.snapshot_counts:
-            params.snapshot_counts = sorted({int(x) for x in args.snapshot_counts.split(",")})
-        if args.depths:
-            params.depths = sorted({int(x) for x in args.depths.split(",")})
-    except (ValueError, argparse.ArgumentTypeError) as e:
-        p.error(str(e))
-    if min(params.snapshot_counts + params.depths) < 0:
-        p.error("--snapshot-counts and --depths take numbers from 0")
+    if args.region is not None:
+        params.region = args.region
+    if args.snapshot_counts is not None:
+        params.snapshot_counts = args.snapshot_counts
+    if args.depths is not None:
+        params.depths = args.depths
     args.params = params
+    if args.render:  # read now: a file that is not a run's JSON is a usage error
+        try:
+            args.render_doc, args.params = load_run(args.render)
+        except ValueError as e:
+            p.error(f"argument --render: {e}")
+    # last: no directory made for a refused command line
+    if args.out_given:
+        bench.make_dir(p, "--out", args.out.parent)
+    if not args.render:
+        bench.make_dir(p, "--dir", args.dir)
     return args
 
 
@@ -1752,16 +1822,15 @@ def write_report(args: argparse.Namespace, results: dict[str, Any], info: dict[s
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.render:
-        doc = json.loads(args.render.read_text())
+        doc = args.render_doc
         args.design_list, args.no_qcow2 = doc["designs"], doc.get("no_qcow2", False)
         args.quick = bool(doc["machine"].get("quick"))
         if not args.out_given:
             args.out = default_out(args.quick)
-        write_report(args, doc["results"], doc["machine"], Params(**doc["params"]))
+        write_report(args, doc["results"], doc["machine"], args.params)
         return 0
     check_tools(args)
     params: Params = args.params
-    args.dir.mkdir(parents=True, exist_ok=True)
     kind = bench.fs_type(args.dir)
     if kind in ("tmpfs", "ramfs"):
         raise StudyError(f"--dir {args.dir} is on {kind}; O_DIRECT figures need a real disk")

@@ -21,6 +21,12 @@ CASES = [
     ("fuzz.py", ["--cases", "-3"], "--cases: must be at least 1"),
     ("soak-model.py", ["--examples", "0"], "--examples: must be at least 1"),
     ("soak-model.py", ["--dir", "README.md"], "--dir: README.md exists and is not a directory"),
+    ("bench.py", ["--size", "inf"], "argument --size:"),
+    ("bench.py", ["--markdown", "/nonexistent/x.md"], "--markdown: no directory /nonexistent"),
+    ("instructions.py", ["--size", "foo"], "argument --size:"),
+    ("memory.py", ["--cache-size", "0"], "argument --cache-size:"),
+    ("study.py", ["--vm-rounds", "0"], "--vm-rounds: must be at least 1"),
+    ("study.py", ["--render", "README.md"], "argument --render: README.md is not JSON"),
 ]
 
 
