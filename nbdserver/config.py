@@ -21,7 +21,7 @@ can connect to)::
     exports:
       - name: disk
         file: ../data/disk.img        # raw file or block device
-        size: 1G                      # create the file at this size if missing (or empty)
+        size: 1G                      # create the file at this size if missing
       - name: vm1
         pool: main
         volume: vm1
@@ -1115,14 +1115,14 @@ def config_warnings(config: Config) -> list[str]:
         if kind == "missing" and export.read_only:
             out.append(f"{export.key}: read-only, but the file does not exist yet: it will "
                        "be created full of zeros")
-        if kind in ("file", "block") and export.size is not None and size \
+        if kind in ("file", "block") and export.size is not None and size is not None \
                 and size != export.size:
             out.append(f"{export.key}.size: ignored: {export.file} already exists "
                        f"({format_size(size)}), so it is not created at "
                        f"{format_size(export.size)}")
-        if kind == "file" and size == 0 and export.size is None:
+        if kind == "file" and size == 0:
             out.append(f"{export.key}.file: {export.file} is empty; serving it will fail "
-                       "(give a size: to have serve size it)")
+                       "(a size: only creates a missing file)")
         elif kind == "file" and size is not None and size % 512:
             out.append(f"{export.key}.file: {export.file} is {size} bytes, not a multiple of "
                        "512: serve cuts the export to whole blocks of the file's direct-I/O "

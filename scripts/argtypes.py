@@ -1,4 +1,4 @@
-"""argparse types shared by the scripts.
+"""argparse types shared by the scripts (standard library only at import time).
 
 Every number, size and path a script takes is checked where it is parsed, so a
 bad value is a one-line usage error naming the option (exit 2): never a
@@ -15,8 +15,6 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
-
-from nbdserver.sizes import parse_size
 
 
 def count(least: int = 1) -> Callable[[str], int]:
@@ -50,6 +48,10 @@ def amount(least: float = 0.0, *, above: bool = True) -> Callable[[str], float]:
 def size(least: int = 1) -> Callable[[str], int]:
     """A size as people write it (``64M``, ``1G``), of at least `least` bytes."""
     def parse(text: str) -> int:
+        # (imported here: a script may be started by a Python without the project, and
+        # switch to the project's virtualenv only after it has imported this module)
+        from nbdserver.sizes import parse_size
+
         try:
             value = parse_size(text, what="size")
         except (ValueError, OverflowError) as e:

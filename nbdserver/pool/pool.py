@@ -150,8 +150,9 @@ class CheckReport:
     volumes: int = 0
     data_chunks_referenced: int = 0
     metadata_pages_referenced: int = 0
-    leaked_chunks: int = 0
-    leaked_pages: int = 0
+    # None: unknown (a map could not be read whole, so what it would reference is too)
+    leaked_chunks: int | None = 0
+    leaked_pages: int | None = 0
 
     @property
     def ok(self) -> bool:
@@ -357,6 +358,9 @@ class Pool:
             made = grown = False  # a pool now: kept
             dirs.clear()
             return replace(sb, seq=SUPERBLOCK_COPIES)
+        except OSError as e:  # a read-only device, a device error
+            raise UserError(f"{path}: cannot write the new pool: "
+                            f"{e.strerror or e}") from None
         finally:
             device.close()
             if holder is not None:
@@ -1358,10 +1362,11 @@ class Pool:
                     report.problems.append(f"volume {vol.name!r}: parent #{vol.parent} is missing")
                 if vol.flags & VF_DELETED:
                     continue
-                report.volumes += 1
-                if vol.name in names:
-                    report.problems.append(f"two live volumes are named {vol.name!r}")
-                names[vol.name] = vol.id
+                if not vol.deleted:  # (one being deleted still holds its references)
+                    report.volumes += 1
+                    if vol.name in names:
+                        report.problems.append(f"two live volumes are named {vol.name!r}")
+                    names[vol.name] = vol.id
                 try:
                     self.map.references(vol, seen, ref_page, ref_chunk, report.problems.append)
                     if vol.guaranteed and not vol.deleted and self.map.needs_reservation(vol):
@@ -1379,9 +1384,9 @@ class Pool:
                                                           complete)
                 report.problems += problems
                 if table is self.data:
-                    report.leaked_chunks = leaked
+                    report.leaked_chunks = leaked if complete else None
                 else:
-                    report.leaked_pages = leaked
+                    report.leaked_pages = leaked if complete else None
         finally:
             self.cache.sync_reader = old_reader
         report.data_chunks_referenced = chunk_refs.referenced + len(chunk_refs.outside)
@@ -1557,14 +1562,18 @@ def _refuse_to_overwrite(device: BlockDevice, path: Path) -> None:
     it may be a pool, a file system or a partition table (pool create --force)."""
     try:
         sb: Superblock | None = _read_superblock(device)
-    except FormatError:
+    except FormatError as e:
         sb = None
+        if not any(w in str(e) for w in ("not an nbdserver pool", "bad magic", "short read")):
+            raise UserError(f"{path} holds what looks like a damaged nbdserver pool ({e}); "
+                            "refusing to overwrite it (--force destroys it)") from None
     if sb is not None:
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(sb.created_ns / 1e9))
         raise UserError(f"{path} holds an nbdserver pool ({sb.blockmap}, "
                         f"{format_size(sb.size)}, created {created}); refusing to overwrite "
                         "it (--force destroys it and every volume in it)")
-    head = _read_pages_sync(device, 0, min(OVERWRITE_CHECK_BYTES, device.size) // PAGE_SIZE)
+    pages = min(OVERWRITE_CHECK_BYTES, device.size) // PAGE_SIZE
+    head = _read_pages_sync(device, 0, pages) if pages else b""  # (too small: refused later)
     if head != bytes(len(head)):
         raise UserError(f"{path} holds data in its first "
                         f"{format_size(OVERWRITE_CHECK_BYTES)} (a file system or a partition "

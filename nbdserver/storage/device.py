@@ -222,8 +222,7 @@ def file_identity(path: str | Path) -> tuple[str, int, int]:
 
 def open_device(path: str | Path, *, read_only: bool = False,
                 create_size: int | None = None) -> BlockDevice:
-    """Open `path` with O_DIRECT, creating a sparse file of `create_size` bytes if missing
-    (or sizing it if it is an empty file, unless `read_only`).
+    """Open `path` with O_DIRECT, creating a sparse file of `create_size` bytes if missing.
 
     Raises UserError with a message that names the path for every expected failure
     (missing, permission, not a file or device, O_DIRECT unsupported, empty).
@@ -272,16 +271,10 @@ def open_device(path: str | Path, *, read_only: bool = False,
             return BlockDevice(path, fd, size, alignment, True, read_only, bool(rot))
         if not stat.S_ISREG(st.st_mode):
             raise UserError(f"{path}: not a regular file or block device")
-        if st.st_size == 0 and create_size is not None and not read_only:
-            try:  # nothing in it to lose: sized as a missing file would be made
-                os.ftruncate(fd, create_size)
-            except OSError as e:
-                raise UserError(f"{path}: cannot grow the empty file to {create_size} "
-                                f"bytes: {e.strerror}") from e
-            st = os.fstat(fd)
-        if st.st_size == 0:
-            raise UserError(f"{path}: the file is empty (give the export a size: to have "
-                            "an empty file sized, or grow it: truncate -s SIZE FILE)")
+        if st.st_size == 0:  # (a size creates a missing file only: never resized here)
+            raise UserError(f"{path}: the file is empty (an export's size: only creates a "
+                            "missing file; delete the empty one to have it created, or grow "
+                            "it: truncate -s SIZE FILE)")
         alignment = _probe_alignment(fd, path)
         return BlockDevice(path, fd, st.st_size, alignment, False, read_only)
     except BaseException:

@@ -211,6 +211,7 @@ class PoolModel(RuleBasedStateMachine):
             return
         pool = self.env.pool
         if not (isinstance(error, NbdError) and error.errno == errno.ENOSPC
+                and "promised to guaranteed volumes" in str(error)
                 and not pool.volume(name).guaranteed
                 and pool.meta.free - pool.pages_promised() < PAGES_PER_CHANGE):
             raise error

@@ -286,6 +286,17 @@ def test_pool_create_on_a_block_device_refuses_a_pool_or_data_there(
     assert status == 1 and "holds data in its first 1 MiB" in err, err
     assert nbdserver("pool", "create", dev, "--force")[0] == 0
     assert nbdserver("pool", "check", dev)[0] == 0
+    # a pool whose superblocks are both damaged is still named as one
+    run(["dd", "if=/dev/urandom", f"of={dev}", "bs=1", "count=8", "seek=100", "conv=notrunc",
+         "status=none"])
+    run(["dd", "if=/dev/urandom", f"of={dev}", "bs=1", "count=8", "seek=4196", "conv=notrunc",
+         "status=none"])
+    status, out, err = nbdserver("pool", "create", dev)
+    assert status == 1 and "looks like a damaged nbdserver pool" in err, err
+    # a device too small for a page: the size is what is wrong (no traceback)
+    tiny = loop_device("2K")
+    status, out, err = nbdserver("pool", "create", tiny)
+    assert status == 1 and "too small" in err, err
 
 
 def test_config_pool_create_makes_its_directories_and_removes_them_on_failure(
