@@ -956,10 +956,9 @@ class _Parser:
                     if of.create is not None and made_by_serve(of.path):
                         # (serve would make the pool, empty, then find no such volume)
                         self.fail(volume_node, m.sub("volume"),
-                                  f"pool {pool!r} is made when serve starts ({of.path} is "
-                                  f"{'an empty file' if of.path.exists() else 'not there'}), "
-                                  f"empty, so it has no volume {volume!r}; add create: "
-                                  "{size: ...} (or fork: or snapshot:) to make the volume")
+                                  f"{_made_empty(of)}, so it has no volume {volume!r}; add "
+                                  "create: {size: ...} (or fork: or snapshot:) to make the "
+                                  "volume")
             out.append(ExportConfig(
                 name=name, description=description, read_only=read_only,
                 min_block_size=min_block, file=file, size=size, pool=pool, volume=volume,
@@ -979,12 +978,9 @@ class _Parser:
             if (e.pool, e.create.source) not in creates:
                 key, node = creates[(e.pool, e.volume)]  # type: ignore[index]
                 kind = "fork" if e.create.fork is not None else "snapshot"
-                of = new_pools[e.pool]
                 self.fail(node, f"{key}.create.{kind}",
-                          f"pool {e.pool!r} is made when serve starts ({of.path} is "
-                          f"{'an empty file' if of.path.exists() else 'not there'}), empty, "
-                          f"and no export creates volume {e.create.source!r} in it, so there "
-                          f"is nothing to {kind}")
+                          f"{_made_empty(new_pools[e.pool])}, and no export creates volume "
+                          f"{e.create.source!r} in it, so there is nothing to {kind}")
 
     def _no_copy_cycles(self, exports: list[ExportConfig],
                         creates: dict[tuple[str, str], tuple[str, Node]]) -> None:
@@ -1069,6 +1065,12 @@ def made_by_serve(path: Path) -> bool:
     or an empty one (as ``pool create`` sizes an empty file)."""
     kind, size = _stat(path)
     return kind == "missing" or (kind == "file" and size == 0)
+
+
+def _made_empty(pool: PoolConfig) -> str:
+    """Why a pool serve makes holds no volume yet (for messages)."""
+    there = "an empty file" if pool.path.exists() else "not there"
+    return f"pool {pool.name!r} is made when serve starts ({pool.path} is {there}), empty"
 
 
 def _describe_file(kind: str, size: int | None) -> str:

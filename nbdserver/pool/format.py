@@ -70,6 +70,11 @@ class FormatError(Exception):
     """The pool's bytes are not what this format says they must be."""
 
 
+class NotAPool(FormatError):
+    """No superblock at all (no magic where one must be): not a pool, rather than a
+    damaged one."""
+
+
 def page_crc(page_no: int, data: bytes | bytearray | memoryview) -> int:
     """CRC of a page's bytes 4.. seeded with its page number (detects misdirected writes)."""
     return zlib.crc32(memoryview(data)[4:], zlib.crc32(page_no.to_bytes(8, "little")))
@@ -251,7 +256,7 @@ class Superblock:
     def unpack(cls, page: bytes | bytearray | memoryview) -> Superblock:
         page = bytes(page)
         if page[:8] != SUPERBLOCK_MAGIC:
-            raise FormatError("not an nbdserver pool (bad magic)")
+            raise NotAPool("not an nbdserver pool (bad magic)")
         (crc,) = struct.unpack_from("<I", page, PAGE_SIZE - 4)
         if crc != zlib.crc32(page[:PAGE_SIZE - 4]):
             raise FormatError("superblock checksum mismatch")

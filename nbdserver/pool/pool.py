@@ -74,6 +74,7 @@ from nbdserver.pool.format import (
     VOLUME_NAME_RULE,
     FormatError,
     Layout,
+    NotAPool,
     PoolState,
     PoolTooSmall,
     Superblock,
@@ -1562,11 +1563,11 @@ def _refuse_to_overwrite(device: BlockDevice, path: Path) -> None:
     it may be a pool, a file system or a partition table (pool create --force)."""
     try:
         sb: Superblock | None = _read_superblock(device)
-    except FormatError as e:
+    except NotAPool:
         sb = None
-        if not any(w in str(e) for w in ("not an nbdserver pool", "bad magic", "short read")):
-            raise UserError(f"{path} holds what looks like a damaged nbdserver pool ({e}); "
-                            "refusing to overwrite it (--force destroys it)") from None
+    except FormatError as e:
+        raise UserError(f"{path} holds what looks like a damaged nbdserver pool ({e}); "
+                        "refusing to overwrite it (--force destroys it)") from None
     if sb is not None:
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(sb.created_ns / 1e9))
         raise UserError(f"{path} holds an nbdserver pool ({sb.blockmap}, "
@@ -1582,17 +1583,24 @@ def _refuse_to_overwrite(device: BlockDevice, path: Path) -> None:
 
 
 def _read_superblock(device: BlockDevice) -> Superblock:
+    """The newest valid superblock copy; NotAPool if no copy has the magic (or the device
+    ends before it), FormatError if the copies are damaged."""
     found: list[Superblock] = []
     errors: list[str] = []
+    absent = 0
     for copy in range(SUPERBLOCK_COPIES):
+        if (copy + 1) * PAGE_SIZE > device.size:
+            absent += 1
+            continue
         try:
             found.append(Superblock.unpack(_read_pages_sync(device, copy, 1)))
         except FormatError as e:
+            absent += isinstance(e, NotAPool)
             errors.append(f"copy {copy}: {e}")
     if not found:
-        if all("bad magic" in e for e in errors):
-            raise FormatError("not an nbdserver pool (no superblock); create one with "
-                              "'nbdserver pool create'")
+        if absent == SUPERBLOCK_COPIES:
+            raise NotAPool("not an nbdserver pool (no superblock); create one with "
+                           "'nbdserver pool create'")
         raise FormatError("no valid superblock (" + "; ".join(errors) + ")")
     if len({sb.uuid for sb in found}) > 1:
         raise FormatError("the two superblock copies belong to different pools")
