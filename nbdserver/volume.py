@@ -48,10 +48,15 @@ so a write never loses the chunk it resolved (and reads) to a racing trim.
 
 Snapshots and forks of an exported volume first *quiesce* it: new writes wait
 and in-flight ones finish, so the copy is a point in time and no write can
-land in a chunk after it became shared.
+land in a chunk after it became shared. In-flight means counted by the volume
+(``_writes``) or, for the one-chunk in-place write, which skips that count,
+inside an I/O epoch begun before the quiesce.
 
 TRIM and WRITE_ZEROES unmap whole chunks (the freed chunks go back to the
-pool) and write zeros over partial ones; with NO_HOLE they write zeros.
+pool) and write zeros over partial ones; with NO_HOLE they write zeros. A
+FAST_ZERO that would have to write (NO_HOLE, part of a chunk, a linear
+origin's chunks its snapshots read) is refused with ENOTSUP before anything
+changes.
 FLUSH and FUA commit the pool (:meth:`nbdserver.pool.pool.Pool.commit`).
 """
 
@@ -95,7 +100,7 @@ _CHUNK_LOCKS: weakref.WeakKeyDictionary[Pool, dict[int, RangeLocks]] = weakref.W
 
 STATUS_LIMIT = 1 << 30  # bytes one block-status reply describes at most
 COLD_STATUS_CHUNKS = 8192  # chunks one reply describes when its map pages must be loaded
-ZERO_STEP = 1 << 20  # bytes of zeros written per step for NO_HOLE
+ZERO_STEP = 1 << 20  # bytes of zeros written per step (NO_HOLE; a linear fill)
 # A read continues a physical run across at most this many bytes of other chunks (read
 # and then overwritten): one larger device read instead of two, plus the small ones.
 BRIDGE_BYTES = 64 << 10
@@ -175,14 +180,13 @@ class VolumeBackend:
         # One physically contiguous run (every small read): one AIO read, inline.
         buffers = self.buffers
         buf = buffers.get(length)
-        epochs = self.epochs
-        epoch = epochs.current  # epochs.begin_read(), inline (the hottest path)
+        epoch = self.epochs.current  # epochs.begin_read(), inline (the hottest path)
         epoch.reads += 1
 
         def complete(res: int) -> None:
             epoch.reads -= 1  # epochs.end_read(epoch), inline
-            if not epoch.reads and epoch is not epochs.current:
-                epochs.retire()
+            if not epoch.reads and epoch.closed_by is not None:
+                epoch.closed_by.retire()
             if res != length:
                 buffers.put(buf)
                 err = -res if res < 0 else errno.EIO
@@ -337,19 +341,15 @@ class VolumeBackend:
                         buffers = self.buffers
                         buf = buffers.get(length)
                         buf.view[:length] = data
-                        epochs = self.epochs
-                        epoch = epochs.current  # epochs.begin_write(), inline
+                        epoch = self.epochs.current  # epochs.begin_write(), inline
                         epoch.writes += 1
-                        self._writes += 1
+                        # (not in self._writes: quiescing waits for its epoch instead)
 
                         def complete(res: int) -> None:
                             epoch.writes -= 1  # epochs.end_write(epoch), inline
-                            if not epoch.writes and epoch is not epochs.current:
-                                epochs.retire()
+                            if not epoch.writes and epoch.closed_by is not None:
+                                epoch.closed_by.retire()
                             buffers.put(buf)
-                            self._writes -= 1  # self._write_ended(), inline
-                            if not self._writes and self._drained is not None:
-                                self._writes_drained()
                             if res == length:
                                 done(None)
                             else:
@@ -867,9 +867,17 @@ class VolumeBackend:
 
     def zero(self, offset: int, length: int, *, may_trim: bool, fast_only: bool, fua: bool,
              done: Done) -> None:
-        if fast_only and not may_trim:
-            done(NbdError(errno.ENOTSUP, "writing zeros without unmapping is not fast"))
-            return
+        if fast_only:  # (refused before anything is changed)
+            why = None
+            if not may_trim:
+                why = "writing zeros without unmapping is not fast"
+            elif (offset | length) & (self.chunk - 1):
+                why = f"zeroing part of a {self.chunk}-byte chunk writes it: not fast"
+            elif self.map.unmap_may_write(self.vol):
+                why = "zeroing this volume copies its chunks into its snapshots: not fast"
+            if why is not None:
+                done(NbdError(errno.ENOTSUP, why))
+                return
         self._spawn(self._zero(offset, length, may_trim, fua), done)
 
     async def _zero(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
@@ -917,8 +925,11 @@ class VolumeBackend:
             async with self._locks.hold(lc, lc + count):  # no write of these chunks meanwhile
                 done, fill = await self.pool.run(partial(self.pool.unmap, self.vol, lc, count))
             for flc, fcount in fill:
-                await self._write_chunks_or_wait(epochs, flc * self.chunk, None, False,
-                                                 fcount * self.chunk)
+                pos, end = flc * self.chunk, (flc + fcount) * self.chunk
+                while pos < end:  # (a step may fill more than one buffer holds)
+                    n = min(ZERO_STEP, end - pos)
+                    await self._write_chunks_or_wait(epochs, pos, None, False, n)
+                    pos += n
             lc += done
             count -= done
             if count > 0:
@@ -1019,6 +1030,9 @@ class VolumeBackend:
         if self._writes:
             self._drained = asyncio.Event()
             await self._drained.wait()
+        # In-place writes are not counted in self._writes (one update fewer on the
+        # commonest request): each holds its I/O epoch from its map lookup to its end.
+        await self.pool.transfers_drained()
         event = self._quiesced
 
         def resume() -> None:

@@ -174,7 +174,11 @@ class FileBackend:
             return
         mask = self._mask
         if not ((offset | length) & mask):
-            self._blocking(self._zero_sync, offset, length, may_trim, fua, done=done)
+            self._blocking(self._zero_sync, offset, length, may_trim, fua, fast_only, done=done)
+            return
+        if fast_only:  # the partial blocks would be read, changed and written
+            done(NbdError(errno.ENOTSUP,
+                          f"zeroing part of a {self.alignment}-byte block writes it: not fast"))
             return
         self._spawn(self._zero_unaligned(offset, length, may_trim, fua), done)
 
@@ -194,8 +198,9 @@ class FileBackend:
         if fua:
             await self.engine.call_blocking(self.device.flush)
 
-    def _zero_sync(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
-        self.device.write_zeroes(offset, length, may_deallocate=may_trim)
+    def _zero_sync(self, offset: int, length: int, may_trim: bool, fua: bool,
+                   fast_only: bool = False) -> None:
+        self.device.write_zeroes(offset, length, may_deallocate=may_trim, fast_only=fast_only)
         if fua:
             self.device.flush()
 

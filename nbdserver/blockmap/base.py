@@ -316,6 +316,11 @@ class BlockMap(ABC):
         work. Returns how many chunks it got through, and ranges (lc, count) that the
         design cannot unmap, which the caller must overwrite with zeros instead."""
 
+    def unmap_may_write(self, vol: VolumeRecord) -> bool:
+        """Whether :meth:`unmap` of `vol` may hand back ranges to overwrite with zeros
+        (then a zeroing that must be fast, NBD's FAST_ZERO, is refused)."""
+        return False
+
     def alloc_hint(self, vol: VolumeRecord, lc: int) -> int | None:
         """Where a new chunk for `lc` would best go (the extent design keeps locality)."""
         return None

@@ -478,6 +478,11 @@ class LinearMap(BlockMap):
                 out.append(snap)
         return out
 
+    def unmap_may_write(self, vol: VolumeRecord) -> bool:
+        """An origin with snapshots: a chunk one still reads is copied out and written
+        with zeros, not unmapped (see :meth:`unmap`)."""
+        return self._kind(vol) == ORIGIN and self._origin(vol).nsnap > 0
+
     def _unlink(self, snap: VolumeRecord, origin_id: int) -> None:
         origin = self.pool.volumes.get(origin_id)
         if origin is None or self._kind(origin) != ORIGIN:

@@ -350,11 +350,12 @@ class RadixMap(BlockMap):
             return super().write_chunk(vol, lc)  # a walk, which may learn the leaf
         leaf.recent = True
         e = leaf.words[_HEADER_WORDS + lc % fanout]  # type: ignore[index]
-        if e & WRITABLE and e & TARGET_MASK:  # (the common case first)
-            return (e & TARGET_MASK) - 1
-        if not e & TARGET_MASK:
+        target = e & TARGET_MASK
+        if target and e & WRITABLE:  # (the common case first)
+            return target - 1
+        if not target:
             return FRESH
-        return ASK if self.data.get((e & TARGET_MASK) - 1) == 1 else FRESH  # Claim : Redirect
+        return ASK if self.data.get(target - 1) == 1 else FRESH  # Claim : Redirect
 
     def _know_leaf(self, key: int, page: int, writable: bool) -> None:
         """Remember a leaf a walk reached, for writes too if through a writable path

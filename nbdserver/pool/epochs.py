@@ -38,12 +38,15 @@ from collections.abc import Callable
 class Epoch:
     """The transfers begun in one epoch and not yet ended."""
 
-    __slots__ = ("number", "reads", "writes")
+    __slots__ = ("closed_by", "number", "reads", "writes")
 
     def __init__(self, number: int) -> None:
         self.number = number
         self.reads = 0
         self.writes = 0
+        # The tracker, once a wait has closed this epoch: the transfer that ends its last
+        # transfer then tells it (IoEpochs.retire). None while the epoch is current.
+        self.closed_by: IoEpochs | None = None
 
 
 class IoEpochs:
@@ -61,7 +64,7 @@ class IoEpochs:
 
     def end_read(self, epoch: Epoch) -> None:
         epoch.reads -= 1
-        if not epoch.reads and epoch is not self.current:
+        if not epoch.reads and epoch.closed_by is not None:
             self.retire()
 
     def begin_write(self) -> Epoch:
@@ -71,7 +74,7 @@ class IoEpochs:
 
     def end_write(self, epoch: Epoch) -> None:
         epoch.writes -= 1
-        if not epoch.writes and epoch is not self.current:
+        if not epoch.writes and epoch.closed_by is not None:
             self.retire()
 
     def defer(self, fn: Callable[[], None]) -> None:
@@ -84,6 +87,7 @@ class IoEpochs:
 
     def _defer(self, fn: Callable[[], None], reads_only: bool) -> None:
         closed = self.current
+        closed.closed_by = self
         self.current = Epoch(closed.number + 1)
         if closed.reads or closed.writes:
             self._closed.append(closed)

@@ -86,7 +86,7 @@ from nbdserver.pool.format import (
 from nbdserver.pool.pages import PageCache
 from nbdserver.pool.space import Recount, RefTable
 from nbdserver.sizes import format_size, not_whole_sectors
-from nbdserver.storage.buffers import MAX_CLASS_SHIFT, AlignedBuffer, BufferPool
+from nbdserver.storage.buffers import AlignedBuffer, BufferPool
 from nbdserver.storage.device import BlockDevice, open_device
 from nbdserver.storage.engine import IoEngine
 
@@ -99,7 +99,7 @@ FREED_LIMIT = 1 << 18  # ... at which metadata operations wait for one (about 21
 COLD_LOOKUPS = 4  # block-status lookups that may load (and pin) map pages at once
 MAX_VOLUMES = 1 << 20  # the most a catalog may hold (65,536 pages of records)
 STATS_GROWTH = 64  # volume_stats: slices over holes and long runs grow up to this many times
-MAX_RECORD_PAGES = (1 << MAX_CLASS_SHIFT) // PAGE_SIZE  # a commit's record, in one buffer
+MAX_RECORD_PAGES = (32 << 20) // PAGE_SIZE  # a commit's record, in one buffer (32 MiB)
 CHECK_PROGRESS = 1 << 16  # check: chunk references counted between two progress calls
 STATS_TURN = 0.002  # volume_stats: seconds of work between two turns of the event loop
 # Opening reads every reference-count page to count free space; up to 1/PRELOAD_SHARE of
@@ -793,6 +793,11 @@ class Pool:
         """Wait until every read begun before now has ended (reads never wait for writes,
         so a write may wait for this while it holds its own chunk locks and epoch)."""
         await _ended(self.epochs, reads_only=True)
+
+    async def transfers_drained(self) -> None:
+        """Wait until every transfer (read or write, of any volume) begun before now has
+        ended."""
+        await _ended(self.epochs)
 
     def metadata_pending(self) -> bool:
         """Whether a metadata change is not durable yet (dirty pages, a commit under way,

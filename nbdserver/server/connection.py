@@ -318,6 +318,19 @@ class NbdConnection(asyncio.Protocol):
         cmd = req.command
         if cmd == Command.READ or cmd == Command.WRITE:
             self.bytes_in_flight += req.length
+        try:
+            self._start(backend, req)
+        except Exception as e:  # a bug in a backend: this request fails, not the connection
+            log.error("%s: %s failed: internal error", self.peer, cmd.name, exc_info=e)
+            error = NbdError(errno.EIO, f"internal error: {e}")
+            if cmd == Command.READ:
+                self._read_done(req, error)
+            else:
+                self._done(req, error)
+
+    def _start(self, backend: Backend, req: Request) -> None:
+        """Hand `req` to the backend; its callback replies."""
+        cmd = req.command
         if cmd == Command.READ:
             backend.read(req.offset, req.length, lambda r: self._read_done(req, r))
         elif cmd == Command.WRITE:

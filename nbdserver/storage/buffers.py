@@ -4,7 +4,7 @@ O_DIRECT needs the user buffer aligned to the device's logical block size; an
 anonymous ``mmap`` is page aligned (4 KiB), which satisfies every device we
 serve. Allocating an mmap per request costs two system calls and page faults
 on first touch, so buffers are kept in free lists by power-of-two size class
-(4 KiB .. 32 MiB) and handed out again. ``MAX_POOLED_BYTES`` caps what the
+(4 KiB .. 64 MiB) and handed out again. ``MAX_POOLED_BYTES`` caps what the
 free lists may hold; a buffer released beyond the cap is unmapped.
 
 Cost: ``get`` and ``put`` are O(1) list operations on the hot path.
@@ -17,7 +17,9 @@ import ctypes
 import mmap
 
 MIN_CLASS_SHIFT = 12  # 4 KiB
-MAX_CLASS_SHIFT = 25  # 32 MiB: the largest NBD payload we accept
+# 64 MiB: the largest NBD payload we accept (32 MiB), rounded out to the chunks or
+# device blocks it touches (a 1 MiB chunk at most, each side), which may be past 32 MiB.
+MAX_CLASS_SHIFT = 26
 MAX_POOLED_BYTES = 256 * 1024 * 1024
 
 

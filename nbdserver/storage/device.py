@@ -93,8 +93,11 @@ class BlockDevice:
         else:
             fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
 
-    def write_zeroes(self, offset: int, length: int, *, may_deallocate: bool) -> None:
-        """Make a range read as zeros, deallocating it if allowed and possible."""
+    def write_zeroes(self, offset: int, length: int, *, may_deallocate: bool,
+                     fast_only: bool = False) -> None:
+        """Make a range read as zeros, deallocating it if allowed and possible. Where the
+        filesystem has no fallocate for it, zeros are written, unless `fast_only`: then
+        OSError(ENOTSUP)."""
         if self.is_block_device:
             fcntl.ioctl(self.fd, _BLKZEROOUT, struct.pack("QQ", offset, length))
             return
@@ -104,6 +107,9 @@ class BlockDevice:
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
+            if fast_only:
+                raise OSError(errno.ENOTSUP, "this filesystem cannot zero a range without "
+                              "writing zeros: not fast") from e
             self._write_zeroes_slowly(offset, length)
 
     @property

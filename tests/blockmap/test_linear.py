@@ -10,6 +10,7 @@ stay point-in-time exact. Every test ends with a clean ``pool check``.
 from __future__ import annotations
 
 import asyncio
+import errno
 import random
 import subprocess
 import sys
@@ -555,4 +556,27 @@ async def test_a_copy_out_keeps_a_write_of_the_fork_opened_meanwhile(
             await f.write(lc * c, pattern(50 + lc, c))
         except NbdError as e:
             raise AssertionError(f"f's write of chunk {lc}: {e}") from None
+    await env.assert_clean()
+
+
+async def test_big_chunks_unmap_with_a_snapshot_and_fast_zero(make_pool: PoolFactory) -> None:
+    """With 1 MiB chunks, a trim of a 72 MiB origin whose snapshot still reads it all
+    copies every chunk out and writes it with zeros: more than the largest I/O buffer
+    (64 MiB) holds, written a step at a time. A FAST_ZERO there would copy too: refused
+    (ENOTSUP) before anything changes."""
+    env = await linear_pool(make_pool, size=200 * MiB, chunk_size=1 * MiB)
+    origin = await env.create("o", 72 * MiB)
+    old = pattern(1, origin.size)
+    for pos in range(0, origin.size, 32 * MiB):  # (NBD's largest request)
+        await origin.write(pos, old[pos:pos + 32 * MiB])
+    await origin.zero(0, 2 * MiB, fast_only=True)  # no snapshot yet: fast, and done
+    old = bytes(2 * MiB) + old[2 * MiB:]
+    snap = await env.snapshot("o", "s")
+    with pytest.raises(NbdError) as refused:
+        await origin.zero(0, origin.size, fast_only=True)
+    assert refused.value.errno == errno.ENOTSUP, refused.value
+    assert await origin.read_all() == old
+    await origin.trim(0, origin.size)
+    assert await origin.read_all() == bytes(origin.size)
+    assert await snap.read_all() == old
     await env.assert_clean()

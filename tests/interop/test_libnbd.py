@@ -203,6 +203,56 @@ def test_structured_read_with_hole_chunks(nbd_server_factory: ServerFactory,
     assert any(c[2] == "hole" and c[0] == 0 for c in chunks)  # nothing written below 1M
 
 
+LARGEST_REQUESTS = """
+uri, raw = sys.argv[1], sys.argv[2]
+out = {}
+h = nbd.NBD()
+h.connect_uri(uri)  # block sizes asked for (libnbd's default): a 512-byte minimum
+assert h.get_block_size(nbd.SIZE_MAXIMUM) == 32 << 20
+data = bytes(range(256)) * (128 << 10)  # 32 MiB
+for name, off in (("write_fresh", (64 << 20) + 512), ("write_over", (64 << 20) + 1024)):
+    h.pwrite(data, off)  # 32 MiB over chunks new to the volume, then over its own
+    out[name] = h.pread(32 << 20, off) == data
+def code(fn):
+    try:
+        fn()
+        return "ok"
+    except nbd.Error as e:
+        return errno.errorcode.get(e.errno, e.errno)
+h.pwrite(data[:2 << 20], 0)
+out["fast_zero_partial"] = code(lambda: h.zero(512, 4096, nbd.CMD_FLAG_FAST_ZERO))
+out["fast_zero_chunks"] = code(lambda: h.zero(1 << 20, 1 << 20, nbd.CMD_FLAG_FAST_ZERO))
+out["after_partial"] = h.pread(2 << 20, 0) == data[:1 << 20] + bytes(1 << 20)
+# A client that does not ask for block sizes may send any alignment (minimum 1):
+r = nbd.NBD()
+r.set_request_block_size(False)
+r.set_strict_mode(0)
+r.connect_uri(raw)
+r.pwrite(data, 1)
+out["raw_unaligned"] = r.pread(32 << 20, 1) == data
+out["raw_still_connected"] = r.pread(1, 0) == bytes(1)
+print(json.dumps(out))
+"""
+
+
+def test_largest_requests_at_any_alignment(nbd_server_factory: ServerFactory,
+                                           tmp_path: Path) -> None:
+    """A 32 MiB request (the advertised maximum) that is not aligned to the volume's
+    chunks or the file's blocks spans more than 32 MiB of them: it still reads and
+    writes right. A FAST_ZERO that would have to write part of a chunk is refused
+    (ENOTSUP) and changes nothing; over whole chunks it zeroes."""
+    srv = nbd_server_factory(
+        [{"name": "vol", "pool": "main", "volume": "v", "create": {"size": "128M"}},
+         {"name": "raw", "file": tmp_path / "raw.img", "size": "40M"}],
+        pools=[{"name": "main", "path": tmp_path / "pool.img", "create": {"size": "256M"}}])
+    res = nbd_json(LARGEST_REQUESTS, srv.unix_uri("vol"), srv.unix_uri("raw"))
+    assert res == {"write_fresh": True, "write_over": True,
+                   "fast_zero_partial": "ENOTSUP", "fast_zero_chunks": "ok",
+                   "after_partial": True,
+                   "raw_unaligned": True, "raw_still_connected": True}, res
+    assert "Traceback" not in srv.stderr
+
+
 BLOCK_STATUS = """
 h = nbd.NBD()
 h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)

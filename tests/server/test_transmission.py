@@ -22,6 +22,7 @@ import yaml
 from conftest import NbdServerProcess, ServerFactory, file_export, pattern
 from nbdclient import (
     NbdClient,
+    NbdReplyError,
     client_flags,
     connect,
     info_payload,
@@ -33,7 +34,7 @@ from nbdclient import (
     wait_closed,
 )
 
-from nbdserver.backend.base import Backend, ReadDone
+from nbdserver.backend.base import Backend, Done, ReadDone
 from nbdserver.config import parse_config
 from nbdserver.protocol import constants as c
 from nbdserver.server.app import NbdServer
@@ -183,6 +184,63 @@ async def test_replies_leave_in_completion_order(tmp_path: Path) -> None:
     finally:
         release.set()
         await server.stop(grace=5)
+
+
+class RaisingBackend:
+    """A backend that passes everything to `inner`, but raises (a bug) on a read or a
+    write at `offset`, before answering."""
+
+    def __init__(self, inner: Backend, offset: int) -> None:
+        self._inner = inner
+        self._offset = offset
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    def read(self, offset: int, length: int, done: ReadDone) -> None:
+        if offset == self._offset:
+            raise RuntimeError("a bug in the backend's read")
+        self._inner.read(offset, length, done)
+
+    def write(self, offset: int, data: memoryview, fua: bool, done: Done) -> None:
+        if offset == self._offset:
+            raise RuntimeError("a bug in the backend's write")
+        self._inner.write(offset, data, fua, done)
+
+
+async def test_a_backend_that_raises_fails_that_request_only(tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture
+                                                           ) -> None:
+    """A backend raising instead of answering (a bug) gets that request EIO and a logged
+    traceback; the requests around it on the same connection are answered, and the
+    connection stays up."""
+    sock = tmp_path / "s.sock"
+    server = await _in_process_server(sock, tmp_path / "disk.img", "64M")
+    try:
+        export = server.exports.get("disk")
+        assert export is not None
+        export.backend = cast(Backend, RaisingBackend(export.backend, 1 * MiB))
+        client = await connect(sock, "disk")
+        try:
+            data = pattern(64 * KiB, seed=9)
+            await client.write(0, data)
+            write = client.submit(c.CMD_WRITE, 64 * KiB, data=data)
+            bad_write = client.submit(c.CMD_WRITE, 1 * MiB, data=data)
+            bad_read = client.submit(c.CMD_READ, 1 * MiB, 4 * KiB)
+            read = client.submit(c.CMD_READ, 0, 64 * KiB)
+            await client.drain()
+            results = await asyncio.wait_for(
+                asyncio.gather(write, bad_write, bad_read, read, return_exceptions=True), 30)
+            assert results[0] is None and results[3] == data, results
+            for failed in results[1:3]:
+                assert isinstance(failed, NbdReplyError) and failed.code == c.EIO, failed
+            assert await client.read(0, 4 * KiB) == data[:4 * KiB]  # still connected
+        finally:
+            await client.close()
+    finally:
+        await server.stop(grace=5)
+    assert "a bug in the backend's write" in caplog.text
+    assert "a bug in the backend's read" in caplog.text
 
 
 async def test_disc_with_requests_in_flight(nbd_server: NbdServerProcess,
