@@ -15,6 +15,7 @@ import asyncio
 import json
 import stat
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,13 @@ def _size(text: str) -> int:
         return parse_size(text, what="size")
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e).removeprefix("size: ")) from None
+
+
+def _number(value: object) -> str:
+    """A count or a rate for people: 1,376,256 and 23,214.6 (``?`` when unknown)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "?"
+    return f"{value:,}" if isinstance(value, int) else f"{value:,.1f}"
 
 
 def _count(text: str) -> int:
@@ -163,7 +171,8 @@ def _show_volume(info: dict[str, Any]) -> None:
         ("mapped", format_size(info["mapped_bytes"])),
         ("exclusive", format_size(info["exclusive_bytes"])),
         ("shared", format_size(info["shared_bytes"])),
-        ("extents", f"{info['extents']} ({info['extents_per_gib']} per GiB, mean "
+        ("extents", f"{_number(info['extents'])} ({_number(info['extents_per_gib'])} per "
+                    "GiB, mean "
                     f"{format_size(info['mean_extent_bytes'])})"),
         ("created", info["created"]),
         ("in use", info["in_use"] or "no"),
@@ -256,9 +265,9 @@ def cmd_pool_check(args: argparse.Namespace) -> int:
         for warning in report["warnings"]:
             print(f"warning: {warning}")
         verdict = "clean" if report["ok"] else f"{len(report['problems'])} problem(s)"
-        print(f"{args.pool}: {verdict}; {report['volumes']} volume(s), "
-              f"{report['data_chunks_referenced']} chunk(s) and "
-              f"{report['metadata_pages_referenced']} metadata page(s) referenced, "
+        print(f"{args.pool}: {verdict}; {_number(report['volumes'])} volume(s), "
+              f"{_number(report['data_chunks_referenced'])} chunk(s) and "
+              f"{_number(report['metadata_pages_referenced'])} metadata page(s) referenced, "
               f"{format_size(report['free_bytes'])} free")
     return EXIT_OK if report["ok"] else EXIT_PROBLEMS
 
@@ -381,9 +390,10 @@ class _Progress:
               file=sys.stderr, flush=True)
 
     def finish(self) -> None:
-        """End the progress line (on a terminal), before the next output; once."""
+        """Clear the progress line (on a terminal: a last "94.6%" would stay there, under
+        the result), before the next output; once."""
         if self.shown and self.tty:
-            print(file=sys.stderr)
+            print("\r\x1b[K", end="", file=sys.stderr, flush=True)
         self.shown = False
 
 
@@ -425,9 +435,9 @@ def cmd_volume_defrag(args: argparse.Namespace) -> int:
         _print_json(total)
         return EXIT_OK
     before, after = total.get("before", {}), total.get("after", {})
-    print(f"defragmented volume {args.name!r}: {before.get('extents', '?')} -> "
-          f"{after.get('extents', '?')} extents ({before.get('extents_per_gib', '?')} -> "
-          f"{after.get('extents_per_gib', '?')} per GiB); moved "
+    print(f"defragmented volume {args.name!r}: {_number(before.get('extents'))} -> "
+          f"{_number(after.get('extents'))} extents ({_number(before.get('extents_per_gib'))}"
+          f" -> {_number(after.get('extents_per_gib'))} per GiB); moved "
           f"{format_size(total['moved_bytes'])}, left {format_size(total['shared_bytes'])} "
           "shared in place")
     if total["no_space_bytes"]:
@@ -446,9 +456,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     from nbdserver.pool.format import DEFAULT_CHUNK, VOLUME_NAME_RULE
 
     new_name_help = f"the new volume's name: {VOLUME_NAME_RULE}"
+    units = textwrap.fill(
+        "Sizes are bytes, or a number with a binary unit: K, M, G, T (1024-based: 1G, 1GB "
+        "and 1GiB all mean 2^30 bytes); a fraction is fine when it makes whole bytes (1.5G).",
+        78)
+    examples = argparse.RawDescriptionHelpFormatter
+
+    def described(text: str, *lines: str) -> str:
+        """A description wrapped as argparse would, then example command lines as is."""
+        return textwrap.fill(text, 78) + "\n\nExamples:\n" + "\n".join(
+            f"  {line}" for line in lines)
+
+    from nbdserver.cli import path_argument
 
     def common(p: argparse.ArgumentParser, json_help: str = "print JSON") -> None:
-        p.add_argument("pool", metavar="POOL", help="the pool's file or block device")
+        p.add_argument("pool", metavar="POOL", type=path_argument,
+                       help="the pool's file or block device")
         p.add_argument("--json", action="store_true", help=json_help)
 
     pool = sub.add_parser("pool", help="create, inspect and check pools",
@@ -456,12 +479,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                                       "forkable volumes.")
     psub = pool.add_subparsers(dest="pool_command", metavar="COMMAND", required=True)
 
-    p = psub.add_parser("create", help="create a pool",
-                        description="Create a new, empty pool in a file (of --size bytes) or "
-                                    "on a block device (its whole size).")
+    p = psub.add_parser("create", help="create a pool", formatter_class=examples,
+                        description=described(
+                            "Create a new, empty pool in a file (of --size bytes) or on a "
+                            "block device (its whole size).",
+                            "nbdserver pool create pool.img --size 20G",
+                            "nbdserver pool create pool.img --size 100G --blockmap extent "
+                            "--preallocate",
+                            "nbdserver pool create /dev/sdb      (the whole device)"),
+                        epilog=units)
     common(p)
-    p.add_argument("--size", type=_size, help="pool size for a file, e.g. 20G (a block "
-                                              "device is used whole: leave it out)")
+    p.add_argument("--size", type=_size, help="pool size for a file, e.g. 20G (units below; "
+                                              "a block device is used whole: leave it out)")
     names = sorted(designs())
     p.add_argument("--blockmap", default="radix", choices=names,
                    help="block-map design: radix (Parallax tree, O(1) forks), extent (extent "
@@ -470,8 +499,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--chunk-size", type=_chunk_size, default=DEFAULT_CHUNK,
                    help="allocation unit, a power of two from 4K to 1M (default 4K)")
     p.add_argument("--max-volumes", type=_max_volumes, default=4096,
-                   help="volumes the catalog holds at most, rounded up to a multiple of 16 "
-                        "(a catalog page); default 4096")
+                   help="volumes the catalog holds at most, 1 to 1048576, rounded up to a "
+                        "multiple of 16 (a catalog page); default 4096")
     p.add_argument("--preallocate", action="store_true",
                    help="allocate the whole file now (fallocate: quick, writes nothing), so "
                         "that first writes do not wait for the filesystem to allocate blocks "
@@ -486,7 +515,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--fanout", type=int, default=0, help=argparse.SUPPRESS)
     p.set_defaults(handler=cmd_pool_create)
 
-    p = psub.add_parser("info", help="show a pool's size, free space and layout")
+    p = psub.add_parser("info", help="show a pool's size, free space and layout",
+                        description="Show a pool's size, free space, design, chunk size, "
+                                    "volume count and on-disk layout. Works while a server "
+                                    "has the pool open (asked through its control socket).")
     common(p, "print a JSON object (size_bytes, free_bytes, blockmap, ...)")
     p.set_defaults(handler=cmd_pool_info)
 
@@ -504,24 +536,42 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                                      "has open too (through its control socket).")
     vsub = vol.add_subparsers(dest="volume_command", metavar="COMMAND", required=True)
 
-    p = vsub.add_parser("create", help="create an empty (all zeros) thin volume")
+    p = vsub.add_parser("create", help="create an empty (all zeros) thin volume",
+                        formatter_class=examples,
+                        description=described(
+                            "Create an empty volume: it reads as zeros and takes no space "
+                            "until written (thin), unless --guarantee reserves it all now.",
+                            "nbdserver volume create pool.img golden --size 10G",
+                            "nbdserver volume create pool.img db --size 50G --guarantee"),
+                        epilog=units)
     common(p)
     p.add_argument("name", metavar="NAME", type=_new_volume_name, help=new_name_help)
     p.add_argument("--size", type=_volume_size, required=True,
-                   help="e.g. 10G (a multiple of 512 bytes)")
+                   help="e.g. 10G (a multiple of 512 bytes; units below)")
     p.add_argument("--guarantee", action="store_true",
                    help="reserve every chunk the volume could need (and every map page its "
                         "map could hold), so that its writes never fail for lack of "
                         "space (fails now if the pool cannot promise it)")
     p.set_defaults(handler=cmd_volume_create)
 
-    p = vsub.add_parser("snapshot", help="a read-only point-in-time copy (instant)")
+    p = vsub.add_parser("snapshot", help="a read-only point-in-time copy (instant)",
+                        description="Make a read-only copy of SOURCE as it is now, in constant "
+                                    "time whatever its size: the copy shares every chunk "
+                                    "until SOURCE overwrites it. An exported SOURCE is "
+                                    "quiesced for the moment (its writes in flight finish "
+                                    "first). Example: nbdserver volume snapshot pool.img vm1 "
+                                    "vm1-monday")
     common(p)
     p.add_argument("source", metavar="SOURCE", help="the volume to copy")
     p.add_argument("name", metavar="NAME", type=_new_volume_name, help=new_name_help)
     p.set_defaults(handler=cmd_volume_snapshot)
 
-    p = vsub.add_parser("fork", help="a writable copy that shares unchanged data (instant)")
+    p = vsub.add_parser("fork", help="a writable copy that shares unchanged data (instant)",
+                        description="Make a writable copy of SOURCE, in constant time whatever "
+                                    "its size: both share every chunk until one of them "
+                                    "writes it. A fork can be forked again, to any depth "
+                                    "(not with the linear design). Example: nbdserver volume "
+                                    "fork pool.img golden vm1")
     common(p)
     p.add_argument("source", metavar="SOURCE", help="the volume to copy")
     p.add_argument("name", metavar="NAME", type=_new_volume_name, help=new_name_help)
@@ -530,19 +580,30 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.set_defaults(handler=cmd_volume_fork)
 
     p = vsub.add_parser("delete", help="delete a volume and free what only it used",
-                        description="Refused while the volume is exported.")
+                        description="Delete a volume and free the chunks and map pages only "
+                                    "it referenced (shared ones stay with the volumes that "
+                                    "share them). Refused while the volume is exported, and "
+                                    "for a linear origin that still has snapshots.")
     common(p)
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="the volume to delete")
     p.set_defaults(handler=cmd_volume_delete)
 
-    p = vsub.add_parser("list", help="list volumes with their sharing")
+    p = vsub.add_parser("list", help="list volumes with their sharing",
+                        description="List every volume: size, parent, read-only, fork depth, "
+                                    "bytes only it references (exclusive) and bytes it shares "
+                                    "with others. A volume whose map cannot be read whole is "
+                                    "listed with unknown statistics, and the exit status is "
+                                    "1.")
     common(p, "print a JSON array of objects (name, size, parent, read_only, depth, "
               "exclusive_bytes, shared_bytes, ...)")
     p.set_defaults(handler=cmd_volume_list)
 
-    p = vsub.add_parser("info", help="details of one volume, fragmentation included")
+    p = vsub.add_parser("info", help="details of one volume, fragmentation included",
+                        description="Show one volume's catalog record (size, parent, "
+                                    "guarantee, created), its space (exclusive and shared "
+                                    "bytes) and how fragmented its data is (extents per GiB).")
     common(p)
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="the volume")
     p.set_defaults(handler=cmd_volume_info)
 
     p = vsub.add_parser("defrag", help="make a volume's own data physically contiguous",
@@ -553,7 +614,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                                     "moment each batch is switched over. Reports extents per "
                                     "GiB before and after; progress goes to stderr.")
     common(p, "print a JSON object (before, after, moved_bytes, shared_bytes, ...)")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="the volume to defragment")
     p.set_defaults(handler=cmd_volume_defrag)
 
 

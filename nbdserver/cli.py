@@ -85,8 +85,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     # the sockets: accepted here with a warning (serve refuses it without activation).
     config = load_config(args.file, socket_activation=True)
     if args.json:
-        print(json.dumps(config_to_json(config), indent=2))
-        for warning in config_warnings(config):
+        warnings = config_warnings(config)
+        print(json.dumps({**config_to_json(config), "warnings": warnings}, indent=2))
+        for warning in warnings:
             print(f"nbdserver: warning: {warning}", file=sys.stderr)
     else:
         print(describe(config))
@@ -138,20 +139,22 @@ def build_parser() -> argparse.ArgumentParser:
                     "during the stop exits 1 at once, as a crash would). Prints the NBD URIs "
                     "clients can use. Systemd socket activation (LISTEN_FDS) is honoured.",
     )
-    p.add_argument("-c", "--config", metavar="FILE",
+    p.add_argument("-c", "--config", metavar="FILE", type=path_argument,
                    help="YAML config (default: config/nbdserver.yaml in the source tree)")
     p.add_argument("--io", choices=("aio", "threads"),
-                   help="I/O engine, overriding server.io in the config")
+                   help="I/O engine, overriding server.io in the config (whose default is "
+                        "aio: Linux native AIO)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
-                   help="override server.log-level")
+                   help="override server.log-level (default info)")
     p.set_defaults(handler=cmd_serve)
 
     p = sub.add_parser(
         "check-config", help="validate a config file and explain it",
-        description="Validate a YAML config: exit 0 and explain what it would serve, or exit 2 "
-                    "with a message naming the file, line and key at fault.",
+        description="Validate a YAML config: exit 0 and explain what it would serve (with "
+                    "warnings about what is valid but probably not meant: still exit 0), or "
+                    "exit 2 with a message naming the file, line and key at fault.",
     )
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", type=path_argument, help="the YAML config")
     p.add_argument("--json", action="store_true", help="print the parsed config as JSON")
     p.set_defaults(handler=cmd_check_config)
 
@@ -193,6 +196,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         # (stdout goes to /dev/null, so that flushing it at exit does not fail again)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
+    except OSError as e:  # a path the system refuses (too long, a loop, no permission)
+        where = f"{e.filename}: " if e.filename is not None else ""
+        print(f"nbdserver: error: {where}{e.strerror or e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def path_argument(text: str) -> str:
+    """argparse type of a path argument: an empty one (an unset shell variable) is a
+    mistake, not the current directory or a default."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path")
+    return text
 
 
 if __name__ == "__main__":

@@ -63,10 +63,13 @@ is not a multiple of 512 bytes; two pools on one file (paths compared after
 resolving ``~``, relative paths and symbolic links); the same volume of a pool
 exported twice.
 
-Checks that look at the file system: an export whose ``file`` does not exist
-must give a ``size`` (to create it); a ``file`` or pool ``path`` must not be a
-directory; an export's ``file`` must not be a pool's ``path``. Whether a pool
-holds the volumes named is only known when the pool is opened.
+Checks that look at the file system: a path no one could use (too long, a
+symbolic-link loop, under a regular file, not searchable) is refused; an
+export whose ``file`` does not exist must give a ``size`` (to create it), and a
+pool whose ``path`` does not exist must have ``create``; a ``file`` or pool
+``path`` must not be a directory; an export's ``file`` must not be a pool's
+``path``. Whether a pool holds the volumes named is only known when the pool is
+opened.
 """
 
 from __future__ import annotations
@@ -640,7 +643,14 @@ class _Parser:
         p = Path(os.path.expanduser(text))
         if not p.is_absolute():
             p = self.base_dir / p
-        return Path(os.path.normpath(p))
+        p = Path(os.path.normpath(p))
+        try:  # a path nothing can use: too long, a loop, under a file, no permission
+            os.stat(p)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            self.fail(node, key, f"{p}: {e.strerror}")
+        return p
 
     def sequence(self, node: Node | None, key: str, what: str) -> list[Node]:
         if node is None or (isinstance(node, ScalarNode) and node.tag == _NULL):
@@ -799,9 +809,17 @@ class _Parser:
             create = None
             if (c := m.get("create")) is not None:
                 create = self.pool_create(c, m.sub("create"))
-            if _stat(pool_path)[0] in ("file", "block") and not (
+            kind = _stat(pool_path)[0]
+            if kind in ("file", "block") and not (
                     create is not None and made_by_serve(pool_path)):
                 self.existing_pool(path_node, m.sub("path"), pool_path)
+            elif kind == "missing" and create is None:
+                self.fail(path_node, m.sub("path"),
+                          f"{pool_path} does not exist and the pool has no 'create'; create "
+                          "it with 'nbdserver pool create' or add create: {size: ...}")
+            elif kind not in ("file", "block", "missing"):
+                self.fail(path_node, m.sub("path"),
+                          f"{pool_path}: {_describe_file(kind, None)}")
             out.append(PoolConfig(name=name, path=pool_path, create=create, key=path))
         return tuple(out)
 
@@ -908,17 +926,17 @@ class _Parser:
                 if file.is_dir():
                     self.fail(file_node, m.sub("file"),
                               f"{file} is a directory; expected a raw file or block device")
+                if (of := pool_files.get(_file_identity(file))) is not None:
+                    self.fail(file_node, m.sub("file"),
+                              f"{file} is the file of pool {of.name!r} ({of.key}: "
+                              f"{of.path}); export one of its volumes with pool: and "
+                              "volume: instead")
                 if not file.exists() and size is None:
                     if file.parts[:2] == ("/", "dev"):
                         self.fail(file_node, m.sub("file"), f"{file}: no such device")
                     self.fail(file_node, m.sub("file"),
                               f"{file} does not exist; add 'size' (for example size: 1G) "
                               "to create it")
-                if (of := pool_files.get(_file_identity(file))) is not None:
-                    self.fail(file_node, m.sub("file"),
-                              f"{file} is the file of pool {of.name!r} ({of.key}: "
-                              f"{of.path}); export one of its volumes with pool: and "
-                              "volume: instead")
             else:
                 if "size" in m:
                     self.fail(m.key_node("size"), m.sub("size"),
@@ -1101,14 +1119,13 @@ def config_warnings(config: Config) -> list[str]:
                 out.append(f"{listener.key}: cannot resolve host name {listener.host!r} "
                            f"({why}): serve will fail to listen there unless started "
                            "through socket activation")
-    for pool in config.pools:
-        kind, _ = _stat(pool.path)
-        if kind == "missing" and pool.create is None:
-            out.append(f"{pool.key}.path: {pool.path} does not exist and the pool has no "
-                       "'create'; create it with 'nbdserver pool create' or add "
-                       "create: {size: ...}")
-        elif kind in ("other",) or kind.startswith("error"):
-            out.append(f"{pool.key}.path: {pool.path}: {_describe_file(kind, None)}")
+    made = {p.path.parent for p in config.pools if p.create is not None} | {
+        e.file.parent for e in config.exports if e.file is not None and e.size is not None}
+    for listener in config.listen:  # (a directory serve makes for a pool or file is meant)
+        if listener.path is not None and not listener.path.parent.exists() \
+                and listener.path.parent not in made:
+            out.append(f"{listener.key}: {listener.path.parent} does not exist; serve "
+                       "creates it")
     files: dict[Path, ExportConfig] = {}
     for export in config.exports:
         if export.file is None:

@@ -217,6 +217,7 @@ def test_config_error_is_a_user_error() -> None:
 
 def test_full_config(tmp_path: Path) -> None:
     (tmp_path / "existing.img").write_bytes(b"\0" * 4096)
+    Pool.create(tmp_path / "other.img", 16 << 20)
     config = load(tmp_path, """\
         listen:
           - unix: nbd.sock
@@ -235,7 +236,7 @@ def test_full_config(tmp_path: Path) -> None:
             path: pool.img
             create: {size: 20G, blockmap: extent, chunk-size: 64K}
           - name: other
-            path: /dev/null-pool
+            path: other.img
         exports:
           - name: disk
             file: existing.img
@@ -761,6 +762,12 @@ def test_file_export_of_a_pool_file(tmp_path: Path, path: str) -> None:
     expect(tmp_path, text, "file:", "exports[0].file", "is the file of pool 'main'")
 
 
+def test_file_export_of_a_pool_file_serve_makes(tmp_path: Path) -> None:
+    """Not 'add a size' (which would then say this): the file is the pool's."""
+    text = POOLED.replace("file: disk.img\n    size: 1M", "file: pool.img")
+    expect(tmp_path, text, "file:", "exports[0].file", "is the file of pool 'main'")
+
+
 @pytest.mark.parametrize(("create", "key", "fragment"), [
     ("{}", "exports[1].create", "give exactly one of size"),
     ("{size: 1G, fork: golden}", "exports[1].create", "give exactly one of size"),
@@ -852,7 +859,8 @@ def test_two_pools_with_one_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
            "is the file of pool 'main' too",
            f"(pools[0].path at line {line_of(text, 'path: pool.img')})",
            "each pool needs its own file", nth=2 if second == "pool.img" else 1)
-    text = POOLED.replace("exports:", "  - name: other\n    path: pool2.img\nexports:")
+    text = POOLED.replace("exports:", "  - name: other\n    path: pool2.img\n"
+                                      "    create: {size: 1G}\nexports:")
     assert [p.name for p in load(tmp_path, text).pools] == ["main", "other"]
 
 
@@ -870,6 +878,7 @@ def test_a_volume_exported_twice(tmp_path: Path) -> None:
     expect(tmp_path, text, "volume: vm1", "exports[2].volume",
            "volume 'vm1' of pool 'main' is already exported by exports[1] ('vm1', line "
            f"{line_of(text, 'volume: vm1')})", nth=2)
+    Pool.create(tmp_path / "p2.img", 16 << 20)
     other = POOLED.replace("exports:", "  - name: p2\n    path: p2.img\nexports:") + \
         "  - name: vm1-p2\n    pool: p2\n    volume: vm1\n"
     assert [e.volume for e in load(tmp_path, other).exports] == [None, "vm1", "vm1"]
@@ -977,13 +986,12 @@ def test_describe_existing_files_and_warnings(tmp_path: Path) -> None:
         listen: [{unix: s.sock}, {tcp: "[::1]:0"}]
         pools:
           - {name: main, path: pool.img, create: {size: 1G}}
-          - {name: gone, path: gone.img}
         exports:
           - {name: disk, file: disk.img, size: 1G}
           - {name: new, file: new.img, size: 2M, read-only: true}
           - {name: same, file: disk.img}
           - {name: empty, file: empty.img}
-          - {name: f, pool: gone, volume: f, create: {fork: base}}
+          - {name: f, pool: main, volume: f, create: {fork: base}}
           - {name: s, pool: main, volume: s, create: {snapshot: base}}
           - {name: e, pool: main, volume: e, description: existing volume}
         """)
@@ -991,7 +999,6 @@ def test_describe_existing_files_and_warnings(tmp_path: Path) -> None:
     assert "TCP [::1]:0 (any free port)" in out
     assert "an existing file of 8 KiB" in out
     assert "exists, so 'create' is not used" in out
-    assert "does not exist (and has no 'create')" in out
     assert "created as a fork of volume 'base'" in out
     assert "created as a snapshot of volume 'base'" in out
     assert "the volume must already exist" in out
@@ -1003,10 +1010,37 @@ def test_describe_existing_files_and_warnings(tmp_path: Path) -> None:
     assert any(w.startswith("exports[2].file:") and "also exported by exports[0]" in w
                for w in warnings), warnings
     assert any(w.startswith("exports[3].file:") and "is empty" in w for w in warnings)
-    assert any(w.startswith("pools[1].path:") and "does not exist" in w for w in warnings)
     assert "Warnings:" in out
     for w in warnings:
         assert f"warning: {w}" in out
+
+
+def test_unusable_paths_are_errors(tmp_path: Path) -> None:
+    """What serve would refuse at start: a pool that is not there and that it may not
+    create, a path under a file, a symbolic-link loop, a name too long."""
+    text = POOLED.replace("exports:", "  - name: gone\n    path: gone.img\nexports:")
+    expect(tmp_path, text, "path: gone.img", "pools[1].path", "gone.img does not exist and "
+           "the pool has no 'create'", "nbdserver pool create")
+    (tmp_path / "a-file").write_bytes(b"")
+    expect(tmp_path, POOLED.replace("file: disk.img", "file: a-file/disk.img"),
+           "file: a-file", "exports[0].file", "a-file/disk.img: Not a directory")
+    (tmp_path / "loop1").symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop1")
+    expect(tmp_path, POOLED.replace("path: pool.img", "path: loop1"), "path: loop1",
+           "pools[0].path", "loop1: Too many levels of symbolic links")
+    long = "x" * 300 + ".img"
+    expect(tmp_path, POOLED.replace("file: disk.img", f"file: {long}"), "file: x",
+           "exports[0].file", "File name too long")
+
+
+def test_a_socket_directory_serve_would_make_is_a_warning(tmp_path: Path) -> None:
+    """serve makes a missing directory for a Unix socket: a typo there would make a
+    tree, so check-config says so, unless a pool or file serve makes goes there too."""
+    text = POOLED.replace("unix: nbd.sock", "unix: run/nbd.sock")
+    warnings = config_warnings(load(tmp_path, text))
+    assert f"listen[0].unix: {tmp_path / 'run'} does not exist; serve creates it" in warnings
+    text = text.replace("path: pool.img", "path: run/pool.img")
+    assert not any("serve creates it" in w for w in config_warnings(load(tmp_path, text)))
 
 
 def test_describe_socket_activation_and_no_exports(tmp_path: Path) -> None:

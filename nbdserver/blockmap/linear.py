@@ -123,6 +123,7 @@ from nbdserver.pool.format import (
     REFS_PER_PAGE,
     VolumeRecord,
 )
+from nbdserver.sizes import format_size
 
 ORIGIN = 1
 SNAPSHOT = 2
@@ -314,8 +315,9 @@ class LinearMap(BlockMap):
         if available < n:
             raise UserError(
                 f"cannot create {vol.name!r}: the linear block map allocates volumes thick "
-                f"(LVM), and it needs {n * self.chunk_size} bytes but only "
-                f"{max(0, available) * self.chunk_size} bytes are free and not promised")
+                f"(LVM), and it needs {format_size(n * self.chunk_size)} but only "
+                f"{format_size(max(0, available) * self.chunk_size)} is free and not "
+                "promised")
         limit = self.pool.ring.ring_pages // JOURNAL_SHARE * REFS_PER_PAGE
         if n > limit:
             raise UserError(

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import errno
 import fcntl
 import logging
@@ -51,7 +52,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from nbdserver.blockmap.base import HOLE, BlockMap, MapStats, Run, design
-from nbdserver.errors import NbdError, PoolDamaged, UserError
+from nbdserver.errors import NbdError, PoolDamaged, UsageError, UserError
 from nbdserver.pool import journal
 from nbdserver.pool.epochs import IoEpochs
 from nbdserver.pool.format import (
@@ -274,6 +275,8 @@ class Pool:
             raise UserError(f"{path} already exists; refusing to overwrite it "
                             "(delete it first to create a new pool)")
 
+        asked = size  # (a size given is a mistake to fix; a device's, a fact)
+
         def plan(size: int) -> Layout:
             try:
                 return plan_layout(size, chunk_size, max_volumes=max_volumes,
@@ -282,7 +285,8 @@ class Pool:
                 least = min_pool_size(size, chunk_size, max_volumes=max_volumes,
                                       journal_bytes=journal_bytes)
                 assert least is not None  # (this size did not fit)
-                raise UserError(f"{path}: a pool of {format_size(size)} is too small: with "
+                error = UsageError if asked is not None else UserError
+                raise error(f"{path}: a pool of {format_size(size)} is too small: with "
                                 f"{format_size(chunk_size)} chunks and room for "
                                 f"{max_volumes} volumes it needs at least {least} bytes (for "
                                 f"example {-(-least // (1 << 20))}M)") from None
@@ -297,7 +301,7 @@ class Pool:
             try:
                 _lock(device)
                 if size is not None and size != device.size:
-                    raise UserError(f"{path} is a block device of {format_size(device.size)}: "
+                    raise UsageError(f"{path} is a block device of {format_size(device.size)}: "
                                     "a pool takes the whole device (leave out --size)")
                 if not force:
                     _refuse_to_overwrite(device, path)
@@ -374,7 +378,13 @@ class Pool:
         """Open (and if needed recover) the pool at `path`. Raises UserError, PoolBusy
         if another process still holds the pool after `lock_wait` seconds."""
         _not_empty(path)
-        device = open_device(path)
+        try:
+            device = open_device(path)
+        except UserError as e:
+            if not os.access(path, os.W_OK) and os.access(path, os.R_OK):
+                raise UserError(f"{e}: every command opens a pool for writing, even to read "
+                                "it (it may have a journal to replay first)") from e
+            raise
         try:
             deadline = time.monotonic() + lock_wait
             while True:
@@ -532,8 +542,8 @@ class Pool:
         for vol in self.volumes.values():
             if vol.name == name and not vol.deleted:
                 return vol
-        names = ", ".join(v.name for v in self.live_volumes()) or "none"
-        raise UserError(f"no volume {name!r} in pool {self.path} (volumes: {names})")
+        raise UserError(f"no volume {name!r} in pool {self.path} "
+                        f"({_some_names([v.name for v in self.live_volumes()], name)})")
 
     def ancestry(self, vol: VolumeRecord) -> list[int]:
         """Ids from `vol` up through its parents (deleted ones included)."""
@@ -743,9 +753,9 @@ class Pool:
             return
         if self.available_chunks() < extra:
             raise _NoRoomToPromise(
-                f"cannot guarantee {vol.name!r}: it needs {extra * self.chunk_size} more bytes "
-                f"but only {max(0, self.available_chunks()) * self.chunk_size} bytes are free "
-                "and not promised to other guaranteed volumes")
+                f"cannot guarantee {vol.name!r}: it needs {format_size(extra * self.chunk_size)}"
+                f" more but only {format_size(max(0, self.available_chunks()) * self.chunk_size)}"
+                " is free and not promised to other guaranteed volumes")
         self.update_volume(vol, reserved=chunks)
         self.update_state(data_reserved=self.state.data_reserved + extra)
 
@@ -1498,6 +1508,19 @@ def _undo_create(path: Path, holder: int | None, made: bool, grown: bool,
                 d.rmdir()
 
 
+NAMES_SHOWN = 8  # a message about a missing volume lists the pool's volumes up to this
+
+
+def _some_names(names: list[str], wanted: str) -> str:
+    """The volumes a message about a missing one shows: all of a few, else a count and
+    the names closest to `wanted`."""
+    if len(names) <= NAMES_SHOWN:
+        return "volumes: " + (", ".join(names) or "none")
+    close = difflib.get_close_matches(wanted, names, n=3)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ";"
+    return f"{len(names):,} volumes{hint} 'nbdserver volume list' lists them"
+
+
 async def _ended(epochs: IoEpochs, *, reads_only: bool = False) -> None:
     """Wait until every transfer (or, `reads_only`, every read) `epochs` saw begin before
     now has ended."""
@@ -1604,8 +1627,9 @@ def _read_superblock(device: BlockDevice) -> Superblock:
             errors.append(f"copy {copy}: {e}")
     if not found:
         if absent == SUPERBLOCK_COPIES:
-            raise NotAPool("not an nbdserver pool (no superblock); create one with "
-                           "'nbdserver pool create'")
+            raise NotAPool("not an nbdserver pool (no superblock): a disk image is served "
+                           "as a file export (file: in the config); 'nbdserver pool create' "
+                           "makes a pool in a new file or on a device")
         raise FormatError("no valid superblock (" + "; ".join(errors) + ")")
     if len({sb.uuid for sb in found}) > 1:
         raise FormatError("the two superblock copies belong to different pools")

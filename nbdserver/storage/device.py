@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nbdserver.errors import UserError
+from nbdserver.sizes import format_size
 from nbdserver.storage.buffers import AlignedBuffer
 
 _BLKGETSIZE64 = 0x80081272
@@ -140,7 +141,7 @@ class BlockDevice:
             if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
                 raise UserError(f"{self.path}: this filesystem cannot preallocate a file "
                                 "(no fallocate); create the pool without preallocating") from e
-            raise UserError(f"{self.path}: cannot preallocate {self.size} bytes: "
+            raise UserError(f"{self.path}: cannot preallocate {format_size(self.size)}: "
                             f"{e.strerror}") from e
 
     @property

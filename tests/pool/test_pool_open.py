@@ -123,3 +123,23 @@ async def test_pool_env_reopen_keeps_everything(make_pool: PoolFactory) -> None:
     assert env.names() == ["a", "s"]
     assert await env.vol("s").read_all() == pattern(1, 64 * KiB)
     assert env.pool.volume("s").read_only
+
+
+async def test_a_missing_volume_is_named_with_the_pool_s_few_or_closest(
+        make_pool: PoolFactory) -> None:
+    """The message lists a pool's few volumes; of many, a count and the closest names
+    (a pool may hold a million: one line, not all of them)."""
+    env = await make_pool("radix")
+    for name in ("golden", "vm1"):
+        await env.create(name, 1 << 20)
+    with pytest.raises(UserError, match=r"no volume 'vm2' in pool .* \(volumes: golden, vm1\)"):
+        env.pool.volume("vm2")
+    for i in range(2, 12):
+        await env.create(f"vm{i}", 1 << 20)
+    with pytest.raises(UserError) as missing:
+        env.pool.volume("vm12")
+    message = str(missing.value)
+    assert "(12 volumes; did you mean 'vm2' or 'vm1' or 'vm11'?" in message, message
+    assert "'nbdserver volume list' lists them)" in message and "golden" not in message
+    with pytest.raises(UserError, match=r"\(12 volumes; 'nbdserver volume list' lists them\)"):
+        env.pool.volume("zzzzzz")

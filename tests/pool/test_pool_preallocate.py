@@ -88,7 +88,7 @@ def test_a_failed_preallocation_leaves_no_file(tmp_path: Path) -> None:
     (("--size", "1G", "--chunk-size", "3K"), 2,
      "argument --chunk-size: expected a power of two"),
     (("--size", "1G", "--chunk-size", "3K", "--preallocate"), 2, "a power of two"),
-    (("--size", "64K"), 1, "is too small: with 4 KiB chunks and room for 4096 volumes it "
+    (("--size", "64K"), 2, "is too small: with 4 KiB chunks and room for 4096 volumes it "
                            "needs at least 6377472 bytes (for example 7M)"),
 ])
 def test_a_refused_pool_create_says_why_and_leaves_nothing(

@@ -7,6 +7,7 @@ the commands print and return.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -47,6 +48,39 @@ def test_each_subcommand_has_help(name: str) -> None:
     status, out, _ = nbdserver(name, "--help")
     assert status == 0
     assert out.startswith("usage: nbdserver " + name)
+
+
+def leaf_commands() -> list[tuple[list[str], argparse.ArgumentParser]]:
+    """Every command that runs something (``serve``, ``pool create``, ...) and its parser."""
+    out: list[tuple[list[str], argparse.ArgumentParser]] = []
+
+    def walk(words: list[str], parser: argparse.ArgumentParser) -> None:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            out.append((words, parser))
+        for action in subs:
+            for name, sub in action.choices.items():
+                walk([*words, name], sub)
+
+    walk([], build_parser())
+    return out
+
+
+@pytest.mark.parametrize("words", [w for w, _ in leaf_commands()], ids=" ".join)
+def test_each_command_s_help_teaches(words: list[str]) -> None:
+    """A description of what it does, and help for every argument it takes."""
+    (parser,) = [p for w, p in leaf_commands() if w == words]
+    assert parser.description and len(parser.description) > 40, words
+    for action in parser._actions:
+        assert action.help, f"{' '.join(words)}: {action.dest} has no help"
+
+
+@pytest.mark.parametrize("args", [["serve", "-c", ""], ["check-config", ""],
+                                  ["pool", "info", ""], ["volume", "list", ""]])
+def test_an_empty_path_is_a_usage_error(args: list[str]) -> None:
+    """An unset shell variable ("$POOL") is a mistake, not the default config or '.'."""
+    status, _, err = nbdserver(*args)
+    assert status == 2 and "an empty path" in err, err
 
 
 def test_no_command_prints_usage_and_fails() -> None:
@@ -117,6 +151,8 @@ def test_check_config_json(tmp_path: Path) -> None:
     assert data["listen"][1] == {"kind": "tcp", "path": None, "host": "127.0.0.1", "port": 0,
                                  "key": "listen[1].tcp"}
     assert data["server"]["max-connections"] == 8
+    assert data["warnings"] == [f"listen[0].unix: {tmp_path / 'run'} does not exist; serve "
+                                "creates it"], data["warnings"]
 
 
 @pytest.mark.parametrize("text, needles", [
@@ -251,7 +287,7 @@ def test_pool_create_refuses_a_missing_directory_a_directory_and_a_fifo(
         assert str(path) in err and why in err and "Traceback" not in err, err
     assert not (tmp_path / "a").exists()
     status, _, err = nbdserver("pool", "create", "", "--size", "64M")
-    assert status == 1 and "the pool path is empty" in err, err
+    assert status == 2 and "argument POOL: an empty path" in err, err
     status, _, err = nbdserver("pool", "create", "/dev/null")  # (no --size: not asked for)
     assert status == 1 and "/dev/null: not a regular file or block device" in err, err
 
@@ -263,7 +299,7 @@ def test_pool_create_on_a_block_device_refuses_a_pool_or_data_there(
     --size that is not the device's is refused."""
     dev = loop_device("32M")
     status, out, err = nbdserver("pool", "create", dev, "--size", "16M")
-    assert status == 1 and "a pool takes the whole device (leave out --size)" in err, err
+    assert status == 2 and "a pool takes the whole device (leave out --size)" in err, err
     assert nbdserver("pool", "create", dev, "--blockmap", "extent")[0] == 0
     assert nbdserver("volume", "create", dev, "precious", "--size", "1M")[0] == 0
     status, out, err = nbdserver("pool", "create", dev)
