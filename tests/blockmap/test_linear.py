@@ -377,7 +377,7 @@ async def test_too_fragmented_refused(make_pool: PoolFactory) -> None:
     await vol.write(0, pattern(9, vol.size))
     assert await vol.read_all() == pattern(9, vol.size)
     assert env.pool.available_chunks() == 1
-    with pytest.raises(UserError, match="needs 8192 bytes but only 4096"):
+    with pytest.raises(UserError, match="needs 8 KiB but only 4 KiB is free"):
         await env.create("two", 2 * CHUNK)
     await env.assert_clean()
 
