@@ -409,13 +409,22 @@ def cmd_volume_defrag(args: argparse.Namespace) -> int:
     total: dict[str, Any] = {}
     try:
         while True:
-            result = run_pool_op(
-                args.pool, "volume.defrag",
-                {"name": args.name, "start": start, "limit": DEFRAG_SLICE},
-                local={"limit": None,
-                       "progress": lambda done, size, now, base=moved: progress(done, size,
-                                                                                 base + now)},
-                online=bool(total))  # (a call after the first: a server answered it)
+            try:
+                result = run_pool_op(
+                    args.pool, "volume.defrag",
+                    {"name": args.name, "start": start, "limit": DEFRAG_SLICE},
+                    local={"limit": None,
+                           "progress": lambda done, size, now, base=moved: progress(
+                               done, size, base + now)},
+                    online=bool(total))  # (a call after the first: a server answered it)
+            except UserError as e:
+                if not total:
+                    raise
+                # The server went away between two slices (a stop): say what was done.
+                raise UserError(
+                    f"defrag of {args.name!r} stopped after {format_size(start)} of "
+                    f"{format_size(total['size'])} ({format_size(moved)} moved, which "
+                    f"stays moved; run it again to finish): {e}") from None
             moved += result["moved_bytes"]
             if not total:
                 total = dict(result)

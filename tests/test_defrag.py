@@ -664,3 +664,32 @@ async def test_a_window_is_installed_within_a_journal_record(make_pool: PoolFact
     await env.reopen()
     assert await env.vol("v").read(0, len(data)) == data
     await env.assert_clean()
+
+
+def test_an_online_defrag_whose_server_stops_between_slices_says_how_far_it_got(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server stopping while the CLI defragments a large volume through it, a slice at
+    a time: the CLI cannot reach it for the next slice (nor open the pool, which the
+    server still holds while it closes). It says how far the defrag got, that what was
+    moved stays moved, and to run it again; it used to print only "no server answers"."""
+    from nbdserver.errors import UserError
+
+    calls: list[dict[str, Any]] = []
+
+    def run_pool_op(pool: str, op: str, args: dict[str, Any], local: object = None, *,
+                    online: bool = False) -> dict[str, Any]:
+        calls.append({"start": args["start"], "online": online})
+        if calls[1:]:
+            raise UserError(f"{pool}: the pool is in use by another process, and no server "
+                            "answers on its control socket")
+        return {"name": "v", "size": 3 << 30, "scanned_bytes": 1 << 30, "moved_bytes": 75 << 20,
+                "shared_bytes": 0, "no_space_bytes": 0, "seconds": 1.0, "done": False,
+                "next": 1 << 30, "before": {"extents": 9}}
+
+    monkeypatch.setattr(admin, "run_pool_op", run_pool_op)
+    with pytest.raises(UserError) as stopped:
+        admin.cmd_volume_defrag(admin.argparse.Namespace(pool="p.img", name="v", json=False))
+    assert calls == [{"start": 0, "online": False}, {"start": 1 << 30, "online": True}]
+    assert str(stopped.value).startswith(
+        "defrag of 'v' stopped after 1 GiB of 3 GiB (75 MiB moved, which stays moved; run it "
+        "again to finish): p.img: the pool is in use"), stopped.value

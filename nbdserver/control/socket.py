@@ -188,7 +188,7 @@ def call(path: Path, op: str, args: dict[str, Any], timeout: float = CLIENT_TIME
                 f"control socket {path} ({e.strerror}): another nbdserver command (wait for "
                 "it), a server exporting the file raw (a file: export), or a server that "
                 "cannot be reached (one started with another XDG_RUNTIME_DIR or user, or "
-                "stopping)") from e
+                "one still starting or stopping: try again in a moment)") from e
         data = b""
         try:
             sock.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")

@@ -850,7 +850,18 @@ class Pool:
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Future[Any]) -> None:
+        """A background commit ended: its failure was said by :meth:`_fail` (or is the
+        pool's earlier failure again, or an interruption), so it is taken here and not
+        reported again at exit as a "Task exception was never retrieved"."""
+        self._background.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None and not isinstance(error, NbdError):
+            log.error("background commit of pool %s failed", self.path, exc_info=error)
 
     async def commit(self) -> None:
         """Make every completed write and metadata change durable (FLUSH); see the module
@@ -1092,7 +1103,13 @@ class Pool:
                     self.map.clone(src, vol)
                 self._add_record(vol)
                 if src.guaranteed:  # its chunks are shared now: rewriting them needs new ones
-                    self._reserve(src, self._chunks_for(src.size))
+                    try:
+                        self._reserve(src, self._chunks_for(src.size))
+                    except _NoRoomToPromise as e:
+                        raise _NoRoomToPromise(
+                            f"cannot clone {src.name!r} into {name!r}: {src.name!r} is "
+                            "guaranteed, and once it shares its chunks each rewrite needs a "
+                            f"new one, promised now; {e}") from None
                 if vol.guaranteed:
                     try:
                         self._reserve(vol, self._chunks_for(vol.size))

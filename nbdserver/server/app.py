@@ -78,7 +78,9 @@ class NbdServer:
         # Started by socket activation: stdout then belongs to the program that started
         # us (nbdcopy may be writing an image there), so nothing is printed on it.
         self.activated = False
-        self._unix_paths: list[Path] = []
+        # Unix sockets made here, with their (device, inode): a server started on the same
+        # path while this one stops replaces the file, and its socket is not ours to remove.
+        self._unix_paths: list[tuple[Path, tuple[int, int]]] = []
         self.uris: list[tuple[str, str]] = []  # (export name, URI)
         self.pools = OpenPools(config, self.engine, self.buffers)
 
@@ -142,7 +144,8 @@ class NbdServer:
             srv = await self.loop.create_unix_server(self._new_connection, str(path), backlog=128)
         except OSError as e:
             raise UserError(f"{listener.key}: cannot listen on {path}: {e.strerror or e}") from e
-        self._unix_paths.append(path)
+        made = os.stat(path)
+        self._unix_paths.append((path, (made.st_dev, made.st_ino)))
         self._listeners.append(srv)
         self._add_uris(f"nbd+unix:///{{}}?socket={path}")
 
@@ -244,9 +247,11 @@ class NbdServer:
             except TimeoutError:
                 log.warning("stop: %d connection(s) still open; exiting anyway",
                             len(self.connections))
-        for path in self._unix_paths:
+        for path, identity in self._unix_paths:
             with contextlib.suppress(OSError):
-                path.unlink()
+                now = os.stat(path)
+                if (now.st_dev, now.st_ino) == identity:  # still ours, not a successor's
+                    path.unlink()
         self.engine.close()
         self.buffers.clear()
         return closed
@@ -264,23 +269,35 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> bool:
     # (`nohup nbdserver serve &`: it is then meant to outlive the terminal).
     hup = signal.getsignal(signal.SIGHUP) != signal.SIG_IGN
     signals = (signal.SIGTERM, signal.SIGINT) + ((signal.SIGHUP,) if hup else ())
+    started = False
+
+    def requested(sig: int) -> None:
+        # A second Ctrl-C means "now"; a repeated SIGTERM (a supervisor, a script) does not.
+        if stop.is_set():
+            if sig == signal.SIGINT:
+                _exit_now()
+            log.info("already stopping (SIGINT exits at once)")
+            return
+        stop.set()
+        if not started:  # (opening pools may take a while: a journal, a deletion to finish)
+            log.info("stop requested while starting: stopping once the pools are open "
+                     "(SIGINT again exits at once)")
+
     for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, requested, sig)
     try:
         await server.start()
     except BaseException:
         await server.stop(grace=0)
         raise
-    # The URIs go to stdout for a person or a script, unless stdout is not ours.
-    print(server.describe(), file=sys.stderr if server.activated else sys.stdout, flush=True)
+    started = True
+    if not stop.is_set():  # (no URIs for a server already asked to stop)
+        # The URIs go to stdout for a person or a script, unless stdout is not ours.
+        print(server.describe(), file=sys.stderr if server.activated else sys.stdout,
+              flush=True)
     if ready is not None:
         ready.set()
     await stop.wait()
-    # A second Ctrl-C means "now"; a repeated SIGTERM (a supervisor, a script) does not.
-    loop.add_signal_handler(signal.SIGINT, _exit_now)
-    for sig in signals:
-        if sig != signal.SIGINT:
-            loop.add_signal_handler(sig, log.info, "already stopping (SIGINT exits at once)")
     log.info("stopping: finishing in-flight requests (SIGINT again exits at once)")
     if not await server.stop():
         log.error("stopped; a pool had failed (see above): exiting with status 1")

@@ -125,6 +125,27 @@ async def test_guarantee_refused_when_the_pool_cannot_promise(make_pool: PoolFac
     assert "huge" not in env.names()
 
 
+@pytest.mark.parametrize("design", ["radix", "extent"])
+async def test_a_clone_of_a_guaranteed_volume_that_cannot_be_promised_names_both(
+        make_pool: PoolFactory, design: str) -> None:
+    """Once a guaranteed volume shares its chunks with a fork, each rewrite needs a new
+    one: the clone promises them, or is refused. The refusal names the fork being made
+    and why the source needs more (it named only the source, as if its own guarantee
+    were being asked for)."""
+    env = await make_pool(design, size=6 * MiB, small=False)
+    chunk = env.chunk_size
+    g = await env.create("g", (env.pool.available_chunks() * 6 // 10) * chunk, guarantee=True)
+    await g.write(0, pattern(2, g.size))
+    with pytest.raises(UserError) as refused:
+        await env.fork("g", "vm1")
+    message = str(refused.value)
+    assert message.startswith("cannot clone 'g' into 'vm1': 'g' is guaranteed, and once it "
+                              "shares its chunks each rewrite needs a new one"), message
+    assert "cannot guarantee 'g': it needs" in message, message
+    assert "vm1" not in env.names()
+    await env.assert_clean()
+
+
 @pytest.mark.parametrize("design", design_names())
 async def test_guaranteed_volume_keeps_writing_while_thin_one_fills_pool(
         make_pool: PoolFactory, design: str) -> None:

@@ -259,3 +259,24 @@ async def test_a_write_waiting_for_freed_space_leaves_no_count_behind_when_the_c
         await asyncio.wait_for(env.pool.clone_volume("v", "s", snapshot=True), 10)
     await env.crash()  # and a restart recovers the last durable commit
     await env.assert_clean()
+
+
+async def test_a_background_commit_of_a_failed_pool_is_not_reported_at_exit(
+        make_pool: PoolFactory, caplog: pytest.LogCaptureFixture) -> None:
+    """Background commits queued behind one that failed (or was cancelled by Ctrl-C)
+    fail again with the pool's error, which was said once already: nothing more is
+    reported when they are collected (it was "Task exception was never retrieved",
+    with a traceback, after an interrupted `volume delete`)."""
+    import gc
+
+    env = await make_pool("radix")
+    env.pool._fail("the fdatasync of a commit was cancelled", quiet=True)
+    for _ in range(2):
+        env.pool._spawn(env.pool.commit())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not env.pool._background
+    gc.collect()
+    await asyncio.sleep(0)
+    assert "never retrieved" not in caplog.text, caplog.text
+    await env.crash()  # (a failed pool recovers when opened again)

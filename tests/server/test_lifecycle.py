@@ -515,6 +515,46 @@ def test_a_signal_repeated_until_the_server_exits_changes_nothing(
     assert "Traceback" not in srv.stderr
 
 
+@pytest.mark.parametrize("twice", [False, True], ids=["once", "twice"])
+def test_a_signal_while_starting(tmp_path: Path, twice: bool) -> None:
+    """A stop asked for while the server is still opening its pools (here: waiting for
+    a pool another process holds) is said at once; the server then stops without
+    advertising URIs, and a second SIGINT exits at once (status 1, as a crash would)."""
+    import fcntl
+
+    from nbdserver.pool.pool import Pool
+
+    pool = tmp_path / "p.img"
+    Pool.create(pool, 64 << 20)
+    config = write_config(tmp_path / "c.yaml", {
+        "listen": [{"unix": str(tmp_path / "s.sock")}],
+        "pools": [{"name": "main", "path": str(pool)}],
+        "exports": [{"name": "v", "pool": "main", "volume": "v", "create": {"size": "1M"}}]})
+    with open(pool, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the server waits for it (up to 3 s)
+        proc = subprocess.Popen([sys.executable, "-m", "nbdserver", "serve", "-c", str(config)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGINT)
+            if twice:
+                time.sleep(0.3)
+                proc.send_signal(signal.SIGINT)
+                assert proc.wait(5) == 1  # at once, while the pool is still held
+            else:
+                time.sleep(0.3)
+                fcntl.flock(held, fcntl.LOCK_UN)
+                assert proc.wait(15) == 0
+            out, err = proc.communicate(timeout=5)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert "stop requested while starting" in err, err
+    assert "connect with" not in out and "nbd+unix" not in out, out
+    assert "Traceback" not in err, err
+
+
 def test_sighup_ignored_at_start_is_left_ignored(tmp_path: Path) -> None:
     """Under `nohup` (SIGHUP ignored when the server starts) a hangup does not stop it;
     SIGTERM still does."""
@@ -580,6 +620,28 @@ def test_restart_after_sigkill_reuses_stale_socket(nbd_server_factory: ServerFac
     assert recv_exact(s, 4096) == b"\xee" * 4096
     s.close()
     again.stop()
+
+
+def test_a_stopping_server_leaves_a_successor_s_socket_alone(
+        nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
+    """A server stopping slowly (an idle client keeps it up to 5 s) has closed its
+    listener, so a new server on the same path replaces the socket file and serves;
+    when the old one exits it removes its own socket only, not the successor's."""
+    first = nbd_server_factory([file_export("disk", tmp_path / "a.img", "1M")], tcp=False)
+    s = raw_socket(first.socket_path)
+    raw_handshake(s, "disk")  # idle, in transmission: the stop waits for it to close
+    first.signal(signal.SIGTERM)
+    assert wait_closed(s, 5) == b""  # stopping, its listener closed
+    second = nbd_server_factory([file_export("disk", tmp_path / "b.img", "1M")],
+                                workdir=tmp_path / "second",
+                                listen=[{"unix": first.socket_path}])
+    s.close()
+    assert first.wait(15) == 0, first.stderr
+    assert first.socket_path.exists(), "the stopping server removed its successor's socket"
+    again = raw_socket(first.socket_path)
+    raw_handshake(again, "disk")
+    again.close()
+    second.assert_alive()
 
 
 def test_socket_in_use_by_another_server(nbd_server_factory: ServerFactory,
