@@ -338,13 +338,14 @@ def cmd_volume_list(args: argparse.Namespace) -> int:
     elif not vols:
         print("no volumes")
     else:
-        rows = [["NAME", "SIZE", "PARENT", "DEPTH", "RO", "EXCLUSIVE", "SHARED"]]
+        rows = [["NAME", "SIZE", "PARENT", "DEPTH", "RO", "EXCLUSIVE", "SHARED", "IN USE"]]
         for v in vols:
             ok = not v.get("damaged")
             rows.append([v["name"], format_size(v["size"]), _parent_text(v), str(v["depth"]),
                          "yes" if v["read_only"] else "no",
                          format_size(v["exclusive_bytes"]) if ok else "?",
-                         format_size(v["shared_bytes"]) if ok else "?"])
+                         format_size(v["shared_bytes"]) if ok else "?",
+                         v.get("in_use") or "-"])
         print(_table(rows))
     for v in damaged:  # (listed all the same: the catalog is whole)
         print(f"nbdserver: error: volume {v['name']!r}: {v['damaged']} ('nbdserver pool check "

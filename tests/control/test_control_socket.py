@@ -36,6 +36,10 @@ def test_cli_goes_through_the_running_server(nbd_server_factory: ServerFactory,
     names = {v["name"] for v in json.loads(
         run([*SERVER_CMD, "volume", "list", str(pool), "--json"]).stdout)}
     assert names == {"v", "child"}
+    table = run([*SERVER_CMD, "volume", "list", str(pool)]).stdout.splitlines()
+    assert table[0].split()[-2:] == ["IN", "USE"], table
+    rows = {line.split()[0]: line for line in table[1:]}
+    assert rows["v"].endswith("export 'v'") and rows["child"].endswith(" -"), table
     refused = run([*SERVER_CMD, "volume", "delete", str(pool), "v"], check=False)
     assert refused.returncode == 1
     assert "in use" in refused.stderr and "Traceback" not in refused.stderr
