@@ -763,13 +763,18 @@ class _Parser:
             io = self.choice(v, m.sub("io"), IO_ENGINES)
         if (v := m.get("max-connections")) is not None:
             maxc = self.integer(v, m.sub("max-connections"), "a whole number of connections")
-            if maxc < 1:
-                self.fail(v, m.sub("max-connections"), f"must be at least 1, got {maxc}")
+            if not 1 <= maxc <= MAX_CONNECTIONS:
+                self.fail(v, m.sub("max-connections"),
+                          f"must be from 1 to {MAX_CONNECTIONS:,}, got {maxc}")
         if (v := m.get("handshake-timeout")) is not None:
             timeout = self.duration(v, m.sub("handshake-timeout"))
+            if timeout > MAX_TIMEOUT:
+                self.fail(v, m.sub("handshake-timeout"), _too_long(timeout))
         stop = DEFAULT_STOP_TIMEOUT
         if (v := m.get("stop-timeout")) is not None:
             stop = self.duration(v, m.sub("stop-timeout"))
+            if stop > MAX_TIMEOUT:
+                self.fail(v, m.sub("stop-timeout"), _too_long(stop))
         if (v := m.get("log-level")) is not None:
             level = self.choice(v, m.sub("log-level"), LOG_LEVELS)
         if (v := m.get("cache-size")) is not None:
@@ -1054,6 +1059,14 @@ class _Parser:
 # ----------------------------------------------------------------------------------------
 
 
+MAX_CONNECTIONS = 1_000_000  # server.max-connections at most (each is a file descriptor)
+MAX_TIMEOUT = 86_400.0  # seconds: a server timeout longer than a day is a typo
+
+
+def _too_long(seconds: float) -> str:
+    return f"at most a day ({MAX_TIMEOUT:.0f} s), got {format_duration(seconds)}"
+
+
 def _stat(path: Path) -> tuple[str, int | None]:
     """("missing"|"file"|"block"|"other"|"error: ...", size or None)."""
     try:
@@ -1076,6 +1089,13 @@ def _stat(path: Path) -> tuple[str, int | None]:
         finally:
             os.close(fd)
     return "other", None
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
 
 
 def made_by_serve(path: Path) -> bool:
@@ -1110,6 +1130,10 @@ def config_warnings(config: Config) -> list[str]:
                    "through systemd socket activation")
     if not config.exports:
         out.append("exports: no exports are configured; clients will find nothing to use")
+    memory = _physical_memory()
+    if memory is not None and config.server.cache_size > memory:
+        out.append(f"server.cache-size: {format_size(config.server.cache_size)} is more than "
+                   f"this machine's memory ({format_size(memory)})")
     for listener in config.listen:
         if listener.host is not None and not _is_ip_address(listener.host):
             try:  # (not an error: under socket activation the listeners are not used)

@@ -609,7 +609,10 @@ def test_other_numbers_must_be_decimal(tmp_path: Path, line: str, key: str,
     ("io", "thread", "did you mean 'threads'?"),
     ("log-level", "verbose", "expected one of debug, info, warning, error"),
     ("log-level", "warn", "did you mean 'warning'?"),
-    ("max-connections", "0", "must be at least 1"),
+    ("max-connections", "0", "must be from 1 to 1,000,000, got 0"),
+    ("max-connections", "99999999999999999999", "must be from 1 to 1,000,000"),
+    ("handshake-timeout", "99999999999999999999", "at most a day (86400 s)"),
+    ("stop-timeout", "25h", "at most a day (86400 s)"),
     ("max-connections", "many", "expected a whole number of connections, got 'many'"),
     ("max-connections", "1.5", "expected a whole number"),
     ("handshake-timeout", "0", "greater than zero"),
@@ -622,6 +625,13 @@ def test_other_numbers_must_be_decimal(tmp_path: Path, line: str, key: str,
 def test_bad_server_settings(tmp_path: Path, key: str, value: str, fragment: str) -> None:
     text = MINIMAL + f"server:\n  {key}: {value}\n"
     expect(tmp_path, text, f"{key}:", f"server.{key}", fragment)
+
+
+def test_a_cache_larger_than_the_machine_is_a_warning(tmp_path: Path) -> None:
+    warnings = config_warnings(load(tmp_path, MINIMAL + "server:\n  cache-size: 1P\n"))
+    assert any(w.startswith("server.cache-size: 1 PiB is more than this machine's memory")
+               for w in warnings), warnings
+    assert not config_warnings(load(tmp_path, MINIMAL + "server:\n  cache-size: 1M\n"))
 
 
 def test_server_not_a_mapping(tmp_path: Path) -> None:
