@@ -363,7 +363,7 @@ def _parse(text: str, *, source: Path | None, shown: str | None, base_dir: Path,
     except yaml.MarkedYAMLError as e:
         raise ConfigError(_yaml_error(where, text, e)) from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: invalid YAML: {e}") from None
+        raise ConfigError(f"{where}: invalid YAML: " + " ".join(str(e).split())) from None
     except RecursionError:
         raise ConfigError(f"{where}: invalid YAML: nested too deeply") from None
     if root is None:
@@ -387,7 +387,9 @@ def _yaml_error(where: str, text: str, e: yaml.MarkedYAMLError) -> str:
     if re.search(r"\btcp:\s*\[", line):
         msg += '; quote IPv6 addresses, as in tcp: "[::1]:10809"'
     elif "\t" in line[: mark.column + 1]:
-        msg += "; YAML does not allow tabs for indentation, use spaces"
+        indent = len(line) - len(line.lstrip(" \t"))
+        msg += ("; YAML does not allow tabs for indentation, use spaces"
+                if "\t" in line[:indent] else "; use spaces, not a tab, in YAML")
     return msg
 
 

@@ -382,8 +382,20 @@ def test_yaml_error_hints_at_quoting_ipv6(tmp_path: Path) -> None:
 def test_yaml_error_hints_at_tabs(tmp_path: Path) -> None:
     path = tmp_path / "x.yaml"
     path.write_text("listen:\n\t- tcp: 127.0.0.1:1\n")
-    with pytest.raises(ConfigError, match=r"x.yaml:2:\d+: invalid YAML: .*tabs"):
+    with pytest.raises(ConfigError, match=r"x.yaml:2:\d+: invalid YAML: .*tabs for indentation"):
         load_config(path)
+    path.write_text("exports:\n  - name: d\n    file:\ta.img\n")  # a tab, not indenting
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).endswith("use spaces, not a tab, in YAML"), e.value
+
+
+def test_a_file_that_is_no_text_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "x.yaml"
+    path.write_bytes(b"listen: []\n\0\0\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "invalid YAML" in str(e.value) and "\n" not in str(e.value), e.value
 
 
 def test_two_documents(tmp_path: Path) -> None:

@@ -1497,6 +1497,12 @@ def _create_exclusive(path: Path, made_dirs: list[Path] | None) -> bool:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
     except FileExistsError:
         if path.is_symlink() and not path.exists():
+            try:
+                os.stat(path)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise UserError(f"{path}: cannot create: it is a symbolic link in a loop "
+                                    "(remove the link)") from None
             raise UserError(f"{path}: cannot create: it is a symbolic link to "
                             f"{os.readlink(path)}, which does not exist (create the pool "
                             "there, or remove the link)") from None

@@ -236,6 +236,12 @@ def open_device(path: str | Path, *, read_only: bool = False,
     """
     path = Path(path)
     if not path.exists():
+        try:
+            os.stat(path)  # a reason other than absence: a loop, too long, under a file
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise UserError(f"{path}: {e.strerror}") from None
         if create_size is None:
             raise UserError(f"{path}: no such file or device")
         try:

@@ -292,6 +292,16 @@ def test_pool_create_refuses_a_missing_directory_a_directory_and_a_fifo(
     assert status == 1 and "/dev/null: not a regular file or block device" in err, err
 
 
+def test_a_symbolic_link_loop_is_named_as_one(tmp_path: Path) -> None:
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    status, _, err = nbdserver("pool", "create", tmp_path / "a", "--size", "64M")
+    assert status == 1 and "a symbolic link in a loop" in err, err
+    status, _, err = nbdserver("pool", "info", tmp_path / "a")
+    assert status == 1 and err.strip() == \
+        f"nbdserver: error: {tmp_path / 'a'}: Too many levels of symbolic links", err
+
+
 def test_pool_create_on_a_block_device_refuses_a_pool_or_data_there(
         loop_device: Callable[..., Path], tmp_path: Path) -> None:
     """A block device is used whole: a zeroed one becomes a pool; one holding a pool (its
