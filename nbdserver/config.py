@@ -64,7 +64,7 @@ resolving ``~``, relative paths and symbolic links); the same volume of a pool
 exported twice.
 
 Checks that look at the file system: a path no one could use (too long, a
-symbolic-link loop, under a regular file, not searchable) is refused; an
+symbolic-link loop, under a regular file) is refused; an
 export whose ``file`` does not exist must give a ``size`` (to create it), and a
 pool whose ``path`` does not exist must have ``create``; a ``file`` or pool
 ``path`` must not be a directory; an export's ``file`` must not be a pool's
@@ -75,6 +75,7 @@ opened.
 from __future__ import annotations
 
 import difflib
+import errno
 import ipaddress
 import os
 import re
@@ -646,12 +647,11 @@ class _Parser:
         if not p.is_absolute():
             p = self.base_dir / p
         p = Path(os.path.normpath(p))
-        try:  # a path nothing can use: too long, a loop, under a file, no permission
+        try:  # a path nothing can use: too long, a loop, under a file
             os.stat(p)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            self.fail(node, key, f"{p}: {e.strerror}")
+        except OSError as e:  # (not EACCES: serve may run as another user)
+            if e.errno in (errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR):
+                self.fail(node, key, f"{p}: {e.strerror}")
         return p
 
     def sequence(self, node: Node | None, key: str, what: str) -> list[Node]:
@@ -1151,7 +1151,7 @@ def config_warnings(config: Config) -> list[str]:
         if listener.path is not None and not listener.path.parent.exists() \
                 and listener.path.parent not in made:
             out.append(f"{listener.key}: {listener.path.parent} does not exist; serve "
-                       "creates it")
+                       "creates it (unless socket activation passes the sockets)")
     files: dict[Path, ExportConfig] = {}
     for export in config.exports:
         if export.file is None:

@@ -50,13 +50,14 @@ Snapshots and forks of an exported volume first *quiesce* it: new writes wait
 and in-flight ones finish, so the copy is a point in time and no write can
 land in a chunk after it became shared. In-flight means counted by the volume
 (``_writes``) or, for the one-chunk in-place write, which skips that count,
-inside an I/O epoch begun before the quiesce.
+inside an I/O epoch begun before the quiesce: so a quiesce also waits for the
+pool's other transfers in flight (each a device I/O: a moment).
 
 TRIM and WRITE_ZEROES unmap whole chunks (the freed chunks go back to the
 pool) and write zeros over partial ones; with NO_HOLE they write zeros. A
 FAST_ZERO that would have to write (NO_HOLE, part of a chunk, a linear
-origin's chunks its snapshots read) is refused with ENOTSUP before anything
-changes.
+origin, whose chunks snapshots may read) is refused with ENOTSUP before
+anything changes.
 FLUSH and FUA commit the pool (:meth:`nbdserver.pool.pool.Pool.commit`).
 """
 
@@ -874,7 +875,7 @@ class VolumeBackend:
             elif (offset | length) & (self.chunk - 1):
                 why = f"zeroing part of a {self.chunk}-byte chunk writes it: not fast"
             elif self.map.unmap_may_write(self.vol):
-                why = "zeroing this volume copies its chunks into its snapshots: not fast"
+                why = "zeroing this volume may write its chunks (a linear origin): not fast"
             if why is not None:
                 done(NbdError(errno.ENOTSUP, why))
                 return

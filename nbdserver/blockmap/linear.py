@@ -481,9 +481,10 @@ class LinearMap(BlockMap):
         return out
 
     def unmap_may_write(self, vol: VolumeRecord) -> bool:
-        """An origin with snapshots: a chunk one still reads is copied out and written
-        with zeros, not unmapped (see :meth:`unmap`)."""
-        return self._kind(vol) == ORIGIN and self._origin(vol).nsnap > 0
+        """An origin: a chunk a snapshot still reads, or read until lately (CLAIM, which
+        outlives the snapshot's deletion), is written with zeros, not unmapped (see
+        :meth:`unmap`); telling which would walk the range, so any origin says yes."""
+        return self._kind(vol) == ORIGIN
 
     def _unlink(self, snap: VolumeRecord, origin_id: int) -> None:
         origin = self.pool.volumes.get(origin_id)

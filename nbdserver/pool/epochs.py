@@ -26,8 +26,8 @@ oldest first, until they have none.
 The volume's one-chunk read and in-place write paths (most 4 KiB requests)
 count inline, saving two calls per request: ``epoch = epochs.current; epoch.writes
 += 1`` to begin, and to end ``epoch.writes -= 1`` then, if that was its last
-transfer and it is no longer current, ``epochs.retire()``, exactly what
-``begin_write``/``end_write`` do.
+transfer and a wait has closed it (``epoch.closed_by`` is then the tracker),
+``epoch.closed_by.retire()``, exactly what ``begin_write``/``end_write`` do.
 """
 
 from __future__ import annotations

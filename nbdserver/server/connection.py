@@ -318,10 +318,13 @@ class NbdConnection(asyncio.Protocol):
         cmd = req.command
         if cmd == Command.READ or cmd == Command.WRITE:
             self.bytes_in_flight += req.length
+        pending = self.in_flight  # (one less once this request is answered)
         try:
             self._start(backend, req)
         except Exception as e:  # a bug in a backend: this request fails, not the connection
             log.error("%s: %s failed: internal error", self.peer, cmd.name, exc_info=e)
+            if self.in_flight != pending:
+                return  # it raised after answering: once is enough
             error = NbdError(errno.EIO, f"internal error: {e}")
             if cmd == Command.READ:
                 self._read_done(req, error)

@@ -569,8 +569,6 @@ async def test_big_chunks_unmap_with_a_snapshot_and_fast_zero(make_pool: PoolFac
     old = pattern(1, origin.size)
     for pos in range(0, origin.size, 32 * MiB):  # (NBD's largest request)
         await origin.write(pos, old[pos:pos + 32 * MiB])
-    await origin.zero(0, 2 * MiB, fast_only=True)  # no snapshot yet: fast, and done
-    old = bytes(2 * MiB) + old[2 * MiB:]
     snap = await env.snapshot("o", "s")
     with pytest.raises(NbdError) as refused:
         await origin.zero(0, origin.size, fast_only=True)
@@ -579,4 +577,27 @@ async def test_big_chunks_unmap_with_a_snapshot_and_fast_zero(make_pool: PoolFac
     await origin.trim(0, origin.size)
     assert await origin.read_all() == bytes(origin.size)
     assert await snap.read_all() == old
+    await env.assert_clean()
+
+
+async def test_fast_zero_on_an_origin_is_refused_even_after_its_fork_is_gone(
+        make_pool: PoolFactory) -> None:
+    """A chunk a fork read and then wrote keeps its CLAIM mark on the origin after the
+    fork is deleted, and zeroing it writes zeros: a FAST_ZERO on an origin is refused
+    (ENOTSUP), changing nothing, with or without snapshots; a snapshot's is fast."""
+    env = await linear_pool(make_pool)
+    origin = await env.create("o", 8 * CHUNK)
+    await origin.write(0, pattern(1, 4 * CHUNK))
+    fork = await env.fork("o", "f")
+    await fork.write(0, pattern(2, CHUNK))
+    await fork.zero(2 * CHUNK, CHUNK, fast_only=True)  # a snapshot's zero: metadata only
+    assert await fork.read(0, 3 * CHUNK) == pattern(2, CHUNK) + pattern(1, 2 * CHUNK)[
+        CHUNK:2 * CHUNK] + bytes(CHUNK)
+    await env.delete("f")
+    with pytest.raises(NbdError) as refused:
+        await origin.zero(0, CHUNK, fast_only=True)
+    assert refused.value.errno == errno.ENOTSUP
+    assert await origin.read(0, 4 * CHUNK) == pattern(1, 4 * CHUNK)
+    await origin.zero(0, CHUNK)  # (not fast: done)
+    assert await origin.read(0, CHUNK) == bytes(CHUNK)
     await env.assert_clean()

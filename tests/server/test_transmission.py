@@ -207,6 +207,10 @@ class RaisingBackend:
             raise RuntimeError("a bug in the backend's write")
         self._inner.write(offset, data, fua, done)
 
+    def flush(self, done: Done) -> None:
+        done(None)  # answered, and then a bug
+        raise RuntimeError("a bug after the backend's flush answered")
+
 
 async def test_a_backend_that_raises_fails_that_request_only(tmp_path: Path,
                                                            caplog: pytest.LogCaptureFixture
@@ -235,6 +239,10 @@ async def test_a_backend_that_raises_fails_that_request_only(tmp_path: Path,
             for failed in results[1:3]:
                 assert isinstance(failed, NbdReplyError) and failed.code == c.EIO, failed
             assert await client.read(0, 4 * KiB) == data[:4 * KiB]  # still connected
+            await client.flush()  # answered once (a second reply would break the client)
+            assert await client.read(0, 4 * KiB) == data[:4 * KiB]
+            conn = next(iter(server.connections))
+            assert conn.in_flight == 0, conn.in_flight
         finally:
             await client.close()
     finally:
