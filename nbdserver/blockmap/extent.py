@@ -1107,7 +1107,10 @@ class ExtentMap(BlockMap):
 
     def release(self, vol: VolumeRecord, budget: int) -> bool:
         self._unmap_range(vol, 0, INF, max(1, budget))
-        return self._state(vol)[0] < 0
+        if self._state(vol)[0] >= 0:
+            return False
+        self._last_hint.pop(vol.id, None)  # (ids are never reused: it would stay for good)
+        return True
 
     def _unmap_range(self, vol: VolumeRecord, lo: int, hi: int, budget: int) -> int | None:
         """Unmap [lo, hi) within `budget` (and, once something is dropped, a quarter of the

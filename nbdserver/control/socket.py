@@ -25,6 +25,7 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,7 @@ class ControlServer:
         self._inode: int | None = None  # of the socket file this server made
         self._lock = asyncio.Lock()  # one operation at a time per pool
         self._clients: set[asyncio.Task[None]] = set()
+        self._running: asyncio.Task[Any] | None = None  # the client whose operation runs
 
     async def start(self) -> None:
         try:
@@ -110,7 +112,7 @@ class ControlServer:
             self._clients.add(task)
         try:
             while line := await reader.readline():
-                reply = await self._handle(line)
+                reply = await self._handle(line, gone=reader.at_eof)
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
         except (asyncio.LimitOverrunError, ValueError) as e:  # a line over MAX_REQUEST
@@ -128,7 +130,7 @@ class ControlServer:
                 self._clients.discard(task)
             writer.close()
 
-    async def _handle(self, line: bytes) -> dict[str, Any]:
+    async def _handle(self, line: bytes, gone: Callable[[], bool]) -> dict[str, Any]:
         try:
             request = json.loads(line)
             if not isinstance(request, dict) or "op" not in request:
@@ -142,7 +144,14 @@ class ControlServer:
         log.info("control: %s %s", op, args)
         try:
             async with self._lock:
-                return {"ok": True, "result": await run_op(self.pool, op, args)}
+                if gone():  # (it waited its turn: a walk of a large map may take minutes)
+                    log.info("control: %s not run: its client has gone", op)
+                    return {"ok": False, "error": "the client has gone"}
+                self._running = asyncio.current_task()
+                try:
+                    return {"ok": True, "result": await run_op(self.pool, op, args)}
+                finally:
+                    self._running = None
         except PoolDamaged as e:
             log.error("control operation %s failed: %s", op, e)
             return {"ok": False, "error": str(e)}
@@ -156,10 +165,13 @@ class ControlServer:
             return {"ok": False, "error": f"internal error: {e}"}
 
     async def stop(self) -> None:
-        """Stop listening and end the control connections (an operation under way finishes
-        first: it holds the lock)."""
+        """Stop listening and end the control connections: an operation under way
+        finishes first (it holds the lock), those waiting for their turn do not run."""
         if self._server is not None:
             self._server.close()
+        for task in list(self._clients):
+            if task is not self._running:
+                task.cancel()
         async with self._lock:
             for task in list(self._clients):
                 task.cancel()

@@ -690,3 +690,19 @@ async def test_a_pool_made_before_half_full_nodes_keeps_its_old_rules(
     await env.reopen()
     assert env.pool.map.page_bound(env.pool.volume("g")) is None
     await env.assert_clean()
+
+
+async def test_a_deleted_volume_leaves_no_placement_hint(make_pool: PoolFactory) -> None:
+    """The map's memory of where each volume last wrote forgets a deleted volume (ids are
+    never reused: endless create, write, delete cycles grew it for good)."""
+    env = await make_pool("extent")
+    for i in range(3):
+        vol = await env.create(f"v{i}", 1 * MiB)
+        await vol.write(0, pattern(i, 64 * 1024))
+        await vol.write(512 * 1024, pattern(i, 64 * 1024))  # (a map to place it by)
+        vid = env.pool.volume(f"v{i}").id
+        hints = env.pool.map._last_hint  # type: ignore[attr-defined]
+        assert vid in hints
+        await env.delete(f"v{i}")
+        assert vid not in hints, hints
+    await env.assert_clean()
