@@ -888,13 +888,7 @@ class VolumeBackend:
         try:
             end = offset + length
             if not may_trim:
-                pos = offset
-                while pos < end:
-                    n = min(ZERO_STEP, end - pos)
-                    await self._write_chunks_or_wait(epochs, pos, None, False, n)
-                    pos += n
-                    if pos < end:
-                        await self._next_epoch(epochs)
+                await self._write_zeros(epochs, offset, end)
             else:
                 chunk = self.chunk
                 first = -(-offset // chunk)
@@ -926,14 +920,20 @@ class VolumeBackend:
             async with self._locks.hold(lc, lc + count):  # no write of these chunks meanwhile
                 done, fill = await self.pool.run(partial(self.pool.unmap, self.vol, lc, count))
             for flc, fcount in fill:
-                pos, end = flc * self.chunk, (flc + fcount) * self.chunk
-                while pos < end:  # (a step may fill more than one buffer holds)
-                    n = min(ZERO_STEP, end - pos)
-                    await self._write_chunks_or_wait(epochs, pos, None, False, n)
-                    pos += n
+                await self._write_zeros(epochs, flc * self.chunk, (flc + fcount) * self.chunk)
             lc += done
             count -= done
             if count > 0:
+                await self._next_epoch(epochs)
+
+    async def _write_zeros(self, epochs: list[Epoch], pos: int, end: int) -> None:
+        """Write zeros over [pos, end), ZERO_STEP bytes at a time (one I/O buffer each),
+        with a new I/O epoch between steps."""
+        while pos < end:
+            n = min(ZERO_STEP, end - pos)
+            await self._write_chunks_or_wait(epochs, pos, None, False, n)
+            pos += n
+            if pos < end:
                 await self._next_epoch(epochs)
 
     async def _next_epoch(self, epochs: list[Epoch]) -> None:

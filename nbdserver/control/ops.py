@@ -122,24 +122,10 @@ async def volume_delete(pool: Pool, args: dict[str, Any]) -> Any:
     return {"name": args["name"], "freed_bytes": freed * chunk}
 
 
-# The fields of volume info that come from a walk of the volume's map.
-MAP_STATS = ("mapped_bytes", "exclusive_bytes", "shared_bytes", "extents", "extents_per_gib",
-             "mean_extent_bytes", "metadata_pages")
-
-
 async def volume_list(pool: Pool, args: dict[str, Any]) -> Any:
     """Every live volume's info. One whose map cannot be read (a damaged page) is still
     listed: its catalog fields, null map statistics, and `damaged` saying why."""
-    out = []
-    for vol in pool.live_volumes():
-        try:
-            out.append(await pool.volume_info(vol))
-        except FormatError as e:
-            info = pool.volume_summary(vol)
-            in_use = info.pop("in_use")
-            out.append({**info, **dict.fromkeys(MAP_STATS), "in_use": in_use,
-                        "damaged": f"damaged metadata: {e}"})
-    return out
+    return [await pool.volume_info(vol, damaged_ok=True) for vol in pool.live_volumes()]
 
 
 async def volume_info(pool: Pool, args: dict[str, Any]) -> Any:

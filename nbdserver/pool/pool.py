@@ -1328,14 +1328,24 @@ class Pool:
             "in_use": self.in_use.get(vol.id),
         }
 
-    async def volume_info(self, vol: VolumeRecord) -> dict[str, Any]:
-        """:meth:`volume_summary` and the map statistics (a walk of the volume's map)."""
-        stats = await self.volume_stats(vol)
+    async def volume_info(self, vol: VolumeRecord, *,
+                          damaged_ok: bool = False) -> dict[str, Any]:
+        """:meth:`volume_summary` and the map statistics (a walk of the volume's map).
+        `damaged_ok`: a map that cannot be read whole (a damaged page) gives null
+        statistics and a `damaged` field saying why, instead of the FormatError."""
+        try:
+            stats: MapStats | None = await self.volume_stats(vol)
+        except FormatError as e:
+            if not damaged_ok:
+                raise
+            stats, damaged = None, f"damaged metadata: {e}"
+        info = self.volume_summary(vol)
+        in_use = info.pop("in_use")  # (listed last, after the statistics)
+        if stats is None:
+            return {**info, **dict.fromkeys(MAP_STATS), "in_use": in_use, "damaged": damaged}
         chunk = self.chunk_size
         mapped = stats.mapped_chunks * chunk
         gib = vol.size / (1 << 30)
-        info = self.volume_summary(vol)
-        in_use = info.pop("in_use")
         return {
             **info,
             "mapped_bytes": mapped,
@@ -1531,6 +1541,9 @@ def _undo_create(path: Path, holder: int | None, made: bool, grown: bool,
                 d.rmdir()
 
 
+# The fields of volume_info that come from a walk of the volume's map.
+MAP_STATS = ("mapped_bytes", "exclusive_bytes", "shared_bytes", "extents", "extents_per_gib",
+             "mean_extent_bytes", "metadata_pages")
 NAMES_SHOWN = 8  # a message about a missing volume lists the pool's volumes up to this
 
 

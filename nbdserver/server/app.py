@@ -23,6 +23,7 @@ import socket
 import stat
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from nbdserver.backend.base import Backend
 from nbdserver.backend.file import FileBackend
@@ -275,7 +276,7 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> bool:
         # A second Ctrl-C means "now"; a repeated SIGTERM (a supervisor, a script) does not.
         if stop.is_set():
             if sig == signal.SIGINT:
-                _exit_now()
+                _exit_now()  # (does not return)
             log.info("already stopping (SIGINT exits at once)")
             return
         stop.set()
@@ -306,7 +307,7 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> bool:
     return True
 
 
-def _exit_now() -> None:
+def _exit_now() -> NoReturn:
     """SIGINT during a stop: exit with status 1 without waiting, as a crash would (the
     pools recover their last commit when next opened; nothing flushed is lost)."""
     log.warning("SIGINT while stopping: exiting at once, without finishing the requests in "

@@ -319,8 +319,26 @@ class NbdConnection(asyncio.Protocol):
         if cmd == Command.READ or cmd == Command.WRITE:
             self.bytes_in_flight += req.length
         pending = self.in_flight  # (one less once this request is answered)
-        try:
-            self._start(backend, req)
+        try:  # (free when nothing raises: no call added to every request)
+            if cmd == Command.READ:
+                backend.read(req.offset, req.length, lambda r: self._read_done(req, r))
+            elif cmd == Command.WRITE:
+                assert req.data is not None
+                backend.write(req.offset, req.data, req.fua, lambda e: self._done(req, e))
+            elif cmd == Command.FLUSH:
+                backend.flush(lambda e: self._done(req, e))
+            elif cmd == Command.TRIM:
+                backend.trim(req.offset, req.length, req.fua, lambda e: self._done(req, e))
+            elif cmd == Command.WRITE_ZEROES:
+                backend.zero(req.offset, req.length, may_trim=not req.no_hole,
+                             fast_only=req.fast_zero, fua=req.fua,
+                             done=lambda e: self._done(req, e))
+            elif cmd == Command.CACHE:
+                backend.cache(req.offset, req.length, lambda e: self._done(req, e))
+            elif cmd == Command.BLOCK_STATUS:
+                self._block_status(backend, req)
+            else:  # the core only emits the commands above
+                self._done(req, NbdError(22, f"unexpected command {cmd}"))
         except Exception as e:  # a bug in a backend: this request fails, not the connection
             log.error("%s: %s failed: internal error", self.peer, cmd.name, exc_info=e)
             if self.in_flight != pending:
@@ -330,29 +348,6 @@ class NbdConnection(asyncio.Protocol):
                 self._read_done(req, error)
             else:
                 self._done(req, error)
-
-    def _start(self, backend: Backend, req: Request) -> None:
-        """Hand `req` to the backend; its callback replies."""
-        cmd = req.command
-        if cmd == Command.READ:
-            backend.read(req.offset, req.length, lambda r: self._read_done(req, r))
-        elif cmd == Command.WRITE:
-            assert req.data is not None
-            backend.write(req.offset, req.data, req.fua, lambda e: self._done(req, e))
-        elif cmd == Command.FLUSH:
-            backend.flush(lambda e: self._done(req, e))
-        elif cmd == Command.TRIM:
-            backend.trim(req.offset, req.length, req.fua, lambda e: self._done(req, e))
-        elif cmd == Command.WRITE_ZEROES:
-            backend.zero(req.offset, req.length, may_trim=not req.no_hole,
-                         fast_only=req.fast_zero, fua=req.fua,
-                         done=lambda e: self._done(req, e))
-        elif cmd == Command.CACHE:
-            backend.cache(req.offset, req.length, lambda e: self._done(req, e))
-        elif cmd == Command.BLOCK_STATUS:
-            self._block_status(backend, req)
-        else:  # the core only emits the commands above
-            self._done(req, NbdError(22, f"unexpected command {cmd}"))
 
     def _read_done(self, req: Request, result: ReadResult | NbdError) -> None:
         if self.closed:

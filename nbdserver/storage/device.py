@@ -235,13 +235,14 @@ def open_device(path: str | Path, *, read_only: bool = False,
     (missing, permission, not a file or device, O_DIRECT unsupported, empty).
     """
     path = Path(path)
-    if not path.exists():
-        try:
-            os.stat(path)  # a reason other than absence: a loop, too long, under a file
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            raise UserError(f"{path}: {e.strerror}") from None
+    try:
+        os.stat(path)
+        missing = False
+    except FileNotFoundError:
+        missing = True
+    except OSError as e:  # not absent, but unusable: a loop, a name too long, under a file
+        raise UserError(f"{path}: {e.strerror}") from None
+    if missing:
         if create_size is None:
             raise UserError(f"{path}: no such file or device")
         try:
