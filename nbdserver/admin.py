@@ -196,10 +196,17 @@ def cmd_pool_create(args: argparse.Namespace) -> int:
         params = None
         if args.fanout:
             params = (args.fanout, 0, 0, 0)
-        sb = Pool.create(args.pool, args.size, blockmap=args.blockmap,
-                         chunk_size=args.chunk_size, max_volumes=args.max_volumes,
-                         map_params=params, preallocate=args.preallocate,
-                         force=args.force)
+        progress = _Progress("preallocate")
+        try:
+            sb = Pool.create(args.pool, args.size, blockmap=args.blockmap,
+                             chunk_size=args.chunk_size, max_volumes=args.max_volumes,
+                             map_params=params, preallocate=args.preallocate or False,
+                             force=args.force,
+                             progress=lambda done, total: progress.show(
+                                 f"{100.0 * done / total:5.1f}% ({format_size(done)} of "
+                                 f"{format_size(total)} zero-filled)"))
+        finally:
+            progress.finish()
     except ValueError as e:
         raise UserError(str(e)) from None
     info = run_pool_op(args.pool, "pool.info", {})
@@ -209,7 +216,8 @@ def cmd_pool_create(args: argparse.Namespace) -> int:
         kind = ""
         if Path(args.pool).is_file():
             kind = (", sparse (grows as data is written; see --preallocate)"
-                    if _sparse(args.pool) else ", preallocated")
+                    if _sparse(args.pool) else ", preallocated and zero-filled"
+                    if args.preallocate == "full" else ", preallocated")
         print(f"created pool {args.pool}: {format_size(sb.size)}{kind}, block map "
               f"{sb.blockmap}, chunk {format_size(sb.chunk_size)}, "
               f"{format_size(info['free_bytes'])} for data")
@@ -278,6 +286,17 @@ def _volume_result(args: argparse.Namespace, info: dict[str, Any], verb: str) ->
     else:
         print(f"{verb} volume {info['name']!r} ({format_size(info['size'])})")
     return EXIT_OK
+
+
+def _preallocate_mode(text: str) -> str:
+    """``--preallocate``'s mode; a pool path given right after the bare option gets a hint."""
+    from nbdserver.storage.device import PREALLOCATE_MODES
+
+    if text in PREALLOCATE_MODES:
+        return text
+    raise argparse.ArgumentTypeError(
+        f"expected falloc or full, got {text!r} (give the pool before --preallocate, or write "
+        "--preallocate=falloc)")
 
 
 def _sparse(pool: str) -> bool:
@@ -496,6 +515,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                             "nbdserver pool create pool.img --size 20G",
                             "nbdserver pool create pool.img --size 100G --blockmap extent "
                             "--preallocate",
+                            "nbdserver pool create pool.img --size 50G --preallocate=full",
                             "nbdserver pool create /dev/sdb      (the whole device)"),
                         epilog=units)
     common(p)
@@ -511,12 +531,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--max-volumes", type=_max_volumes, default=4096,
                    help="volumes the catalog holds at most, 1 to 1048576, rounded up to a "
                         "multiple of 16 (a catalog page); default 4096")
-    p.add_argument("--preallocate", action="store_true",
-                   help="allocate the whole file now (fallocate: quick, writes nothing), so "
-                        "that first writes do not wait for the filesystem to allocate blocks "
-                        "and a full host filesystem cannot fail them later; by default the "
-                        "file is sparse and grows as data is written (a block device is "
-                        "always whole)")
+    p.add_argument("--preallocate", nargs="?", const="falloc", type=_preallocate_mode,
+                   metavar="{falloc,full}",
+                   help="allocate the whole file now, so that a full host filesystem cannot "
+                        "fail a write later. falloc (the default when no mode is given): "
+                        "fallocate, quick, writes nothing, but the filesystem still converts "
+                        "each block at its first write. full: also write zeros over the whole "
+                        "file once (as long as writing the file takes; progress is shown), "
+                        "so that first writes, such as a snapshot's copy-on-write, cost what "
+                        "overwrites do, as on a block device. By default the file is sparse "
+                        "and grows as data is written (a block device is always whole)")
     p.add_argument("--force", action="store_true",
                    help="on a block device: write the new pool even over an existing pool "
                         "or other data (a file system, a partition table) in its first MiB, "

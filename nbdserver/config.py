@@ -202,13 +202,14 @@ class PoolCreate:
 
     `size` in bytes, `blockmap` one of the known block-map formats, `chunk_size`
     the allocation unit in bytes (a power of two from 4 KiB to 1 MiB),
-    `preallocate` whether to allocate the whole file at once (else it is sparse).
+    `preallocate` "" for a sparse file, "falloc" to allocate the whole file at once,
+    "full" to also write zeros over it (see BlockDevice.preallocate).
     """
 
     size: int
     blockmap: str = DEFAULT_BLOCKMAP
     chunk_size: int = DEFAULT_CHUNK_SIZE
-    preallocate: bool = False
+    preallocate: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -576,6 +577,15 @@ class _Parser:
             return str(node.value).lower() == "true"
         self.fail(node, key, f"expected true or false, got {_got(node)}")
 
+    def preallocation(self, node: Node, key: str) -> str:
+        """A pool file's preallocation: true (falloc), false (""), falloc or full."""
+        if isinstance(node, ScalarNode) and node.tag == _STR and node.value in ("falloc", "full"):
+            return str(node.value)
+        if (isinstance(node, ScalarNode) and node.tag == _BOOL
+                and node.value.lower() in ("true", "false")):
+            return "falloc" if node.value.lower() == "true" else ""
+        self.fail(node, key, f"expected true, false, falloc or full, got {_got(node)}")
+
     def yaml_int(self, node: ScalarNode, key: str, advice: str) -> int:
         """The value of a YAML integer written in decimal. YAML 1.1 also reads octal
         (``010`` is 8), hexadecimal (``0x10``), binary (``0b10``) and base 60 (``1:20``
@@ -858,9 +868,9 @@ class _Parser:
                       f"a pool of {format_size(size)} is too small: with "
                       f"{format_size(chunk)} chunks it needs at least {least} bytes "
                       f"(for example {-(-least // (1 << 20))}M)")
-        preallocate = False
+        preallocate = ""
         if (v := m.get("preallocate")) is not None:
-            preallocate = self.boolean(v, m.sub("preallocate"))
+            preallocate = self.preallocation(v, m.sub("preallocate"))
         return PoolCreate(size=size, blockmap=blockmap, chunk_size=chunk,
                           preallocate=preallocate)
 
@@ -1251,7 +1261,8 @@ def describe(config: Config) -> str:
                 lines.append(f"    does not exist yet; it will be created at "
                              f"{format_size(c.size)} with the {c.blockmap} block map and "
                              f"{format_size(c.chunk_size)} chunks"
-                             + (", preallocated" if c.preallocate else ""))
+                             + (", preallocated and zero-filled" if c.preallocate == "full"
+                                else ", preallocated" if c.preallocate else ""))
             else:
                 lines.append("    does not exist (and has no 'create')")
         else:
@@ -1310,7 +1321,7 @@ def config_to_json(config: Config) -> dict[str, Any]:
                     "stop-timeout": float, "log-level": str, "cache-size": int},
          "pools": [{"name": str, "path": str, "key": "pools[0]",
                     "create": {"size": int, "blockmap": str, "chunk-size": int,
-                               "preallocate": bool} | null}],
+                               "preallocate": false | "falloc" | "full"} | null}],
          "exports": [{"name": str, "description": str, "read-only": bool,
                       "min-block-size": int, "kind": "file" | "volume",
                       "file": str | null, "size": int | null,
@@ -1335,7 +1346,8 @@ def config_to_json(config: Config) -> dict[str, Any]:
             {"name": p.name, "path": str(p.path), "key": p.key,
              "create": None if p.create is None else {
                  "size": p.create.size, "blockmap": p.create.blockmap,
-                 "chunk-size": p.create.chunk_size, "preallocate": p.create.preallocate}}
+                 "chunk-size": p.create.chunk_size,
+                 "preallocate": p.create.preallocate or False}}
             for p in config.pools
         ],
         "exports": [

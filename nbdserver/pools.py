@@ -9,6 +9,7 @@ on first start: empty, or as a fork or snapshot of another volume.
 from __future__ import annotations
 
 import logging
+import time
 
 from nbdserver.config import Config, ExportConfig, PoolConfig, made_by_serve
 from nbdserver.control.socket import ControlServer
@@ -19,6 +20,8 @@ from nbdserver.storage.engine import IoEngine
 from nbdserver.volume import VolumeBackend
 
 log = logging.getLogger(__name__)
+
+ZERO_FILL_LOG_SECONDS = 10.0  # between log lines while a new pool file is zero-filled
 
 
 class OpenPools:
@@ -42,12 +45,21 @@ class OpenPools:
 
     async def _open(self, pc: PoolConfig) -> Pool:
         if pc.create is not None and made_by_serve(pc.path):
-            log.info("creating pool %s at %s (%s, %d bytes)", pc.name, pc.path,
-                     pc.create.blockmap, pc.create.size)
+            log.info("creating pool %s at %s (%s, %d bytes%s)", pc.name, pc.path,
+                     pc.create.blockmap, pc.create.size,
+                     ", writing zeros over it" if pc.create.preallocate == "full" else "")
+            shown = [time.monotonic()]
+
+            def progress(done: int, total: int) -> None:
+                if time.monotonic() - shown[0] >= ZERO_FILL_LOG_SECONDS:
+                    shown[0] = time.monotonic()
+                    log.info("pool %s: %d%% zero-filled", pc.name, 100 * done // total)
+
             try:
                 Pool.create(pc.path, pc.create.size, blockmap=pc.create.blockmap,
                             chunk_size=pc.create.chunk_size,
-                            preallocate=pc.create.preallocate, make_parents=True)
+                            preallocate=pc.create.preallocate, make_parents=True,
+                            progress=progress)
             except UserError as e:
                 raise UserError(f"{pc.key}.create: {e}") from e
         try:

@@ -817,7 +817,9 @@ def test_bad_volume_create(tmp_path: Path, create: str, key: str, fragment: str)
     ("{size: -1G}", "pools[0].create.size", "negative"),
     ("{size: 16K, chunk-size: 64K}", "pools[0].create.size", "too small"),
     ("{size: 20G, preallocate: yes-please}", "pools[0].create.preallocate",
-     "expected true or false"),
+     "expected true, false, falloc or full, got 'yes-please'"),
+    ("{size: 20G, preallocate: 1}", "pools[0].create.preallocate",
+     "expected true, false, falloc or full, got '1'"),
     ("{size: 20G, prealocate: true}", "pools[0].create.prealocate",
      "did you mean 'preallocate'?"),
 ])
@@ -827,13 +829,19 @@ def test_bad_pool_create(tmp_path: Path, create: str, key: str, fragment: str) -
     expect(tmp_path, text, f"create: {create}", key, fragment)
 
 
-def test_pool_create_preallocate(tmp_path: Path) -> None:
-    default = load(tmp_path, POOLED).pools[0].create
-    assert default is not None and default.preallocate is False
-    text = POOLED.replace("chunk-size: 4K}", "chunk-size: 4K, preallocate: true}")
+@pytest.mark.parametrize(("value", "mode", "shown"), [
+    ("true", "falloc", "falloc"), ("falloc", "falloc", "falloc"), ("full", "full", "full"),
+    ("false", "", False), (None, "", False)])
+def test_pool_create_preallocate(tmp_path: Path, value: str | None, mode: str,
+                                 shown: str | bool) -> None:
+    text = POOLED if value is None else POOLED.replace(
+        "chunk-size: 4K}", f"chunk-size: 4K, preallocate: {value}}}")
     config = load(tmp_path, text)
-    assert config.pools[0].create is not None and config.pools[0].create.preallocate
-    assert config_to_json(config)["pools"][0]["create"]["preallocate"] is True
+    assert config.pools[0].create is not None and config.pools[0].create.preallocate == mode
+    assert config_to_json(config)["pools"][0]["create"]["preallocate"] == shown
+    described = describe(config)
+    assert ("preallocated and zero-filled" in described) is (mode == "full")
+    assert ("preallocated" in described) is bool(mode)
 
 
 @pytest.mark.parametrize("create", ["{size: 64K}", "{size: 2M, chunk-size: 1M}",

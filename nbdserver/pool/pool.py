@@ -88,7 +88,7 @@ from nbdserver.pool.pages import PageCache
 from nbdserver.pool.space import Recount, RefTable
 from nbdserver.sizes import format_size, not_whole_sectors
 from nbdserver.storage.buffers import AlignedBuffer, BufferPool
-from nbdserver.storage.device import BlockDevice, open_device
+from nbdserver.storage.device import PREALLOCATE_MODES, BlockDevice, open_device
 from nbdserver.storage.engine import IoEngine
 
 log = logging.getLogger(__name__)
@@ -247,16 +247,22 @@ class Pool:
     def create(path: str | Path, size: int | None, *, blockmap: str = "radix",
                chunk_size: int = DEFAULT_CHUNK, map_params: tuple[int, int, int, int] | None = None,
                max_volumes: int = 4096, journal_bytes: int | None = None,
-               preallocate: bool = False, make_parents: bool = False,
-               force: bool = False) -> Superblock:
+               preallocate: bool | str = False, make_parents: bool = False,
+               force: bool = False,
+               progress: Callable[[int, int], None] | None = None) -> Superblock:
         """Write a new, empty pool to `path` (a new file, or a block device). Blocking.
-        A new file is sparse unless `preallocate` (see BlockDevice.preallocate). With
+        A new file is sparse unless `preallocate`: "falloc" (or True) allocates its
+        blocks, "full" also writes zeros over them, calling ``progress(done, total)``
+        (see BlockDevice.preallocate). With
         `make_parents`, missing directories above a new file are made (and removed
         again if the create fails); without, a missing directory is an error. A block
         device is used whole (`size` must be None or its size), and one that holds a
         pool or any other data in its first MiB is refused unless `force`."""
         if not str(path):
             raise UserError("the pool path is empty")
+        mode = "falloc" if preallocate is True else preallocate or "off"
+        if mode not in ("off", *PREALLOCATE_MODES):
+            raise ValueError(f"unknown preallocation {preallocate!r}")
         path = Path(path)
         try:
             cls = design(blockmap)
@@ -337,8 +343,8 @@ class Pool:
                 raise
         try:
             layout = plan(device.size)
-            if preallocate:
-                device.preallocate()
+            if mode != "off":
+                device.preallocate(full=mode == "full", progress=progress)
             head = layout.meta_start * PAGE_SIZE
             if device.is_block_device:
                 device.write_zeroes(0, head, may_deallocate=False)

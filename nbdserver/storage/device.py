@@ -20,7 +20,11 @@ A new file is sparse: the filesystem allocates its blocks as they are first
 written. ``preallocate`` allocates them all at once (``fallocate``, mode 0: no
 data is written, the blocks read as zeros), so that a first write does not wait
 for the filesystem's allocator and a full host filesystem cannot fail a write
-later.
+later. Such blocks are *unwritten* extents (ext4, XFS): the first write to each
+still makes the filesystem convert its extent, a journalled change that cost
+ext4 about three times the CPU of an overwrite (docs/benchmarks.md, Run T).
+``preallocate(full=True)`` also writes zeros over the whole file, once, so that
+every later write is an overwrite, as on a block device.
 
 Trimming and zeroing map to ``fallocate`` (punch hole / zero range) on files
 and to the ``BLKDISCARD`` / ``BLKZEROOUT`` ioctls on block devices. These block,
@@ -35,6 +39,7 @@ import fcntl
 import os
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +55,8 @@ _BLKROTATIONAL = 0x127E
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
+ZERO_FILL_STEP = 8 << 20  # bytes per write of preallocate(full=True)
+PREALLOCATE_MODES = ("falloc", "full")  # a pool file's: fallocate only; and zeros written
 
 _STATX_DIOALIGN = 0x2000
 _AT_EMPTY_PATH = 0x1000
@@ -130,19 +137,44 @@ class BlockDevice:
         finally:
             buf.close()
 
-    def preallocate(self) -> None:
-        """Allocate every block of a file now (no-op on a block device); UserError if the
-        filesystem cannot (no ``fallocate``) or has no room."""
+    def preallocate(self, *, full: bool = False,
+                    progress: Callable[[int, int], None] | None = None) -> None:
+        """Allocate every block of a file now (no-op on a block device); with `full`, then
+        write zeros over all of it, calling ``progress(done, total)`` every ZERO_FILL_STEP
+        bytes. UserError if the filesystem cannot (no ``fallocate``) or has no room."""
         if self.is_block_device:
             return
         try:
-            fallocate(self.fd, 0, 0, self.size)
+            fallocate(self.fd, 0, 0, self.size)  # room first: no GiB written in vain
         except OSError as e:
             if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
                 raise UserError(f"{self.path}: this filesystem cannot preallocate a file "
                                 "(no fallocate); create the pool without preallocating") from e
             raise UserError(f"{self.path}: cannot preallocate {format_size(self.size)}: "
                             f"{e.strerror}") from e
+        if full:
+            self._fill_zeros(progress)
+
+    def _fill_zeros(self, progress: Callable[[int, int], None] | None) -> None:
+        """Write zeros over the whole file (its blocks become written extents)."""
+        buf = AlignedBuffer(ZERO_FILL_STEP, ZERO_FILL_STEP.bit_length() - 1)
+        try:
+            done = 0
+            while done < self.size:
+                n = min(ZERO_FILL_STEP, self.size - done)
+                try:
+                    wrote = os.pwritev(self.fd, [buf.view[:n]], done)
+                except OSError as e:
+                    raise UserError(f"{self.path}: cannot write zeros at "
+                                    f"{format_size(done)}: {e.strerror}") from e
+                if wrote != n:
+                    raise UserError(f"{self.path}: short write of zeros at "
+                                    f"{format_size(done)}")
+                done += n
+                if progress is not None:
+                    progress(done, self.size)
+        finally:
+            buf.close()
 
     @property
     def allocated(self) -> int:

@@ -1,10 +1,13 @@
-"""Preallocated pools: ``pool create --preallocate`` and ``create: {preallocate: true}``.
+"""Preallocated pools: ``pool create --preallocate[=full]`` and ``create: {preallocate:
+true | falloc | full}``.
 
 A new pool file is sparse by default; preallocating allocates every block at once
 (fallocate), so that first writes into fresh chunks do not wait for the
-filesystem, and the host filesystem cannot fail them later. The pool itself must
-work the same either way: written through a real server with qemu-io, snapshotted
-(first writes after it go into fresh, never-written chunks), read back, checked.
+filesystem, and the host filesystem cannot fail them later; ``full`` also writes
+zeros over the file, so that no block is left an unwritten extent (checked with
+FIEMAP). The pool itself must work the same either way: written through a real
+server with qemu-io, snapshotted (first writes after it go into fresh chunks),
+read back, checked.
 """
 
 from __future__ import annotations
@@ -12,8 +15,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
+import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +41,37 @@ def allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
 
+_FS_IOC_FIEMAP = 0xC020660B
+_FIEMAP_FLAG_SYNC = 0x1
+_FIEMAP_EXTENT_LAST = 0x1
+_FIEMAP_EXTENT_UNWRITTEN = 0x800
+_FIEMAP_HEAD = struct.Struct("=QQIIII")  # start, length, flags, mapped, count, reserved
+_FIEMAP_EXTENT = struct.Struct("=QQQQQIIII")  # logical, physical, length, 2 reserved, flags
+
+
+def extents(path: Path) -> list[tuple[int, int, bool]]:
+    """The file's extents from FIEMAP: (logical offset, length, unwritten)."""
+    out: list[tuple[int, int, bool]] = []
+    start = 0
+    with open(path, "rb") as f:
+        while True:
+            count = 256
+            buf = bytearray(_FIEMAP_HEAD.size + count * _FIEMAP_EXTENT.size)
+            _FIEMAP_HEAD.pack_into(buf, 0, start, (1 << 64) - 1 - start, _FIEMAP_FLAG_SYNC,
+                                   0, count, 0)
+            fcntl.ioctl(f.fileno(), _FS_IOC_FIEMAP, buf)
+            mapped = _FIEMAP_HEAD.unpack_from(buf, 0)[3]
+            last = False
+            for i in range(mapped):
+                logical, _, length, _, _, flags, *_ = _FIEMAP_EXTENT.unpack_from(
+                    buf, _FIEMAP_HEAD.size + i * _FIEMAP_EXTENT.size)
+                out.append((logical, length, bool(flags & _FIEMAP_EXTENT_UNWRITTEN)))
+                start = logical + length
+                last = bool(flags & _FIEMAP_EXTENT_LAST)
+            if last or not mapped:
+                return out
+
+
 def test_create_preallocates_only_when_asked(tmp_path: Path) -> None:
     sparse, whole = tmp_path / "sparse.pool", tmp_path / "whole.pool"
     Pool.create(sparse, 64 * MiB)
@@ -42,6 +79,66 @@ def test_create_preallocates_only_when_asked(tmp_path: Path) -> None:
     assert allocated(sparse) < 8 * MiB  # the head pages only
     assert allocated(whole) >= 64 * MiB
     assert sparse.stat().st_size == whole.stat().st_size == 64 * MiB
+
+
+def test_full_preallocation_leaves_no_unwritten_block(tmp_path: Path) -> None:
+    """falloc leaves the data area unwritten extents (each first write converts one);
+    full writes zeros over the whole file, with progress, and leaves none."""
+    falloc, full = tmp_path / "falloc.pool", tmp_path / "full.pool"
+    Pool.create(falloc, 64 * MiB, preallocate="falloc")
+    seen: list[tuple[int, int]] = []
+    Pool.create(full, 64 * MiB, preallocate="full",
+                progress=lambda done, total: seen.append((done, total)))
+    unwritten = sum(n for _, n, u in extents(falloc) if u)
+    assert unwritten > 60 * MiB, extents(falloc)[:4]
+    whole = extents(full)
+    assert sum(n for _, n, _ in whole) == 64 * MiB
+    assert not [e for e in whole if e[2]], whole
+    assert seen and seen[-1] == (64 * MiB, 64 * MiB)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    for pool in (falloc, full):  # both are pools, and empty ones
+        r = cli("pool", "check", pool, "--json")
+        assert r.returncode == 0 and json.loads(r.stdout)["ok"] is True, r.stdout + r.stderr
+    with pytest.raises(ValueError, match="unknown preallocation 'fulll'"):
+        Pool.create(tmp_path / "x.pool", 64 * MiB, preallocate="fulll")
+    assert not (tmp_path / "x.pool").exists()
+
+
+def test_cli_full_preallocation(tmp_path: Path) -> None:
+    pool = tmp_path / "p.pool"
+    r = cli("pool", "create", pool, "--size", "64M", "--preallocate=full")
+    assert r.returncode == 0, r.stderr
+    assert "64 MiB, preallocated and zero-filled" in r.stdout, r.stdout
+    assert not [e for e in extents(pool) if e[2]]
+    # a bare --preallocate followed by the pool: the mode it took is explained, nothing made
+    other = tmp_path / "q.pool"
+    r = cli("pool", "create", "--preallocate", other, "--size", "64M")
+    assert r.returncode == 2
+    assert f"expected falloc or full, got '{other}'" in r.stderr, r.stderr
+    assert "--preallocate=falloc" in r.stderr
+    assert not other.exists()
+    r = cli("pool", "create", other, "--size", "64M", "--preallocate=zeros")
+    assert r.returncode == 2 and "expected falloc or full, got 'zeros'" in r.stderr
+    help_text = cli("pool", "create", "--help").stdout
+    assert "--preallocate [{falloc,full}]" in help_text and "write zeros" in help_text
+
+
+def test_interrupted_zero_fill_leaves_no_file(tmp_path: Path) -> None:
+    """Ctrl-C while a 2 GiB pool file is being zero-filled: the half-made file is removed
+    (the fill starts once fallocate has allocated every block: then the signal comes)."""
+    pool = tmp_path / "big.pool"
+    proc = subprocess.Popen([sys.executable, "-m", "nbdserver", "pool", "create", str(pool),
+                             "--size", "2G", "--preallocate=full"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (pool.exists() and allocated(pool) >= 2 << 30):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out, err)
+    assert not pool.exists()
+    assert "created pool" not in out
 
 
 def test_cli_reports_allocation(tmp_path: Path) -> None:
@@ -127,14 +224,16 @@ def test_create_over_an_empty_file_another_process_holds_leaves_it_alone(
     assert r.returncode == 0, r.stderr
 
 
-def test_preallocated_pool_serves_first_writes(tmp_path: Path,
+@pytest.mark.parametrize("mode", [True, "full"])
+def test_preallocated_pool_serves_first_writes(tmp_path: Path, mode: bool | str,
                                                nbd_server_factory: ServerFactory) -> None:
     pool = tmp_path / "p.pool"
     srv = nbd_server_factory(
         [{"name": "vm", "pool": "main", "volume": "vm", "create": {"size": "16M"}}],
         pools=[{"name": "main", "path": pool,
-                "create": {"size": "64M", "preallocate": True}}])
+                "create": {"size": "64M", "preallocate": mode}}])
     assert allocated(pool) >= 64 * MiB
+    assert bool([e for e in extents(pool) if e[2]]) is (mode is True)  # unwritten extents
     uri = srv.unix_uri("vm")
     run(["qemu-io", "-f", "raw", "-c", "write -P 0x11 0 16M", uri])
     r = cli("volume", "snapshot", pool, "vm", "golden")
