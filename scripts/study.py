@@ -29,10 +29,13 @@ rotating) so that a noisy neighbour hits every design alike, and writes
    deleting the fork against its exclusive bytes (and ``pool check``).
 6. **VM boot from a fork**, per design, from ``scripts/vm-demo`` when present.
 
-Pools are preallocated (``pool create --preallocate``), as a block device is
-whole, so that first writes do not also measure the filesystem's block
-allocator; ``--sparse`` makes them sparse files instead. (Experiment 4's pools,
-sized for 1 TiB volumes, stay sparse: they hold little data.)
+Pools are zero-filled files (``pool create --preallocate=full``): every block
+written once, as on a block device, so that first writes do not also measure
+the filesystem (allocating a block of a sparse file, or converting an unwritten
+extent of an fallocated one: about three times the CPU of an overwrite on ext4,
+docs/benchmarks.md Run T). ``--pools falloc`` or ``--pools sparse`` measure
+those instead. (Experiment 4's pools, sized for 1 TiB volumes, stay sparse: they
+hold little data.)
 
 ``--quick`` runs small sizes and few points (about 2-3 minutes) to check that
 everything works; its output goes to ``study-work/quick/`` unless ``--out`` is
@@ -70,6 +73,7 @@ REPO = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 CHUNK = 4 * KiB  # the pools' chunk size (the default)
+POOL_FILES = {"full": "zero-filled", "falloc": "preallocated", "sparse": "sparse"}  # --pools
 SERVER_TIMEOUT = 120.0  # seconds a server may take to open its pool and listen
 QCOW2 = "qcow2"  # the anchor's name in the tables
 FLAT_TOLERANCE = 0.10
@@ -283,7 +287,7 @@ def wait_listening(server: Server, timeout: float = SERVER_TIMEOUT) -> None:
 class Workspace:
     """Where a run keeps its files: pools on the study dir, sockets in a short temp dir."""
 
-    def __init__(self, root: Path, keep: bool, preallocate: bool = True) -> None:
+    def __init__(self, root: Path, keep: bool, preallocate: str = "full") -> None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         self.dir = root.resolve() / f"run-{stamp}"
         self.dir.mkdir(parents=True)
@@ -311,14 +315,14 @@ class Workspace:
 
     def create_pool(self, name: str, design: str, size: int, *,
                     sparse: bool = False) -> Path:
-        """A new pool file: preallocated unless the run asked for sparse pools (--sparse),
-        or `sparse` (experiment 4's pools, sized for 1 TiB volumes, hold little data)."""
+        """A new pool file, preallocated as --pools says, or sparse if `sparse` (experiment
+        4's pools, sized for 1 TiB volumes, hold little data)."""
         pool = self.path(f"{name}.pool")
         self.remove(pool)
         from nbdserver.pool.pool import Pool
 
-        # what `nbdserver pool create [--preallocate]` does
-        Pool.create(pool, size, blockmap=design, preallocate=self.preallocate and not sparse)
+        # what `nbdserver pool create [--preallocate[=full]]` does
+        Pool.create(pool, size, blockmap=design, preallocate="" if sparse else self.preallocate)
         return pool
 
     def create_volume(self, pool: Path, name: str, size: int) -> float:
@@ -1065,6 +1069,15 @@ def judge(results: dict[str, Any], designs: list[str]) -> list[dict[str, Any]]:
                                 "detail": f"largest deviation from the median "
                                           f"{fl['max_dev']:.0%} over {fl['points']} points; "
                                           f"last/first {fl['last_over_first']:.2f}"})
+            if key in ("iops", "vs_base") and s[0][0] == 0 and s[-1][0] > 0 and s[0][1]:
+                # the issue's own targets: the most snapshots (the deepest fork) against none
+                ratio = s[-1][1] / s[0][1]
+                label = (f"4 KiB writes with {s[-1][0]} snapshots >= 0.9x none"
+                         if exp == "snapshots" else
+                         f"4 KiB reads at fork depth {s[-1][0]} >= 0.9x depth 0"
+                         + (" (paired with the base read)" if key == "vs_base" else ""))
+                targets.append({"target": f"{design}: {label}", "met": ratio >= 0.9,
+                                "detail": f"{s[-1][1]:,.2f} / {s[0][1]:,.2f} = {ratio:.2f}x"})
             if exp == "snapshots":
                 s1 = [pt for pt in s if pt[0] >= 1]
                 fl1 = flatness(s1)
@@ -1729,10 +1742,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="where pools and images go (a real disk, not tmpfs); created if need "
                         "be")
     p.add_argument("--keep", action="store_true", help="keep the pools, images and logs")
-    p.add_argument("--sparse", action="store_true",
-                   help="pools in sparse files (`pool create` without --preallocate): first "
-                        "writes then also wait for the filesystem to allocate blocks; by "
-                        "default the pools are preallocated, as a block device is")
+    p.add_argument("--pools", choices=("full", "falloc", "sparse"), default="full",
+                   help="pool files: full (the default) zero-filled, every block written "
+                        "once as on a block device (`pool create --preallocate=full`); "
+                        "falloc allocated but unwritten (`--preallocate`), so that each first "
+                        "write also converts a filesystem extent; sparse (no --preallocate): "
+                        "each first write also allocates a block")
     p.add_argument("--render", type=argtypes.in_file, metavar="JSON",
                    help="measure nothing: write the report (and plots) again from the JSON "
                         "of an earlier run (--json FILE)")
@@ -1836,7 +1851,7 @@ def main(argv: list[str] | None = None) -> int:
         raise StudyError(f"--dir {args.dir} is on {kind}; O_DIRECT figures need a real disk")
     free = shutil.disk_usage(args.dir).free
     need = 2 * GiB if args.quick else 12 * GiB
-    if not args.sparse:
+    if args.pools != "sparse":
         need += params.pool_size  # one preallocated pool at a time
     if free < need:
         raise StudyError(f"--dir {args.dir} has {human(free)} free; the study needs about "
@@ -1849,13 +1864,13 @@ def main(argv: list[str] | None = None) -> int:
                                            "--dirty"]),
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "quick": args.quick, "rounds": args.rounds,
-        "pools": "sparse" if args.sparse else "preallocated",
+        "pools": POOL_FILES[args.pools],
         "command": " ".join(["scripts/study.py", *(sys.argv[1:] if argv is None else argv)]),
     }
     log(f"study: designs {', '.join(args.design_list)}, experiments "
         f"{','.join(map(str, sorted(args.exp)))}, {'quick' if args.quick else 'full'} "
         f"({human(params.region)} volumes, {params.seconds}s runs) in {args.dir}")
-    ws = Workspace(args.dir, args.keep, preallocate=not args.sparse)
+    ws = Workspace(args.dir, args.keep, preallocate="" if args.pools == "sparse" else args.pools)
     study = Study(args, params, ws, args.design_list)
     try:
         if 1 in args.exp:

@@ -39,7 +39,7 @@ def test_study_quick_run_writes_report_and_plots(tmp_path: Path) -> None:
         [sys.executable, str(REPO / "scripts" / "study.py"), "--quick", "--designs",
          "radix,extent,linear", "--experiments", "1,4", "--no-qcow2", "--snapshot-counts",
          "0,1", "--seconds", "1", "--region", "16M", "--dir", str(tmp_path / "work"),
-         "--out", str(report), "--json", str(data)],
+         "--pools", "falloc", "--out", str(report), "--json", str(data)],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(data.read_text())
@@ -50,7 +50,7 @@ def test_study_quick_run_writes_report_and_plots(tmp_path: Path) -> None:
         assert design in doc["results"]["creation"]
     text = report.read_text()
     assert "radix" in text and "extent" in text and "linear" in text
-    # the pools of experiments 1-3 are preallocated (as a device is), unless --sparse
+    # the pools of experiments 1-3 are as --pools says (zero-filled by default)
     assert doc["machine"]["pools"] == "preallocated"
     assert "Each pool is a preallocated file" in text
     plots = list((tmp_path / "study").glob("*.png"))
