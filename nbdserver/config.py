@@ -82,7 +82,7 @@ import re
 import socket
 import stat
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
@@ -287,6 +287,21 @@ class Config:
     server: ServerSettings
     pools: tuple[PoolConfig, ...]
     exports: tuple[ExportConfig, ...]
+    # where each key path was written, for errors found later (see :meth:`at`)
+    shown: str = field(default="", compare=False, repr=False)
+    key_lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def at(self, key: str) -> str:
+        """`key` as load errors name it, ``"FILE:LINE: key"``, for a problem ``serve``
+        finds later (a volume missing from its pool, a socket in use); the line of the
+        nearest enclosing key written in the file, or just `key`."""
+        probe = key
+        while probe:
+            line = self.key_lines.get(probe)
+            if line is not None and self.shown:
+                return f"{self.shown}:{line}: {key}"
+            probe = probe[:max(probe.rfind("."), probe.rfind("["), 0)]
+        return key
 
     def pool_named(self, name: str) -> PoolConfig | None:
         """The pool called `name`, or None."""
@@ -475,6 +490,10 @@ class _Map:
                                 f"unknown key (merged with <<); {_suggest(key_node.value, valid)}"
                                 f"valid keys here: {_one_of(valid)}")
                 self.items.setdefault(key_node.value, (key_node, value_node))
+        if path:
+            parser.lines.setdefault(path, node.start_mark.line + 1)
+        for key, (written, _) in self.items.items():
+            parser.lines.setdefault(_join(path, key), written.start_mark.line + 1)
 
     def _own(self, node: MappingNode) -> Iterator[tuple[ScalarNode, Node]]:
         seen: dict[str, Node] = {}
@@ -534,6 +553,7 @@ class _Parser:
     def __init__(self, where: str, base_dir: Path, socket_activation: bool,
                  blockmaps: tuple[str, ...]) -> None:
         self.where = where
+        self.lines: dict[str, int] = {}  # key path -> line (Config.key_lines)
         self.base_dir = base_dir
         self.socket_activation = socket_activation
         self.blockmaps = blockmaps
@@ -684,7 +704,8 @@ class _Parser:
         pools = self.pools(top.get("pools"))
         exports = self.exports(top.get("exports"), pools)
         return Config(source=source, listen=listen, server=server, pools=pools,
-                      exports=exports)
+                      exports=exports, shown=self.where if source is not None else "",
+                      key_lines=self.lines)
 
     def listeners(self, top: _Map) -> tuple[Listener, ...]:
         node = top.get("listen")

@@ -61,13 +61,13 @@ class OpenPools:
                             preallocate=pc.create.preallocate, make_parents=True,
                             progress=progress)
             except UserError as e:
-                raise UserError(f"{pc.key}.create: {e}") from e
+                raise UserError(f"{self.config.at(pc.key + '.create')}: {e}") from e
         try:
             return await Pool.open(pc.path, self.engine, self.buffers,
                                    cache_bytes=self.config.server.cache_size,
                                    lock_wait=SERVER_LOCK_WAIT_SECONDS)
         except UserError as e:
-            raise UserError(f"{pc.key}: {e}") from e
+            raise UserError(f"{self.config.at(pc.key)}: {e}") from e
 
     async def backend(self, ec: ExportConfig) -> VolumeBackend:
         assert ec.pool is not None and ec.volume is not None
@@ -76,7 +76,8 @@ class OpenPools:
         if not any(v.name == name for v in pool.live_volumes()):
             create = ec.create
             if create is None:
-                raise UserError(f"{ec.key}.volume: no volume {name!r} in pool {ec.pool!r} "
+                raise UserError(f"{self.config.at(ec.key + '.volume')}: no volume {name!r} "
+                                f"in pool {ec.pool!r} "
                                 "(create it with 'nbdserver volume create', or give "
                                 "'create: {size: ...}' in the export)")
             try:
@@ -87,11 +88,12 @@ class OpenPools:
                 elif create.snapshot is not None:
                     await pool.clone_volume(create.snapshot, name, snapshot=True)
             except UserError as e:
-                raise UserError(f"{ec.key}.create: {e}") from e
+                raise UserError(f"{self.config.at(ec.key + '.create')}: {e}") from e
             log.info("created volume %r in pool %r for export %r", name, ec.pool, ec.name)
         vol = pool.volume(name)
         if vol.id in pool.in_use:
-            raise UserError(f"{ec.key}: volume {name!r} is already exported "
+            raise UserError(f"{self.config.at(ec.key)}: volume {name!r} is already "
+                            "exported "
                             f"({pool.in_use[vol.id]})")
         return VolumeBackend(pool, vol, read_only=ec.read_only, description=ec.description,
                              user=f"export {ec.name!r}")

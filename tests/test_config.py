@@ -1268,3 +1268,19 @@ def test_existing_files_that_serve_would_cut_are_warned_about(tmp_path: Path) ->
 def test_deeply_nested_yaml_is_a_one_line_error(tmp_path: Path) -> None:
     msg = error(tmp_path, "a: " + "[" * 2000 + "]" * 2000 + "\n")
     assert "nested too deeply" in msg, msg
+
+
+def test_config_at_names_where_a_key_was_written(tmp_path: Path) -> None:
+    """Config.at: the line of the key, else of the nearest enclosing key written; a config
+    parsed from text with no file gives the bare key."""
+    text = ("listen: [{unix: s.sock}]\n"
+            "exports:\n"
+            "  - name: v\n"
+            "    file: v.img\n"
+            "    size: 1M\n")
+    config = parse_config(text, source=tmp_path / "c.yaml")
+    assert config.at("exports[0].file") == f"{tmp_path / 'c.yaml'}:4: exports[0].file"
+    assert config.at("exports[0].create.fork") == \
+        f"{tmp_path / 'c.yaml'}:3: exports[0].create.fork"
+    assert config.at("listen[0].unix") == f"{tmp_path / 'c.yaml'}:1: listen[0].unix"
+    assert parse_config(text, base_dir=tmp_path).at("exports[0].file") == "exports[0].file"

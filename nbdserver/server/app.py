@@ -98,12 +98,13 @@ class NbdServer:
             try:
                 device = open_device(ec.file, read_only=ec.read_only, create_size=ec.size)
             except UserError as e:
-                raise UserError(f"{ec.key}: {e}") from e
+                raise UserError(f"{self.config.at(ec.key)}: {e}") from e
             try:  # shared with other raw exports; a pool's lock (exclusive) conflicts
                 fcntl.flock(device.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
                 device.close()
-                raise UserError(f"{ec.key}.file: {ec.file} is in use by another process "
+                raise UserError(f"{self.config.at(ec.key + '.file')}: {ec.file} is in use "
+                                "by another process "
                                 "that locks it (a server that has it open as a pool?); "
                                 "a pool's volumes are exported with pool: and "
                                 "volume:") from None
@@ -130,21 +131,24 @@ class NbdServer:
         path = listener.path
         if path.exists() or path.is_symlink():
             if not stat.S_ISSOCK(path.lstat().st_mode):
-                raise UserError(f"{listener.key}: {path} exists and is not a socket")
+                raise UserError(f"{self.config.at(listener.key)}: {path} exists and is not "
+                                "a socket")
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 probe.connect(str(path))
             except OSError:
                 path.unlink()  # a stale socket left by a server that died
             else:
-                raise UserError(f"{listener.key}: {path} is in use by another server")
+                raise UserError(f"{self.config.at(listener.key)}: {path} is in use by "
+                                "another server")
             finally:
                 probe.close()
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             srv = await self.loop.create_unix_server(self._new_connection, str(path), backlog=128)
         except OSError as e:
-            raise UserError(f"{listener.key}: cannot listen on {path}: {e.strerror or e}") from e
+            raise UserError(f"{self.config.at(listener.key)}: cannot listen on {path}: "
+                            f"{e.strerror or e}") from e
         made = os.stat(path)
         self._unix_paths.append((path, (made.st_dev, made.st_ino)))
         self._listeners.append(srv)
@@ -158,7 +162,8 @@ class NbdServer:
         except OSError as e:
             why = ("address already in use" if e.errno == errno.EADDRINUSE
                    else e.strerror or str(e))
-            raise UserError(f"{listener.key}: cannot listen on {host}:{port}: {why}") from e
+            raise UserError(f"{self.config.at(listener.key)}: cannot listen on "
+                            f"{host}:{port}: {why}") from e
         self._listeners.append(srv)
         for sock in srv.sockets:
             addr = sock.getsockname()

@@ -675,7 +675,7 @@ def test_tcp_port_in_use_names_the_listener(tmp_path: Path) -> None:
         proc = serve_once(cfg)
         line = assert_clean_error(proc, "listen[1].tcp", "address already in use",
                                   f"127.0.0.1:{port}")
-        assert line.startswith("nbdserver: error: listen[1].tcp")
+        assert line.startswith(f"nbdserver: error: {cfg}:3: listen[1].tcp")
         assert not sock.exists(), "the Unix socket opened first was left behind"
     finally:
         holder.close()
@@ -755,7 +755,7 @@ def test_o_direct_refused_is_a_clear_error(tmp_path: Path) -> None:
                 f"mount -t ramfs ramfs '{mnt}' && exec {server}"], check=False, timeout=30)
     line = assert_clean_error(proc, "exports[0]", str(image), "O_DIRECT", status=1)
     assert "Traceback" not in proc.stdout
-    assert line.startswith("nbdserver: error: exports[0]")
+    assert line.startswith(f"nbdserver: error: {cfg}:4: exports[0]: "), line
     assert not image.exists()  # it was on the ramfs, gone with the namespace
 
 
@@ -902,3 +902,29 @@ def test_a_pool_another_server_has_open_cannot_be_exported_raw(
     assert f"error: {pool}: " in busy.stderr and "exporting the file raw" in busy.stderr
     raw.stop()
     run([*SERVER_CMD, "volume", "create", pool, "w", "--size", "1M"])  # free again
+
+
+def test_serve_time_errors_name_the_config_file_and_line(
+        nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
+    """What only serve can find (a volume gone from its pool since the config was checked,
+    a socket another server listens on) is named as check-config names its errors:
+    FILE:LINE: key."""
+    pool = tmp_path / "pool.img"
+    run([*SERVER_CMD, "pool", "create", pool, "--size", "64M"])
+    owner = nbd_server_factory([file_export("f", tmp_path / "f.img", "1M")])
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"listen:\n  - unix: {tmp_path / 'own.sock'}\n"
+                   f"pools:\n  - name: p\n    path: {pool}\n"
+                   "exports:\n  - name: vm\n    pool: p\n    volume: nosuch\n")
+    proc = run([*SERVER_CMD, "serve", "-c", cfg], check=False, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert f"{cfg}:9: exports[0].volume: no volume 'nosuch' in pool 'p'" in proc.stderr, \
+        proc.stderr
+    cfg.write_text(f"listen:\n  - unix: {owner.socket_path}\n"
+                   f"exports:\n  - name: f\n    file: {tmp_path / 'g.img'}\n    size: 1M\n")
+    proc = run([*SERVER_CMD, "serve", "-c", cfg], check=False, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert f"{cfg}:2: listen[0].unix: {owner.socket_path} is in use by another server" \
+        in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    owner.stop()
