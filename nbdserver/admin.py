@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import signal
 import stat
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from nbdserver.errors import UsageError, UserError
+from nbdserver.errors import Interrupted, UsageError, UserError
 from nbdserver.sizes import format_size, not_whole_sectors, parse_size
 
 EXIT_OK = 0
@@ -198,13 +201,14 @@ def cmd_pool_create(args: argparse.Namespace) -> int:
             params = (args.fanout, 0, 0, 0)
         progress = _Progress("preallocate")
         try:
-            sb = Pool.create(args.pool, args.size, blockmap=args.blockmap,
-                             chunk_size=args.chunk_size, max_volumes=args.max_volumes,
-                             map_params=params, preallocate=args.preallocate or False,
-                             force=args.force,
-                             progress=lambda done, total: progress.show(
-                                 f"{100.0 * done / total:5.1f}% ({format_size(done)} of "
-                                 f"{format_size(total)} zero-filled)"))
+            with _signals_interrupt():  # a half-made pool file is removed, whatever stops it
+                sb = Pool.create(args.pool, args.size, blockmap=args.blockmap,
+                                 chunk_size=args.chunk_size, max_volumes=args.max_volumes,
+                                 map_params=params, preallocate=args.preallocate or False,
+                                 force=args.force,
+                                 progress=lambda done, total: progress.show(
+                                     f"{100.0 * done / total:5.1f}% ({format_size(done)} of "
+                                     f"{format_size(total)} zero-filled)"))
         finally:
             progress.finish()
     except ValueError as e:
@@ -288,6 +292,24 @@ def _volume_result(args: argparse.Namespace, info: dict[str, Any], verb: str) ->
     return EXIT_OK
 
 
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM, and SIGHUP unless ignored (``nohup``), raise Interrupted inside (as SIGINT
+    raises KeyboardInterrupt), so that what is half done is undone on the way out."""
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    wanted = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+        wanted.append(signal.SIGHUP)
+    before = {sig: signal.signal(sig, interrupt) for sig in wanted}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def _preallocate_mode(text: str) -> str:
     """``--preallocate``'s mode; a pool path given right after the bare option gets a hint."""
     from nbdserver.storage.device import PREALLOCATE_MODES
@@ -295,8 +317,8 @@ def _preallocate_mode(text: str) -> str:
     if text in PREALLOCATE_MODES:
         return text
     raise argparse.ArgumentTypeError(
-        f"expected falloc or full, got {text!r} (give the pool before --preallocate, or write "
-        "--preallocate=falloc)")
+        f"expected falloc or full, got {text!r} (a bare --preallocate takes the next word as "
+        "its mode: give the pool before it, or write --preallocate=falloc)")
 
 
 def _sparse(pool: str) -> bool:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from nbdserver import __version__
-from nbdserver.errors import ConfigError, NbdError, UsageError, UserError
+from nbdserver.errors import ConfigError, Interrupted, NbdError, UsageError, UserError
 
 log = logging.getLogger("nbdserver")
 
@@ -192,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    except Interrupted as e:
+        return 128 + e.signum
     except BrokenPipeError:  # `nbdserver volume list POOL | head`: the reader left
         # (stdout goes to /dev/null, so that flushing it at exit does not fail again)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

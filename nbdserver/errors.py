@@ -36,6 +36,20 @@ class ConfigError(UserError):
     """The YAML configuration is invalid; the message names the key (and line)."""
 
 
+class Interrupted(BaseException):
+    """A signal that stops a command (SIGTERM, SIGHUP) raised where the command must
+    undo what it began (a pool file half made); exit status 128 + `signum`."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+class StartCancelled(Exception):
+    """A stop asked for while the server was starting abandoned a long start-up step
+    (zero-filling a new pool file): the server stops as asked, not as a failure."""
+
+
 class PoolDamaged(UserError):
     """An operation met a pool page that fails its checks (a checksum, say): the pool's
     metadata is damaged, not the request; a server logs it as an error."""

@@ -4,16 +4,25 @@ Pools named in the config are opened (created first when ``create`` says how
 and the path does not exist) when the server starts, and closed (committed and
 checkpointed) when it stops. An export of a pool volume may create its volume
 on first start: empty, or as a fork or snapshot of another volume.
+
+A pool is created in a worker thread: zero-filling a large file
+(``preallocate: full``) takes minutes, and the event loop must meanwhile take
+signals. A stop asked for then (:attr:`OpenPools.stopping`) ends the fill
+between two writes; the half-made file is removed, and the start is cancelled
+(:class:`StartCancelled`), not failed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 import time
+from functools import partial
 
 from nbdserver.config import Config, ExportConfig, PoolConfig, made_by_serve
 from nbdserver.control.socket import ControlServer
-from nbdserver.errors import UserError
+from nbdserver.errors import StartCancelled, UserError
 from nbdserver.pool.pool import SERVER_LOCK_WAIT_SECONDS, Pool
 from nbdserver.storage.buffers import BufferPool
 from nbdserver.storage.engine import IoEngine
@@ -24,6 +33,10 @@ log = logging.getLogger(__name__)
 ZERO_FILL_LOG_SECONDS = 10.0  # between log lines while a new pool file is zero-filled
 
 
+class _FillStopped(Exception):
+    """Raised into a pool's creation (between two writes of its zero fill) by a stop."""
+
+
 class OpenPools:
     """Pools by config name."""
 
@@ -31,6 +44,7 @@ class OpenPools:
         self.config = config
         self.engine = engine
         self.buffers = buffers
+        self.stopping = threading.Event()  # a stop asked for while starting (module note)
         self.pools: dict[str, Pool] = {}
         self.controls: list[ControlServer] = []
 
@@ -49,17 +63,24 @@ class OpenPools:
                      pc.create.blockmap, pc.create.size,
                      ", writing zeros over it" if pc.create.preallocate == "full" else "")
             shown = [time.monotonic()]
+            stopping = self.stopping
 
-            def progress(done: int, total: int) -> None:
+            def progress(done: int, total: int) -> None:  # (in the worker thread)
+                if stopping.is_set():
+                    raise _FillStopped
                 if time.monotonic() - shown[0] >= ZERO_FILL_LOG_SECONDS:
                     shown[0] = time.monotonic()
                     log.info("pool %s: %d%% zero-filled", pc.name, 100 * done // total)
 
             try:
-                Pool.create(pc.path, pc.create.size, blockmap=pc.create.blockmap,
-                            chunk_size=pc.create.chunk_size,
-                            preallocate=pc.create.preallocate, make_parents=True,
-                            progress=progress)
+                await asyncio.to_thread(partial(
+                    Pool.create, pc.path, pc.create.size, blockmap=pc.create.blockmap,
+                    chunk_size=pc.create.chunk_size, preallocate=pc.create.preallocate,
+                    make_parents=True, progress=progress))
+            except _FillStopped:
+                raise StartCancelled(f"{self.config.at(pc.key + '.create')}: stopped while "
+                                     f"zero-filling the new pool file {pc.path}, which is "
+                                     "removed (the next start makes it again)") from None
             except UserError as e:
                 raise UserError(f"{self.config.at(pc.key + '.create')}: {e}") from e
         try:

@@ -1657,17 +1657,23 @@ def _read_superblock(device: BlockDevice) -> Superblock:
     ends before it), FormatError if the copies are damaged."""
     found: list[Superblock] = []
     errors: list[str] = []
-    absent = 0
+    absent = zeros = 0
     for copy in range(SUPERBLOCK_COPIES):
         if (copy + 1) * PAGE_SIZE > device.size:
             absent += 1
             continue
+        raw = _read_pages_sync(device, copy, 1)
         try:
-            found.append(Superblock.unpack(_read_pages_sync(device, copy, 1)))
+            found.append(Superblock.unpack(raw))
         except FormatError as e:
             absent += isinstance(e, NotAPool)
+            zeros += not any(raw)
             errors.append(f"copy {copy}: {e}")
     if not found:
+        if zeros == SUPERBLOCK_COPIES:  # what a `pool create` stopped mid-way leaves
+            raise NotAPool("not an nbdserver pool (no superblock: it begins with zeros, as "
+                           "a pool file does whose creation was stopped before the end); "
+                           "delete it to create the pool again")
         if absent == SUPERBLOCK_COPIES:
             raise NotAPool("not an nbdserver pool (no superblock): a disk image is served "
                            "as a file export (file: in the config); 'nbdserver pool create' "

@@ -28,7 +28,7 @@ from typing import NoReturn
 from nbdserver.backend.base import Backend
 from nbdserver.backend.file import FileBackend
 from nbdserver.config import Config, ExportConfig, Listener, creation_order
-from nbdserver.errors import UserError
+from nbdserver.errors import StartCancelled, UserError
 from nbdserver.exports import Export, ExportTable, export_info
 from nbdserver.pools import OpenPools
 from nbdserver.protocol import ConnectionLimits
@@ -286,6 +286,7 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> bool:
             return
         stop.set()
         if not started:  # (opening pools may take a while: a journal, a deletion to finish)
+            server.pools.stopping.set()  # (a new pool's zero fill stops at once)
             log.info("stop requested while starting: stopping once the pools are open "
                      "(SIGINT again exits at once)")
 
@@ -293,6 +294,11 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> bool:
         loop.add_signal_handler(sig, requested, sig)
     try:
         await server.start()
+    except StartCancelled as e:
+        log.info("%s", e)
+        await server.stop(grace=0)
+        log.info("stopped")
+        return True
     except BaseException:
         await server.stop(grace=0)
         raise

@@ -156,12 +156,15 @@ class BlockDevice:
             self._fill_zeros(progress)
 
     def _fill_zeros(self, progress: Callable[[int, int], None] | None) -> None:
-        """Write zeros over the whole file (its blocks become written extents)."""
+        """Write zeros over the file (its blocks become written extents), but for a tail
+        shorter than the direct-I/O alignment, which O_DIRECT cannot write and a pool
+        never uses (its pages and chunks are whole blocks)."""
+        end = self.size - self.size % self.alignment
         buf = AlignedBuffer(ZERO_FILL_STEP, ZERO_FILL_STEP.bit_length() - 1)
         try:
             done = 0
-            while done < self.size:
-                n = min(ZERO_FILL_STEP, self.size - done)
+            while done < end:
+                n = min(ZERO_FILL_STEP, end - done)
                 try:
                     wrote = os.pwritev(self.fd, [buf.view[:n]], done)
                 except OSError as e:
@@ -172,7 +175,7 @@ class BlockDevice:
                                     f"{format_size(done)}")
                 done += n
                 if progress is not None:
-                    progress(done, self.size)
+                    progress(done, end)
         finally:
             buf.close()
 

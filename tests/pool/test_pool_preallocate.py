@@ -12,12 +12,16 @@ read back, checked.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -139,6 +143,110 @@ def test_interrupted_zero_fill_leaves_no_file(tmp_path: Path) -> None:
                     progress=interrupt)
     assert len(calls) == 3 and calls[-1] < 256 * MiB
     assert not pool.exists() and not pool.parent.exists()
+
+
+def test_sigterm_during_pool_create_removes_the_file(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pool create --preallocate=full` takes SIGTERM (a supervisor, `timeout`) and SIGHUP (a
+    lost terminal) as Ctrl-C: the half-made file is removed, the exit status is 128 + the
+    signal, and the handlers are put back. The signal is sent from within the fill."""
+    from nbdserver import cli
+
+    original = Pool.create
+
+    def create(*args: object, progress: Callable[[int, int], None] | None = None,
+               **kwargs: object) -> object:
+        def signalled(done: int, total: int) -> None:
+            os.kill(os.getpid(), sig)
+            time.sleep(0.05)  # (the handler runs at once; this is never reached)
+            raise AssertionError("no signal came")
+        return original(*args, progress=signalled, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Pool, "create", staticmethod(create))
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        pool = tmp_path / f"p{sig}.pool"
+        status = cli.main(["pool", "create", str(pool), "--size", "64M",
+                           "--preallocate=full"])
+        assert status == 128 + sig
+        assert not pool.exists()
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)) == before
+
+
+def test_a_stop_while_serve_zero_fills_a_new_pool(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """serve creates a `preallocate: full` pool in a worker thread: SIGTERM during the fill is
+    taken at once (the event loop is free), the fill stops between two writes, the half-made
+    file and its directory are removed, and serve returns as stopped, not failed. The fill
+    is slowed (50 ms a step) so that it is still under way when the signal comes."""
+    import uvloop
+
+    from nbdserver.config import parse_config
+    from nbdserver.server import app
+
+    pool = tmp_path / "new" / "p.pool"
+    original = Pool.create
+    filling = threading.Event()
+
+    def create(*args: object, progress: Callable[[int, int], None] | None = None,
+               **kwargs: object) -> object:
+        def slowly(done: int, total: int) -> None:
+            assert progress is not None
+            filling.set()
+            time.sleep(0.05)
+            progress(done, total)
+        return original(*args, progress=slowly, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Pool, "create", staticmethod(create))
+    config = parse_config(
+        f"listen: [{{unix: {tmp_path / 's.sock'}}}]\n"
+        f"pools: [{{name: p, path: {pool}, create: {{size: 256M, preallocate: full}}}}]\n"
+        "exports: [{name: v, pool: p, volume: v, create: {size: 1M}}]\n",
+        source=tmp_path / "c.yaml")
+
+    async def main() -> tuple[bool, float]:
+        task = asyncio.ensure_future(app.serve(config))
+        await asyncio.get_running_loop().run_in_executor(None, filling.wait, 30)
+        began = time.monotonic()
+        os.kill(os.getpid(), signal.SIGTERM)
+        return await asyncio.wait_for(task, 30), time.monotonic() - began
+
+    caplog.set_level("INFO")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        stopped, took = runner.run(main())
+    assert stopped is True
+    assert took < 1.0  # not the whole fill: 32 steps of 50 ms at least
+    assert not pool.exists() and not pool.parent.exists()
+    assert "c.yaml:2: pools[0].create: stopped while zero-filling the new pool file" \
+        in caplog.text, caplog.text
+
+
+def test_full_preallocation_of_a_size_not_whole_blocks(tmp_path: Path) -> None:
+    """A pool file whose size is not a multiple of the direct-I/O block: the zero fill
+    stops at the last whole block (O_DIRECT cannot write less); the pool is whole."""
+    pool = tmp_path / "odd.pool"
+    seen: list[tuple[int, int]] = []
+    Pool.create(pool, 100_000_000, preallocate="full",
+                progress=lambda done, total: seen.append((done, total)))
+    assert pool.stat().st_size == 100_000_000
+    end = seen[-1][1]
+    assert seen[-1][0] == end and 100_000_000 - 4096 < end < 100_000_000
+    assert not [e for e in extents(pool) if e[2] and e[0] < end]
+    r = cli("pool", "check", pool, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["ok"] is True, r.stdout + r.stderr
+
+
+def test_a_pool_file_left_half_made_is_named_so(tmp_path: Path) -> None:
+    """A file that begins with zeros where the superblock copies go (what a `pool create`
+    killed during its zero fill leaves): said so, with what to do."""
+    pool = tmp_path / "p.pool"
+    with open(pool, "wb") as f:
+        f.truncate(64 * MiB)
+    r = cli("pool", "info", pool)
+    assert r.returncode == 1
+    assert "it begins with zeros, as a pool file does whose creation was stopped" in r.stderr
+    assert "delete it to create the pool again" in r.stderr
 
 
 def test_cli_reports_allocation(tmp_path: Path) -> None:
