@@ -24,6 +24,7 @@ from nbdserver.config import Config, ExportConfig, PoolConfig, made_by_serve
 from nbdserver.control.socket import ControlServer
 from nbdserver.errors import StartCancelled, UserError
 from nbdserver.pool.pool import SERVER_LOCK_WAIT_SECONDS, Pool
+from nbdserver.sizes import format_size
 from nbdserver.storage.buffers import BufferPool
 from nbdserver.storage.engine import IoEngine
 from nbdserver.volume import VolumeBackend
@@ -59,8 +60,8 @@ class OpenPools:
 
     async def _open(self, pc: PoolConfig) -> Pool:
         if pc.create is not None and made_by_serve(pc.path):
-            log.info("creating pool %s at %s (%s, %d bytes%s)", pc.name, pc.path,
-                     pc.create.blockmap, pc.create.size,
+            log.info("creating pool %s at %s (%s, %s%s)", pc.name, pc.path,
+                     pc.create.blockmap, format_size(pc.create.size),
                      ", writing zeros over it" if pc.create.preallocate == "full" else "")
             shown = [time.monotonic()]
             stopping = self.stopping
