@@ -94,6 +94,7 @@ from nbdserver.pool.format import min_pool_size, valid_chunk_size
 from nbdserver.sizes import (
     format_duration,
     format_size,
+    not_whole_blocks,
     not_whole_sectors,
     parse_duration,
     parse_size,
@@ -956,7 +957,7 @@ class _Parser:
                     if (why := not_whole_sectors(size, "a file export's size")) is not None:
                         self.fail(v, m.sub("size"), why)
                     if size % min_block:
-                        self.fail(v, m.sub("size"), _not_whole_blocks(size, min_block))
+                        self.fail(v, m.sub("size"), not_whole_blocks(size, min_block))
                 if "create" in m:
                     self.fail(m.key_node("create"), m.sub("create"),
                               "create is for pool volumes; a file export is created "
@@ -1000,7 +1001,7 @@ class _Parser:
                     creates[(pool, volume)] = (path, v)
                     if create.size is not None and create.size % min_block:
                         self.fail(v, _join(m.sub("create"), "size"),
-                                  _not_whole_blocks(create.size, min_block))
+                                  not_whole_blocks(create.size, min_block))
                     if create.snapshot is not None:  # (a snapshot is read-only)
                         if (ro := m.get("read-only")) is not None and not read_only:
                             self.fail(ro, m.sub("read-only"), "the volume is created as a "
@@ -1206,7 +1207,7 @@ def config_warnings(config: Config) -> list[str]:
                        "are served; an unaligned tail cannot be written with O_DIRECT)")
         elif kind in ("file", "block") and size and size % export.min_block_size:
             out.append(f"{export.key}.file: {export.file}: "
-                       + _not_whole_blocks(size, export.min_block_size))
+                       + not_whole_blocks(size, export.min_block_size))
         if kind == "other" or kind.startswith("error"):
             out.append(f"{export.key}.file: {export.file}: {_describe_file(kind, size)}")
         other = files.get(export.file)
@@ -1383,12 +1384,6 @@ def config_to_json(config: Config) -> dict[str, Any]:
             for e in config.exports
         ],
     }
-
-
-def _not_whole_blocks(size: int, min_block: int) -> str:
-    return (f"{format_size(size)} ({size} bytes) is not a multiple of min-block-size "
-            f"{min_block}: a client that keeps to the block size could not reach the last "
-            f"{size % min_block} bytes")
 
 
 def _is_ip_address(host: str) -> bool:

@@ -24,7 +24,7 @@ from nbdserver.config import Config, ExportConfig, PoolConfig, made_by_serve
 from nbdserver.control.socket import ControlServer
 from nbdserver.errors import StartCancelled, UserError
 from nbdserver.pool.pool import SERVER_LOCK_WAIT_SECONDS, Pool
-from nbdserver.sizes import format_size
+from nbdserver.sizes import format_size, not_whole_blocks
 from nbdserver.storage.buffers import BufferPool
 from nbdserver.storage.engine import IoEngine
 from nbdserver.volume import VolumeBackend
@@ -113,6 +113,10 @@ class OpenPools:
                 raise UserError(f"{self.config.at(ec.key + '.create')}: {e}") from e
             log.info("created volume %r in pool %r for export %r", name, ec.pool, ec.name)
         vol = pool.volume(name)
+        if vol.size % ec.min_block_size:  # (check-config does not read the catalog)
+            log.warning("%s: volume %r: %s (qemu refuses to open such an export)",
+                        self.config.at(ec.key + ".volume"), name,
+                        not_whole_blocks(vol.size, ec.min_block_size))
         if vol.id in pool.in_use:
             raise UserError(f"{self.config.at(ec.key)}: volume {name!r} is already "
                             "exported "

@@ -87,6 +87,13 @@ def not_whole_sectors(size: int, what: str) -> str | None:
             f"{-(-size // 512) * 512})")
 
 
+def not_whole_blocks(size: int, min_block: int) -> str:
+    """Why a size not a multiple of `min_block` serves badly (for messages)."""
+    return (f"{format_size(size)} ({size} bytes) is not a multiple of min-block-size "
+            f"{min_block}: a client that keeps to the block size could not reach the last "
+            f"{size % min_block} bytes")
+
+
 def format_size(n: int) -> str:
     """``1 GiB``, ``64 KiB``, ``1.5 GiB``, ``123 B``: `n` bytes for people to read
     (inexact: two decimals, cut; ``(1 << 63) - 1`` is ``7.99 EiB``, not 8)."""

@@ -620,7 +620,8 @@ class VolumeBackend:
             self._write_ended()
 
     async def _write_chunks_or_wait(self, epochs: list[Epoch], offset: int,
-                                    data: bytes | None, fua: bool, length: int = 0) -> bool:
+                                    data: bytes | None, fua: bool, length: int = 0, *,
+                                    holes_stay: bool = False) -> bool:
         """:meth:`_write_chunks`; on ENOSPC while chunks a trim freed wait for the commit
         that makes the trim durable (the only free space right after a trim in a full
         pool), or while a defrag window holds chunks, wait for those, make them reusable
@@ -628,7 +629,7 @@ class VolumeBackend:
         for the wait (which waits for it) and begun again; the write does not count as
         in flight meanwhile (a defrag window waits for those before it ends)."""
         try:
-            return await self._write_chunks(offset, data, fua, length)
+            return await self._write_chunks(offset, data, fua, length, holes_stay=holes_stay)
         except NbdError as e:
             if e.errno != errno.ENOSPC or not self.pool.frees_waiting():
                 raise
@@ -641,11 +642,13 @@ class VolumeBackend:
             finally:
                 self._writes += 1  # (in flight again: the caller's end counts it out)
             epochs.append(self.epochs.begin_write())
-            return await self._write_chunks(offset, data, fua, length)
+            return await self._write_chunks(offset, data, fua, length, holes_stay=holes_stay)
 
     async def _write_chunks(self, offset: int, data: bytes | None, fua: bool,
-                            length: int = 0) -> bool:
+                            length: int = 0, *, holes_stay: bool = False) -> bool:
         """Write `data` (or `length` zeros) at `offset`, any alignment, any mapping state.
+        With `holes_stay` (zeros: a trim's or unmapping zero's partial chunks), a chunk
+        that holds nothing is left alone: it reads zeros, and stays a hole.
 
         The chunks of the request are resolved together, new chunks for the
         copy-on-write ones are claimed next to each other, the data goes out in as
@@ -662,6 +665,8 @@ class VolumeBackend:
         async with self._locks.hold(lc0, lc1):
             resolved = await pool.cache.run(lambda: [
                 self.map.write_target(self.vol, lc) for lc in range(lc0, lc1)])
+            if holes_stay and all(type(t) is Redirect and t.old == HOLE for t in resolved):
+                return False
             claims = [lc for lc, t in zip(range(lc0, lc1), resolved, strict=True)
                       if isinstance(t, Claim)]
             if claims:
@@ -872,7 +877,8 @@ class VolumeBackend:
             why = None
             if not may_trim:
                 why = "writing zeros without unmapping is not fast"
-            elif (offset | length) & (self.chunk - 1):
+            elif offset & (self.chunk - 1) or (offset + length != self.size
+                                               and length & (self.chunk - 1)):
                 why = f"zeroing part of a {self.chunk}-byte chunk writes it: not fast"
             elif self.map.unmap_may_write(self.vol):
                 why = "zeroing this volume may write its chunks (a linear origin): not fast"
@@ -892,18 +898,21 @@ class VolumeBackend:
             else:
                 chunk = self.chunk
                 first = -(-offset // chunk)
-                last = end // chunk  # exclusive
+                # exclusive; a range to the volume's end covers its last chunk whole (no
+                # byte past the end can be read)
+                last = -(-end // chunk) if end == self.size else end // chunk
                 if last > first:
                     await self._unmap(epochs, first, last - first)
-                    head_end, tail_start = first * chunk, last * chunk
-                else:
-                    head_end = tail_start = end
-                if head_end > offset:
-                    await self._write_chunks_or_wait(epochs, offset, None, False,
-                                                     head_end - offset)
-                if end > tail_start and tail_start >= head_end:
-                    await self._write_chunks_or_wait(epochs, tail_start, None, False,
-                                                     end - tail_start)
+                    ends = [(offset, first * chunk), (last * chunk, end)]
+                else:  # within one chunk, or parts of two
+                    mid = min(end, first * chunk)
+                    ends = [(offset, mid), (mid, end)]
+                # The parts of chunks at either end are written with zeros, but for a
+                # chunk that holds nothing (it reads zeros already, and stays a hole).
+                for s, e in ends:
+                    if e > s:
+                        await self._write_chunks_or_wait(epochs, s, None, False, e - s,
+                                                         holes_stay=True)
             if fua:
                 await self.pool.commit()
         finally:

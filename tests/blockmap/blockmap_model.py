@@ -289,8 +289,10 @@ class PoolModel(RuleBasedStateMachine):
         outcome = self.run(self._outcome(
             vol.zero(off, length, may_trim=not no_hole, fast_only=fast)))
         # A zero that would write (NO_HOLE, part of a chunk, a linear origin's chunks its
-        # snapshots read) is not fast: ENOTSUP, refused before anything changes.
-        slow = no_hole or (off | length) % self.chunk
+        # snapshots read) is not fast: ENOTSUP, refused before anything changes. A range
+        # to the volume's end covers its last chunk whole, however long that chunk is.
+        slow = no_hole or off % self.chunk or (off + length != vol.size
+                                               and length % self.chunk)
         if fast and (slow or self.config.design == "linear") and isinstance(outcome, NbdError) \
                 and outcome.errno == errno.ENOTSUP:
             return

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import NbdServerProcess, ServerFactory, nbd_python, pattern, run
+from conftest import SERVER_CMD, NbdServerProcess, ServerFactory, nbd_python, pattern, run
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -251,6 +251,82 @@ def test_largest_requests_at_any_alignment(nbd_server_factory: ServerFactory,
                    "after_partial": True,
                    "raw_unaligned": True, "raw_still_connected": True}, res
     assert "Traceback" not in srv.stderr
+
+
+HOLES_STAY = """
+h = nbd.NBD()
+h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+h.connect_uri(sys.argv[1])
+big = nbd.NBD()
+big.connect_uri(sys.argv[2])
+size = h.get_size()
+def code(fn):
+    try:
+        fn()
+        return "ok"
+    except nbd.Error as e:
+        return errno.errorcode.get(e.errno, e.errno)
+def status():
+    got = []
+    def extent(ctx, off, entries, err):
+        got.extend(entries)
+        return 0
+    h.block_status(size, 0, extent)
+    return got
+out = {"size": size}
+# The pool is filled up by another volume first: nothing may be allocated now.
+n = 0
+while code(lambda: big.pwrite(bytes([0x5a]) * (1 << 20), n << 20)) == "ok":
+    n += 1
+out["big_chunks"] = n
+out["trim_part_of_hole"] = code(lambda: h.trim(8192, 4096))
+out["trim_parts_of_two_holes"] = code(lambda: h.trim((1 << 20) - 4096, 8192))
+out["zero_part_of_hole"] = code(lambda: h.zero(512, 512))
+out["fast_zero_whole"] = code(lambda: h.zero(size, 0, nbd.CMD_FLAG_FAST_ZERO))
+out["status_empty"] = status()
+out["reads_zeros"] = h.pread(size, 0) == bytes(size)
+# Now space for it, data everywhere, then one trim of the whole volume (its last chunk
+# is partial): nothing stays mapped.
+big.trim(big.get_size(), 0)
+big.flush()
+h.pwrite(bytes([0xc3]) * size, 0)
+out["status_full"] = status()
+out["trim_whole"] = code(lambda: h.trim(size, 0))
+out["status_trimmed"] = status()
+out["reads_zeros_after"] = h.pread(size, 0) == bytes(size)
+print(json.dumps(out))
+"""
+
+
+def test_trim_and_zero_leave_holes_alone(nbd_server_factory: ServerFactory,
+                                         tmp_path: Path) -> None:
+    """A TRIM or WRITE_ZEROES (without NO_HOLE) over part of a chunk that holds nothing
+    leaves it a hole (it reads zeros already): nothing is allocated, so it succeeds in a
+    full pool. A range to the end of a volume whose size is not a multiple of the chunk
+    covers its last chunk whole (trimmed, unmapped; FAST_ZERO accepted)."""
+    pool = tmp_path / "pool.img"
+    size = 8 * MiB + 512
+    srv = nbd_server_factory(
+        [{"name": "v", "pool": "main", "volume": "v", "create": {"size": size}},
+         {"name": "big", "pool": "main", "volume": "big", "create": {"size": "64M"}}],
+        pools=[{"name": "main", "path": pool,
+                "create": {"size": "48M", "chunk-size": "1M"}}])
+    res = nbd_json(HOLES_STAY, srv.unix_uri("v"), srv.unix_uri("big"))
+    hole = 3  # STATE_HOLE | STATE_ZERO
+    assert res["big_chunks"] > 0
+    assert {k: res[k] for k in ("trim_part_of_hole", "trim_parts_of_two_holes",
+                                "zero_part_of_hole", "fast_zero_whole", "trim_whole")} \
+        == dict.fromkeys(("trim_part_of_hole", "trim_parts_of_two_holes",
+                          "zero_part_of_hole", "fast_zero_whole", "trim_whole"), "ok"), res
+    assert res["status_empty"] == [size, hole], res["status_empty"]
+    assert res["reads_zeros"] and res["reads_zeros_after"]
+    assert res["status_full"] == [size, 0], res["status_full"]
+    assert res["status_trimmed"] == [size, hole], res["status_trimmed"]
+    srv.stop()
+    info = json.loads(run([*SERVER_CMD, "volume", "info", pool, "v", "--json"]).stdout)
+    assert info["mapped_bytes"] == 0, info
+    check = run([*SERVER_CMD, "pool", "check", pool, "--json"], check=False)
+    assert check.returncode == 0 and json.loads(check.stdout)["ok"] is True, check.stdout
 
 
 BLOCK_STATUS = """

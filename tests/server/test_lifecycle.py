@@ -928,3 +928,20 @@ def test_serve_time_errors_name_the_config_file_and_line(
         in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     owner.stop()
+
+
+def test_a_volume_not_whole_blocks_of_its_export_is_warned_about(
+        nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
+    """An existing volume whose size is not a multiple of its export's min-block-size
+    (check-config does not read the catalog): serve says so, naming the key, and serves
+    it (a client that keeps to the block size cannot reach its tail; qemu refuses it)."""
+    pool = tmp_path / "pool.img"
+    run([*SERVER_CMD, "pool", "create", pool, "--size", "64M"])
+    run([*SERVER_CMD, "volume", "create", pool, "odd", "--size", str(8 * 1024 * 1024 + 512)])
+    srv = nbd_server_factory(
+        [{"name": "odd", "pool": "p", "volume": "odd", "min-block-size": 4096}],
+        pools=[{"name": "p", "path": pool}])
+    srv.stop()
+    assert "exports[0].volume: volume 'odd': 8.00 MiB (8389120 bytes) is not a multiple of " \
+        "min-block-size 4096" in srv.stderr, srv.stderr
+    assert "qemu refuses to open such an export" in srv.stderr
