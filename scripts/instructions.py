@@ -132,7 +132,10 @@ class CountedServer:
         self.src = src
         self.work = work
         self.size = size
-        self.sock = work / "s.sock"
+        # (a short directory of its own: `work` may be deep, and a Unix socket's path is
+        # at most 107 bytes)
+        self.sock_dir = Path(tempfile.mkdtemp(prefix="nbd-instr-"))
+        self.sock = self.sock_dir / "s.sock"
         pools, exports = [], [f"  - {{name: file, file: {json.dumps(str(file))}}}"]
         for d in designs:
             pool = work / f"{d}.pool"
@@ -208,6 +211,7 @@ class CountedServer:
 
     def stop(self) -> None:
         bench.stop_process(self.proc)
+        shutil.rmtree(self.sock_dir, ignore_errors=True)
 
 
 def _total(dump: Path) -> int | None:
