@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST = 1 << 20
 CLIENT_TIMEOUT = 3600.0  # deleting a big volume can take a while
+# Operations that only read (map walks that may take minutes): stopped when their client
+# goes, checked every GONE_POLL seconds. The others, which change the pool, finish.
+READ_ONLY_OPS = frozenset({"pool.info", "volume.list", "volume.info"})
+GONE_POLL = 0.2
 
 
 def runtime_dir() -> Path:
@@ -149,6 +153,8 @@ class ControlServer:
                     return {"ok": False, "error": "the client has gone"}
                 self._running = asyncio.current_task()
                 try:
+                    if op in READ_ONLY_OPS:
+                        return await self._unless_gone(op, args, gone)
                     return {"ok": True, "result": await run_op(self.pool, op, args)}
                 finally:
                     self._running = None
@@ -163,6 +169,24 @@ class ControlServer:
         except Exception as e:
             log.exception("control operation %s failed", op)
             return {"ok": False, "error": f"internal error: {e}"}
+
+    async def _unless_gone(self, op: str, args: dict[str, Any],
+                           gone: Callable[[], bool]) -> dict[str, Any]:
+        """Run an operation that only reads, stopping it if its client goes meanwhile (a
+        Ctrl-C or a script's timeout on a walk that holds the pool's queue)."""
+        task = asyncio.ensure_future(run_op(self.pool, op, args))
+        try:
+            while not (await asyncio.wait({task}, timeout=GONE_POLL))[0]:
+                if gone():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                    log.info("control: %s stopped: its client has gone", op)
+                    return {"ok": False, "error": "the client has gone"}
+        except asyncio.CancelledError:  # (the server is stopping)
+            task.cancel()
+            raise
+        return {"ok": True, "result": task.result()}
 
     async def stop(self) -> None:
         """Stop listening and end the control connections: an operation under way

@@ -103,6 +103,7 @@ STATS_GROWTH = 64  # volume_stats: slices over holes and long runs grow up to th
 MAX_RECORD_PAGES = (32 << 20) // PAGE_SIZE  # a commit's record, in one buffer (32 MiB)
 CHECK_PROGRESS = 1 << 16  # check: chunk references counted between two progress calls
 STATS_TURN = 0.002  # volume_stats: seconds of work between two turns of the event loop
+# (while volumes have I/O in flight, it then rests as long as it worked: clients first)
 # Opening reads every reference-count page to count free space; up to 1/PRELOAD_SHARE of
 # the cache keeps them (the data table's first: allocations and sharing changes read them).
 PRELOAD_SHARE = 4
@@ -1266,7 +1267,9 @@ class Pool:
     async def volume_stats(self, vol: VolumeRecord) -> MapStats:
         """Walk the volume's map a slice at a time (see BlockMap.exclusive_range): memory
         stays within the cache plus one slice's pages, a page miss restarts only its
-        slice, and the event loop serves I/O every STATS_TURN seconds."""
+        slice, and the event loop serves I/O every STATS_TURN seconds; while volumes
+        have I/O in flight, the walk then rests as long as it worked, so that their
+        clients keep at least half the time."""
         stats = MapStats()
         total = self._chunks_for(vol.size)
         base = self.stats_slice or self.map.stats_slice()
@@ -1274,7 +1277,7 @@ class Pool:
         end = None  # the physical chunk after the last mapped run, if it continues
         lc = 0
         loop = asyncio.get_running_loop()
-        pause = loop.time() + STATS_TURN
+        turn = loop.time()  # when this turn of work began
         hole = True  # whether the walk stands in a hole (the holes ahead may be skipped)
         while lc < total:
             if hole:
@@ -1289,7 +1292,9 @@ class Pool:
                 return (runs, *self.map.exclusive_range(vol, lc, n, runs))
 
             loads = self.cache.loads
+            began = loop.time()
             runs, exclusive, pages = await self.cache.run(walk)
+            took = loop.time() - began
             stats.exclusive_chunks += exclusive
             stats.metadata_pages += pages
             for run in runs:  # extents: runs that differ only in their writer are one
@@ -1304,13 +1309,17 @@ class Pool:
             lc += n
             # Where the map is simple (holes, long runs: few pages per chunk) and cached,
             # the slices grow, up to STATS_GROWTH times: a mostly empty or sequentially
-            # written 1 TiB volume is not half a million steps. A fragmented slice, or
-            # one that had to load pages (a miss restarts the slice), starts over.
-            simple = len(runs) <= 8 and self.cache.loads == loads
+            # written 1 TiB volume is not half a million steps. A fragmented slice, one
+            # that had to load pages (a miss restarts the slice), or one that took long
+            # (a linear origin's slice is looked up in each of its snapshots) starts over.
+            simple = (len(runs) <= 8 and self.cache.loads == loads
+                      and took < STATS_TURN / 4)
             step = min(step * 2, base * STATS_GROWTH) if simple else base
-            if loop.time() >= pause:  # let the server serve I/O meanwhile
-                await asyncio.sleep(0)
-                pause = loop.time() + STATS_TURN
+            now = loop.time()
+            if now - turn >= STATS_TURN:  # let the server serve I/O meanwhile
+                await asyncio.sleep(min(now - turn, 4 * STATS_TURN)
+                                    if self.epochs.in_flight else 0)
+                turn = loop.time()
         return stats
 
     def volume_summary(self, vol: VolumeRecord) -> dict[str, Any]:
@@ -1480,8 +1489,9 @@ def _flock(fd: int, path: str | Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise PoolBusy(f"{path}: the pool is in use by another process "
-                       "(a running nbdserver?)") from None
+        raise PoolBusy(f"{path}: the pool is in use by another process (a running "
+                       "nbdserver serve, or an nbdserver command working on it offline, "
+                       "such as a volume list or delete)") from None
 
 
 def _create_exclusive(path: Path, made_dirs: list[Path] | None) -> bool:

@@ -73,6 +73,7 @@ class NbdServer:
         self.max_connections = config.server.max_connections
         self.refused = 0  # connections refused at max-connections, not yet logged
         self.refused_logged_at = -1e9  # (monotonic): at most one such warning a minute
+        self.no_space_logged_at = -1e9  # (monotonic): ENOSPC, said once a minute
         self.connections: set[NbdConnection] = set()
         self.stopping = False  # set by stop(): a connection accepted after that is aborted
         self._listeners: list[asyncio.AbstractServer] = []

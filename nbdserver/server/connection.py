@@ -73,6 +73,7 @@ log = logging.getLogger(__name__)
 MAX_IN_FLIGHT = 256
 MAX_BYTES_IN_FLIGHT = 64 << 20  # READ/WRITE payload bytes; one request may go over
 REFUSAL_LOG_SECONDS = 60.0  # at most one "refusing connection" warning per this long
+NO_SPACE_LOG_SECONDS = 60.0  # ... and one "no space" warning (a full pool fails many writes)
 LINGER_SECONDS = 5.0  # how long a closing connection waits for a client making no progress
 BATCH_LIMIT = 64 * 1024  # replies below this wait for the end of their completion batch
 BATCH_BYTES = 256 * 1024  # a batch of small replies is sent early once it holds this much
@@ -382,6 +383,14 @@ class NbdConnection(asyncio.Protocol):
             else:
                 if error.errno not in (28, 1, 95):  # ENOSPC, EPERM, ENOTSUP are expected
                     log.warning("%s: %s failed: %s", self.peer, req.command.name, error)
+                elif error.errno == errno.ENOSPC:  # said, but not for every write
+                    now = time.monotonic()
+                    server = self.server
+                    if now - server.no_space_logged_at >= NO_SPACE_LOG_SECONDS:
+                        server.no_space_logged_at = now
+                        log.warning("%s: %s failed: %s (the first in %.0f s; others are "
+                                    "not logged)", self.peer, req.command.name, error,
+                                    NO_SPACE_LOG_SECONDS)
                 self._queue_reply(self.core.reply_error(req, error.errno, error.message))
         self._finished(req)
 

@@ -214,3 +214,56 @@ async def test_holes_and_long_runs_are_walked_in_few_slices(
     base = pool.map.stats_slice()
     assert sum(slices) == chunks
     assert len(slices) < chunks // base // 16, (len(slices), chunks // base)
+
+
+@pytest.mark.parametrize("design", ["radix", "linear"])
+async def test_slow_slices_do_not_grow_and_busy_clients_come_first(
+        make_pool: PoolFactory, design: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slice that took long is not grown (a linear origin's slices are looked up in each
+    of its snapshots: grown 64 times over a simple map, one slice held the event loop for
+    seconds), and while volumes have I/O in flight the walk rests between its turns as
+    long as it worked; with none, it only lets the loop turn."""
+    import asyncio
+    import time
+
+    from nbdserver.pool import pool as pool_module
+
+    env = await make_pool(design)
+    chunks = 256
+    step = 32 * env.chunk_size
+    await env.create("a", chunks * env.chunk_size)
+    for at in range(0, chunks * env.chunk_size, step):  # one long run, in a few writes
+        await env.vol("a").write(at, pattern(at, step))
+    pool = env.pool
+    pool.stats_slice = 4
+    vol = pool.volume("a")
+    original = type(pool.map).exclusive_range
+    asked: list[int] = []
+
+    def slow(self: Any, v: Any, lc: int, count: int, runs: Any) -> Any:
+        asked.append(count)
+        time.sleep(pool_module.STATS_TURN / 2)  # slower than a slice may be to grow
+        return original(self, v, lc, count, runs)
+
+    monkeypatch.setattr(type(pool.map), "exclusive_range", slow)
+    rests: list[float] = []
+    sleep = asyncio.sleep
+
+    async def watched(delay: float, *args: Any) -> Any:
+        rests.append(delay)
+        return await sleep(delay, *args)
+
+    monkeypatch.setattr(asyncio, "sleep", watched)
+    idle = await pool.volume_stats(vol)
+    assert set(asked) == {4}, sorted(set(asked))  # never grown
+    assert rests and not any(rests), rests[:5]  # no client: only turns of the loop
+    asked.clear()
+    rests.clear()
+    epoch = pool.epochs.begin_write()  # a client's write in flight
+    try:
+        busy = await pool.volume_stats(vol)
+    finally:
+        pool.epochs.end_write(epoch)
+    assert busy == idle
+    assert rests and min(rests) >= pool_module.STATS_TURN, rests[:5]
+    assert max(rests) <= 4 * pool_module.STATS_TURN + 1e-9

@@ -279,6 +279,7 @@ n = 0
 while code(lambda: big.pwrite(bytes([0x5a]) * (1 << 20), n << 20)) == "ok":
     n += 1
 out["big_chunks"] = n
+out["again"] = [code(lambda: big.pwrite(bytes(1 << 20), n << 20)) for _ in range(3)]
 out["trim_part_of_hole"] = code(lambda: h.trim(8192, 4096))
 out["trim_parts_of_two_holes"] = code(lambda: h.trim((1 << 20) - 4096, 8192))
 out["zero_part_of_hole"] = code(lambda: h.zero(512, 512))
@@ -313,7 +314,7 @@ def test_trim_and_zero_leave_holes_alone(nbd_server_factory: ServerFactory,
                 "create": {"size": "48M", "chunk-size": "1M"}}])
     res = nbd_json(HOLES_STAY, srv.unix_uri("v"), srv.unix_uri("big"))
     hole = 3  # STATE_HOLE | STATE_ZERO
-    assert res["big_chunks"] > 0
+    assert res["big_chunks"] > 0 and res["again"] == ["ENOSPC"] * 3
     assert {k: res[k] for k in ("trim_part_of_hole", "trim_parts_of_two_holes",
                                 "zero_part_of_hole", "fast_zero_whole", "trim_whole")} \
         == dict.fromkeys(("trim_part_of_hole", "trim_parts_of_two_holes",
@@ -323,6 +324,9 @@ def test_trim_and_zero_leave_holes_alone(nbd_server_factory: ServerFactory,
     assert res["status_full"] == [size, 0], res["status_full"]
     assert res["status_trimmed"] == [size, hole], res["status_trimmed"]
     srv.stop()
+    said = [line for line in srv.stderr.splitlines() if "ENOSPC" in line or "no free" in line]
+    assert len(said) == 1, srv.stderr  # four writes failed: the first is logged, with why
+    assert "WRITE failed" in said[0] and "the first in 60 s" in said[0], said
     info = json.loads(run([*SERVER_CMD, "volume", "info", pool, "v", "--json"]).stdout)
     assert info["mapped_bytes"] == 0, info
     check = run([*SERVER_CMD, "pool", "check", pool, "--json"], check=False)

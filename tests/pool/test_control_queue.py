@@ -12,6 +12,7 @@ import asyncio
 import json
 import socket
 
+import pytest
 from poolkit import PoolFactory
 
 from nbdserver.control.socket import ControlServer
@@ -73,3 +74,42 @@ async def test_a_stop_does_not_run_the_queue(make_pool: PoolFactory) -> None:
     for s in waiting:
         assert s.recv(100) == b""  # ended unanswered
         s.close()
+
+
+async def test_a_walk_whose_client_has_gone_is_stopped(make_pool: PoolFactory,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `volume list` under way whose client goes (a Ctrl-C, `timeout`) stops: it only
+    reads, and the operations behind it need not wait for a walk nobody will see."""
+    from nbdserver.pool.pool import Pool
+
+    env = await make_pool("radix", offline=False)
+    await env.create("a", 1 << 20)
+    started = asyncio.Event()
+    stopped: list[str] = []
+
+    async def slow_stats(self: Pool, vol: object) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(60)  # a walk of a large map
+        except asyncio.CancelledError:
+            stopped.append(getattr(vol, "name", "?"))
+            raise
+
+    monkeypatch.setattr(Pool, "volume_stats", slow_stats)
+    control = ControlServer(env.pool)
+    await control.start()
+    loop = asyncio.get_running_loop()
+    try:
+        walker = _send(str(control.path), "volume.list", {})
+        await asyncio.wait_for(started.wait(), 10)
+        walker.close()
+        began = loop.time()
+        after = _send(str(control.path), "volume.create", {"name": "b", "size": 1 << 20})
+        reply = json.loads(await loop.run_in_executor(None, after.makefile().readline))
+        after.close()
+        assert reply["ok"], reply
+        assert loop.time() - began < 10  # not the walk's 60 s
+        assert stopped == ["a"]
+        assert env.names() == ["a", "b"], env.names()
+    finally:
+        await control.stop()
