@@ -1309,12 +1309,16 @@ class Pool:
             lc += n
             # Where the map is simple (holes, long runs: few pages per chunk) and cached,
             # the slices grow, up to STATS_GROWTH times: a mostly empty or sequentially
-            # written 1 TiB volume is not half a million steps. A fragmented slice, one
-            # that had to load pages (a miss restarts the slice), or one that took long
-            # (a linear origin's slice is looked up in each of its snapshots) starts over.
-            simple = (len(runs) <= 8 and self.cache.loads == loads
-                      and took < STATS_TURN / 4)
-            step = min(step * 2, base * STATS_GROWTH) if simple else base
+            # written 1 TiB volume is not half a million steps. A fragmented slice, or
+            # one that had to load pages (a miss restarts the slice), starts over; one
+            # that took long (a linear origin's slice is looked up in each of its
+            # snapshots) halves: no slice holds the event loop much past STATS_TURN.
+            if len(runs) > 8 or self.cache.loads != loads:
+                step = base
+            elif took >= STATS_TURN / 4:
+                step = max(base, step // 2)
+            else:
+                step = min(step * 2, base * STATS_GROWTH)
             now = loop.time()
             if now - turn >= STATS_TURN:  # let the server serve I/O meanwhile
                 await asyncio.sleep(min(now - turn, 4 * STATS_TURN)
