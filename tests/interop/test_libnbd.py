@@ -22,9 +22,21 @@ KiB = 1024
 MiB = 1024 * KiB
 
 
+PRELUDE = """import nbd, json, sys, errno
+def code(fn):
+    # "ok", or the errno name of the nbd.Error the request raised
+    try:
+        fn()
+        return "ok"
+    except nbd.Error as e:
+        return e.errno if isinstance(e.errno, str) else errno.errorcode.get(e.errno, e.errno)
+"""
+
+
 def nbd_json(script: str, *args: str | Path) -> Any:
-    """Run `script` (with ``import nbd, json, sys`` done) and parse the JSON it prints last."""
-    proc = nbd_python("import nbd, json, sys, errno\n" + script, *args)
+    """Run `script` (after PRELUDE: the imports and ``code(fn)``) and parse the JSON it
+    prints last."""
+    proc = nbd_python(PRELUDE + script, *args)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -213,12 +225,6 @@ data = bytes(range(256)) * (128 << 10)  # 32 MiB
 for name, off in (("write_fresh", (64 << 20) + 512), ("write_over", (64 << 20) + 1024)):
     h.pwrite(data, off)  # 32 MiB over chunks new to the volume, then over its own
     out[name] = h.pread(32 << 20, off) == data
-def code(fn):
-    try:
-        fn()
-        return "ok"
-    except nbd.Error as e:
-        return errno.errorcode.get(e.errno, e.errno)
 h.pwrite(data[:2 << 20], 0)
 out["fast_zero_partial"] = code(lambda: h.zero(512, 4096, nbd.CMD_FLAG_FAST_ZERO))
 out["fast_zero_chunks"] = code(lambda: h.zero(1 << 20, 1 << 20, nbd.CMD_FLAG_FAST_ZERO))
@@ -260,12 +266,6 @@ h.connect_uri(sys.argv[1])
 big = nbd.NBD()
 big.connect_uri(sys.argv[2])
 size = h.get_size()
-def code(fn):
-    try:
-        fn()
-        return "ok"
-    except nbd.Error as e:
-        return errno.errorcode.get(e.errno, e.errno)
 def status():
     got = []
     def extent(ctx, off, entries, err):
@@ -402,12 +402,6 @@ h = nbd.NBD()
 h.set_strict_mode(0)           # let the requests through to the server
 h.connect_uri(sys.argv[1])
 size = h.get_size()
-def code(fn):
-    try:
-        fn()
-        return "ok"
-    except nbd.Error as e:
-        return e.errno if isinstance(e.errno, str) else errno.errorcode.get(e.errno, e.errno)
 out = {
     "read_past_end": code(lambda: h.pread(4096, size)),
     "read_across_end": code(lambda: h.pread(8192, size - 4096)),
@@ -443,12 +437,6 @@ h = nbd.NBD()
 h.set_strict_mode(0)
 h.connect_uri(sys.argv[1])
 assert h.is_read_only()
-def code(fn):
-    try:
-        fn()
-        return "ok"
-    except nbd.Error as e:
-        return e.errno if isinstance(e.errno, str) else errno.errorcode.get(e.errno, e.errno)
 print(json.dumps({
     "write": code(lambda: h.pwrite(b"x" * 512, 0)),
     "trim": code(lambda: h.trim(512, 0)),
