@@ -381,7 +381,7 @@ class NbdConnection(asyncio.Protocol):
             if error is None:
                 self._queue_reply(self.core.reply_ok(req))
             else:
-                if error.errno not in (28, 1, 95):  # ENOSPC, EPERM, ENOTSUP are expected
+                if error.errno not in (errno.ENOSPC, errno.EPERM, errno.ENOTSUP):  # expected
                     log.warning("%s: %s failed: %s", self.peer, req.command.name, error)
                 elif error.errno == errno.ENOSPC:  # said, but not for every write
                     now = time.monotonic()

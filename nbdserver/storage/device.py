@@ -55,7 +55,7 @@ _BLKROTATIONAL = 0x127E
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
-ZERO_FILL_STEP = 8 << 20  # bytes per write of preallocate(full=True)
+ZERO_FILL_STEP = 8 << 20  # bytes per write of zeros (preallocate(full=True), write_zeroes)
 PREALLOCATE_MODES = ("falloc", "full")  # a pool file's: fallocate only; and zeros written
 
 _STATX_DIOALIGN = 0x2000
@@ -125,15 +125,23 @@ class BlockDevice:
         """Whether write_zeroes is cheap (a file's fallocate) rather than writing zeros."""
         return not self.is_block_device
 
-    def _write_zeroes_slowly(self, offset: int, length: int) -> None:
-        chunk = 1 << 20
-        buf = AlignedBuffer(chunk, 20)
+    def _write_zeroes_slowly(self, offset: int, length: int,
+                             progress: Callable[[int, int], None] | None = None) -> None:
+        """Write zeros over [offset, offset+length), ZERO_FILL_STEP bytes per write,
+        calling ``progress(done, length)`` after each. OSError on failure or a short write."""
+        if length <= 0:
+            return
+        size = min(ZERO_FILL_STEP, -(-length // 4096) * 4096)  # (a small range: a small buffer)
+        buf = AlignedBuffer(size, (size - 1).bit_length())  # (its own, not a pool's)
         try:
-            end = offset + length
-            while offset < end:
-                n = min(chunk, end - offset)
-                os.pwritev(self.fd, [buf.view[:n]], offset)
-                offset += n
+            done = 0
+            while done < length:
+                n = min(size, length - done)
+                if os.pwritev(self.fd, [buf.view[:n]], offset + done) != n:
+                    raise OSError(errno.EIO, "short write")
+                done += n
+                if progress is not None:
+                    progress(done, length)
         finally:
             buf.close()
 
@@ -159,25 +167,11 @@ class BlockDevice:
         """Write zeros over the file (its blocks become written extents), but for a tail
         shorter than the direct-I/O alignment, which O_DIRECT cannot write and a pool
         never uses (its pages and chunks are whole blocks)."""
-        end = self.size - self.size % self.alignment
-        buf = AlignedBuffer(ZERO_FILL_STEP, ZERO_FILL_STEP.bit_length() - 1)
         try:
-            done = 0
-            while done < end:
-                n = min(ZERO_FILL_STEP, end - done)
-                try:
-                    wrote = os.pwritev(self.fd, [buf.view[:n]], done)
-                except OSError as e:
-                    raise UserError(f"{self.path}: cannot write zeros at "
-                                    f"{format_size(done)}: {e.strerror}") from e
-                if wrote != n:
-                    raise UserError(f"{self.path}: short write of zeros at "
-                                    f"{format_size(done)}")
-                done += n
-                if progress is not None:
-                    progress(done, end)
-        finally:
-            buf.close()
+            self._write_zeroes_slowly(0, self.size - self.size % self.alignment, progress)
+        except OSError as e:
+            raise UserError(f"{self.path}: cannot write zeros over it: "
+                            f"{e.strerror or e}") from e
 
     @property
     def allocated(self) -> int:
