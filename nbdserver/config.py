@@ -253,8 +253,11 @@ class ExportConfig:
     Either `file` is set (an absolute path to a raw file or block device; `size`
     is the size to create it at when missing, or None) or `pool` and `volume`
     are (a volume of the pool named `pool`; `create` says how to create it when
-    missing, or is None). `min_block_size` is the smallest block clients should
-    use (a power of two, 1 to 65536). `key` is the config path, such as
+    missing, or is None), or `pool` and `volumes` are: every volume of the pool
+    whose name matches the shell pattern `volumes` (``*``, ``vm-*``), each
+    served under its own name, as it exists when a client asks for it (`name`
+    is then ``""``). `min_block_size` is the smallest block clients should use
+    (a power of two, 1 to 65536). `key` is the config path, such as
     ``"exports[0]"``.
     """
 
@@ -268,11 +271,15 @@ class ExportConfig:
     volume: str | None
     create: VolumeCreate | None
     key: str
+    volumes: str | None = None
 
     @property
-    def kind(self) -> Literal["file", "volume"]:
-        """``"file"`` for a raw file or block device, ``"volume"`` for a pool volume."""
-        return "file" if self.file is not None else "volume"
+    def kind(self) -> Literal["file", "volume", "volumes"]:
+        """``"file"`` for a raw file or block device, ``"volume"`` for a pool volume,
+        ``"volumes"`` for the volumes of a pool that match a pattern."""
+        if self.file is not None:
+            return "file"
+        return "volumes" if self.volumes is not None else "volume"
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,7 +317,7 @@ class Config:
 
     def export_named(self, name: str) -> ExportConfig | None:
         """The export called `name`, or None."""
-        return next((e for e in self.exports if e.name == name), None)
+        return next((e for e in self.exports if e.name == name and e.volumes is None), None)
 
 
 # ----------------------------------------------------------------------------------------
@@ -430,7 +437,9 @@ _SERVER_KEYS = ("io", "max-connections", "handshake-timeout", "stop-timeout", "l
 _POOL_KEYS = ("name", "path", "create")
 _POOL_CREATE_KEYS = ("size", "blockmap", "chunk-size", "preallocate")
 _EXPORT_KEYS = ("name", "description", "read-only", "min-block-size", "file", "size", "pool",
-                "volume", "create")
+                "volume", "volumes", "create")
+#: Characters of a ``volumes:`` pattern: a volume name's, and fnmatch's ``* ? [ ] !``.
+_PATTERN_RE = re.compile(r"[A-Za-z0-9._+\-*?\[\]!]+")
 _VOLUME_CREATE_KEYS = ("size", "fork", "snapshot")
 
 
@@ -903,24 +912,30 @@ class _Parser:
         pool_files = {_file_identity(p.path): p for p in pools}
         exported: dict[tuple[str, str], tuple[str, str, int]] = {}  # -> (key, name, line)
         creates: dict[tuple[str, str], tuple[str, Node]] = {}  # -> (key, create node)
+        sets: dict[tuple[str, str], tuple[str, int]] = {}  # (pool, pattern) -> (key, line)
         for i, item in enumerate(self.sequence(node, "exports", "exports")):
             path = f"exports[{i}]"
             m = _Map(self, item, path, _EXPORT_KEYS, "a mapping with name and file "
-                     "(or pool and volume)")
-            name_node = m.require("name", " (the name clients ask for)")
-            name = self.text(name_node, m.sub("name"), what="an export name")
-            nbytes = len(name.encode("utf-8"))  # (text() refused what UTF-8 cannot hold)
-            if "\0" in name:
-                self.fail(name_node, m.sub("name"), "an export name cannot contain a NUL "
-                          "character (no client could ask for it)")
-            if nbytes > MAX_EXPORT_NAME_BYTES:
-                self.fail(name_node, m.sub("name"), f"export names are at most "
-                          f"{MAX_EXPORT_NAME_BYTES} bytes of UTF-8, got {nbytes}")
-            if name in names:
-                other, line = names[name]
-                self.fail(name_node, m.sub("name"),
-                          f"duplicate export name {name!r} (also {other}.name at line {line})")
-            names[name] = (path, name_node.start_mark.line + 1)
+                     "(or pool and volume, or pool and volumes)")
+            is_set = "volumes" in m
+            name = ""
+            if is_set:
+                self._not_with_volumes(m)
+            else:
+                name_node = m.require("name", " (the name clients ask for)")
+                name = self.text(name_node, m.sub("name"), what="an export name")
+                nbytes = len(name.encode("utf-8"))  # (text() refused what UTF-8 cannot hold)
+                if "\0" in name:
+                    self.fail(name_node, m.sub("name"), "an export name cannot contain a NUL "
+                              "character (no client could ask for it)")
+                if nbytes > MAX_EXPORT_NAME_BYTES:
+                    self.fail(name_node, m.sub("name"), f"export names are at most "
+                              f"{MAX_EXPORT_NAME_BYTES} bytes of UTF-8, got {nbytes}")
+                if name in names:
+                    other, line = names[name]
+                    self.fail(name_node, m.sub("name"), f"duplicate export name {name!r} "
+                              f"(also {other}.name at line {line})")
+                names[name] = (path, name_node.start_mark.line + 1)
 
             description = ""
             if (v := m.get("description")) is not None:
@@ -939,6 +954,13 @@ class _Parser:
                     self.fail(v, m.sub("min-block-size"), "expected a power of two from 1 to "
                               f"65536 (usually 512 or 4096), got {_got(v)}")
 
+            if is_set:
+                set_pool, pattern = self.volume_set(m, pools, sets)
+                out.append(ExportConfig(
+                    name="", description=description, read_only=read_only,
+                    min_block_size=min_block, file=None, size=None, pool=set_pool,
+                    volume=None, create=None, key=path, volumes=pattern))
+                continue
             has_file = "file" in m
             has_pool = "pool" in m or "volume" in m
             if has_file and has_pool:
@@ -946,8 +968,9 @@ class _Parser:
                 self.fail(m.key_node(other), m.sub(other),
                           "give either file, or pool and volume, not both")
             if not has_file and not has_pool:
-                self.fail(item, path, "missing 'file' (a raw file or block device) or "
-                                      "'pool' and 'volume' (a volume of a pool)")
+                self.fail(item, path, "missing 'file' (a raw file or block device), "
+                                      "'pool' and 'volume' (a volume of a pool) or 'pool' "
+                                      "and 'volumes' (its volumes whose names match)")
             file = size = pool = volume = create = None
             if has_file:
                 file_node = m.require("file")
@@ -1023,6 +1046,47 @@ class _Parser:
         self._sources_in_new_pools(out, pools, creates)
         self._no_copy_cycles(out, creates)
         return tuple(out)
+
+    def _not_with_volumes(self, m: _Map) -> None:
+        """Refuse the keys an export of a pool's volumes (``volumes:``) cannot have."""
+        why = {
+            "name": "each volume is served under its own name; export one volume under "
+                    "another name with name: and volume:",
+            "volume": "give volume (one volume) or volumes (a pattern of volume names), "
+                      "not both",
+            "file": "volumes: serves volumes of a pool; a file is exported with name: and "
+                    "file:",
+            "size": "volumes: serves the volumes a pool holds; create one with 'nbdserver "
+                    "volume create' (or with name:, volume: and create: in an export)",
+            "create": "volumes: serves the volumes a pool holds; create one with 'nbdserver "
+                      "volume create', 'volume fork' or 'volume snapshot', live, and "
+                      "clients can connect to it at once",
+        }
+        for key, message in why.items():
+            if key in m:
+                self.fail(m.key_node(key), m.sub(key), message)
+
+    def volume_set(self, m: _Map, pools: tuple[PoolConfig, ...],
+                   sets: dict[tuple[str, str], tuple[str, int]]) -> tuple[str, str]:
+        """An export of a pool's volumes by pattern: (pool, pattern)."""
+        pool_node = m.require("pool", " (the pool whose volumes are served)")
+        pool = self.name(pool_node, m.sub("pool"), "a pool name")
+        node = m.require("volumes")
+        pattern = self.name(node, m.sub("volumes"), "a pattern of volume names")
+        if not _PATTERN_RE.fullmatch(pattern):
+            self.fail(node, m.sub("volumes"), f"{pattern!r} is not a pattern of volume "
+                      "names: use the characters of volume names and the shell wildcards "
+                      "* ? [...], for example \"*\" (quoted: a bare * is YAML) or vm-*")
+        if not any(p.name == pool for p in pools):
+            known = [p.name for p in pools]
+            hint = (f"{_suggest(pool, known)}pools: {_one_of(known)}" if known
+                    else "no pools are defined; add one under 'pools:'")
+            self.fail(pool_node, m.sub("pool"), f"no pool named {pool!r}; {hint}")
+        if (first := sets.get((pool, pattern))) is not None:
+            self.fail(node, m.sub("volumes"), f"the volumes {pattern!r} of pool {pool!r} are "
+                      f"already exported by {first[0]} (line {first[1]})")
+        sets[(pool, pattern)] = (m.path, node.start_mark.line + 1)
+        return pool, pattern
 
     def _sources_in_new_pools(self, exports: list[ExportConfig], pools: Sequence[PoolConfig],
                               creates: dict[tuple[str, str], tuple[str, Node]]) -> None:
@@ -1294,6 +1358,17 @@ def describe(config: Config) -> str:
     lines.append("Exports:" if config.exports else "Exports: none")
     for export in config.exports:
         mode = "read-only" if export.read_only else "read-write"
+        if export.volumes is not None:
+            source = config.pool_named(export.pool or "")
+            where = f" ({source.path})" if source else ""
+            lines.append(f"  every volume of pool {export.pool!r}{where} whose name matches "
+                         f"{export.volumes!r}, under its own name: {mode}, minimum block "
+                         f"size {export.min_block_size}  [{export.key}]")
+            lines.append("    as the pool holds them when a client asks (snapshots are "
+                         "read-only; a volume a named export serves is not among them)")
+            if export.description:
+                lines.append(f"    description: {export.description}")
+            continue
         lines.append(f"  {export.name!r}: {mode}, minimum block size "
                      f"{export.min_block_size}  [{export.key}]")
         if export.description:
@@ -1344,13 +1419,15 @@ def config_to_json(config: Config) -> dict[str, Any]:
          "pools": [{"name": str, "path": str, "key": "pools[0]",
                     "create": {"size": int, "blockmap": str, "chunk-size": int,
                                "preallocate": false | "falloc" | "full"} | null}],
-         "exports": [{"name": str, "description": str, "read-only": bool,
-                      "min-block-size": int, "kind": "file" | "volume",
+         "exports": [{"name": str | null, "description": str, "read-only": bool,
+                      "min-block-size": int, "kind": "file" | "volume" | "volumes",
                       "file": str | null, "size": int | null,
-                      "pool": str | null, "volume": str | null,
+                      "pool": str | null, "volume": str | null, "volumes": str | null,
                       "create": {"size": int | null, "fork": str | null,
                                  "snapshot": str | null} | null,
                       "key": "exports[0]"}]}
+
+    ``name`` is null, and ``volumes`` the pattern, for an export of a pool's volumes.
     """
     s = config.server
     return {
@@ -1373,10 +1450,10 @@ def config_to_json(config: Config) -> dict[str, Any]:
             for p in config.pools
         ],
         "exports": [
-            {"name": e.name, "description": e.description, "read-only": e.read_only,
-             "min-block-size": e.min_block_size, "kind": e.kind,
+            {"name": e.name if e.volumes is None else None, "description": e.description,
+             "read-only": e.read_only, "min-block-size": e.min_block_size, "kind": e.kind,
              "file": str(e.file) if e.file is not None else None, "size": e.size,
-             "pool": e.pool, "volume": e.volume,
+             "pool": e.pool, "volume": e.volume, "volumes": e.volumes,
              "create": None if e.create is None else {
                  "size": e.create.size, "fork": e.create.fork,
                  "snapshot": e.create.snapshot},

@@ -5,6 +5,13 @@ and the path does not exist) when the server starts, and closed (committed and
 checkpointed) when it stops. An export of a pool volume may create its volume
 on first start: empty, or as a fork or snapshot of another volume.
 
+An export with ``volumes: PATTERN`` serves every volume of its pool whose
+name matches, under that name, as the pool holds them when a client asks
+(:class:`VolumeExports`): a volume created, forked or snapshotted through the
+control socket can be connected to at once, with no restart. Its backend is
+opened when the first connection to it starts transmission and closed once the
+last has ended with nothing in flight; meanwhile it is in use (not deletable).
+
 A pool is created in a worker thread: zero-filling a large file
 (``preallocate: full``) takes minutes, and the event loop must meanwhile take
 signals. A stop asked for then (:attr:`OpenPools.stopping`) ends the fill
@@ -18,16 +25,23 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from functools import partial
 
+from nbdserver.backend.base import Backend
 from nbdserver.config import Config, ExportConfig, PoolConfig, made_by_serve
 from nbdserver.control.socket import ControlServer
 from nbdserver.errors import StartCancelled, UserError
+from nbdserver.exports import export_info
+from nbdserver.pool.format import VolumeRecord
 from nbdserver.pool.pool import SERVER_LOCK_WAIT_SECONDS, Pool
+from nbdserver.protocol import ExportInfo
 from nbdserver.sizes import format_size, not_whole_blocks
 from nbdserver.storage.buffers import BufferPool
 from nbdserver.storage.engine import IoEngine
-from nbdserver.volume import VolumeBackend
+from nbdserver.volume import VOLUME_CONTEXTS, VolumeBackend, preferred_block
 
 log = logging.getLogger(__name__)
 
@@ -136,3 +150,118 @@ class OpenPools:
                 log.error("closing pool %s: %s", name, e)
                 ok = False
         return ok
+
+
+@dataclass
+class _VolumeTraits:
+    """What the handshake tells of a volume not opened yet (as its VolumeBackend would)."""
+
+    size: int
+    read_only: bool
+    description: str
+    preferred_block: int
+    can_trim: bool = True
+    can_zero: bool = True
+    can_fast_zero: bool = True
+    rotational: bool = False
+    meta_contexts: tuple[str, ...] = VOLUME_CONTEXTS
+
+
+@dataclass
+class _Served:
+    """A volume a VolumeExports has open: its backend, and the connections using it."""
+
+    backend: VolumeBackend
+    info: ExportInfo
+    users: int = 0
+
+
+class VolumeExports:
+    """The volumes of one pool whose names match a pattern, each served under its own name
+    (an ExportSource; see the module note). A volume a named export serves is not one of
+    them (the pool has it in use)."""
+
+    def __init__(self, ec: ExportConfig, pool: Pool) -> None:
+        assert ec.volumes is not None
+        self.ec = ec
+        self.pattern = ec.volumes
+        self.pool = pool
+        self._served: dict[str, _Served] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def _find(self, name: str) -> VolumeRecord | None:
+        if not fnmatchcase(name, self.pattern):
+            return None
+        vol = self.pool.find_volume(name)
+        if vol is None or vol.id in self.pool.in_use:  # (served by a named export)
+            return None
+        return vol
+
+    def _info(self, vol: VolumeRecord) -> ExportInfo:
+        ec = self.ec
+        traits = _VolumeTraits(size=vol.size, read_only=ec.read_only or vol.read_only,
+                               description=ec.description,
+                               preferred_block=preferred_block(self.pool.chunk_size))
+        return export_info(vol.name, traits, min_block=ec.min_block_size)
+
+    def lookup(self, name: str) -> ExportInfo | None:
+        served = self._served.get(name)
+        if served is not None:
+            return served.info
+        vol = self._find(name)
+        return None if vol is None else self._info(vol)
+
+    def list_exports(self) -> list[ExportInfo]:
+        out = []
+        for vol in self.pool.live_volumes():
+            info = self.lookup(vol.name)
+            if info is not None:
+                out.append(info)
+        return out
+
+    def open(self, name: str) -> tuple[Backend, Callable[[], None]]:
+        served = self._served.get(name)
+        if served is None:
+            vol = self._find(name)
+            if vol is None:  # (lookup() found it, and nothing awaited since)
+                raise KeyError(name)
+            ec = self.ec
+            backend = VolumeBackend(self.pool, vol, read_only=ec.read_only,
+                                    description=ec.description,
+                                    user=f"served to a client as export {name!r} "
+                                         f"({ec.key}: volumes {self.pattern!r})")
+            served = self._served[name] = _Served(backend, self._info(vol))
+            log.info("pool %s: serving volume %r (%s)", ec.pool, name, ec.key)
+        served.users += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            served.users -= 1
+            if served.users == 0:
+                task = asyncio.ensure_future(self._close_unused(name, served))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+
+        return served.backend, release
+
+    async def _close_unused(self, name: str, served: _Served) -> None:
+        await served.backend.drain()
+        if served.users == 0 and self._served.get(name) is served:  # (no one came back)
+            served.backend.unregister()
+            del self._served[name]
+            log.info("pool %s: volume %r no longer served (its last client left)",
+                     self.ec.pool, name)
+
+    async def close(self) -> None:
+        while self._closing:
+            await asyncio.wait(list(self._closing))
+        served, self._served = self._served, {}
+        for name, entry in served.items():
+            try:
+                await entry.backend.close()
+            except Exception as e:
+                log.error("closing volume %r of %s: %s", name, self.ec.key, e)

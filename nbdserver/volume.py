@@ -111,6 +111,16 @@ BRIDGE_BYTES = 64 << 10
 FastPlan = tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]
 
 
+#: The metadata contexts a volume offers.
+VOLUME_CONTEXTS: tuple[str, ...] = (BASE_ALLOCATION, ALLOCATION_DEPTH)
+
+
+def preferred_block(chunk: int) -> int:
+    """The block size a volume asks clients to prefer: its chunk (a write of a whole chunk
+    never copies), 4 KiB for chunks above 64 KiB."""
+    return max(4096, chunk if chunk <= 65536 else 4096)
+
+
 class VolumeBackend:
     """NBD backend over one volume of an open pool; see the module note."""
 
@@ -130,8 +140,8 @@ class VolumeBackend:
         self.can_fast_zero = True
         self.rotational = False
         self.chunk = pool.chunk_size
-        self.preferred_block = max(4096, self.chunk if self.chunk <= 65536 else 4096)
-        self.meta_contexts: tuple[str, ...] = (BASE_ALLOCATION, ALLOCATION_DEPTH)
+        self.preferred_block = preferred_block(self.chunk)
+        self.meta_contexts: tuple[str, ...] = VOLUME_CONTEXTS
         self._shift = self.chunk.bit_length() - 1
         self._fd = pool.device.fd
         self._data_start = pool.layout.data_start
@@ -1090,8 +1100,18 @@ class VolumeBackend:
         task.add_done_callback(finished)
 
     async def close(self) -> None:
+        await self.drain()
+        self.unregister()
+
+    async def drain(self) -> None:
+        """Wait until no task of this backend runs (each request's clients are answered
+        by then; what a task does after answering, too)."""
         while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            await asyncio.wait(list(self._tasks))  # (never cancels them, unlike gather)
+
+    def unregister(self) -> None:
+        """Stop being the pool's user of the volume (after drain(), with no request left):
+        it can then be deleted, or served by another backend."""
         self.pool.in_use.pop(self.vol.id, None)
         self.pool.quiesce.pop(self.vol.id, None)
         _CHUNK_LOCKS.get(self.pool, {}).pop(self.vol.id, None)

@@ -98,7 +98,9 @@ def test_default_config_loads() -> None:
     (pool,) = config.pools
     assert (pool.name, pool.path, pool.key) == ("main", repo / "data" / "pool.img", "pools[0]")
     assert pool.create == PoolCreate(size=4 << 30, blockmap="radix", chunk_size=4096)
-    demo, scratch = config.exports
+    demo, volumes, scratch = config.exports
+    assert (volumes.kind, volumes.pool, volumes.volumes, volumes.key) == (
+        "volumes", "main", "*", "exports[1]")
     assert (demo.name, demo.pool, demo.volume, demo.file) == ("demo", "main", "demo", None)
     assert demo.create == VolumeCreate(size=1 << 30)
     assert demo.kind == "volume" and not demo.read_only
@@ -448,7 +450,7 @@ def test_unknown_export_key_suggests(tmp_path: Path) -> None:
     text = MINIMAL + "    read_only: true\n"
     expect(tmp_path, text, "read_only", "exports[0].read_only", "did you mean 'read-only'?",
            "valid keys here: name, description, read-only, min-block-size, file, size, pool, "
-           "volume, create")
+           "volume, volumes, create")
 
 
 def test_unknown_key_without_suggestion(tmp_path: Path) -> None:
@@ -1114,10 +1116,11 @@ def test_config_to_json(tmp_path: Path) -> None:
         "exports": [
             {"name": "disk", "description": "", "read-only": False, "min-block-size": 512,
              "kind": "file", "file": str(tmp_path / "disk.img"), "size": 1 << 20,
-             "pool": None, "volume": None, "create": None, "key": "exports[0]"},
+             "pool": None, "volume": None, "volumes": None, "create": None,
+             "key": "exports[0]"},
             {"name": "vm1", "description": "", "read-only": False, "min-block-size": 512,
              "kind": "volume", "file": None, "size": None, "pool": "main", "volume": "vm1",
-             "create": {"size": 1 << 30, "fork": None, "snapshot": None},
+             "volumes": None, "create": {"size": 1 << 30, "fork": None, "snapshot": None},
              "key": "exports[1]"},
         ],
     }

@@ -113,6 +113,10 @@ OVERWRITE_CHECK_BYTES = 1 << 20  # pool create: a block device must be zeros thi
 # until the kernel has finished with its files. (The CLI does not wait: a held lock tells
 # it a server has the pool open, and it asks that server instead.)
 SERVER_LOCK_WAIT_SECONDS = 3.0
+# A delete waits this long for a served volume to be let go (its client has just left: the
+# server may not have seen the connection close yet), then refuses.
+IN_USE_WAIT_SECONDS = 1.0
+IN_USE_POLL_SECONDS = 0.01
 LOCK_RETRY_SECONDS = 0.02
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # (fullmatch: no trailing newline)
 
@@ -545,10 +549,17 @@ class Pool:
     def live_volumes(self) -> list[VolumeRecord]:
         return sorted((v for v in self.volumes.values() if not v.deleted), key=lambda v: v.id)
 
-    def volume(self, name: str) -> VolumeRecord:
+    def find_volume(self, name: str) -> VolumeRecord | None:
+        """The live volume called `name`, or None."""
         for vol in self.volumes.values():
             if vol.name == name and not vol.deleted:
                 return vol
+        return None
+
+    def volume(self, name: str) -> VolumeRecord:
+        vol = self.find_volume(name)
+        if vol is not None:
+            return vol
         raise UserError(f"no volume {name!r} in pool {self.path} "
                         f"({_some_names([v.name for v in self.live_volumes()], name)})")
 
@@ -1147,14 +1158,18 @@ class Pool:
         with the data chunks freed so far. Returns the data chunks the delete freed
         (counted in its own steps: what other volumes take or free meanwhile is not)."""
         vol = self.volume(name)
-        if vol.id in self.in_use:
-            raise UserError(f"volume {name!r} is in use ({self.in_use[vol.id]}); "
-                            "stop exporting it first")
+        waited = 0.0
+        while vol.id in self.in_use and waited < IN_USE_WAIT_SECONDS:
+            await asyncio.sleep(IN_USE_POLL_SECONDS)  # (a client that has just left)
+            waited += IN_USE_POLL_SECONDS
         why = self.map.delete_refused(vol)
         if why:
             raise UserError(why)
 
         def mark() -> None:
+            if vol.id in self.in_use:  # (checked here: a client may connect until now)
+                raise UserError(f"volume {name!r} is in use ({self.in_use[vol.id]}); it "
+                                "cannot be deleted while it is served")
             self.update_volume(vol, flags=vol.flags | VF_DELETING)
             if vol.reserved:
                 self.update_state(data_reserved=self.state.data_reserved - vol.reserved)

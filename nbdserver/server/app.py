@@ -22,6 +22,7 @@ import os
 import socket
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -30,7 +31,7 @@ from nbdserver.backend.file import FileBackend
 from nbdserver.config import Config, ExportConfig, Listener, creation_order
 from nbdserver.errors import StartCancelled, UserError
 from nbdserver.exports import Export, ExportTable, export_info
-from nbdserver.pools import OpenPools
+from nbdserver.pools import OpenPools, VolumeExports
 from nbdserver.protocol import ConnectionLimits
 from nbdserver.server.connection import LINGER_SECONDS, NbdConnection
 from nbdserver.sizes import format_size
@@ -41,6 +42,7 @@ from nbdserver.storage.engine import make_engine
 log = logging.getLogger(__name__)
 
 SD_LISTEN_FDS_START = 3
+VOLUMES_SHOWN = 8  # volume names the start-up message lists per pattern
 
 
 def activation_sockets() -> list[socket.socket]:
@@ -84,15 +86,15 @@ class NbdServer:
         # path while this one stops replaces the file, and its socket is not ours to remove.
         self._unix_paths: list[tuple[Path, tuple[int, int]]] = []
         self.uris: list[tuple[str, str]] = []  # (export name, URI)
+        self.volume_uris: list[str] = []  # the URIs of a volume served by pattern
         self.pools = OpenPools(config, self.engine, self.buffers)
 
     # -- exports ----------------------------------------------------------------------
 
-    def backend_for(self, name: str) -> Backend:
-        export = self.exports.get(name)
-        if export is None:  # the core only lets known names through
-            raise KeyError(name)
-        return export.backend
+    def backend_for(self, name: str) -> tuple[Backend, Callable[[], None] | None]:
+        """The backend of export `name` (which the core just looked up), and what releases
+        it once the connection has ended (None for a named export)."""
+        return self.exports.open(name)
 
     async def _open_export(self, ec: ExportConfig) -> Backend:
         if ec.file is not None:
@@ -117,8 +119,13 @@ class NbdServer:
         await self.pools.open_all()
         backends: dict[str, Backend] = {}
         for ec in creation_order(self.config.exports):  # a copy after what it copies
-            backends[ec.key] = await self._open_export(ec)
+            if ec.volumes is None:
+                backends[ec.key] = await self._open_export(ec)
         for ec in self.config.exports:  # (listed in config order)
+            if ec.volumes is not None:
+                assert ec.pool is not None
+                self.exports.add_source(VolumeExports(ec, self.pools.pools[ec.pool]))
+                continue
             info = export_info(ec.name, backends[ec.key], min_block=ec.min_block_size)
             self.exports.add(Export(info, backends[ec.key]))
 
@@ -174,6 +181,7 @@ class NbdServer:
     def _add_uris(self, template: str) -> None:
         for export in self.exports:
             self.uris.append((export.info.name, template.format(export.info.name)))
+        self.volume_uris.append(template.format("VOLUME"))
 
     async def _listen_activated(self, socks: list[socket.socket]) -> None:
         for sock in socks:
@@ -204,16 +212,29 @@ class NbdServer:
                 await self._listen_tcp(listener)
 
     def describe(self) -> str:
-        if not self.exports:
+        sources = [s for s in self.exports.sources if isinstance(s, VolumeExports)]
+        if not self.exports and not sources:
             return (f"nbdserver listening with the {self.engine.name} I/O engine, with no "
                     "exports configured (clients can connect but find nothing to open)")
-        lines = [f"nbdserver serving {len(self.exports)} export(s) with the {self.engine.name} "
+        what = [f"{len(self.exports)} export(s)"] if self.exports else []
+        if sources:
+            what.append(f"the volumes of {len(sources)} pool pattern(s)")
+        lines = [f"nbdserver serving {' and '.join(what)} with the {self.engine.name} "
                  "I/O engine; connect with:"]
         for export in self.exports:
             info = export.info
             ro = ", read-only" if info.read_only else ""
             lines.append(f"  {info.name} ({format_size(info.size)}{ro})")
             lines.extend(f"    {uri}" for name, uri in self.uris if name == info.name)
+        for source in sources:
+            names = [info.name for info in source.list_exports()]
+            shown = ", ".join(names[:VOLUMES_SHOWN]) + (", ..." if len(names) > VOLUMES_SHOWN
+                                                        else "")
+            ro = ", read-only" if source.ec.read_only else ""
+            lines.append(f"  any volume of pool {source.ec.pool!r} matching "
+                         f"{source.pattern!r}{ro} ({len(names)} now{': ' if names else ''}"
+                         f"{shown}), VOLUME standing for its name:")
+            lines.extend(f"    {uri}" for uri in self.volume_uris)
         return "\n".join(lines)
 
     async def stop(self, grace: float | None = None) -> bool:
@@ -245,6 +266,8 @@ class NbdServer:
                 await export.backend.close()
             except Exception as e:
                 log.error("closing export %r: %s", export.info.name, e)
+        for source in self.exports.sources:
+            await source.close()
         closed = await self.pools.close_all()
         # Exiting with replies still queued in a transport would lose them.
         lost = [conn.lost.wait() for conn in list(self.connections)]

@@ -51,6 +51,7 @@ import logging
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from nbdserver.backend.base import Backend, ReadResult
@@ -112,6 +113,9 @@ class NbdConnection(asyncio.Protocol):
         self._handshake_timer: asyncio.TimerHandle | None = None
         self.idle = asyncio.Event()  # set while no request is in flight
         self.idle.set()
+        # Lets go of a backend opened for this connection (a volume served by pattern),
+        # once it is closed with nothing in flight.
+        self._release: Callable[[], None] | None = None
         self._contexts: tuple[tuple[int, str], ...] = ()
 
     # -- asyncio callbacks ------------------------------------------------------------
@@ -185,6 +189,8 @@ class NbdConnection(asyncio.Protocol):
         self.lost.set()
         self._held.clear()  # uvloop may still reference them: let them be garbage collected
         self.server.connections.discard(self)
+        if self.in_flight == 0:
+            self._let_go()
         if exc is not None:
             log.debug("%s: connection lost: %s", self.peer, exc)
 
@@ -293,7 +299,7 @@ class NbdConnection(asyncio.Protocol):
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
-        self.backend = self.server.backend_for(event.export.name)
+        self.backend, self._release = self.server.backend_for(event.export.name)
         self._contexts = tuple((c.id, c.name) for c in event.meta_contexts)
         log.info("%s: export %r (structured replies: %s)", self.peer, event.export.name,
                  event.structured_replies)
@@ -431,10 +437,17 @@ class NbdConnection(asyncio.Protocol):
             self.bytes_in_flight -= req.length
         if self.in_flight == 0:
             self.idle.set()
+            if self.closed:
+                self._let_go()
             if self.closing:
                 self._close()
                 return
         self._resume()
+
+    def _let_go(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
     def _resume(self) -> None:
         """Take the requests left in the core (if now allowed), then resume reading."""

@@ -1,0 +1,216 @@
+"""Exports of a pool's volumes by pattern (``volumes:``): what a fork made live through the
+control socket gives a client at once, with no restart, and what it keeps from others."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SERVER_CMD, NbdServerProcess, ServerFactory, nbd_python, run
+from nbdclient import raw_handshake, raw_socket, request
+
+from nbdserver.control.socket import call, socket_path
+from nbdserver.pool.pool import read_superblock
+
+MiB = 1 << 20
+CMD_WRITE = 1
+
+
+def _served(factory: ServerFactory, tmp_path: Path, pattern: str = "vm*",
+            **extra: Any) -> tuple[NbdServerProcess, Path]:
+    pool = tmp_path / "pool.img"
+    srv = factory([{"name": "golden", "pool": "p", "volume": "golden",
+                    "create": {"size": "16M"}},
+                   {"pool": "p", "volumes": pattern, **extra}],
+                  pools=[{"name": "p", "path": pool,
+                          "create": {"size": "256M", "blockmap": "radix"}}])
+    return srv, pool
+
+
+def _cli(*args: str | Path, check: bool = True) -> Any:
+    return run([*SERVER_CMD, *map(str, args)], check=check)
+
+
+def _names(srv: NbdServerProcess) -> list[str]:
+    data = json.loads(run(["nbdinfo", "--json", "--list", srv.unix_uri()]).stdout)
+    return [e["export-name"] for e in data["exports"]]
+
+
+def _qemu_io(uri: str, command: str, check: bool = True, read_only: bool = False) -> Any:
+    return run(["qemu-io", "-f", "raw", *(["-r"] if read_only else []), "-c", command, uri],
+               check=check)
+
+
+def test_a_fork_made_live_is_served_at_once_and_only_matching_volumes_are(
+        nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
+    srv, pool = _served(nbd_server_factory, tmp_path)
+    assert "any volume of pool 'p' matching 'vm*'" in srv.stdout, srv.stdout
+    assert "nbd+unix:///VOLUME?socket=" in srv.stdout, srv.stdout
+    _qemu_io(srv.unix_uri("golden"), "write -P 0x11 0 1M")
+    assert _names(srv) == ["golden"]  # (the named export: listed once, served as before)
+    _cli("volume", "fork", pool, "golden", "vm1")
+    _cli("volume", "fork", pool, "golden", "vm2")
+    _cli("volume", "snapshot", pool, "golden", "vm-snap")
+    _cli("volume", "fork", pool, "golden", "other")  # does not match vm*
+    assert _names(srv) == ["golden", "vm1", "vm2", "vm-snap"]
+
+    # Each fork sees golden's bytes, then only its own writes.
+    _qemu_io(srv.unix_uri("vm1"), "write -P 0x22 0 64k")
+    _qemu_io(srv.unix_uri("vm2"), "write -P 0x33 64k 64k")
+    _qemu_io(srv.unix_uri("vm1"), "read -P 0x22 0 64k")
+    _qemu_io(srv.unix_uri("vm1"), "read -P 0x11 64k 960k")
+    _qemu_io(srv.unix_uri("vm2"), "read -P 0x11 0 64k")
+    _qemu_io(srv.unix_uri("vm2"), "read -P 0x33 64k 64k")
+    _qemu_io(srv.unix_uri("golden"), "read -P 0x11 0 1M")
+
+    snap = json.loads(run(["nbdinfo", "--json", srv.unix_uri("vm-snap")]).stdout)
+    assert snap["exports"][0]["is_read_only"] is True  # a snapshot is read-only
+    refused = _qemu_io(srv.unix_uri("other"), "read 0 4k", check=False)
+    assert refused.returncode != 0 and "unknown export 'other'" in refused.stderr, refused
+
+
+def test_a_served_volume_cannot_be_deleted_until_its_clients_leave(
+        nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
+    srv, pool = _served(nbd_server_factory, tmp_path)
+    _cli("volume", "fork", pool, "golden", "vm1")
+    assert srv.socket_path is not None
+    held = raw_socket(srv.socket_path)
+    try:
+        raw_handshake(held, "vm1")
+        (vol,) = [v for v in json.loads(_cli("volume", "list", pool, "--json").stdout)
+                  if v["name"] == "vm1"]
+        assert vol["in_use"].startswith("served to a client as export 'vm1'"), vol
+        refused = _cli("volume", "delete", pool, "vm1", check=False)
+        assert refused.returncode == 1, refused
+        assert "'vm1' is in use" in refused.stderr and "cannot be deleted while it is " \
+            "served" in refused.stderr, refused.stderr
+    finally:
+        held.close()
+    # A delete right after the client left (the server may not have seen it go yet) waits
+    # for it, and then frees what the volume held.
+    _cli("volume", "delete", pool, "vm1")
+    assert _names(srv) == ["golden"]
+    check = json.loads(_cli("pool", "check", pool, "--json").stdout)
+    assert check["ok"], check
+
+
+def test_delete_right_after_each_client_leaves(nbd_server_factory: ServerFactory,
+                                               tmp_path: Path) -> None:
+    srv, pool = _served(nbd_server_factory, tmp_path)
+    control = socket_path(read_superblock(pool).uuid_str, pool)
+    for i in range(5):
+        _cli("volume", "fork", pool, "golden", f"vm{i}")
+        nbd_python("import nbd, sys\nh = nbd.NBD()\nh.connect_uri(sys.argv[1])\n"
+                   "h.pwrite(b'x' * 4096, 0)\nh.flush()\nh.shutdown()\n",
+                   srv.unix_uri(f"vm{i}"))
+        _cli("volume", "delete", pool, f"vm{i}")  # no sleep between
+    assert srv.socket_path is not None
+    for i in range(20):  # writes in flight when the client goes, and the delete at once
+        call(control, "volume.fork", {"source": "golden", "name": f"vm-fast{i}"})
+        held = raw_socket(srv.socket_path)
+        raw_handshake(held, f"vm-fast{i}")
+        held.sendall(b"".join(request(CMD_WRITE, n, n * 65536, 65536, data=b"w" * 65536)
+                              for n in range(64)))
+        held.close()
+        assert call(control, "volume.delete", {"name": f"vm-fast{i}"})["name"] == f"vm-fast{i}"
+    assert [v["name"] for v in json.loads(_cli("volume", "list", pool, "--json").stdout)] \
+        == ["golden"]
+
+
+def test_a_snapshot_of_a_volume_served_by_pattern_is_a_point_in_time(
+        nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
+    srv, pool = _served(nbd_server_factory, tmp_path)
+    _cli("volume", "fork", pool, "golden", "vm1")
+    # One libnbd connection writes, the snapshot is taken while it stays connected, then it
+    # writes again: the snapshot has the first bytes only.
+    script = """import nbd, subprocess, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pwrite(b'A' * 65536, 0)
+h.flush()
+subprocess.run(sys.argv[2:], check=True)
+h.pwrite(b'B' * 65536, 0)
+h.flush()
+print(h.pread(512, 0)[:1].decode())
+"""
+    out = nbd_python(script, srv.unix_uri("vm1"), *SERVER_CMD, "volume", "snapshot",
+                     str(pool), "vm1", "vm1-at-a").stdout
+    assert out.strip().endswith("B")
+    _qemu_io(srv.unix_uri("vm1-at-a"), "read -P 0x41 0 64k", read_only=True)
+    _qemu_io(srv.unix_uri("vm1"), "read -P 0x42 0 64k")
+
+
+def test_flushed_writes_to_a_volume_served_by_pattern_survive_kill_9(
+        nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
+    srv, pool = _served(nbd_server_factory, tmp_path)
+    _cli("volume", "fork", pool, "golden", "vm1")
+    _qemu_io(srv.unix_uri("vm1"), "write -P 0x5a 1M 2M")  # (qemu-io flushes at close)
+    srv.kill()
+    srv.start()
+    _qemu_io(srv.unix_uri("vm1"), "read -P 0x5a 1M 2M")
+    _qemu_io(srv.unix_uri("vm1"), "read -P 0 0 1M")
+    check = json.loads(_cli("pool", "check", pool, "--json").stdout)
+    assert check["ok"], check
+
+
+def test_read_only_pattern_and_a_stop_with_clients_connected(
+        nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
+    srv, pool = _served(nbd_server_factory, tmp_path, pattern="*", **{"read-only": True})
+    _cli("volume", "fork", pool, "golden", "vm1")
+    # golden is the named export's; "*" adds vm1 only.
+    assert _names(srv) == ["golden", "vm1"]
+    refused = _qemu_io(srv.unix_uri("vm1"), "write 0 4k", check=False)
+    assert refused.returncode != 0
+    assert srv.socket_path is not None
+    held = raw_socket(srv.socket_path)
+    try:
+        raw_handshake(held, "vm1")
+        started = time.monotonic()
+        srv.stop()
+        assert time.monotonic() - started < 20
+    finally:
+        held.close()
+    assert "Traceback" not in srv.stderr, srv.stderr
+    check = json.loads(_cli("pool", "check", pool, "--json").stdout)
+    assert check["ok"], check
+
+
+@pytest.mark.parametrize(("item", "key", "needle"), [
+    ({"name": "x", "pool": "p", "volumes": "*"}, "exports[0].name", "its own name"),
+    ({"pool": "p", "volume": "a", "volumes": "*"}, "exports[0].volume", "not both"),
+    ({"pool": "p", "volumes": "*", "create": {"size": "1M"}}, "exports[0].create",
+     "volume create"),
+    ({"pool": "p", "volumes": "vm/*"}, "exports[0].volumes", "not a pattern"),
+    ({"pool": "q", "volumes": "*"}, "exports[0].pool", "no pool named 'q'"),
+    ({"volumes": "*"}, "exports[0]", "pool"),
+])
+def test_bad_volumes_exports_are_named(tmp_path: Path, item: dict[str, Any], key: str,
+                                       needle: str) -> None:
+    from nbdserver.config import parse_config
+    from nbdserver.errors import ConfigError
+
+    text = json.dumps({"listen": [{"unix": "s.sock"}],
+                       "pools": [{"name": "p", "path": "p.img", "create": {"size": "64M"}}],
+                       "exports": [item]})
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, source=tmp_path / "c.yaml")
+    assert key in str(err.value) and needle in str(err.value), str(err.value)
+
+
+def test_check_config_explains_a_volumes_export(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text(
+        "listen: [{unix: s.sock}]\n"
+        "pools: [{name: p, path: p.img, create: {size: 64M}}]\n"
+        "exports:\n  - pool: p\n    volumes: 'vm-*'\n    read-only: true\n")
+    out = _cli("check-config", tmp_path / "c.yaml").stdout
+    assert "every volume of pool 'p'" in out and "whose name matches 'vm-*'" in out, out
+    assert "read-only" in out and "[exports[0]]" in out, out
+    (export,) = json.loads(_cli("check-config", tmp_path / "c.yaml", "--json").stdout)[
+        "exports"]
+    assert export == {"name": None, "description": "", "read-only": True,
+                      "min-block-size": 512, "kind": "volumes", "file": None, "size": None,
+                      "pool": "p", "volume": None, "volumes": "vm-*", "create": None,
+                      "key": "exports[0]"}
