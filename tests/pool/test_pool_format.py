@@ -289,6 +289,15 @@ async def test_a_damaged_map_page_is_one_line_in_the_cli_and_no_leak_in_check(
             assert listed["b"]["exclusive_bytes"] == 64 * KiB and "damaged" not in listed["b"]
         else:
             assert [line.split()[0] for line in proc.stdout.splitlines()] == ["NAME", "a", "b"]
+    # --brief reads the catalog only: no map page, so the damage is not in its way
+    proc = run([*SERVER_CMD, "volume", "list", env.path, "--brief", "--json"])
+    brief = json.loads(proc.stdout)
+    assert [v["name"] for v in brief] == ["a", "b"] and proc.stderr == "", proc.stderr
+    assert "exclusive_bytes" not in brief[0] and brief[0]["size"] == 256 * KiB, brief
+    table = run([*SERVER_CMD, "volume", "list", env.path, "--brief"]).stdout.splitlines()
+    assert table[0].split() == ["NAME", "SIZE", "PARENT", "DEPTH", "RO", "CREATED", "IN",
+                                "USE"], table
+    assert [line.split()[0] for line in table[1:]] == ["a", "b"], table
     proc = run([*SERVER_CMD, "volume", "delete", env.path, "a"], check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert f"volume 'a' is deleted, but not all of its space could be freed: metadata page " \

@@ -83,6 +83,10 @@ def test_a_served_volume_cannot_be_deleted_until_its_clients_leave(
         (vol,) = [v for v in json.loads(_cli("volume", "list", pool, "--json").stdout)
                   if v["name"] == "vm1"]
         assert vol["in_use"].startswith("served to a client as export 'vm1'"), vol
+        brief = json.loads(_cli("volume", "list", pool, "--brief", "--json").stdout)
+        assert [(v["name"], v["parent"], v["depth"]) for v in brief] == [
+            ("golden", None, 0), ("vm1", "golden", 1)], brief
+        assert brief[1]["in_use"] == vol["in_use"] and "shared_bytes" not in brief[1]
         refused = _cli("volume", "delete", pool, "vm1", check=False)
         assert refused.returncode == 1, refused
         assert "'vm1' is in use" in refused.stderr and "cannot be deleted while it is " \
