@@ -16,9 +16,12 @@ too once they register themselves), in a pool with 64 KiB chunks:
    after it powers off, so does ``volume fork vm1 vm2`` (vm1 still exported).
    A design that cannot fork a fork (linear) must refuse vm2 instead (and gets
    no vm1-live).
-4. A server exporting vm2 and vm3 boots both VMs at once (``-blockdev`` with
-   ``reconnect-delay``, and the ``fast`` boot of scripts/vmimage.py: the same
-   kernel unpacked, a minimal initramfs, half the time), and is restarted
+   The server also serves the pool's volumes named vm* by pattern: vm3 is listed
+   (``nbdinfo --list``) as soon as it is forked.
+4. A server serving vm2 and vm3 by pattern (``volumes: vm[23]``) boots both VMs
+   at once (``-blockdev`` with ``reconnect-delay``, and the ``fast`` boot of
+   scripts/vmimage.py: the same kernel unpacked, a minimal initramfs, half the
+   time), and is restarted
    (SIGTERM, start) while they write: qemu reconnects and the guests carry on.
 5. Each VM's console (see the init script in scripts/vmimage.py) shows golden's
    content, only the files its ancestors and itself wrote (vm2 sees vm1's, vm3
@@ -93,11 +96,13 @@ def cli(*args: str | Path, check: bool = True) -> Any:
 
 
 def serve(factory: ServerFactory, pool: Path, name: str, exports: list[tuple[str, bool]],
-          ) -> NbdServerProcess:
-    """A server holding `pool`, exporting volumes (name, read_only)."""
+          volumes: str | None = None) -> NbdServerProcess:
+    """A server holding `pool`, exporting volumes (name, read_only), and with `volumes`
+    the pool's other volumes whose names match it."""
     return factory(
-        [{"name": vol, "pool": "p", "volume": vol, **({"read-only": True} if ro else {})}
-         for vol, ro in exports],
+        [*({"name": vol, "pool": "p", "volume": vol, **({"read-only": True} if ro else {})}
+           for vol, ro in exports),
+         *([{"pool": "p", "volumes": volumes}] if volumes else [])],
         pools=[{"name": "p", "path": pool}], tcp=False, name=name)
 
 
@@ -188,10 +193,13 @@ def test_vms_boot_from_forks_of_golden(design: str, boot_files: dict[str, BootFi
     assert cli("volume", "fork", pool, "golden", "vm1")["parent"] == "golden"
 
     # 3. Boot vm1; fork through the control socket while it runs and after it stops.
-    srv = serve(nbd_server_factory, pool, "vm1", [("vm1", False), ("golden", True)])
+    srv = serve(nbd_server_factory, pool, "vm1", [("vm1", False), ("golden", True)],
+                volumes="vm*")
     vm = start_vm(srv, "vm1", "debian" if design == DEBIAN_BOOT_DESIGN else "fast")
     vm3 = cli("volume", "fork", pool, "golden", "vm3")
     assert vm3["parent"] == "golden" and vm3["depth"] == 1
+    listing = json.loads(run(["nbdinfo", "--json", "--list", srv.unix_uri()]).stdout)
+    assert [e["export-name"] for e in listing["exports"]] == ["vm1", "golden", "vm3"]
     listed = {v["name"]: v for v in cli("volume", "list", pool)}
     assert listed["vm1"]["in_use"], listed  # only the server knows: the CLI went through it
     if chain:  # a snapshot of vm1 while its VM writes (checked for consistency in step 5)
@@ -212,9 +220,8 @@ def test_vms_boot_from_forks_of_golden(design: str, boot_files: dict[str, BootFi
     # 4. Boot vm2 and vm3 at once, restarting the server under them.
     children = ["vm2", "vm3"] if chain else ["vm3"]
     live_export = [("vm1-live", True)] if chain else []
-    srv = serve(nbd_server_factory, pool, "children",
-                [*((c, False) for c in children), ("golden", True), ("vm1", True),
-                 *live_export])
+    srv = serve(nbd_server_factory, pool, "children",  # (children: served by pattern)
+                [("golden", True), ("vm1", True), *live_export], volumes="vm[23]")
     started = [start_vm(srv, c, "fast", blockdev=True) for c in children]
     # Restart the server under the running VMs once the first is writing: qemu reconnects.
     assert started[0].wait_for("SCRATCH", BOOT_TIMEOUT), started[0].boot.console
