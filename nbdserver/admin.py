@@ -634,7 +634,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                                     "its size: both share every chunk until one of them "
                                     "writes it. A fork can be forked again, to any depth "
                                     "(not with the linear design). Example: nbdserver volume "
-                                    "fork pool.img golden vm1")
+                                    "fork pool.img golden vm1. A running server serves the "
+                                    "new volume at once, with no restart, if its config has "
+                                    "an export 'volumes: PATTERN' of the pool that the name "
+                                    "matches (docs/operations.md).")
     common(p)
     p.add_argument("source", metavar="SOURCE", help="the volume to copy")
     p.add_argument("name", metavar="NAME", type=_new_volume_name, help=new_name_help)
@@ -645,8 +648,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p = vsub.add_parser("delete", help="delete a volume and free what only it used",
                         description="Delete a volume and free the chunks and map pages only "
                                     "it referenced (shared ones stay with the volumes that "
-                                    "share them). Refused while the volume is exported, and "
-                                    "for a linear origin that still has snapshots.")
+                                    "share them). Refused while the volume is exported (by a "
+                                    "named export, or to a client connected through a "
+                                    "'volumes:' export), and for a linear origin that still "
+                                    "has snapshots.")
     common(p)
     p.add_argument("name", metavar="NAME", help="the volume to delete")
     p.set_defaults(handler=cmd_volume_delete)
