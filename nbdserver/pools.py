@@ -213,10 +213,13 @@ class VolumeExports:
 
     def list_exports(self) -> list[ExportInfo]:
         out = []
-        for vol in self.pool.live_volumes():
-            info = self.lookup(vol.name)
-            if info is not None:
-                out.append(info)
+        pool = self.pool
+        for vol in pool.live_volumes():  # (one pass: not a lookup by name per volume)
+            served = self._served.get(vol.name)
+            if served is not None:
+                out.append(served.info)
+            elif fnmatchcase(vol.name, self.pattern) and vol.id not in pool.in_use:
+                out.append(self._info(vol))
         return out
 
     def open(self, name: str) -> tuple[Backend, Callable[[], None]]:
