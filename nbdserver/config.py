@@ -398,6 +398,67 @@ def _parse(text: str, *, source: Path | None, shown: str | None, base_dir: Path,
     return _Parser(where, base_dir, socket_activation, tuple(blockmaps)).config(root, source)
 
 
+# The characters a volume name may hold (nbdserver.pool.pool.NAME_RE).
+_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._+-")
+_Glob = list[tuple[bool, frozenset[str]]]  # (a *, the characters one position takes)
+
+
+def _glob_tokens(pattern: str) -> _Glob | None:
+    """`pattern` (fnmatch's syntax) as a list of positions over the volume-name
+    characters: (True, all) for ``*``, else (False, the characters it matches); None
+    when a ``[`` is not closed."""
+    out: _Glob = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "*":
+            out.append((True, _NAME_CHARS))
+        elif c == "?":
+            out.append((False, _NAME_CHARS))
+        elif c == "[":
+            j = pattern.find("]", i + 2 if pattern[i + 1:i + 2] in ("!", "]") else i + 1)
+            if j < 0:
+                return None
+            body = pattern[i + 1:j]
+            negate = body.startswith("!")
+            body = body[1:] if negate else body
+            chars: set[str] = set()
+            k = 0
+            while k < len(body):
+                if k + 2 < len(body) and body[k + 1] == "-":
+                    chars |= {chr(x) for x in range(ord(body[k]), ord(body[k + 2]) + 1)}
+                    k += 3
+                else:
+                    chars.add(body[k])
+                    k += 1
+            out.append((False, (_NAME_CHARS - chars) if negate else frozenset(chars)))
+            i = j
+        else:
+            out.append((False, frozenset(c)))
+        i += 1
+    return out
+
+
+def _globs_overlap(a: _Glob, b: _Glob) -> bool:
+    """Whether some name matches both patterns: a search over pairs of positions."""
+    seen: set[tuple[int, int]] = set()
+    todo = [(0, 0)]
+    while todo:
+        i, j = todo.pop()
+        if (i, j) in seen:
+            continue
+        seen.add((i, j))
+        if i == len(a) and j == len(b):
+            return True
+        if i < len(a) and a[i][0]:
+            todo.append((i + 1, j))  # a * that matches nothing more
+        if j < len(b) and b[j][0]:
+            todo.append((i, j + 1))
+        if i < len(a) and j < len(b) and a[i][1] & b[j][1]:  # one character both take
+            todo.append((i if a[i][0] else i + 1, j if b[j][0] else j + 1))
+    return False
+
+
 def _yaml_error(where: str, text: str, e: yaml.MarkedYAMLError) -> str:
     mark = e.problem_mark or e.context_mark
     problem = e.problem or "syntax error"
@@ -411,6 +472,8 @@ def _yaml_error(where: str, text: str, e: yaml.MarkedYAMLError) -> str:
     line = lines[mark.line] if mark.line < len(lines) else ""
     if re.search(r"\btcp:\s*\[", line):
         msg += '; quote IPv6 addresses, as in tcp: "[::1]:10809"'
+    elif re.search(r"\bvolumes:\s*\*", line):
+        msg += '; quote a pattern that starts with *, as in volumes: "*"'
     elif "\t" in line[: mark.column + 1]:
         indent = len(line) - len(line.lstrip(" \t"))
         msg += ("; YAML does not allow tabs for indentation, use spaces"
@@ -1073,18 +1136,24 @@ class _Parser:
         pool = self.name(pool_node, m.sub("pool"), "a pool name")
         node = m.require("volumes")
         pattern = self.name(node, m.sub("volumes"), "a pattern of volume names")
-        if not _PATTERN_RE.fullmatch(pattern):
+        tokens = _glob_tokens(pattern) if _PATTERN_RE.fullmatch(pattern) else None
+        if tokens is None:
             self.fail(node, m.sub("volumes"), f"{pattern!r} is not a pattern of volume "
                       "names: use the characters of volume names and the shell wildcards "
-                      "* ? [...], for example \"*\" (quoted: a bare * is YAML) or vm-*")
+                      "* ? [...] (each [ closed by a ]), for example \"*\" (quoted: a bare "
+                      "* is YAML) or vm-*")
         if not any(p.name == pool for p in pools):
             known = [p.name for p in pools]
             hint = (f"{_suggest(pool, known)}pools: {_one_of(known)}" if known
                     else "no pools are defined; add one under 'pools:'")
             self.fail(pool_node, m.sub("pool"), f"no pool named {pool!r}; {hint}")
-        if (first := sets.get((pool, pattern))) is not None:
-            self.fail(node, m.sub("volumes"), f"the volumes {pattern!r} of pool {pool!r} are "
-                      f"already exported by {first[0]} (line {first[1]})")
+        for (other_pool, other), (key, line) in sets.items():
+            if other_pool == pool and _globs_overlap(_glob_tokens(other) or [], tokens):
+                example = "the same names" if other == pattern else "names both match"
+                self.fail(node, m.sub("volumes"), f"{pattern!r} and {other!r} ({key}.volumes, "
+                          f"line {line}) both serve volumes of pool {pool!r} ({example}): "
+                          "a volume would be served by the first only, with its settings; "
+                          "make the patterns exclusive, for example vm-* and web-*")
         sets[(pool, pattern)] = (m.path, node.start_mark.line + 1)
         return pool, pattern
 
@@ -1248,6 +1317,16 @@ def config_warnings(config: Config) -> list[str]:
                 and listener.path.parent not in made:
             out.append(f"{listener.key}: {listener.path.parent} does not exist; serve "
                        "creates it (unless socket activation passes the sockets)")
+    sets = [e for e in config.exports if e.volumes is not None]
+    for i, later in enumerate(sets):
+        for first in sets[:i]:
+            if first.pool != later.pool and _globs_overlap(
+                    _glob_tokens(first.volumes or "") or [], _glob_tokens(later.volumes or "")
+                    or []):
+                out.append(f"{later.key}.volumes: {later.volumes!r} of pool {later.pool!r} "
+                           f"and {first.volumes!r} of pool {first.pool!r} ({first.key}) "
+                           "match some names alike: a volume name both pools hold is served "
+                           f"from pool {first.pool!r} only")
     files: dict[Path, ExportConfig] = {}
     for export in config.exports:
         if export.file is None:

@@ -234,7 +234,7 @@ class VolumeExports:
                                     user=f"served to a client as export {name!r} "
                                          f"({ec.key}: volumes {self.pattern!r})")
             served = self._served[name] = _Served(backend, self._info(vol))
-            log.info("pool %s: serving volume %r (%s)", ec.pool, name, ec.key)
+            log.debug("pool %s: serving volume %r (%s)", ec.pool, name, ec.key)
         served.users += 1
         released = False
 
@@ -256,8 +256,8 @@ class VolumeExports:
         if served.users == 0 and self._served.get(name) is served:  # (no one came back)
             served.backend.unregister()
             del self._served[name]
-            log.info("pool %s: volume %r no longer served (its last client left)",
-                     self.ec.pool, name)
+            log.debug("pool %s: volume %r no longer served (its last client left)",
+                      self.ec.pool, name)
 
     async def close(self) -> None:
         while self._closing:

@@ -127,6 +127,10 @@ def check_volume_name(name: str) -> None:
             f"invalid volume name {name!r}: use {VOLUME_NAME_RULE}")
 
 
+class _QuiesceAgain(Exception):
+    """A clone's source got a backend that the clone did not quiesce (Pool.clone_volume)."""
+
+
 class _NoRoomToPromise(UserError):
     """A guarantee the pool cannot promise now (see Pool._reserve)."""
 
@@ -1103,9 +1107,12 @@ class Pool:
         why = self.map.clone_refused(src)
         if why:
             raise UserError(why)
+        # Wait for the in-flight writes of the backend serving the source, if one does.
+        # A client may open one during any await below (a volume served by pattern is
+        # opened by its first connection): then op() finds another backend registered than
+        # the one quiesced, and the clone quiesces that one and runs again.
         resume: Callable[[], None] | None = None
-        if src.id in self.quiesce:
-            resume = await self.quiesce[src.id]()  # wait for the source's in-flight writes
+        quiesced: Callable[[], Awaitable[Callable[[], None]]] | None = None
         try:
             flags = (VF_SNAPSHOT | VF_READ_ONLY) if snapshot else 0
             # A guaranteed source that needs no reservation of its own (linear's thick
@@ -1115,6 +1122,8 @@ class Pool:
                 flags |= VF_GUARANTEE
 
             def op() -> VolumeRecord:
+                if self.quiesce.get(src.id) is not quiesced:
+                    raise _QuiesceAgain
                 self._clones_of[src.id] = self._clones_of.get(src.id, 0) + 1
                 vol = self._new_record(name, src.size, parent=src.id, flags=flags)
                 with _refused_for_lack_of_pages(f"cannot clone {src.name!r}"):
@@ -1143,7 +1152,20 @@ class Pool:
                     self._promise_pages(f"cannot clone {src.name!r}")
                 return vol
 
-            vol = await self._run_promising(op)
+            while True:
+                if self.quiesce.get(src.id) is not quiesced:
+                    if resume is not None:
+                        resume()
+                        resume = None
+                    quiesced = self.quiesce.get(src.id)
+                    if quiesced is not None:
+                        resume = await quiesced()  # (then look again: it awaited)
+                    continue
+                try:
+                    vol = await self._run_promising(op)
+                except _QuiesceAgain:
+                    continue
+                break
             self._keep_catalog_page(vol)
             await self.commit()
             return vol

@@ -190,6 +190,7 @@ def test_read_only_pattern_and_a_stop_with_clients_connected(
     ({"pool": "p", "volumes": "vm/*"}, "exports[0].volumes", "not a pattern"),
     ({"pool": "q", "volumes": "*"}, "exports[0].pool", "no pool named 'q'"),
     ({"volumes": "*"}, "exports[0]", "pool"),
+    ({"pool": "p", "volumes": "vm[0-9"}, "exports[0].volumes", "each [ closed"),
 ])
 def test_bad_volumes_exports_are_named(tmp_path: Path, item: dict[str, Any], key: str,
                                        needle: str) -> None:
@@ -218,3 +219,48 @@ def test_check_config_explains_a_volumes_export(tmp_path: Path) -> None:
                       "min-block-size": 512, "kind": "volumes", "file": None, "size": None,
                       "pool": "p", "volume": None, "volumes": "vm-*", "create": None,
                       "key": "exports[0]"}
+
+
+@pytest.mark.parametrize(("first", "second", "overlap"), [
+    ("*", "vm*", True), ("vm*", "vm*", True), ("vm*", "*-1", True), ("vm?", "vm[0-9]", True),
+    ("vm-*", "web-*", False), ("vm[0-4]*", "vm[5-9]*", False), ("vm?", "vm??", False),
+    ("[!v]*", "vm*", False),
+])
+def test_patterns_of_one_pool_that_overlap_are_refused(tmp_path: Path, first: str,
+                                                      second: str, overlap: bool) -> None:
+    """A volume both match would be served by the first only, with its settings (a later
+    read-only: true silently ignored): refused, naming both."""
+    from nbdserver.config import config_warnings, parse_config
+    from nbdserver.errors import ConfigError
+
+    text = json.dumps({"listen": [{"unix": "s.sock"}],
+                       "pools": [{"name": "p", "path": "p.img", "create": {"size": "64M"}},
+                                 {"name": "q", "path": "q.img", "create": {"size": "64M"}}],
+                       "exports": [{"pool": "p", "volumes": first},
+                                   {"pool": "q", "volumes": second},  # another pool: fine
+                                   {"pool": "p", "volumes": second, "read-only": True}]})
+    if not overlap:
+        config = parse_config(text, source=tmp_path / "c.yaml")
+        assert len(config.exports) == 3
+        return
+    # Across pools a name both hold is served from the first only: a warning.
+    two = json.loads(text)
+    two["exports"].pop()
+    warnings = config_warnings(parse_config(json.dumps(two), source=tmp_path / "c.yaml"))
+    assert any(w.startswith("exports[1].volumes: ") and "served from pool 'p' only" in w
+               for w in warnings), warnings
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, source=tmp_path / "c.yaml")
+    message = str(err.value)
+    assert "exports[2].volumes" in message and "exports[0].volumes" in message, message
+    assert "served by the first only" in message, message
+
+
+def test_a_bare_star_pattern_is_told_to_be_quoted(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text(
+        "listen: [{unix: s.sock}]\n"
+        "pools: [{name: p, path: p.img, create: {size: 64M}}]\n"
+        "exports:\n  - pool: p\n    volumes: *\n")
+    proc = _cli("check-config", tmp_path / "c.yaml", check=False)
+    assert proc.returncode == 2 and "c.yaml:5:" in proc.stderr, proc.stderr
+    assert 'quote a pattern that starts with *, as in volumes: "*"' in proc.stderr

@@ -1,0 +1,86 @@
+"""A snapshot is a point in time even when the source gets its backend mid-clone.
+
+A volume served by pattern (``volumes:`` exports) has no backend until a client
+connects, and a client can connect while a snapshot of it waits on a page load.
+That backend's writes in flight must be waited for too: a write in place that
+lands after its chunk became shared would change the snapshot after it was
+made, and the volume would lose the write at its next copy-on-write of that
+chunk (seen: the volume read its old bytes where an answered write had been).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from poolkit import HoldingEngine, PoolFactory
+
+from nbdserver.config import ExportConfig
+from nbdserver.pool.pool import Pool
+from nbdserver.pools import VolumeExports
+
+KiB = 1024
+CHUNK = 64 * KiB
+
+
+def _write(backend: Any, offset: int, data: bytes) -> asyncio.Future[Any]:
+    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    backend.write(offset, memoryview(data), False, fut.set_result)
+    backend.engine.kick()
+    return fut
+
+
+async def test_a_backend_opened_during_a_snapshot_is_quiesced_too(
+        make_pool: PoolFactory) -> None:
+    env = await make_pool("radix", chunk_size=CHUNK, offline=False)
+    pool: Pool = env.pool
+    await env.create("vm1", 1 << 20)
+    await env.vol("vm1").write(0, b"\xaa" * CHUNK)
+    await pool.commit()
+    await env.release("vm1")
+    holding = HoldingEngine(pool.engine)
+    pool.engine = holding  # type: ignore[assignment]
+    source = VolumeExports(ExportConfig(
+        name="", description="", read_only=False, min_block_size=512, file=None, size=None,
+        pool="p", volume=None, create=None, key="exports[0]", volumes="vm*"), pool)
+
+    first_write: list[asyncio.Future[Any]] = []
+    backends: list[Any] = []
+    real_run = pool.cache.run
+
+    async def run(op: Any, gate: Any = None) -> Any:
+        if not backends:  # the clone waits on a page load; a client connects and writes
+            await asyncio.sleep(0)
+            backend, _release = source.open("vm1")
+            backends.append(backend)
+            at = pool.layout.data_start + pool.map.chunk_at(pool.volume("vm1"), 0) * CHUNK
+            holding.hold_writes(at, at + CHUNK)  # the device is slow with this write
+            first_write.append(_write(backend, 0, b"\xbb" * (4 * KiB)))  # in place
+            asyncio.get_running_loop().call_later(0.2, holding.release)
+        return await real_run(op, gate)
+
+    pool.cache.run = run  # type: ignore[method-assign]
+    await pool.clone_volume("vm1", "snap", snapshot=True)
+    pool.cache.run = real_run  # type: ignore[method-assign]
+    done_first = first_write[0].done()
+    backend = backends[0]
+    assert await _write(backend, 8 * KiB, b"\xcc" * (4 * KiB)) is None  # copy-on-write
+    assert await first_write[0] is None
+    # The snapshot holds the first write (answered before the snapshot was made), not
+    # the one after it.
+    got = await env.vol("snap").read(0, 12 * KiB)
+    assert got == b"\xbb" * (4 * KiB) + b"\xaa" * (8 * KiB)
+    vm1 = bytearray(12 * KiB)
+    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    backend.read(0, 12 * KiB, fut.set_result)
+    backend.engine.kick()
+    result = await fut
+    for offset, length, data in result.chunks:
+        if data is not None:
+            vm1[offset:offset + length] = data[:length]
+    result.release()
+    assert bytes(vm1) == b"\xbb" * (4 * KiB) + b"\xaa" * (4 * KiB) + b"\xcc" * (4 * KiB)
+    assert done_first, "the snapshot did not wait for the new backend's write"
+    await source.close()
+    report = await env.check()
+    assert report.ok, report.problems
