@@ -288,7 +288,9 @@ class Pool:
             raise UserError(f"{path}: not a regular file or block device")
         if path.exists() and not path.is_block_device() and path.stat().st_size:
             raise UserError(f"{path} already exists; refusing to overwrite it "
-                            "(delete it first to create a new pool)")
+                            + ("(it is a pool: 'nbdserver pool info' shows it)"
+                               if _is_pool_file(path) else
+                               "(delete it first to create a new pool)"))
 
         asked = size  # (a size given is a mistake to fix; a device's, a fact)
 
@@ -1703,6 +1705,22 @@ def _refuse_to_overwrite(device: BlockDevice, path: Path) -> None:
                         "it)")
 
 
+def _is_pool_file(path: Path) -> bool:
+    """Whether `path` begins with a pool's superblock (either copy)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SUPERBLOCK_COPIES * PAGE_SIZE)
+    except OSError:
+        return False
+    for copy in range(SUPERBLOCK_COPIES):
+        try:
+            Superblock.unpack(head[copy * PAGE_SIZE:(copy + 1) * PAGE_SIZE])
+        except FormatError:
+            continue
+        return True
+    return False
+
+
 def _read_superblock(device: BlockDevice) -> Superblock:
     """The newest valid superblock copy; NotAPool if no copy has the magic (or the device
     ends before it), FormatError if the copies are damaged."""
@@ -1723,8 +1741,10 @@ def _read_superblock(device: BlockDevice) -> Superblock:
     if not found:
         if zeros == SUPERBLOCK_COPIES:  # what a `pool create` stopped mid-way leaves
             raise NotAPool("not an nbdserver pool (no superblock: it begins with zeros, as "
-                           "a pool file does whose creation was stopped before the end); "
-                           "delete it to create the pool again")
+                           "an empty disk image does, and a pool file whose creation was "
+                           "stopped before the end): a disk image is served as a file "
+                           "export (file: in the config); if it is such a pool file, delete "
+                           "it to create the pool again")
         if absent == SUPERBLOCK_COPIES:
             raise NotAPool("not an nbdserver pool (no superblock): a disk image is served "
                            "as a file export (file: in the config); 'nbdserver pool create' "

@@ -254,8 +254,10 @@ def test_a_pool_file_left_half_made_is_named_so(tmp_path: Path) -> None:
         f.truncate(64 * MiB)
     r = cli("pool", "info", pool)
     assert r.returncode == 1
-    assert "it begins with zeros, as a pool file does whose creation was stopped" in r.stderr
-    assert "delete it to create the pool again" in r.stderr
+    assert "it begins with zeros, as an empty disk image does, and a pool file whose " \
+        "creation was stopped" in r.stderr
+    assert "if it is such a pool file, delete it to create the pool again" in r.stderr
+    assert "a disk image is served as a file export" in r.stderr  # (an empty one, say)
 
 
 def test_cli_reports_allocation(tmp_path: Path) -> None:
@@ -395,3 +397,17 @@ def test_a_block_device_is_always_whole(loop_device: Callable[..., Path]) -> Non
     assert info["allocated_bytes"] == info["size_bytes"] == 64 * MiB
     r = cli("volume", "create", dev, "g", "--size", "8M", "--guarantee")
     assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def test_pool_create_over_an_existing_file_says_what_it_is(tmp_path: Path) -> None:
+    """A pool is not to be deleted on the tool's advice (a server may be serving it); a
+    file that is not one may be."""
+    pool = tmp_path / "p.pool"
+    assert cli("pool", "create", pool, "--size", "64M").returncode == 0
+    r = cli("pool", "create", pool, "--size", "64M")
+    assert r.returncode == 1 and "already exists; refusing to overwrite it (it is a pool: " \
+        "'nbdserver pool info' shows it)" in r.stderr, r.stderr
+    other = tmp_path / "disk.img"
+    other.write_bytes(b"x" * 4096)
+    r = cli("pool", "create", other, "--size", "64M")
+    assert r.returncode == 1 and "(delete it first to create a new pool)" in r.stderr, r.stderr
