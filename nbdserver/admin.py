@@ -288,7 +288,11 @@ def _volume_result(args: argparse.Namespace, info: dict[str, Any], verb: str) ->
     if args.json:
         _print_json(info)
     else:
-        print(f"{verb} volume {info['name']!r} ({format_size(info['size'])})")
+        served = f"; served as export {info['served_as']!r}" if info.get("served_as") else ""
+        print(f"{verb} volume {info['name']!r} ({format_size(info['size'])}){served}")
+    if "served_as" in info and info["served_as"] is None:  # (a running server answered)
+        print(f"note: the running server does not serve {info['name']!r} to NBD clients: "
+              f"{info.get('not_served') or 'no export matches it'}", file=sys.stderr)
     return EXIT_OK
 
 

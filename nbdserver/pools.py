@@ -55,8 +55,11 @@ class _FillStopped(Exception):
 class OpenPools:
     """Pools by config name."""
 
-    def __init__(self, config: Config, engine: IoEngine, buffers: BufferPool) -> None:
+    def __init__(self, config: Config, engine: IoEngine, buffers: BufferPool,
+                 served_as: Callable[[Pool, str], tuple[str | None, str]] | None = None,
+                 ) -> None:
         self.config = config
+        self.served_as = served_as  # (see ControlServer.served_as)
         self.engine = engine
         self.buffers = buffers
         self.stopping = threading.Event()  # a stop asked for while starting (module note)
@@ -67,7 +70,9 @@ class OpenPools:
         for pc in self.config.pools:
             pool = await self._open(pc)
             self.pools[pc.name] = pool
-            control = ControlServer(pool)
+            served_as = self.served_as
+            control = ControlServer(pool, None if served_as is None
+                                    else partial(served_as, pool))
             await control.start()
             self.controls.append(control)
             log.info("pool %s: control socket %s", pc.name, control.path)

@@ -42,6 +42,8 @@ CLIENT_TIMEOUT = 3600.0  # deleting a big volume can take a while
 # goes, checked every GONE_POLL seconds. The others, which change the pool, finish.
 READ_ONLY_OPS = frozenset({"pool.info", "volume.list", "volume.info"})
 GONE_POLL = 0.2
+# Operations that make a volume: their answer says whether the server serves it.
+MAKES_VOLUME = frozenset({"volume.create", "volume.snapshot", "volume.fork"})
 
 
 def runtime_dir() -> Path:
@@ -85,8 +87,12 @@ def _answers(path: Path) -> bool:
 class ControlServer:
     """Serves the control socket of one open pool."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool,
+                 served_as: Callable[[str], tuple[str | None, str]] | None = None) -> None:
         self.pool = pool
+        # How clients of this server reach a volume by name: (export name, "") or (None,
+        # why not); told with the answer of each operation that makes a volume.
+        self.served_as = served_as
         self.path = socket_path(pool.sb.uuid_str, pool.path)
         self._server: asyncio.AbstractServer | None = None
         self._inode: int | None = None  # of the socket file this server made
@@ -155,7 +161,11 @@ class ControlServer:
                 try:
                     if op in READ_ONLY_OPS:
                         return await self._unless_gone(op, args, gone)
-                    return {"ok": True, "result": await run_op(self.pool, op, args)}
+                    result = await run_op(self.pool, op, args)
+                    if op in MAKES_VOLUME and self.served_as is not None:
+                        export, why = self.served_as(result["name"])
+                        result = {**result, "served_as": export, "not_served": why or None}
+                    return {"ok": True, "result": result}
                 finally:
                     self._running = None
         except PoolDamaged as e:

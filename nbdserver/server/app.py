@@ -31,6 +31,7 @@ from nbdserver.backend.file import FileBackend
 from nbdserver.config import Config, ExportConfig, Listener, creation_order
 from nbdserver.errors import StartCancelled, UserError
 from nbdserver.exports import Export, ExportTable, export_info
+from nbdserver.pool.pool import Pool
 from nbdserver.pools import OpenPools, VolumeExports
 from nbdserver.protocol import ConnectionLimits
 from nbdserver.server.connection import LINGER_SECONDS, NbdConnection
@@ -38,6 +39,7 @@ from nbdserver.sizes import format_size
 from nbdserver.storage.buffers import BufferPool
 from nbdserver.storage.device import open_device
 from nbdserver.storage.engine import make_engine
+from nbdserver.volume import VolumeBackend
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +89,7 @@ class NbdServer:
         self._unix_paths: list[tuple[Path, tuple[int, int]]] = []
         self.uris: list[tuple[str, str]] = []  # (export name, URI)
         self.volume_uris: list[str] = []  # the URIs of a volume served by pattern
-        self.pools = OpenPools(config, self.engine, self.buffers)
+        self.pools = OpenPools(config, self.engine, self.buffers, served_as=self.served_as)
 
     # -- exports ----------------------------------------------------------------------
 
@@ -95,6 +97,32 @@ class NbdServer:
         """The backend of export `name` (which the core just looked up), and what releases
         it once the connection has ended (None for a named export)."""
         return self.exports.open(name)
+
+    def served_as(self, pool: Pool, name: str) -> tuple[str | None, str]:
+        """How a client reaches volume `name` of `pool` now: (its export name, "") or
+        (None, why no export serves it)."""
+        export = self.exports.get(name)
+        if export is not None:
+            backend = export.backend
+            if isinstance(backend, VolumeBackend) and backend.pool is pool \
+                    and backend.vol.name == name:
+                return name, ""
+            ec = self.config.export_named(name)
+            return None, (f"the export name {name!r} is taken by "
+                          f"{ec.key if ec else 'another export'}")
+        for source in self.exports.sources:
+            if source.lookup(name) is not None:
+                if isinstance(source, VolumeExports) and source.pool is pool:
+                    return name, ""
+                key = source.ec.key if isinstance(source, VolumeExports) else "another export"
+                return None, f"the name {name!r} is served from another pool ({key})"
+        mine = [s.pattern for s in self.exports.sources
+                if isinstance(s, VolumeExports) and s.pool is pool]
+        if mine:
+            return None, (f"it matches no volumes: pattern of this pool "
+                          f"({', '.join(repr(p) for p in mine)})")
+        return None, ("no export of this pool serves volumes by pattern (volumes: in the "
+                      "config, docs/operations.md); a named export needs a restart")
 
     async def _open_export(self, ec: ExportConfig) -> Backend:
         if ec.file is not None:

@@ -51,10 +51,17 @@ def test_a_fork_made_live_is_served_at_once_and_only_matching_volumes_are(
     assert "nbd+unix:///VOLUME?socket=" in srv.stdout, srv.stdout
     _qemu_io(srv.unix_uri("golden"), "write -P 0x11 0 1M")
     assert _names(srv) == ["golden"]  # (the named export: listed once, served as before)
-    _cli("volume", "fork", pool, "golden", "vm1")
+    made = _cli("volume", "fork", pool, "golden", "vm1")
+    assert "served as export 'vm1'" in made.stdout and made.stderr == "", made
     _cli("volume", "fork", pool, "golden", "vm2")
-    _cli("volume", "snapshot", pool, "golden", "vm-snap")
-    _cli("volume", "fork", pool, "golden", "other")  # does not match vm*
+    snap = json.loads(_cli("volume", "snapshot", pool, "golden", "vm-snap", "--json").stdout)
+    assert (snap["served_as"], snap["not_served"]) == ("vm-snap", None), snap
+    other = _cli("volume", "fork", pool, "golden", "other")  # does not match vm*
+    assert "note: the running server does not serve 'other' to NBD clients: it matches no " \
+        "volumes: pattern of this pool ('vm*')" in other.stderr, other.stderr
+    taken = json.loads(_cli("volume", "fork", pool, "golden", "golden-2", "--json").stdout)
+    assert taken["served_as"] is None and "matches no volumes: pattern" in taken["not_served"]
+    _cli("volume", "delete", pool, "golden-2")
     assert _names(srv) == ["golden", "vm1", "vm2", "vm-snap"]
 
     # Each fork sees golden's bytes, then only its own writes.
