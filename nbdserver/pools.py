@@ -140,8 +140,9 @@ class OpenPools:
             raise UserError(f"{self.config.at(ec.key)}: volume {name!r} is already "
                             "exported "
                             f"({pool.in_use[vol.id]})")
+        ro = " (read-only)" if ec.read_only and not vol.read_only else ""
         return VolumeBackend(pool, vol, read_only=ec.read_only, description=ec.description,
-                             user=f"export {ec.name!r}")
+                             user=f"export {ec.name!r}{ro}")
 
     async def close_all(self) -> bool:
         """Stop the control sockets, commit and close every pool; False if one failed."""
@@ -234,10 +235,11 @@ class VolumeExports:
             if vol is None:  # (lookup() found it, and nothing awaited since)
                 raise KeyError(name)
             ec = self.ec
+            ro = ", read-only" if ec.read_only and not vol.read_only else ""
             backend = VolumeBackend(self.pool, vol, read_only=ec.read_only,
                                     description=ec.description,
                                     user=f"served to a client as export {name!r} "
-                                         f"({ec.key}: volumes {self.pattern!r})")
+                                         f"({ec.key}: volumes {self.pattern!r}{ro})")
             served = self._served[name] = _Served(backend, self._info(vol))
             log.debug("pool %s: serving volume %r (%s)", ec.pool, name, ec.key)
         served.users += 1

@@ -175,6 +175,8 @@ def test_read_only_pattern_and_a_stop_with_clients_connected(
     assert _names(srv) == ["golden", "vm1"]
     refused = _qemu_io(srv.unix_uri("vm1"), "write 0 4k", check=False)
     assert refused.returncode != 0
+    listed = {v["name"]: v for v in json.loads(_cli("volume", "list", pool, "--json").stdout)}
+    assert listed["golden"]["in_use"] == "export 'golden'", listed  # (read-write)
     assert srv.socket_path is not None
     held = raw_socket(srv.socket_path)
     try:

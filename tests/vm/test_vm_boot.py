@@ -201,7 +201,8 @@ def test_vms_boot_from_forks_of_golden(design: str, boot_files: dict[str, BootFi
     listing = json.loads(run(["nbdinfo", "--json", "--list", srv.unix_uri()]).stdout)
     assert [e["export-name"] for e in listing["exports"]] == ["vm1", "golden", "vm3"]
     listed = {v["name"]: v for v in cli("volume", "list", pool)}
-    assert listed["vm1"]["in_use"], listed  # only the server knows: the CLI went through it
+    assert listed["vm1"]["in_use"] == "export 'vm1'", listed  # (only the server knows)
+    assert listed["golden"]["in_use"] == "export 'golden' (read-only)", listed
     if chain:  # a snapshot of vm1 while its VM writes (checked for consistency in step 5)
         assert vm.wait_for("SCRATCH", BOOT_TIMEOUT), vm.boot.console
         live = cli("volume", "snapshot", pool, "vm1", "vm1-live")
