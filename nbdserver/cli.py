@@ -79,10 +79,18 @@ def _ignore_late_stops(loop: asyncio.AbstractEventLoop) -> None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from nbdserver.config import config_to_json, config_warnings, describe, load_config
+    from nbdserver.config import (
+        DEFAULT_CONFIG_PATH,
+        config_to_json,
+        config_warnings,
+        describe,
+        load_config,
+    )
 
     # A config without listeners is valid for systemd socket activation, which passes
     # the sockets: accepted here with a warning (serve refuses it without activation).
+    if args.file is None:
+        args.file = DEFAULT_CONFIG_PATH
     config = load_config(args.file, socket_activation=True)
     if args.json:
         warnings = config_warnings(config)
@@ -154,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "warnings about what is valid but probably not meant: still exit 0), or "
                     "exit 2 with a message naming the file, line and key at fault.",
     )
-    p.add_argument("file", metavar="FILE", type=path_argument, help="the YAML config")
+    p.add_argument("file", metavar="FILE", type=path_argument, nargs="?",
+                   help="the YAML config (default: config/nbdserver.yaml in the source tree, "
+                        "what serve uses without -c)")
     p.add_argument("--json", action="store_true", help="print the parsed config as JSON")
     p.set_defaults(handler=cmd_check_config)
 

@@ -246,7 +246,8 @@ class NbdServer:
                     "exports configured (clients can connect but find nothing to open)")
         what = [f"{len(self.exports)} export(s)"] if self.exports else []
         if sources:
-            what.append(f"the volumes of {len(sources)} pool pattern(s)")
+            what.append("the pool volumes that match "
+                        + ("a pattern" if len(sources) == 1 else f"{len(sources)} patterns"))
         lines = [f"nbdserver serving {' and '.join(what)} with the {self.engine.name} "
                  "I/O engine; connect with:"]
         for export in self.exports:

@@ -138,6 +138,16 @@ def test_check_config_good(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+def test_check_config_without_a_file_checks_the_default_config() -> None:
+    """As serve without -c does: the source tree's config/nbdserver.yaml."""
+    from nbdserver.config import DEFAULT_CONFIG_PATH
+
+    status, out, err = nbdserver("check-config")
+    assert status == 0, err
+    assert out.rstrip().endswith(f"{DEFAULT_CONFIG_PATH}: configuration is valid"), out
+    assert "every volume of pool 'main'" in out, out
+
+
 def test_check_config_json(tmp_path: Path) -> None:
     cfg = good_config(tmp_path)
     status, out, _ = nbdserver("check-config", "--json", cfg)
