@@ -1317,6 +1317,14 @@ def config_warnings(config: Config) -> list[str]:
                 and listener.path.parent not in made:
             out.append(f"{listener.key}: {listener.path.parent} does not exist; serve "
                        "creates it (unless socket activation passes the sockets)")
+    for pool in config.pools:
+        c = pool.create
+        sb = _superblock(pool.path) if c is not None else None
+        if c is not None and sb is not None and (sb.blockmap, sb.chunk_size) != (
+                c.blockmap, c.chunk_size):
+            out.append(f"{pool.key}.create: not used: the pool exists with the {sb.blockmap} "
+                       f"block map and {format_size(sb.chunk_size)} chunks (create says "
+                       f"{c.blockmap}, {format_size(c.chunk_size)})")
     sets = [e for e in config.exports if e.volumes is not None]
     for i, later in enumerate(sets):
         for first in sets[:i]:
@@ -1384,6 +1392,19 @@ def creation_order(exports: tuple[ExportConfig, ...]) -> list[ExportConfig]:
     return out
 
 
+def _superblock(path: Path) -> Any:
+    """The superblock of the pool at `path` (read with no lock), or None when there is
+    none to read (no file; not a pool: the parser has refused that already)."""
+    from nbdserver.pool.pool import read_superblock  # (heavy import)
+
+    if not path.exists():
+        return None
+    try:
+        return read_superblock(path)
+    except (UserError, OSError):
+        return None
+
+
 def _file_identity(path: Path) -> object:
     """What tells two paths to one file apart from two files (file_identity), or for a
     file not made yet, the path with its links resolved."""
@@ -1432,6 +1453,10 @@ def describe(config: Config) -> str:
                 lines.append("    does not exist (and has no 'create')")
         else:
             lines.append(f"    {_describe_file(kind, size)}")
+            sb = _superblock(pool.path)
+            if sb is not None:
+                lines.append(f"    an nbdserver pool of {format_size(sb.size)}: the {sb.blockmap} "
+                             f"block map, {format_size(sb.chunk_size)} chunks")
             if pool.create is not None:
                 lines.append("    exists, so 'create' is not used")
     lines.append("Exports:" if config.exports else "Exports: none")

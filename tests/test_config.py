@@ -1287,3 +1287,21 @@ def test_config_at_names_where_a_key_was_written(tmp_path: Path) -> None:
         f"{tmp_path / 'c.yaml'}:3: exports[0].create.fork"
     assert config.at("listen[0].unix") == f"{tmp_path / 'c.yaml'}:1: listen[0].unix"
     assert parse_config(text, base_dir=tmp_path).at("exports[0].file") == "exports[0].file"
+
+
+def test_an_existing_pool_is_described_and_a_create_it_contradicts_is_a_warning(
+        tmp_path: Path) -> None:
+    from nbdserver.pool.pool import Pool
+
+    Pool.create(tmp_path / "pool.img", 64 << 20, blockmap="extent", chunk_size=4096)
+    text = ("listen: [{unix: s.sock}]\n"
+            "pools: [{name: p, path: pool.img, create: {size: 2G, blockmap: radix, "
+            "chunk-size: 64K}}]\nexports: []\n")
+    config = load(tmp_path, text)
+    out = describe(config)
+    assert "an nbdserver pool of 64 MiB: the extent block map, 4 KiB chunks" in out, out
+    assert "pools[0].create: not used: the pool exists with the extent block map and 4 KiB " \
+        "chunks (create says radix, 64 KiB)" in config_warnings(config)
+    same = load(tmp_path, text.replace("blockmap: radix, chunk-size: 64K",
+                                       "blockmap: extent"))
+    assert not any("create: not used" in w for w in config_warnings(same))
