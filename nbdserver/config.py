@@ -1325,6 +1325,18 @@ def config_warnings(config: Config) -> list[str]:
             out.append(f"{pool.key}.create: not used: the pool exists with the {sb.blockmap} "
                        f"block map and {format_size(sb.chunk_size)} chunks (create says "
                        f"{c.blockmap}, {format_size(c.chunk_size)})")
+    for export in config.exports:  # a copy of a volume the same start creates empty
+        vc, of = export.create, config.pool_named(export.pool or "")
+        if vc is None or vc.source is None or of is None or of.create is None \
+                or not made_by_serve(of.path):
+            continue
+        maker = next((e for e in config.exports if e.pool == export.pool
+                      and e.volume == vc.source and e.create is not None), None)
+        if maker is not None and maker.create is not None and maker.create.size is not None:
+            how = "fork" if vc.fork is not None else "snapshot"
+            out.append(f"{export.key}.create: a {how} of {vc.source!r}, which {maker.key} "
+                       f"creates empty in the new pool {of.name!r}: {export.volume!r} starts "
+                       f"empty too (fill {vc.source!r} first, then create the {how})")
     sets = [e for e in config.exports if e.volumes is not None]
     for i, later in enumerate(sets):
         for first in sets[:i]:

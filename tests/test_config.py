@@ -1305,3 +1305,19 @@ def test_an_existing_pool_is_described_and_a_create_it_contradicts_is_a_warning(
     same = load(tmp_path, text.replace("blockmap: radix, chunk-size: 64K",
                                        "blockmap: extent"))
     assert not any("create: not used" in w for w in config_warnings(same))
+
+
+def test_a_fork_of_a_volume_the_same_start_creates_empty_is_a_warning(tmp_path: Path) -> None:
+    text = ("listen: [{unix: s.sock}]\n"
+            "pools: [{name: p, path: new.img, create: {size: 1G}}]\n"
+            "exports:\n"
+            "  - {name: golden, pool: p, volume: golden, create: {size: 64M}}\n"
+            "  - {name: vm1, pool: p, volume: vm1, create: {fork: golden}}\n")
+    warnings = config_warnings(load(tmp_path, text))
+    assert "exports[1].create: a fork of 'golden', which exports[0] creates empty in the new " \
+        "pool 'p': 'vm1' starts empty too (fill 'golden' first, then create the fork)" \
+        in warnings, warnings
+    from nbdserver.pool.pool import Pool
+
+    Pool.create(tmp_path / "new.img", 64 << 20)  # an existing pool: golden may be full
+    assert not any("starts empty" in w for w in config_warnings(load(tmp_path, text)))
