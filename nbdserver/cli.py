@@ -116,6 +116,10 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         command = self.prog.removeprefix("nbdserver").strip()
         where = f"{command}: " if command else ""
+        if message.startswith("the following arguments are required"):
+            # (which argument was left out shows best beside the order they go in)
+            usage = " ".join(self.format_usage().split()).removeprefix("usage: ")
+            message += f"; usage: {usage}"
         self.exit(EXIT_USAGE, f"nbdserver: error: {where}{message} (see '{self.prog} "
                               "--help')\n")
 
