@@ -273,7 +273,7 @@ def test_pool_create_without_size_is_a_usage_error(tmp_path: Path) -> None:
 def test_a_missing_argument_shows_the_order_they_go_in() -> None:
     """`volume fork demo vm3` (POOL forgotten) lacks NAME by argparse's count: the usage
     line beside it shows which one was left out."""
-    status, out, err = nbdserver("volume", "fork", "demo", "vm3")
+    status, _out, err = nbdserver("volume", "fork", "demo", "vm3")
     assert status == 2 and err.count("\n") == 1, err
     assert "arguments are required: NAME; usage: nbdserver volume fork " in err, err
     assert err.rstrip().endswith("POOL SOURCE NAME (see 'nbdserver volume fork --help')"), err
