@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from nbdserver.backend.base import Backend
+from nbdserver.backend.base import Backend, ExportTraits
 from nbdserver.protocol import ExportInfo
 
 MAX_PAYLOAD = 32 * 1024 * 1024  # largest READ/WRITE we accept (NBD's portable limit, 2^25)
@@ -29,20 +29,6 @@ class Export:
 
     info: ExportInfo
     backend: Backend
-
-
-class ExportTraits(Protocol):
-    """What the handshake tells of an export (a Backend has these)."""
-
-    size: int
-    read_only: bool
-    description: str
-    can_trim: bool
-    can_zero: bool
-    can_fast_zero: bool
-    rotational: bool
-    preferred_block: int
-    meta_contexts: tuple[str, ...]
 
 
 class ExportSource(Protocol):

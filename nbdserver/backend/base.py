@@ -59,8 +59,8 @@ STATE_HOLE = 1
 STATE_ZERO = 2
 
 
-class Backend(Protocol):
-    """Storage behind one export. See the module note for the calling contract."""
+class ExportTraits(Protocol):
+    """What the handshake tells of an export (a volume not opened yet has these too)."""
 
     size: int
     read_only: bool
@@ -71,6 +71,10 @@ class Backend(Protocol):
     rotational: bool
     preferred_block: int
     meta_contexts: tuple[str, ...]  # block-status contexts it can answer
+
+
+class Backend(ExportTraits, Protocol):
+    """Storage behind one export. See the module note for the calling contract."""
 
     def read(self, offset: int, length: int, done: ReadDone) -> None: ...
 
