@@ -273,3 +273,18 @@ def test_a_bare_star_pattern_is_told_to_be_quoted(tmp_path: Path) -> None:
     proc = _cli("check-config", tmp_path / "c.yaml", check=False)
     assert proc.returncode == 2 and "c.yaml:5:" in proc.stderr, proc.stderr
     assert 'quote a pattern that starts with *, as in volumes: "*"' in proc.stderr
+
+
+def test_a_volume_whose_name_a_named_export_has_is_not_served_and_the_cli_says_so(
+        nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
+    pool = tmp_path / "pool.img"
+    srv = nbd_server_factory(
+        [{"name": "vm-file", "file": tmp_path / "f.img", "size": "1M"},
+         {"pool": "p", "volumes": "vm*"}],
+        pools=[{"name": "p", "path": pool, "create": {"size": "128M"}}])
+    made = _cli("volume", "create", pool, "vm-file", "--size", "4M")
+    assert "note: the running server does not serve 'vm-file' to NBD clients: the export " \
+        "name 'vm-file' is taken by exports[0]" in made.stderr, made.stderr
+    info = json.loads(run(["nbdinfo", "--json", srv.unix_uri("vm-file")]).stdout)
+    assert info["exports"][0]["export-size"] == 1 << 20  # the file, not the volume
+    assert _names(srv) == ["vm-file"]  # listed once: the named export
