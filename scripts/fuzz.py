@@ -41,8 +41,11 @@ from nbdfuzz import (  # noqa: E402
     SERVER_SETTINGS,
     FuzzFailure,
     Stats,
+    check_pool,
     fuzz,
+    make_pattern_volume,
     server_exports,
+    server_pools,
     write_keep,
 )
 
@@ -70,9 +73,11 @@ def main() -> int:
     # may refuse O_DIRECT.
     (REPO / "data").mkdir(exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="fuzz-", dir=REPO / "data"))
-    srv = NbdServerProcess(workdir, server_exports(workdir), server=SERVER_SETTINGS)
+    srv = NbdServerProcess(workdir, server_exports(workdir), pools=server_pools(workdir),
+                           server=SERVER_SETTINGS)
     srv.start()
     assert srv.socket_path is not None
+    make_pattern_volume(workdir)
     last = [0.0]
 
     def progress(stats: Stats, elapsed: float) -> None:
@@ -101,8 +106,10 @@ def main() -> int:
         code = srv.wait(60)
         log = srv.stderr
         bad = [w for w in BAD_LOG_WORDS if w in log]
-        if code != 0 or bad:
-            print(f"fuzz: FAILED: exit status {code}, log has {bad}\n{log[-4000:]}")
+        problems = check_pool(workdir)
+        if code != 0 or bad or problems:
+            print(f"fuzz: FAILED: exit status {code}, log has {bad}, pool check: "
+                  f"{problems or 'clean'}\n{log[-4000:]}")
             status = 1
     except (FuzzFailure, Exception) as e:
         print(f"fuzz: FAILED: {e}\n--- server log (end)\n{srv.stderr[-4000:]}")

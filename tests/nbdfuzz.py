@@ -13,8 +13,10 @@ connection in one of several ways (at once, half-close and wait, wait).
 Every ``check_every`` cases the server is checked: still running, RSS under
 the bound, and a well-behaved client can still read the reference data
 written to the 'keep' export before fuzzing began. Cases only name the
-'fuzz' export (the first one, so the empty name also lands there), which is
-the only thing they can scribble on.
+'fuzz' export (the first one, so the empty name also lands there) and the
+volume 'vfuzz' of a pool, served by pattern (``volumes:``: its backend opens
+and closes with the connections), the only things they can scribble on; the
+pool must check clean once the server has stopped.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ U32 = (0, 1, 2, 7, 8, 511, 512, 513, 4095, 4096, 4097, 65535, 65536, 65537, 1 <<
        (1 << 25) - 1, 1 << 25, (1 << 25) + 1, 1 << 26, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF)
 U64 = (0, 1, 511, 512, 4096, FUZZ_SIZE - 4096, FUZZ_SIZE - 512, FUZZ_SIZE - 1, FUZZ_SIZE,
        FUZZ_SIZE + 512, 1 << 32, (1 << 63) - 1, 1 << 63, (1 << 64) - 512, (1 << 64) - 1)
-NAMES = ("fuzz", "", "fuzz\0", "f" * 300, "nope", "\u00e9", "fuzz/../keep")
+NAMES = ("fuzz", "", "fuzz\0", "f" * 300, "nope", "\u00e9", "fuzz/../keep", "vfuzz",
+         "vfuzz-gone")
+TARGETS = ("fuzz", "fuzz", "vfuzz")  # the export a well-formed handshake names
 QUERIES = ("base:allocation", "base:", "qemu:", "qemu:allocation-depth", "x", "",
            "base:allocation\0", ":" * 50)
 
@@ -129,13 +133,14 @@ def random_option(rng: random.Random) -> bytes:
 
 
 def good_handshake(rng: random.Random, structured: bool) -> bytes:
+    target = rng.choice(TARGETS)
     out = client_flags(rng.choice((3, 3, 3, 1, 2, 0)))
     if structured:
         out += option(c.OPT_STRUCTURED_REPLY)
-        out += option(c.OPT_SET_META_CONTEXT, meta_payload("fuzz", ["base:allocation"]))
+        out += option(c.OPT_SET_META_CONTEXT, meta_payload(target, ["base:allocation"]))
     if rng.random() < 0.2:
-        return out + option(c.OPT_EXPORT_NAME, b"fuzz")
-    return out + option(c.OPT_GO, info_payload("fuzz", (c.INFO_BLOCK_SIZE,)))
+        return out + option(c.OPT_EXPORT_NAME, target.encode())
+    return out + option(c.OPT_GO, info_payload(target, (c.INFO_BLOCK_SIZE,)))
 
 
 def random_request(rng: random.Random, cookie: int) -> bytes:
@@ -308,9 +313,55 @@ async def fuzz(socket_path: Path, keep: bytes, *, alive: Callable[[], bool],
 
 
 def server_exports(workdir: Path) -> list[dict[str, object]]:
-    """The exports a fuzzed server needs ('fuzz' first, so the empty name means it)."""
+    """The exports a fuzzed server needs ('fuzz' first, so the empty name means it; the
+    volumes of the pool of server_pools() by pattern: 'vfuzz', once made_pattern_volume()
+    made it)."""
     return [{"name": "fuzz", "file": str(workdir / "fuzz.img"), "size": FUZZ_SIZE},
-            {"name": "keep", "file": str(workdir / "keep.img"), "size": KEEP_SIZE}]
+            {"name": "keep", "file": str(workdir / "keep.img"), "size": KEEP_SIZE},
+            {"pool": "fuzzpool", "volumes": "vfuzz*"}]
+
+
+def server_pools(workdir: Path) -> list[dict[str, object]]:
+    return [{"name": "fuzzpool", "path": str(workdir / "fuzzpool.img"),
+             "create": {"size": "128M", "blockmap": "radix"}}]
+
+
+def pool_path(workdir: Path) -> Path:
+    return workdir / "fuzzpool.img"
+
+
+def make_pattern_volume(workdir: Path) -> None:
+    """Create 'vfuzz' through the running server (the CLI goes through its control
+    socket), as a fork of another volume."""
+    import subprocess
+    import sys
+
+    pool = str(pool_path(workdir))
+    cli = [sys.executable, "-m", "nbdserver", "volume"]
+    for args in (["create", pool, "vfuzz-base", "--size", str(FUZZ_SIZE)],
+                 ["fork", pool, "vfuzz-base", "vfuzz"]):
+        subprocess.run([*cli, *args], check=True, capture_output=True, timeout=60)
+
+
+def check_pool(workdir: Path) -> str:
+    """Offline `pool check --json` of the stopped server's pool: '' when clean (and the
+    cases wrote to 'vfuzz'), else what is wrong."""
+    import json
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-m", "nbdserver"]
+    pool = str(pool_path(workdir))
+    proc = subprocess.run([*cli, "pool", "check", pool, "--json"], capture_output=True,
+                          text=True, timeout=120)
+    report = json.loads(proc.stdout) if proc.stdout.strip() else {}
+    if proc.returncode != 0 or not report.get("ok"):
+        return proc.stdout + proc.stderr
+    info = subprocess.run([*cli, "volume", "info", pool, "vfuzz", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    if info.returncode != 0 or not json.loads(info.stdout)["mapped_bytes"]:
+        return f"no case wrote to 'vfuzz': {info.stdout}{info.stderr}"
+    return ""
 
 
 SERVER_SETTINGS = {"handshake-timeout": "2s", "max-connections": 64, "log-level": "error"}

@@ -16,9 +16,12 @@ from nbdfuzz import (
     BAD_LOG_WORDS,
     SERVER_SETTINGS,
     FuzzFailure,
+    check_pool,
     fuzz,
     make_case,
+    make_pattern_volume,
     server_exports,
+    server_pools,
     write_keep,
 )
 
@@ -41,8 +44,10 @@ def test_cases_are_deterministic_and_varied() -> None:
 @pytest.mark.slow
 @on_uvloop
 async def test_fuzz_server(nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
-    srv = nbd_server_factory(server_exports(tmp_path), server=SERVER_SETTINGS)
+    srv = nbd_server_factory(server_exports(tmp_path), pools=server_pools(tmp_path),
+                             server=SERVER_SETTINGS)
     assert srv.socket_path is not None
+    make_pattern_volume(tmp_path)
     keep = await write_keep(srv.socket_path, seed=FIRST_SEED)
     baseline = srv.rss_bytes()
     try:
@@ -59,3 +64,5 @@ async def test_fuzz_server(nbd_server_factory: ServerFactory, tmp_path: Path) ->
     err = srv.stop()
     for word in BAD_LOG_WORDS:
         assert word not in err, f"{word!r} in the server log:\n{err[-3000:]}"
+    problems = check_pool(tmp_path)
+    assert not problems, problems
