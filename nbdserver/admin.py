@@ -19,7 +19,7 @@ import stat
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +92,8 @@ def _volume_size(text: str) -> int:
 
 
 def run_pool_op(pool_path: str, op: str, args: dict[str, Any],
-                local: dict[str, Any] | None = None, *, online: bool = False) -> Any:
+                local: dict[str, Any] | None = None, *, online: bool = False,
+                going_online: Callable[[], None] | None = None) -> Any:
     """Run `op` on the pool at `pool_path`: directly, or through its server if it is open.
     `local` arguments override `args` when the pool is opened here (a progress callback,
     say), and are not sent to a server. `online`: a server was found to have the pool open
@@ -135,6 +136,8 @@ def run_pool_op(pool_path: str, op: str, args: dict[str, Any],
     from nbdserver.pool.pool import read_superblock
 
     sb = read_superblock(pool_path)
+    if going_online is not None:
+        going_online()
     try:
         return call(socket_path(sb.uuid_str, pool_path), op, args)
     except ServerUnreachable as e:  # (a server's own error replies name the pool)
@@ -254,8 +257,15 @@ def cmd_pool_check(args: argparse.Namespace) -> int:
         progress.show(f"volume {name!r} ({number} of {volumes}), "
                       f"{counted:,} chunk references counted")
 
+    def going_online() -> None:
+        print(f"note: a running server has {args.pool} open; the check runs inside it, "
+              "and every client of that server waits until it ends (a few seconds per "
+              "GiB mapped; offline, with the server stopped, nothing waits)",
+              file=sys.stderr)
+
     try:
-        report = run_pool_op(args.pool, "pool.check", {}, local={"progress": show})
+        report = run_pool_op(args.pool, "pool.check", {}, local={"progress": show},
+                             going_online=going_online)
     except UserError as e:
         progress.finish()
         if not args.json:
