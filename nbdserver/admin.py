@@ -298,11 +298,43 @@ def _volume_result(args: argparse.Namespace, info: dict[str, Any], verb: str) ->
     if args.json:
         _print_json(info)
     else:
-        served = f"; served as export {info['served_as']!r}" if info.get("served_as") else ""
-        print(f"{verb} volume {info['name']!r} ({format_size(info['size'])}){served}")
+        _show_made(info, verb)
+    return EXIT_OK
+
+
+def _show_made(info: dict[str, Any], verb: str) -> None:
+    """The line saying a volume was made, and whether the running server serves it."""
+    served = f"; served as export {info['served_as']!r}" if info.get("served_as") else ""
+    print(f"{verb} volume {info['name']!r} ({format_size(info['size'])}){served}", flush=True)
     if "served_as" in info and info["served_as"] is None:  # (a running server answered)
         print(f"note: the running server does not serve {info['name']!r} to NBD clients: "
               f"{info.get('not_served') or 'no export matches it'}", file=sys.stderr)
+
+
+def _for_each_name(args: argparse.Namespace, verb: str, run: Callable[[str], dict[str, Any]],
+                   show: Callable[[dict[str, Any]], None]) -> int:
+    """Run `run(name)` for each of args.name in turn, showing each result as it comes
+    (with --json: one object for one name, an array for several, printed at the end);
+    stops at the first error, which then says what was done before it."""
+    names: list[str] = args.name
+    done: list[dict[str, Any]] = []
+    try:
+        for name in names:
+            info = run(name)
+            done.append(info)
+            if not args.json:
+                show(info)
+    except UserError as e:
+        if args.json and len(names) > 1:
+            _print_json(done)
+        if len(names) == 1:
+            raise
+        made = ", ".join(repr(d["name"]) for d in done) or "none"
+        rest = names[len(done) + 1:]
+        raise UserError(f"{names[len(done)]!r}: {e} ({verb} before it: {made}; not tried: "
+                        f"{', '.join(map(repr, rest)) or 'none'})") from None
+    if args.json:
+        _print_json(done[0] if len(names) == 1 else done)
     return EXIT_OK
 
 
@@ -364,25 +396,33 @@ def cmd_volume_snapshot(args: argparse.Namespace) -> int:
 
 
 def cmd_volume_fork(args: argparse.Namespace) -> int:
-    info = run_pool_op(args.pool, "volume.fork",
-                       {"source": args.source, "name": args.name, "guarantee": args.guarantee})
     if args.guarantee:
         _note_sparse_guarantee(args.pool)
-    return _volume_result(args, info, f"forked {args.source!r} as")
+
+    def fork(name: str) -> dict[str, Any]:
+        info: dict[str, Any] = run_pool_op(args.pool, "volume.fork", {
+            "source": args.source, "name": name, "guarantee": args.guarantee})
+        return info
+
+    return _for_each_name(args, "forked", fork,
+                          lambda info: _show_made(info, f"forked {args.source!r} as"))
 
 
 def cmd_volume_delete(args: argparse.Namespace) -> int:
-    progress = _Progress(f"delete {args.name}")  # (offline: a big map takes a while)
-    try:
-        result = run_pool_op(args.pool, "volume.delete", {"name": args.name}, local={
-            "progress": lambda freed: progress.show(f"{format_size(freed)} freed so far")})
-    finally:
-        progress.finish()
-    if args.json:
-        _print_json(result)
-    else:
-        print(f"deleted volume {args.name!r}; {format_size(result['freed_bytes'])} freed")
-    return EXIT_OK
+    def delete(name: str) -> dict[str, Any]:
+        progress = _Progress(f"delete {name}")  # (offline: a big map takes a while)
+        try:
+            result: dict[str, Any] = run_pool_op(
+                args.pool, "volume.delete", {"name": name}, local={
+                    "progress": lambda freed: progress.show(
+                        f"{format_size(freed)} freed so far")})
+        finally:
+            progress.finish()
+        return result
+
+    return _for_each_name(args, "deleted", delete, lambda result: print(
+        f"deleted volume {result['name']!r}; {format_size(result['freed_bytes'])} freed",
+        flush=True))
 
 
 def cmd_volume_list(args: argparse.Namespace) -> int:
@@ -652,9 +692,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                                     "new volume at once, with no restart, if its config has "
                                     "an export 'volumes: PATTERN' of the pool that the name "
                                     "matches (docs/operations.md).")
-    common(p)
+    common(p, "print the new volume as a JSON object (an array of them for several NAMEs)")
     p.add_argument("source", metavar="SOURCE", help="the volume to copy")
-    p.add_argument("name", metavar="NAME", type=_new_volume_name, help=new_name_help)
+    p.add_argument("name", metavar="NAME", nargs="+", type=_new_volume_name,
+                   help=new_name_help + "; several NAMEs make several forks, one after the "
+                   "other (each of SOURCE as it is then: for one point in time, snapshot "
+                   "SOURCE and fork the snapshot), stopping at the first that fails")
     p.add_argument("--guarantee", action="store_true",
                    help="reserve every chunk and map page the fork could need, as for create")
     p.set_defaults(handler=cmd_volume_fork)
@@ -666,8 +709,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                                     "named export, or to a client connected through a "
                                     "'volumes:' export), and for a linear origin that still "
                                     "has snapshots.")
-    common(p)
-    p.add_argument("name", metavar="NAME", help="the volume to delete")
+    common(p, "print {name, freed_bytes} as JSON (an array of them for several NAMEs)")
+    p.add_argument("name", metavar="NAME", nargs="+",
+                   help="the volume to delete; several are deleted one after the other, "
+                        "stopping at the first that fails")
     p.set_defaults(handler=cmd_volume_delete)
 
     p = vsub.add_parser("list", help="list volumes with their sharing",

@@ -276,7 +276,8 @@ def test_a_missing_argument_shows_the_order_they_go_in() -> None:
     status, _out, err = nbdserver("volume", "fork", "demo", "vm3")
     assert status == 2 and err.count("\n") == 1, err
     assert "arguments are required: NAME; usage: nbdserver volume fork " in err, err
-    assert err.rstrip().endswith("POOL SOURCE NAME (see 'nbdserver volume fork --help')"), err
+    assert err.rstrip().endswith("POOL SOURCE NAME [NAME ...] (see 'nbdserver volume fork "
+                                 "--help')"), err
 
 
 def test_pool_create_where_no_file_can_be_made_is_a_one_line_error(tmp_path: Path) -> None:

@@ -291,3 +291,24 @@ def test_a_volume_whose_name_a_named_export_has_is_not_served_and_the_cli_says_s
     info = json.loads(run(["nbdinfo", "--json", srv.unix_uri("vm-file")]).stdout)
     assert info["exports"][0]["export-size"] == 1 << 20  # the file, not the volume
     assert _names(srv) == ["vm-file"]  # listed once: the named export
+
+
+def test_many_forks_at_once_are_served_and_deleted_at_once(
+        nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
+    """A honeyfarm's day: a fork per VM in one command, each served at once, and all
+    deleted in one command; a failure names what was done before it."""
+    srv, pool = _served(nbd_server_factory, tmp_path)
+    names = [f"vm{i:03}" for i in range(40)]
+    made = json.loads(_cli("volume", "fork", pool, "golden", *names, "--json").stdout)
+    assert [m["name"] for m in made] == names and all(m["served_as"] == m["name"]
+                                                      for m in made)
+    assert _names(srv) == ["golden", *names]
+    _qemu_io(srv.unix_uri("vm039"), "write -P 0x39 0 4k")
+    failed = _cli("volume", "fork", pool, "golden", "vm100", "vm000", "vm101", check=False)
+    assert failed.returncode == 1 and "forked 'golden' as volume 'vm100'" in failed.stdout
+    assert "'vm000': a volume named 'vm000' already exists" in failed.stderr, failed.stderr
+    assert "(forked before it: 'vm100'; not tried: 'vm101')" in failed.stderr, failed.stderr
+    freed = json.loads(_cli("volume", "delete", pool, *names, "vm100", "--json").stdout)
+    assert [f["name"] for f in freed] == [*names, "vm100"]
+    assert sum(f["freed_bytes"] for f in freed) == 4096
+    assert _names(srv) == ["golden"]
