@@ -304,7 +304,10 @@ def _volume_result(args: argparse.Namespace, info: dict[str, Any], verb: str) ->
 
 def _show_made(info: dict[str, Any], verb: str) -> None:
     """The line saying a volume was made, and whether the running server serves it."""
-    served = f"; served as export {info['served_as']!r}" if info.get("served_as") else ""
+    served = ""
+    if info.get("served_as"):
+        ro = ", read-only" if info.get("served_read_only") else ""
+        served = f"; served as export {info['served_as']!r}{ro}"
     print(f"{verb} volume {info['name']!r} ({format_size(info['size'])}){served}", flush=True)
     if "served_as" in info and info["served_as"] is None:  # (a running server answered)
         print(f"note: the running server does not serve {info['name']!r} to NBD clients: "

@@ -83,6 +83,7 @@ import socket
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
@@ -398,15 +399,18 @@ def _parse(text: str, *, source: Path | None, shown: str | None, base_dir: Path,
     return _Parser(where, base_dir, socket_activation, tuple(blockmaps)).config(root, source)
 
 
-# The characters a volume name may hold (nbdserver.pool.pool.NAME_RE).
-_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._+-")
-_Glob = list[tuple[bool, frozenset[str]]]  # (a *, the characters one position takes)
+# The characters a volume name may hold, and those it may begin with
+# (nbdserver.pool.pool.NAME_RE).
+_NAME_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+_NAME_CHARS = _NAME_FIRST | frozenset("._+-")
+_Glob = list[tuple[bool, frozenset[str]]]  # (a *, the name characters one position takes)
 
 
 def _glob_tokens(pattern: str) -> _Glob | None:
     """`pattern` (fnmatch's syntax) as a list of positions over the volume-name
-    characters: (True, all) for ``*``, else (False, the characters it matches); None
-    when a ``[`` is not closed."""
+    characters: (True, all) for ``*``, else (False, the characters it matches: a
+    ``[...]`` class is asked of fnmatch itself, character by character); None when a
+    ``[`` is not closed (fnmatch would take it as a ``[``, which no name holds)."""
     out: _Glob = []
     i, n = 0, len(pattern)
     while i < n:
@@ -416,46 +420,44 @@ def _glob_tokens(pattern: str) -> _Glob | None:
         elif c == "?":
             out.append((False, _NAME_CHARS))
         elif c == "[":
-            j = pattern.find("]", i + 2 if pattern[i + 1:i + 2] in ("!", "]") else i + 1)
+            j = i + 1  # (fnmatch's scan: a leading ! and then a leading ] are in the class)
+            if j < n and pattern[j] == "!":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            j = pattern.find("]", j)
             if j < 0:
                 return None
-            body = pattern[i + 1:j]
-            negate = body.startswith("!")
-            body = body[1:] if negate else body
-            chars: set[str] = set()
-            k = 0
-            while k < len(body):
-                if k + 2 < len(body) and body[k + 1] == "-":
-                    chars |= {chr(x) for x in range(ord(body[k]), ord(body[k + 2]) + 1)}
-                    k += 3
-                else:
-                    chars.add(body[k])
-                    k += 1
-            out.append((False, (_NAME_CHARS - chars) if negate else frozenset(chars)))
+            cls = pattern[i:j + 1]
+            out.append((False, frozenset(x for x in _NAME_CHARS if fnmatchcase(x, cls))))
             i = j
         else:
-            out.append((False, frozenset(c)))
+            out.append((False, frozenset(c) & _NAME_CHARS))
         i += 1
     return out
 
 
 def _globs_overlap(a: _Glob, b: _Glob) -> bool:
-    """Whether some name matches both patterns: a search over pairs of positions."""
-    seen: set[tuple[int, int]] = set()
-    todo = [(0, 0)]
+    """Whether some volume name (not empty; its first character a letter or digit)
+    matches both patterns: a search over pairs of positions."""
+    seen: set[tuple[int, int, bool]] = set()
+    todo = [(0, 0, False)]
     while todo:
-        i, j = todo.pop()
-        if (i, j) in seen:
+        state = todo.pop()
+        if state in seen:
             continue
-        seen.add((i, j))
-        if i == len(a) and j == len(b):
+        seen.add(state)
+        i, j, started = state
+        if i == len(a) and j == len(b) and started:
             return True
         if i < len(a) and a[i][0]:
-            todo.append((i + 1, j))  # a * that matches nothing more
+            todo.append((i + 1, j, started))  # a * that matches nothing more
         if j < len(b) and b[j][0]:
-            todo.append((i, j + 1))
-        if i < len(a) and j < len(b) and a[i][1] & b[j][1]:  # one character both take
-            todo.append((i if a[i][0] else i + 1, j if b[j][0] else j + 1))
+            todo.append((i, j + 1, started))
+        if i < len(a) and j < len(b):  # one character both take
+            both = a[i][1] & b[j][1] if started else a[i][1] & b[j][1] & _NAME_FIRST
+            if both:
+                todo.append((i if a[i][0] else i + 1, j if b[j][0] else j + 1, True))
     return False
 
 
@@ -1320,21 +1322,23 @@ def config_warnings(config: Config) -> list[str]:
     for pool in config.pools:
         c = pool.create
         sb = _superblock(pool.path) if c is not None else None
-        if c is not None and sb is not None and (sb.blockmap, sb.chunk_size) != (
-                c.blockmap, c.chunk_size):
-            out.append(f"{pool.key}.create: not used: the pool exists with the {sb.blockmap} "
-                       f"block map and {format_size(sb.chunk_size)} chunks (create says "
-                       f"{c.blockmap}, {format_size(c.chunk_size)})")
-    for export in config.exports:  # a copy of a volume the same start creates empty
+        if c is not None and sb is not None and (sb.size, sb.blockmap, sb.chunk_size) != (
+                c.size, c.blockmap, c.chunk_size):
+            out.append(f"{pool.key}.create: not used: the pool exists, {format_size(sb.size)} "
+                       f"with the {sb.blockmap} block map and {format_size(sb.chunk_size)} "
+                       f"chunks (create says {format_size(c.size)}, {c.blockmap}, "
+                       f"{format_size(c.chunk_size)})")
+    empty: dict[tuple[str | None, str | None], str] = {}  # made empty -> the export's key
+    for export in creation_order(config.exports):  # (a copy after what it copies)
         vc, of = export.create, config.pool_named(export.pool or "")
-        if vc is None or vc.source is None or of is None or of.create is None \
-                or not made_by_serve(of.path):
+        if vc is None or of is None or of.create is None or not made_by_serve(of.path):
             continue
-        maker = next((e for e in config.exports if e.pool == export.pool
-                      and e.volume == vc.source and e.create is not None), None)
-        if maker is not None and maker.create is not None and maker.create.size is not None:
+        if vc.size is not None:
+            empty[(export.pool, export.volume)] = export.key
+        elif (maker := empty.get((export.pool, vc.source))) is not None:
+            empty[(export.pool, export.volume)] = export.key
             how = "fork" if vc.fork is not None else "snapshot"
-            out.append(f"{export.key}.create: a {how} of {vc.source!r}, which {maker.key} "
+            out.append(f"{export.key}.create: a {how} of {vc.source!r}, which {maker} "
                        f"creates empty in the new pool {of.name!r}: {export.volume!r} starts "
                        f"empty too (fill {vc.source!r} first, then create the {how})")
     sets = [e for e in config.exports if e.volumes is not None]

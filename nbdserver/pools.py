@@ -56,7 +56,7 @@ class OpenPools:
     """Pools by config name."""
 
     def __init__(self, config: Config, engine: IoEngine, buffers: BufferPool,
-                 served_as: Callable[[Pool, str], tuple[str | None, str]] | None = None,
+                 served_as: Callable[[Pool, str], tuple[str | None, bool, str]] | None = None,
                  ) -> None:
         self.config = config
         self.served_as = served_as  # (see ControlServer.served_as)

@@ -1046,19 +1046,22 @@ class VolumeBackend:
         """Hold new writes and wait for those in flight; returns the function that resumes."""
         while self._quiesced is not None:
             await self._quiesced.wait()
-        self._quiesced = asyncio.Event()
-        if self._writes:
-            self._drained = asyncio.Event()
-            await self._drained.wait()
-        # In-place writes are not counted in self._writes (one update fewer on the
-        # commonest request): each holds its I/O epoch from its map lookup to its end.
-        await self.pool.transfers_drained()
-        event = self._quiesced
+        event = self._quiesced = asyncio.Event()
 
         def resume() -> None:
             self._quiesced = None
             event.set()
 
+        try:
+            if self._writes:
+                self._drained = asyncio.Event()
+                await self._drained.wait()
+            # In-place writes are not counted in self._writes (one update fewer on the
+            # commonest request): each holds its I/O epoch from its map lookup to its end.
+            await self.pool.transfers_drained()
+        except BaseException:  # (cancelled: the writes held meanwhile must go on)
+            resume()
+            raise
         return resume
 
     async def _wait_unquiesced(self) -> None:

@@ -1300,11 +1300,15 @@ def test_an_existing_pool_is_described_and_a_create_it_contradicts_is_a_warning(
     config = load(tmp_path, text)
     out = describe(config)
     assert "an nbdserver pool of 64 MiB: the extent block map, 4 KiB chunks" in out, out
-    assert "pools[0].create: not used: the pool exists with the extent block map and 4 KiB " \
-        "chunks (create says radix, 64 KiB)" in config_warnings(config)
+    assert "pools[0].create: not used: the pool exists, 64 MiB with the extent block map and " \
+        "4 KiB chunks (create says 2 GiB, radix, 64 KiB)" in config_warnings(config)
     same = load(tmp_path, text.replace("blockmap: radix, chunk-size: 64K",
-                                       "blockmap: extent"))
+                                       "blockmap: extent").replace("2G", "64M"))
     assert not any("create: not used" in w for w in config_warnings(same))
+    larger = load(tmp_path, text.replace("blockmap: radix, chunk-size: 64K",
+                                         "blockmap: extent"))
+    assert any("create: not used: the pool exists, 64 MiB" in w
+               for w in config_warnings(larger))
 
 
 def test_a_fork_of_a_volume_the_same_start_creates_empty_is_a_warning(tmp_path: Path) -> None:
@@ -1312,8 +1316,11 @@ def test_a_fork_of_a_volume_the_same_start_creates_empty_is_a_warning(tmp_path: 
             "pools: [{name: p, path: new.img, create: {size: 1G}}]\n"
             "exports:\n"
             "  - {name: golden, pool: p, volume: golden, create: {size: 64M}}\n"
-            "  - {name: vm1, pool: p, volume: vm1, create: {fork: golden}}\n")
+            "  - {name: vm1, pool: p, volume: vm1, create: {fork: golden}}\n"
+            "  - {name: vm1-b, pool: p, volume: vm1-b, create: {snapshot: vm1}}\n")
     warnings = config_warnings(load(tmp_path, text))
+    assert any(w.startswith("exports[2].create: a snapshot of 'vm1', which exports[1] creates "
+                            "empty") for w in warnings), warnings  # (a chain of copies)
     assert "exports[1].create: a fork of 'golden', which exports[0] creates empty in the new " \
         "pool 'p': 'vm1' starts empty too (fill 'golden' first, then create the fork)" \
         in warnings, warnings

@@ -88,10 +88,12 @@ class ControlServer:
     """Serves the control socket of one open pool."""
 
     def __init__(self, pool: Pool,
-                 served_as: Callable[[str], tuple[str | None, str]] | None = None) -> None:
+                 served_as: Callable[[str], tuple[str | None, bool, str]] | None = None,
+                 ) -> None:
         self.pool = pool
-        # How clients of this server reach a volume by name: (export name, "") or (None,
-        # why not); told with the answer of each operation that makes a volume.
+        # How clients of this server reach a volume by name: (export name, read-only, "")
+        # or (None, False, why not); told with the answer of each operation that makes
+        # a volume.
         self.served_as = served_as
         self.path = socket_path(pool.sb.uuid_str, pool.path)
         self._server: asyncio.AbstractServer | None = None
@@ -163,8 +165,10 @@ class ControlServer:
                         return await self._unless_gone(op, args, gone)
                     result = await run_op(self.pool, op, args)
                     if op in MAKES_VOLUME and self.served_as is not None:
-                        export, why = self.served_as(result["name"])
-                        result = {**result, "served_as": export, "not_served": why or None}
+                        export, read_only, why = self.served_as(result["name"])
+                        result = {**result, "served_as": export,
+                                  "served_read_only": read_only if export else None,
+                                  "not_served": why or None}
                     return {"ok": True, "result": result}
                 finally:
                     self._running = None

@@ -23,6 +23,7 @@ import socket
 import stat
 import sys
 from collections.abc import Callable
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import NoReturn
 
@@ -39,7 +40,6 @@ from nbdserver.sizes import format_size
 from nbdserver.storage.buffers import BufferPool
 from nbdserver.storage.device import open_device
 from nbdserver.storage.engine import make_engine
-from nbdserver.volume import VolumeBackend
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,7 @@ class NbdServer:
         self.uris: list[tuple[str, str]] = []  # (export name, URI)
         self.volume_uris: list[str] = []  # the URIs of a volume served by pattern
         self.pools = OpenPools(config, self.engine, self.buffers, served_as=self.served_as)
+        self.started = False  # set once the exports are open (served_as answers then)
 
     # -- exports ----------------------------------------------------------------------
 
@@ -98,31 +99,33 @@ class NbdServer:
         it once the connection has ended (None for a named export)."""
         return self.exports.open(name)
 
-    def served_as(self, pool: Pool, name: str) -> tuple[str | None, str]:
-        """How a client reaches volume `name` of `pool` now: (its export name, "") or
-        (None, why no export serves it)."""
-        export = self.exports.get(name)
-        if export is not None:
-            backend = export.backend
-            if isinstance(backend, VolumeBackend) and backend.pool is pool \
-                    and backend.vol.name == name:
-                return name, ""
-            ec = self.config.export_named(name)
-            return None, (f"the export name {name!r} is taken by "
-                          f"{ec.key if ec else 'another export'}")
-        for source in self.exports.sources:
-            if source.lookup(name) is not None:
-                if isinstance(source, VolumeExports) and source.pool is pool:
-                    return name, ""
-                key = source.ec.key if isinstance(source, VolumeExports) else "another export"
-                return None, f"the name {name!r} is served from another pool ({key})"
-        mine = [s.pattern for s in self.exports.sources
+    def served_as(self, pool: Pool, name: str) -> tuple[str | None, bool, str]:
+        """How a client reaches volume `name` of `pool` now: (its export name, whether
+        read-only, "") or (None, False, why no export serves it)."""
+        if not self.started:
+            return None, False, ("the server is still starting (its exports are not open "
+                                 "yet): ask it with nbdinfo --list once it serves")
+        mine = [s for s in self.exports.sources
                 if isinstance(s, VolumeExports) and s.pool is pool]
-        if mine:
-            return None, (f"it matches no volumes: pattern of this pool "
-                          f"({', '.join(repr(p) for p in mine)})")
-        return None, ("no export of this pool serves volumes by pattern (volumes: in the "
-                      "config, docs/operations.md); a named export needs a restart")
+        if not mine:
+            return None, False, ("no export of this pool serves volumes by pattern "
+                                 "('volumes:' in the config, docs/operations.md); a named "
+                                 "export needs a restart")
+        if not any(fnmatchcase(name, s.pattern) for s in mine):
+            return None, False, ("its name matches no 'volumes:' pattern of this pool ("
+                                 + ", ".join(repr(s.pattern) for s in mine) + ")")
+        if self.exports.get(name) is not None:
+            ec = self.config.export_named(name)
+            return None, False, (f"the export name {name!r} is taken by "
+                                 f"{ec.key if ec else 'another export'}")
+        for source in self.exports.sources:
+            info = source.lookup(name)
+            if info is not None:
+                if source in mine:
+                    return name, info.read_only, ""
+                key = source.ec.key if isinstance(source, VolumeExports) else "another export"
+                return None, False, f"the name {name!r} is served from another pool ({key})"
+        return None, False, "no export serves it"
 
     async def _open_export(self, ec: ExportConfig) -> Backend:
         if ec.file is not None:
@@ -226,6 +229,7 @@ class NbdServer:
         """Open every export and start listening. Raises UserError naming the key at fault."""
         socks = activation_sockets()
         await self.open_exports()
+        self.started = True
         if socks:
             self.activated = True
             log.info("socket activation: serving on %d passed socket(s)", len(socks))

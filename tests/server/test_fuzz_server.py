@@ -22,6 +22,7 @@ from nbdfuzz import (
     make_pattern_volume,
     server_exports,
     server_pools,
+    vfuzz_mapped,
     write_keep,
 )
 
@@ -66,3 +67,4 @@ async def test_fuzz_server(nbd_server_factory: ServerFactory, tmp_path: Path) ->
         assert word not in err, f"{word!r} in the server log:\n{err[-3000:]}"
     problems = check_pool(tmp_path)
     assert not problems, problems
+    assert vfuzz_mapped(tmp_path) > 0, "no case wrote to the volume served by pattern"

@@ -55,12 +55,14 @@ def test_a_fork_made_live_is_served_at_once_and_only_matching_volumes_are(
     assert "served as export 'vm1'" in made.stdout and made.stderr == "", made
     _cli("volume", "fork", pool, "golden", "vm2")
     snap = json.loads(_cli("volume", "snapshot", pool, "golden", "vm-snap", "--json").stdout)
-    assert (snap["served_as"], snap["not_served"]) == ("vm-snap", None), snap
+    assert (snap["served_as"], snap["served_read_only"], snap["not_served"]) == (
+        "vm-snap", True, None), snap  # (a snapshot)
     other = _cli("volume", "fork", pool, "golden", "other")  # does not match vm*
-    assert "note: the running server does not serve 'other' to NBD clients: it matches no " \
-        "volumes: pattern of this pool ('vm*')" in other.stderr, other.stderr
+    assert "note: the running server does not serve 'other' to NBD clients: its name " \
+        "matches no 'volumes:' pattern of this pool ('vm*')" in other.stderr, other.stderr
     taken = json.loads(_cli("volume", "fork", pool, "golden", "golden-2", "--json").stdout)
-    assert taken["served_as"] is None and "matches no volumes: pattern" in taken["not_served"]
+    assert taken["served_as"] is None and "matches no 'volumes:' pattern" in \
+        taken["not_served"]
     _cli("volume", "delete", pool, "golden-2")
     assert _names(srv) == ["golden", "vm1", "vm2", "vm-snap"]
 
@@ -173,7 +175,8 @@ def test_flushed_writes_to_a_volume_served_by_pattern_survive_kill_9(
 def test_read_only_pattern_and_a_stop_with_clients_connected(
         nbd_server_factory: ServerFactory, tmp_path: Path) -> None:
     srv, pool = _served(nbd_server_factory, tmp_path, pattern="*", **{"read-only": True})
-    _cli("volume", "fork", pool, "golden", "vm1")
+    made = _cli("volume", "fork", pool, "golden", "vm1")
+    assert "served as export 'vm1', read-only" in made.stdout, made.stdout
     # golden is the named export's; "*" adds vm1 only.
     assert _names(srv) == ["golden", "vm1"]
     refused = _qemu_io(srv.unix_uri("vm1"), "write 0 4k", check=False)
@@ -312,3 +315,22 @@ def test_many_forks_at_once_are_served_and_deleted_at_once(
     assert [f["name"] for f in freed] == [*names, "vm100"]
     assert sum(f["freed_bytes"] for f in freed) == 4096
     assert _names(srv) == ["golden"]
+
+
+async def test_served_as_before_the_exports_are_open_says_the_server_is_starting(
+        tmp_path: Path) -> None:
+    """The control sockets open with the pools, before the exports (a pool may take
+    minutes to zero-fill meanwhile): a volume made then is not called unserved."""
+    from nbdserver.config import parse_config
+    from nbdserver.server.app import NbdServer
+
+    config = parse_config(json.dumps({
+        "listen": [{"unix": "s.sock"}],
+        "pools": [{"name": "p", "path": "p.img", "create": {"size": "64M"}}],
+        "exports": [{"pool": "p", "volumes": "*"}]}), source=tmp_path / "c.yaml")
+    server = NbdServer(config)
+    try:
+        export, read_only, why = server.served_as(None, "vm1")  # type: ignore[arg-type]
+    finally:
+        server.engine.close()
+    assert (export, read_only) == (None, False) and "still starting" in why, why
