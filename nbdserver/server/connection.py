@@ -51,7 +51,7 @@ import logging
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, cast
 
 from nbdserver.backend.base import Backend, ReadResult
@@ -60,6 +60,8 @@ from nbdserver.protocol import (
     NEED_DATA,
     Command,
     Disconnect,
+    ExportCatalog,
+    ExportInfo,
     ProtocolViolation,
     Request,
     ServerConnection,
@@ -82,13 +84,34 @@ WRITE_HIGH_WATER = 8 << 20  # queued reply bytes above which no new request is t
 SEND_BUFFER = 4 << 20  # SO_SNDBUF asked for each connection
 
 
+class _CatalogSeenFrom:
+    """The server's catalog as one connection's core sees it: a name no export serves is
+    logged (once per connection), so that an operator can tell why a client, a VM that
+    cannot find its disk, say, was refused."""
+
+    def __init__(self, catalog: ExportCatalog, conn: NbdConnection) -> None:
+        self._catalog = catalog
+        self._conn = conn
+        self._missed: set[str] = set()
+
+    def lookup(self, name: str) -> ExportInfo | None:
+        info = self._catalog.lookup(name)
+        if info is None and name not in self._missed and len(self._missed) < 8:
+            self._missed.add(name)
+            log.info("%s: asked for export %r, which no export serves", self._conn.peer, name)
+        return info
+
+    def list_exports(self) -> Iterable[ExportInfo]:
+        return self._catalog.list_exports()
+
+
 class NbdConnection(asyncio.Protocol):
     """asyncio protocol for one client; see the module note."""
 
     def __init__(self, server: NbdServer) -> None:
         self.server = server
         self.engine = server.engine
-        self.core = ServerConnection(server.catalog, server.limits)
+        self.core = ServerConnection(_CatalogSeenFrom(server.catalog, self), server.limits)
         self.backend: Backend | None = None
         self.transport: asyncio.Transport | None = None
         self.peer = "?"

@@ -79,6 +79,8 @@ def test_a_fork_made_live_is_served_at_once_and_only_matching_volumes_are(
     assert snap["exports"][0]["is_read_only"] is True  # a snapshot is read-only
     refused = _qemu_io(srv.unix_uri("other"), "read 0 4k", check=False)
     assert refused.returncode != 0 and "unknown export 'other'" in refused.stderr, refused
+    # ... and the server's log says which name a refused client asked for
+    assert "asked for export 'other', which no export serves" in srv.stderr, srv.stderr
 
 
 def test_a_served_volume_cannot_be_deleted_until_its_clients_leave(
