@@ -402,13 +402,18 @@ def cmd_volume_fork(args: argparse.Namespace) -> int:
     if args.guarantee:
         _note_sparse_guarantee(args.pool)
 
-    def fork(name: str) -> dict[str, Any]:
-        info: dict[str, Any] = run_pool_op(args.pool, "volume.fork", {
-            "source": args.source, "name": name, "guarantee": args.guarantee})
-        return info
-
-    return _for_each_name(args, "forked", fork,
-                          lambda info: _show_made(info, f"forked {args.source!r} as"))
+    if len(args.name) == 1:
+        info = run_pool_op(args.pool, "volume.fork", {
+            "source": args.source, "name": args.name[0], "guarantee": args.guarantee})
+        return _volume_result(args, info, f"forked {args.source!r} as")
+    made = run_pool_op(args.pool, "volume.forks", {  # (one point in time for all)
+        "source": args.source, "names": args.name, "guarantee": args.guarantee})
+    if args.json:
+        _print_json(made)
+    else:
+        for info in made:
+            _show_made(info, f"forked {args.source!r} as")
+    return EXIT_OK
 
 
 def cmd_volume_delete(args: argparse.Namespace) -> int:
@@ -698,9 +703,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     common(p, "print the new volume as a JSON object (an array of them for several NAMEs)")
     p.add_argument("source", metavar="SOURCE", help="the volume to copy")
     p.add_argument("name", metavar="NAME", nargs="+", type=_new_volume_name,
-                   help=new_name_help + "; several NAMEs make several forks, one after the "
-                   "other (each of SOURCE as it is then: for one point in time, snapshot "
-                   "SOURCE and fork the snapshot), stopping at the first that fails")
+                   help=new_name_help + "; several NAMEs make several forks, all of SOURCE "
+                   "at one point in time (an exported SOURCE is quiesced once), in one "
+                   "commit")
     p.add_argument("--guarantee", action="store_true",
                    help="reserve every chunk and map page the fork could need, as for create")
     p.set_defaults(handler=cmd_volume_fork)

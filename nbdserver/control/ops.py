@@ -20,6 +20,7 @@ from nbdserver.pool.pool import Pool
 Op = Callable[[Pool, dict[str, Any]], Awaitable[Any]]
 
 # The arguments of each operation: name -> (kind, required). Kinds: "name" (a string),
+# "names" (a non-empty list of strings),
 # "size" (an integer number of bytes, >= 1), "chunk" (an integer >= 0), "count" (an
 # integer >= 1, or null), "bool" (true or false), "callable" (in process only: a
 # progress callback; never from JSON).
@@ -31,6 +32,8 @@ ARGS: dict[str, dict[str, tuple[str, bool]]] = {
     "volume.snapshot": {"source": ("name", True), "name": ("name", True)},
     "volume.fork": {"source": ("name", True), "name": ("name", True),
                     "guarantee": ("bool", False)},
+    "volume.forks": {"source": ("name", True), "names": ("names", True),
+                     "guarantee": ("bool", False)},
     "volume.delete": {"name": ("name", True), "progress": ("callable", False)},
     "volume.list": {"brief": ("bool", False)},
     "volume.info": {"name": ("name", True)},
@@ -59,6 +62,10 @@ def check_args(op: str, args: dict[str, Any]) -> dict[str, Any]:
         if kind == "name":
             if not isinstance(value, str):
                 raise UserError(f"{what} must be a string, not {value!r}")
+        elif kind == "names":
+            if not (isinstance(value, list) and value
+                    and all(isinstance(v, str) for v in value)):
+                raise UserError(f"{what} must be a non-empty list of strings, not {value!r}")
         elif kind in ("size", "chunk", "count"):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise UserError(f"{what} must be an integer, not {value!r}")
@@ -112,6 +119,13 @@ async def volume_fork(pool: Pool, args: dict[str, Any]) -> Any:
     return pool.volume_summary(vol)
 
 
+async def volume_forks(pool: Pool, args: dict[str, Any]) -> Any:
+    """Several forks of one point in time of the source (Pool.clone_volumes)."""
+    vols = await pool.clone_volumes(args["source"], args["names"], snapshot=False,
+                                    guarantee=bool(args["guarantee"]))
+    return [pool.volume_summary(vol) for vol in vols]
+
+
 async def volume_delete(pool: Pool, args: dict[str, Any]) -> Any:
     """An in-process caller may pass `progress(freed bytes so far)` (never over the socket:
     JSON)."""
@@ -151,6 +165,7 @@ OPS: dict[str, Op] = {
     "volume.create": volume_create,
     "volume.snapshot": volume_snapshot,
     "volume.fork": volume_fork,
+    "volume.forks": volume_forks,
     "volume.delete": volume_delete,
     "volume.list": volume_list,
     "volume.info": volume_info,

@@ -43,7 +43,7 @@ CLIENT_TIMEOUT = 3600.0  # deleting a big volume can take a while
 READ_ONLY_OPS = frozenset({"pool.info", "volume.list", "volume.info"})
 GONE_POLL = 0.2
 # Operations that make a volume: their answer says whether the server serves it.
-MAKES_VOLUME = frozenset({"volume.create", "volume.snapshot", "volume.fork"})
+MAKES_VOLUME = frozenset({"volume.create", "volume.snapshot", "volume.fork", "volume.forks"})
 
 
 def runtime_dir() -> Path:
@@ -165,10 +165,8 @@ class ControlServer:
                         return await self._unless_gone(op, args, gone)
                     result = await run_op(self.pool, op, args)
                     if op in MAKES_VOLUME and self.served_as is not None:
-                        export, read_only, why = self.served_as(result["name"])
-                        result = {**result, "served_as": export,
-                                  "served_read_only": read_only if export else None,
-                                  "not_served": why or None}
+                        result = ([self._with_served_as(r) for r in result]
+                                  if isinstance(result, list) else self._with_served_as(result))
                     return {"ok": True, "result": result}
                 finally:
                     self._running = None
@@ -183,6 +181,13 @@ class ControlServer:
         except Exception as e:
             log.exception("control operation %s failed", op)
             return {"ok": False, "error": f"internal error: {e}"}
+
+    def _with_served_as(self, made: dict[str, Any]) -> dict[str, Any]:
+        """A new volume's answer, with how the server's clients reach it (served_as)."""
+        assert self.served_as is not None
+        export, read_only, why = self.served_as(made["name"])
+        return {**made, "served_as": export, "served_read_only": read_only if export else None,
+                "not_served": why or None}
 
     async def _unless_gone(self, op: str, args: dict[str, Any],
                            gone: Callable[[], bool]) -> dict[str, Any]:

@@ -1104,11 +1104,26 @@ class Pool:
     async def clone_volume(self, source: str, name: str, *, snapshot: bool,
                            guarantee: bool = False) -> VolumeRecord:
         """A snapshot (read-only) or fork (writable) of `source` as it is now. O(1) for radix."""
+        return (await self.clone_volumes(source, [name], snapshot=snapshot,
+                                         guarantee=guarantee))[0]
+
+    async def clone_volumes(self, source: str, names: list[str], *, snapshot: bool,
+                            guarantee: bool = False) -> list[VolumeRecord]:
+        """Snapshots or forks of `source` named `names`, all of it as it is now (one
+        quiesce of its backend, one commit): a honeyfarm's clones of one running VM. The
+        names are checked first (valid, new, none twice): a bad one changes nothing. A
+        clone that fails later (no room to promise) keeps those made before it, committed,
+        and says which. (Should a client open the source, not served until then, during
+        the batch, the clones made after it opened include its writes.)"""
         src = self.volume(source)
-        self._check_new_name(name)
+        for i, name in enumerate(names):
+            self._check_new_name(name)
+            if name in names[:i]:
+                raise UserError(f"the name {name!r} is given twice")
         why = self.map.clone_refused(src)
         if why:
             raise UserError(why)
+        made: list[VolumeRecord] = []
         # Wait for the in-flight writes of the backend serving the source, if one does.
         # A client may open one during any await below (a volume served by pattern is
         # opened by its first connection): then op() finds another backend registered than
@@ -1123,7 +1138,7 @@ class Pool:
             if guarantee or (src.guaranteed and not self.map.needs_reservation(src)):
                 flags |= VF_GUARANTEE
 
-            def op() -> VolumeRecord:
+            def op(name: str) -> VolumeRecord:
                 if self.quiesce.get(src.id) is not quiesced:
                     raise _QuiesceAgain
                 self._clones_of[src.id] = self._clones_of.get(src.id, 0) + 1
@@ -1154,23 +1169,32 @@ class Pool:
                     self._promise_pages(f"cannot clone {src.name!r}")
                 return vol
 
-            while True:
-                if self.quiesce.get(src.id) is not quiesced:
-                    if resume is not None:
-                        resume()
-                        resume = None
-                    quiesced = self.quiesce.get(src.id)
-                    if quiesced is not None:
-                        resume = await quiesced()  # (then look again: it awaited)
-                    continue
-                try:
-                    vol = await self._run_promising(op)
-                except _QuiesceAgain:
-                    continue
-                break
-            self._keep_catalog_page(vol)
+            try:
+                for name in names:
+                    while True:
+                        if self.quiesce.get(src.id) is not quiesced:
+                            if resume is not None:
+                                resume()
+                                resume = None
+                            quiesced = self.quiesce.get(src.id)
+                            if quiesced is not None:
+                                resume = await quiesced()  # (then look again: it awaited)
+                            continue
+                        try:
+                            vol = await self._run_promising(partial(op, name))
+                        except _QuiesceAgain:
+                            continue
+                        break
+                    self._keep_catalog_page(vol)
+                    made.append(vol)
+            except UserError as e:
+                if not made:
+                    raise
+                await self.commit()
+                raise UserError(f"{e} (made before it: "
+                                f"{', '.join(repr(v.name) for v in made)})") from None
             await self.commit()
-            return vol
+            return made
         finally:
             if resume is not None:
                 resume()

@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from poolkit import HoldingEngine, PoolFactory
 
 from nbdserver.config import ExportConfig
+from nbdserver.errors import UserError
 from nbdserver.pool.pool import Pool
 from nbdserver.pools import VolumeExports
 
@@ -82,5 +84,53 @@ async def test_a_backend_opened_during_a_snapshot_is_quiesced_too(
     assert bytes(vm1) == b"\xbb" * (4 * KiB) + b"\xaa" * (4 * KiB) + b"\xcc" * (4 * KiB)
     assert done_first, "the snapshot did not wait for the new backend's write"
     await source.close()
+    report = await env.check()
+    assert report.ok, report.problems
+
+
+async def test_many_forks_are_of_one_point_in_time(make_pool: PoolFactory) -> None:
+    """Forks of a volume being written, made in one batch: one quiesce of its backend, and
+    a write sent while they are made lands after all of them (none of them holds it)."""
+    env = await make_pool("radix", chunk_size=4 * KiB, offline=False)
+    pool: Pool = env.pool
+    vm1 = await env.create("vm1", 1 << 20)
+    await vm1.write(0, b"\xaa" * (64 * KiB))
+    vol = pool.volume("vm1")
+    real_quiesce = pool.quiesce[vol.id]
+    calls = []
+
+    async def counting() -> Any:
+        calls.append(1)
+        return await real_quiesce()
+
+    pool.quiesce[vol.id] = counting
+    names = [f"f{i}" for i in range(8)]
+    batch = asyncio.ensure_future(pool.clone_volumes("vm1", names, snapshot=False))
+    await asyncio.sleep(0)  # the batch has quiesced vm1
+    late = asyncio.ensure_future(vm1.write(0, b"\xbb" * (64 * KiB)))
+    made = await batch
+    await late
+    assert [v.name for v in made] == names and len(calls) == 1
+    for name in names:
+        assert await env.vol(name).read(0, 64 * KiB) == b"\xaa" * (64 * KiB), name
+    assert await vm1.read(0, 64 * KiB) == b"\xbb" * (64 * KiB)
+    report = await env.check()
+    assert report.ok, report.problems
+
+
+async def test_a_batch_of_forks_that_runs_out_of_room_keeps_and_names_what_it_made(
+        make_pool: PoolFactory) -> None:
+    env = await make_pool("radix", chunk_size=4 * KiB, offline=False, size=128 << 20,
+                          small=False)
+    pool: Pool = env.pool
+    await env.create("vm1", 4 << 20)
+    names = [f"g{i}" for i in range(1000)]  # guaranteed: each promises 4 MiB of chunks
+    with pytest.raises(UserError) as err:
+        await pool.clone_volumes("vm1", names, snapshot=False, guarantee=True)
+    made = [v.name for v in pool.live_volumes() if v.name.startswith("g")]
+    assert 0 < len(made) < len(names) and made == names[:len(made)]
+    assert f"(made before it: {', '.join(repr(n) for n in made)})" in str(err.value)
+    await env.reopen()  # committed: still there after a reopen
+    assert [v.name for v in env.pool.live_volumes() if v.name.startswith("g")] == made
     report = await env.check()
     assert report.ok, report.problems

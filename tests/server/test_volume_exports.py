@@ -309,12 +309,19 @@ def test_many_forks_at_once_are_served_and_deleted_at_once(
                                                       for m in made)
     assert _names(srv) == ["golden", *names]
     _qemu_io(srv.unix_uri("vm039"), "write -P 0x39 0 4k")
+    # The names are checked before any fork is made
     failed = _cli("volume", "fork", pool, "golden", "vm100", "vm000", "vm101", check=False)
-    assert failed.returncode == 1 and "forked 'golden' as volume 'vm100'" in failed.stdout
-    assert "'vm000': a volume named 'vm000' already exists" in failed.stderr, failed.stderr
-    assert "(forked before it: 'vm100'; not tried: 'vm101')" in failed.stderr, failed.stderr
-    freed = json.loads(_cli("volume", "delete", pool, *names, "vm100", "--json").stdout)
-    assert [f["name"] for f in freed] == [*names, "vm100"]
+    assert failed.returncode == 1 and failed.stdout == "", failed
+    assert "a volume named 'vm000' already exists" in failed.stderr, failed.stderr
+    twice = _cli("volume", "fork", pool, "golden", "vm100", "vm100", check=False)
+    assert twice.returncode == 1 and "the name 'vm100' is given twice" in twice.stderr
+    assert _names(srv) == ["golden", *names]
+    # Deletes go one after the other; a failure names what was done and what was not
+    failed = _cli("volume", "delete", pool, "vm000", "nosuch", "vm001", check=False)
+    assert failed.returncode == 1 and "deleted volume 'vm000'" in failed.stdout, failed
+    assert "(deleted before it: 'vm000'; not tried: 'vm001')" in failed.stderr, failed.stderr
+    freed = json.loads(_cli("volume", "delete", pool, *names[1:], "--json").stdout)
+    assert [f["name"] for f in freed] == names[1:]
     assert sum(f["freed_bytes"] for f in freed) == 4096
     assert _names(srv) == ["golden"]
 
