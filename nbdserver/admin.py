@@ -314,33 +314,6 @@ def _show_made(info: dict[str, Any], verb: str) -> None:
               f"{info.get('not_served') or 'no export matches it'}", file=sys.stderr)
 
 
-def _for_each_name(args: argparse.Namespace, verb: str, run: Callable[[str], dict[str, Any]],
-                   show: Callable[[dict[str, Any]], None]) -> int:
-    """Run `run(name)` for each of args.name in turn, showing each result as it comes
-    (with --json: one object for one name, an array for several, printed at the end);
-    stops at the first error, which then says what was done before it."""
-    names: list[str] = args.name
-    done: list[dict[str, Any]] = []
-    try:
-        for name in names:
-            info = run(name)
-            done.append(info)
-            if not args.json:
-                show(info)
-    except UserError as e:
-        if args.json and len(names) > 1:
-            _print_json(done)
-        if len(names) == 1:
-            raise
-        made = ", ".join(repr(d["name"]) for d in done) or "none"
-        rest = names[len(done) + 1:]
-        raise UserError(f"{names[len(done)]!r}: {e} ({verb} before it: {made}; not tried: "
-                        f"{', '.join(map(repr, rest)) or 'none'})") from None
-    if args.json:
-        _print_json(done[0] if len(names) == 1 else done)
-    return EXIT_OK
-
-
 @contextlib.contextmanager
 def _signals_interrupt() -> Iterator[None]:
     """SIGTERM, and SIGHUP unless ignored (``nohup``), raise Interrupted inside (as SIGINT
@@ -417,20 +390,25 @@ def cmd_volume_fork(args: argparse.Namespace) -> int:
 
 
 def cmd_volume_delete(args: argparse.Namespace) -> int:
-    def delete(name: str) -> dict[str, Any]:
-        progress = _Progress(f"delete {name}")  # (offline: a big map takes a while)
-        try:
-            result: dict[str, Any] = run_pool_op(
-                args.pool, "volume.delete", {"name": name}, local={
-                    "progress": lambda freed: progress.show(
-                        f"{format_size(freed)} freed so far")})
-        finally:
-            progress.finish()
-        return result
-
-    return _for_each_name(args, "deleted", delete, lambda result: print(
-        f"deleted volume {result['name']!r}; {format_size(result['freed_bytes'])} freed",
-        flush=True))
+    names: list[str] = args.name
+    progress = _Progress(f"delete {names[0]}" if len(names) == 1
+                         else f"delete {len(names)} volumes")  # (offline: big maps take long)
+    local = {"progress": lambda freed: progress.show(f"{format_size(freed)} freed so far")}
+    try:
+        if len(names) == 1:
+            results = [run_pool_op(args.pool, "volume.delete", {"name": names[0]},
+                                   local=local)]
+        else:  # (checked first, and committed together)
+            results = run_pool_op(args.pool, "volume.deletes", {"names": names}, local=local)
+    finally:
+        progress.finish()
+    if args.json:
+        _print_json(results[0] if len(names) == 1 else results)
+    else:
+        for result in results:
+            print(f"deleted volume {result['name']!r}; {format_size(result['freed_bytes'])} "
+                  "freed")
+    return EXIT_OK
 
 
 def cmd_volume_list(args: argparse.Namespace) -> int:
@@ -719,8 +697,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                                     "has snapshots.")
     common(p, "print {name, freed_bytes} as JSON (an array of them for several NAMEs)")
     p.add_argument("name", metavar="NAME", nargs="+",
-                   help="the volume to delete; several are deleted one after the other, "
-                        "stopping at the first that fails")
+                   help="the volume to delete; several are checked first (a bad one deletes "
+                        "nothing) and deleted together")
     p.set_defaults(handler=cmd_volume_delete)
 
     p = vsub.add_parser("list", help="list volumes with their sharing",

@@ -35,6 +35,7 @@ ARGS: dict[str, dict[str, tuple[str, bool]]] = {
     "volume.forks": {"source": ("name", True), "names": ("names", True),
                      "guarantee": ("bool", False)},
     "volume.delete": {"name": ("name", True), "progress": ("callable", False)},
+    "volume.deletes": {"names": ("names", True), "progress": ("callable", False)},
     "volume.list": {"brief": ("bool", False)},
     "volume.info": {"name": ("name", True)},
     "volume.defrag": {"name": ("name", True), "start": ("chunk", False),
@@ -136,6 +137,17 @@ async def volume_delete(pool: Pool, args: dict[str, Any]) -> Any:
     return {"name": args["name"], "freed_bytes": freed * chunk}
 
 
+async def volume_deletes(pool: Pool, args: dict[str, Any]) -> Any:
+    """Several deletes, checked first and committed together (Pool.delete_volumes); an
+    in-process `progress(freed bytes so far)` as for volume.delete."""
+    progress = args["progress"]
+    chunk = pool.chunk_size
+    freed = await pool.delete_volumes(args["names"], None if progress is None else (
+        lambda chunks: progress(chunks * chunk)))
+    return [{"name": name, "freed_bytes": n * chunk}
+            for name, n in zip(args["names"], freed, strict=True)]
+
+
 async def volume_list(pool: Pool, args: dict[str, Any]) -> Any:
     """Every live volume's info. One whose map cannot be read (a damaged page) is still
     listed: its catalog fields, null map statistics, and `damaged` saying why. `brief`:
@@ -167,6 +179,7 @@ OPS: dict[str, Op] = {
     "volume.fork": volume_fork,
     "volume.forks": volume_forks,
     "volume.delete": volume_delete,
+    "volume.deletes": volume_deletes,
     "volume.list": volume_list,
     "volume.info": volume_info,
     "volume.defrag": volume_defrag,

@@ -1205,37 +1205,66 @@ class Pool:
         `progress` is called after each step of the release (a long one for a big map)
         with the data chunks freed so far. Returns the data chunks the delete freed
         (counted in its own steps: what other volumes take or free meanwhile is not)."""
-        vol = self.volume(name)
+        return (await self.delete_volumes([name], progress))[0]
+
+    async def delete_volumes(self, names: list[str],
+                             progress: Callable[[int], None] | None = None) -> list[int]:
+        """Delete volumes (see delete_volume): the data chunks each delete freed. The names
+        are checked first (live volumes, none twice, none served, each deletable in this
+        design when the ones before it are): a bad one deletes nothing. All are marked
+        deleting in one commit, released one after the other (`progress` gets the chunks
+        freed so far by all), and the frees made durable in one more: a honeyfarm's
+        hundreds of clones cost two commits, not two each."""
+        vols: list[VolumeRecord] = []
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise UserError(f"the name {name!r} is given twice")
+            vols.append(self.volume(name))
         waited = 0.0
-        while vol.id in self.in_use and waited < IN_USE_WAIT_SECONDS:
+        while any(v.id in self.in_use for v in vols) and waited < IN_USE_WAIT_SECONDS:
             await asyncio.sleep(IN_USE_POLL_SECONDS)  # (a client that has just left)
             waited += IN_USE_POLL_SECONDS
-        why = self.map.delete_refused(vol)
-        if why:
-            raise UserError(why)
 
         def mark() -> None:
-            if vol.id in self.in_use:  # (checked here: a client may connect until now)
-                raise UserError(f"volume {name!r} is in use ({self.in_use[vol.id]}); it "
-                                "cannot be deleted while it is served")
-            self.update_volume(vol, flags=vol.flags | VF_DELETING)
-            if vol.reserved:
-                self.update_state(data_reserved=self.state.data_reserved - vol.reserved)
-                self.update_volume(vol, reserved=0)
+            for vol in vols:
+                if vol.id in self.in_use:  # (checked here: a client may connect until now)
+                    raise UserError(f"volume {vol.name!r} is in use ({self.in_use[vol.id]}); "
+                                    "it cannot be deleted while it is served")
+                why = self.map.delete_refused(vol)
+                if why:
+                    raise UserError(why)
+                self.update_volume(vol, flags=vol.flags | VF_DELETING)
+                if vol.reserved:
+                    self.update_state(data_reserved=self.state.data_reserved - vol.reserved)
+                    self.update_volume(vol, reserved=0)
 
-        await self.cache.run(mark)
+        await self.cache.run(mark)  # (all or none: a refusal rolls the others back)
         await self.commit()
-        family = self._family(vol)
-        try:
-            freed = await self._release(vol, progress)
-        except FormatError as e:
-            raise PoolDamaged(f"volume {name!r} is deleted, but not all of its space could "
-                              f"be freed: {e} (the pool tries again each time it is opened; "
-                              f"'nbdserver pool check {self.path}' names what is damaged)"
-                              ) from None
-        await self._shrink_promises(family)
+        families: dict[int, list[VolumeRecord]] = {}
+        for vol in vols:
+            families.setdefault(self.ancestry(vol)[-1], self._family(vol))
+        freed_each: list[int] = []
+        damaged: list[str] = []
+        before = 0
+        for vol in vols:
+            step = None if progress is None else (
+                lambda chunks, before=before: progress(before + chunks))
+            try:
+                freed = await self._release(vol, step)
+            except FormatError as e:
+                damaged.append(f"volume {vol.name!r} is deleted, but not all of its space "
+                               f"could be freed: {e}")
+                freed = 0
+            freed_each.append(freed)
+            before += freed
+        for family in families.values():
+            await self._shrink_promises(family)
         await self.commit()
-        return freed
+        if damaged:
+            raise PoolDamaged("; ".join(damaged) + " (the pool tries again each time it is "
+                              f"opened; 'nbdserver pool check {self.path}' names what is "
+                              "damaged)")
+        return freed_each
 
     async def _release(self, vol: VolumeRecord,
                        progress: Callable[[int], None] | None = None) -> int:

@@ -582,9 +582,10 @@ async def test_pool_check_during_the_deletion_of_a_guaranteed_volume(
     release = pool._release
     reports: list[CheckReport] = []
 
-    async def check_first(vol: VolumeRecord, progress: Callable[[], None] | None = None) -> None:
+    async def check_first(vol: VolumeRecord, progress: Callable[[int], None] | None = None,
+                          ) -> int:
         reports.append(await pool.check())
-        await release(vol, progress)
+        return await release(vol, progress)
 
     monkeypatch.setattr(pool, "_release", check_first)
     await env.delete(victim)

@@ -316,12 +316,21 @@ def test_many_forks_at_once_are_served_and_deleted_at_once(
     twice = _cli("volume", "fork", pool, "golden", "vm100", "vm100", check=False)
     assert twice.returncode == 1 and "the name 'vm100' is given twice" in twice.stderr
     assert _names(srv) == ["golden", *names]
-    # Deletes go one after the other; a failure names what was done and what was not
+    # Deletes too are checked first (a bad name deletes nothing), then done together
     failed = _cli("volume", "delete", pool, "vm000", "nosuch", "vm001", check=False)
-    assert failed.returncode == 1 and "deleted volume 'vm000'" in failed.stdout, failed
-    assert "(deleted before it: 'vm000'; not tried: 'vm001')" in failed.stderr, failed.stderr
-    freed = json.loads(_cli("volume", "delete", pool, *names[1:], "--json").stdout)
-    assert [f["name"] for f in freed] == names[1:]
+    assert failed.returncode == 1 and failed.stdout == "", failed
+    assert "no volume 'nosuch'" in failed.stderr, failed.stderr
+    assert srv.socket_path is not None
+    held = raw_socket(srv.socket_path)
+    try:
+        raw_handshake(held, "vm002")  # a client on one of them: none is deleted
+        refused = _cli("volume", "delete", pool, "vm000", "vm001", "vm002", check=False)
+        assert refused.returncode == 1 and "'vm002' is in use" in refused.stderr, refused
+    finally:
+        held.close()
+    assert _names(srv) == ["golden", *names]
+    freed = json.loads(_cli("volume", "delete", pool, *names, "--json").stdout)
+    assert [f["name"] for f in freed] == names
     assert sum(f["freed_bytes"] for f in freed) == 4096
     assert _names(srv) == ["golden"]
 
