@@ -134,3 +134,27 @@ async def test_a_batch_of_forks_that_runs_out_of_room_keeps_and_names_what_it_ma
     assert [v.name for v in env.pool.live_volumes() if v.name.startswith("g")] == made
     report = await env.check()
     assert report.ok, report.problems
+
+
+async def test_a_cancelled_quiesce_lets_the_writes_it_held_go_on(
+        make_pool: PoolFactory) -> None:
+    env = await make_pool("radix", chunk_size=4 * KiB, offline=False)
+    pool: Pool = env.pool
+    vm1 = await env.create("vm1", 1 << 20)
+    await vm1.write(0, b"\x01" * (64 * KiB))
+    holding = HoldingEngine(pool.engine)
+    pool.engine = holding  # type: ignore[assignment]
+    await env.release("vm1")
+    vm1 = env.vol("vm1")  # (a backend on the holding engine)
+    holding.hold_writes(0, 1 << 62)
+    first = asyncio.ensure_future(vm1.write(0, b"\x02" * (4 * KiB)))  # in flight, held
+    await asyncio.sleep(0.05)
+    quiesce = asyncio.ensure_future(pool.quiesce[pool.volume("vm1").id]())
+    await asyncio.sleep(0.05)  # it now holds new writes and waits for the first
+    quiesce.cancel()
+    await asyncio.gather(quiesce, return_exceptions=True)
+    holding.release()
+    await asyncio.wait_for(first, 5)
+    await asyncio.wait_for(vm1.write(8 * KiB, b"\x03" * (4 * KiB)), 5)  # not held forever
+    assert await vm1.read(0, 12 * KiB) == b"\x02" * (4 * KiB) + b"\x01" * (4 * KiB) \
+        + b"\x03" * (4 * KiB)
