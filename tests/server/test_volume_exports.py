@@ -3,7 +3,9 @@ control socket gives a client at once, with no restart, and what it keeps from o
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -352,3 +354,45 @@ async def test_served_as_before_the_exports_are_open_says_the_server_is_starting
     finally:
         server.engine.close()
     assert (export, read_only) == (None, False) and "still starting" in why, why
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.005, 0.01, 0.02, 0.05])
+def test_kill_9_during_a_batch_delete_deletes_all_or_none(
+        nbd_server_factory: ServerFactory, tmp_path: Path, delay: float) -> None:
+    """The batch is marked in one commit: after a kill -9 at any moment and a restart,
+    either every volume of it is gone (the pool finishes marked deletions when it opens)
+    or none is, the others' data is intact, and the pool checks clean."""
+    srv, pool = _served(nbd_server_factory, tmp_path)
+    names = [f"vm{i:02}" for i in range(24)]
+    _cli("volume", "fork", pool, "golden", *names)
+    nbd_python("import nbd, sys\nfor uri in sys.argv[1:]:\n    h = nbd.NBD()\n"
+               "    h.connect_uri(uri)\n    h.pwrite(bytes([len(uri) % 251]) * (1 << 20), 0)\n"
+               "    h.flush()\n    h.shutdown()\n",
+               *[srv.unix_uri(n) for n in names])
+    _cli("volume", "fork", pool, "golden", "keep")  # not in the batch
+    control = socket_path(read_superblock(pool).uuid_str, pool)
+
+    def delete() -> None:
+        with contextlib.suppress(Exception):  # (the server is killed under it)
+            call(control, "volume.deletes", {"names": names[:20]}, timeout=10)
+
+    thread = threading.Thread(target=delete)
+    thread.start()
+    time.sleep(delay)
+    srv.kill()
+    thread.join(15)
+    srv.start()
+    left = {v["name"] for v in json.loads(_cli("volume", "list", pool, "--brief",
+                                                "--json").stdout)}
+    batch = set(names[:20])
+    assert not (batch & left) or batch <= left, sorted(left)  # all or none
+    finished = srv.stderr.count("finishing the deletion of volume")
+    assert finished in (0, 20), srv.stderr  # (marked together: finished together)
+    print(f"kill after {delay}s: the batch {'stayed' if batch <= left else 'went'}"
+          f"{' (finished when the pool opened again)' if finished else ''}")
+    assert {"golden", "keep", *names[20:]} <= left
+    for name in names[20:]:
+        _qemu_io(srv.unix_uri(name), f"read -P {len(srv.unix_uri(name)) % 251} 0 1M")
+    srv.stop()
+    check = json.loads(_cli("pool", "check", pool, "--json").stdout)
+    assert check["ok"], check
