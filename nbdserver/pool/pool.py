@@ -45,7 +45,7 @@ import re
 import stat
 import time
 import uuid as uuidlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -732,6 +732,16 @@ class Pool:
         root = self.ancestry(vol)[-1]
         return [v for v in self.volumes.values() if self.ancestry(v)[-1] == root]
 
+    def _families(self, vols: list[VolumeRecord]) -> list[list[VolumeRecord]]:
+        """The families (see _family) of `vols`, each once: one pass over the catalog."""
+        roots = {self.ancestry(v)[-1] for v in vols}
+        out: dict[int, list[VolumeRecord]] = {}
+        for v in self.volumes.values():
+            root = self.ancestry(v)[-1]
+            if root in roots:
+                out.setdefault(root, []).append(v)
+        return list(out.values())
+
     async def _shrink_promises(self, family: list[VolumeRecord]) -> int:
         """Shrink the promise of each guaranteed volume in `family` to what it can still
         need (see above); returns the chunks no longer promised."""
@@ -1091,15 +1101,17 @@ class Pool:
     async def _run_promising(self, op: Callable[[], VolumeRecord]) -> VolumeRecord:
         """Run `op`, which may promise space (:meth:`_reserve`); if it cannot, while chunks
         a trim freed wait for their commit (free, but not yet takeable), make them
-        reusable and try once more, as a write would."""
+        reusable and try once more, as a write would. Each attempt waits for room among
+        the dirty pages first (a batch of clones would otherwise grow one commit past what
+        the journal holds)."""
         try:
-            return await self.cache.run(op)
+            return await self.cache.run(op, gate=self.dirty_room)
         except _NoRoomToPromise:
             if not self.frees_waiting():
                 raise
         async with self.space_wanted():
             await self.reuse_freed()
-        return await self.cache.run(op)
+        return await self.cache.run(op, gate=self.dirty_room)
 
     async def clone_volume(self, source: str, name: str, *, snapshot: bool,
                            guarantee: bool = False) -> VolumeRecord:
@@ -1116,10 +1128,15 @@ class Pool:
         and says which. (Should a client open the source, not served until then, during
         the batch, the clones made after it opened include its writes.)"""
         src = self.volume(source)
-        for i, name in enumerate(names):
-            self._check_new_name(name)
-            if name in names[:i]:
+        taken = {v.name for v in self.volumes.values() if not v.deleted}  # (one pass)
+        given: set[str] = set()
+        for name in names:
+            check_volume_name(name)
+            if name in given:
                 raise UserError(f"the name {name!r} is given twice")
+            if name in taken:
+                raise UserError(f"a volume named {name!r} already exists in pool {self.path}")
+            given.add(name)
         why = self.map.clone_refused(src)
         if why:
             raise UserError(why)
@@ -1191,8 +1208,8 @@ class Pool:
                 if not made:
                     raise
                 await self.commit()
-                raise UserError(f"{e} (made before it: "
-                                f"{', '.join(repr(v.name) for v in made)})") from None
+                raise UserError(f"{e} (made before it: {_some(v.name for v in made)})"
+                                ) from None
             await self.commit()
             return made
         finally:
@@ -1216,10 +1233,18 @@ class Pool:
         freed so far by all), and the frees made durable in one more: a honeyfarm's
         hundreds of clones cost two commits, not two each."""
         vols: list[VolumeRecord] = []
-        for i, name in enumerate(names):
-            if name in names[:i]:
+        given: set[str] = set()
+        for name in names:
+            if name in given:
                 raise UserError(f"the name {name!r} is given twice")
+            given.add(name)
             vols.append(self.volume(name))
+        pages = len({self._catalog_page(v) for v in vols}) + 1  # (and the state page)
+        if len(vols) > 1 and pages > self.dirty_limit():  # (marked in one commit: see below)
+            most = (self.dirty_limit() - 1) * RECORDS_PER_CATALOG_PAGE
+            raise UserError(f"{len(vols)} deletes at once would change {pages} catalog pages "
+                            f"in one commit, more than this pool's journal takes "
+                            f"({self.dirty_limit()}): delete at most about {most} at a time")
         waited = 0.0
         while any(v.id in self.in_use for v in vols) and waited < IN_USE_WAIT_SECONDS:
             await asyncio.sleep(IN_USE_POLL_SECONDS)  # (a client that has just left)
@@ -1238,26 +1263,26 @@ class Pool:
                     self.update_state(data_reserved=self.state.data_reserved - vol.reserved)
                     self.update_volume(vol, reserved=0)
 
-        await self.cache.run(mark)  # (all or none: a refusal rolls the others back)
+        # All or none: a refusal rolls the others back. (The gate: the marks start a commit
+        # of their own size at most, which the check above keeps within the journal.)
+        await self.cache.run(mark, gate=self.dirty_room)
         await self.commit()
-        families: dict[int, list[VolumeRecord]] = {}
-        for vol in vols:
-            families.setdefault(self.ancestry(vol)[-1], self._family(vol))
+        families = self._families(vols)
         freed_each: list[int] = []
         damaged: list[str] = []
         before = 0
         for vol in vols:
+            tally = [0]  # (what its release freed, also when it stops at a damaged page)
             step = None if progress is None else (
                 lambda chunks, before=before: progress(before + chunks))
             try:
-                freed = await self._release(vol, step)
+                await self._release(vol, step, tally)
             except FormatError as e:
                 damaged.append(f"volume {vol.name!r} is deleted, but not all of its space "
                                f"could be freed: {e}")
-                freed = 0
-            freed_each.append(freed)
-            before += freed
-        for family in families.values():
+            freed_each.append(tally[0])
+            before += tally[0]
+        for family in families:
             await self._shrink_promises(family)
         await self.commit()
         if damaged:
@@ -1267,8 +1292,10 @@ class Pool:
         return freed_each
 
     async def _release(self, vol: VolumeRecord,
-                       progress: Callable[[int], None] | None = None) -> int:
-        """Release `vol`'s map in steps; the data chunks that freed."""
+                       progress: Callable[[int], None] | None = None,
+                       tally: list[int] | None = None) -> int:
+        """Release `vol`'s map in steps; the data chunks that freed (also kept in
+        `tally[0]` as they go, for a caller that must know them when a step fails)."""
         freed = 0
 
         def step() -> bool:
@@ -1276,6 +1303,8 @@ class Pool:
             used = self.data.used
             done = self.map.release(vol, RELEASE_BUDGET)
             freed += used - self.data.used  # (synchronous: only this step's frees)
+            if tally is not None:
+                tally[0] = freed
             return done
 
         while not await self.run(step):
@@ -1308,18 +1337,18 @@ class Pool:
             self._bury(parent)  # a tombstone with no descendants left
 
     async def _finish_deletions(self) -> None:
-        for vol in list(self.volumes.values()):
-            if vol.flags & VF_DELETING:
-                log.info("%s: finishing the deletion of volume %r", self.path, vol.name)
-                family = self._family(vol)
-                try:
-                    await self._release(vol)
-                except FormatError as e:  # the pool still opens: the rest is unharmed
-                    log.error("%s: the deletion of volume %r cannot finish: %s; what it "
-                              "still holds stays allocated ('nbdserver pool check' names "
-                              "what is damaged)", self.path, vol.name, e)
-                    continue
-                await self._shrink_promises(family)
+        dying = [v for v in self.volumes.values() if v.flags & VF_DELETING]
+        families = self._families(dying)  # (before the burials: one pass, a batch's too)
+        for vol in dying:
+            log.info("%s: finishing the deletion of volume %r", self.path, vol.name)
+            try:
+                await self._release(vol)
+            except FormatError as e:  # the pool still opens: the rest is unharmed
+                log.error("%s: the deletion of volume %r cannot finish: %s; what it "
+                          "still holds stays allocated ('nbdserver pool check' names "
+                          "what is damaged)", self.path, vol.name, e)
+        for family in families:
+            await self._shrink_promises(family)
         await self.commit()
 
     async def set_read_only(self, name: str, read_only: bool) -> None:
@@ -1657,6 +1686,13 @@ def _undo_create(path: Path, holder: int | None, made: bool, grown: bool,
 MAP_STATS = ("mapped_bytes", "exclusive_bytes", "shared_bytes", "extents", "extents_per_gib",
              "mean_extent_bytes", "metadata_pages")
 NAMES_SHOWN = 8  # a message about a missing volume lists the pool's volumes up to this
+
+
+def _some(names: Iterable[str], shown: int = 10) -> str:
+    """Names for a message: quoted, at most `shown` of them, then how many more."""
+    listed = list(names)
+    more = f" and {len(listed) - shown:,} more" if len(listed) > shown else ""
+    return ", ".join(repr(n) for n in listed[:shown]) + more
 
 
 def _some_names(names: list[str], wanted: str) -> str:

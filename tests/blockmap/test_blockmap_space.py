@@ -583,9 +583,9 @@ async def test_pool_check_during_the_deletion_of_a_guaranteed_volume(
     reports: list[CheckReport] = []
 
     async def check_first(vol: VolumeRecord, progress: Callable[[int], None] | None = None,
-                          ) -> int:
+                          tally: list[int] | None = None) -> int:
         reports.append(await pool.check())
-        return await release(vol, progress)
+        return await release(vol, progress, tally)
 
     monkeypatch.setattr(pool, "_release", check_first)
     await env.delete(victim)

@@ -74,3 +74,27 @@ async def test_linear_refuses_an_origin_in_a_batch_with_its_snapshots(
     await pool.delete_volumes(["s1"])
     await pool.delete_volumes(["origin"])
     assert not pool.live_volumes()
+
+
+async def test_batches_larger_than_one_commit_holds(make_pool: PoolFactory) -> None:
+    """A small journal (64 pages: at most 32 dirty): 1,200 forks in one batch commit as
+    they go (they did not: one commit grew past the ring, and the pool stopped), and a
+    delete of them all, which must mark them in one commit, is refused before anything
+    changes; 400 at a time go."""
+    env = await make_pool("radix", chunk_size=4 * KiB, offline=False, max_volumes=1300)
+    pool: Pool = env.pool
+    await env.create("golden", 64 * KiB)
+    names = [f"c{i:04}" for i in range(1200)]
+    made = await pool.clone_volumes("golden", names, snapshot=False)
+    assert len(made) == 1200 and pool.failed is None
+    with pytest.raises(UserError) as err:
+        await pool.delete_volumes(names)
+    assert "delete at most about" in str(err.value), str(err.value)
+    assert len(pool.live_volumes()) == 1201 and pool.failed is None
+    for i in range(0, 1200, 400):
+        await pool.delete_volumes(names[i:i + 400])
+    assert [v.name for v in pool.live_volumes()] == ["golden"] and pool.failed is None
+    await env.reopen()
+    assert [v.name for v in env.pool.live_volumes()] == ["golden"]
+    report = await env.check()
+    assert report.ok, report.problems
