@@ -375,14 +375,10 @@ def cmd_volume_fork(args: argparse.Namespace) -> int:
     if args.guarantee:
         _note_sparse_guarantee(args.pool)
 
-    if len(args.name) == 1:
-        info = run_pool_op(args.pool, "volume.fork", {
-            "source": args.source, "name": args.name[0], "guarantee": args.guarantee})
-        return _volume_result(args, info, f"forked {args.source!r} as")
     made = run_pool_op(args.pool, "volume.forks", {  # (one point in time for all)
         "source": args.source, "names": args.name, "guarantee": args.guarantee})
     if args.json:
-        _print_json(made)
+        _print_json(made[0] if len(args.name) == 1 else made)
     else:
         for info in made:
             _show_made(info, f"forked {args.source!r} as")
@@ -394,12 +390,8 @@ def cmd_volume_delete(args: argparse.Namespace) -> int:
     progress = _Progress(f"delete {names[0]}" if len(names) == 1
                          else f"delete {len(names)} volumes")  # (offline: big maps take long)
     local = {"progress": lambda freed: progress.show(f"{format_size(freed)} freed so far")}
-    try:
-        if len(names) == 1:
-            results = [run_pool_op(args.pool, "volume.delete", {"name": names[0]},
-                                   local=local)]
-        else:  # (checked first, and committed together)
-            results = run_pool_op(args.pool, "volume.deletes", {"names": names}, local=local)
+    try:  # (checked first, and committed together)
+        results = run_pool_op(args.pool, "volume.deletes", {"names": names}, local=local)
     finally:
         progress.finish()
     if args.json:

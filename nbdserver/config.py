@@ -1069,15 +1069,9 @@ class _Parser:
                     self.fail(m.key_node("size"), m.sub("size"),
                               "size is only for file exports; to create a volume use "
                               "create: {size: 1G}")
-                pool_node = m.require("pool", " (the pool that holds 'volume')")
+                pool = self.pool_ref(m, pools, " (the pool that holds 'volume')")
                 volume_node = m.require("volume", " (the volume of the pool to export)")
-                pool = self.name(pool_node, m.sub("pool"), "a pool name")
                 volume = self.volume_name(volume_node, m.sub("volume"))
-                if not any(p.name == pool for p in pools):
-                    known = [p.name for p in pools]
-                    hint = (f"{_suggest(pool, known)}pools: {_one_of(known)}" if known
-                            else "no pools are defined; add one under 'pools:'")
-                    self.fail(pool_node, m.sub("pool"), f"no pool named {pool!r}; {hint}")
                 if (first := exported.get((pool, volume))) is not None:
                     self.fail(volume_node, m.sub("volume"),
                               f"volume {volume!r} of pool {pool!r} is already exported by "
@@ -1112,6 +1106,17 @@ class _Parser:
         self._no_copy_cycles(out, creates)
         return tuple(out)
 
+    def pool_ref(self, m: _Map, pools: tuple[PoolConfig, ...], why: str) -> str:
+        """An export's ``pool:``, the name of a pool the config defines."""
+        node = m.require("pool", why)
+        pool = self.name(node, m.sub("pool"), "a pool name")
+        if not any(p.name == pool for p in pools):
+            known = [p.name for p in pools]
+            hint = (f"{_suggest(pool, known)}pools: {_one_of(known)}" if known
+                    else "no pools are defined; add one under 'pools:'")
+            self.fail(node, m.sub("pool"), f"no pool named {pool!r}; {hint}")
+        return pool
+
     def _not_with_volumes(self, m: _Map) -> None:
         """Refuse the keys an export of a pool's volumes (``volumes:``) cannot have."""
         why = {
@@ -1134,8 +1139,7 @@ class _Parser:
     def volume_set(self, m: _Map, pools: tuple[PoolConfig, ...],
                    sets: dict[tuple[str, str], tuple[str, int]]) -> tuple[str, str]:
         """An export of a pool's volumes by pattern: (pool, pattern)."""
-        pool_node = m.require("pool", " (the pool whose volumes are served)")
-        pool = self.name(pool_node, m.sub("pool"), "a pool name")
+        pool = self.pool_ref(m, pools, " (the pool whose volumes are served)")
         node = m.require("volumes")
         pattern = self.name(node, m.sub("volumes"), "a pattern of volume names")
         tokens = _glob_tokens(pattern) if _PATTERN_RE.fullmatch(pattern) else None
@@ -1144,11 +1148,6 @@ class _Parser:
                       "names: use the characters of volume names and the shell wildcards "
                       "* ? [...] (each [ closed by a ]), for example \"*\" (quoted: a bare "
                       "* is YAML) or vm-*")
-        if not any(p.name == pool for p in pools):
-            known = [p.name for p in pools]
-            hint = (f"{_suggest(pool, known)}pools: {_one_of(known)}" if known
-                    else "no pools are defined; add one under 'pools:'")
-            self.fail(pool_node, m.sub("pool"), f"no pool named {pool!r}; {hint}")
         for (other_pool, other), (key, line) in sets.items():
             if other_pool == pool and _globs_overlap(_glob_tokens(other) or [], tokens):
                 example = "the same names" if other == pattern else "names both match"

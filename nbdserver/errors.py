@@ -12,6 +12,7 @@ printed as is, without a traceback, and names the key, file or argument at fault
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterable
 
 
 class NbdError(Exception):
@@ -25,6 +26,13 @@ class NbdError(Exception):
 
 class UserError(Exception):
     """A mistake in a command, argument or file that a person should fix."""
+
+
+def some_names(names: Iterable[str], shown: int = 10) -> str:
+    """Names for a message: quoted, at most `shown` of them, then how many more."""
+    listed = list(names)
+    more = f" and {len(listed) - shown:,} more" if len(listed) > shown else ""
+    return ", ".join(repr(n) for n in listed[:shown]) + more
 
 
 class UsageError(UserError):

@@ -114,7 +114,7 @@ from nbdserver.blockmap.base import (
     merge_target,
     register,
 )
-from nbdserver.errors import UserError
+from nbdserver.errors import UserError, some_names
 from nbdserver.pool.format import (
     MAP_STATE_SIZE,
     PAGE_HEADER_SIZE,
@@ -127,7 +127,6 @@ from nbdserver.sizes import format_size
 
 ORIGIN = 1
 SNAPSHOT = 2
-NAMES_LISTED = 10  # snapshots a refused delete of their origin names
 
 MAX_EXC_FANOUT = PAGE_PAYLOAD // 8  # 510 exception entries per page
 MAX_LEAF = PAGE_PAYLOAD // 4  # 1020 write epochs per leaf
@@ -441,9 +440,7 @@ class LinearMap(BlockMap):
             return None
         names = sorted(v.name for v in self.pool.volumes.values()
                        if v.parent == vol.id and not v.deleted and self._kind(v) == SNAPSHOT)
-        listed = (", ".join(repr(n) for n in names[:NAMES_LISTED])
-                  + (f" and {len(names) - NAMES_LISTED} more" if len(names) > NAMES_LISTED
-                     else "")) or f"{st.nsnap} being deleted"
+        listed = some_names(names) or f"{st.nsnap} being deleted"
         return (f"volume {vol.name!r} is the origin of {st.nsnap} snapshot(s) ({listed}): "
                 "the linear block map (LVM2 classic snapshots) cannot delete an origin while "
                 "snapshots depend on it; delete the snapshots first")

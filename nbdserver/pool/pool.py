@@ -45,14 +45,14 @@ import re
 import stat
 import time
 import uuid as uuidlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
 from nbdserver.blockmap.base import HOLE, BlockMap, MapStats, Run, design
-from nbdserver.errors import NbdError, PoolDamaged, UsageError, UserError
+from nbdserver.errors import NbdError, PoolDamaged, UsageError, UserError, some_names
 from nbdserver.pool import journal
 from nbdserver.pool.epochs import IoEpochs
 from nbdserver.pool.format import (
@@ -289,7 +289,7 @@ class Pool:
         if path.exists() and not path.is_block_device() and path.stat().st_size:
             raise UserError(f"{path} already exists; refusing to overwrite it "
                             + ("(it is a pool: 'nbdserver pool info' shows it)"
-                               if _is_pool_file(path) else
+                               if _holds_a_pool(path) else
                                "(delete it first to create a new pool)"))
 
         asked = size  # (a size given is a mistake to fix; a device's, a fact)
@@ -727,13 +727,9 @@ class Pool:
     # count. A clone of the volume during the walk makes every
     # chunk shared: then nothing is changed. Another deletion only makes chunks exclusive.
 
-    def _family(self, vol: VolumeRecord) -> list[VolumeRecord]:
-        """Volumes (deleted ones included) with the same eldest ancestor as `vol`."""
-        root = self.ancestry(vol)[-1]
-        return [v for v in self.volumes.values() if self.ancestry(v)[-1] == root]
-
     def _families(self, vols: list[VolumeRecord]) -> list[list[VolumeRecord]]:
-        """The families (see _family) of `vols`, each once: one pass over the catalog."""
+        """The families of `vols`, each once (a family: the volumes, deleted ones included,
+        with the same eldest ancestor), found in one pass over the catalog."""
         roots = {self.ancestry(v)[-1] for v in vols}
         out: dict[int, list[VolumeRecord]] = {}
         for v in self.volumes.values():
@@ -1067,15 +1063,23 @@ class Pool:
         self.volumes.pop(vol_id, None)
         self._pages_promised = None
 
-    def _check_new_name(self, name: str) -> None:
-        check_volume_name(name)
-        if any(v.name == name and not v.deleted for v in self.volumes.values()):
-            raise UserError(f"a volume named {name!r} already exists in pool {self.path}")
+    def _check_new_names(self, names: list[str]) -> None:
+        """Each of `names` a valid name, given once, of no live volume (one pass over the
+        catalog, however many)."""
+        taken = {v.name for v in self.volumes.values() if not v.deleted}
+        given: set[str] = set()
+        for name in names:
+            check_volume_name(name)
+            if name in given:
+                raise UserError(f"the name {name!r} is given twice")
+            if name in taken:
+                raise UserError(f"a volume named {name!r} already exists in pool {self.path}")
+            given.add(name)
 
     async def create_volume(self, name: str, size: int, *, guarantee: bool = False,
                             read_only: bool = False) -> VolumeRecord:
         """A new, empty (all zeros) thin volume; with `guarantee`, every chunk is promised."""
-        self._check_new_name(name)
+        self._check_new_names([name])
         if size <= 0:
             raise UserError("a volume's size must be positive")
         if (why := not_whole_sectors(size, "a volume's size")) is not None:
@@ -1128,15 +1132,7 @@ class Pool:
         and says which. (Should a client open the source, not served until then, during
         the batch, the clones made after it opened include its writes.)"""
         src = self.volume(source)
-        taken = {v.name for v in self.volumes.values() if not v.deleted}  # (one pass)
-        given: set[str] = set()
-        for name in names:
-            check_volume_name(name)
-            if name in given:
-                raise UserError(f"the name {name!r} is given twice")
-            if name in taken:
-                raise UserError(f"a volume named {name!r} already exists in pool {self.path}")
-            given.add(name)
+        self._check_new_names(names)
         why = self.map.clone_refused(src)
         if why:
             raise UserError(why)
@@ -1208,7 +1204,7 @@ class Pool:
                 if not made:
                     raise
                 await self.commit()
-                raise UserError(f"{e} (made before it: {_some(v.name for v in made)})"
+                raise UserError(f"{e} (made before it: {some_names(v.name for v in made)})"
                                 ) from None
             await self.commit()
             return made
@@ -1688,13 +1684,6 @@ MAP_STATS = ("mapped_bytes", "exclusive_bytes", "shared_bytes", "extents", "exte
 NAMES_SHOWN = 8  # a message about a missing volume lists the pool's volumes up to this
 
 
-def _some(names: Iterable[str], shown: int = 10) -> str:
-    """Names for a message: quoted, at most `shown` of them, then how many more."""
-    listed = list(names)
-    more = f" and {len(listed) - shown:,} more" if len(listed) > shown else ""
-    return ", ".join(repr(n) for n in listed[:shown]) + more
-
-
 def _some_names(names: list[str], wanted: str) -> str:
     """The volumes a message about a missing one shows: all of a few, else a count and
     the names closest to `wanted`."""
@@ -1794,20 +1783,13 @@ def _refuse_to_overwrite(device: BlockDevice, path: Path) -> None:
                         "it)")
 
 
-def _is_pool_file(path: Path) -> bool:
-    """Whether `path` begins with a pool's superblock (either copy)."""
+def _holds_a_pool(path: Path) -> bool:
+    """Whether `path` holds a pool (a valid superblock: read_superblock)."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(SUPERBLOCK_COPIES * PAGE_SIZE)
-    except OSError:
+        read_superblock(path)
+    except (UserError, OSError):
         return False
-    for copy in range(SUPERBLOCK_COPIES):
-        try:
-            Superblock.unpack(head[copy * PAGE_SIZE:(copy + 1) * PAGE_SIZE])
-        except FormatError:
-            continue
-        return True
-    return False
+    return True
 
 
 def _read_superblock(device: BlockDevice) -> Superblock:
