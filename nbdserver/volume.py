@@ -147,6 +147,7 @@ class VolumeBackend:
         self._data_start = pool.layout.data_start
         self._align_mask = pool.device.alignment - 1
         self._dirty_limit = pool.dirty_limit()  # (fixed while the pool is open)
+        self._dirty_pages = pool.cache.dirty  # (len() of it: the dirty count, inline)
         self._locks = RangeLocks()
         self._tasks: set[asyncio.Task[Any]] = set()
         # Fresh chunks written, waiting to be mapped at the end of this batch of I/O
@@ -457,12 +458,12 @@ class VolumeBackend:
         write): claim it, write it, and map it with the other installs of this batch of
         completions. False (nothing done) when the slow path must do it."""
         pool = self.pool
-        if pool.cache.dirty_count >= self._dirty_limit:
+        if len(self._dirty_pages) >= self._dirty_limit:
             return False  # back-pressure (see Pool.run)
         bmap = self.map
         try:  # (a claim changes no page: no mini-transaction to undo it)
             if bmap.next_fit:  # (no hint to ask for)
-                pc = pool.claim_chunk(self.vol, None, ahead=True)
+                pc = pool.claim_chunk_ahead(self.vol)
             else:
                 pc = pool.claim_chunk(self.vol, bmap.alloc_hint(self.vol, lc))
         except (PageMiss, NbdError):
@@ -473,22 +474,28 @@ class VolumeBackend:
         buf.view[:length] = data
         locks = self._locks
         lock = locks.hold_unit(lc)  # write() saw it free, synchronously
-        epochs = self.epochs
-        epoch = epochs.begin_write()  # (counting inline saves nothing measurable here)
+        epoch = self.epochs.current  # epochs.begin_write(), inline
+        epoch.writes += 1
         self._writes += 1
 
         def finish(error: NbdError | None) -> None:
             if error is not None:
                 pool.data.unclaim(pc)
             locks.release(lock)
-            epochs.end_write(epoch)
+            epoch.writes -= 1  # epochs.end_write(epoch), inline
+            if not epoch.writes and epoch.closed_by is not None:
+                epoch.closed_by.retire()
             buffers.put(buf)
-            self._write_ended()
+            self._writes -= 1  # self._write_ended(), inline
+            if not self._writes and self._drained is not None:
+                self._writes_drained()
             done(error)
 
         def complete(res: int) -> None:
-            if res == length:
-                self._queue_install([(lc, pc, 1)], finish)
+            if res == length:  # (self._queue_install, inline)
+                if not self._installs:
+                    self.engine.after_completions(self._install_queued)
+                self._installs.append(([(lc, pc, 1)], finish))
             else:
                 err = -res if res < 0 else errno.EIO
                 finish(NbdError(err, f"write at {lc * self.chunk}: error {err}"))
@@ -512,22 +519,31 @@ class VolumeBackend:
         installed = 0
         data = pool.data
         cache = pool.cache
+        dirty = self._dirty_pages
         born: list[tuple[int, int]] = []  # the fresh chunks, counted at the end (one run)
         born_pages = 0  # refcount pages that counting them may dirty, at most
+        dropped: list[int] = []  # chunks no longer pointed at, dropped at the end
         vol = self.vol
         map_fresh = self.map.map_fresh
+        map_fresh_chunk = self.map.map_fresh_chunk
         charged = 0  # chunks mapped, charged to a guarantee at the end (Pool.charge)
         try:
             with cache.mtr():
                 frees = data.frees
                 for fresh, _ in batch:
-                    if cache.dirty_count + born_pages >= limit:
+                    if len(dirty) + born_pages + len(dropped) >= limit:
                         break  # the rest waits for a commit (see Pool.run)
                     for lc, pc, n in fresh:
-                        map_fresh(vol, lc, pc, n, born)
+                        if n == 1:
+                            map_fresh_chunk(vol, lc, pc, born, dropped)
+                            born_pages += 1
+                        else:
+                            map_fresh(vol, lc, pc, n, born)
+                            born_pages += data.pages_spanned(pc, n)
                         charged += n
-                        born_pages += 1 if n == 1 else data.pages_spanned(pc, n)
                     installed += 1
+                if dropped:
+                    data.decref_units(dropped)
                 if charged:
                     pool.charge(vol, charged - (data.frees - frees))
                 data.incref_runs(born)

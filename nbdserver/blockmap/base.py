@@ -169,6 +169,10 @@ class BlockMap(ABC):
     # Whether new chunks go next-fit, whatever the logical neighbours (no alloc_hint):
     # the pool may then hand out runs of chunks claimed ahead (RefTable.claim).
     next_fit: ClassVar[bool] = False
+    # Whether write_chunk says FRESH where write_target says Claim (the chunk is no longer
+    # shared): a write of the whole chunk then goes into a fresh chunk and frees the old,
+    # rather than claim it, which may have to commit first.
+    fresh_for_claims: ClassVar[bool] = False
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
@@ -267,13 +271,17 @@ class BlockMap(ABC):
 
     def write_chunk(self, vol: VolumeRecord, lc: int) -> int:
         """:meth:`write_target` of chunk `lc` in short, with no object made (a one-chunk
-        write's hot path): the physical chunk for InPlace, FRESH for a Redirect into a
-        new chunk (``into`` HOLE: a write of the whole chunk needs nothing of the old),
-        ASK for anything else (call write_target). This default asks write_target."""
+        write's hot path): the physical chunk for InPlace; FRESH where a write of the
+        whole chunk may go into a new chunk, needing nothing of the old (a hole, or a
+        copy-on-write: a Redirect; and a Claim where ``fresh_for_claims``); ASK for
+        anything else, and for any write of part of the chunk whatever this says (call
+        write_target). This default asks write_target."""
         target = self.write_target(vol, lc)
         if type(target) is InPlace:
             return target.pc
         if type(target) is Redirect and target.into == HOLE:
+            return FRESH
+        if type(target) is Claim and self.fresh_for_claims:
             return FRESH
         return ASK
 
@@ -309,6 +317,15 @@ class BlockMap(ABC):
         batch). Meanwhile those chunks' counts read 0; nothing in the batch reads them.
         This default counts them at once."""
         self.map_run(vol, lc, pc, count)
+
+    def map_fresh_chunk(self, vol: VolumeRecord, lc: int, pc: int,
+                        born: list[tuple[int, int]], dropped: list[int]) -> None:
+        """:meth:`map_fresh` of one chunk (with `born`), where the design may also leave
+        the reference to what `lc` pointed at before to the caller: appended to
+        `dropped`, which the caller drops with :meth:`RefTable.decref_units` before the
+        mini-transaction ends (a batch of 4 KiB first writes: one change of each
+        refcount page, not one per write). This default drops it itself."""
+        self.map_fresh(vol, lc, pc, 1, born)
 
     @abstractmethod
     def unmap(self, vol: VolumeRecord, lc: int, count: int) -> tuple[int, list[tuple[int, int]]]:

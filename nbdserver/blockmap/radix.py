@@ -40,7 +40,6 @@ from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 from nbdserver.blockmap.base import (
-    ASK,
     FRESH,
     HOLE,
     BlockMap,
@@ -104,6 +103,7 @@ class RadixMap(BlockMap):
     max_volume_id: ClassVar[int] = MAX_OWNER  # (the owner field of an entry: 23 bits)
     description: ClassVar[str] = "Parallax-style radix tree: O(1) forks, path copy on write"
     next_fit: ClassVar[bool] = True
+    fresh_for_claims: ClassVar[bool] = True
 
     def __init__(self, pool: object) -> None:
         super().__init__(pool)  # type: ignore[arg-type]
@@ -116,15 +116,16 @@ class RadixMap(BlockMap):
         # (PageCache.keep). A walk that hits it reads one entry instead of `height`
         # pages, without even the cache's lookup while the page stays cached. Filled
         # only outside a mini-transaction (what it sees is complete), emptied by every
-        # change of a root or of interior nodes (_forget_leaves).
+        # change of a root or of interior nodes (_forget_leaves); a copy or claim of a
+        # leaf forgets that leaf of that volume only (_own_node).
         self._leaves: dict[int, Page] = {}
         # Every leaf a lookup reached, through a writable path or not (a fork reading
         # what it shares): for reads only, since a shared leaf's entries keep the
         # writable bits of the volume that wrote them. A node another volume can reach
         # never changes in place (a writer copies it, or claims it once it is the only
-        # path to it, and both forget every leaf), so what these pages say stays true
-        # for the volume that reached them until its own tree changes (a root, a copy,
-        # a claim, an unmap, a release: _forget_leaves).
+        # path to it, and both forget what the writer remembers of it), so what these
+        # pages say stays true for the volume that reached them until its own tree
+        # changes (a root, a copy, a claim, an unmap, a release).
         self._read_leaves: dict[int, Page] = {}
         # ...and no more than the cache holds: a remembered page that has left the cache
         # is of no use, and the memory it takes is no longer the cache's.
@@ -350,12 +351,13 @@ class RadixMap(BlockMap):
             return super().write_chunk(vol, lc)  # a walk, which may learn the leaf
         leaf.recent = True
         e = leaf.words[_HEADER_WORDS + lc % fanout]  # type: ignore[index]
-        target = e & TARGET_MASK
-        if target and e & WRITABLE:  # (the common case first)
-            return target - 1
-        if not target:
-            return FRESH
-        return ASK if self.data.get(target - 1) == 1 else FRESH  # Claim : Redirect
+        if e & TARGET_MASK and e & WRITABLE:  # (the common case first)
+            return (e & TARGET_MASK) - 1
+        # A hole, or a chunk the path does not own: a write of the whole chunk goes into
+        # a fresh one, which needs nothing of the old bytes. Even a chunk no other volume
+        # holds any more (write_target's Claim) is not claimed for it: a claim may have
+        # to commit first, while a redirect frees the old chunk like any overwrite.
+        return FRESH
 
     def _know_leaf(self, key: int, page: int, writable: bool) -> None:
         """Remember a leaf a walk reached, for writes too if through a writable path
@@ -423,15 +425,24 @@ class RadixMap(BlockMap):
 
     # -- changes ---------------------------------------------------------------------------
 
-    def _own_node(self, vol: VolumeRecord, e: int, level: int) -> int:
-        """Make the node `e` points at (a node of `level` in `vol`'s tree) this path's
-        alone: claim or copy.
+    def _own_node(self, vol: VolumeRecord, e: int, level: int, lc: int | None = None) -> int:
+        """Make the node `e` points at (a node of `level` in `vol`'s tree, on the path to
+        chunk `lc` if known) this path's alone: claim or copy.
 
         Returns the writable entry to store in its parent.
         """
         if e & WRITABLE:
             return e
-        self._forget_leaves()  # (a copy or a claim changes which leaves are whose)
+        if level == 0 and lc is not None:
+            # A leaf: only what `vol` remembers of this one leaf changes (a copy is a new
+            # page; a claimed page only `vol` reaches). Other volumes' leaves and this
+            # volume's others stay as they are: a honeyfarm's clones each copying their
+            # leaves do not make every other clone walk again.
+            key = lc // self.fanout * _VOLUME_IDS + vol.id
+            self._leaves.pop(key, None)
+            self._read_leaves.pop(key, None)
+        else:
+            self._forget_leaves()  # (a copy or a claim changes which leaves are whose)
         target = _target(e)
         if self.meta.get(target) == 1:  # claim: clear the stale writable bits below
             node = self.cache.modify(self._page(target), PT_RADIX)
@@ -470,7 +481,8 @@ class RadixMap(BlockMap):
         if leaf is not None:  # known through a writable path: nothing to copy on the way
             return self.cache.modify(leaf.no, PT_RADIX)
         root, height = self._root(vol)
-        new_root = self._new_node(vol) if not root else self._own_node(vol, root, height - 1)
+        new_root = self._new_node(vol) if not root else self._own_node(vol, root, height - 1,
+                                                                         lc)
         if new_root != root:
             self._set_root(vol, new_root)
         e = new_root
@@ -480,7 +492,7 @@ class RadixMap(BlockMap):
             off = PAGE_HEADER_SIZE + 8 * ((lc // fanout ** level) % fanout)
             child = _Q.unpack_from(node, off)[0]
             new_child = self._new_node(vol) if not child & TARGET_MASK else self._own_node(
-                vol, child, level - 1)
+                vol, child, level - 1, lc)
             if new_child != child:
                 node = self.cache.modify(self._page(_target(e)), PT_RADIX)
                 _Q.pack_into(node, off, new_child)
@@ -523,6 +535,24 @@ class RadixMap(BlockMap):
             self.data.incref(pc)
         else:
             self.data.incref_run(pc, count)
+
+    def map_fresh_chunk(self, vol: VolumeRecord, lc: int, pc: int,
+                        born: list[tuple[int, int]], dropped: list[int]) -> None:
+        vid = vol.id
+        leaf = self._leaves.get(lc // self.fanout * _VOLUME_IDS + vid)
+        if leaf is None or not leaf.cached:
+            self.map_fresh(vol, lc, pc, 1, born)  # a walk, which may copy the path
+            return
+        # A leaf known through a writable path (as _writable_leaf): one entry to change.
+        self.cache.modify(leaf.no, PT_RADIX)  # (the undo image; leaf.words views the bytes)
+        words = leaf.words
+        assert words is not None
+        i = _HEADER_WORDS + lc % self.fanout
+        old = words[i]
+        words[i] = (pc + 1) | WRITABLE | (vid << OWNER_SHIFT)  # _entry(pc, True, vid)
+        if old & TARGET_MASK:
+            dropped.append((old & TARGET_MASK) - 1)
+        born.append((pc, 1))
 
     def _point(self, vol: VolumeRecord, lc: int, pc: int, n: int = 1) -> None:
         """Point chunks [lc, lc+n), within one leaf, at [pc, pc+n) (no reference counted

@@ -129,7 +129,9 @@ class PageCache:
         self._evicted_during: dict[int, set[int]] = {}  # read token -> pages
         self._read_token = 0
         self._pages: OrderedDict[int, Page] = OrderedDict()
-        self._dirty: dict[int, Page] = {}
+        # Dirty pages by number (read it, never change it: modify, create and take_dirty
+        # do). The same dict for the cache's life, so a hot path may keep it and ask len().
+        self.dirty: dict[int, Page] = {}
         self._undo: dict[int, tuple[bytearray, bool, int, bool]] | None = None
         self._undo_hooks: list[Callable[[], None]] = []
         self.loads = 0
@@ -317,11 +319,11 @@ class PageCache:
                 page.ptype = ptype
                 page.dirty = was_dirty
                 if not was_dirty:
-                    self._dirty.pop(page_no, None)
+                    self.dirty.pop(page_no, None)
             else:
                 del self._pages[page_no]
                 page.leave()
-                self._dirty.pop(page_no, None)
+                self.dirty.pop(page_no, None)
 
     def modify(self, page_no: int, ptype: int | None = None) -> bytearray:
         """The page's bytes, to change in place within the current mini-transaction."""
@@ -337,7 +339,7 @@ class PageCache:
             page.ptype = ptype
         if not page.dirty:
             page.dirty = True
-            self._dirty[page_no] = page
+            self.dirty[page_no] = page
         self._pages.move_to_end(page_no)
         return page.data
 
@@ -354,7 +356,7 @@ class PageCache:
         page = Page(page_no, bytearray(PAGE_SIZE), ptype)
         page.dirty = True
         self._pages[page_no] = page
-        self._dirty[page_no] = page
+        self.dirty[page_no] = page
         undo[page_no] = (bytearray(), False, ptype, False)
         return page.data
 
@@ -386,20 +388,20 @@ class PageCache:
 
     @property
     def dirty_count(self) -> int:
-        return len(self._dirty)
+        return len(self.dirty)
 
     def take_dirty(self, seq: int) -> list[tuple[int, bytearray]]:
         """Seal and copy every dirty page for a commit; they become clean, home-pending."""
         assert self._undo is None, "commit inside a mini-transaction"
         images = []
-        for page_no, page in self._dirty.items():
+        for page_no, page in self.dirty.items():
             image = bytearray(page.data)
             seal_page(page_no, image, page.ptype, seq)
             page.data[:16] = image[:16]
             page.dirty = False
             page.home_pending += 1
             images.append((page_no, image))
-        self._dirty.clear()
+        self.dirty.clear()
         images.sort()
         return images
 
@@ -442,4 +444,4 @@ class PageCache:
         for page in self._pages.values():
             page.leave()
         self._pages.clear()
-        self._dirty.clear()
+        self.dirty.clear()

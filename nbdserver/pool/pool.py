@@ -605,8 +605,20 @@ class Pool:
                     ahead: bool = False) -> int:
         """A free chunk for a write of `vol` now in flight (ENOSPC if none may be taken);
         `ahead`: from a run claimed ahead (see RefTable.claim)."""
-        self._may_take(vol, 1)
-        return self.data.claim(hint, ahead=ahead)
+        data = self.data
+        if not data.spare or self.state.data_reserved:  # (else _may_take returns at once)
+            self._may_take(vol, 1)
+        return data.claim(hint, ahead=ahead)
+
+    def claim_chunk_ahead(self, vol: VolumeRecord) -> int:
+        """:meth:`claim_chunk` with `ahead` and no hint, outside a mini-transaction: the
+        next chunk of the spare run in one call (every 4 KiB first write of radix)."""
+        data = self.data
+        spare = data.spare
+        if spare and not self.state.data_reserved:  # (_may_take and RefTable.claim, inline)
+            data.spare = spare[1:]
+            return spare[0]
+        return self.claim_chunk(vol, None, ahead=True)
 
     def claim_chunks(self, vol: VolumeRecord, hint: int | None,
                      count: int) -> list[tuple[int, int]]:

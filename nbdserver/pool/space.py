@@ -132,6 +132,39 @@ class RefTable:
             self._note_freed([unit])
         return old - 1
 
+    def decref_units(self, units: list[int]) -> None:
+        """:meth:`decref` each of `units`, one page access per refcount page: the
+        references a batch of first writes drops (see BlockMap.map_fresh_chunk)."""
+        if len(units) == 1:
+            self.decref(units[0])
+            return
+        cache = self.cache
+        freed: list[int] = []
+        page_index = -1
+        counts: memoryview | None = None
+        try:
+            for unit in sorted(units):
+                pi, i = divmod(unit, REFS_PER_PAGE)
+                if pi != page_index:
+                    if counts is not None:
+                        counts.release()
+                    page = cache.modify(self.first_page + pi, PT_REFCOUNT)
+                    counts = memoryview(page)[PAGE_HEADER_SIZE:].cast("I")
+                    page_index = pi
+                assert counts is not None
+                old = counts[i]
+                if not old:
+                    raise AssertionError(f"{self.what} {unit}: reference count already zero")
+                counts[i] = old - 1
+                if old == 1:
+                    freed.append(unit)
+                    self._count_change(pi, -1)
+        finally:
+            if counts is not None:
+                counts.release()
+        if freed:
+            self._note_freed(freed)
+
     def _note_freed(self, units: list[int]) -> None:
         """`units` reached a count of zero (in a mini-transaction): remember them for the
         next commit and, with ``quarantine_frees``, keep them from reuse until it is durable."""

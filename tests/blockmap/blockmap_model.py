@@ -67,6 +67,7 @@ from nbdserver.blockmap.base import (
     FRESH,
     HOLE,
     BlockMap,
+    Claim,
     InPlace,
     Redirect,
     designs,
@@ -542,7 +543,8 @@ def short_forms(bmap: BlockMap, vol: VolumeRecord, chunks: int) -> list[str]:
         short = bmap.write_chunk(vol, lc)
         target = bmap.write_target(vol, lc)
         want = (target.pc if type(target) is InPlace
-                else FRESH if type(target) is Redirect and target.into == HOLE else ASK)
+                else FRESH if type(target) is Redirect and target.into == HOLE
+                else FRESH if type(target) is Claim and bmap.fresh_for_claims else ASK)
         if short != want:
             out.append(f"chunk {lc}: write_chunk says {short}, write_target {target}")
     return out

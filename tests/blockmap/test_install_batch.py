@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 from poolkit import PoolEnv, PoolFactory, design_names, pattern
 
+from nbdserver.blockmap.base import Claim
 from nbdserver.errors import NbdError
 from nbdserver.volume import VolumeBackend
 
@@ -157,3 +158,36 @@ async def test_a_failed_fresh_write_gives_its_chunk_back(make_pool: PoolFactory,
     backend.engine = failing._engine
     await origin.write(6 * chunk, pattern(10, chunk))
     await _assert_contents(env, {6: pattern(10, chunk)})
+
+
+async def test_whole_chunk_writes_to_chunks_no_longer_shared_go_fresh_without_a_commit(
+        make_pool: PoolFactory) -> None:
+    """Once a volume's snapshot is deleted, its chunks are its own again, but its map
+    still says they were shared. radix sends a write of a whole such chunk into a fresh
+    chunk and frees the old one, as after a snapshot, instead of claiming it in place: a
+    claim must commit first whenever metadata is pending (a pool sync per write here).
+    No commit may be forced, every chunk must read back, and after a commit the pool
+    must hold exactly as many chunks as before (the old ones freed)."""
+    env = await make_pool("radix", cache_bytes=1 << 20)
+    chunk = env.chunk_size
+    n = 16
+    vol = await env.create("v", n * chunk)
+    want = bytearray(pattern(1, n * chunk))
+    await vol.write(0, bytes(want))
+    await env.snapshot("v", "s")
+    await env.delete("s")
+    await env.pool.commit()
+    pool = env.pool
+    free = pool.data.free
+    commits = pool.commits
+    lcs = [lc for lc in range(n) if type(pool.map.write_target(pool.volume("v"), lc)) is Claim]
+    assert lcs, "no chunk is claimable: the test proves nothing"
+    for lc in lcs:
+        data = pattern(100 + lc, chunk)
+        await vol.write(lc * chunk, data)
+        want[lc * chunk:(lc + 1) * chunk] = data
+    assert pool.commits == commits, f"{pool.commits - commits} commit(s) forced by writes"
+    assert await vol.read_all() == want
+    await pool.commit()
+    assert pool.data.free == free, "the old chunks were not freed, or the new ones leaked"
+    await env.assert_clean()

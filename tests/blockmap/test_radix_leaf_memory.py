@@ -97,3 +97,64 @@ async def test_a_fork_reads_shared_leaves_from_memory_and_never_writes_through_t
     assert await chunk_by_chunk(fork) == want_f
     await env.pool.commit()
     await env.assert_clean()
+
+
+async def test_a_leaf_copied_by_one_fork_is_forgotten_for_that_fork_only(
+        make_pool: PoolFactory) -> None:
+    """A first write that copies a leaf changes one volume's leaf: the map forgets that
+    leaf of that volume and nothing else (many clones each copying their leaves would
+    otherwise make every other volume walk its tree again). Every volume must still read
+    its own bytes, from memory and by walks."""
+    env = await make_pool("radix", cache_bytes=1 << 20)  # every page stays cached
+    chunk = env.chunk_size
+    fanout = env.pool.map.fanout
+    chunks = 8 * fanout  # eight leaves below two interior nodes (fan-out 4: height 3)
+    origin = await env.create("o", chunks * chunk)
+    base = pattern(1, chunks * chunk)
+    await origin.write(0, base)
+    vols = {"o": origin, "f1": await env.fork("o", "f1"), "f2": await env.fork("o", "f2")}
+    want = {name: bytearray(base) for name in vols}
+    bmap = env.pool.map
+    ids = {name: env.pool.volume(name).id for name in vols}
+
+    def known() -> dict[str, tuple[dict[int, int], dict[int, int]]]:
+        """For each volume, the leaves it remembers for reads and for writes: leaf
+        index -> page number."""
+        return {name: ({k >> 23: p.no for k, p in bmap._read_leaves.items()
+                        if k % (1 << 23) == vid},
+                       {k >> 23: p.no for k, p in bmap._leaves.items()
+                        if k % (1 << 23) == vid})
+                for name, vid in ids.items()}
+
+    async def learn_and_check() -> None:
+        for name, vol in vols.items():
+            got = b"".join([await vol.read(lc * chunk, chunk) for lc in range(chunks)])
+            assert got == want[name], f"{name} read other bytes chunk by chunk"
+            assert await vol.read_all() == want[name], f"{name} read other bytes"
+
+    async def write(name: str, lc: int, seed: int) -> None:
+        await vols[name].write(lc * chunk, pattern(seed, chunk))
+        want[name][lc * chunk:(lc + 1) * chunk] = pattern(seed, chunk)
+
+    await write("f1", 0, 2)  # copies f1's root, its first interior node and leaf 0
+    await learn_and_check()
+    before = known()
+    assert set(before["f1"][0]) == set(range(8)) == set(before["f2"][0])
+    shared = before["f2"][0][2]
+    assert before["f1"][0][2] == shared, "leaf 2 is not shared yet: the test proves nothing"
+    await write("f1", 2 * fanout, 3)  # copies leaf 2 only: f1's path to it is its own already
+    after = known()
+    assert after["o"] == before["o"] and after["f2"] == before["f2"], \
+        "another volume's leaves were forgotten"
+    reads, writes = after["f1"]
+    assert reads.get(2, -1) != shared, "f1 still reads leaf 2 from the page it shared"
+    assert {k: v for k, v in reads.items() if k != 2} == {
+        k: v for k, v in before["f1"][0].items() if k != 2}, "f1 forgot other leaves"
+    assert {k: v for k, v in writes.items() if k != 2} == before["f1"][1]
+    await learn_and_check()
+    await write("f2", 2 * fanout, 4)  # f2's own copies of the same leaf
+    await write("f1", 2 * fanout, 5)  # in place now
+    await write("o", 2 * fanout + 1, 6)  # the origin's copy of what both forks share
+    await learn_and_check()
+    await env.pool.commit()
+    await env.assert_clean()
