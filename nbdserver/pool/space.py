@@ -135,33 +135,26 @@ class RefTable:
     def decref_units(self, units: list[int]) -> None:
         """:meth:`decref` each of `units`, one page access per refcount page: the
         references a batch of first writes drops (see BlockMap.map_fresh_chunk)."""
-        if len(units) == 1:
-            self.decref(units[0])
-            return
         cache = self.cache
+        first_page = self.first_page
+        unpack = _U32.unpack_from
+        pack = _U32.pack_into
         freed: list[int] = []
         page_index = -1
-        counts: memoryview | None = None
-        try:
-            for unit in sorted(units):
-                pi, i = divmod(unit, REFS_PER_PAGE)
-                if pi != page_index:
-                    if counts is not None:
-                        counts.release()
-                    page = cache.modify(self.first_page + pi, PT_REFCOUNT)
-                    counts = memoryview(page)[PAGE_HEADER_SIZE:].cast("I")
-                    page_index = pi
-                assert counts is not None
-                old = counts[i]
-                if not old:
-                    raise AssertionError(f"{self.what} {unit}: reference count already zero")
-                counts[i] = old - 1
-                if old == 1:
-                    freed.append(unit)
-                    self._count_change(pi, -1)
-        finally:
-            if counts is not None:
-                counts.release()
+        page = bytearray()
+        for unit in sorted(units):
+            pi, i = divmod(unit, REFS_PER_PAGE)
+            if pi != page_index:
+                page = cache.modify(first_page + pi, PT_REFCOUNT)
+                page_index = pi
+            off = PAGE_HEADER_SIZE + 4 * i
+            old: int = unpack(page, off)[0]
+            if not old:
+                raise AssertionError(f"{self.what} {unit}: reference count already zero")
+            pack(page, off, old - 1)
+            if old == 1:
+                freed.append(unit)
+                self._count_change(pi, -1)
         if freed:
             self._note_freed(freed)
 
