@@ -253,10 +253,19 @@ class LinuxAioEngine(IoEngine):
         try:
             self._reap_events()
         finally:
-            self._reaping = False
-            hooks, self._batch_end = self._batch_end, []
-            for fn in hooks:
-                fn()
+            try:
+                # Hooks that a hook registers run too, in this batch's end: a volume maps
+                # the fresh chunks of a batch of first writes here, and the replies that
+                # answers then go out with the batch, not on the loop's next turn.
+                while self._batch_end:
+                    hooks, self._batch_end = self._batch_end, []
+                    for fn in hooks:
+                        try:
+                            fn()
+                        except Exception:  # (the others must still run: replies wait)
+                            log.exception("I/O batch-end hook failed")
+            finally:
+                self._reaping = False
 
     def _reap_events(self) -> None:
         events = self._events
