@@ -170,8 +170,10 @@ class BlockMap(ABC):
     # the pool may then hand out runs of chunks claimed ahead (RefTable.claim).
     next_fit: ClassVar[bool] = False
     # Whether write_chunk says FRESH where write_target says Claim (the chunk is no longer
-    # shared): a write of the whole chunk then goes into a fresh chunk and frees the old,
-    # rather than claim it, which may have to commit first.
+    # shared) in a thin volume: a write of the whole chunk then goes into a fresh chunk and
+    # frees the old, rather than claim it, which may have to commit first. (A guaranteed
+    # volume claims: a fresh chunk would come out of its promise while the old one waits
+    # for a commit, and another guaranteed volume could find its own promise gone.)
     fresh_for_claims: ClassVar[bool] = False
 
     def __init__(self, pool: Pool) -> None:
@@ -273,15 +275,15 @@ class BlockMap(ABC):
         """:meth:`write_target` of chunk `lc` in short, with no object made (a one-chunk
         write's hot path): the physical chunk for InPlace; FRESH where a write of the
         whole chunk may go into a new chunk, needing nothing of the old (a hole, or a
-        copy-on-write: a Redirect; and a Claim where ``fresh_for_claims``); ASK for
-        anything else, and for any write of part of the chunk whatever this says (call
-        write_target). This default asks write_target."""
+        copy-on-write: a Redirect; and a Claim where ``fresh_for_claims``, in a thin
+        volume); ASK for anything else, and for any write of part of the chunk whatever
+        this says (call write_target). This default asks write_target."""
         target = self.write_target(vol, lc)
         if type(target) is InPlace:
             return target.pc
         if type(target) is Redirect and target.into == HOLE:
             return FRESH
-        if type(target) is Claim and self.fresh_for_claims:
+        if type(target) is Claim and self.fresh_for_claims and not vol.guaranteed:
             return FRESH
         return ASK
 

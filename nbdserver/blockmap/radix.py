@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 from nbdserver.blockmap.base import (
+    ASK,
     FRESH,
     HOLE,
     BlockMap,
@@ -351,12 +352,18 @@ class RadixMap(BlockMap):
             return super().write_chunk(vol, lc)  # a walk, which may learn the leaf
         leaf.recent = True
         e = leaf.words[_HEADER_WORDS + lc % fanout]  # type: ignore[index]
-        if e & TARGET_MASK and e & WRITABLE:  # (the common case first)
-            return (e & TARGET_MASK) - 1
+        target = e & TARGET_MASK
+        if target and e & WRITABLE:  # (the common case first)
+            return target - 1
         # A hole, or a chunk the path does not own: a write of the whole chunk goes into
         # a fresh one, which needs nothing of the old bytes. Even a chunk no other volume
         # holds any more (write_target's Claim) is not claimed for it: a claim may have
-        # to commit first, while a redirect frees the old chunk like any overwrite.
+        # to commit first, while a redirect frees the old chunk like any overwrite. Not
+        # for a guaranteed volume (fresh_for_claims): its redirect would take a chunk
+        # from its promise while the old one waits in quarantine for the next commit,
+        # and that chunk may be the last another guaranteed volume was promised.
+        if target and vol.guaranteed and self.data.get(target - 1) == 1:
+            return ASK
         return FRESH
 
     def _know_leaf(self, key: int, page: int, writable: bool) -> None:

@@ -544,7 +544,8 @@ def short_forms(bmap: BlockMap, vol: VolumeRecord, chunks: int) -> list[str]:
         target = bmap.write_target(vol, lc)
         want = (target.pc if type(target) is InPlace
                 else FRESH if type(target) is Redirect and target.into == HOLE
-                else FRESH if type(target) is Claim and bmap.fresh_for_claims else ASK)
+                else FRESH if (type(target) is Claim and bmap.fresh_for_claims
+                               and not vol.guaranteed) else ASK)
         if short != want:
             out.append(f"chunk {lc}: write_chunk says {short}, write_target {target}")
     return out

@@ -33,7 +33,7 @@ from poolkit import (
 )
 
 from nbdserver.backend.base import STATE_HOLE
-from nbdserver.blockmap.base import MapStats
+from nbdserver.blockmap.base import ASK, Claim, MapStats
 from nbdserver.errors import NbdError, UserError
 from nbdserver.pool.format import VolumeRecord
 from nbdserver.pool.pool import CheckReport
@@ -290,6 +290,56 @@ async def test_a_guaranteed_volume_never_takes_what_another_is_promised(
     if again:  # (g2 waited: now it should not need to)
         want[16 * c:32 * c] = pattern(116, 16 * c)
     assert await g1.read_all() == want
+    await env.assert_clean()
+
+
+async def test_a_guaranteed_volume_rewriting_chunks_no_longer_shared_keeps_others_promises(
+        make_pool: PoolFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """radix sends a whole-chunk write to a chunk no longer shared (its snapshot was
+    deleted) into a fresh chunk, freeing the old one at the next commit
+    (``fresh_for_claims``), but only in a thin volume. A guaranteed volume doing so
+    took a chunk from its promise, not charged (the old one was freed), and the pool
+    had one usable chunk fewer until the commit: g2, promised one last chunk, found
+    none, waited for the commit, and when g1 did it again meanwhile, failed with
+    ENOSPC. A guaranteed volume claims such a chunk in place, as before."""
+    env = await make_pool("radix", size=16 * MiB, small=False)
+    pool = env.pool
+    c = env.chunk_size
+    g1 = await env.create("g1", 64 * c, guarantee=True)
+    await g1.write(0, pattern(1, 32 * c))  # 32 written, 32 holes promised
+    await env.snapshot("g1", "s")
+    await env.delete("s")  # g1's chunks are its own again
+    g2 = await env.create("g2", 16 * c, guarantee=True)
+    hog = await thin_hog(env, "hog", 4 * pool.layout.data_chunks)
+    await fill(hog, c)
+    await pool.commit()
+    assert type(pool.map.write_target(pool.volume("g1"), 0)) is Claim
+    for lc in range(15):  # g2 uses all of its promise but one chunk
+        await g2.write(lc * c, pattern(50 + lc, c))
+    await g1.write(0, pattern(200, c))
+    rewritten = [1]
+    plain = pool.reuse_freed
+
+    async def reuse_freed() -> None:  # g2 waits for freed space; g1 goes on rewriting
+        await plain()
+        for _ in range(2):  # (the second through the leaf the first walk learned)
+            await g1.write(rewritten[0] * c, pattern(200 + rewritten[0], c))
+            rewritten[0] += 1
+
+    monkeypatch.setattr(pool, "reuse_freed", reuse_freed)
+    await g2.write(15 * c, pattern(99, c))  # promised: must never fail
+    assert await g2.read(15 * c, c) == pattern(99, c)
+    want = bytearray(pattern(1, 32 * c) + bytes(32 * c))
+    for lc in range(rewritten[0]):
+        want[lc * c:(lc + 1) * c] = pattern(200 + lc, c)
+    assert await g1.read_all() == want
+    # The one-chunk short form says so too, from a leaf it knows through g1's own path.
+    bmap = pool.map
+    v1 = pool.volume("g1")
+    left = range(rewritten[0], 32)
+    assert [type(bmap.write_target(v1, lc)) for lc in left] == [Claim] * len(left)
+    assert any(k % (1 << 23) == v1.id for k in bmap._leaves), "no leaf known: proves nothing"
+    assert [bmap.write_chunk(v1, lc) for lc in left] == [ASK] * len(left)
     await env.assert_clean()
 
 
