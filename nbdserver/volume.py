@@ -522,7 +522,6 @@ class VolumeBackend:
         dirty = self._dirty_pages
         born: list[tuple[int, int]] = []  # the fresh chunks, counted at the end (one run)
         born_pages = 0  # refcount pages that counting them may dirty, at most
-        dropped: list[int] = []  # chunks no longer pointed at, dropped at the end
         vol = self.vol
         map_fresh = self.map.map_fresh
         map_fresh_chunk = self.map.map_fresh_chunk
@@ -531,19 +530,17 @@ class VolumeBackend:
             with cache.mtr():
                 frees = data.frees
                 for fresh, _ in batch:
-                    if len(dirty) + born_pages + len(dropped) >= limit:
+                    if len(dirty) + born_pages >= limit:
                         break  # the rest waits for a commit (see Pool.run)
                     for lc, pc, n in fresh:
                         if n == 1:
-                            map_fresh_chunk(vol, lc, pc, born, dropped)
+                            map_fresh_chunk(vol, lc, pc, born)
                             born_pages += 1
                         else:
                             map_fresh(vol, lc, pc, n, born)
                             born_pages += data.pages_spanned(pc, n)
                         charged += n
                     installed += 1
-                if dropped:
-                    data.decref_units(dropped)
                 if charged:
                     pool.charge(vol, charged - (data.frees - frees))
                 data.incref_runs(born)

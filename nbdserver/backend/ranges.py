@@ -94,10 +94,7 @@ class RangeLocks:
     def hold_unit(self, unit: int) -> int:
         """Lock the one unit `unit`, which the caller saw free with no await since (the
         hot path of a one-chunk write: no check again); the key for :meth:`release`."""
-        key = self._next  # (self._add, inline: every 4 KiB first write)
-        self._next = key + 1
-        self.held[key] = self._unit[unit] = _Held(key, unit, unit + 1)
-        return key
+        return self._add(unit, unit + 1).key
 
     def release(self, key: int) -> None:
         """Unlock a held range, or withdraw a queued one."""

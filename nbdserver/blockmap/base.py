@@ -321,12 +321,9 @@ class BlockMap(ABC):
         self.map_run(vol, lc, pc, count)
 
     def map_fresh_chunk(self, vol: VolumeRecord, lc: int, pc: int,
-                        born: list[tuple[int, int]], dropped: list[int]) -> None:
-        """:meth:`map_fresh` of one chunk (with `born`), where the design may also leave
-        the reference to what `lc` pointed at before to the caller: appended to
-        `dropped`, which the caller drops with :meth:`RefTable.decref_units` before the
-        mini-transaction ends (a batch of 4 KiB first writes: one change of each
-        refcount page, not one per write). This default drops it itself."""
+                        born: list[tuple[int, int]]) -> None:
+        """:meth:`map_fresh` of one chunk, with `born` (a batch of 4 KiB first writes: a
+        design may take a shorter path for it)."""
         self.map_fresh(vol, lc, pc, 1, born)
 
     @abstractmethod

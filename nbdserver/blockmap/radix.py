@@ -544,7 +544,7 @@ class RadixMap(BlockMap):
             self.data.incref_run(pc, count)
 
     def map_fresh_chunk(self, vol: VolumeRecord, lc: int, pc: int,
-                        born: list[tuple[int, int]], dropped: list[int]) -> None:
+                        born: list[tuple[int, int]]) -> None:
         vid = vol.id
         leaf = self._leaves.get(lc // self.fanout * _VOLUME_IDS + vid)
         if leaf is None or not leaf.cached:
@@ -558,7 +558,7 @@ class RadixMap(BlockMap):
         old = words[i]
         words[i] = (pc + 1) | WRITABLE | (vid << OWNER_SHIFT)  # _entry(pc, True, vid)
         if old & TARGET_MASK:
-            dropped.append((old & TARGET_MASK) - 1)
+            self.data.decref((old & TARGET_MASK) - 1)
         born.append((pc, 1))
 
     def _point(self, vol: VolumeRecord, lc: int, pc: int, n: int = 1) -> None:

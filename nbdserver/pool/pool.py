@@ -605,10 +605,8 @@ class Pool:
                     ahead: bool = False) -> int:
         """A free chunk for a write of `vol` now in flight (ENOSPC if none may be taken);
         `ahead`: from a run claimed ahead (see RefTable.claim)."""
-        data = self.data
-        if not data.spare or self.state.data_reserved:  # (else _may_take returns at once)
-            self._may_take(vol, 1)
-        return data.claim(hint, ahead=ahead)
+        self._may_take(vol, 1)
+        return self.data.claim(hint, ahead=ahead)
 
     def claim_chunk_ahead(self, vol: VolumeRecord) -> int:
         """:meth:`claim_chunk` with `ahead` and no hint, outside a mini-transaction: the

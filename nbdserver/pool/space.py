@@ -132,32 +132,6 @@ class RefTable:
             self._note_freed([unit])
         return old - 1
 
-    def decref_units(self, units: list[int]) -> None:
-        """:meth:`decref` each of `units`, one page access per refcount page: the
-        references a batch of first writes drops (see BlockMap.map_fresh_chunk)."""
-        cache = self.cache
-        first_page = self.first_page
-        unpack = _U32.unpack_from
-        pack = _U32.pack_into
-        freed: list[int] = []
-        page_index = -1
-        page = bytearray()
-        for unit in sorted(units):
-            pi, i = divmod(unit, REFS_PER_PAGE)
-            if pi != page_index:
-                page = cache.modify(first_page + pi, PT_REFCOUNT)
-                page_index = pi
-            off = PAGE_HEADER_SIZE + 4 * i
-            old: int = unpack(page, off)[0]
-            if not old:
-                raise AssertionError(f"{self.what} {unit}: reference count already zero")
-            pack(page, off, old - 1)
-            if old == 1:
-                freed.append(unit)
-                self._count_change(pi, -1)
-        if freed:
-            self._note_freed(freed)
-
     def _note_freed(self, units: list[int]) -> None:
         """`units` reached a count of zero (in a mini-transaction): remember them for the
         next commit and, with ``quarantine_frees``, keep them from reuse until it is durable."""

@@ -30,8 +30,7 @@ async def test_a_batch_of_deletes_costs_two_commits_and_frees_each_volume(
     assert freed[:3] == [1, 2, 3] and not any(freed[3:])
     assert seen == sorted(seen) and all(n <= 6 for n in seen)  # (cumulative, if called)
     assert [v.name for v in pool.live_volumes()] == ["golden"]
-    report = await env.check()
-    assert report.ok, report.problems
+    await env.assert_clean()
 
 
 @pytest.mark.parametrize("bad", ["missing", "twice", "in use"])
@@ -53,8 +52,7 @@ async def test_a_bad_name_in_a_batch_deletes_nothing(make_pool: PoolFactory,
     assert not any(v.deleted for v in pool.volumes.values())
     await env.reopen()  # nothing marked on disk either
     assert [v.name for v in env.pool.live_volumes()] == ["golden", "a", "b", "c"]
-    report = await env.check()
-    assert report.ok, report.problems
+    await env.assert_clean()
 
 
 async def test_linear_refuses_an_origin_in_a_batch_with_its_snapshots(
@@ -96,5 +94,4 @@ async def test_batches_larger_than_one_commit_holds(make_pool: PoolFactory) -> N
     assert [v.name for v in pool.live_volumes()] == ["golden"] and pool.failed is None
     await env.reopen()
     assert [v.name for v in env.pool.live_volumes()] == ["golden"]
-    report = await env.check()
-    assert report.ok, report.problems
+    await env.assert_clean()

@@ -84,8 +84,7 @@ async def test_a_backend_opened_during_a_snapshot_is_quiesced_too(
     assert bytes(vm1) == b"\xbb" * (4 * KiB) + b"\xaa" * (4 * KiB) + b"\xcc" * (4 * KiB)
     assert done_first, "the snapshot did not wait for the new backend's write"
     await source.close()
-    report = await env.check()
-    assert report.ok, report.problems
+    await env.assert_clean()
 
 
 async def test_many_forks_are_of_one_point_in_time(make_pool: PoolFactory) -> None:
@@ -114,8 +113,7 @@ async def test_many_forks_are_of_one_point_in_time(make_pool: PoolFactory) -> No
     for name in names:
         assert await env.vol(name).read(0, 64 * KiB) == b"\xaa" * (64 * KiB), name
     assert await vm1.read(0, 64 * KiB) == b"\xbb" * (64 * KiB)
-    report = await env.check()
-    assert report.ok, report.problems
+    await env.assert_clean()
 
 
 async def test_a_batch_of_forks_that_runs_out_of_room_keeps_and_names_what_it_made(
@@ -134,8 +132,7 @@ async def test_a_batch_of_forks_that_runs_out_of_room_keeps_and_names_what_it_ma
     assert f"(made before it: {shown})" in str(err.value), str(err.value)
     await env.reopen()  # committed: still there after a reopen
     assert [v.name for v in env.pool.live_volumes() if v.name.startswith("g")] == made
-    report = await env.check()
-    assert report.ok, report.problems
+    await env.assert_clean()
 
 
 async def test_a_cancelled_quiesce_lets_the_writes_it_held_go_on(
