@@ -154,6 +154,10 @@ class VolumeBackend:
         # completions (one mini-transaction for all), and what to call after.
         self._installs: list[tuple[list[tuple[int, int, int]],
                                    Callable[[NbdError | None], None]]] = []
+        # One-chunk writes into fresh chunks (_write_fresh), written, waiting likewise:
+        # (logical chunk, physical chunk, buffer, lock key, epoch, done).
+        self._fresh: list[tuple[int, int, AlignedBuffer, int, Epoch, Done]] = []
+        self._install_due = False  # _install_queued is registered for this batch's end
         self._writes = 0  # writes in flight (for quiescing)
         self._quiesced: asyncio.Event | None = None  # set while new writes must wait
         self._drained: asyncio.Event | None = None
@@ -469,89 +473,116 @@ class VolumeBackend:
         except (PageMiss, NbdError):
             return False
         length = len(data)
-        buffers = self.buffers
-        buf = buffers.get(length)
+        buf = self.buffers.get(length)
         buf.view[:length] = data
-        locks = self._locks
-        lock = locks.hold_unit(lc)  # write() saw it free, synchronously
+        lock = self._locks.hold_unit(lc)  # write() saw it free, synchronously
         epoch = self.epochs.current  # epochs.begin_write(), inline
         epoch.writes += 1
         self._writes += 1
 
-        def finish(error: NbdError | None) -> None:
-            if error is not None:
-                pool.data.unclaim(pc)
-            locks.release(lock)
-            epoch.writes -= 1  # epochs.end_write(epoch), inline
-            if not epoch.writes and epoch.closed_by is not None:
-                epoch.closed_by.retire()
-            buffers.put(buf)
-            self._writes -= 1  # self._write_ended(), inline
-            if not self._writes and self._drained is not None:
-                self._writes_drained()
-            done(error)
-
         def complete(res: int) -> None:
-            if res == length:  # (self._queue_install, inline)
-                if not self._installs:
+            if res == length:  # mapped, and then ended, by _install_queued
+                if not self._install_due:
+                    self._install_due = True
                     self.engine.after_completions(self._install_queued)
-                self._installs.append(([(lc, pc, 1)], finish))
+                self._fresh.append((lc, pc, buf, lock, epoch, done))
             else:
                 err = -res if res < 0 else errno.EIO
-                finish(NbdError(err, f"write at {lc * self.chunk}: error {err}"))
+                self._fresh_ended(pc, buf, lock, epoch, done,
+                                  NbdError(err, f"write at {lc * self.chunk}: error {err}"))
 
         self.engine.write(self._fd, buf, 0, length, self._data_start + pc * self.chunk,
                           complete)
         return True
 
+    def _fresh_ended(self, pc: int, buf: AlignedBuffer, lock: int, epoch: Epoch, done: Done,
+                     error: NbdError | None) -> None:
+        """End a :meth:`_write_fresh` (its chunk mapped, or given back on `error`)."""
+        if error is not None:
+            self.pool.data.unclaim(pc)
+        self._locks.release(lock)
+        self.epochs.end_write(epoch)
+        self.buffers.put(buf)
+        self._write_ended()
+        done(error)
+
     def _queue_install(self, fresh: list[tuple[int, int, int]],
                        finish: Callable[[NbdError | None], None]) -> None:
         """Map `fresh` (written) and then call `finish`: with every other install queued
         in this batch of I/O completions, in one mini-transaction."""
-        if not self._installs:
+        if not self._install_due:
+            self._install_due = True
             self.engine.after_completions(self._install_queued)
         self._installs.append((fresh, finish))
 
     def _install_queued(self) -> None:
+        """Map the fresh chunks written in this batch of completions, one-chunk writes
+        (``_fresh``) and planned requests (``_installs``), in one mini-transaction, and
+        answer them; what cannot be mapped at once goes on alone (``_install_one``)."""
+        self._install_due = False
+        chunks, self._fresh = self._fresh, []
         batch, self._installs = self._installs, []
         pool = self.pool
         limit = self._dirty_limit
-        installed = 0
+        installed = 0  # of the batch
+        mapped = 0  # of the one-chunk writes
         data = pool.data
         cache = pool.cache
         dirty = self._dirty_pages
         born: list[tuple[int, int]] = []  # the fresh chunks, counted at the end (one run)
-        born_pages = 0  # refcount pages that counting them may dirty, at most
         vol = self.vol
-        map_fresh = self.map.map_fresh
-        map_fresh_chunk = self.map.map_fresh_chunk
-        charged = 0  # chunks mapped, charged to a guarantee at the end (Pool.charge)
         try:
             with cache.mtr():
                 frees = data.frees
-                for fresh, _ in batch:
-                    if len(dirty) + born_pages >= limit:
+                map_fresh_chunk = self.map.map_fresh_chunk
+                for item in chunks:
+                    if len(dirty) + mapped >= limit:  # (+ the refcount pages of `born`)
                         break  # the rest waits for a commit (see Pool.run)
-                    for lc, pc, n in fresh:
-                        if n == 1:
-                            map_fresh_chunk(vol, lc, pc, born)
-                            born_pages += 1
-                        else:
-                            map_fresh(vol, lc, pc, n, born)
-                            born_pages += data.pages_spanned(pc, n)
-                        charged += n
-                    installed += 1
+                    map_fresh_chunk(vol, item[0], item[1], born)
+                    mapped += 1
+                charged = mapped
+                if mapped == len(chunks):
+                    born_pages = mapped  # refcount pages that counting them may dirty
+                    map_fresh = self.map.map_fresh
+                    for fresh, _ in batch:
+                        if len(dirty) + born_pages >= limit:
+                            break
+                        for lc, pc, n in fresh:
+                            if n == 1:
+                                map_fresh_chunk(vol, lc, pc, born)
+                                born_pages += 1
+                            else:
+                                map_fresh(vol, lc, pc, n, born)
+                                born_pages += data.pages_spanned(pc, n)
+                            charged += n
+                        installed += 1
                 if charged:
                     pool.charge(vol, charged - (data.frees - frees))
                 data.incref_runs(born)
         except (PageMiss, NbdError):
-            installed = 0  # nothing of the batch was kept
-        if installed:
+            installed = mapped = 0  # nothing of the batch was kept
+        if installed or mapped:
             pool.maybe_commit()
+        if mapped:
+            locks = self._locks
+            buffers = self.buffers
+            for _, _, buf, lock, epoch, done in chunks[:mapped]:
+                locks.release(lock)
+                epoch.writes -= 1  # epochs.end_write(epoch), inline
+                if not epoch.writes and epoch.closed_by is not None:
+                    epoch.closed_by.retire()
+                buffers.put(buf)
+                done(None)
+            self._writes -= mapped  # self._write_ended(), inline
+            if not self._writes and self._drained is not None:
+                self._writes_drained()
         for _, finish in batch[:installed]:
             finish(None)
         # Each on its own: loading pages as needed, waiting for room in the journal, and
         # an error only for the write it belongs to.
+        for lc, pc, buf, lock, epoch, done in chunks[mapped:]:
+            self._install_one([(lc, pc, 1)],
+                              partial(self._fresh_ended, pc, buf, lock, epoch, done))
         for fresh, finish in batch[installed:]:
             self._install_one(fresh, finish)
 

@@ -90,7 +90,8 @@ async def test_writes_completing_together_are_mapped_in_one_batch(
         make_pool: PoolFactory, design: str, monkeypatch: pytest.MonkeyPatch) -> None:
     env = await make_pool(design)  # offline: every page at hand
     sizes: list[int] = []
-    _spy(monkeypatch, "_install_queued", lambda backend: sizes.append(len(backend._installs)))
+    _spy(monkeypatch, "_install_queued",
+         lambda backend: sizes.append(len(backend._fresh) + len(backend._installs)))
     await _snapshot(env)
     new = await _cow_storm(env, seed=3, writes=96)
     await _assert_contents(env, new)
