@@ -551,10 +551,10 @@ class RadixMap(BlockMap):
             self.map_fresh(vol, lc, pc, 1, born)  # a walk, which may copy the path
             return
         # A leaf known through a writable path (as _writable_leaf): one entry to change.
-        self.cache.modify(leaf.no, PT_RADIX)  # (the undo image; leaf.words views the bytes)
+        i = _HEADER_WORDS + lc % self.fanout
+        self.cache.modify_span(leaf.no, 8 * i, 8, PT_RADIX)  # (leaf.words views the bytes)
         words = leaf.words
         assert words is not None
-        i = _HEADER_WORDS + lc % self.fanout
         old = words[i]
         words[i] = (pc + 1) | WRITABLE | (vid << OWNER_SHIFT)  # _entry(pc, True, vid)
         if old & TARGET_MASK:

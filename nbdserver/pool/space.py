@@ -105,8 +105,8 @@ class RefTable:
 
         (The hot path of every map change: one lookup of the page, one undo entry.)"""
         pi, i = divmod(unit, REFS_PER_PAGE)
-        page = self.cache.modify(self.first_page + pi, PT_REFCOUNT)
         off = PAGE_HEADER_SIZE + 4 * i
+        page = self.cache.modify_span(self.first_page + pi, off, 4, PT_REFCOUNT)
         old: int = _U32.unpack_from(page, off)[0]
         if old + by < 0:
             raise AssertionError(f"{self.what} {unit}: reference count already zero")
@@ -188,7 +188,10 @@ class RefTable:
                 base = pi * REFS_PER_PAGE + first
                 claimed = self.claimed
                 if claimed:
-                    taken = [base + i for i, c in enumerate(old) if not c and base + i in claimed]
+                    taken: Iterable[int] = range(base, base + n)  # (a batch's fresh chunks)
+                    if not (born == n and claimed.issuperset(taken)):
+                        taken = [base + i for i, c in enumerate(old)
+                                 if not c and base + i in claimed]
                     if taken:
                         claimed.difference_update(taken)
                         self.cache.add_undo(partial(claimed.update, taken))

@@ -159,6 +159,49 @@ async def test_rollback_restores_pages_and_hooks(device: BlockDevice) -> None:
     assert [no for no, _ in cache.take_dirty(9)] == [2]
 
 
+async def test_rollback_restores_spans_with_images_and_dirty_marks(
+        device: BlockDevice) -> None:
+    """modify_span keeps only the bytes it is told of: a rollback restores them (latest
+    first, after the images of pages imaged later), the page type, and the clean or
+    dirty mark each page had before the transaction; a commit keeps every change."""
+    cache = make_cache(device)
+    for no in (1, 2, 3, 4):
+        await cache.load(no)
+    with cache.mtr():  # page 2 is dirty before the failing transaction
+        cache.modify(2)[500] = 0x11
+    before2 = bytearray(cache.get(2))
+    with pytest.raises(KeyError), cache.mtr():
+        cache.modify_span(1, 64, 8, PT_RADIX)[64:72] = b"\xaa" * 8
+        cache.modify_span(1, 64, 8, PT_RADIX)[64:68] = b"\xbb" * 4  # the same bytes again
+        cache.modify_span(1, 128, 4, PT_RADIX)[128:132] = b"\xcc" * 4
+        cache.modify_span(2, 200, 4, PT_RADIX)[200:204] = b"\xdd" * 4
+        # page 3: a span, then a whole image (with the span's change in it), then more
+        cache.modify_span(3, 32, 8, PT_RADIX)[32:40] = b"\xee" * 8
+        page = cache.modify(3)
+        page[32:40] = b"\x01" * 8
+        page[1000] ^= 0xFF
+        cache.modify_span(3, 2000, 4, PT_RADIX)[2000:2004] = b"\x02" * 4
+        # page 4: an image first, then a span (the image undoes it)
+        cache.modify(4)[900] ^= 0xFF
+        cache.modify_span(4, 48, 8, PT_RADIX)[48:56] = b"\x03" * 8
+        assert cache.dirty_count == 4
+        raise KeyError("boom")
+    for no in (1, 3, 4):
+        assert cache.get(no) == content(no), f"page {no} not restored"
+        assert not cache._pages[no].dirty and cache._pages[no].ptype == PT_MAP
+    assert cache.get(2) == before2 and cache._pages[2].dirty, "was dirty before: stays dirty"
+    assert cache.dirty_count == 1
+    with cache.mtr():
+        cache.modify_span(1, 64, 8, PT_RADIX)[64:72] = b"\x44" * 8
+    assert cache.get(1)[64:72] == b"\x44" * 8 and cache._pages[1].dirty
+    with pytest.raises(KeyError), cache.mtr():  # the committed span is not undone again
+        cache.modify(2)[0] ^= 1
+        raise KeyError("again")
+    assert cache.get(1)[64:72] == b"\x44" * 8
+    with pytest.raises(RuntimeError):
+        cache.modify_span(1, 64, 8, PT_RADIX)
+
+
 async def test_nested_mtr_rolls_back_as_one(device: BlockDevice) -> None:
     cache = make_cache(device)
     await cache.load(1)
