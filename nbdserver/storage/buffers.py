@@ -59,7 +59,11 @@ class BufferPool:
 
     def get(self, length: int) -> AlignedBuffer:
         """A buffer of at least `length` bytes (contents undefined). O(1)."""
-        shift = _size_class(length)
+        shift = (length - 1).bit_length()  # (_size_class, inline: every request)
+        if shift <= MIN_CLASS_SHIFT:
+            shift = MIN_CLASS_SHIFT
+        elif shift > MAX_CLASS_SHIFT:
+            _size_class(length)  # (raises)
         free = self._free[shift]
         if free:
             buf = free.pop()
