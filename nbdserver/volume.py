@@ -564,6 +564,9 @@ class VolumeBackend:
         if installed or mapped:
             pool.maybe_commit()
         if mapped:
+            self._writes -= mapped  # self._write_ended(), inline (before any done: a
+            if not self._writes and self._drained is not None:  # done that raised
+                self._writes_drained()  # must not leave a quiesce waiting for ever)
             locks = self._locks
             buffers = self.buffers
             for _, _, buf, lock, epoch, done in chunks[:mapped]:
@@ -573,9 +576,6 @@ class VolumeBackend:
                     epoch.closed_by.retire()
                 buffers.put(buf)
                 done(None)
-            self._writes -= mapped  # self._write_ended(), inline
-            if not self._writes and self._drained is not None:
-                self._writes_drained()
         for _, finish in batch[:installed]:
             finish(None)
         # Each on its own: loading pages as needed, waiting for room in the journal, and

@@ -57,6 +57,10 @@ from nbdserver.pool.format import PAGE_SIZE, PT_FREE, FormatError, seal_page, ve
 
 T = TypeVar("T")
 READ_AHEAD = 32  # pages read at once after an operation's first miss
+# Spans one mini-transaction keeps (modify_span) before it takes whole images instead: a
+# batch of first writes keeps a few dozen; bulk work (an unmap, a delete) changing many
+# counts per page is cheaper with one image per page than with a span per change.
+SPANS_PER_MTR = 128
 
 
 class PageMiss(Exception):
@@ -359,13 +363,15 @@ class PageCache:
 
     def modify_span(self, page_no: int, offset: int, size: int, ptype: int) -> bytearray:
         """:meth:`modify` for a change of the `size` bytes at `offset` only (an entry):
-        the undo keeps those bytes instead of an image of the page. For the hottest
-        changes (a first write's map entry and reference counts): a 4 KiB copy per page
-        and batch cost more than the change, and pushed everything else out of the CPU's
-        caches."""
+        the undo keeps those bytes instead of an image of the page (up to SPANS_PER_MTR
+        spans; :meth:`modify` after that). For the hottest changes (a first write's map
+        entry and reference counts): a 4 KiB copy per page and batch cost more than the
+        change, and pushed everything else out of the CPU's caches."""
         undo = self._undo
         if undo is None:
             raise RuntimeError("modify_span() outside a mini-transaction")
+        if len(self._undo_spans) >= SPANS_PER_MTR:
+            return self.modify(page_no, ptype)  # bulk work: an image per page is cheaper
         page = self._pages.get(page_no)
         if page is None:
             page = self._miss(page_no)

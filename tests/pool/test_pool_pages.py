@@ -23,7 +23,7 @@ from nbdserver.pool.format import (
     seal_page,
     verify_page,
 )
-from nbdserver.pool.pages import PageCache, PageMiss
+from nbdserver.pool.pages import SPANS_PER_MTR, PageCache, PageMiss
 from nbdserver.pool.pool import _read_pages_sync, _write_page_sync
 from nbdserver.storage.device import BlockDevice, open_device
 
@@ -200,6 +200,23 @@ async def test_rollback_restores_spans_with_images_and_dirty_marks(
     assert cache.get(1)[64:72] == b"\x44" * 8
     with pytest.raises(RuntimeError):
         cache.modify_span(1, 64, 8, PT_RADIX)
+
+
+async def test_a_long_mtr_takes_images_after_its_span_budget(device: BlockDevice) -> None:
+    """Bulk work changing many entries of a page keeps SPANS_PER_MTR spans, then whole
+    images (one per page), and still rolls back to the state before it."""
+    cache = make_cache(device)
+    await cache.load(1)
+    await cache.load(2)
+    with pytest.raises(KeyError), cache.mtr():
+        for k in range(SPANS_PER_MTR + 50):
+            off = 64 + 4 * (k % 900)
+            cache.modify_span(1 + k % 2, off, 4, PT_RADIX)[off:off + 4] = b"\x5a" * 4
+        assert len(cache._undo_spans) == SPANS_PER_MTR
+        assert cache._undo is not None and set(cache._undo) == {1, 2}
+        raise KeyError("boom")
+    assert cache.get(1) == content(1) and cache.get(2) == content(2)
+    assert cache.dirty_count == 0
 
 
 async def test_nested_mtr_rolls_back_as_one(device: BlockDevice) -> None:
