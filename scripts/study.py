@@ -144,6 +144,21 @@ VM_ROUNDS, QUICK_VM_ROUNDS = 3, 1  # rounds of scripts/vm-demo (experiment 6)
 # -- processes ---------------------------------------------------------------------------
 
 
+def public_command(argv: list[str]) -> str:
+    """The command line as the report shows it: without ``--dir`` (where this machine put
+    the pools and images, nothing about the method)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--dir":
+            skip = True
+        elif not arg.startswith("--dir="):
+            out.append(arg)
+    return " ".join(["scripts/study.py", *out])
+
+
 def run(argv: list[str], what: str, timeout: float = 3600) -> subprocess.CompletedProcess[str]:
     proc = bench.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE)
@@ -1878,7 +1893,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "quick": args.quick, "rounds": args.rounds,
         "pools": POOL_FILES[args.pools],
-        "command": " ".join(["scripts/study.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": public_command(sys.argv[1:] if argv is None else argv),
     }
     log(f"study: designs {', '.join(args.design_list)}, experiments "
         f"{','.join(map(str, sorted(args.exp)))}, {'quick' if args.quick else 'full'} "

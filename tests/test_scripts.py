@@ -43,6 +43,9 @@ def test_study_quick_run_writes_report_and_plots(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(data.read_text())
+    # the command shown leaves out the work directory (a path of the machine it ran on)
+    assert "--dir" not in doc["machine"]["command"], doc["machine"]["command"]
+    assert str(tmp_path / "work") not in report.read_text()
     for design in ("radix", "extent", "linear"):
         points = doc["results"]["snapshots"][design]
         assert set(points) == {"0", "1"}, (design, points)
