@@ -38,13 +38,13 @@ they are used, and verifying them would multiply the cost of every miss
 most of its CPU verifying pages read ahead and evicted unused).
 
 Cost: :meth:`get` is a dict lookup plus an LRU bump; :meth:`modify` copies
-the 4 KiB page once per mini-transaction, :meth:`modify_span` (one entry changed:
-a map entry, a reference count) only the bytes it changes. The hottest readers (a radix volume's
-leaves, read for every 4 KiB request) skip even that: they keep the
-:class:`Page` (:meth:`keep`), check that it is still cached and mark it
-``recent``, and eviction gives a recent page a second chance (moves it to the
-hot end) instead of evicting it: the LRU bump, paid only when the page reaches
-the cold end.
+the 4 KiB page once per mini-transaction, :meth:`modify_span` (one entry
+changed: a map entry, a reference count) only the bytes it changes, up to
+``SPANS_PER_MTR`` of them. The hottest readers (a radix volume's leaves, read
+for every 4 KiB request) skip even that: they keep the :class:`Page`
+(:meth:`keep`), check that it is still cached and mark it ``recent``, and
+eviction gives a recent page a second chance (moves it to the hot end) instead
+of evicting it: the LRU bump, paid only when the page reaches the cold end.
 """
 
 from __future__ import annotations
